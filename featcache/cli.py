@@ -1,0 +1,265 @@
+"""The ``featcache`` command line: parse options, call one library function, print the result."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import FeatcacheError
+
+
+def _fail_cleanly(fn):
+    """Turn library errors into ``Error: ...`` (exit 1, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FeatcacheError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def _floats(value: str | None, name: str, n: int = 3):
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"needs {n} comma-separated numbers, e.g. 0.5,0.5,0.5. Got {value!r}.",
+                                 param_hint=name) from None
+    if len(out) != n:
+        raise click.BadParameter(f"needs {n} comma-separated numbers. Got {value!r}.", param_hint=name)
+    return out
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=None, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featcache")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the library does (warnings always show).")
+def main(verbose: bool) -> None:
+    """Run a frozen pretrained backbone once, cache its features in HDF5, fit heads in seconds."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- extraction options, shared by every command that extracts --------------------------------
+
+def extraction_options(fn):
+    """The options of ``featcache extract``; reused by every command that extracts."""
+    opts = [
+        click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
+                     help="Backbone spec: NAME[.TAG] (torchvision), efficientnet_lite0, timm:NAME, "
+                          "torchscript:FILE or package.module:factory. See 'featcache backbones'."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local weights file (state dict or .safetensors) instead of downloading."),
+        click.option("-l", "--layer", "layers", multiple=True,
+                     help="Layer to tap (repeatable; all from one forward pass). Default: pre_logits, "
+                          "the pooled input of the classifier. See 'featcache layers BACKBONE'."),
+        click.option("--pool", type=click.Choice(["avg", "max", "avgmax", "none"]), default="avg",
+                     show_default=True, help="Reduce spatial maps (or tokens); none keeps the map."),
+        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+                     show_default=True, help="Storage type of the features."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True, help="Compute precision (autocast); recorded in the fingerprint."),
+        click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+                     help="Run convolutions in channels_last memory format."),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass."),
+        click.option("--workers", "num_workers", type=int, default=None,
+                     help="Decoding worker processes (default: 0 for arrays, min(4, cores) for files)."),
+        click.option("--threads", type=int, default=None, help="Torch threads for the forward pass."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True,
+                     help="Folder of cache files."),
+        click.option("--val-fraction", type=float, default=None,
+                     help="Carve a stratified, seeded val split out of train when the source has none."),
+        click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --val-fraction."),
+        click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+                     help="Unreadable images: skip and record them, or stop at the first."),
+        click.option("--input-size", type=int, default=None, help="Override the crop size (px)."),
+        click.option("--mean", default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
+        click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def extract_config(kw: dict):
+    """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw)."""
+    from .extract import ExtractConfig
+
+    names = ["backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "batch_size",
+             "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
+             "input_size", "mean", "std"]
+    vals = {n: kw.pop(n) for n in names}
+    vals["layers"] = tuple(vals["layers"])
+    vals["mean"] = _floats(vals["mean"], "--mean")
+    vals["std"] = _floats(vals["std"], "--std")
+    return ExtractConfig(**vals)
+
+
+class _Progress:
+    """A tqdm bar with images/s and ETA, created on the first call."""
+
+    def __init__(self, desc: str, quiet: bool) -> None:
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@main.command()
+@click.argument("source")
+@extraction_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the cache to this file instead of a fingerprint-named file in --cache-dir.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
+@_fail_cleanly
+def extract(source: str, output, quiet: bool, as_json: bool, **kw) -> None:
+    """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
+
+    SOURCE is an image folder (class sub-folders, optionally under train/ val/ test/), a CSV
+    manifest path,label[,split], a MedMNIST-style .npz, or the built-in 'digits'.
+    An interrupted run resumes where it stopped.
+    """
+    from .extract import ExtractConfig, extract as run
+
+    config = extract_config(kw)
+    config = ExtractConfig(**{**config.to_dict(), "output": output})
+    bar = _Progress("extract", quiet or as_json)
+    try:
+        res = run(source, config, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _echo_json(res.to_dict())
+        return
+    state = "cache hit (no forward pass)" if res.cache_hit else (
+        f"{res.computed} images extracted at {res.images_per_second:.1f} img/s, {res.reused} reused")
+    click.echo(f"{res.cache}")
+    click.echo(f"  {state} in {res.seconds:.1f} s")
+    click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in res.splits.items()))
+    if res.failed:
+        click.echo(f"  skipped {res.failed} unreadable file(s) (recorded in the cache; 'featcache info' lists them):")
+        for f in res.failures[:10]:
+            click.echo(f"    {f['split']}/{f['id']}: {f['reason']}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def backbones(as_json: bool) -> None:
+    """List registered backbones (plus timm:NAME, torchscript:FILE and package.module:factory)."""
+    from .backbones import list_backbones
+
+    rows = list_backbones()
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<32} {r['description']}")
+    click.echo("timm:NAME[.TAG]                  any timm model (pip install 'featcache[timm]')")
+    click.echo("torchscript:FILE                 a TorchScript file (--input-size/--mean/--std)")
+    click.echo("package.module:factory           a callable returning an nn.Module")
+
+
+@main.command()
+@click.argument("backbone")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file.")
+@click.option("--depth", type=int, default=2, show_default=True,
+              help="Show modules nested at most this deep (stages always shown); 0 shows all.")
+@click.option("--input-size", type=int, default=None, help="Override the input size (px).")
+@click.option("--json", "as_json", is_flag=True, help='Print [{"name", "shape", "stage"}, ...].')
+@_fail_cleanly
+def layers(backbone: str, weights, depth: int, input_size, as_json: bool) -> None:
+    """List BACKBONE's tap points in forward order, with output shapes; '*' marks stages."""
+    from .backbones import load_backbone
+    from .taps import list_layers
+
+    bb = load_backbone(backbone, weights=weights, input_size=input_size)
+    infos = list_layers(bb, depth=depth or None)
+    if as_json:
+        _echo_json([i.to_dict() for i in infos])
+        return
+    click.echo(f"{bb.name} at {bb.preprocess.crop} px (default layer: {bb.default_layer})")
+    for i in infos:
+        click.echo(f"{'*' if i.stage else ' '} {i.name:<40} {' x '.join(map(str, i.shape))}")
+
+
+@main.command()
+def sources() -> None:
+    """List the kinds of data source."""
+    from .sources import SOURCES
+
+    for e in SOURCES:
+        click.echo(f"{e.name:<8} {e.description}")
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fail_cleanly
+def info(cache: str, as_json: bool) -> None:
+    """Show a cache's fingerprint, splits, shapes and failures."""
+    from .store import open_cache
+
+    with open_cache(cache) as c:
+        d = c.info()
+    if as_json:
+        _echo_json(d)
+        return
+    fp = d["fingerprint"]
+    click.echo(d["cache"])
+    click.echo(f"  backbone:   {fp['backbone']['name']} (weights {fp['backbone']['weights']})")
+    click.echo(f"  source:     {fp['source'].get('spec')} ({fp['source']['kind']})")
+    click.echo(f"  layers:     {', '.join(d['layers'])}  pool={fp['pool']} dtype={fp['dtype']} precision={fp['precision']}")
+    pp = fp["preprocess"]
+    click.echo(f"  preprocess: resize {pp['resize']}, crop {pp['crop']}, mean {pp['mean']}, std {pp['std']}, {pp['interpolation']}")
+    click.echo(f"  classes:    {len(d['classes'])} ({', '.join(d['classes'][:8])}{', ...' if len(d['classes']) > 8 else ''})")
+    for s, v in d["splits"].items():
+        shapes = "; ".join(f"{l} {tuple(x['shape'])} {x['dtype']}" for l, x in v["features"].items())
+        click.echo(f"  {s:<6} {v['n']:>7} samples  {shapes}")
+    click.echo(f"  failed:     {len(d['failed'])}")
+    for f in d["failed"][:20]:
+        click.echo(f"    {f['split']}/{f['id']}: {f['reason']}")
+    click.echo(f"  size:       {d['bytes'] / 1e6:.1f} MB, fingerprint {d['fingerprint_hash']}")
+
+
+@main.command(name="ls")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def ls_(cache_dir: str, as_json: bool) -> None:
+    """List caches in the cache folder with size and date."""
+    from .store import list_caches
+
+    rows = list_caches(cache_dir)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"No caches in {cache_dir}/.")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"]))
+        what = r.get("error") or f"{r['backbone']}  {', '.join(f'{k}={v}' for k, v in r['splits'].items())}"
+        click.echo(f"{Path(r['cache']).name:<60} {r['bytes'] / 1e6:>8.1f} MB  {when}  {what}")

@@ -1,0 +1,611 @@
+"""The extraction loop: source -> frozen backbone -> HDF5 cache, once.
+
+Decoding runs in DataLoader worker processes and ships uint8 crops; the main process normalises
+them on the device and runs the tapped backbone under ``torch.inference_mode()`` (autocast when
+asked); a background thread writes each finished batch as an atomic chunk file, so disk I/O
+overlaps compute and a crash loses at most the batches in flight. The final HDF5 file is then
+assembled from the chunks (and from any previous cache of the same fingerprint) and renamed
+into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+
+from . import __version__
+from .backbones import OUTPUT, Backbone, load_backbone
+from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
+from .preprocess import DecodeError, load_image
+from .registry import check_choice, check_int
+from .sources import Source, SampleRef, open_source
+from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
+                    cache_file_name, feature_chunks, fsync_dir, iter_runs, open_cache)
+from .taps import FeatureTap, list_layers, pool as pool_fn
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float16", "float32")
+ON_ERROR = ("skip", "fail")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Options of one extraction. Fields that change feature values go in the fingerprint."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    layers: tuple[str, ...] = ()
+    pool: str = "avg"
+    dtype: str = "float16"
+    precision: str = "fp32"
+    channels_last: bool = True
+    batch_size: int = 32
+    num_workers: int | None = None
+    threads: int | None = None
+    device: str = "auto"
+    cache_dir: str = "cache"
+    output: str | None = None
+    val_fraction: float | None = None
+    split_seed: int = 0
+    on_error: str = "skip"
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def validate(self) -> None:
+        check_int("batch_size", self.batch_size)
+        if self.num_workers is not None:
+            check_int("num_workers", self.num_workers, minimum=0)
+        if self.threads is not None:
+            check_int("threads", self.threads)
+        check_choice("pool", self.pool, ("avg", "max", "avgmax", "none"))
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("on_error", self.on_error, ON_ERROR)
+        if self.input_size is not None:
+            check_int("input_size", self.input_size, minimum=8)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did (``featcache extract --json`` prints :meth:`to_dict`)."""
+
+    cache: str
+    splits: dict[str, int]
+    failed: int
+    cache_hit: bool
+    seconds: float
+    images_per_second: float
+    computed: int = 0
+    reused: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"cache": self.cache, "splits": self.splits, "failed": self.failed,
+                "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
+                "images_per_second": round(self.images_per_second, 2),
+                "computed": self.computed, "reused": self.reused}
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"The 'device' option must be auto, cpu, cuda, cuda:N or mps. Got {device!r}.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device '{device}' was asked for but CUDA is not available. Use --device cpu.")
+    return dev
+
+
+def _pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
+    if how == "none" or len(shape) <= 1:
+        return tuple(shape)
+    c = shape[0] if len(shape) == 3 else shape[-1]
+    return (2 * c,) if how == "avgmax" else (c,)
+
+
+# --- planning -------------------------------------------------------------------------------
+
+@dataclass
+class _Row:
+    split: str
+    index: int
+    ref: SampleRef
+    stat: tuple[int, int]
+    hash: str | None = None
+
+
+def _stat_key(id_: str, stat) -> tuple[str, int, int]:
+    return (id_, int(stat[0]), int(stat[1]))
+
+
+class _Donors:
+    """Where already-computed features can be copied from: chunks of a partial run and the
+    previous cache file of the same fingerprint. Indexed by content hash, and by
+    (id, size, mtime) so unchanged files need no re-hashing."""
+
+    BLOCK = 4096
+
+    def __init__(self, n_layers: int) -> None:
+        self.n_layers = n_layers
+        self.by_hash: dict[str, tuple[int, int]] = {}
+        self.hash_by_stat: dict[tuple[str, int, int], str] = {}
+        self.failed_by_stat: dict[tuple[str, int, int], str] = {}
+        self.loaders: list[Callable[[], list[np.ndarray]]] = []
+
+    def add_partial(self, partial: PartialStore, seen: set[Path]) -> None:
+        for path in partial.chunks():
+            if path in seen:
+                continue
+            seen.add(path)
+            with np.load(path, allow_pickle=False) as z:
+                hashes = [h.decode() for h in z["hashes"]]
+                ids = list(z["ids"]) if "ids" in z else []
+                stat = z["stat"] if "stat" in z else np.zeros((0, 2), np.int64)
+                for i, r, st in zip(z["failed_ids"], z["failed_reasons"], z["failed_stat"]):
+                    self.failed_by_stat[_stat_key(str(i), st)] = str(r)
+            d = len(self.loaders)
+            self.loaders.append(lambda p=path: partial.read_chunk(p, self.n_layers)[1])
+            for j, h in enumerate(hashes):
+                self.by_hash.setdefault(h, (d, j))
+            for i, st, h in zip(ids, stat, hashes):
+                self.hash_by_stat[_stat_key(str(i), st)] = h
+
+    def add_cache(self, cache: FeatureCache) -> None:
+        for split in cache.splits:
+            hashes = [h.decode() for h in cache.hashes(split)]
+            for i, st, h in zip(cache.ids(split), cache.stat(split), hashes):
+                self.hash_by_stat[_stat_key(i, st)] = h
+            for start in range(0, len(hashes), self.BLOCK):
+                end = min(start + self.BLOCK, len(hashes))
+                d = len(self.loaders)
+                self.loaders.append(lambda s=split, a=start, b=end: [
+                    cache.features(s, layer)[a:b] for layer in cache.layers])
+                for j in range(start, end):
+                    self.by_hash.setdefault(hashes[j], (d, j - start))
+        for f in cache.failed:
+            self.failed_by_stat[_stat_key(f["id"], f["stat"])] = f["reason"]
+
+    def __bool__(self) -> bool:
+        return bool(self.by_hash or self.failed_by_stat)
+
+
+def _plan(src: Source) -> dict[str, list[_Row]]:
+    plan = {}
+    for split, refs in src.splits.items():
+        rows = []
+        for i, ref in enumerate(refs):
+            try:
+                st = src.stat(ref)
+            except OSError:
+                st = (-1, -1)  # missing: recorded as failed when read
+            rows.append(_Row(split, i, ref, st))
+        plan[split] = rows
+    return plan
+
+
+def _is_hit(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
+    """True when the cache holds exactly the planned samples, unchanged (no hashing needed)."""
+    have = set()
+    for split in cache.splits:
+        for i, lab, st in zip(cache.ids(split), cache.labels(split), cache.stat(split)):
+            have.add((split, i, int(lab), int(st[0]), int(st[1])))
+    failed = {(f["split"], f["id"], f["stat"]) for f in cache.failed}
+    n_have = len(have) + len(failed)
+    n_plan = 0
+    for split, rows in plan.items():
+        for r in rows:
+            n_plan += 1
+            key = (split, r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1]))
+            if key not in have and (split, r.ref.id, tuple(int(v) for v in r.stat)) not in failed:
+                return False
+    return n_plan == n_have
+
+
+# --- the decoding dataset -------------------------------------------------------------------
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, src: Source, rows: list[_Row], pp) -> None:
+        self.src, self.rows, self.pp = src, rows, pp
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            data, h = self.src.read(row.ref)
+        except OSError as e:
+            return i, None, None, f"cannot read file: {e.strerror or e}"
+        try:
+            return i, h, load_image(data, self.pp), None
+        except DecodeError as e:
+            return i, h, None, str(e)
+
+
+def _collate(items):
+    ok = [(i, h, a) for i, h, a, _ in items if a is not None]
+    bad = [(i, r) for i, _, a, r in items if a is None]
+    x = torch.from_numpy(np.stack([a for _, _, a in ok])) if ok else None
+    return [i for i, _, _ in ok], [h for _, h, _ in ok], x, bad
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+# --- the background writer ------------------------------------------------------------------
+
+class _Writer(threading.Thread):
+    def __init__(self, partial: PartialStore) -> None:
+        super().__init__(daemon=True, name="featcache-writer")
+        self.partial = partial
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.partial.write_chunk(**item)
+                except BaseException as e:  # disk full and friends: reported by the main thread
+                    self.error = e
+
+    def put(self, item: dict) -> None:
+        self.raise_error()
+        self.q.put(item)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise CacheError(
+                    f"Disk full while writing '{self.partial.path}' ({e.strerror}). What was computed "
+                    f"is kept there: free some space and run the same command again to resume."
+                ) from None
+            raise CacheError(f"Cannot write '{self.partial.path}': {e}") from e
+
+
+class _Lock:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise CacheLockedError(
+                f"Another process is writing '{path.with_suffix('')}' (lock '{path}' is held). Wait for "
+                f"it to finish; a finished cache is then reused."
+            ) from None
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+# --- the main entry point -------------------------------------------------------------------
+
+def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
+    """Open the source and backbone and work out layers, shapes, fingerprint and file name.
+
+    Returns ``(source, backbone, layers, shapes, fingerprint, path, device)``.
+    """
+    config.validate()
+    src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
+    bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
+                       mean=config.mean, std=config.std)
+    device = resolve_device(config.device)
+    infos = list_layers(bb, depth=None)
+    known = {i.name: i for i in infos}
+    layers = list(config.layers) or [bb.default_layer]
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"A layer is given twice in {layers}.")
+    for name in layers:
+        if name not in known:
+            raise ConfigError(
+                f"Layer '{name}' is not in {bb.name}. Run 'featcache layers {config.backbone}' to list the layers."
+            )
+    shapes = [_pooled_shape(known[n].shape, config.pool) for n in layers]
+    fp = CacheFingerprint(
+        backbone=bb.describe(), layers=tuple(layers), pool=config.pool, preprocess=bb.preprocess.to_dict(),
+        precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
+        device_type=device.type, source=src.describe(),
+        versions={"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+    )
+    path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
+    return src, bb, layers, shapes, fp, path, device, [i.name for i in infos]
+
+
+def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = None, *,
+            progress: ProgressFn | None = None, **options) -> ExtractResult:
+    """Run a frozen backbone over a source once and write (or reuse) its feature cache.
+
+    Parameters
+    ----------
+    source : str, path or Source
+        ``digits``, an image folder, a ``.csv`` manifest or a ``.npz`` file (see :func:`open_source`).
+    config : ExtractConfig, optional
+        Options; keyword ``options`` override its fields (``batch_size=64``).
+    progress : callable(done, total), optional
+        Called after each batch with images processed and images to process in this run.
+
+    Returns
+    -------
+    ExtractResult
+        Path of the cache, sample counts, failures, whether it was a cache hit, timings.
+    """
+    t0 = time.perf_counter()
+    config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
+    src, bb, layers, shapes, fp, path, device, order = prepare(source, config)
+    plan = _plan(src)
+
+    if path.exists():
+        cache = open_cache(path)
+        if cache.fingerprint != fp.to_dict():
+            cache.close()
+            raise CacheError(
+                f"'{path}' holds features of another fingerprint (backbone, layers, preprocessing, "
+                f"versions or source differ). Choose another --output or delete that file."
+            )
+        if _is_hit(cache, plan):
+            res = ExtractResult(str(path), {s: cache.n(s) for s in cache.splits}, len(cache.failed), True,
+                                time.perf_counter() - t0, 0.0, 0, sum(cache.n(s) for s in cache.splits),
+                                [{k: v for k, v in f.items() if k != "stat"} for f in cache.failed])
+            cache.close()
+            return res
+    else:
+        cache = None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(path.with_name(path.name + ".lock"))
+    try:
+        partial = PartialStore(path.with_name(path.name + ".partial"), fp.hash)
+        donors = _Donors(len(layers))
+        seen_chunks: set[Path] = set()
+        if cache is not None:
+            donors.add_cache(cache)
+        donors.add_partial(partial, seen_chunks)
+        todo = _rows_to_compute(src, plan, donors)
+        n_reused = sum(len(r) for r in plan.values()) - len(todo)
+        t_compute = time.perf_counter()
+        _compute(src, bb, layers, config, device, order, todo, partial, progress)
+        compute_seconds = time.perf_counter() - t_compute
+        donors.add_partial(partial, seen_chunks)
+        result = _assemble(path, fp, src, plan, layers, shapes, config.dtype, donors,
+                           timings={"compute_seconds": compute_seconds, "computed": len(todo)})
+        if cache is not None:
+            cache.close()
+        partial.remove()
+    finally:
+        lock.release()
+    seconds = time.perf_counter() - t0
+    result.seconds = seconds
+    result.computed, result.reused = len(todo), n_reused
+    result.images_per_second = len(todo) / compute_seconds if compute_seconds > 0 and todo else 0.0
+    return result
+
+
+def _rows_to_compute(src: Source, plan: dict[str, list[_Row]], donors: _Donors) -> list[_Row]:
+    todo = []
+    for rows in plan.values():
+        for r in rows:
+            key = _stat_key(r.ref.id, r.stat)
+            if key in donors.failed_by_stat:
+                continue
+            r.hash = donors.hash_by_stat.get(key)
+            if r.hash is None and donors and r.stat[0] >= 0:
+                # A new or changed file while features exist: its content may already be cached.
+                try:
+                    r.hash = src.read(r.ref)[1]
+                except OSError:
+                    r.hash = None
+            if r.hash is None or r.hash not in donors.by_hash:
+                todo.append(r)
+    return todo
+
+
+def _batches(todo: list[_Row], batch_size: int) -> list[list[int]]:
+    """Batches aligned to fixed blocks of each split's plan, so a resumed run computes the same
+    batches as an uninterrupted one (batch composition can change float results)."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, r in enumerate(todo):
+        groups.setdefault((r.split, r.index // batch_size), []).append(i)
+    return list(groups.values())
+
+
+def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, todo, partial: PartialStore,
+             progress: ProgressFn | None) -> None:
+    if not todo:
+        return
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = bb.model.to(device)
+    if config.channels_last and device.type != "mps" and not isinstance(model, torch.jit.ScriptModule):
+        model = model.to(memory_format=torch.channels_last)
+    tap = FeatureTap(bb, layers, config.pool, order=order)
+    pp = bb.preprocess
+    mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255
+    inv_std = 1.0 / (torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255)
+    workers = config.num_workers
+    if workers is None:
+        workers = 0 if src.kind in ("npz", "digits") else min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        _DecodeDataset(src, todo, pp), batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+    )
+    np_dtype = np.dtype(config.dtype)
+    writer = _Writer(partial)
+    writer.start()
+    done = 0
+    try:
+        with torch.inference_mode():
+            for idx, hashes, x, bad in loader:
+                failed_ids, failed_reasons = [], []
+                for i, reason in bad:
+                    row = todo[i]
+                    if config.on_error == "fail":
+                        raise SourceError(
+                            f"Cannot use '{row.ref.key}': {reason}. Use --on-error skip to skip and "
+                            f"record such files."
+                        )
+                    log.warning("skipping %s: %s", row.ref.id, reason)
+                    failed_ids.append(row.ref.id)
+                    failed_reasons.append(reason)
+                feats = []
+                if x is not None:
+                    x = x.to(device, non_blocking=True).float().sub_(mean).mul_(inv_std)
+                    if config.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device.type, dtype=_AUTOCAST.get(config.precision, torch.float32),
+                                        enabled=config.precision != "fp32"):
+                        out = tap(x)
+                    for name in layers:
+                        f = out[name].float().cpu().numpy().astype(np_dtype)
+                        if not np.isfinite(f).all():
+                            raise CacheError(
+                                f"Layer '{name}' gave values that are not finite in {config.dtype} "
+                                f"(overflow or NaN). Use --dtype float32 or --precision fp32."
+                            )
+                        feats.append(np.ascontiguousarray(f))
+                writer.put({
+                    "hashes": np.asarray(hashes, dtype=HASH_DTYPE), "features": feats,
+                    "ids": [todo[i].ref.id for i in idx],
+                    "stat": np.asarray([todo[i].stat for i in idx], dtype=np.int64).reshape(-1, 2),
+                    "failed_ids": failed_ids, "failed_reasons": failed_reasons,
+                    "failed_stat": np.asarray([todo[i].stat for i, _ in bad], dtype=np.int64).reshape(-1, 2),
+                })
+                done += len(idx) + len(bad)
+                if progress:
+                    progress(done, len(todo))
+    except KeyboardInterrupt:
+        del loader
+        writer.close()
+        raise ExtractionInterrupted(
+            f"Stopped after {done} of {len(todo)} images; they are kept in '{partial.path}'. "
+            f"Run the same command again to resume."
+        ) from None
+    finally:
+        tap.remove()
+        if writer.is_alive():
+            writer.close()
+
+
+def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, dtype: str,
+              donors: _Donors, timings: dict) -> ExtractResult:
+    tmp = path.with_name(path.name + ".tmp")
+    np_dtype = np.dtype(dtype)
+    splits_out: dict[str, int] = {}
+    failures: list[dict] = []
+    # Where each surviving row comes from: donor -> [(split, dst_row, src_index)].
+    sources: dict[int, list[tuple[str, int, int]]] = {}
+    per_split: dict[str, list[_Row]] = {}
+    for split, rows in plan.items():
+        ok = []
+        for r in rows:
+            key = _stat_key(r.ref.id, r.stat)
+            h = r.hash or donors.hash_by_stat.get(key)
+            if h is not None and h in donors.by_hash:
+                r.hash = h
+                d, j = donors.by_hash[h]
+                sources.setdefault(d, []).append((split, len(ok), j))
+                ok.append(r)
+            else:
+                reason = donors.failed_by_stat.get(key, "not extracted")
+                failures.append({"split": split, "id": r.ref.id, "reason": reason, "stat": r.stat,
+                                 "label": r.ref.label})
+        per_split[split] = ok
+    with h5py.File(tmp, "w", track_order=True) as h:
+        h.attrs["format"] = FORMAT
+        h.attrs["schema_version"] = SCHEMA_VERSION
+        h.attrs["fingerprint"] = fp.to_json()
+        h.attrs["fingerprint_hash"] = fp.hash
+        h.attrs["classes"] = _json(src.classes)
+        h.attrs["layers"] = _json(layers)
+        h.attrs["timings"] = _json(timings)
+        h.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        dsets: dict[tuple[str, int], h5py.Dataset] = {}
+        for split, ok in per_split.items():
+            g = h.create_group(split)
+            n = len(ok)
+            splits_out[split] = n
+            for li, (name, shape) in enumerate(zip(layers, shapes)):
+                dsets[(split, li)] = g.create_dataset(
+                    f"features/{name}", shape=(n, *shape), dtype=np_dtype, track_times=False,
+                    chunks=feature_chunks(shape, np_dtype.itemsize, n) if n else None)
+            g.create_dataset("labels", data=np.asarray([r.ref.label for r in ok], dtype=np.int64), track_times=False)
+            g.create_dataset("ids", data=np.asarray([r.ref.id for r in ok], dtype=object),
+                             dtype=h5py.string_dtype(), track_times=False)
+            g.create_dataset("hashes", data=np.asarray([r.hash for r in ok], dtype=HASH_DTYPE), track_times=False)
+            g.create_dataset("stat", data=np.asarray([r.stat for r in ok], dtype=np.int64).reshape(-1, 2),
+                             track_times=False)
+        for d, targets in sources.items():
+            arrays = donors.loaders[d]()
+            by_split: dict[str, list[tuple[int, int]]] = {}
+            for split, dst, j in targets:
+                by_split.setdefault(split, []).append((dst, j))
+            for split, pairs in by_split.items():
+                pairs.sort()
+                dst = np.array([p[0] for p in pairs])
+                src_idx = np.array([p[1] for p in pairs])
+                for li in range(len(layers)):
+                    block = arrays[li][src_idx]
+                    for a, b, da, db in iter_runs(dst):
+                        dsets[(split, li)][da:db] = block[a:b]
+        g = h.create_group("failed")
+        g.create_dataset("split", data=np.asarray([f["split"] for f in failures], dtype=object),
+                         dtype=h5py.string_dtype())
+        g.create_dataset("ids", data=np.asarray([f["id"] for f in failures], dtype=object), dtype=h5py.string_dtype())
+        g.create_dataset("reasons", data=np.asarray([f["reason"] for f in failures], dtype=object),
+                         dtype=h5py.string_dtype())
+        g.create_dataset("stat", data=np.asarray([f["stat"] for f in failures], dtype=np.int64).reshape(-1, 2))
+        g.create_dataset("labels", data=np.asarray([f["label"] for f in failures], dtype=np.int64))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return ExtractResult(str(path), splits_out, len(failures), False, 0.0, 0.0,
+                         failures=[{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in failures])
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj)

@@ -1,0 +1,350 @@
+"""Data sources: where images and labels come from.
+
+A source lists its samples per split, in a fixed (sorted) order, and loads one sample at a time
+as a PIL image. Sources are registered by kind (``folder``, ``csv``, ``npz``, ``digits``);
+:func:`open_source` picks the kind from a spec string.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConfigError, SourceError
+from .registry import Registry
+
+SOURCES: Registry[Callable[..., "Source"]] = Registry("source", "featcache sources")
+
+#: Splits featcache recognises as folder names, in the order they are written.
+SPLIT_NAMES = ("train", "val", "test")
+#: File extensions an image folder lists (case-insensitive). Other files are ignored, as in
+#: torchvision's ImageFolder; a listed file that does not decode is skipped and recorded.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample of a source.
+
+    ``key`` is what the source needs to load it (a path for files, an index for arrays);
+    ``id`` is what the cache stores (a path relative to the source root, or ``split/index``).
+    """
+
+    id: str
+    label: int
+    key: Any
+
+
+@dataclass
+class Source:
+    """Samples per split, class names, and a loader.
+
+    Subclasses fill ``splits`` and ``classes`` and implement :meth:`read`.
+    """
+
+    spec: str
+    classes: list[str] = field(default_factory=list)
+    splits: dict[str, list[SampleRef]] = field(default_factory=dict)
+    #: How a val split was carved out of train (``{"val_fraction", "split_seed"}``), if it was.
+    split_policy: dict = field(default_factory=dict)
+
+    kind = "source"
+
+    def describe(self) -> dict:
+        """What identifies the source in a cache fingerprint (not its contents)."""
+        return {"kind": self.kind, "spec": self.spec, **self.split_policy}
+
+    def read(self, ref: SampleRef) -> tuple[bytes | np.ndarray, str]:
+        """Return the raw sample (encoded bytes or a uint8 array) and its content hash."""
+        raise NotImplementedError
+
+    def stat(self, ref: SampleRef) -> tuple[int, int]:
+        """(size, mtime_ns) used to skip re-hashing unchanged files; (0, 0) for arrays."""
+        return (0, 0)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def content_hash(data: bytes | np.ndarray) -> str:
+    """128-bit BLAKE2b hex digest of a sample's bytes (file bytes, or array bytes + shape)."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(data, np.ndarray):
+        h.update(str((data.shape, data.dtype.str)).encode())
+        h.update(np.ascontiguousarray(data).tobytes())
+    else:
+        h.update(data)
+    return h.hexdigest()
+
+
+def display_path(path: str) -> str:
+    """A file name that is always valid UTF-8 (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+class FileSource(Source):
+    """A source of image files under a root folder."""
+
+    root: Path
+
+    def read(self, ref: SampleRef) -> tuple[bytes, str]:
+        with open(ref.key, "rb") as f:
+            data = f.read()
+        return data, content_hash(data)
+
+    def stat(self, ref: SampleRef) -> tuple[int, int]:
+        st = os.stat(ref.key)
+        return (st.st_size, st.st_mtime_ns)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted, following no symlinked folders twice."""
+    out: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: walk each real folder once
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for fn in filenames:
+            if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
+                p = Path(dirpath) / fn
+                if p.is_file():
+                    out.append(p)
+    out.sort(key=lambda p: os.fsencode(p))
+    return out
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+@SOURCES.register("folder", description="folder of class sub-folders, optionally under train/ val/ test/")
+class ImageFolderSource(FileSource):
+    """Images in class sub-folders, ``ROOT/CLASS/*.jpg`` or ``ROOT/SPLIT/CLASS/*.jpg``."""
+
+    kind = "folder"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise SourceError(f"Image folder '{root}' does not exist. Pass a folder of class sub-folders.")
+        super().__init__(spec=str(root.resolve()))
+        self.root = root.resolve()
+        split_dirs = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+        layout = {s: root / s for s in split_dirs} if split_dirs else {"train": root}
+        self.classes = sorted({c for d in layout.values() for c in _class_dirs(d)})
+        if not self.classes:
+            raise SourceError(
+                f"Image folder '{root}' has no class sub-folders. Expected ROOT/CLASS/IMAGE "
+                f"or ROOT/train/CLASS/IMAGE."
+            )
+        index = {c: i for i, c in enumerate(self.classes)}
+        for split, d in layout.items():
+            refs = []
+            for c in _class_dirs(d):
+                for p in _list_images(d / c):
+                    refs.append(SampleRef(display_path(str(p.relative_to(self.root))), index[c], str(p)))
+            self.splits[split] = refs
+        if not any(self.splits.values()):
+            raise SourceError(f"Image folder '{root}' has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+
+
+@SOURCES.register("csv", description="CSV manifest with columns path,label[,split]; paths relative to the CSV")
+class CsvSource(FileSource):
+    """A CSV manifest ``path,label[,split]`` with a header row; paths relative to the CSV file."""
+
+    kind = "csv"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"CSV manifest '{path}' does not exist.")
+        super().__init__(spec=str(path.resolve()))
+        self.root = path.resolve().parent
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"path", "label"} <= set(rows[0]):
+            raise SourceError(
+                f"CSV manifest '{path}' needs a header row with columns path,label[,split]."
+            )
+        self.classes = sorted({r["label"] for r in rows})
+        index = {c: i for i, c in enumerate(self.classes)}
+        by_split: dict[str, list[SampleRef]] = {}
+        for n, r in enumerate(rows, start=2):
+            split = (r.get("split") or "train").strip()
+            if split not in SPLIT_NAMES:
+                raise SourceError(
+                    f"CSV manifest '{path}' line {n}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}."
+                )
+            p = (self.root / r["path"]).resolve()
+            by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], str(p)))
+        # Missing files stay in the plan: extraction records them as failed with their path.
+        self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
+
+
+@SOURCES.register("npz", description="NumPy .npz in the MedMNIST layout (train_images, train_labels, val_*, test_*)")
+class NpzSource(Source):
+    """Arrays in the MedMNIST layout: ``{split}_images`` (N,H,W) or (N,H,W,3) and ``{split}_labels``."""
+
+    kind = "npz"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"npz file '{path}' does not exist.")
+        super().__init__(spec=str(path.resolve()))
+        try:
+            data = np.load(path, allow_pickle=False)
+            keys = set(data.files)
+        except Exception as e:  # zipfile/ValueError: not an npz, or object arrays
+            raise SourceError(f"'{path}' is not a readable .npz file without pickles ({e}).") from None
+        self._arrays: dict[str, np.ndarray] = {}
+        labels_all = []
+        for split in SPLIT_NAMES:
+            ik, lk = f"{split}_images", f"{split}_labels"
+            if ik not in keys and lk not in keys:
+                continue
+            if ik not in keys or lk not in keys:
+                raise SourceError(f"npz file '{path}' has only one of '{ik}' and '{lk}'; both are needed.")
+            try:
+                images, labels = data[ik], data[lk]
+            except ValueError as e:
+                raise SourceError(f"npz file '{path}': cannot read '{ik}'/'{lk}' without pickles ({e}).") from None
+            images = _check_images(images, f"{path}:{ik}")
+            labels = np.asarray(labels)
+            if labels.ndim == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+                raise SourceError(
+                    f"npz file '{path}': '{lk}' must be integers of shape ({images.shape[0]},) or "
+                    f"({images.shape[0]}, 1). Got {labels.dtype} {labels.shape}."
+                )
+            self._arrays[split] = images
+            labels_all.append((split, labels))
+        if not labels_all:
+            raise SourceError(
+                f"npz file '{path}' has none of the keys train_images/train_labels, val_*, test_* "
+                f"(MedMNIST layout). It has: {', '.join(sorted(keys)) or 'nothing'}."
+            )
+        values = sorted({int(v) for _, lab in labels_all for v in np.unique(lab)})
+        self.classes = [str(v) for v in values]
+        index = {v: i for i, v in enumerate(values)}
+        for split, lab in labels_all:
+            self.splits[split] = [SampleRef(f"{split}/{i}", index[int(v)], (split, i)) for i, v in enumerate(lab)]
+
+    def read(self, ref: SampleRef) -> tuple[np.ndarray, str]:
+        split, i = ref.key
+        arr = self._arrays[split][i]
+        return arr, content_hash(arr)
+
+
+def _check_images(images: np.ndarray, where: str) -> np.ndarray:
+    ok_shape = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+    if not ok_shape:
+        raise SourceError(
+            f"'{where}' must have shape (N, H, W) or (N, H, W, 3). Got {images.shape}."
+        )
+    if images.dtype != np.uint8:
+        if np.issubdtype(images.dtype, np.floating) and images.size and 0 <= images.min() and images.max() <= 1:
+            images = np.round(images * 255).astype(np.uint8)
+        elif np.issubdtype(images.dtype, np.integer) and images.size and 0 <= images.min() and images.max() <= 255:
+            images = images.astype(np.uint8)
+        else:
+            raise SourceError(
+                f"'{where}' must be uint8 (0-255) or float in [0, 1]. Got {images.dtype}."
+            )
+    return images
+
+
+@SOURCES.register("digits", description="scikit-learn's 8x8 handwritten digits (1797 real images, built in)")
+class DigitsSource(Source):
+    """scikit-learn's handwritten digits, scaled to uint8, split 80/20 train/val (stratified, seed 0)."""
+
+    kind = "digits"
+
+    def __init__(self, spec: str = "digits") -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        super().__init__(spec="digits")
+        d = load_digits()
+        self._images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+        self.classes = [str(i) for i in range(10)]
+        idx = np.arange(len(d.target))
+        tr, va = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
+        for split, rows in (("train", np.sort(tr)), ("val", np.sort(va))):
+            self.splits[split] = [SampleRef(str(i), int(d.target[i]), int(i)) for i in rows]
+
+    def read(self, ref: SampleRef) -> tuple[np.ndarray, str]:
+        arr = self._images[ref.key]
+        return arr, content_hash(arr)
+
+
+def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None = None,
+                split_seed: int = 0) -> Source:
+    """Open a source from a spec.
+
+    ``digits`` is the built-in data set; ``KIND:PATH`` names the kind; otherwise a ``.csv`` file is
+    a manifest, a ``.npz`` file holds arrays, and a folder is an image folder.
+
+    Parameters
+    ----------
+    val_fraction : float, optional
+        When the source has no ``val`` split, move this fraction of ``train`` into a stratified,
+        seeded ``val`` split.
+    split_seed : int
+        Seed of that split.
+    """
+    if isinstance(spec, Source):
+        src = spec
+    else:
+        spec = str(spec)
+        kind, _, rest = spec.partition(":")
+        if spec in SOURCES:
+            src = SOURCES.get(spec)()
+        elif rest and kind in SOURCES and len(kind) > 1:
+            src = SOURCES.get(kind)(rest)
+        elif spec.lower().endswith(".csv"):
+            src = CsvSource(spec)
+        elif spec.lower().endswith(".npz"):
+            src = NpzSource(spec)
+        elif os.path.isdir(spec):
+            src = ImageFolderSource(spec)
+        else:
+            raise SourceError(
+                f"Source '{spec}' is not a folder, a .csv manifest, a .npz file or a built-in source. "
+                f"Check the path, or run 'featcache sources' to list the kinds."
+            )
+    if val_fraction is not None:
+        _split_val(src, val_fraction, split_seed)
+    return src
+
+
+def _split_val(src: Source, fraction: float, seed: int) -> None:
+    if not 0 < fraction < 1:
+        raise ConfigError(f"The 'val_fraction' option must be in (0, 1). Got {fraction!r}.")
+    if "val" in src.splits:
+        raise ConfigError(
+            f"Source '{src.spec}' already has a val split; drop --val-fraction."
+        )
+    from sklearn.model_selection import train_test_split
+
+    train = src.splits["train"]
+    labels = np.array([r.label for r in train])
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    idx = np.arange(len(train))
+    tr, va = train_test_split(idx, test_size=fraction, stratify=stratify, random_state=seed)
+    src.splits = {"train": [train[i] for i in np.sort(tr)], "val": [train[i] for i in np.sort(va)],
+                  **{k: v for k, v in src.splits.items() if k not in ("train", "val")}}
+    src.split_policy = {"val_fraction": fraction, "split_seed": seed}

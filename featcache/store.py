@@ -1,0 +1,354 @@
+"""The HDF5 feature cache: schema, fingerprint, reader, and the crash-safe partial store.
+
+Final file (readable with plain h5py; see the README for the schema)::
+
+    /                      attrs: format, schema_version, fingerprint (JSON), fingerprint_hash,
+                                  classes (JSON), layers (JSON), timings (JSON), created
+    /<split>/features/<layer>   (N, D) or (N, C, H, W), float16/float32, chunked along N
+    /<split>/labels             (N,) int64
+    /<split>/ids                (N,) UTF-8 strings (path relative to the source, or split/index)
+    /<split>/hashes             (N,) 32-char BLAKE2b-128 hex of the sample's bytes
+    /<split>/stat               (N, 2) int64 (size, mtime_ns) of the file when it was read
+    /failed/{split,ids,reasons,stat}   samples that could not be read, and why
+
+While extraction runs, finished batches go to ``<final>.partial/`` as one ``.npz`` per batch,
+each written to a temporary name and renamed into place, so a crash loses at most the batches
+in flight. The final file is assembled into ``<final>.tmp`` and renamed: nothing is ever
+half-written under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from .errors import CacheError
+
+FORMAT = "featcache"
+SCHEMA_VERSION = 1
+HASH_DTYPE = "S32"
+#: Target bytes per HDF5 chunk along N (see BENCHMARKS.md for how it was chosen).
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class CacheFingerprint:
+    """Everything that changes a feature value. Two extractions with equal fingerprints are
+    interchangeable; a cache is only ever reused under an equal fingerprint."""
+
+    backbone: dict
+    layers: tuple[str, ...]
+    pool: str
+    preprocess: dict
+    precision: str
+    dtype: str
+    channels_last: bool
+    device_type: str
+    source: dict
+    versions: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+    return keep.strip("-.")[:40] or "x"
+
+
+def cache_file_name(fp: CacheFingerprint) -> str:
+    src = fp.source.get("spec", "source")
+    return f"{_slug(fp.backbone['name'])}__{_slug(Path(src).name)}__{fp.hash}.h5"
+
+
+def feature_chunks(shape: tuple[int, ...], itemsize: int, n: int) -> tuple[int, ...]:
+    row = int(np.prod(shape)) * itemsize
+    rows = max(1, min(n, CHUNK_BYTES // max(row, 1)))
+    return (rows, *shape)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitData:
+    """One split held in memory."""
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    ids: list[str]
+
+
+class FeatureCache:
+    """Read access to a finished cache file. Use :func:`open_cache`.
+
+    Every structural fact is checked on open, so a truncated or hand-edited file gives a
+    :class:`CacheError` naming the problem rather than a wrong answer later.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"Cache file '{self.path}' does not exist. Run 'featcache ls' to list caches.")
+        try:
+            self._h5 = h5py.File(self.path, "r", locking=False)
+        except OSError as e:
+            raise CacheError(f"'{self.path}' is not a readable HDF5 file ({e}). Re-extract it.") from None
+        try:
+            self._validate()
+        except CacheError:
+            self._h5.close()
+            raise
+        except Exception as e:  # anything h5py or json raise on a damaged file
+            self._h5.close()
+            raise CacheError(f"Cache file '{self.path}' is damaged ({type(e).__name__}: {e}). Re-extract it.") from None
+
+    def _attr_json(self, key: str, kind: type):
+        raw = self._h5.attrs.get(key)
+        if isinstance(raw, bytes):
+            raw = raw.decode()
+        if not isinstance(raw, str):
+            raise CacheError(f"Cache file '{self.path}' has no valid '{key}' attribute. Re-extract it.")
+        value = json.loads(raw)
+        if not isinstance(value, kind):
+            raise CacheError(f"Cache file '{self.path}': attribute '{key}' is not a {kind.__name__}.")
+        return value
+
+    def _validate(self) -> None:
+        h = self._h5
+        fmt = h.attrs.get("format")
+        if fmt not in (FORMAT, FORMAT.encode()):
+            raise CacheError(f"'{self.path}' is not a featcache cache (no format attribute). Re-extract it.")
+        version = h.attrs.get("schema_version")
+        if not isinstance(version, (int, np.integer)) or int(version) != SCHEMA_VERSION:
+            raise CacheError(
+                f"Cache file '{self.path}' has schema version {version!r}; this featcache reads "
+                f"{SCHEMA_VERSION}. Re-extract it."
+            )
+        self.fingerprint: dict = self._attr_json("fingerprint", dict)
+        self.classes: list[str] = self._attr_json("classes", list)
+        self.layers: list[str] = self._attr_json("layers", list)
+        self.timings: dict = self._attr_json("timings", dict)
+        if list(self.fingerprint.get("layers", [])) != self.layers:
+            raise CacheError(f"Cache file '{self.path}': its layers disagree with its fingerprint.")
+        self.splits: list[str] = [k for k in h.keys() if k != "failed"]
+        for split in self.splits:
+            g = h[split]
+            for key in ("labels", "ids", "hashes", "stat"):
+                if key not in g:
+                    raise CacheError(f"Cache file '{self.path}': split '{split}' has no '{key}'.")
+            n = g["labels"].shape[0]
+            if g["labels"].ndim != 1 or g["ids"].shape != (n,) or g["hashes"].shape != (n,) or g["stat"].shape != (n, 2):
+                raise CacheError(f"Cache file '{self.path}': split '{split}' has datasets of different lengths.")
+            for layer in self.layers:
+                ds = g.get(f"features/{layer}")
+                if not isinstance(ds, h5py.Dataset) or ds.shape[:1] != (n,):
+                    raise CacheError(
+                        f"Cache file '{self.path}': split '{split}' lacks features for layer '{layer}' "
+                        f"with {n} rows."
+                    )
+            if n:
+                lab = g["labels"][()]
+                if lab.min() < 0 or lab.max() >= len(self.classes):
+                    raise CacheError(f"Cache file '{self.path}': split '{split}' has labels outside its classes.")
+
+    # context manager
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _layer(self, layer: str | None) -> str:
+        if layer is None:
+            return self.layers[0]
+        if layer not in self.layers:
+            raise CacheError(
+                f"Layer '{layer}' is not in cache '{self.path.name}'. It has: {', '.join(self.layers)}."
+            )
+        return layer
+
+    def _split(self, split: str) -> h5py.Group:
+        if split not in self.splits:
+            raise CacheError(
+                f"Split '{split}' is not in cache '{self.path.name}'. It has: {', '.join(self.splits)}."
+            )
+        return self._h5[split]
+
+    def features(self, split: str, layer: str | None = None) -> h5py.Dataset:
+        """The on-disk dataset (N, ...) of one layer; slice it to read."""
+        return self._split(split)[f"features/{self._layer(layer)}"]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._split(split)["labels"][()].astype(np.int64)
+
+    def ids(self, split: str) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self._split(split)["ids"][()]]
+
+    def hashes(self, split: str) -> np.ndarray:
+        return self._split(split)["hashes"][()]
+
+    def stat(self, split: str) -> np.ndarray:
+        return self._split(split)["stat"][()]
+
+    def n(self, split: str) -> int:
+        return int(self._split(split)["labels"].shape[0])
+
+    def load(self, split: str, layer: str | None = None, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Read one split into memory: features (N, ...) as ``dtype`` and labels (N,)."""
+        ds = self.features(split, layer)
+        out = np.empty(ds.shape, dtype=ds.dtype)
+        if ds.shape[0]:
+            ds.read_direct(out)
+        return out.astype(dtype, copy=False), self.labels(split)
+
+    @property
+    def failed(self) -> list[dict]:
+        if "failed" not in self._h5:
+            return []
+        g = self._h5["failed"]
+        splits, ids, reasons = (g[k].asstr()[()] for k in ("split", "ids", "reasons"))
+        stat = g["stat"][()]
+        return [{"split": s, "id": i, "reason": r, "stat": tuple(int(v) for v in st)}
+                for s, i, r, st in zip(splits, ids, reasons, stat)]
+
+    def info(self) -> dict:
+        """A JSON-able summary: fingerprint, splits with shapes, failures."""
+        return {
+            "cache": str(self.path),
+            "fingerprint_hash": self._h5.attrs.get("fingerprint_hash", ""),
+            "fingerprint": self.fingerprint,
+            "classes": self.classes,
+            "layers": self.layers,
+            "splits": {
+                s: {"n": self.n(s), "features": {l: {"shape": list(self.features(s, l).shape),
+                                                     "dtype": str(self.features(s, l).dtype)}
+                                                 for l in self.layers}}
+                for s in self.splits
+            },
+            "failed": [{k: v for k, v in f.items() if k != "stat"} for f in self.failed],
+            "timings": self.timings,
+            "bytes": self.path.stat().st_size,
+        }
+
+
+def open_cache(path: str | os.PathLike) -> FeatureCache:
+    """Open a finished cache file for reading (validated; raises :class:`CacheError`)."""
+    return FeatureCache(path)
+
+
+def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
+    """Caches in a folder: path, size, modification date, backbone, source, splits."""
+    out = []
+    for p in sorted(Path(cache_dir).glob("*.h5")):
+        st = p.stat()
+        row = {"cache": str(p), "bytes": st.st_size, "modified": st.st_mtime}
+        try:
+            with open_cache(p) as c:
+                row.update(backbone=c.fingerprint["backbone"]["name"], source=c.fingerprint["source"].get("spec"),
+                           layers=c.layers, splits={s: c.n(s) for s in c.splits})
+        except CacheError as e:
+            row["error"] = str(e)
+        out.append(row)
+    return out
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PartialStore:
+    """Finished batches of an unfinished extraction, one atomically renamed ``.npz`` each.
+
+    Each chunk holds ``hashes``, ``ids`` and ``stat`` of the samples that succeeded, ``f<i>``
+    (their features for layer ``i``), and ``failed_ids``/``failed_reasons``/``failed_stat``.
+    """
+
+    def __init__(self, path: Path, fingerprint_hash: str) -> None:
+        self.path = path
+        meta = path / "meta.json"
+        if path.is_dir() and meta.is_file():
+            try:
+                found = json.loads(meta.read_text()).get("fingerprint_hash")
+            except (OSError, ValueError):
+                found = None
+            if found != fingerprint_hash:
+                raise CacheError(
+                    f"'{path}' holds a partial extraction of another fingerprint. Delete it to start over."
+                )
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            tmp = path / "meta.json.tmp"
+            tmp.write_text(json.dumps({"fingerprint_hash": fingerprint_hash}))
+            os.replace(tmp, meta)
+
+    def chunks(self) -> list[Path]:
+        return sorted(self.path.glob("c-*.npz"))
+
+    def write_chunk(self, hashes: np.ndarray, features: list[np.ndarray], ids: list[str], stat: np.ndarray,
+                    failed_ids: list[str], failed_reasons: list[str], failed_stat: np.ndarray) -> Path:
+        name = f"c-{uuid.uuid4().hex}.npz"
+        tmp = self.path / (name + ".tmp")
+        arrays = {"hashes": np.asarray(hashes, dtype=HASH_DTYPE),
+                  "ids": np.asarray(ids, dtype=str), "stat": np.asarray(stat, dtype=np.int64).reshape(-1, 2),
+                  "failed_ids": np.asarray(failed_ids, dtype=str),
+                  "failed_reasons": np.asarray(failed_reasons, dtype=str),
+                  "failed_stat": np.asarray(failed_stat, dtype=np.int64).reshape(-1, 2)}
+        arrays.update({f"f{i}": f for i, f in enumerate(features)})
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / name)
+        return self.path / name
+
+    def read_chunk(self, path: Path, n_layers: int) -> tuple[np.ndarray, list[np.ndarray], dict]:
+        with np.load(path, allow_pickle=False) as z:
+            hashes = z["hashes"]
+            feats = [z[f"f{i}"] for i in range(n_layers)]
+            failed = {"ids": list(z["failed_ids"]), "reasons": list(z["failed_reasons"]), "stat": z["failed_stat"]}
+        return hashes, feats, failed
+
+    def remove(self) -> None:
+        for p in self.path.iterdir():
+            p.unlink()
+        self.path.rmdir()
+
+
+def iter_runs(rows: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
+    """Split sorted destination rows into contiguous runs: (src_start, src_end, dst_start, dst_end)."""
+    if len(rows) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(rows)]])
+    for s, e in zip(starts, ends):
+        yield int(s), int(e), int(rows[s]), int(rows[e - 1]) + 1

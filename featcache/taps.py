@@ -1,0 +1,203 @@
+"""Tap points: read named layers out of one forward pass, and stop after the deepest one.
+
+Taps are forward hooks (or, for ``pre_logits``, a pre-hook on the final classifier), so they work
+on any ``nn.Module`` without tracing. The hook of the deepest tap raises :class:`_StopForward`,
+which cuts the network after it: no compute is spent on layers nobody reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbones import OUTPUT, PRE_LOGITS, Backbone
+from .errors import BackboneError, ConfigError
+
+POOLS = ("avg", "max", "avgmax", "none")
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A tap point: module name, output shape without the batch dimension, and stage flag."""
+
+    name: str
+    shape: tuple[int, ...]
+    stage: bool
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "stage": self.stage}
+
+
+def pool(x: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce a spatial map (N, C, H, W) or token sequence (N, T, D) to (N, C); ``none`` keeps it."""
+    if how == "none" or x.ndim == 2:
+        return x
+    if x.ndim == 4:
+        dims = (2, 3)
+    elif x.ndim == 3:
+        dims = (1,)
+    else:
+        return x.flatten(1)
+    if how == "avg":
+        return x.mean(dims)
+    if how == "max":
+        return x.amax(dims)
+    if how == "avgmax":
+        return torch.cat([x.mean(dims), x.amax(dims)], dim=1)
+    raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {how!r}.")
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict):
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    raise BackboneError(f"A tapped layer returned {type(out).__name__}, not a tensor.")
+
+
+def _depth(name: str) -> int:
+    return name.count(".") + 1
+
+
+def list_layers(backbone: Backbone, *, depth: int | None = 2) -> list[LayerInfo]:
+    """Tap points of a backbone in forward order, with output shapes at its input size.
+
+    Parameters
+    ----------
+    depth : int or None
+        Keep module names with at most this many dotted parts (stages always kept);
+        None keeps every module.
+    """
+    model = backbone.model
+    size = backbone.preprocess.crop
+    x = torch.zeros(1, 3, size, size)
+    if isinstance(model, torch.jit.ScriptModule):
+        with torch.inference_mode():
+            out = _first_tensor(model(x))
+        return [LayerInfo(OUTPUT, tuple(out.shape[1:]), False)]
+    stages = set(backbone.stages)
+    seen: dict[str, tuple[int, ...]] = {}
+    handles = []
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            if name not in seen:
+                try:
+                    seen[name] = tuple(_first_tensor(out).shape[1:])
+                except BackboneError:
+                    pass
+        return fn
+
+    def pre_hook(_m, inp):
+        if PRE_LOGITS not in seen:
+            seen[PRE_LOGITS] = tuple(inp[0].shape[1:])
+
+    for name, m in modules.items():
+        if name:
+            handles.append(m.register_forward_hook(hook(name)))
+    if backbone.classifier:
+        handles.append(modules[backbone.classifier].register_forward_pre_hook(pre_hook))
+    try:
+        with torch.inference_mode():
+            final = _first_tensor(model(x))
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for name, shape in seen.items():
+        if name == PRE_LOGITS or depth is None or _depth(name) <= depth or name in stages:
+            out.append(LayerInfo(name, shape, name in stages))
+    out.append(LayerInfo(OUTPUT, tuple(final.shape[1:]), False))
+    return out
+
+
+class FeatureTap(nn.Module):
+    """Run a backbone and return ``{layer: pooled tensor}`` for the requested layers.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    layers : sequence of str
+        Module names, ``pre_logits`` or ``output``.
+    pool : {"avg", "max", "avgmax", "none"}
+    order : sequence of str, optional
+        All tap points in forward order (from :func:`list_layers`); used to stop after the
+        deepest requested one.
+    """
+
+    def __init__(self, backbone: Backbone, layers: list[str], pool: str = "avg",
+                 order: list[str] | None = None) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {pool!r}.")
+        self.model = backbone.model
+        self.layers = list(layers)
+        self.pool = pool
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = []
+        modules = dict(self.model.named_modules()) if not isinstance(self.model, torch.jit.ScriptModule) else {}
+        rank = {n: i for i, n in enumerate(order or [])}
+        deepest = max(self.layers, key=lambda n: rank.get(n, -1)) if order else None
+        if OUTPUT in self.layers:
+            deepest = None  # the whole network runs anyway
+        for name in self.layers:
+            if name == OUTPUT:
+                continue
+            stop = name == deepest
+            if name == PRE_LOGITS:
+                if not backbone.classifier:
+                    raise BackboneError(
+                        f"{backbone.name} has no final nn.Linear, so it has no '{PRE_LOGITS}' layer. "
+                        f"Use --layer {OUTPUT} or a module name from 'featcache layers {backbone.name}'."
+                    )
+                self._handles.append(modules[backbone.classifier].register_forward_pre_hook(self._pre_hook(stop)))
+            elif name in modules:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name, stop)))
+            else:
+                raise BackboneError(
+                    f"Layer '{name}' is not in {backbone.name}. "
+                    f"Run 'featcache layers {backbone.name}' to list the layers."
+                )
+
+    def _hook(self, name: str, stop: bool):
+        def fn(_m, _inp, out):
+            self._captured[name] = pool(_first_tensor(out), self.pool)
+            if stop:
+                raise _StopForward
+        return fn
+
+    def _pre_hook(self, stop: bool):
+        def fn(_m, inp):
+            self._captured[PRE_LOGITS] = pool(inp[0], self.pool)
+            if stop:
+                raise _StopForward
+        return fn
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._captured = {}
+        try:
+            out = self.model(x)
+            if OUTPUT in self.layers:
+                self._captured[OUTPUT] = pool(_first_tensor(out), self.pool)
+        except _StopForward:
+            pass
+        missing = [n for n in self.layers if n not in self._captured]
+        if missing:
+            raise BackboneError(f"Layers {missing} did not run in the forward pass; tap another layer.")
+        return {n: self._captured[n] for n in self.layers}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
