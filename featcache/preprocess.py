@@ -130,7 +130,7 @@ def resize_crop(img: Image.Image, pp: Preprocess, size: int | None = None) -> np
     left = int(round((nw - crop) / 2.0))
     top = int(round((nh - crop) / 2.0))
     img = img.crop((left, top, left + crop, top + crop))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def load_image(data: bytes | np.ndarray, pp: Preprocess) -> np.ndarray:

@@ -15,6 +15,7 @@ A local weights file (``weights=FILE``) replaces downloading: a state dict saved
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -129,6 +130,15 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike, name: str) -> N
         )
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int = 0):
+    """Random initialisation from a fixed seed, so ``NAME.none`` backbones are reproducible
+    (two runs give the same features), without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -156,7 +166,9 @@ def _efficientnet_lite0(tag: str | None, weights_file: str | None) -> Backbone:
     if weights_file:
         model, weights, sha = efficientnet_lite0(pretrained=True, weights_path=weights_file), "file", file_sha256(weights_file)
     elif tag == "none":
-        model, weights, sha = efficientnet_lite0(pretrained=False), "none", None
+        with seeded_init():
+            model = efficientnet_lite0(pretrained=False)
+        weights, sha = "none", None
     else:
         path = packaged_weights_path()
         model, weights, sha = efficientnet_lite0(pretrained=True, weights_path=path), "imagenet", file_sha256(path)
@@ -197,7 +209,8 @@ def _torchvision(arch: str, tag: str | None, weights_file: str | None) -> Backbo
                 f"'{tag}' is not a weights tag of {arch}. Tags: "
                 f"{', '.join(['DEFAULT', 'none', *weights_enum.__members__])}."
             ) from None
-    model = tvm.get_model(arch, weights=None)
+    with seeded_init():
+        model = tvm.get_model(arch, weights=None)
     if weights_file:
         load_weights_into(model, weights_file, arch)
         weights, sha = "file", file_sha256(weights_file)
@@ -251,7 +264,8 @@ def _timm(arch: str, tag: str | None, weights_file: str | None) -> Backbone:
     full = f"{arch}.{tag}" if tag and tag.lower() != "none" else arch
     pretrained = weights_file is None and not (tag and tag.lower() == "none")
     try:
-        model = timm.create_model(full, pretrained=pretrained)
+        with seeded_init():
+            model = timm.create_model(full, pretrained=pretrained)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"timm has no model '{full}'. List them with timm.list_models().") from None

@@ -1,0 +1,582 @@
+"""What every classification head shares: the scikit-learn contract, input checks, saved state.
+
+A head is a scikit-learn classifier (``BaseEstimator`` + ``ClassifierMixin``) with three more
+methods the rest of featcache relies on:
+
+- ``sweep_proba(X, y, grid, X_eval)`` fits every value of the head's swept parameter and returns
+  the evaluation probabilities, using the fastest path the head has (one decomposition, one batched
+  training run, one top-k search, a warm-started sequence);
+- ``get_state()`` / ``from_state(arrays, meta)`` turn a fitted head into plain arrays plus
+  JSON-able metadata and back, so artifacts never need pickle;
+- ``to_torch()`` returns a ``torch.nn.Module`` whose output ``z`` satisfies
+  ``softmax(z, dim=1) == predict_proba`` for a float32 batch of features.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.exceptions import NotFittedError
+
+from ..errors import ConfigError, HeadError
+
+#: Rows read at a time when a head walks over an ``h5py.Dataset``-like input.
+CHUNK_ROWS = 65536
+
+
+class HeadNotFittedError(HeadError, NotFittedError):
+    """A head was used before ``fit`` (also a scikit-learn ``NotFittedError``)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+
+
+def is_dataset_like(X: Any) -> bool:
+    """True for array-likes read by slicing (``h5py.Dataset``, ``np.memmap`` is an ndarray)."""
+    return (
+        not isinstance(X, np.ndarray)
+        and hasattr(X, "shape")
+        and hasattr(X, "dtype")
+        and hasattr(X, "__getitem__")
+    )
+
+
+def as_float(chunk: np.ndarray) -> np.ndarray:
+    """Cast a block of features to a float dtype numpy computes well in (float16 -> float32)."""
+    chunk = np.asarray(chunk)
+    if chunk.dtype == np.float32 or chunk.dtype == np.float64:
+        return chunk
+    if chunk.dtype == np.float16:
+        return chunk.astype(np.float32)
+    return chunk.astype(np.float64)
+
+
+def iter_row_chunks(X: Any, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(start, stop, X[start:stop])`` over contiguous row blocks, cast by :func:`as_float`."""
+    n = int(X.shape[0])
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        yield start, stop, as_float(X[start:stop])
+
+
+def _check_finite(X: Any, what: str) -> None:
+    for start, stop, chunk in iter_row_chunks(X):
+        if not np.isfinite(chunk).all():
+            raise HeadError(
+                f"{what} contains NaN or infinity (rows {start}:{stop}). "
+                "Check the features (re-extract the cache) or drop those rows."
+            )
+
+
+def check_features(
+    X: Any,
+    *,
+    allow_dataset: bool = False,
+    n_features: int | None = None,
+    what: str = "X",
+) -> Any:
+    """Validate a feature matrix.
+
+    Parameters
+    ----------
+    X : array-like or h5py.Dataset-like of shape (n_samples, n_features)
+        Features. Torch tensors are moved to the CPU and converted.
+    allow_dataset : bool, default=False
+        Return ``X`` itself (unread, uncast) when it is an ``h5py.Dataset``-like object or an
+        ndarray, so that the caller can stream it in row chunks. Otherwise the data is read and
+        cast (float16 -> float32, integers -> float64).
+    n_features : int, optional
+        The number of columns a fitted head expects.
+    what : str, default="X"
+        The argument name used in error messages.
+
+    Returns
+    -------
+    ndarray or dataset-like of shape (n_samples, n_features)
+    """
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    if is_dataset_like(X):
+        shape = tuple(X.shape)
+        dtype = np.dtype(X.dtype)
+        if not allow_dataset:
+            X = np.asarray(X[0 : shape[0]]) if len(shape) >= 1 else np.asarray(X)
+    else:
+        try:
+            X = np.asarray(X)
+        except (TypeError, ValueError) as exc:
+            raise HeadError(f"{what} cannot be read as a numeric array ({exc}).") from None
+        shape, dtype = X.shape, X.dtype
+    if dtype.kind not in "fiub":
+        raise HeadError(
+            f"{what} must hold numbers; got dtype {dtype}. Pass a float array of shape "
+            "(n_samples, n_features)."
+        )
+    if len(shape) != 2:
+        raise HeadError(
+            f"{what} must be 2-D of shape (n_samples, n_features); got shape {shape}. "
+            "Reshape it, e.g. X.reshape(len(X), -1)."
+        )
+    if shape[0] < 1 or shape[1] < 1:
+        raise HeadError(f"{what} is empty (shape {shape}). Pass at least one row and one column.")
+    if n_features is not None and shape[1] != n_features:
+        raise HeadError(
+            f"{what} has {shape[1]} features but the head was fitted with {n_features}. "
+            "Use features from the same backbone and layer as the training set."
+        )
+    _check_finite(X, what)
+    if allow_dataset or is_dataset_like(X):
+        return X
+    return as_float(X)
+
+
+def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map labels to ``0..K-1``.
+
+    Returns
+    -------
+    y_idx : ndarray of shape (n_samples,), dtype int64
+    classes : ndarray of shape (n_classes,)
+        ``np.unique(y)``, the column order of every probability matrix.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
+    if y.ndim != 1:
+        raise HeadError(f"y must be 1-D of shape (n_samples,); got shape {np.shape(y)}.")
+    if y.shape[0] != n_samples:
+        raise HeadError(
+            f"X has {n_samples} rows but y has {y.shape[0]} labels. Pass one label per row."
+        )
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise HeadError("y contains NaN or infinity. Drop the unlabelled rows first.")
+    classes, y_idx = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise HeadError(
+            f"y holds a single class ({classes.tolist()!r}); a classifier needs at least 2. "
+            "Check the split or the label column."
+        )
+    return y_idx.astype(np.int64).reshape(-1), classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Small numerical helpers
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 of an array of shape (n_samples, n_classes)."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def scores_to_proba(scores: np.ndarray) -> np.ndarray:
+    """Probabilities from decision scores of shape (n, K) or, for two classes, (n, 1).
+
+    One binary column ``d`` is read as the score of ``classes_[1]`` against a fixed 0 for
+    ``classes_[0]``: ``softmax([0, d]) == [1 - sigmoid(d), sigmoid(d)]``, scikit-learn's
+    binary logistic regression.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape[1] == 1:
+        scores = np.concatenate([np.zeros_like(scores), scores], axis=1)
+    return softmax(scores)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Numpy scalars/arrays, tuples and nested containers as plain JSON-able Python objects."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def state_array(
+    arrays: Mapping[str, np.ndarray],
+    key: str,
+    shape: tuple[int | None, ...],
+    *,
+    kinds: str = "f",
+) -> np.ndarray:
+    """Fetch and check one saved array (``None`` in ``shape`` matches any size)."""
+    if key not in arrays:
+        raise HeadError(f"The saved head state lacks the array '{key}'. Re-fit and save the head.")
+    arr = np.asarray(arrays[key])
+    ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape))
+    if not ok:
+        want = tuple("any" if s is None else s for s in shape)
+        raise HeadError(
+            f"The saved array '{key}' has shape {arr.shape}; expected {want}. "
+            "The artifact is inconsistent: re-fit and save the head."
+        )
+    if arr.dtype.kind not in kinds:
+        raise HeadError(
+            f"The saved array '{key}' has dtype {arr.dtype}; expected kind {kinds!r}. "
+            "Re-fit and save the head."
+        )
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise HeadError(f"The saved array '{key}' contains NaN or infinity. Re-fit the head.")
+    return np.ascontiguousarray(arr)
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = True) -> float:
+    """Validate a real option (``> low`` when ``strict`` else ``>= low``), naming it in errors."""
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real)
+    if not bad:
+        v = float(value)
+        bad = not np.isfinite(v) or (v <= low if strict else v < low)
+    if bad:
+        op = ">" if strict else ">="
+        raise ConfigError(f"The '{name}' option must be a finite number {op} {low:g}. Got {value!r}.")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch modules returned by ``to_torch``
+
+
+class LinearScores(torch.nn.Module):
+    """Logits ``x @ weight.T + bias`` of a linear head (optionally on L2-normalised ``x``).
+
+    With ``binary=True`` the single output column ``d`` is returned as ``[0, d]`` so that the
+    softmax of the output is the head's ``predict_proba`` for two classes.
+
+    Parameters
+    ----------
+    weight : ndarray of shape (n_outputs, n_features)
+    bias : ndarray of shape (n_outputs,)
+    binary : bool
+    normalize : bool, default=False
+    """
+
+    def __init__(
+        self, weight: np.ndarray, bias: np.ndarray, *, binary: bool, normalize: bool = False
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(np.asarray(weight, dtype=np.float32)))
+        self.register_buffer("bias", torch.tensor(np.asarray(bias, dtype=np.float32)))
+        self.binary = bool(binary)
+        self.normalize = bool(normalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight.dtype)
+        if self.normalize:
+            x = torch.nn.functional.normalize(x, dim=1)
+        z = torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.binary:
+            z = torch.cat([torch.zeros_like(z), z], dim=1)
+        return z
+
+
+# ----------------------------------------------------------------------------------------------
+# The base class
+
+
+class BaseHead(ClassifierMixin, BaseEstimator):
+    """Base class of featcache heads (scikit-learn classifier contract plus sweep and state).
+
+    Subclasses set the class attributes below and implement ``_check_params``, ``_fit``,
+    ``_proba``, ``_state_arrays``, ``_load_state`` and ``to_torch``; they may override
+    ``_sweep`` with a faster path than one fit per grid value.
+    """
+
+    #: Name of the parameter swept by ``sweep_proba`` (None: nothing to sweep).
+    param: ClassVar[str | None] = None
+    #: Grid swept when the user gives none.
+    default_grid: ClassVar[tuple[Any, ...]] = (None,)
+    #: One-line help per ``__init__`` option, shown by ``featcache heads``.
+    options: ClassVar[dict[str, str]] = {}
+    #: Whether ``fit`` streams an ``h5py.Dataset``-like ``X`` instead of reading it whole.
+    _accepts_dataset: ClassVar[bool] = False
+
+    # -- to implement ---------------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        """Raise ``ConfigError`` for a bad option value."""
+
+    def _fit(self, X: Any, y_idx: np.ndarray, n_classes: int) -> None:
+        raise NotImplementedError
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _state_meta(self) -> dict[str, Any]:
+        return {}
+
+    def _load_state(
+        self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], n_classes: int, n_features: int
+    ) -> None:
+        raise NotImplementedError
+
+    def to_torch(self) -> torch.nn.Module:
+        """A module mapping features (B, n_features) to logits (B, n_classes).
+
+        ``torch.softmax(module(x), dim=1)`` equals ``predict_proba(x)`` (to float32 precision).
+        """
+        raise NotImplementedError
+
+    # -- the scikit-learn contract --------------------------------------------------------------
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "classes_")
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "classes_"):
+            raise HeadNotFittedError(
+                f"This {type(self).__name__} is not fitted yet. Call 'fit(X, y)' first, or load "
+                "a fitted head with featcache.artifacts.load_head(run_dir)."
+            )
+
+    def fit(self, X: Any, y: Any) -> "BaseHead":
+        """Fit the head.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training features. Heads that stream (``linear``, ``mlp``, ``ridge``, ``ncm``) also
+            take an ``h5py.Dataset``-like object read in row chunks.
+        y : array-like of shape (n_samples,)
+            Labels of any sortable type; ``classes_ = np.unique(y)``.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        X = check_features(X, allow_dataset=self._accepts_dataset)
+        y_idx, classes = encode_labels(y, X.shape[0])
+        self._fit(X, y_idx, len(classes))
+        self.classes_ = classes
+        self.n_features_in_ = int(X.shape[1])
+        return self
+
+    def _map_rows(self, X: Any, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Apply ``fn`` to a checked ``X``, in row chunks when it is dataset-like."""
+        self._require_fitted()
+        X = check_features(X, allow_dataset=True, n_features=self.n_features_in_)
+        if isinstance(X, np.ndarray) and X.shape[0] <= CHUNK_ROWS:
+            return fn(as_float(X))
+        return np.concatenate([fn(chunk) for _, _, chunk in iter_row_chunks(X)], axis=0)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes), float64
+            Columns in ``classes_`` order; rows sum to 1.
+        """
+        return self._map_rows(X, self._proba)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted labels, ``classes_[argmax(predict_proba(X))]``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    # -- sweep ----------------------------------------------------------------------------------
+
+    def _check_grid(self, grid: Sequence[Any]) -> list[Any]:
+        if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) == 0:
+            raise ConfigError(f"The grid must be a non-empty sequence of values. Got {grid!r}.")
+        grid = [v.item() if isinstance(v, np.generic) else v for v in grid]
+        if self.param is None:
+            if any(v is not None for v in grid):
+                raise ConfigError(
+                    f"{type(self).__name__} has no parameter to sweep; its grid is (None,). "
+                    f"Got {grid!r}."
+                )
+            return grid
+        for v in grid:
+            clone(self).set_params(**{self.param: v})._check_params()
+        return grid
+
+    def sweep_proba(self, X: Any, y: Any, grid: Sequence[Any], X_eval: Any) -> np.ndarray:
+        """Fit every value of the swept parameter and return the evaluation probabilities.
+
+        ``self`` is not modified: neither its parameters nor its fitted state change (an
+        unfitted head stays unfitted). Refit the best value with
+        ``clone(head).set_params(**{head.param: best}).fit(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training features.
+        y : array-like of shape (n_samples,)
+            Training labels.
+        grid : sequence
+            Values of ``self.param`` (``(None,)`` for heads without one).
+        X_eval : array-like of shape (n_eval, n_features)
+            Features to score.
+
+        Returns
+        -------
+        ndarray of shape (len(grid), n_eval, n_classes), float64
+            ``[i]`` holds the probabilities of the head fitted with ``grid[i]``, columns in
+            ``np.unique(y)`` order.
+        """
+        self._check_params()
+        grid = self._check_grid(grid)
+        X = check_features(X, allow_dataset=self._accepts_dataset)
+        y_idx, classes = encode_labels(y, X.shape[0])
+        X_eval = check_features(X_eval, allow_dataset=True, n_features=X.shape[1], what="X_eval")
+        return self._sweep(X, y_idx, len(classes), grid, X_eval)
+
+    def _sweep(
+        self, X: Any, y_idx: np.ndarray, n_classes: int, grid: list[Any], X_eval: Any
+    ) -> np.ndarray:
+        """One fit per grid value (heads with a faster path override this)."""
+        out = []
+        for value in grid:
+            head = clone(self)
+            if self.param is not None:
+                head.set_params(**{self.param: value})
+            head._fit(X, y_idx, n_classes)
+            head.classes_ = np.arange(n_classes)
+            head.n_features_in_ = int(X.shape[1])
+            out.append(head.predict_proba(X_eval))
+        return np.stack(out)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The fitted head as arrays plus JSON-able metadata (see :meth:`from_state`).
+
+        Returns
+        -------
+        arrays : dict of str to ndarray
+            Numeric arrays only (safe to write with safetensors).
+        meta : dict
+            ``params`` (``get_params()``), ``classes`` (list), ``classes_dtype`` (numpy dtype
+            string), ``n_features_in`` and head-specific entries.
+        """
+        self._require_fitted()
+        arrays = {k: np.ascontiguousarray(v) for k, v in self._state_arrays().items()}
+        meta = {
+            "params": to_jsonable(self.get_params()),
+            "classes": to_jsonable(self.classes_),
+            "classes_dtype": self.classes_.dtype.str,
+            "n_features_in": int(self.n_features_in_),
+        }
+        meta.update(to_jsonable(self._state_meta()))
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> "BaseHead":
+        """Rebuild a fitted head from :meth:`get_state` output.
+
+        Raises
+        ------
+        HeadError
+            When the metadata or the arrays do not describe a head of this class.
+        """
+        if not isinstance(meta, Mapping):
+            raise HeadError(f"The head state must be a JSON object; got {type(meta).__name__}.")
+        params = meta.get("params")
+        if not isinstance(params, Mapping):
+            raise HeadError("The head state lacks its 'params' object. Re-fit and save the head.")
+        valid = cls._get_param_names()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise HeadError(
+                f"The saved state has unknown {cls.__name__} option(s) {', '.join(unknown)}; "
+                f"valid options: {', '.join(valid)}. It was saved by another featcache version: "
+                "re-fit the head."
+            )
+        head = cls(**params)
+        try:
+            head._check_params()
+        except ConfigError as exc:
+            raise HeadError(f"The saved options are invalid: {exc}") from None
+
+        classes = meta.get("classes")
+        dtype = meta.get("classes_dtype")
+        n_features = meta.get("n_features_in")
+        if not isinstance(classes, list) or len(classes) < 2:
+            raise HeadError("The head state needs 'classes', a list of at least 2 labels.")
+        if not isinstance(dtype, str):
+            raise HeadError("The head state needs 'classes_dtype', a numpy dtype string.")
+        try:
+            np_dtype = np.dtype(dtype)
+        except TypeError:
+            raise HeadError(f"The saved classes_dtype {dtype!r} is not a numpy dtype.") from None
+        if np_dtype.kind not in "biufUO":
+            raise HeadError(f"The saved classes_dtype {dtype!r} is not a supported label type.")
+        try:
+            classes_arr = np.asarray(classes, dtype=np_dtype)
+        except (TypeError, ValueError):
+            raise HeadError(f"The saved classes do not fit dtype {dtype!r}.") from None
+        if classes_arr.ndim != 1 or len(np.unique(classes_arr)) != len(classes_arr):
+            raise HeadError("The saved classes must be a flat list of distinct labels.")
+        if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+            raise HeadError("The head state needs 'n_features_in', an int >= 1.")
+        head._load_state(arrays, meta, len(classes_arr), n_features)
+        head.classes_ = classes_arr
+        head.n_features_in_ = n_features
+        return head
+
+
+class LinearHeadMixin:
+    """A head whose scores are ``X @ coef_.T + intercept_`` (scikit-learn linear layout).
+
+    ``coef_`` has shape (1, n_features) for two classes (the score of ``classes_[1]``) and
+    (n_classes, n_features) otherwise. ``predict_proba`` is ``softmax(decision_function)``;
+    for two classes that is ``sigmoid(decision_function)`` for ``classes_[1]``.
+    """
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.coef_.T + self.intercept_
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Decision scores.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) for two classes, else (n_samples, n_classes)
+        """
+        scores = self._map_rows(X, self._scores)
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        return scores_to_proba(self._scores(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted labels (the sign of the binary score, else the arg-max score)."""
+        scores = self._map_rows(X, self._scores)
+        if scores.shape[1] == 1:
+            return self.classes_[(scores[:, 0] > 0).astype(np.intp)]
+        return self.classes_[np.argmax(scores, axis=1)]
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {"coef_": self.coef_, "intercept_": self.intercept_}
+
+    def _load_state(self, arrays, meta, n_classes, n_features) -> None:
+        k = 1 if n_classes == 2 else n_classes
+        self.coef_ = state_array(arrays, "coef_", (k, n_features))
+        self.intercept_ = state_array(arrays, "intercept_", (k,))
+
+    def to_torch(self) -> torch.nn.Module:
+        """A :class:`LinearScores` module: ``softmax(module(x)) == predict_proba(x)``."""
+        self._require_fitted()
+        return LinearScores(self.coef_, self.intercept_, binary=self.coef_.shape[0] == 1)

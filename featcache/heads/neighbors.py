@@ -1,0 +1,295 @@
+"""Heads without training: cosine k-nearest neighbours (DINO's evaluation) and nearest class mean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import HeadError
+from ..registry import check_choice, check_int
+from .base import (
+    BaseHead,
+    LinearScores,
+    check_number,
+    iter_row_chunks,
+    softmax,
+    state_array,
+)
+from .torch_heads import check_device, resolve_device
+
+#: k values of the ``knn`` head; values above the number of training rows are clipped to it.
+KNN_GRID: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+
+
+def _normalize(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (``torch.nn.functional.normalize``'s eps of 1e-12)."""
+    X = np.asarray(X, dtype=np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def knn_vote_proba(
+    top_sims: torch.Tensor, top_labels: torch.Tensor, n_classes: int, temperature: float
+) -> torch.Tensor:
+    """DINO's weighted vote: class score = sum of ``exp(sim / T)`` over the neighbours of that class.
+
+    Parameters
+    ----------
+    top_sims : Tensor of shape (B, k)
+        Cosine similarities of the k nearest training rows, sorted in decreasing order.
+    top_labels : Tensor of shape (B, k), int64
+        Their class indices.
+
+    Returns
+    -------
+    Tensor of shape (B, n_classes)
+        The scores normalised to sum to 1 (the largest similarity is subtracted before ``exp``,
+        which changes nothing after normalisation and never overflows).
+    """
+    w = torch.exp((top_sims - top_sims[:, :1]) / temperature)
+    scores = torch.zeros(
+        (top_sims.shape[0], n_classes), dtype=top_sims.dtype, device=top_sims.device
+    ).scatter_add_(1, top_labels, w)
+    return scores / scores.sum(dim=1, keepdim=True)
+
+
+def _as_proba(p: torch.Tensor) -> np.ndarray:
+    """Float64 copy renormalised to sum to 1 exactly (the votes are summed in float32)."""
+    p = p.double().cpu().numpy()
+    return p / p.sum(axis=1, keepdims=True)
+
+
+class _KNNModule(torch.nn.Module):
+    """Cosine k-NN as a module: the normalised training bank and its labels are buffers.
+
+    Emits ``log`` of the vote probabilities (clamped at the smallest float32 normal), so that
+    ``softmax(module(x)) == predict_proba(x)``.
+    """
+
+    def __init__(self, bank: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float) -> None:
+        super().__init__()
+        self.register_buffer("bank", torch.tensor(np.asarray(bank, dtype=np.float32)))
+        self.register_buffer("labels", torch.tensor(np.asarray(labels, dtype=np.int64)))
+        self.n_classes = int(n_classes)
+        self.k = int(k)
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.normalize(x.to(self.bank.dtype), dim=1)
+        sims, idx = (x @ self.bank.T).topk(self.k, dim=1)
+        p = knn_vote_proba(sims, self.labels[idx], self.n_classes, self.temperature)
+        return torch.log(p.clamp_min(1.1754944e-38))
+
+
+class KNNHead(BaseHead):
+    """Cosine k-nearest-neighbour classifier with temperature-weighted votes (DINO's k-NN eval).
+
+    Features are L2-normalised; each of the ``k`` most similar training rows votes for its
+    class with weight ``exp(sim / temperature)``; the probabilities are the normalised votes.
+
+    Parameters
+    ----------
+    k : int, default=20
+        Neighbours; clipped to the number of training rows.
+    temperature : float, default=0.07
+    batch_size : int, default=1024
+        Query rows per similarity block.
+    device : str, default="auto"
+        Torch device of the similarity search.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    bank_ : ndarray of shape (n_train, n_features), float32
+        The normalised training features.
+    bank_labels_ : ndarray of shape (n_train,), int64
+        Their indices into ``classes_``.
+    n_features_in_ : int
+
+    Notes
+    -----
+    ``sweep_proba`` runs one top-``max(grid)`` search and reads every k off its sorted prefix.
+    ``to_torch`` holds the whole bank, so the module is as big as the training features.
+    """
+
+    param = "k"
+    default_grid = KNN_GRID
+    options = {
+        "k": "neighbours (clipped to the training rows); the swept parameter",
+        "temperature": "vote weight exp(similarity / temperature)",
+        "batch_size": "query rows per similarity block",
+        "device": "torch device: auto, cpu, cuda, cuda:N",
+    }
+
+    def __init__(
+        self, *, k: int = 20, temperature: float = 0.07, batch_size: int = 1024, device: str = "auto"
+    ) -> None:
+        self.k = k
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.device = device
+
+    def _check_params(self) -> None:
+        check_int("k", self.k)
+        check_number("temperature", self.temperature)
+        check_int("batch_size", self.batch_size)
+        check_device(self.device)
+
+    def _fit(self, X, y_idx, n_classes) -> None:
+        self.bank_ = _normalize(X)
+        self.bank_labels_ = y_idx.astype(np.int64)
+
+    def _topk_blocks(self, bank: np.ndarray, X: Any, k: int):
+        """Yield (sims, neighbour indices) of shape (B, k) per block of query rows."""
+        device = resolve_device(self.device)
+        bank_t = torch.from_numpy(bank).to(device)
+        with torch.no_grad():
+            for _, _, chunk in iter_row_chunks(X, int(self.batch_size)):
+                q = torch.nn.functional.normalize(
+                    torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device), dim=1
+                )
+                yield (q @ bank_t.T).topk(k, dim=1)
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        k = min(int(self.k), self.bank_.shape[0])
+        labels = torch.from_numpy(self.bank_labels_)
+        out = []
+        for sims, idx in self._topk_blocks(self.bank_, X, k):
+            lab = labels.to(idx.device)[idx]
+            out.append(knn_vote_proba(sims, lab, len(self.classes_), float(self.temperature)))
+        return _as_proba(torch.cat(out))
+
+    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+        bank = _normalize(X)
+        ks = [min(int(k), bank.shape[0]) for k in grid]
+        labels = torch.from_numpy(y_idx.astype(np.int64))
+        blocks: list[list[torch.Tensor]] = [[] for _ in ks]
+        for sims, idx in self._topk_blocks(bank, X_eval, max(ks)):
+            lab = labels.to(idx.device)[idx]
+            for i, k in enumerate(ks):
+                blocks[i].append(
+                    knn_vote_proba(sims[:, :k], lab[:, :k], n_classes, float(self.temperature))
+                )
+        return np.stack([_as_proba(torch.cat(b)) for b in blocks])
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {"bank_": self.bank_, "bank_labels_": self.bank_labels_}
+
+    def _load_state(self, arrays, meta, n_classes, n_features) -> None:
+        self.bank_ = state_array(arrays, "bank_", (None, n_features)).astype(np.float32)
+        labels = state_array(arrays, "bank_labels_", (self.bank_.shape[0],), kinds="iu")
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            raise HeadError(
+                f"The saved 'bank_labels_' hold indices outside 0..{n_classes - 1}. Re-fit the head."
+            )
+        self.bank_labels_ = labels.astype(np.int64)
+
+    def to_torch(self) -> torch.nn.Module:
+        """A :class:`_KNNModule`: ``softmax(module(x)) == predict_proba(x)``."""
+        self._require_fitted()
+        k = min(int(self.k), self.bank_.shape[0])
+        return _KNNModule(self.bank_, self.bank_labels_, len(self.classes_), k, float(self.temperature))
+
+
+class NCMHead(BaseHead):
+    """Nearest class mean.
+
+    Parameters
+    ----------
+    metric : {"cosine", "euclidean"}, default="cosine"
+        "cosine": centroids are the means of the L2-normalised features and the scores are
+        ``cos(x, mean_c) / temperature``. "euclidean": centroids are the plain means and the
+        scores are ``-||x - mean_c||^2 / (2 temperature)``.
+    temperature : float or None, default=None
+        Softmax temperature of ``predict_proba = softmax(scores)``; None means 0.05 for cosine
+        and 1.0 for euclidean.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    centroids_ : ndarray of shape (n_classes, n_features), float64
+    n_features_in_ : int
+
+    Notes
+    -----
+    There is nothing to sweep: ``param`` is None and the grid is ``(None,)``. Both scores are
+    linear in (normalised) ``x`` up to a per-row constant, so ``to_torch`` is a linear layer.
+    ``fit`` streams an ``h5py.Dataset``-like ``X`` in row chunks.
+    """
+
+    param = None
+    default_grid = (None,)
+    options = {
+        "metric": "cosine or euclidean",
+        "temperature": "softmax temperature (default 0.05 cosine, 1.0 euclidean)",
+    }
+    _accepts_dataset = True
+
+    def __init__(self, *, metric: str = "cosine", temperature: float | None = None) -> None:
+        self.metric = metric
+        self.temperature = temperature
+
+    def _check_params(self) -> None:
+        check_choice("metric", self.metric, ("cosine", "euclidean"))
+        if self.temperature is not None:
+            check_number("temperature", self.temperature)
+
+    def _temperature(self) -> float:
+        if self.temperature is not None:
+            return float(self.temperature)
+        return 0.05 if self.metric == "cosine" else 1.0
+
+    def _fit(self, X, y_idx, n_classes) -> None:
+        sums = np.zeros((n_classes, X.shape[1]))
+        for a, b, chunk in iter_row_chunks(X):
+            if self.metric == "cosine":
+                chunk = _normalize(chunk)
+            np.add.at(sums, y_idx[a:b], chunk.astype(np.float64))
+        counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
+        self.centroids_ = sums / counts[:, None]
+
+    def _linear(self) -> tuple[np.ndarray, np.ndarray]:
+        """Weight (K, D) and bias (K,) of the scores as a linear function of (normalised) x."""
+        T = self._temperature()
+        if self.metric == "cosine":
+            c = self.centroids_ / np.maximum(np.linalg.norm(self.centroids_, axis=1, keepdims=True), 1e-12)
+            return c / T, np.zeros(len(c))
+        c = self.centroids_
+        # -||x - c||^2 / 2T = (x.c - ||c||^2 / 2) / T - ||x||^2 / 2T; the last term is shared
+        # by every class of a row and cancels in the softmax.
+        return c / T, -0.5 * (c * c).sum(axis=1) / T
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Scores of shape (n_samples, n_classes): ``cos / T`` or ``-||x - c||^2 / 2T``."""
+
+        def scores(chunk: np.ndarray) -> np.ndarray:
+            chunk = chunk.astype(np.float64)
+            if self.metric == "cosine":
+                return (_normalize(chunk).astype(np.float64) @ self._linear()[0].T)
+            c = self.centroids_
+            d2 = (chunk * chunk).sum(axis=1)[:, None] - 2.0 * chunk @ c.T + (c * c).sum(axis=1)
+            return -np.maximum(d2, 0.0) / (2.0 * self._temperature())
+
+        return self._map_rows(X, scores)
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        W, b = self._linear()
+        if self.metric == "cosine":
+            X = _normalize(X)
+        return softmax(X.astype(np.float64) @ W.T + b)
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {"centroids_": self.centroids_}
+
+    def _load_state(self, arrays, meta, n_classes, n_features) -> None:
+        self.centroids_ = state_array(arrays, "centroids_", (n_classes, n_features))
+
+    def to_torch(self) -> torch.nn.Module:
+        """A :class:`LinearScores` module (normalising ``x`` for cosine)."""
+        self._require_fitted()
+        W, b = self._linear()
+        return LinearScores(W, b, binary=False, normalize=self.metric == "cosine")
+
+
+__all__ = ["KNN_GRID", "KNNHead", "NCMHead", "knn_vote_proba"]

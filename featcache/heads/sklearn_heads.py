@@ -1,0 +1,262 @@
+"""Linear heads fitted on the CPU: logistic regression, closed-form ridge, linear SVM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.svm import LinearSVC
+
+from ..registry import check_int
+from .base import BaseHead, LinearHeadMixin, check_number, iter_row_chunks, scores_to_proba
+
+#: C values of logistic regression and of the torch ``linear`` head: 1e-4 .. 1e4, 13 points.
+LOGREG_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 13))
+#: Ridge penalties: 1e-3 .. 1e5, 13 points (alpha is on the summed-loss scale, so it grows with n).
+RIDGE_GRID: tuple[float, ...] = tuple(float(a) for a in np.logspace(-3, 5, 13))
+#: LinearSVC C values: 1e-5 .. 1e3, 13 points (the squared hinge wants a smaller C than log loss).
+SVM_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-5, 3, 13))
+
+
+def _sorted_order(grid: list[float]) -> np.ndarray:
+    """Indices visiting the grid from the strongest to the weakest penalty (ascending C)."""
+    return np.argsort(np.asarray(grid, dtype=np.float64), kind="stable")
+
+
+class LogRegHead(LinearHeadMixin, BaseHead):
+    """Multinomial logistic regression (scikit-learn ``LogisticRegression``, lbfgs, L2).
+
+    Parameters
+    ----------
+    C : float, default=1.0
+        Inverse L2 strength on the summed loss (scikit-learn's meaning).
+    max_iter : int, default=1000
+        lbfgs iterations.
+    tol : float, default=1e-4
+        lbfgs gradient tolerance.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    coef_ : ndarray of shape (1, n_features) for two classes, else (n_classes, n_features)
+    intercept_ : ndarray of shape (1,) or (n_classes,)
+    n_features_in_ : int
+    n_iter_ : int
+
+    Notes
+    -----
+    ``sweep_proba`` fits the grid in ascending ``C`` order, each fit warm-started from the last.
+    """
+
+    param = "C"
+    default_grid = LOGREG_GRID
+    options = {
+        "C": "inverse L2 strength (scikit-learn meaning); the swept parameter",
+        "max_iter": "lbfgs iterations",
+        "tol": "lbfgs gradient tolerance",
+    }
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def _check_params(self) -> None:
+        check_number("C", self.C)
+        check_int("max_iter", self.max_iter)
+        check_number("tol", self.tol)
+
+    def _estimator(self, **extra: Any) -> LogisticRegression:
+        return LogisticRegression(
+            C=float(self.C), solver="lbfgs", max_iter=self.max_iter, tol=float(self.tol), **extra
+        )
+
+    def _fit(self, X, y_idx, n_classes) -> None:
+        est = self._estimator().fit(X, y_idx)
+        self.coef_ = est.coef_
+        self.intercept_ = est.intercept_
+        self.n_iter_ = int(np.max(est.n_iter_))
+
+    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+        est = self._estimator(warm_start=True)
+        out: list[np.ndarray | None] = [None] * len(grid)
+        for i in _sorted_order(grid):
+            est.set_params(C=float(grid[i])).fit(X, y_idx)
+            self_like = _LinearView(est.coef_, est.intercept_)
+            out[i] = np.concatenate(
+                [scores_to_proba(self_like(chunk)) for _, _, chunk in iter_row_chunks(X_eval)]
+            )
+        return np.stack(out)
+
+
+class _LinearView:
+    """Scores of a (coef, intercept) pair, for sweeps that never build a head."""
+
+    def __init__(self, coef: np.ndarray, intercept: np.ndarray) -> None:
+        self.coef, self.intercept = coef, intercept
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.coef.T + self.intercept
+
+
+class SVMHead(LinearHeadMixin, BaseHead):
+    """Linear SVM, one-vs-rest squared hinge (scikit-learn ``LinearSVC``).
+
+    Parameters
+    ----------
+    C : float, default=1.0
+        Inverse L2 strength on the summed loss.
+    max_iter : int, default=1000
+        liblinear iterations.
+    tol : float, default=1e-4
+    random_state : int, default=0
+        Seed of liblinear's coordinate shuffling (dual solver only).
+
+    Attributes
+    ----------
+    classes_, coef_, intercept_, n_features_in_ : as for :class:`LogRegHead`
+
+    Notes
+    -----
+    ``predict_proba`` is ``softmax(decision_function)`` (``sigmoid`` for two classes), not Platt
+    scaling: it ranks like the SVM and sums to one but is not calibrated. liblinear has no warm
+    start, so ``sweep_proba`` fits the grid values one after the other.
+    """
+
+    param = "C"
+    default_grid = SVM_GRID
+    options = {
+        "C": "inverse L2 strength on the summed squared hinge; the swept parameter",
+        "max_iter": "liblinear iterations",
+        "tol": "liblinear tolerance",
+        "random_state": "seed of the dual solver's shuffling",
+    }
+
+    def __init__(
+        self, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4, random_state: int = 0
+    ) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        check_number("C", self.C)
+        check_int("max_iter", self.max_iter)
+        check_number("tol", self.tol)
+        check_int("random_state", self.random_state, minimum=0)
+
+    def _fit(self, X, y_idx, n_classes) -> None:
+        est = LinearSVC(
+            C=float(self.C),
+            loss="squared_hinge",
+            dual="auto",
+            tol=float(self.tol),
+            max_iter=self.max_iter,
+            random_state=self.random_state,
+        ).fit(X, y_idx)
+        self.coef_ = est.coef_
+        self.intercept_ = est.intercept_
+        self.n_iter_ = int(est.n_iter_)
+
+
+class _RidgeSpectrum:
+    """One eigendecomposition that gives the ridge solution for every alpha.
+
+    With ``Xc`` the centred features and ``Yc`` the centred {-1, 1} targets, the ridge weights
+    are ``W(alpha) = A @ diag(1 / (lam + alpha)) @ M`` where, for ``n_features <= n_samples``,
+    ``Xc.T @ Xc = V diag(lam) V.T``, ``A = V``, ``M = V.T @ Xc.T @ Yc`` (the Gram matrix is
+    accumulated over row chunks, so ``X`` may be an ``h5py.Dataset``), and otherwise
+    ``Xc @ Xc.T = U diag(lam) U.T``, ``A = Xc.T @ U``, ``M = U.T @ Yc``.
+    """
+
+    def __init__(self, X: Any, y_idx: np.ndarray, n_classes: int) -> None:
+        n, d = (int(s) for s in X.shape)
+        k = 1 if n_classes == 2 else n_classes
+        if k == 1:
+            Y = np.where(y_idx == 1, 1.0, -1.0)[:, None]
+        else:
+            Y = -np.ones((n, k))
+            Y[np.arange(n), y_idx] = 1.0
+        self.y_mean = Y.mean(axis=0)
+        Yc = Y - self.y_mean
+        total = np.zeros(d)
+        for _, _, chunk in iter_row_chunks(X, 8192):
+            total += chunk.sum(axis=0, dtype=np.float64)
+        self.x_mean = total / n
+        if d <= n:
+            gram = np.zeros((d, d))
+            xty = np.zeros((d, k))
+            for a, b, chunk in iter_row_chunks(X, 8192):
+                xc = chunk.astype(np.float64) - self.x_mean
+                gram += xc.T @ xc
+                xty += xc.T @ Yc[a:b]
+            lam, V = np.linalg.eigh(gram)
+            self.A, self.M = V, V.T @ xty
+        else:
+            Xc = np.concatenate([c.astype(np.float64) for _, _, c in iter_row_chunks(X, 8192)])
+            Xc -= self.x_mean
+            lam, U = np.linalg.eigh(Xc @ Xc.T)
+            self.A, self.M = Xc.T @ U, U.T @ Yc
+        self.lam = np.clip(lam, 0.0, None)
+
+    def weights(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """``coef_`` (k, d) and ``intercept_`` (k,) for one alpha."""
+        W = self.A @ (self.M / (self.lam + alpha)[:, None])
+        return W.T.copy(), self.y_mean - self.x_mean @ W
+
+    def decision_grid(self, X_eval: Any, alphas: list[float]) -> np.ndarray:
+        """Scores of shape (len(alphas), n_eval, k) from one projection of ``X_eval``."""
+        Z = np.concatenate(
+            [(c.astype(np.float64) - self.x_mean) @ self.A for _, _, c in iter_row_chunks(X_eval)]
+        )
+        return np.stack([Z @ (self.M / (self.lam + a)[:, None]) + self.y_mean for a in alphas])
+
+
+class RidgeHead(LinearHeadMixin, BaseHead):
+    """Closed-form ridge classifier, the same model as scikit-learn ``RidgeClassifier``.
+
+    Targets are one-hot in {-1, 1} (one column for two classes), both ``X`` and the targets are
+    centred, and ``coef_ = argmin ||Xc W - Yc||^2 + alpha ||W||^2``; computed in float64.
+
+    Parameters
+    ----------
+    alpha : float, default=1.0
+        L2 strength on the summed squared error (scikit-learn's meaning).
+
+    Attributes
+    ----------
+    classes_, coef_, intercept_, n_features_in_ : as for :class:`LogRegHead`
+
+    Notes
+    -----
+    ``predict_proba`` is ``softmax(decision_function)`` (``sigmoid`` for two classes). Ridge
+    scores live on the {-1, 1} target scale, so these probabilities are soft and uncalibrated;
+    they rank like the classifier. ``sweep_proba`` computes one eigendecomposition (of the
+    smaller of ``Xc.T Xc`` and ``Xc Xc.T``) and reads every alpha off it. ``fit`` and
+    ``sweep_proba`` stream an ``h5py.Dataset``-like ``X`` in row chunks when
+    ``n_features <= n_samples``.
+    """
+
+    param = "alpha"
+    default_grid = RIDGE_GRID
+    options = {"alpha": "L2 strength on the summed squared error; the swept parameter"}
+    _accepts_dataset = True
+
+    def __init__(self, *, alpha: float = 1.0) -> None:
+        self.alpha = alpha
+
+    def _check_params(self) -> None:
+        check_number("alpha", self.alpha)
+
+    def _fit(self, X, y_idx, n_classes) -> None:
+        self.coef_, self.intercept_ = _RidgeSpectrum(X, y_idx, n_classes).weights(float(self.alpha))
+
+    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+        spectrum = _RidgeSpectrum(X, y_idx, n_classes)
+        scores = spectrum.decision_grid(X_eval, [float(a) for a in grid])
+        return np.stack([scores_to_proba(s) for s in scores])
+
+
+__all__ = ["LOGREG_GRID", "RIDGE_GRID", "SVM_GRID", "LogRegHead", "RidgeHead", "SVMHead"]

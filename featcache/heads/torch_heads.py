@@ -1,0 +1,729 @@
+"""Heads trained with torch: a linear probe and a one-hidden-layer MLP.
+
+Both train a whole grid of their swept parameter at once (the DINOv2 linear-eval trick): the
+weights of the G grid points are stacked in one tensor of shape (G, ...), every step makes one
+pass over the data for all of them with a single matrix product, and the heads never interact.
+A 13-point sweep therefore costs little more than one fit, on the CPU or on a GPU.
+
+Both read ``X`` either in memory or, for an ``h5py.Dataset``-like object or an array larger
+than ``max_memory`` bytes, in contiguous row chunks cast to float32 (float16 caches work).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from ..errors import ConfigError, HeadError
+from ..registry import check_choice, check_int
+from .base import BaseHead, LinearHeadMixin, check_number, scores_to_proba, softmax, state_array
+from .sklearn_heads import LOGREG_GRID
+
+logger = logging.getLogger(__name__)
+
+#: Default bound on the feature bytes (as float32) held in memory at once: 2 GiB.
+DEFAULT_MAX_MEMORY = 2 * 1024**3
+#: C values of the ``linear`` head (the same as ``logreg``: the two heads share C's meaning).
+LINEAR_GRID: tuple[float, ...] = LOGREG_GRID
+#: AdamW decoupled weight decays of the ``mlp`` head.
+MLP_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: Bound on the elements of one (G, rows, classes) logits block.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+def check_device(device: Any) -> None:
+    """Validate the spelling of a ``device`` option ("auto", "cpu", "cuda", "cuda:1", ...)."""
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"The 'device' option must be 'auto', 'cpu', 'cuda' or 'cuda:N'. Got {device!r}."
+        ) from None
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for a ``device`` option; "auto" picks CUDA when available."""
+    check_device(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"The 'device' option is {device!r} but CUDA is not available. "
+            "Use device='cpu' or device='auto'."
+        )
+    return dev
+
+
+def _check_seed(value: Any) -> None:
+    if value is not None:
+        check_int("random_state", value, minimum=0)
+
+
+def _seed(value: int | None) -> int:
+    return int(value) if value is not None else int(np.random.SeedSequence().entropy % (2**63))
+
+
+def _check_memory(value: Any) -> None:
+    check_int("max_memory", value, minimum=1)
+
+
+class _Rows:
+    """Row access to features as float32 tensors on ``device``.
+
+    An ndarray that fits in ``max_memory`` bytes (as float32) is moved to the device once;
+    anything else (an ``h5py.Dataset``-like object, a bigger array) is read in contiguous chunks
+    of at most ``max_memory`` bytes at every pass.
+    """
+
+    def __init__(self, X: Any, *, device: torch.device, max_memory: int) -> None:
+        self.X = X
+        self.n, self.d = int(X.shape[0]), int(X.shape[1])
+        self.device = device
+        row_bytes = 4 * self.d
+        self.chunk_rows = max(1, min(self.n, max_memory // row_bytes))
+        self.resident: torch.Tensor | None = None
+        if isinstance(X, np.ndarray) and self.n * row_bytes <= max_memory:
+            self.resident = self._load(0, self.n)
+            self.chunk_rows = self.n
+        else:
+            logger.debug("streaming %d rows in chunks of %d", self.n, self.chunk_rows)
+
+    def _load(self, start: int, stop: int) -> torch.Tensor:
+        chunk = np.ascontiguousarray(self.X[start:stop])
+        if chunk.dtype.kind not in "f":
+            chunk = chunk.astype(np.float32)
+        t = torch.from_numpy(chunk).to(self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise HeadError(
+                f"X contains NaN or infinity (rows {start}:{stop}). "
+                "Check the features (re-extract the cache) or drop those rows."
+            )
+        return t
+
+    def starts(self) -> list[int]:
+        return list(range(0, self.n, self.chunk_rows))
+
+    def chunks(self, order: list[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, rows)``; ``order`` lists chunk starts (default: in order)."""
+        if self.resident is not None:
+            yield 0, self.resident
+            return
+        for start in order if order is not None else self.starts():
+            yield start, self._load(start, min(self.n, start + self.chunk_rows))
+
+    def n_batches(self, batch_size: int) -> int:
+        return sum(
+            math.ceil((min(self.n, s + self.chunk_rows) - s) / batch_size) for s in self.starts()
+        )
+
+    def batches(
+        self, y: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled epoch: chunks in random order, rows shuffled within each chunk."""
+        starts = self.starts()
+        order = [starts[i] for i in torch.randperm(len(starts), generator=generator).tolist()]
+        for start, x in self.chunks(order):
+            perm = torch.randperm(x.shape[0], generator=generator).to(self.device)
+            for s in range(0, x.shape[0], batch_size):
+                idx = perm[s : s + batch_size]
+                yield x[idx], y[start + idx]
+
+
+def _adam_step(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    step: int,
+    lr: float,
+    decay: torch.Tensor | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """AdamW update of a stacked (G, ...) parameter with a per-head decoupled weight decay.
+
+    Element-wise, so the G heads are G independent AdamW runs (torch.optim.AdamW's formula).
+    """
+    m, v = state
+    with torch.no_grad():
+        if decay is not None:
+            p.mul_(1.0 - lr * decay.view(-1, *([1] * (p.dim() - 1))))
+        m.mul_(betas[0]).add_(grad, alpha=1.0 - betas[0])
+        v.mul_(betas[1]).addcmul_(grad, grad, value=1.0 - betas[1])
+        denom = (v / (1.0 - betas[1] ** step)).sqrt_().add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1.0 - betas[0] ** step))
+
+
+def _cosine_lr(lr: float, step: int, total: int) -> float:
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(1, total)))
+
+
+def batched_lbfgs(
+    fg: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x0: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    history: int = 10,
+    max_ls: int = 25,
+    ftol: float = 2.2e-9,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Minimise G independent smooth functions at once, one L-BFGS run per function.
+
+    Each function keeps its own curvature pairs, step length (Armijo backtracking with
+    quadratic interpolation) and stopping test, so the result is that of G separate runs, while
+    one call of ``fg`` evaluates all G functions (one pass over the data).
+
+    Parameters
+    ----------
+    fg : callable
+        ``fg(x)`` with ``x`` of shape (G, P) returns ``f`` of shape (G,) (float64) and the
+        gradient of shape (G, P).
+    x0 : Tensor of shape (G, P)
+    max_iter : int
+    tol : float
+        A function stops when the largest absolute gradient entry is <= ``tol``.
+    history : int, default=10
+    max_ls : int, default=25
+    ftol : float, default=2.2e-9
+        A function also stops when its relative decrease falls below ``ftol`` (scipy's default).
+
+    Returns
+    -------
+    x : Tensor of shape (G, P)
+    n_iter : ndarray of shape (G,)
+    hit_max_iter : ndarray of shape (G,), bool
+        Functions still improving when ``max_iter`` ran out.
+    """
+    x = x0.clone()
+    f, g = fg(x)
+    G = x.shape[0]
+    dev = x.device
+    active = g.abs().amax(1) > tol
+    n_iter = torch.zeros(G, dtype=torch.long, device=dev)
+    S: list[torch.Tensor] = []
+    Yh: list[torch.Tensor] = []
+    R: list[torch.Tensor] = []
+    gamma = torch.ones(G, dtype=x.dtype, device=dev)
+    has_pair = torch.zeros(G, dtype=torch.bool, device=dev)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        # Two-loop recursion, per function (rho = 0 marks a skipped pair).
+        q = g.clone()
+        alphas = []
+        for s, yv, rho in zip(reversed(S), reversed(Yh), reversed(R)):
+            a = rho * (s * q).sum(1)
+            q -= a[:, None] * yv
+            alphas.append(a)
+        r = gamma[:, None] * q
+        for (s, yv, rho), a in zip(zip(S, Yh, R), reversed(alphas)):
+            b = rho * (yv * r).sum(1)
+            r += s * (a - b)[:, None]
+        d = -r
+        gd = (g * d).sum(1).double()
+        bad = ~(gd < 0)
+        d = torch.where(bad[:, None], -g, d)
+        gd = torch.where(bad, -(g * g).sum(1).double(), gd)
+        d = d * active[:, None]
+        t = torch.where(
+            has_pair,
+            torch.ones_like(gd),
+            torch.clamp(1.0 / g.abs().sum(1).double().clamp_min(1e-30), max=1.0),
+        )
+
+        accepted = ~active
+        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        for _ in range(max_ls):
+            trial = torch.where(accepted[:, None], x_new, x + t.to(x.dtype)[:, None] * d)
+            ft, gt = fg(trial)
+            ok = ~accepted & torch.isfinite(ft) & (ft <= f + 1e-4 * t * gd)
+            x_new = torch.where(ok[:, None], trial, x_new)
+            f_new = torch.where(ok, ft, f_new)
+            g_new = torch.where(ok[:, None], gt, g_new)
+            accepted = accepted | ok
+            if bool(accepted.all()):
+                break
+            t_quad = -gd * t * t / (2.0 * (ft - f - gd * t))
+            t_next = torch.where(torch.isfinite(t_quad), t_quad, 0.5 * t)
+            t_next = torch.minimum(torch.maximum(t_next, 0.1 * t), 0.5 * t)
+            t = torch.where(accepted, t, t_next)
+        stepped = active & accepted
+
+        s = x_new - x
+        yv = g_new - g
+        sy = (s * yv).sum(1)
+        yy = (yv * yv).sum(1)
+        valid = stepped & (sy > 1e-10 * yy) & (yy > 0)
+        rho = torch.where(valid, 1.0 / torch.where(valid, sy, torch.ones_like(sy)), torch.zeros_like(sy))
+        S.append(s * valid[:, None])
+        Yh.append(yv * valid[:, None])
+        R.append(rho)
+        if len(S) > history:
+            S.pop(0), Yh.pop(0), R.pop(0)
+        gamma = torch.where(valid, sy / torch.where(valid, yy, torch.ones_like(yy)), gamma)
+        has_pair = has_pair | valid
+
+        decrease = f - f_new
+        scale = torch.maximum(torch.maximum(f.abs(), f_new.abs()), torch.ones_like(f))
+        x, f, g = x_new, f_new, g_new
+        n_iter += stepped.long()
+        done = stepped & ((g.abs().amax(1) <= tol) | (decrease <= ftol * scale))
+        # A failed line search means no float32 decrease is left along the direction: stop.
+        active = active & ~done & accepted
+    return x, n_iter.cpu().numpy(), active.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear head
+
+
+class _LinearProblem:
+    """Mean cross-entropy + ``||W||^2 / (2 C n)`` for G stacked linear heads.
+
+    Two classes use one output column (the score of class 1 against a fixed 0), exactly
+    scikit-learn's binary logistic regression; more classes use one column per class.
+    """
+
+    def __init__(self, rows: _Rows, y: torch.Tensor, n_classes: int, Cs: list[float]) -> None:
+        self.rows, self.y = rows, y
+        self.binary = n_classes == 2
+        self.k = 1 if self.binary else n_classes
+        self.G, self.D = len(Cs), rows.d
+        self.P = self.D * self.k + self.k
+        self.inv_reg = torch.tensor(
+            [1.0 / (c * rows.n) for c in Cs], dtype=torch.float32, device=rows.device
+        )
+        self.block_rows = max(1, _BLOCK_ELEMENTS // (self.G * (self.k + 1)))
+
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        W = x[:, : self.D * self.k].view(self.G, self.D, self.k)
+        return W, x[:, self.D * self.k :]
+
+    def logits(self, W: torch.Tensor, b: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        """Scores of shape (G, B, k): one (B, D) @ (D, G*k) product for all heads."""
+        Wcat = W.permute(1, 0, 2).reshape(self.D, self.G * self.k)
+        return (xb @ Wcat).view(-1, self.G, self.k).permute(1, 0, 2) + b[:, None, :]
+
+    def loss_grad_sum(
+        self, W: torch.Tensor, b: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy (G,) float64 and its gradients (G, D, k), (G, k) over a block."""
+        z = self.logits(W, b, xb)
+        if self.binary:
+            z = torch.cat([torch.zeros_like(z), z], dim=2)
+        B = xb.shape[0]
+        lse = torch.logsumexp(z, dim=2)
+        true = z[:, torch.arange(B, device=z.device), yb]
+        loss = (lse - true).sum(1, dtype=torch.float64)
+        p = torch.exp(z - lse[..., None])
+        p[:, torch.arange(B, device=z.device), yb] -= 1.0
+        if self.binary:
+            p = p[..., 1:]
+        gW = (xb.T @ p.permute(1, 0, 2).reshape(B, self.G * self.k)).view(self.D, self.G, self.k)
+        return loss, gW.permute(1, 0, 2), p.sum(1)
+
+    def fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-batch objective (G,) and gradient (G, P), accumulated over row chunks."""
+        W, b = self.unpack(x)
+        f = torch.zeros(self.G, dtype=torch.float64, device=x.device)
+        gW = torch.zeros_like(W)
+        gb = torch.zeros_like(b)
+        for start, xc in self.rows.chunks():
+            for s in range(0, xc.shape[0], self.block_rows):
+                xb = xc[s : s + self.block_rows]
+                yb = self.y[start + s : start + s + xb.shape[0]]
+                loss, dW, db = self.loss_grad_sum(W, b, xb, yb)
+                f += loss
+                gW += dW
+                gb += db
+        n = self.rows.n
+        f = f / n + 0.5 * (self.inv_reg.double() * (W.double() ** 2).sum((1, 2)))
+        gW = gW / n + self.inv_reg[:, None, None] * W
+        return f, torch.cat([gW.reshape(self.G, -1), gb / n], dim=1)
+
+
+def _grid_scores(
+    X: Any, W: torch.Tensor, b: torch.Tensor, *, device: torch.device, max_memory: int
+) -> np.ndarray:
+    """Scores (G, n, k) of G stacked linear heads on ``X``, in one pass over ``X``."""
+    rows = _Rows(X, device=device, max_memory=max_memory)
+    G, D, k = W.shape
+    Wcat = W.permute(1, 0, 2).reshape(D, G * k)
+    out = []
+    with torch.no_grad():
+        for _, xc in rows.chunks():
+            z = (xc @ Wcat).view(-1, G, k).permute(1, 0, 2) + b[:, None, :]
+            out.append(z.cpu().numpy())
+    return np.concatenate(out, axis=1)
+
+
+class LinearHead(LinearHeadMixin, BaseHead):
+    """Multinomial logistic regression trained with torch, a whole grid of C at once.
+
+    Minimises ``mean cross-entropy + ||W||^2 / (2 C n)`` (the intercept is not penalised),
+    which is scikit-learn's ``LogisticRegression(C=C)`` objective divided by ``n``: ``linear``
+    and ``logreg`` fit the same model. Two classes use one weight vector, as scikit-learn does.
+
+    Parameters
+    ----------
+    C : float, default=1.0
+        Inverse L2 strength (scikit-learn's meaning).
+    solver : {"lbfgs", "adamw"}, default="lbfgs"
+        "lbfgs": full-batch L-BFGS, one independent run per grid point evaluated together.
+        "adamw": mini-batch AdamW with a cosine learning-rate schedule (for data too big for
+        many full passes).
+    max_iter : int, default=500
+        L-BFGS iterations.
+    tol : float, default=1e-4
+        L-BFGS stops at this largest absolute gradient entry (of the mean objective).
+    lr : float, default=1e-3
+        AdamW peak learning rate.
+    batch_size : int, default=1024
+        AdamW mini-batch rows.
+    epochs : int, default=30
+        AdamW passes over the data.
+    device : str, default="auto"
+        Torch device; "auto" uses CUDA when available.
+    max_memory : int, default=2 GiB
+        Bytes of float32 features held at once; bigger inputs and any ``h5py.Dataset``-like
+        ``X`` are streamed in contiguous row chunks.
+    random_state : int or None, default=0
+        Seed of the AdamW shuffling (L-BFGS is deterministic).
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    coef_ : ndarray of shape (1, n_features) for two classes, else (n_classes, n_features)
+    intercept_ : ndarray of shape (1,) or (n_classes,)
+    n_features_in_ : int
+    n_iter_ : int
+        L-BFGS iterations, or AdamW steps.
+
+    Notes
+    -----
+    ``sweep_proba`` trains one (G, n_features, k) weight tensor: every step is one pass over
+    the data for all G values of C, and each grid point follows its own L-BFGS (or AdamW)
+    trajectory, so the result equals G separate fits.
+    """
+
+    param = "C"
+    default_grid = LINEAR_GRID
+    options = {
+        "C": "inverse L2 strength (scikit-learn meaning); the swept parameter",
+        "solver": "lbfgs (full batch) or adamw (mini-batch)",
+        "max_iter": "L-BFGS iterations",
+        "tol": "L-BFGS gradient tolerance",
+        "lr": "AdamW peak learning rate (cosine schedule)",
+        "batch_size": "AdamW mini-batch rows",
+        "epochs": "AdamW passes over the data",
+        "device": "torch device: auto, cpu, cuda, cuda:N",
+        "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
+        "random_state": "seed of the AdamW shuffling",
+    }
+    _accepts_dataset = True
+
+    def __init__(
+        self,
+        *,
+        C: float = 1.0,
+        solver: str = "lbfgs",
+        max_iter: int = 500,
+        tol: float = 1e-4,
+        lr: float = 1e-3,
+        batch_size: int = 1024,
+        epochs: int = 30,
+        device: str = "auto",
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        random_state: int | None = 0,
+    ) -> None:
+        self.C = C
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.lr = lr
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.device = device
+        self.max_memory = max_memory
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        check_number("C", self.C)
+        check_choice("solver", self.solver, ("lbfgs", "adamw"))
+        check_int("max_iter", self.max_iter)
+        check_number("tol", self.tol)
+        check_number("lr", self.lr)
+        check_int("batch_size", self.batch_size)
+        check_int("epochs", self.epochs)
+        check_device(self.device)
+        _check_memory(self.max_memory)
+        _check_seed(self.random_state)
+
+    def _train(
+        self, X: Any, y_idx: np.ndarray, n_classes: int, Cs: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        device = resolve_device(self.device)
+        rows = _Rows(X, device=device, max_memory=self.max_memory)
+        y = torch.as_tensor(y_idx, dtype=torch.long, device=device)
+        prob = _LinearProblem(rows, y, n_classes, [float(c) for c in Cs])
+        if self.solver == "lbfgs":
+            x0 = torch.zeros(prob.G, prob.P, dtype=torch.float32, device=device)
+            history = int(min(10, max(3, (1 << 30) // max(1, 8 * prob.G * prob.P))))
+            x, n_iter, unfinished = batched_lbfgs(
+                prob.fg, x0, max_iter=self.max_iter, tol=float(self.tol), history=history
+            )
+            if unfinished.any():
+                bad = [Cs[i] for i in np.flatnonzero(unfinished)]
+                warnings.warn(
+                    f"linear head: L-BFGS reached max_iter={self.max_iter} before converging for "
+                    f"C={', '.join(f'{c:g}' for c in bad)}. Increase 'max_iter', lower C or "
+                    "standardise the features.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+            W, b = prob.unpack(x)
+            return W, b, n_iter
+        return self._train_adamw(prob, rows, y)
+
+    def _train_adamw(self, prob: _LinearProblem, rows: _Rows, y: torch.Tensor):
+        gen = torch.Generator().manual_seed(_seed(self.random_state))
+        W = torch.zeros(prob.G, prob.D, prob.k, device=rows.device)
+        b = torch.zeros(prob.G, prob.k, device=rows.device)
+        states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
+        total = self.epochs * rows.n_batches(self.batch_size)
+        step = 0
+        for _ in range(self.epochs):
+            for xb, yb in rows.batches(y, self.batch_size, gen):
+                step += 1
+                lr = _cosine_lr(float(self.lr), step, total)
+                _, gW, gb = prob.loss_grad_sum(W, b, xb, yb)
+                gW = gW / xb.shape[0] + prob.inv_reg[:, None, None] * W
+                _adam_step(W, gW, states[0], step, lr)
+                _adam_step(b, gb / xb.shape[0], states[1], step, lr)
+        return W, b, np.full(prob.G, step)
+
+    def _fit(self, X, y_idx, n_classes) -> None:
+        W, b, n_iter = self._train(X, y_idx, n_classes, [float(self.C)])
+        self.coef_ = W[0].T.cpu().numpy().copy()
+        self.intercept_ = b[0].cpu().numpy().copy()
+        self.n_iter_ = int(n_iter[0])
+
+    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+        W, b, _ = self._train(X, y_idx, n_classes, [float(c) for c in grid])
+        scores = _grid_scores(
+            X_eval, W, b, device=W.device, max_memory=self.max_memory
+        )
+        return np.stack([scores_to_proba(s) for s in scores])
+
+
+# ----------------------------------------------------------------------------------------------
+# The MLP head
+
+
+class _MLPModule(torch.nn.Module):
+    """``Linear -> ReLU -> Linear`` (dropout is a training-time device, absent here)."""
+
+    def __init__(self, W1: np.ndarray, b1: np.ndarray, W2: np.ndarray, b2: np.ndarray) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(W1.shape[0], W1.shape[1])
+        self.out = torch.nn.Linear(W2.shape[0], W2.shape[1])
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.from_numpy(np.ascontiguousarray(W1.T)))
+            self.hidden.bias.copy_(torch.from_numpy(b1))
+            self.out.weight.copy_(torch.from_numpy(np.ascontiguousarray(W2.T)))
+            self.out.bias.copy_(torch.from_numpy(b2))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x.to(self.hidden.weight.dtype))))
+
+
+class MLPHead(BaseHead):
+    """One hidden layer (ReLU, dropout) trained with AdamW, a whole weight-decay grid at once.
+
+    Parameters
+    ----------
+    hidden : int, default=512
+        Hidden units.
+    dropout : float, default=0.5
+        Dropout rate on the hidden layer during training.
+    weight_decay : float, default=1e-4
+        AdamW decoupled weight decay of both weight matrices (biases are not decayed).
+    lr : float, default=1e-3
+        AdamW peak learning rate (cosine schedule to 0).
+    epochs : int, default=30
+    batch_size : int, default=256
+    device : str, default="auto"
+    max_memory : int, default=2 GiB
+        As for :class:`LinearHead`.
+    random_state : int or None, default=0
+        Seed of the initialisation, shuffling and dropout masks; CPU results are deterministic.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    coefs_ : list of ndarray, shapes (n_features, hidden) and (hidden, n_classes)
+    intercepts_ : list of ndarray, shapes (hidden,) and (n_classes,)
+    n_features_in_ : int
+
+    Notes
+    -----
+    ``sweep_proba`` stacks the G grid points' weights and trains them together from the same
+    initialisation, the same batches and the same dropout masks, so each grid point equals the
+    single fit with that weight decay.
+    """
+
+    param = "weight_decay"
+    default_grid = MLP_GRID
+    options = {
+        "hidden": "hidden units",
+        "dropout": "dropout rate on the hidden layer",
+        "weight_decay": "AdamW decoupled weight decay; the swept parameter",
+        "lr": "AdamW peak learning rate (cosine schedule)",
+        "epochs": "passes over the data",
+        "batch_size": "mini-batch rows",
+        "device": "torch device: auto, cpu, cuda, cuda:N",
+        "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
+        "random_state": "seed of initialisation, shuffling and dropout",
+    }
+    _accepts_dataset = True
+
+    def __init__(
+        self,
+        *,
+        hidden: int = 512,
+        dropout: float = 0.5,
+        weight_decay: float = 1e-4,
+        lr: float = 1e-3,
+        epochs: int = 30,
+        batch_size: int = 256,
+        device: str = "auto",
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        random_state: int | None = 0,
+    ) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.device = device
+        self.max_memory = max_memory
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        check_int("hidden", self.hidden)
+        dropout = check_number("dropout", self.dropout, strict=False)
+        if dropout >= 1.0:
+            raise ConfigError(f"The 'dropout' option must be in [0, 1). Got {self.dropout!r}.")
+        check_number("weight_decay", self.weight_decay, strict=False)
+        check_number("lr", self.lr)
+        check_int("epochs", self.epochs)
+        check_int("batch_size", self.batch_size)
+        check_device(self.device)
+        _check_memory(self.max_memory)
+        _check_seed(self.random_state)
+
+    def _train(self, X: Any, y_idx: np.ndarray, n_classes: int, decays: list[float]):
+        device = resolve_device(self.device)
+        rows = _Rows(X, device=device, max_memory=self.max_memory)
+        y = torch.as_tensor(y_idx, dtype=torch.long, device=device)
+        G, D, H, K = len(decays), rows.d, int(self.hidden), n_classes
+        seed = _seed(self.random_state)
+        gen = torch.Generator().manual_seed(seed)
+        mask_gen = torch.Generator(device=device).manual_seed(seed + 1)
+
+        def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+            # nn.Linear's default initialisation, drawn once and shared by the G heads.
+            w = (torch.rand(shape, generator=gen) * 2.0 - 1.0) / math.sqrt(fan_in)
+            return w.unsqueeze(0).repeat(G, *([1] * len(shape))).to(device).requires_grad_()
+
+        W1, b1 = uniform((D, H), D), uniform((H,), D)
+        W2, b2 = uniform((H, K), H), uniform((K,), H)
+        params = [W1, b1, W2, b2]
+        decay = torch.tensor(decays, dtype=torch.float32, device=device)
+        states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        p_drop = float(self.dropout)
+        total = self.epochs * rows.n_batches(self.batch_size)
+        step = 0
+        for _ in range(self.epochs):
+            for xb, yb in rows.batches(y, self.batch_size, gen):
+                step += 1
+                lr = _cosine_lr(float(self.lr), step, total)
+                B = xb.shape[0]
+                h = (xb @ W1.permute(1, 0, 2).reshape(D, G * H)).view(B, G, H).permute(1, 0, 2)
+                h = torch.relu(h + b1[:, None, :])
+                if p_drop > 0:
+                    keep = torch.rand((B, H), generator=mask_gen, device=device) >= p_drop
+                    h = h * (keep.to(h.dtype) / (1.0 - p_drop))
+                z = torch.bmm(h, W2) + b2[:, None, :]
+                loss = torch.nn.functional.cross_entropy(
+                    z.reshape(G * B, K), yb.repeat(G), reduction="sum"
+                ) / B
+                grads = torch.autograd.grad(loss, params)
+                for p, gr, st, wd in zip(params, grads, states, (decay, None, decay, None)):
+                    _adam_step(p, gr, st, step, lr, wd)
+        return [p.detach() for p in params]
+
+    def _fit(self, X, y_idx, n_classes) -> None:
+        W1, b1, W2, b2 = (p[0].cpu().numpy().copy() for p in self._train(X, y_idx, n_classes, [float(self.weight_decay)]))
+        self.coefs_ = [W1, W2]
+        self.intercepts_ = [b1, b2]
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        X = X.astype(np.float32, copy=False)
+        h = np.maximum(X @ self.coefs_[0] + self.intercepts_[0], 0.0)
+        return softmax(h @ self.coefs_[1] + self.intercepts_[1])
+
+    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+        W1, b1, W2, b2 = (p.cpu().numpy() for p in self._train(X, y_idx, n_classes, [float(v) for v in grid]))
+        out = []
+        for g in range(len(grid)):
+            view = MLPHead()
+            view.coefs_, view.intercepts_ = [W1[g], W2[g]], [b1[g], b2[g]]
+            view.classes_, view.n_features_in_ = np.arange(n_classes), W1.shape[1]
+            out.append(view.predict_proba(X_eval))
+        return np.stack(out)
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "coefs_0": self.coefs_[0],
+            "coefs_1": self.coefs_[1],
+            "intercepts_0": self.intercepts_[0],
+            "intercepts_1": self.intercepts_[1],
+        }
+
+    def _load_state(self, arrays, meta, n_classes, n_features) -> None:
+        H = int(self.hidden)
+        self.coefs_ = [
+            state_array(arrays, "coefs_0", (n_features, H)),
+            state_array(arrays, "coefs_1", (H, n_classes)),
+        ]
+        self.intercepts_ = [
+            state_array(arrays, "intercepts_0", (H,)),
+            state_array(arrays, "intercepts_1", (n_classes,)),
+        ]
+
+    def to_torch(self) -> torch.nn.Module:
+        """``Linear -> ReLU -> Linear`` in eval mode: ``softmax(module(x)) == predict_proba(x)``."""
+        self._require_fitted()
+        W1, W2 = (np.asarray(w, dtype=np.float32) for w in self.coefs_)
+        b1, b2 = (np.asarray(b, dtype=np.float32) for b in self.intercepts_)
+        return _MLPModule(W1, b1, W2, b2)
+
+
+__all__ = ["DEFAULT_MAX_MEMORY", "LINEAR_GRID", "MLP_GRID", "LinearHead", "MLPHead", "batched_lbfgs"]

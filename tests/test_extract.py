@@ -1,0 +1,276 @@
+"""Extraction: shapes, cache hits, fingerprints, resume after Ctrl-C and kill -9, incremental updates,
+locking, and the logits check."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from conftest import make_image_folder
+from featcache import extract, load_backbone, open_cache
+from featcache.errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted
+
+
+def _features(path, split="train", layer=None):
+    with open_cache(path) as c:
+        return c.load(split, layer)[0], c.ids(split)
+
+
+def test_digits_extraction_and_cache_hit(tiny):
+    r1 = extract("digits", **tiny)
+    assert r1.splits == {"train": 1437, "val": 360}
+    assert (r1.cache_hit, r1.computed, r1.failed) == (False, 1797, 0)
+    with open_cache(r1.cache) as c:
+        assert c.layers == ["pre_logits"]
+        assert c.features("train").shape == (1437, 512)
+        assert c.features("train").dtype == np.float32
+        assert c.classes == [str(i) for i in range(10)]
+        assert set(np.unique(c.labels("val"))) == set(range(10))
+        fp = c.fingerprint
+        assert fp["backbone"]["name"] == "resnet18.none"
+        assert fp["preprocess"]["crop"] == 32 and fp["precision"] == "fp32"
+        assert set(fp["versions"]) == {"featcache", "torch", "torchvision"}
+    r2 = extract("digits", **tiny)
+    assert (r2.cache_hit, r2.computed, r2.cache) == (True, 0, r1.cache)
+
+
+def test_fingerprint_change_never_reuses(tiny, image_folder):
+    a = extract(str(image_folder), **tiny)
+    b = extract(str(image_folder), **{**tiny, "pool": "max"})
+    c = extract(str(image_folder), **{**tiny, "input_size": 48})
+    assert len({a.cache, b.cache, c.cache}) == 3
+    assert not b.cache_hit and not c.cache_hit
+    with pytest.raises(CacheError, match="another fingerprint"):
+        extract(str(image_folder), **{**tiny, "pool": "max", "output": a.cache})
+
+
+def test_pre_logits_reproduce_model_logits(tiny, image_folder):
+    """Features equal a plain torchvision transforms pipeline, and fc(features) = logits."""
+    res = extract(str(image_folder), **tiny)
+    feats, ids = _features(res.cache, "val")
+    bb = load_backbone("resnet18.none", input_size=32)
+    assert (bb.preprocess.resize, bb.preprocess.crop) == (37, 32)
+    tf = T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    x = torch.stack([tf(Image.open(image_folder / i).convert("RGB")) for i in ids])
+    with torch.inference_mode():
+        logits = bb.model(x)
+        from_cache = bb.model.fc(torch.from_numpy(feats))
+    torch.testing.assert_close(from_cache, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_several_layers_one_pass_and_pooling(tiny, image_folder):
+    res = extract(str(image_folder), **{**tiny, "layers": ("layer2", "layer4", "pre_logits")})
+    with open_cache(res.cache) as c:
+        assert c.layers == ["layer2", "layer4", "pre_logits"]
+        assert c.features("train", "layer2").shape == (12, 128)
+        np.testing.assert_allclose(c.load("train", "layer4")[0], c.load("train", "pre_logits")[0], atol=1e-5)
+    res = extract(str(image_folder), **{**tiny, "layers": ("layer3",), "pool": "none"})
+    with open_cache(res.cache) as c:
+        assert c.features("train", "layer3").shape == (12, 256, 2, 2)
+    res = extract(str(image_folder), **{**tiny, "layers": ("layer3",), "pool": "avgmax"})
+    with open_cache(res.cache) as c:
+        assert c.features("train", "layer3").shape == (12, 512)
+
+
+def test_network_is_cut_after_deepest_tap(tiny, image_folder):
+    from featcache.taps import FeatureTap, list_layers
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    calls = []
+    bb.model.layer4.register_forward_hook(lambda *a: calls.append(1))
+    order = [i.name for i in list_layers(bb, depth=None)]
+    calls.clear()
+    tap = FeatureTap(bb, ["layer2"], "avg", order=order)
+    out = tap(torch.zeros(2, 3, 32, 32))
+    assert out["layer2"].shape == (2, 128)
+    assert calls == []
+
+
+def test_bad_options_name_the_value(tiny, image_folder):
+    with pytest.raises(ConfigError, match=r"The 'batch_size' option must be an int >= 1. Got 0."):
+        extract(str(image_folder), **{**tiny, "batch_size": 0})
+    with pytest.raises(ConfigError, match=r"Layer 'layer5' is not in resnet18.none. Run 'featcache layers resnet18.none'"):
+        extract(str(image_folder), **{**tiny, "layers": ("layer5",)})
+    with pytest.raises(ConfigError, match=r"Unknown backbone 'resnet999'. Run 'featcache backbones'"):
+        extract(str(image_folder), **{**tiny, "backbone": "resnet999"})
+
+
+def _interrupt_after(n_batches):
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        if len(seen) == n_batches:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_ctrl_c_keeps_work_and_resume_is_exact(tiny, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=10)
+    ref = extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")})
+    with pytest.raises(ExtractionInterrupted, match="Run the same command again to resume"):
+        extract(str(folder), **tiny, progress=_interrupt_after(3))
+    partials = list(Path(tiny["cache_dir"]).glob("*.partial"))
+    assert len(partials) == 1 and len(list(partials[0].glob("c-*.npz"))) >= 3
+    assert not list(Path(tiny["cache_dir"]).glob("*.h5"))  # nothing under a final name
+    res = extract(str(folder), **tiny)
+    assert res.reused >= 12 and res.computed == 40 - res.reused
+    for split in ("train", "val"):
+        a, ids_a = _features(ref.cache, split)
+        b, ids_b = _features(res.cache, split)
+        assert ids_a == ids_b
+        assert np.array_equal(a, b)
+    assert not list(Path(tiny["cache_dir"]).glob("*.partial"))
+
+
+_KILL_SCRIPT = """
+import sys, time
+from featcache import extract
+def slow(done, total):
+    time.sleep(0.15)
+extract(sys.argv[1], backbone="resnet18.none", input_size=32, batch_size=2, num_workers=0,
+        cache_dir=sys.argv[2], dtype="float32", progress=slow)
+"""
+
+
+@pytest.mark.parametrize("kill_after_chunks", [1, 5])
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, kill_after_chunks):
+    folder = make_image_folder(tmp_path / "imgs", per_class=8)
+    cache_dir = tmp_path / "cache"
+    ref = extract(str(folder), backbone="resnet18.none", input_size=32, batch_size=2, num_workers=0,
+                  cache_dir=str(tmp_path / "ref"), dtype="float32")
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(folder), str(cache_dir)])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        chunks = list(cache_dir.glob("*.partial/c-*.npz"))
+        if len(chunks) >= kill_after_chunks:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "extraction finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(cache_dir.glob("*.h5"))
+    res = extract(str(folder), backbone="resnet18.none", input_size=32, batch_size=2, num_workers=0,
+                  cache_dir=str(cache_dir), dtype="float32")
+    assert res.reused >= kill_after_chunks * 2
+    for split in ("train", "val"):
+        a, ids_a = _features(ref.cache, split)
+        b, ids_b = _features(res.cache, split)
+        assert ids_a == ids_b and np.array_equal(a, b)
+
+
+def test_incremental_extracts_only_new_images(tiny, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4, splits=("",))
+    first = extract(str(folder), **tiny)
+    make_image_folder(tmp_path / "more", per_class=2, splits=("",), seed=7)
+    for p in (tmp_path / "more").rglob("*.*"):
+        target = folder / p.relative_to(tmp_path / "more")
+        p.rename(target.with_name("new_" + target.name))
+    res = extract(str(folder), **tiny)
+    assert res.cache == first.cache
+    assert (res.cache_hit, res.computed, res.reused) == (False, 4, 8)
+    fresh = extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "fresh")})
+    a, ids_a = _features(res.cache)
+    b, ids_b = _features(fresh.cache)
+    assert ids_a == ids_b
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_renamed_file_is_matched_by_content(tiny, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4, splits=("",))
+    extract(str(folder), **tiny)
+    (folder / "cat" / "cat_000.jpg").rename(folder / "cat" / "cat_zzz.jpg")
+    res = extract(str(folder), **tiny)
+    assert (res.computed, res.reused) == (0, 8)
+    assert "cat/cat_zzz.jpg" in _features(res.cache)[1]
+
+
+def test_second_writer_gets_clear_error_and_readers_are_not_blocked(tiny, image_folder):
+    done = extract(str(image_folder), **tiny)
+    other = {**tiny, "pool": "max"}
+    from featcache.extract import prepare, ExtractConfig
+
+    path = prepare(str(image_folder), ExtractConfig(**other))[5]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(CacheLockedError, match="Another process is writing"):
+            extract(str(image_folder), **other)
+        with open_cache(done.cache) as c:  # a finished cache of another fingerprint reads fine
+            assert c.n("train") == 12
+        with h5py.File(done.cache, "r") as h:  # and so does plain h5py
+            assert h["train/features/pre_logits"].shape == (12, 512)
+    finally:
+        os.close(fd)
+
+
+def test_float16_storage_is_default_and_close_to_float32(tiny, image_folder):
+    r32 = extract(str(image_folder), **tiny)
+    r16 = extract(str(image_folder), **{k: v for k, v in tiny.items() if k != "dtype"})
+    with open_cache(r16.cache) as c:
+        assert c.features("train").dtype == np.float16
+    a, b = _features(r32.cache)[0], _features(r16.cache)[0]
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_bf16_precision_recorded_and_close(tiny, image_folder):
+    r = extract(str(image_folder), **{**tiny, "precision": "bf16"})
+    with open_cache(r.cache) as c:
+        assert c.fingerprint["precision"] == "bf16"
+        assert np.isfinite(c.load("train")[0]).all()
+
+
+def test_npz_source_grayscale(tiny, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "med.npz"
+    np.savez(path, train_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+             train_labels=rng.integers(0, 3, (10, 1)), test_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+             test_labels=rng.integers(0, 3, (4, 1)))
+    r = extract(str(path), **tiny)
+    assert r.splits == {"train": 10, "test": 4}
+    assert extract(str(path), **tiny).cache_hit
+
+
+def test_val_fraction_makes_a_val_split(tiny, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=10, splits=("",))
+    r = extract(str(folder), **tiny, val_fraction=0.2)
+    assert r.splits == {"train": 16, "val": 4}
+    with open_cache(r.cache) as c:
+        assert c.fingerprint["source"]["val_fraction"] == 0.2
+
+
+@pytest.mark.real
+def test_real_hymenoptera_with_efficientnet_lite0(real_cache, real_data):
+    """398 samples (245 train incl. one palette GIF, 153 val), width 1280, logits reproduced."""
+    from featcache.preprocess import Preprocess, load_image
+
+    assert real_cache.splits == {"train": 245, "val": 153}
+    assert real_cache.failed == 0
+    with open_cache(real_cache.cache) as c:
+        assert c.features("train").shape == (245, 1280)
+        assert "train/ants/imageNotFound.gif" in c.ids("train")
+        X, _ = c.load("val")
+        ids = c.ids("val")[:8]
+    bb = load_backbone("efficientnet_lite0")
+    pp: Preprocess = bb.preprocess
+    x = torch.stack([torch.from_numpy(load_image((real_data / i).read_bytes(), pp)) for i in ids]).float()
+    x = (x / 255 - 0.5) / 0.5
+    with torch.inference_mode():
+        logits = bb.model(x)
+        from_cache = bb.model.classifier(torch.from_numpy(X[:8]))
+    torch.testing.assert_close(from_cache, logits, atol=1e-3, rtol=1e-3)
