@@ -1,0 +1,75 @@
+"""The command line: exit codes, JSON outputs and exact error texts."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from click.testing import CliRunner
+
+from featcache.cli import main
+
+TINY = ["--backbone", "resnet18.none", "--input-size", "32", "--workers", "0", "--dtype", "float32"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_extract_json_then_cache_hit_info_and_ls(image_folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    r = run("extract", image_folder, *TINY, "--cache-dir", cache_dir, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert set(out) >= {"cache", "splits", "failed", "cache_hit", "seconds", "images_per_second"}
+    assert (out["splits"], out["failed"], out["cache_hit"]) == ({"train": 12, "val": 12}, 0, False)
+    again = json.loads(run("extract", image_folder, *TINY, "--cache-dir", cache_dir, "--json").output)
+    assert again["cache_hit"] is True and again["cache"] == out["cache"]
+
+    r = run("info", out["cache"], "--json")
+    info = json.loads(r.output)
+    assert info["splits"]["train"]["features"]["pre_logits"]["shape"] == [12, 512]
+    assert info["fingerprint"]["backbone"]["name"] == "resnet18.none"
+    r = run("info", out["cache"])
+    assert "resnet18.none" in r.output and re.search(r"train +12 samples", r.output)
+
+    r = run("ls", "--cache-dir", cache_dir)
+    assert r.exit_code == 0 and "resnet18.none" in r.output and "train=12" in r.output
+
+
+def test_extract_human_output(image_folder, tmp_path):
+    r = run("extract", image_folder, *TINY, "--cache-dir", tmp_path / "c", "-q")
+    assert r.exit_code == 0
+    assert "24 images extracted" in r.output and "splits: train 12, val 12" in r.output
+
+
+def test_errors_are_one_line_with_the_fix(image_folder, tmp_path):
+    r = run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--batch-size", "0")
+    assert r.exit_code == 1
+    assert r.output == "Error: The 'batch_size' option must be an int >= 1. Got 0.\n"
+    r = run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--layer", "layer5")
+    assert r.output == ("Error: Layer 'layer5' is not in resnet18.none. Run 'featcache layers resnet18.none' "
+                        "to list the layers.\n")
+    r = run("extract", tmp_path / "missing", *TINY)
+    assert r.exit_code == 1 and r.output.startswith("Error: Source '") and "is not a folder" in r.output
+    r = run("extract", image_folder, "--backbone", "nonet")
+    assert r.output == "Error: Unknown backbone 'nonet'. Run 'featcache backbones' to list them.\n"
+    r = run("info", tmp_path / "nothing.h5")
+    assert r.output.startswith("Error: Cache file") and "does not exist" in r.output
+
+
+def test_layers_json_and_backbones():
+    r = run("layers", "resnet18.none", "--json", "--depth", "1")
+    rows = json.loads(r.output)
+    assert {"name": "layer2", "shape": [128, 28, 28], "stage": True} in rows
+    assert [r["name"] for r in rows[-3:]] == ["pre_logits", "fc", "output"]
+    r = run("backbones")
+    assert "efficientnet_lite0" in r.output and "resnet50" in r.output and "timm:NAME" in r.output
+    r = run("sources")
+    assert "digits" in r.output and "npz" in r.output
+
+
+def test_help_lists_every_command():
+    r = run("--help")
+    for cmd in ("extract", "layers", "backbones", "info", "ls"):
+        assert cmd in r.output
