@@ -31,7 +31,7 @@ from .backbones import OUTPUT, Backbone, load_backbone
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .preprocess import DecodeError, load_image
 from .registry import check_choice, check_int
-from .sources import Source, SampleRef, open_source
+from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
                     cache_file_name, feature_chunks, fsync_dir, iter_runs, open_cache)
 from .taps import FeatureTap, list_layers, pool as pool_fn
@@ -67,6 +67,12 @@ class ExtractConfig:
     input_size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cache_dir", "output", "weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, os.fspath(value))
 
     def validate(self) -> None:
         check_int("batch_size", self.batch_size)
@@ -385,6 +391,13 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
                 f"versions or source differ). Choose another --output or delete that file."
             )
         if _is_hit(cache, plan):
+            if config.on_error == "fail" and cache.failed:
+                f = cache.failed[0]
+                cache.close()
+                raise SourceError(
+                    f"Cannot use '{f['split']}/{f['id']}': {f['reason']} (recorded by an earlier run). "
+                    f"Use --on-error skip to skip and record such files."
+                )
             res = ExtractResult(str(path), {s: cache.n(s) for s in cache.splits}, len(cache.failed), True,
                                 time.perf_counter() - t0, 0.0, 0, sum(cache.n(s) for s in cache.splits),
                                 [{k: v for k, v in f.items() if k != "stat"} for f in cache.failed])
@@ -402,13 +415,13 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
         if cache is not None:
             donors.add_cache(cache)
         donors.add_partial(partial, seen_chunks)
-        todo = _rows_to_compute(src, plan, donors)
+        todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail")
         n_reused = sum(len(r) for r in plan.values()) - len(todo)
         t_compute = time.perf_counter()
         _compute(src, bb, layers, config, device, order, todo, partial, progress)
         compute_seconds = time.perf_counter() - t_compute
         donors.add_partial(partial, seen_chunks)
-        result = _assemble(path, fp, src, plan, layers, shapes, config.dtype, donors,
+        result = _assemble(path, fp, src, plan, layers, shapes, config, donors,
                            timings={"compute_seconds": compute_seconds, "computed": len(todo)})
         if cache is not None:
             cache.close()
@@ -422,12 +435,15 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     return result
 
 
-def _rows_to_compute(src: Source, plan: dict[str, list[_Row]], donors: _Donors) -> list[_Row]:
+def _rows_to_compute(src: Source, plan: dict[str, list[_Row]], donors: _Donors, *,
+                     retry_failed: bool = False) -> list[_Row]:
     todo = []
     for rows in plan.values():
         for r in rows:
             key = _stat_key(r.ref.id, r.stat)
             if key in donors.failed_by_stat:
+                if retry_failed:  # --on-error fail: read it again so the run stops at it
+                    todo.append(r)
                 continue
             r.hash = donors.hash_by_stat.get(key)
             if r.hash is None and donors and r.stat[0] >= 0:
@@ -483,8 +499,8 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                     row = todo[i]
                     if config.on_error == "fail":
                         raise SourceError(
-                            f"Cannot use '{row.ref.key}': {reason}. Use --on-error skip to skip and "
-                            f"record such files."
+                            f"Cannot use '{display_path(str(row.ref.key))}': {reason}. Use --on-error skip "
+                            f"to skip and record such files."
                         )
                     log.warning("skipping %s: %s", row.ref.id, reason)
                     failed_ids.append(row.ref.id)
@@ -528,10 +544,10 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
             writer.close()
 
 
-def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, dtype: str,
+def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, config: ExtractConfig,
               donors: _Donors, timings: dict) -> ExtractResult:
     tmp = path.with_name(path.name + ".tmp")
-    np_dtype = np.dtype(dtype)
+    np_dtype = np.dtype(config.dtype)
     splits_out: dict[str, int] = {}
     failures: list[dict] = []
     # Where each surviving row comes from: donor -> [(split, dst_row, src_index)].
@@ -560,6 +576,8 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
         h.attrs["classes"] = _json(src.classes)
         h.attrs["layers"] = _json(layers)
         h.attrs["timings"] = _json(timings)
+        h.attrs["extract_config"] = _json({**config.to_dict(), "weights": os.path.abspath(config.weights)
+                                           if config.weights else None})
         h.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         dsets: dict[tuple[str, int], h5py.Dataset] = {}
         for split, ok in per_split.items():

@@ -114,7 +114,7 @@ def _list_images(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
             if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
                 p = Path(dirpath) / fn
@@ -128,6 +128,11 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _class_name(dirname: str) -> str:
+    """Folder name as a class name that is always valid UTF-8."""
+    return display_path(dirname)
+
+
 @SOURCES.register("folder", description="folder of class sub-folders, optionally under train/ val/ test/")
 class ImageFolderSource(FileSource):
     """Images in class sub-folders, ``ROOT/CLASS/*.jpg`` or ``ROOT/SPLIT/CLASS/*.jpg``."""
@@ -135,14 +140,14 @@ class ImageFolderSource(FileSource):
     kind = "folder"
 
     def __init__(self, root: str | os.PathLike) -> None:
-        root = Path(root)
-        if not root.is_dir():
+        if not Path(root).is_dir():
             raise SourceError(f"Image folder '{root}' does not exist. Pass a folder of class sub-folders.")
-        super().__init__(spec=str(root.resolve()))
-        self.root = root.resolve()
+        root = Path(root).resolve()
+        super().__init__(spec=str(root))
+        self.root = root
         split_dirs = [s for s in SPLIT_NAMES if (root / s).is_dir()]
         layout = {s: root / s for s in split_dirs} if split_dirs else {"train": root}
-        self.classes = sorted({c for d in layout.values() for c in _class_dirs(d)})
+        self.classes = sorted({_class_name(c) for d in layout.values() for c in _class_dirs(d)})
         if not self.classes:
             raise SourceError(
                 f"Image folder '{root}' has no class sub-folders. Expected ROOT/CLASS/IMAGE "
@@ -153,7 +158,7 @@ class ImageFolderSource(FileSource):
             refs = []
             for c in _class_dirs(d):
                 for p in _list_images(d / c):
-                    refs.append(SampleRef(display_path(str(p.relative_to(self.root))), index[c], str(p)))
+                    refs.append(SampleRef(display_path(str(p.relative_to(self.root))), index[_class_name(c)], str(p)))
             self.splits[split] = refs
         if not any(self.splits.values()):
             raise SourceError(f"Image folder '{root}' has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
@@ -171,12 +176,15 @@ class CsvSource(FileSource):
             raise SourceError(f"CSV manifest '{path}' does not exist.")
         super().__init__(spec=str(path.resolve()))
         self.root = path.resolve().parent
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
         if not rows or not {"path", "label"} <= set(rows[0]):
             raise SourceError(
                 f"CSV manifest '{path}' needs a header row with columns path,label[,split]."
             )
+        for n, r in enumerate(rows, start=2):
+            if not r.get("path") or r.get("label") in (None, ""):
+                raise SourceError(f"CSV manifest '{path}' line {n}: needs a path and a label.")
         self.classes = sorted({r["label"] for r in rows})
         index = {c: i for i, c in enumerate(self.classes)}
         by_split: dict[str, list[SampleRef]] = {}
@@ -266,7 +274,8 @@ def _check_images(images: np.ndarray, where: str) -> np.ndarray:
     return images
 
 
-@SOURCES.register("digits", description="scikit-learn's 8x8 handwritten digits (1797 real images, built in)")
+@SOURCES.register("digits", description="scikit-learn's 8x8 handwritten digits (1797 real images, built in)",
+                  builtin=True)
 class DigitsSource(Source):
     """scikit-learn's handwritten digits, scaled to uint8, split 80/20 train/val (stratified, seed 0)."""
 
@@ -310,7 +319,7 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
     else:
         spec = str(spec)
         kind, _, rest = spec.partition(":")
-        if spec in SOURCES:
+        if spec in SOURCES and SOURCES.entry(spec).extra.get("builtin"):
             src = SOURCES.get(spec)()
         elif rest and kind in SOURCES and len(kind) > 1:
             src = SOURCES.get(kind)(rest)
@@ -339,12 +348,20 @@ def _split_val(src: Source, fraction: float, seed: int) -> None:
         )
     from sklearn.model_selection import train_test_split
 
+    if not src.splits.get("train"):
+        raise ConfigError(f"Source '{src.spec}' has no train split to carve --val-fraction out of.")
     train = src.splits["train"]
     labels = np.array([r.label for r in train])
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 else None
     idx = np.arange(len(train))
-    tr, va = train_test_split(idx, test_size=fraction, stratify=stratify, random_state=seed)
+    try:
+        tr, va = train_test_split(idx, test_size=fraction, stratify=stratify, random_state=seed)
+    except ValueError as e:
+        raise ConfigError(
+            f"--val-fraction {fraction} cannot split {len(train)} training samples of {len(counts)} classes "
+            f"({e}). Use a larger fraction or add a val split."
+        ) from None
     src.splits = {"train": [train[i] for i in np.sort(tr)], "val": [train[i] for i in np.sort(va)],
                   **{k: v for k, v in src.splits.items() if k not in ("train", "val")}}
     src.split_policy = {"val_fraction": fraction, "split_seed": seed}

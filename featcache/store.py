@@ -147,6 +147,8 @@ class FeatureCache:
         self.classes: list[str] = self._attr_json("classes", list)
         self.layers: list[str] = self._attr_json("layers", list)
         self.timings: dict = self._attr_json("timings", dict)
+        #: The options of the extraction (provenance, e.g. a weights file path); not fingerprinted.
+        self.extract_config: dict = self._attr_json("extract_config", dict) if "extract_config" in self._h5.attrs else {}
         if list(self.fingerprint.get("layers", [])) != self.layers:
             raise CacheError(f"Cache file '{self.path}': its layers disagree with its fingerprint.")
         self.splits: list[str] = [k for k in h.keys() if k != "failed"]

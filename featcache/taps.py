@@ -201,3 +201,49 @@ class FeatureTap(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class _Truncated(nn.Module):
+    def __init__(self, extractor: nn.Module, pool_how: str) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.pool_how = pool_how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool(_first_tensor(self.extractor(x)["out"]), self.pool_how)
+
+
+def truncated_model(backbone: Backbone, layer: str, pool_how: str) -> nn.Module:
+    """The backbone cut after ``layer`` as one traced module (torch.fx, no hooks) returning the
+    pooled layer output; used for export, where hooks cannot be captured."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = backbone.model
+    if layer == OUTPUT:
+        return _Truncated(_OutputDict(model), pool_how)
+    node = layer
+    if layer == PRE_LOGITS:
+        import torch.fx
+
+        try:
+            graph = torch.fx.symbolic_trace(model).graph
+        except Exception as e:
+            raise BackboneError(f"{backbone.name} cannot be traced with torch.fx ({e}); it cannot be exported.") from None
+        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == backbone.classifier]
+        if len(calls) != 1 or not isinstance(calls[0].args[0], torch.fx.Node):
+            raise BackboneError(f"Cannot find the input of '{backbone.classifier}' in {backbone.name}'s graph.")
+        node = calls[0].args[0].name
+    try:
+        extractor = create_feature_extractor(model, return_nodes={node: "out"})
+    except Exception as e:
+        raise BackboneError(f"{backbone.name} cannot be cut at '{layer}' with torch.fx ({e}).") from None
+    return _Truncated(extractor, pool_how)
+
+
+class _OutputDict(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return {"out": self.model(x)}
