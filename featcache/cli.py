@@ -70,8 +70,9 @@ def extraction_options(fn):
                      show_default=True, help="Reduce spatial maps (or tokens); none keeps the map."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
                      show_default=True, help="Storage type of the features."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-                     show_default=True, help="Compute precision (autocast); recorded in the fingerprint."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="Compute precision (autocast): auto is bf16 on CUDA and on CPUs "
+                                             "with native bf16, else fp32. Recorded in the fingerprint."),
         click.option("--channels-last/--no-channels-last", default=True, show_default=True,
                      help="Run convolutions in channels_last memory format."),
         click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass."),
@@ -263,3 +264,196 @@ def ls_(cache_dir: str, as_json: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"]))
         what = r.get("error") or f"{r['backbone']}  {', '.join(f'{k}={v}' for k, v in r['splits'].items())}"
         click.echo(f"{Path(r['cache']).name:<60} {r['bytes'] / 1e6:>8.1f} MB  {when}  {what}")
+
+
+# --- heads ------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def heads(as_json: bool) -> None:
+    """List the heads, their swept parameter and their options."""
+    from .heads import list_heads
+
+    rows = list_heads()
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<8} {r['description']}")
+        if r["param"]:
+            g = r["default_grid"]
+            click.echo(f"         sweeps {r['param']} over {len(g)} values, {g[0]:g} .. {g[-1]:g}")
+        for opt, text in r["options"].items():
+            click.echo(f"         --opt {opt}=...  {text}")
+
+
+def _head_options(pairs: tuple[str, ...]) -> dict:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expects KEY=VALUE, got {p!r}.", param_hint="--opt")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@main.command(name="fit-head")
+@click.argument("cache", type=click.Path())
+@click.option("--head", default="logreg", show_default=True, help="Head name (see 'featcache heads').")
+@click.option("--layer", default=None, help="Cached layer to fit on (default: the first).")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--eval-split", default=None,
+              help="Split the sweep is scored on (default: val when present, else k-fold on train).")
+@click.option("--normalize", type=click.Choice(["none", "l2", "standard"]), default="standard", show_default=True,
+              help="Feature normalisation, fitted on the training split.")
+@click.option("--pca", type=int, default=None, help="Reduce to N principal components (fitted on train).")
+@click.option("--C", "--grid", "grid", default=None,
+              help="Regularisation grid: 0.01,0.1,1 or logspace:-4:4:13 (default: the head's own).")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weigh classes by inverse frequency.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--refit-on-trainval", is_flag=True, help="Refit the chosen value on train + val.")
+@click.option("--shots", type=int, default=None, help="Few-shot: K training examples per class.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Few-shot: number of random draws.")
+@click.option("--cv", type=int, default=5, show_default=True, help="Folds of the sweep when there is no eval split.")
+@click.option("--max-memory", type=float, default=2.0, show_default=True,
+              help="GiB of features to load into memory; larger caches are streamed (linear, mlp).")
+@click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds"}.')
+@_fail_cleanly
+def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, seed,
+             refit_on_trainval, shots, seeds, cv, max_memory, opts, output, runs_dir, as_json) -> None:
+    """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split."""
+    from .fit import FitConfig, fit_head as run, parse_grid
+    from .metrics import format_metrics_table
+
+    config = FitConfig(head=head, layer=layer, train_split=train_split,
+                       eval_split=None if eval_split in (None, "none") else eval_split, normalize=normalize,
+                       pca=pca, grid=parse_grid(grid), class_weight=class_weight, seed=seed,
+                       refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
+                       max_memory=int(max_memory * 2**30), head_options=_head_options(opts), output=output,
+                       runs_dir=runs_dir)
+    res = run(cache, config)
+    if as_json:
+        _echo_json(res.to_dict())
+        return
+    b = res.best
+    if b["param"] and b["score"] is not None:
+        click.echo(f"{res.head}: best {b['param']}={b['value']:g} (top-1 {b['score']:.4f} on {b['scored_on']})")
+    _print_metrics(res.metrics, format_metrics_table)
+    if res.few_shot:
+        for split, m in res.few_shot["summary"].items():
+            t = m.get("top1")
+            if t:
+                click.echo(f"{shots}-shot over {seeds} seed(s), {split} top-1: {t['mean']:.4f} +- {t['std']:.4f}")
+    click.echo(f"run saved to {res.run} ({res.seconds:.1f} s)")
+
+
+def _print_metrics(metrics: dict, fmt) -> None:
+    slim = {s: {k: v for k, v in m.items() if not isinstance(v, (list, dict))} for s, m in metrics.items()}
+    if slim:
+        click.echo(fmt(slim))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@_fail_cleanly
+def evaluate(run_dir, cache, as_json) -> None:
+    """Score a saved head (RUN_DIR) on every split of another CACHE of the same backbone and layer."""
+    from .fit import evaluate as run
+    from .metrics import format_metrics_table
+
+    metrics = run(run_dir, cache)
+    if as_json:
+        _echo_json({"run": run_dir, "cache": cache, "metrics": metrics})
+        return
+    _print_metrics(metrics, format_metrics_table)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top", type=int, default=5, show_default=True, help="Classes to list per image.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Backbone weights file, if the run's original file moved.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write predictions to a .csv or .json file.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [{"path", "label", "probability", "top"}]}.')
+@_fail_cleanly
+def predict(run_dir, images, top, batch_size, device, weights, output, as_json) -> None:
+    """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
+    from .predict import predict as run
+
+    preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights)
+    if output:
+        _write_predictions(preds, output)
+    if as_json:
+        _echo_json({"predictions": preds})
+        return
+    for p in preds:
+        if p["label"] is None:
+            click.echo(f"{p['path']}: skipped ({p['error']})")
+        else:
+            others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"][1:])
+            click.echo(f"{p['path']}: {p['label']} {p['probability']:.3f}" + (f"  ({others})" if others else ""))
+
+
+def _write_predictions(preds: list[dict], output: str) -> None:
+    import csv
+
+    path = Path(output)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({"predictions": preds}, indent=2))
+    elif path.suffix.lower() == ".csv":
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "probability", "top"])
+            for p in preds:
+                w.writerow([p["path"], p["label"], p["probability"],
+                            ";".join(f"{t['label']}:{t['probability']:.6f}" for t in p["top"])])
+    else:
+        raise click.BadParameter(f"must end in .csv or .json, got {output!r}.", param_hint="--output")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Backbone weights file.")
+@_fail_cleanly
+def export(run_dir, out, weights) -> None:
+    """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits."""
+    from .predict import export as run
+
+    path = run(run_dir, out, weights=weights)
+    click.echo(f"wrote {path} (load with torch.export.load(path).module())")
+
+
+@main.command()
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def demo(out_dir, cache_dir, quiet) -> None:
+    """Extract the built-in digits with efficientnet_lite0, fit two heads with sweeps, compare them."""
+    from .demo import run_demo
+
+    bar = _Progress("extract digits", quiet)
+    try:
+        res, fits = run_demo(out_dir=out_dir, cache_dir=cache_dir, progress=bar, log=click.echo)
+    finally:
+        bar.close()
+    click.echo("")
+    click.echo(f"{'head':<8} {'best':<14} {'val top-1':>9} {'macro F1':>9} {'fit s':>6}")
+    for f in sorted(fits, key=lambda f: -f.metrics["val"]["top1"]):
+        m = f.metrics["val"]
+        click.echo(f"{f.head:<8} {f.best['param']}={f.best['value']:<12.4g} {m['top1']:>9.4f} {m['macro_f1']:>9.4f} "
+                   f"{f.seconds:>6.1f}")
+    click.echo(f"\nInspect the cache: featcache info {res.cache}")

@@ -38,7 +38,7 @@ from .taps import FeatureTap, list_layers, pool as pool_fn
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,7 +53,7 @@ class ExtractConfig:
     layers: tuple[str, ...] = ()
     pool: str = "avg"
     dtype: str = "float16"
-    precision: str = "fp32"
+    precision: str = "auto"
     channels_last: bool = True
     batch_size: int = 32
     num_workers: int | None = None
@@ -129,6 +129,28 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"Device '{device}' was asked for but CUDA is not available. Use --device cpu.")
     return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 math (AVX512-BF16 or AMX). Elsewhere bf16 autocast is
+    emulated and was measured 30x slower than fp32 (BENCHMARKS.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
 
 
 def _pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
@@ -331,13 +353,15 @@ class _Lock:
 def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
     """Open the source and backbone and work out layers, shapes, fingerprint and file name.
 
-    Returns ``(source, backbone, layers, shapes, fingerprint, path, device)``.
+    Returns ``(source, backbone, layers, shapes, fingerprint, path, device, layer_order, config)``,
+    the config with its automatic choices (precision) resolved.
     """
     config.validate()
     src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
     bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
                        mean=config.mean, std=config.std)
     device = resolve_device(config.device)
+    config = ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device)})
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
     layers = list(config.layers) or [bb.default_layer]
@@ -356,7 +380,7 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
         versions={"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     )
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
-    return src, bb, layers, shapes, fp, path, device, [i.name for i in infos]
+    return src, bb, layers, shapes, fp, path, device, [i.name for i in infos], config
 
 
 def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = None, *,
@@ -379,7 +403,7 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     """
     t0 = time.perf_counter()
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
-    src, bb, layers, shapes, fp, path, device, order = prepare(source, config)
+    src, bb, layers, shapes, fp, path, device, order, config = prepare(source, config)
     plan = _plan(src)
 
     if path.exists():

@@ -36,9 +36,21 @@ def _register(name: str, cls: type[BaseHead], description: str) -> None:
 
 
 _register("logreg", LogRegHead, "multinomial logistic regression (scikit-learn, lbfgs)")
-_register("ridge", RidgeHead, "closed-form ridge classifier; the whole alpha grid from one eigendecomposition")
-_register("linear", LinearHead, "logistic regression in torch; the whole C grid trained at once, streams HDF5")
-_register("mlp", MLPHead, "one hidden layer, dropout, AdamW in torch; the weight-decay grid trained at once")
+_register(
+    "ridge",
+    RidgeHead,
+    "closed-form ridge classifier; the whole alpha grid from one eigendecomposition",
+)
+_register(
+    "linear",
+    LinearHead,
+    "logistic regression in torch; the whole C grid trained at once, streams HDF5",
+)
+_register(
+    "mlp",
+    MLPHead,
+    "one hidden layer, dropout, AdamW in torch; the weight-decay grid trained at once",
+)
 _register("knn", KNNHead, "cosine k-NN with temperature-weighted votes (DINO's k-NN eval)")
 _register("ncm", NCMHead, "nearest class mean (cosine or euclidean)")
 _register("svm", SVMHead, "linear SVM, squared hinge (scikit-learn LinearSVC)")

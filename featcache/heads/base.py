@@ -56,21 +56,28 @@ def as_float(chunk: np.ndarray) -> np.ndarray:
     return chunk.astype(np.float64)
 
 
-def iter_row_chunks(X: Any, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(start, stop, X[start:stop])`` over contiguous row blocks, cast by :func:`as_float`."""
+def iter_row_chunks(
+    X: Any, rows: int = CHUNK_ROWS, *, what: str = "X"
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(start, stop, X[start:stop])`` over contiguous row blocks, cast by :func:`as_float`.
+
+    Raises ``HeadError`` at the first block holding NaN or infinity.
+    """
     n = int(X.shape[0])
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        yield start, stop, as_float(X[start:stop])
-
-
-def _check_finite(X: Any, what: str) -> None:
-    for start, stop, chunk in iter_row_chunks(X):
+        chunk = as_float(X[start:stop])
         if not np.isfinite(chunk).all():
             raise HeadError(
                 f"{what} contains NaN or infinity (rows {start}:{stop}). "
                 "Check the features (re-extract the cache) or drop those rows."
             )
+        yield start, stop, chunk
+
+
+def _check_finite(X: np.ndarray, what: str) -> None:
+    for _ in iter_row_chunks(X, what=what):
+        pass
 
 
 def check_features(
@@ -129,10 +136,11 @@ def check_features(
             f"{what} has {shape[1]} features but the head was fitted with {n_features}. "
             "Use features from the same backbone and layer as the training set."
         )
-    _check_finite(X, what)
-    if allow_dataset or is_dataset_like(X):
+    if is_dataset_like(X):
+        # Streamed data is checked chunk by chunk as it is read: no extra pass over the file.
         return X
-    return as_float(X)
+    _check_finite(X, what)
+    return X if allow_dataset else as_float(X)
 
 
 def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +163,13 @@ def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
         )
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         raise HeadError("y contains NaN or infinity. Drop the unlabelled rows first.")
-    classes, y_idx = np.unique(y, return_inverse=True)
+    try:
+        classes, y_idx = np.unique(y, return_inverse=True)
+    except TypeError:
+        raise HeadError(
+            f"The labels in y cannot be sorted (mixed types, dtype {y.dtype}). "
+            "Use labels of one type, e.g. all str or all int."
+        ) from None
     if len(classes) < 2:
         raise HeadError(
             f"y holds a single class ({classes.tolist()!r}); a classifier needs at least 2. "
@@ -238,7 +252,9 @@ def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = True
         bad = not np.isfinite(v) or (v <= low if strict else v < low)
     if bad:
         op = ">" if strict else ">="
-        raise ConfigError(f"The '{name}' option must be a finite number {op} {low:g}. Got {value!r}.")
+        raise ConfigError(
+            f"The '{name}' option must be a finite number {op} {low:g}. Got {value!r}."
+        )
     return float(value)
 
 
@@ -318,7 +334,11 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         return {}
 
     def _load_state(
-        self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], n_classes: int, n_features: int
+        self,
+        arrays: Mapping[str, np.ndarray],
+        meta: Mapping[str, Any],
+        n_classes: int,
+        n_features: int,
     ) -> None:
         raise NotImplementedError
 
@@ -393,7 +413,8 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples,)
         """
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
 
     # -- sweep ----------------------------------------------------------------------------------
 

@@ -67,7 +67,9 @@ class _KNNModule(torch.nn.Module):
     ``softmax(module(x)) == predict_proba(x)``.
     """
 
-    def __init__(self, bank: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float) -> None:
+    def __init__(
+        self, bank: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float
+    ) -> None:
         super().__init__()
         self.register_buffer("bank", torch.tensor(np.asarray(bank, dtype=np.float32)))
         self.register_buffer("labels", torch.tensor(np.asarray(labels, dtype=np.int64)))
@@ -123,7 +125,12 @@ class KNNHead(BaseHead):
     }
 
     def __init__(
-        self, *, k: int = 20, temperature: float = 0.07, batch_size: int = 1024, device: str = "auto"
+        self,
+        *,
+        k: int = 20,
+        temperature: float = 0.07,
+        batch_size: int = 1024,
+        device: str = "auto",
     ) -> None:
         self.k = k
         self.temperature = temperature
@@ -147,7 +154,8 @@ class KNNHead(BaseHead):
         with torch.no_grad():
             for _, _, chunk in iter_row_chunks(X, int(self.batch_size)):
                 q = torch.nn.functional.normalize(
-                    torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device), dim=1
+                    torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device),
+                    dim=1,
                 )
                 yield (q @ bank_t.T).topk(k, dim=1)
 
@@ -189,7 +197,9 @@ class KNNHead(BaseHead):
         """A :class:`_KNNModule`: ``softmax(module(x)) == predict_proba(x)``."""
         self._require_fitted()
         k = min(int(self.k), self.bank_.shape[0])
-        return _KNNModule(self.bank_, self.bank_labels_, len(self.classes_), k, float(self.temperature))
+        return _KNNModule(
+            self.bank_, self.bank_labels_, len(self.classes_), k, float(self.temperature)
+        )
 
 
 class NCMHead(BaseHead):
@@ -245,7 +255,10 @@ class NCMHead(BaseHead):
         for a, b, chunk in iter_row_chunks(X):
             if self.metric == "cosine":
                 chunk = _normalize(chunk)
-            np.add.at(sums, y_idx[a:b], chunk.astype(np.float64))
+            labels = y_idx[a:b]
+            order = np.argsort(labels, kind="stable")
+            present, starts = np.unique(labels[order], return_index=True)
+            sums[present] += np.add.reduceat(chunk[order].astype(np.float64), starts, axis=0)
         counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
         self.centroids_ = sums / counts[:, None]
 
@@ -253,7 +266,9 @@ class NCMHead(BaseHead):
         """Weight (K, D) and bias (K,) of the scores as a linear function of (normalised) x."""
         T = self._temperature()
         if self.metric == "cosine":
-            c = self.centroids_ / np.maximum(np.linalg.norm(self.centroids_, axis=1, keepdims=True), 1e-12)
+            c = self.centroids_ / np.maximum(
+                np.linalg.norm(self.centroids_, axis=1, keepdims=True), 1e-12
+            )
             return c / T, np.zeros(len(c))
         c = self.centroids_
         # -||x - c||^2 / 2T = (x.c - ||c||^2 / 2) / T - ||x||^2 / 2T; the last term is shared
@@ -266,7 +281,7 @@ class NCMHead(BaseHead):
         def scores(chunk: np.ndarray) -> np.ndarray:
             chunk = chunk.astype(np.float64)
             if self.metric == "cosine":
-                return (_normalize(chunk).astype(np.float64) @ self._linear()[0].T)
+                return _normalize(chunk).astype(np.float64) @ self._linear()[0].T
             c = self.centroids_
             d2 = (chunk * chunk).sum(axis=1)[:, None] - 2.0 * chunk @ c.T + (c * c).sum(axis=1)
             return -np.maximum(d2, 0.0) / (2.0 * self._temperature())

@@ -182,9 +182,12 @@ def batched_lbfgs(
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Minimise G independent smooth functions at once, one L-BFGS run per function.
 
-    Each function keeps its own curvature pairs, step length (Armijo backtracking with
-    quadratic interpolation) and stopping test, so the result is that of G separate runs, while
-    one call of ``fg`` evaluates all G functions (one pass over the data).
+    Each function keeps its own curvature pairs, step length and stopping test, so the result
+    is that of G separate runs, while one call of ``fg`` evaluates all G functions (one pass
+    over the data). Steps are accepted by Armijo's test (backtracking with quadratic
+    interpolation) or, once decreases of ``f`` are lost in float32 rounding, by Hager and
+    Zhang's approximate Wolfe test on the directional derivative. A function whose line search
+    finds no acceptable step stops there.
 
     Parameters
     ----------
@@ -249,7 +252,12 @@ def batched_lbfgs(
         for _ in range(max_ls):
             trial = torch.where(accepted[:, None], x_new, x + t.to(x.dtype)[:, None] * d)
             ft, gt = fg(trial)
-            ok = ~accepted & torch.isfinite(ft) & (ft <= f + 1e-4 * t * gd)
+            armijo = ft <= f + 1e-4 * t * gd
+            # Hager-Zhang's approximate Wolfe test: once f's decrease drowns in float32 rounding,
+            # the directional derivative still tells a good step from a bad one.
+            gtd = (gt * d).sum(1).double()
+            approx = (gtd >= 0.9 * gd) & (gtd <= -0.8 * gd) & (ft <= f + 1e-6 * f.abs())
+            ok = ~accepted & torch.isfinite(ft) & (armijo | approx)
             x_new = torch.where(ok[:, None], trial, x_new)
             f_new = torch.where(ok, ft, f_new)
             g_new = torch.where(ok[:, None], gt, g_new)
@@ -267,7 +275,9 @@ def batched_lbfgs(
         sy = (s * yv).sum(1)
         yy = (yv * yv).sum(1)
         valid = stepped & (sy > 1e-10 * yy) & (yy > 0)
-        rho = torch.where(valid, 1.0 / torch.where(valid, sy, torch.ones_like(sy)), torch.zeros_like(sy))
+        rho = torch.where(
+            valid, 1.0 / torch.where(valid, sy, torch.ones_like(sy)), torch.zeros_like(sy)
+        )
         S.append(s * valid[:, None])
         Yh.append(yv * valid[:, None])
         R.append(rho)
@@ -385,10 +395,11 @@ class LinearHead(LinearHeadMixin, BaseHead):
         "lbfgs": full-batch L-BFGS, one independent run per grid point evaluated together.
         "adamw": mini-batch AdamW with a cosine learning-rate schedule (for data too big for
         many full passes).
-    max_iter : int, default=500
+    max_iter : int, default=1000
         L-BFGS iterations.
-    tol : float, default=1e-4
-        L-BFGS stops at this largest absolute gradient entry (of the mean objective).
+    tol : float, default=1e-6
+        L-BFGS stops at this largest absolute gradient entry of the mean objective (tighter than
+        scikit-learn's 1e-4, which leaves coefficients ~1e-2 from the optimum).
     lr : float, default=1e-3
         AdamW peak learning rate.
     batch_size : int, default=1024
@@ -417,6 +428,10 @@ class LinearHead(LinearHeadMixin, BaseHead):
     ``sweep_proba`` trains one (G, n_features, k) weight tensor: every step is one pass over
     the data for all G values of C, and each grid point follows its own L-BFGS (or AdamW)
     trajectory, so the result equals G separate fits.
+
+    Training runs in float32. With a weak penalty (large C) the optimum is flat and float32
+    rounding bounds how close L-BFGS gets to it: the probabilities agree with a float64
+    ``logreg`` fit to about 1e-3, the coefficients less closely.
     """
 
     param = "C"
@@ -440,8 +455,8 @@ class LinearHead(LinearHeadMixin, BaseHead):
         *,
         C: float = 1.0,
         solver: str = "lbfgs",
-        max_iter: int = 500,
-        tol: float = 1e-4,
+        max_iter: int = 1000,
+        tol: float = 1e-6,
         lr: float = 1e-3,
         batch_size: int = 1024,
         epochs: int = 30,
@@ -523,9 +538,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
 
     def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
         W, b, _ = self._train(X, y_idx, n_classes, [float(c) for c in grid])
-        scores = _grid_scores(
-            X_eval, W, b, device=W.device, max_memory=self.max_memory
-        )
+        scores = _grid_scores(X_eval, W, b, device=W.device, max_memory=self.max_memory)
         return np.stack([scores_to_proba(s) for s in scores])
 
 
@@ -671,16 +684,22 @@ class MLPHead(BaseHead):
                     keep = torch.rand((B, H), generator=mask_gen, device=device) >= p_drop
                     h = h * (keep.to(h.dtype) / (1.0 - p_drop))
                 z = torch.bmm(h, W2) + b2[:, None, :]
-                loss = torch.nn.functional.cross_entropy(
-                    z.reshape(G * B, K), yb.repeat(G), reduction="sum"
-                ) / B
+                loss = (
+                    torch.nn.functional.cross_entropy(
+                        z.reshape(G * B, K), yb.repeat(G), reduction="sum"
+                    )
+                    / B
+                )
                 grads = torch.autograd.grad(loss, params)
                 for p, gr, st, wd in zip(params, grads, states, (decay, None, decay, None)):
                     _adam_step(p, gr, st, step, lr, wd)
         return [p.detach() for p in params]
 
     def _fit(self, X, y_idx, n_classes) -> None:
-        W1, b1, W2, b2 = (p[0].cpu().numpy().copy() for p in self._train(X, y_idx, n_classes, [float(self.weight_decay)]))
+        W1, b1, W2, b2 = (
+            p[0].cpu().numpy().copy()
+            for p in self._train(X, y_idx, n_classes, [float(self.weight_decay)])
+        )
         self.coefs_ = [W1, W2]
         self.intercepts_ = [b1, b2]
 
@@ -690,7 +709,9 @@ class MLPHead(BaseHead):
         return softmax(h @ self.coefs_[1] + self.intercepts_[1])
 
     def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
-        W1, b1, W2, b2 = (p.cpu().numpy() for p in self._train(X, y_idx, n_classes, [float(v) for v in grid]))
+        W1, b1, W2, b2 = (
+            p.cpu().numpy() for p in self._train(X, y_idx, n_classes, [float(v) for v in grid])
+        )
         out = []
         for g in range(len(grid)):
             view = MLPHead()
@@ -726,4 +747,11 @@ class MLPHead(BaseHead):
         return _MLPModule(W1, b1, W2, b2)
 
 
-__all__ = ["DEFAULT_MAX_MEMORY", "LINEAR_GRID", "MLP_GRID", "LinearHead", "MLPHead", "batched_lbfgs"]
+__all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "LINEAR_GRID",
+    "MLP_GRID",
+    "LinearHead",
+    "MLPHead",
+    "batched_lbfgs",
+]

@@ -1,0 +1,164 @@
+"""End to end on new images: backbone + saved head (``predict``), and one exported module (``export``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone, load_backbone
+from .errors import BackboneError, ConfigError, SourceError
+from .extract import _AUTOCAST, resolve_device
+from .fit import Run, load_run
+from .preprocess import DecodeError, load_image
+from .sources import IMAGE_EXTENSIONS, display_path
+from .taps import FeatureTap, list_layers, truncated_model
+
+
+def _backbone_for(run: Run, weights: str | None = None) -> Backbone:
+    """Rebuild the backbone a run's features came from, and check it is the same one."""
+    fp = run.meta["fingerprint"]
+    cfg = run.meta.get("extract_config") or {}
+    spec = cfg.get("backbone") or fp["backbone"]["name"]
+    pp = fp["preprocess"]
+    bb = load_backbone(spec, weights=weights or cfg.get("weights"), input_size=cfg.get("input_size"),
+                       mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
+                       std=tuple(cfg["std"]) if cfg.get("std") else None)
+    if bb.describe() != fp["backbone"] or bb.preprocess.to_dict() != pp:
+        raise BackboneError(
+            f"The backbone rebuilt for this run ({bb.name}) differs from the one its features came from "
+            f"({fp['backbone']['name']}, weights sha256 {fp['backbone'].get('weights_sha256')}). Pass the "
+            f"original weights file with --weights."
+        )
+    return bb
+
+
+def expand_paths(paths: list[str | os.PathLike]) -> list[str]:
+    """Files as given; folders expanded to their image files, recursively and sorted."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise SourceError(f"'{p}' does not exist. Pass image files or folders.")
+    return out
+
+
+class _Pipeline:
+    def __init__(self, run: Run, bb: Backbone, device: torch.device) -> None:
+        fp = run.meta["fingerprint"]
+        self.run, self.bb, self.device = run, bb, device
+        self.precision = fp["precision"]
+        self.channels_last = fp["channels_last"]
+        bb.model.to(device)
+        if self.channels_last and not isinstance(bb.model, torch.jit.ScriptModule):
+            bb.model.to(memory_format=torch.channels_last)
+        order = [i.name for i in list_layers(bb, depth=None)]
+        self.tap = FeatureTap(bb, [run.meta["layer"]], fp["pool"], order=order)
+        pp = bb.preprocess
+        self.mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255)
+
+    @torch.inference_mode()
+    def features(self, batch_uint8: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch_uint8).to(self.device).float().sub_(self.mean).mul_(self.inv_std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=_AUTOCAST.get(self.precision, torch.float32),
+                            enabled=self.precision != "fp32"):
+            f = self.tap(x)[self.run.meta["layer"]]
+        return f.float().cpu().numpy().astype(self.run.meta["fingerprint"]["dtype"]).astype(np.float32)
+
+
+def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: int = 5, batch_size: int = 32,
+            device: str = "auto", weights: str | None = None) -> list[dict]:
+    """Classify image files with a saved run: the run's backbone, layer, transform and head.
+
+    Returns
+    -------
+    list of dict
+        One per file: ``{"path", "label", "probability", "top": [{"label", "probability"}, ...]}``;
+        a file that cannot be read has ``"label": None`` and an ``"error"``.
+    """
+    if top < 1:
+        raise ConfigError(f"The 'top' option must be an int >= 1. Got {top!r}.")
+    run = load_run(run_dir)
+    bb = _backbone_for(run, weights)
+    pipe = _Pipeline(run, bb, resolve_device(device))
+    files = expand_paths(paths)
+    results: list[dict] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        arrays, ok = [], []
+        for f in chunk:
+            try:
+                with open(f, "rb") as fh:
+                    arrays.append(load_image(fh.read(), bb.preprocess))
+                ok.append(f)
+            except (OSError, DecodeError) as e:
+                results.append({"path": display_path(f), "label": None, "probability": None, "top": [],
+                                "error": str(e)})
+        if not arrays:
+            continue
+        proba = run.predict_proba(pipe.features(np.stack(arrays)))
+        for f, p in zip(ok, proba):
+            order = np.argsort(-p)[:top]
+            tops = [{"label": run.classes[i], "probability": float(p[i])} for i in order]
+            results.append({"path": display_path(f), "label": tops[0]["label"],
+                            "probability": tops[0]["probability"], "top": tops})
+    order = {display_path(f): i for i, f in enumerate(files)}
+    results.sort(key=lambda r: order[r["path"]])
+    return results
+
+
+class ExportedModel(nn.Module):
+    """Backbone (cut after the tapped layer) + pooling + feature transform + head, from a normalised
+    image tensor (B, 3, H, W) to logits (B, n_classes); softmax of the logits is ``predict``'s
+    probabilities."""
+
+    def __init__(self, run: Run, bb: Backbone) -> None:
+        super().__init__()
+        self.features = truncated_model(bb, run.meta["layer"], run.meta["fingerprint"]["pool"])
+        self.transform = run.transform.to_torch()
+        self.head = run.head.to_torch()
+        n = len(run.classes)
+        index = torch.as_tensor(np.asarray(run.head.classes_, dtype=np.int64))
+        self.register_buffer("index", index)
+        self.n_classes = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.head(self.transform(self.features(x)))
+        if scores.shape[1] == self.n_classes:
+            return scores
+        # Classes absent from training get -inf logits (probability 0, as in predict).
+        out = torch.full((scores.shape[0], self.n_classes), float("-inf"), dtype=scores.dtype, device=scores.device)
+        return out.index_copy(1, self.index, scores)
+
+
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None) -> Path:
+    """Write one self-contained ``torch.export`` program (``.pt2``): normalised images -> logits.
+
+    Load it with ``torch.export.load(path).module()``.
+    """
+    run = load_run(run_dir)
+    bb = _backbone_for(run, weights)
+    model = ExportedModel(run, bb).eval()
+    size = bb.preprocess.crop
+    example = torch.randn(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}, strict=False)
+    except Exception as e:
+        raise BackboneError(f"torch.export cannot export this backbone + head ({type(e).__name__}: {e}).") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    torch.export.save(program, str(tmp))
+    os.replace(tmp, out)
+    return out

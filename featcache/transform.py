@@ -1,0 +1,136 @@
+"""Feature preprocessing before a head: l2 / standard normalisation and PCA, fitted on train only.
+
+Kept as plain arrays (saved without pickle) with a torch twin for export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+NORMALIZE = ("none", "l2", "standard")
+_CHUNK = 8192
+
+
+class FeatureTransform:
+    """``normalize`` ("none", "l2", "standard") then optional PCA to ``pca`` components.
+
+    Fitted on the training split only. Works on in-memory arrays or on-disk datasets
+    (statistics accumulated in chunks; PCA needs the data in memory).
+    """
+
+    def __init__(self, normalize: str = "none", pca: int | None = None) -> None:
+        if normalize not in NORMALIZE:
+            raise ConfigError(f"The 'normalize' option must be one of {', '.join(NORMALIZE)}. Got {normalize!r}.")
+        if pca is not None and (isinstance(pca, bool) or not isinstance(pca, int) or pca < 1):
+            raise ConfigError(f"The 'pca' option must be an int >= 1. Got {pca!r}.")
+        self.normalize = normalize
+        self.pca = pca
+        self.mean_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+        self.components_: np.ndarray | None = None
+        self.pca_mean_: np.ndarray | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.normalize == "none" and self.pca is None
+
+    def _norm(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+        if self.normalize == "l2":
+            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        if self.normalize == "standard":
+            return (x - self.mean_) / self.scale_
+        return x
+
+    def fit(self, X: Any) -> "FeatureTransform":
+        n = X.shape[0]
+        if self.normalize == "standard":
+            s = s2 = None
+            for a in range(0, n, _CHUNK):
+                c = np.asarray(X[a:a + _CHUNK], dtype=np.float64).reshape(-1, int(np.prod(X.shape[1:])))
+                s = c.sum(0) if s is None else s + c.sum(0)
+                s2 = (c * c).sum(0) if s2 is None else s2 + (c * c).sum(0)
+            mean = s / n
+            var = np.maximum(s2 / n - mean * mean, 0)
+            self.mean_ = mean.astype(np.float32)
+            self.scale_ = np.where(var > 1e-12, np.sqrt(var), 1.0).astype(np.float32)
+        if self.pca is not None:
+            if not isinstance(X, np.ndarray):
+                raise ConfigError("--pca needs the training features in memory; raise --max-memory.")
+            Z = self._norm(X)
+            k = min(self.pca, *Z.shape)
+            self.pca_mean_ = Z.mean(0)
+            _, _, vt = np.linalg.svd(Z - self.pca_mean_, full_matrices=False)
+            self.components_ = vt[:k].astype(np.float32)
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Transform an array (or an on-disk dataset, read whole) to float32 (n, d')."""
+        Z = self._norm(X[()] if not isinstance(X, np.ndarray) else X)
+        if self.components_ is not None:
+            Z = (Z - self.pca_mean_) @ self.components_.T
+        return np.ascontiguousarray(Z, dtype=np.float32)
+
+    def lazy(self, X: Any) -> "_LazyTransformed":
+        """A view of an on-disk dataset that transforms the rows it is sliced for."""
+        return _LazyTransformed(self, X)
+
+    # saving ----------------------------------------------------------------------------
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {k: getattr(self, k) for k in ("mean_", "scale_", "components_", "pca_mean_")
+                  if getattr(self, k) is not None}
+        return arrays, {"normalize": self.normalize, "pca": self.pca}
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> "FeatureTransform":
+        t = cls(meta.get("normalize", "none"), meta.get("pca"))
+        for k, v in arrays.items():
+            if k not in ("mean_", "scale_", "components_", "pca_mean_"):
+                raise ConfigError(f"Unknown transform array '{k}'.")
+            setattr(t, k, np.asarray(v, dtype=np.float32))
+        if t.normalize == "standard" and (t.mean_ is None or t.scale_ is None):
+            raise ConfigError("A 'standard' transform needs mean_ and scale_ arrays.")
+        if t.pca is not None and (t.components_ is None or t.pca_mean_ is None):
+            raise ConfigError("A PCA transform needs components_ and pca_mean_ arrays.")
+        return t
+
+    def to_torch(self) -> nn.Module:
+        return _TorchTransform(self)
+
+
+class _LazyTransformed:
+    def __init__(self, t: FeatureTransform, X: Any) -> None:
+        self.t, self.X = t, X
+        self.shape = (X.shape[0], int(np.prod(X.shape[1:])))
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.t._norm(self.X[idx])
+
+
+class _TorchTransform(nn.Module):
+    def __init__(self, t: FeatureTransform) -> None:
+        super().__init__()
+        self.normalize = t.normalize
+        for name in ("mean_", "scale_", "components_", "pca_mean_"):
+            v = getattr(t, name)
+            self.register_buffer(name.rstrip("_"), torch.from_numpy(v) if v is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1).float()
+        if self.normalize == "l2":
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        elif self.normalize == "standard":
+            x = (x - self.mean) / self.scale
+        if self.components is not None:
+            x = (x - self.pca_mean) @ self.components.T
+        return x

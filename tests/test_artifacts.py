@@ -1,0 +1,294 @@
+"""Heads are saved as safetensors + JSON and loaded back without ever unpickling anything."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from sklearn.datasets import make_classification
+
+from featcache.artifacts import load_head, save_head
+from featcache.errors import ConfigError, HeadError
+from featcache.heads import HEADS, make_head
+
+FAST = {
+    "mlp": {"hidden": 16, "epochs": 3, "device": "cpu"},
+    "linear": {"device": "cpu"},
+    "knn": {"k": 5, "device": "cpu"},
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = make_classification(
+        160, 8, n_informative=5, n_classes=3, n_clusters_per_class=1, random_state=0
+    )
+    labels = np.array([10, 20, 30])[y]
+    return X[:120].astype(np.float32), labels[:120], X[120:].astype(np.float32)
+
+
+@pytest.fixture()
+def saved(tmp_path, data):
+    """A run dir holding a valid saved logreg head."""
+    X, y, _ = data
+    head = make_head("logreg", C=0.5).fit(X, y)
+    save_head(tmp_path, head, head_name="logreg", meta={"best": {"C": 0.5}})
+    return tmp_path, head
+
+
+class _Payload:
+    """Unpickling this creates the marker file (it calls open(marker, 'w'))."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.open, (self.marker, "w"))
+
+
+def _pickle_bomb(marker) -> bytes:
+    return pickle.dumps(_Payload(marker), protocol=4)
+
+
+def test_the_payload_used_below_is_live(tmp_path):
+    marker = tmp_path / "proof"
+    pickle.loads(_pickle_bomb(marker)).close()
+    assert marker.exists(), (
+        "the crafted pickle must really run code, or the tests below prove nothing"
+    )
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_round_trip_predicts_identically(tmp_path, data, name):
+    X, y, X_new = data
+    head = make_head(name, **FAST.get(name, {})).fit(X, y)
+    save_head(tmp_path, head, head_name=name, meta={"cache": "abc123", "score": np.float32(0.5)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.safetensors"]
+    loaded, meta = load_head(tmp_path)
+    assert type(loaded) is type(head)
+    np.testing.assert_array_equal(loaded.predict_proba(X_new), head.predict_proba(X_new))
+    np.testing.assert_array_equal(loaded.predict(X_new), head.predict(X_new))
+    assert loaded.predict(X_new).dtype == head.classes_.dtype
+    assert meta == {
+        "format": "featcache-head",
+        "version": 1,
+        "head": name,
+        "cache": "abc123",
+        "score": 0.5,
+    }
+    # The file keeps each array's dtype.
+    arrays, _ = head.get_state()
+    on_disk = load_file(str(tmp_path / "head.safetensors"))
+    assert {k: v.dtype for k, v in on_disk.items()} == {k: v.dtype for k, v in arrays.items()}
+
+
+def test_head_json_layout(saved):
+    run_dir, head = saved
+    doc = json.loads((run_dir / "head.json").read_text())
+    assert doc["format"] == "featcache-head" and doc["version"] == 1 and doc["head"] == "logreg"
+    assert doc["best"] == {"C": 0.5}
+    assert doc["state"]["classes"] == [10, 20, 30]
+    assert doc["state"]["params"]["C"] == 0.5
+
+
+def test_string_labels_survive(tmp_path, data):
+    X, y, X_new = data
+    names = np.array(["ant", "bee", "cow"])[(y // 10) - 1]
+    head = make_head("ncm").fit(X, names)
+    save_head(tmp_path, head, head_name="ncm", meta={})
+    loaded, _ = load_head(tmp_path)
+    assert loaded.classes_.tolist() == ["ant", "bee", "cow"]
+    np.testing.assert_array_equal(loaded.predict(X_new), head.predict(X_new))
+
+
+def test_save_rejects_bad_calls(tmp_path, data):
+    X, y, _ = data
+    head = make_head("ridge").fit(X, y)
+    with pytest.raises(
+        HeadError, match=r"head_name is 'logreg' \(LogRegHead\) but the head is a RidgeHead"
+    ):
+        save_head(tmp_path, head, head_name="logreg", meta={})
+    with pytest.raises(ConfigError, match="Unknown head 'nope'"):
+        save_head(tmp_path, head, head_name="nope", meta={})
+    with pytest.raises(ConfigError, match="meta must not set 'state'"):
+        save_head(tmp_path, head, head_name="ridge", meta={"state": 1})
+    with pytest.raises(HeadError, match="cannot be written as JSON"):
+        save_head(tmp_path, head, head_name="ridge", meta={"x": float("nan")})
+    with pytest.raises(HeadError, match="not fitted yet"):
+        save_head(tmp_path, make_head("ridge"), head_name="ridge", meta={})
+    assert list(tmp_path.iterdir()) == [], "failed saves leave no files behind"
+
+
+def test_load_never_calls_a_pickle_based_loader(saved, monkeypatch):
+    run_dir, head = saved
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("load_head must not use a pickle-capable loader")
+
+    for module, attr in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (np, "load"),
+        (torch, "load"),
+    ]:
+        monkeypatch.setattr(module, attr, forbidden)
+    loaded, _ = load_head(run_dir)
+    np.testing.assert_array_equal(loaded.coef_, head.coef_)
+
+
+def test_pickle_disguised_as_safetensors_is_refused(saved):
+    run_dir, _ = saved
+    marker = run_dir.parent / f"{run_dir.name}-pwned"
+    (run_dir / "head.safetensors").write_bytes(_pickle_bomb(marker))
+    with pytest.raises(HeadError) as err:
+        load_head(run_dir)
+    assert "head.safetensors is not a safetensors file" in str(err.value)
+    assert "featcache only loads safetensors" in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["head.pkl", "head.npz", "head.pt", "HEAD.Joblib"])
+def test_pickle_capable_file_beside_a_valid_head_is_refused(saved, name):
+    run_dir, _ = saved
+    marker = run_dir.parent / f"{run_dir.name}-pwned"
+    if name.endswith(".npz"):
+        np.savez(run_dir / name, state=np.array([_Payload(marker)], dtype=object))
+    else:
+        (run_dir / name).write_bytes(_pickle_bomb(marker))
+    with pytest.raises(HeadError) as err:
+        load_head(run_dir)
+    assert f"holds {name}: a pickle-capable file featcache never writes and never loads" in str(
+        err.value
+    )
+    assert "Delete it" in str(err.value)
+    assert not marker.exists()
+
+
+def test_missing_files(tmp_path, saved):
+    with pytest.raises(HeadError, match="does not exist. Fit a head first"):
+        load_head(tmp_path / "nowhere")
+    run_dir, _ = saved
+    (run_dir / "head.safetensors").unlink()
+    with pytest.raises(
+        HeadError, match=r"head.safetensors is missing: .* holds no complete saved head"
+    ):
+        load_head(run_dir)
+    (run_dir / "head.json").unlink()
+    with pytest.raises(HeadError, match=r"head.json is missing"):
+        load_head(run_dir)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2, 3]", "must hold a JSON object; got a list"),
+        ('{"format": "other"}', "is not a featcache head"),
+        ('{"format": "featcache-head", "version": true}', "has no integer 'version'"),
+        (
+            '{"format": "featcache-head", "version": 2}',
+            "has format version 2; this featcache reads version 1",
+        ),
+        (
+            '{"format": "featcache-head", "version": 1, "head": "xgboost", "state": {}}',
+            "names the head 'xgboost', which is not registered. Run 'featcache heads'",
+        ),
+        (
+            '{"format": "featcache-head", "version": 1, "head": "logreg", "state": []}',
+            "lacks its 'state' object",
+        ),
+        (
+            '{"format": "featcache-head", "version": 1, "head": "logreg", "state": {"params": NaN}}',
+            "is not valid JSON",
+        ),
+    ],
+)
+def test_malformed_json_is_refused(saved, text, message):
+    run_dir, _ = saved
+    (run_dir / "head.json").write_text(text)
+    with pytest.raises(HeadError, match="head.json") as err:
+        load_head(run_dir)
+    assert message in str(err.value)
+
+
+def _edit_state(run_dir, edit):
+    path = run_dir / "head.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(head="ridge"), "do not describe a fitted 'ridge' head"),
+        (
+            lambda d: d["state"]["params"].update(C=-1),
+            "The saved options are invalid: The 'C' option",
+        ),
+        (
+            lambda d: d["state"]["params"].update(shell="rm -rf /"),
+            "unknown LogRegHead option(s) shell",
+        ),
+        (lambda d: d["state"].update(classes=[1, 2]), "'coef_' has shape (3, 8); expected (1, 8)"),
+        (lambda d: d["state"].update(classes_dtype="V8"), "not a supported label type"),
+        (lambda d: d["state"].update(n_features_in=9), "'coef_' has shape (3, 8); expected (3, 9)"),
+    ],
+)
+def test_state_that_does_not_match_is_refused(saved, edit, message):
+    run_dir, _ = saved
+    _edit_state(run_dir, edit)
+    with pytest.raises(HeadError) as err:
+        load_head(run_dir)
+    assert message in str(err.value)
+
+
+def test_safetensors_header_that_lies_is_refused(saved):
+    run_dir, _ = saved
+    path = run_dir / "head.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    # Claim a bigger shape than the data holds, keeping the header length.
+    header["coef_"]["shape"] = [3, 9]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    with pytest.raises(HeadError, match="header entry for 'coef_' does not match the data"):
+        load_head(run_dir)
+    # A header length beyond the end of the file.
+    path.write_bytes(struct.pack("<Q", 10**6) + raw[8:])
+    with pytest.raises(HeadError, match="is not a safetensors file"):
+        load_head(run_dir)
+    # Truncated data.
+    path.write_bytes(raw[:-4])
+    with pytest.raises(HeadError, match="does not match the data"):
+        load_head(run_dir)
+
+
+def test_foreign_or_extra_arrays_are_refused(saved):
+    run_dir, head = saved
+    path = run_dir / "head.safetensors"
+    arrays = {"coef_": head.coef_, "intercept_": head.intercept_}
+    save_file(arrays, str(path))  # no featcache metadata
+    with pytest.raises(HeadError, match="was not written by featcache"):
+        load_head(run_dir)
+    save_file({**arrays, "extra": np.zeros(3)}, str(path), metadata={"format": "featcache-head"})
+    with pytest.raises(HeadError, match="unexpected array\\(s\\) extra"):
+        load_head(run_dir)
+    save_file({"coef_": head.coef_}, str(path), metadata={"format": "featcache-head"})
+    with pytest.raises(HeadError, match="lacks the array 'intercept_'"):
+        load_head(run_dir)
+    save_file(
+        {**arrays, "coef_": head.coef_.astype(np.int64)},
+        str(path),
+        metadata={"format": "featcache-head"},
+    )
+    with pytest.raises(HeadError, match="'coef_' has dtype int64"):
+        load_head(run_dir)
