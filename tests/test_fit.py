@@ -1,0 +1,228 @@
+"""fit-head orchestration: sweeps, k-fold, few-shot, artifacts, evaluate, predict, export, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_image_folder
+from featcache import extract, open_cache
+from featcache.cli import main
+from featcache.errors import CacheError, ConfigError, HeadError
+from featcache.fit import FitConfig, evaluate, fit_head, load_run, parse_grid
+from featcache.predict import export, predict
+
+
+@pytest.fixture(scope="module")
+def folder_cache(tmp_path_factory):
+    """A 3-class folder (train/val/test) extracted once with a random resnet18 at 32 px."""
+    root = tmp_path_factory.mktemp("fit")
+    folder = make_image_folder(root / "imgs", classes=("a", "b", "c"), per_class=8, splits=("train", "val", "test"))
+    res = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+                  cache_dir=str(root / "cache"), dtype="float32")
+    return folder, res.cache
+
+
+def test_parse_grid():
+    assert parse_grid("0.1,1,10") == (0.1, 1.0, 10.0)
+    g = parse_grid("logspace:-2:2:5")
+    assert len(g) == 5 and g[0] == pytest.approx(0.01) and g[-1] == pytest.approx(100)
+    with pytest.raises(ConfigError, match="The grid must be comma-separated numbers"):
+        parse_grid("a,b")
+
+
+@pytest.mark.parametrize("head", ["logreg", "ridge", "linear", "knn", "ncm", "svm"])
+def test_every_head_fits_from_the_cache(folder_cache, tmp_path, head):
+    _, cache = folder_cache
+    res = fit_head(cache, head=head, output=str(tmp_path / "run"))
+    assert set(res.metrics) == {"val", "test"}  # every split but train
+    m = res.metrics["val"]
+    assert m["top1"] > 0.9  # colours separate the classes
+    assert set(m) >= {"top1", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "per_class_recall",
+                      "confusion_matrix"}
+    assert "top5" not in m  # 3 classes
+    assert set(m["per_class_recall"]) == {"a", "b", "c"}
+    run = Path(res.run)
+    assert {p.name for p in run.iterdir()} >= {"head.json", "head.safetensors", "transform.safetensors",
+                                               "run.json", "metrics.json", "sweep.csv"}
+    assert not [p for p in run.iterdir() if p.suffix in (".pkl", ".npz", ".pt")]
+    if res.best["param"]:
+        assert res.best["scored_on"] == "val"
+        assert len(res.sweep) == len(open(run / "sweep.csv").read().splitlines()) - 1
+    loaded = load_run(run)
+    with open_cache(cache) as c:
+        X, y = c.load("test")
+    assert np.mean(loaded.predict_proba(X).argmax(1) == y) == pytest.approx(res.metrics["test"]["top1"])
+
+
+def test_sweep_picks_the_best_eval_score_and_never_test(folder_cache, tmp_path):
+    _, cache = folder_cache
+    res = fit_head(cache, head="logreg", grid=(1e-6, 1.0), output=str(tmp_path / "r"))
+    tops = {row["value"]: row["top1"] for row in res.sweep}
+    assert res.best["score"] == max(tops.values())
+    with pytest.raises(ConfigError, match="never chooses on the test split"):
+        fit_head(cache, head="logreg", eval_split="test", output=str(tmp_path / "r2"))
+
+
+def test_kfold_when_there_is_no_eval_split(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=10, splits=("",))
+    res = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+                  cache_dir=str(tmp_path / "c"), dtype="float32")
+    fit = fit_head(res.cache, head="ridge", output=str(tmp_path / "r"))
+    assert fit.best["scored_on"] == "5-fold cv on train"
+    assert fit.metrics == {}  # no split besides train to report on
+
+
+def test_few_shot_reports_mean_and_std_over_seeds(folder_cache, tmp_path):
+    _, cache = folder_cache
+    res = fit_head(cache, head="ncm", shots=2, seeds=3, output=str(tmp_path / "r"))
+    fs = res.few_shot
+    assert (fs["shots"], fs["seeds"], len(fs["per_seed"])) == (2, 3, 3)
+    tops = [p["metrics"]["val"]["top1"] for p in fs["per_seed"]]
+    assert fs["summary"]["val"]["top1"]["mean"] == pytest.approx(np.mean(tops))
+    assert fs["summary"]["val"]["top1"]["std"] == pytest.approx(np.std(tops))
+
+
+def test_normalisation_and_pca_fitted_on_train_only(folder_cache, tmp_path):
+    _, cache = folder_cache
+    res = fit_head(cache, head="logreg", normalize="standard", pca=5, output=str(tmp_path / "r"))
+    run = load_run(res.run)
+    with open_cache(cache) as c:
+        Xtr = c.load("train")[0]
+    np.testing.assert_allclose(run.transform.mean_, Xtr.mean(0), rtol=1e-4, atol=1e-5)
+    assert run.transform.components_.shape == (5, 512)
+
+
+def test_streams_from_hdf5_when_over_max_memory(folder_cache, tmp_path):
+    _, cache = folder_cache
+    mem = fit_head(cache, head="linear", grid=(1.0,), output=str(tmp_path / "a"))
+    streamed = fit_head(cache, head="linear", grid=(1.0,), max_memory=1000, output=str(tmp_path / "b"))
+    assert abs(mem.metrics["val"]["top1"] - streamed.metrics["val"]["top1"]) <= 1 / 24 + 1e-9
+    with pytest.raises(ConfigError, match="more than --max-memory"):
+        fit_head(cache, head="logreg", max_memory=1000, output=str(tmp_path / "c"))
+
+
+def test_evaluate_on_another_cache_and_refuse_a_mismatch(folder_cache, tmp_path):
+    folder, cache = folder_cache
+    res = fit_head(cache, head="logreg", output=str(tmp_path / "r"))
+    other = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+                    cache_dir=str(tmp_path / "c2"), dtype="float16")  # same backbone, other dtype
+    m = evaluate(res.run, other.cache)
+    assert m["test"]["top1"] == pytest.approx(res.metrics["test"]["top1"], abs=1 / 24)
+    wrong = extract(str(folder), backbone="resnet18.none", input_size=40, num_workers=0,
+                    cache_dir=str(tmp_path / "c3"), dtype="float32")
+    with pytest.raises(CacheError, match="its preprocess differs"):
+        evaluate(res.run, wrong.cache)
+
+
+def test_predict_and_export_agree(folder_cache, tmp_path):
+    folder, cache = folder_cache
+    res = fit_head(cache, head="linear", output=str(tmp_path / "r"))
+    preds = predict(res.run, [folder / "test"], top=2)
+    assert len(preds) == 24
+    assert all(p["label"] in ("a", "b", "c") and len(p["top"]) == 2 for p in preds)
+    assert np.mean([p["label"] == Path(p["path"]).parent.name for p in preds]) == pytest.approx(
+        res.metrics["test"]["top1"], abs=1 / 24)
+    out = export(res.run, tmp_path / "model.pt2")
+    module = torch.export.load(str(out)).module()
+    from featcache.backbones import load_backbone
+    from featcache.preprocess import load_image
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    files = sorted((folder / "test").rglob("*.*"))[:5]
+    x = torch.stack([torch.from_numpy(load_image(f.read_bytes(), bb.preprocess)) for f in files]).float() / 255
+    x = (x - torch.tensor(bb.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(bb.preprocess.std).view(1, 3, 1, 1)
+    proba = torch.softmax(module(x), 1).detach().numpy()
+    by_path = {p["path"]: p for p in predict(res.run, files, top=3)}
+    for f, row in zip(files, proba):
+        p = by_path[str(f)]
+        expected = {t["label"]: t["probability"] for t in p["top"]}
+        np.testing.assert_allclose([row[["a", "b", "c"].index(k)] for k in expected], list(expected.values()),
+                                   atol=2e-3)
+
+
+def test_predict_skips_unreadable_files(folder_cache, tmp_path):
+    _, cache = folder_cache
+    res = fit_head(cache, head="ncm", output=str(tmp_path / "r"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    preds = predict(res.run, [bad])
+    assert preds[0]["label"] is None and "not an image file" in preds[0]["error"]
+
+
+def test_cli_fit_head_json_predict_export_evaluate(folder_cache, tmp_path):
+    folder, cache = folder_cache
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit-head", cache, "--head", "linear", "--C", "0.1,1,10", "-o", str(tmp_path / "run"),
+                             "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert set(out) == {"run", "head", "best", "metrics", "seconds"}
+    assert out["best"]["param"] == "C" and out["best"]["value"] in (0.1, 1.0, 10.0)
+    r = runner.invoke(main, ["fit-head", cache, "--head", "logreg", "-o", str(tmp_path / "run2")])
+    assert r.exit_code == 0 and "logreg: best C=" in r.output and "val" in r.output and "test" in r.output
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), str(folder / "val" / "a"), "--json"])
+    preds = json.loads(r.output)["predictions"]
+    assert len(preds) == 8 and set(preds[0]) >= {"path", "label", "probability", "top"}
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), str(folder / "val" / "a"), "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0 and (tmp_path / "p.csv").read_text().startswith("path,label,probability,top")
+    r = runner.invoke(main, ["export", str(tmp_path / "run"), str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0 and (tmp_path / "m.pt2").is_file()
+    r = runner.invoke(main, ["evaluate", str(tmp_path / "run"), cache, "--json"])
+    assert json.loads(r.output)["metrics"]["val"]["top1"] == pytest.approx(out["metrics"]["val"]["top1"])
+    r = runner.invoke(main, ["fit-head", cache, "--head", "logreg", "--opt", "alpha=1"])
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: Unknown option 'alpha' for head 'logreg'. Valid options: C, max_iter, tol")
+    r = runner.invoke(main, ["fit-head", cache, "--head", "nohead"])
+    assert r.output == "Error: Unknown head 'nohead'. Run 'featcache heads' to list them.\n"
+    r = runner.invoke(main, ["heads"])
+    for name in ("logreg", "ridge", "linear", "mlp", "knn", "ncm", "svm"):
+        assert name in r.output
+
+
+def test_run_with_tampered_json_is_refused(folder_cache, tmp_path):
+    _, cache = folder_cache
+    res = fit_head(cache, head="ncm", output=str(tmp_path / "r"))
+    (Path(res.run) / "run.json").write_text("[1, 2]")
+    with pytest.raises(HeadError, match="is not a featcache run file"):
+        load_run(res.run)
+
+
+def test_large_float16_cache_streams_through_linear(tmp_path):
+    """An on-disk cache is read in chunks by the linear head when it exceeds --max-memory."""
+    from featcache.store import CacheFingerprint, FORMAT, SCHEMA_VERSION
+
+    rng = np.random.default_rng(0)
+    n, d = 6000, 64
+    centers = rng.normal(size=(3, d))
+    path = tmp_path / "big.h5"
+    fp = CacheFingerprint(backbone={"name": "synthetic"}, layers=("f",), pool="avg", preprocess={}, precision="fp32",
+                          dtype="float16", channels_last=False, device_type="cpu", source={"kind": "synthetic"})
+    with h5py.File(path, "w") as h:
+        h.attrs.update(format=FORMAT, schema_version=SCHEMA_VERSION, fingerprint=fp.to_json(),
+                       classes=json.dumps(["x", "y", "z"]), layers=json.dumps(["f"]), timings="{}")
+        for split, m in (("train", n), ("val", 600)):
+            y = rng.integers(0, 3, m)
+            X = (centers[y] + rng.normal(scale=2.0, size=(m, d))).astype(np.float16)
+            g = h.create_group(split)
+            g.create_dataset("features/f", data=X, chunks=(min(m, 1024), d))
+            g.create_dataset("labels", data=y)
+            g.create_dataset("ids", data=np.array([str(i) for i in range(m)], dtype=object), dtype=h5py.string_dtype())
+            g.create_dataset("hashes", data=np.zeros(m, "S32"))
+            g.create_dataset("stat", data=np.zeros((m, 2), np.int64))
+    res = fit_head(path, head="linear", grid=(0.01, 1.0), max_memory=100_000, output=str(tmp_path / "r"))
+    assert res.metrics["val"]["top1"] > 0.9
+
+
+@pytest.mark.real
+def test_real_logreg_reaches_093(real_cache, tmp_path):
+    res = fit_head(real_cache.cache, head="logreg", output=str(tmp_path / "r"))
+    assert res.metrics["val"]["top1"] >= 0.93
+    lin = fit_head(real_cache.cache, head="linear", output=str(tmp_path / "l"))
+    assert abs(lin.metrics["val"]["top1"] - res.metrics["val"]["top1"]) <= 0.01 + 1e-9
