@@ -55,8 +55,11 @@ def main(verbose: bool) -> None:
 
 # --- extraction options, shared by every command that extracts --------------------------------
 
-def extraction_options(fn):
-    """The options of ``featcache extract``; reused by every command that extracts."""
+def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
+    """The options of ``featcache extract``; reused by every command that extracts.
+    ``exclude`` drops options a command sets itself (e.g. the backbone of a grid)."""
+    if fn is None:
+        return lambda f: extraction_options(f, exclude=exclude)
     opts = [
         click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
                      help="Backbone spec: NAME[.TAG] (torchvision), efficientnet_lite0, timm:NAME, "
@@ -92,22 +95,34 @@ def extraction_options(fn):
         click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
     ]
     for opt in reversed(opts):
-        fn = opt(fn)
+        dest = opt(lambda: None).__click_params__[0].name
+        if dest not in exclude:
+            fn = opt(fn)
     return fn
+
+
+_EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "batch_size",
+                  "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
+                  "input_size", "mean", "std")
 
 
 def extract_config(kw: dict):
     """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw)."""
     from .extract import ExtractConfig
 
-    names = ["backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "batch_size",
-             "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
-             "input_size", "mean", "std"]
-    vals = {n: kw.pop(n) for n in names}
-    vals["layers"] = tuple(vals["layers"])
-    vals["mean"] = _floats(vals["mean"], "--mean")
-    vals["std"] = _floats(vals["std"], "--std")
+    vals = {n: kw.pop(n) for n in _EXTRACT_NAMES if n in kw}
+    if "layers" in vals:
+        vals["layers"] = tuple(vals["layers"])
+    vals["mean"] = _floats(vals.get("mean"), "--mean")
+    vals["std"] = _floats(vals.get("std"), "--std")
     return ExtractConfig(**vals)
+
+
+def _explicit(ctx: click.Context, names) -> set[str]:
+    """Options the user typed (not defaults)."""
+    from click.core import ParameterSource
+
+    return {n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
 
 
 class _Progress:
@@ -457,3 +472,113 @@ def demo(out_dir, cache_dir, quiet) -> None:
         click.echo(f"{f.head:<8} {f.best['param']}={f.best['value']:<12.4g} {m['top1']:>9.4f} {m['macro_f1']:>9.4f} "
                    f"{f.seconds:>6.1f}")
     click.echo(f"\nInspect the cache: featcache info {res.cache}")
+
+
+# --- benchmarking -----------------------------------------------------------------------------
+
+def _csv(value: str | None, cast=str):
+    if value is None:
+        return None
+    try:
+        return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expects comma-separated values, got {value!r}.") from None
+
+
+@main.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--backbones", default=None, help="Comma-separated backbone specs (overrides the TOML).")
+@click.option("--sources", default=None, help="Comma-separated sources.")
+@click.option("--layers", default=None, help="Comma-separated layers (default: each backbone's pre_logits).")
+@click.option("--heads", default=None, help="Comma-separated heads.")
+@click.option("--shots", default=None, help="Comma-separated shots per class; 0 = all training data.")
+@click.option("--seeds", type=int, default=None, help="Seeds per (.., shots) cell.")
+@extraction_options(exclude=("backbone", "layers"))
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="bench-out", show_default=True)
+@click.option("--skip-existing", is_flag=True, help="Resume: skip runs already in OUT_DIR/records.jsonl.")
+@click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
+@click.pass_context
+@_fail_cleanly
+def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out_dir, skip_existing, as_json, **kw):
+    """Benchmark a grid of backbones x layers x sources x heads x shots x seeds.
+
+    CONFIG_FILE is a TOML file with lists backbones, sources, layers, heads, shots, an int seeds, and
+    optional [extract] and [fit] tables of options; flags override it. Each cache is extracted once;
+    every fit appends a record to OUT_DIR/records.jsonl; then the leaderboard (Markdown, CSV) and plots
+    are written.
+    """
+    from dataclasses import replace
+
+    from .bench import BenchConfig, run_bench
+    from .report import leaderboard
+
+    cfg = BenchConfig.from_toml(config_file) if config_file else BenchConfig()
+    grid = {"backbones": _csv(backbones), "sources": _csv(sources), "layers": _csv(layers), "heads": _csv(heads),
+            "shots": _csv(shots, int), "seeds": seeds}
+    cfg = replace(cfg, **{k: v for k, v in grid.items() if v is not None})
+    typed = _explicit(ctx, [n for n in _EXTRACT_NAMES if n in kw])
+    ex = extract_config(dict(kw)).to_dict()
+    cfg = replace(cfg, extract={**cfg.extract, **{k: ex[k] for k in typed}})
+    start = time.perf_counter()
+
+    def progress(i, total, rec, elapsed):
+        if as_json:
+            return
+        eta = elapsed / i * (total - i)
+        top1 = next(iter(rec["metrics"].values()), {}).get("top1")
+        click.echo(f"[{i}/{total}] {rec['backbone']} {rec['layer']} {rec['source']} {rec['head']} "
+                   f"shots={rec['shots'] or 'all'} seed={rec['seed']}: top-1 {top1 if top1 is None else f'{top1:.4f}'}"
+                   f"  elapsed {elapsed:.0f} s, ETA {eta:.0f} s", err=True)
+
+    bar = _Progress("extract", as_json)
+    try:
+        records = run_bench(cfg, out_dir, skip_existing=skip_existing, progress=progress, extract_progress=bar)
+    finally:
+        bar.close()
+    rows = leaderboard(records)
+    if as_json:
+        _echo_json({"out_dir": out_dir, "runs": len(records), "leaderboard": rows})
+        return
+    click.echo((Path(out_dir) / "leaderboard.md").read_text())
+    click.echo(f"{len(records)} runs in {out_dir}/ ({time.perf_counter() - start:.0f} s): records.jsonl, "
+               f"leaderboard.md/.csv, shots.png, layers.png, time.png")
+
+
+@main.command(name="probe-layers")
+@click.argument("backbone")
+@click.argument("source")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="layers-out", show_default=True)
+@click.option("--head", default="logreg", show_default=True, help="Head fitted on every layer.")
+@extraction_options(exclude=("backbone", "layers", "pool"))
+@click.option("--json", "as_json", is_flag=True, help='Print {"layers": [...], "recommendation": {...}}.')
+@_fail_cleanly
+def probe_layers(backbone, source, out_dir, head, as_json, **kw):
+    """Which layers to freeze? Fit HEAD on every stage of BACKBONE over SOURCE and recommend a boundary."""
+    from .probe_layers import probe_layers as run
+
+    bar = _Progress("extract", as_json)
+    try:
+        res = run(backbone, source, out_dir=out_dir, head=head, extract_config=extract_config(kw), progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _echo_json({"layers": res.layers, "recommendation": res.recommendation, "out_dir": res.out_dir})
+        return
+    click.echo(f"{'layer':<16} {'dim':>6} {'top-1':>7} {'bal.acc':>8}")
+    for r in res.layers:
+        mark = "  <- freeze until here" if r["name"] == res.recommendation["freeze_until"] else ""
+        click.echo(f"{r['name']:<16} {r['dim']:>6} {r['top1']:>7.4f} {r['balanced_accuracy']:>8.4f}{mark}")
+    click.echo("")
+    click.echo(res.recommendation["reason"])
+    click.echo(f"\nwrote {res.out_dir}/layers.json and {res.plot}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="HTML file to write.")
+@_fail_cleanly
+def report(src, output):
+    """Write one self-contained HTML page for a RUN_DIR, BENCH_DIR or LAYERS_DIR."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(src, output)}")

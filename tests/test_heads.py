@@ -13,6 +13,7 @@ from sklearn.base import clone
 from sklearn.datasets import make_classification
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
 from featcache.errors import ConfigError, HeadError
@@ -97,7 +98,8 @@ def test_make_head_rejects_unknown_names_and_options():
         make_head("logreg", alpha=1.0)
     assert (
         str(err.value)
-        == "Unknown option 'alpha' for head 'logreg'. Valid options: C, max_iter, tol."
+        == "Unknown option 'alpha' for head 'logreg'. Valid options: C, max_iter, tol, "
+        "class_weight."
     )
 
 
@@ -555,3 +557,162 @@ def test_ncm_scores_against_class_means(metric, multi):
     expected /= expected.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(head.predict_proba(Xte), expected, atol=1e-6)
     np.testing.assert_array_equal(head.predict(Xte), head.classes_[scores.argmax(axis=1)])
+
+
+# --------------------------------------------------------------------------------------------
+# class_weight
+
+WEIGHTED = ("logreg", "svm", "ridge", "linear", "mlp")
+
+
+def _imbalanced(n_classes: int = 2, *, seed: int = 0):
+    """A 90/10 (or 70/20/10) problem where an unweighted head under-predicts the minority."""
+    weights = [0.9, 0.1] if n_classes == 2 else [0.7, 0.2, 0.1]
+    X, y = make_classification(
+        n_samples=1400,
+        n_features=12,
+        n_informative=8,
+        n_redundant=0,
+        n_classes=n_classes,
+        n_clusters_per_class=1,
+        weights=weights,
+        class_sep=0.8,
+        flip_y=0.02,
+        random_state=seed,
+    )
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    return X[:600], y[:600], X[600:], y[600:]
+
+
+@pytest.fixture(scope="module")
+def imbalanced():
+    return _imbalanced()
+
+
+def test_class_weight_is_an_option_of_the_linear_and_torch_heads():
+    heads = {h["name"]: h for h in list_heads()}
+    for name in WEIGHTED:
+        assert "class_weight" in heads[name]["options"], name
+        assert "balanced" in heads[name]["options"]["class_weight"]
+        assert make_head(name).get_params()["class_weight"] is None
+        assert make_head(name, class_weight="balanced").get_params()["class_weight"] == "balanced"
+    for name in ("knn", "ncm"):
+        with pytest.raises(ConfigError, match=f"Unknown option 'class_weight' for head '{name}'"):
+            make_head(name, class_weight="balanced")
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+@pytest.mark.parametrize("value", ["auto", "Balanced", {0: 1.0, 1: 9.0}, 1.0])
+def test_bad_class_weight_raises_config_error(name, value, multi):
+    message = f"The 'class_weight' option must be one of None, 'balanced'. Got {value!r}."
+    with pytest.raises(ConfigError) as err:
+        make_head(name, class_weight=value)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match="'class_weight' option"):
+        HEADS.get(name)(class_weight=value).fit(multi[0], multi[1])
+
+
+def _recall(pred, y, c=1):
+    return float(np.mean(pred[y == c] == c))
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [(n, {}) for n in WEIGHTED]
+    + [("linear", {"solver": "adamw", "epochs": 10, "lr": 5e-2, "batch_size": 100})],
+    ids=list(WEIGHTED) + ["linear-adamw"],
+)
+def test_balanced_class_weight_raises_minority_recall(name, extra, imbalanced):
+    Xtr, ytr, Xte, yte = imbalanced
+    kw = {**FAST.get(name, {}), **extra}
+    plain = make_head(name, **kw).fit(Xtr, ytr)
+    head = make_head(name, class_weight="balanced", **kw).fit(Xtr, ytr)
+    r_plain, r_bal = _recall(plain.predict(Xte), yte), _recall(head.predict(Xte), yte)
+    assert r_bal >= r_plain + 0.1, f"{name}: minority recall {r_plain:.3f} -> {r_bal:.3f}"
+    # Balanced accuracy (mean per-class recall), what the weighting targets, does not drop.
+    assert r_bal > 0.7, name
+    assert balanced_accuracy_score(yte, head.predict(Xte)) >= balanced_accuracy_score(
+        yte, plain.predict(Xte)
+    ), name
+
+    # The grid path trains the same weighted model as fit.
+    value = head.get_params()[head.param]
+    swept = make_head(name, class_weight="balanced", **kw).sweep_proba(Xtr, ytr, [value], Xte)
+    np.testing.assert_allclose(swept[0], head.predict_proba(Xte), atol=2e-4)
+
+    # The option travels in the saved state and comes back from it.
+    arrays, meta = head.get_state()
+    meta = json.loads(json.dumps(meta))
+    assert meta["params"]["class_weight"] == "balanced"
+    again = type(head).from_state({k: v.copy() for k, v in arrays.items()}, meta)
+    assert again.get_params() == head.get_params()
+    np.testing.assert_array_equal(again.predict_proba(Xte), head.predict_proba(Xte))
+    assert clone(again).get_params()["class_weight"] == "balanced"
+
+
+@pytest.mark.parametrize("n, d, k", [(200, 10, 3), (60, 100, 4), (150, 8, 2), (30, 50, 2)])
+def test_balanced_ridge_matches_sklearn_ridge_classifier(n, d, k):
+    X, y = make_classification(
+        n + 40,
+        d,
+        n_informative=min(d, 6),
+        n_redundant=0,
+        n_classes=k,
+        n_clusters_per_class=1,
+        weights=[0.7] + [0.3 / (k - 1)] * (k - 1),
+        random_state=1,
+    )
+    X = X * 3.0 + 5.0  # uncentred features exercise the weighted centring and the intercept
+    Xtr, ytr, Xte = X[:n], y[:n], X[n:]
+    alphas = [1e-3, 1.0, 100.0]
+    swept = make_head("ridge", class_weight="balanced").sweep_proba(Xtr, ytr, alphas, Xte)
+    for i, alpha in enumerate(alphas):
+        ours = make_head("ridge", alpha=alpha, class_weight="balanced").fit(Xtr, ytr)
+        ref = RidgeClassifier(alpha=alpha, class_weight="balanced").fit(Xtr, ytr)
+        np.testing.assert_allclose(
+            ours.decision_function(Xte), ref.decision_function(Xte), rtol=1e-5, atol=1e-8
+        )
+        np.testing.assert_allclose(ours.coef_.ravel(), ref.coef_.ravel(), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(ours.intercept_, ref.intercept_, rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(ours.predict(Xte), ref.predict(Xte))
+        np.testing.assert_allclose(swept[i], ours.predict_proba(Xte), rtol=1e-7, atol=1e-10)
+    # Weighting changes the model (the problem is imbalanced).
+    plain = make_head("ridge", alpha=100.0).fit(Xtr, ytr)
+    balanced = make_head("ridge", alpha=100.0, class_weight="balanced").fit(Xtr, ytr)
+    assert np.abs(plain.decision_function(Xte) - balanced.decision_function(Xte)).max() > 1e-2
+
+
+def test_balanced_ridge_streams_an_hdf5_dataset(tmp_path, imbalanced):
+    Xtr, ytr, Xte, _ = imbalanced
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["X"] = Xtr
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        head = make_head("ridge", alpha=3.0, class_weight="balanced").fit(f["X"], ytr)
+    ref = RidgeClassifier(alpha=3.0, class_weight="balanced").fit(Xtr.astype(np.float64), ytr)
+    np.testing.assert_allclose(
+        head.decision_function(Xte), ref.decision_function(Xte), rtol=1e-5, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_balanced_linear_agrees_with_balanced_logreg(n_classes):
+    Xtr, ytr, Xte, yte = _imbalanced(n_classes, seed=3)
+    Cs = [0.01, 1.0]
+    swept = make_head("linear", class_weight="balanced", device="cpu").sweep_proba(
+        Xtr, ytr, Cs, Xte
+    )
+    for i, C in enumerate(Cs):
+        lin = make_head("linear", C=C, class_weight="balanced", device="cpu").fit(Xtr, ytr)
+        ref = make_head("logreg", C=C, class_weight="balanced").fit(Xtr, ytr)
+        assert abs(lin.score(Xte, yte) - ref.score(Xte, yte)) <= 0.01
+        np.testing.assert_allclose(lin.coef_, ref.coef_, atol=2e-3)
+        np.testing.assert_allclose(lin.predict_proba(Xte), ref.predict_proba(Xte), atol=2e-3)
+        # The grid equals separate fits up to where float32 L-BFGS stops on a flat optimum.
+        np.testing.assert_allclose(swept[i], lin.predict_proba(Xte), atol=1e-3)
+        np.testing.assert_allclose(swept[i], ref.predict_proba(Xte), atol=2e-3)
+        # ... and the weights really changed the model.
+        plain = make_head("logreg", C=C).fit(Xtr, ytr)
+        assert np.abs(plain.predict_proba(Xte) - ref.predict_proba(Xte)).max() > 0.05
+    # logreg with balanced weights is scikit-learn's LogisticRegression(class_weight="balanced").
+    sk = LogisticRegression(C=1.0, max_iter=1000, tol=1e-6, class_weight="balanced").fit(Xtr, ytr)
+    np.testing.assert_allclose(ref.predict_proba(Xte), sk.predict_proba(Xte), atol=1e-6)

@@ -258,6 +258,33 @@ def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = True
     return float(value)
 
 
+#: Values of the ``class_weight`` option of the heads that have one.
+CLASS_WEIGHT_CHOICES: tuple[str | None, ...] = (None, "balanced")
+#: One-line help of the ``class_weight`` option.
+CLASS_WEIGHT_HELP = "None or 'balanced' (class c weighs n_samples / (n_classes * n_c))"
+
+
+def check_class_weight(value: Any) -> str | None:
+    """Validate a ``class_weight`` option: None or "balanced" (scikit-learn's meaning)."""
+    if value is None or (isinstance(value, str) and value == "balanced"):
+        return value
+    raise ConfigError(
+        f"The 'class_weight' option must be one of None, 'balanced'. Got {value!r}."
+    )
+
+
+def class_weights(y_idx: np.ndarray, n_classes: int, class_weight: str | None) -> np.ndarray | None:
+    """Per-class weights of shape (n_classes,), float64, or None for ``class_weight=None``.
+
+    "balanced" is scikit-learn's ``n_samples / (n_classes * np.bincount(y))``; the per-sample
+    weights ``w[y_idx]`` then sum to ``n_samples``.
+    """
+    if check_class_weight(class_weight) is None:
+        return None
+    counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
+    return len(y_idx) / (n_classes * np.maximum(counts, 1.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Torch modules returned by ``to_torch``
 

@@ -9,7 +9,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
 from ..registry import check_int
-from .base import BaseHead, LinearHeadMixin, check_number, iter_row_chunks, scores_to_proba
+from .base import (
+    CLASS_WEIGHT_HELP,
+    BaseHead,
+    LinearHeadMixin,
+    check_class_weight,
+    check_number,
+    class_weights,
+    iter_row_chunks,
+    scores_to_proba,
+)
 
 #: C values of logistic regression and of the torch ``linear`` head: 1e-4 .. 1e4, 13 points.
 LOGREG_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 13))
@@ -35,6 +44,8 @@ class LogRegHead(LinearHeadMixin, BaseHead):
         lbfgs iterations.
     tol : float, default=1e-6
         lbfgs gradient tolerance (tighter than scikit-learn's 1e-4, as the ``linear`` head).
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs class c by ``n_samples / (n_classes * n_c)`` (scikit-learn's meaning).
 
     Attributes
     ----------
@@ -55,21 +66,36 @@ class LogRegHead(LinearHeadMixin, BaseHead):
         "C": "inverse L2 strength (scikit-learn meaning); the swept parameter",
         "max_iter": "lbfgs iterations",
         "tol": "lbfgs gradient tolerance",
+        "class_weight": CLASS_WEIGHT_HELP,
     }
 
-    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-6) -> None:
+    def __init__(
+        self,
+        *,
+        C: float = 1.0,
+        max_iter: int = 1000,
+        tol: float = 1e-6,
+        class_weight: str | None = None,
+    ) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
+        self.class_weight = class_weight
 
     def _check_params(self) -> None:
         check_number("C", self.C)
         check_int("max_iter", self.max_iter)
         check_number("tol", self.tol)
+        check_class_weight(self.class_weight)
 
     def _estimator(self, **extra: Any) -> LogisticRegression:
         return LogisticRegression(
-            C=float(self.C), solver="lbfgs", max_iter=self.max_iter, tol=float(self.tol), **extra
+            C=float(self.C),
+            solver="lbfgs",
+            max_iter=self.max_iter,
+            tol=float(self.tol),
+            class_weight=self.class_weight,
+            **extra,
         )
 
     def _fit(self, X, y_idx, n_classes) -> None:
@@ -115,6 +141,8 @@ class SVMHead(LinearHeadMixin, BaseHead):
     tol : float, default=1e-4
     random_state : int, default=0
         Seed of liblinear's coordinate shuffling (dual solver only).
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs class c by ``n_samples / (n_classes * n_c)`` (scikit-learn's meaning).
 
     Attributes
     ----------
@@ -134,21 +162,30 @@ class SVMHead(LinearHeadMixin, BaseHead):
         "max_iter": "liblinear iterations",
         "tol": "liblinear tolerance",
         "random_state": "seed of the dual solver's shuffling",
+        "class_weight": CLASS_WEIGHT_HELP,
     }
 
     def __init__(
-        self, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4, random_state: int = 0
+        self,
+        *,
+        C: float = 1.0,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        random_state: int = 0,
+        class_weight: str | None = None,
     ) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.random_state = random_state
+        self.class_weight = class_weight
 
     def _check_params(self) -> None:
         check_number("C", self.C)
         check_int("max_iter", self.max_iter)
         check_number("tol", self.tol)
         check_int("random_state", self.random_state, minimum=0)
+        check_class_weight(self.class_weight)
 
     def _fit(self, X, y_idx, n_classes) -> None:
         est = LinearSVC(
@@ -158,6 +195,7 @@ class SVMHead(LinearHeadMixin, BaseHead):
             tol=float(self.tol),
             max_iter=self.max_iter,
             random_state=self.random_state,
+            class_weight=self.class_weight,
         ).fit(X, y_idx)
         self.coef_ = est.coef_
         self.intercept_ = est.intercept_
@@ -172,9 +210,15 @@ class _RidgeSpectrum:
     ``Xc.T @ Xc = V diag(lam) V.T``, ``A = V``, ``M = V.T @ Xc.T @ Yc`` (the Gram matrix is
     accumulated over row chunks, so ``X`` may be an ``h5py.Dataset``), and otherwise
     ``Xc @ Xc.T = U diag(lam) U.T``, ``A = Xc.T @ U``, ``M = U.T @ Yc``.
+
+    With sample weights ``w`` (weighted least squares, as scikit-learn's ``Ridge`` with
+    ``sample_weight``): the means are ``w``-weighted averages, and ``Xc`` and ``Yc`` are the
+    centred rows multiplied by ``sqrt(w)``; the intercept stays ``y_mean - x_mean @ W``.
     """
 
-    def __init__(self, X: Any, y_idx: np.ndarray, n_classes: int) -> None:
+    def __init__(
+        self, X: Any, y_idx: np.ndarray, n_classes: int, sample_weight: np.ndarray | None = None
+    ) -> None:
         n, d = (int(s) for s in X.shape)
         k = 1 if n_classes == 2 else n_classes
         if k == 1:
@@ -182,24 +226,35 @@ class _RidgeSpectrum:
         else:
             Y = -np.ones((n, k))
             Y[np.arange(n), y_idx] = 1.0
-        self.y_mean = Y.mean(axis=0)
+        w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        sw = None if sample_weight is None else np.sqrt(w)[:, None]
+        self.y_mean = np.average(Y, axis=0, weights=w)
         Yc = Y - self.y_mean
+        if sw is not None:
+            Yc *= sw
         total = np.zeros(d)
-        for _, _, chunk in iter_row_chunks(X, 8192):
-            total += chunk.sum(axis=0, dtype=np.float64)
-        self.x_mean = total / n
+        for a, b, chunk in iter_row_chunks(X, 8192):
+            if sw is None:
+                total += chunk.sum(axis=0, dtype=np.float64)
+            else:
+                total += w[a:b] @ chunk.astype(np.float64)
+        self.x_mean = total / w.sum()
+
+        def centred(a: int, b: int, chunk: np.ndarray) -> np.ndarray:
+            xc = chunk.astype(np.float64) - self.x_mean
+            return xc if sw is None else xc * sw[a:b]
+
         if d <= n:
             gram = np.zeros((d, d))
             xty = np.zeros((d, k))
             for a, b, chunk in iter_row_chunks(X, 8192):
-                xc = chunk.astype(np.float64) - self.x_mean
+                xc = centred(a, b, chunk)
                 gram += xc.T @ xc
                 xty += xc.T @ Yc[a:b]
             lam, V = np.linalg.eigh(gram)
             self.A, self.M = V, V.T @ xty
         else:
-            Xc = np.concatenate([c.astype(np.float64) for _, _, c in iter_row_chunks(X, 8192)])
-            Xc -= self.x_mean
+            Xc = np.concatenate([centred(a, b, c) for a, b, c in iter_row_chunks(X, 8192)])
             lam, U = np.linalg.eigh(Xc @ Xc.T)
             self.A, self.M = Xc.T @ U, U.T @ Yc
         self.lam = np.clip(lam, 0.0, None)
@@ -230,6 +285,10 @@ class RidgeHead(LinearHeadMixin, BaseHead):
     ----------
     alpha : float, default=1.0
         L2 strength on the summed squared error (scikit-learn's meaning).
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs the squared error of a row of class c by
+        ``n_samples / (n_classes * n_c)``: weighted least squares with weighted centring, as
+        scikit-learn's ``RidgeClassifier(class_weight="balanced")``.
 
     Attributes
     ----------
@@ -247,20 +306,30 @@ class RidgeHead(LinearHeadMixin, BaseHead):
 
     param = "alpha"
     default_grid = RIDGE_GRID
-    options = {"alpha": "L2 strength on the summed squared error; the swept parameter"}
+    options = {
+        "alpha": "L2 strength on the summed squared error; the swept parameter",
+        "class_weight": CLASS_WEIGHT_HELP,
+    }
     _accepts_dataset = True
 
-    def __init__(self, *, alpha: float = 1.0) -> None:
+    def __init__(self, *, alpha: float = 1.0, class_weight: str | None = None) -> None:
         self.alpha = alpha
+        self.class_weight = class_weight
 
     def _check_params(self) -> None:
         check_number("alpha", self.alpha)
+        check_class_weight(self.class_weight)
+
+    def _spectrum(self, X: Any, y_idx: np.ndarray, n_classes: int) -> _RidgeSpectrum:
+        cw = class_weights(y_idx, n_classes, self.class_weight)
+        return _RidgeSpectrum(X, y_idx, n_classes, None if cw is None else cw[y_idx])
 
     def _fit(self, X, y_idx, n_classes) -> None:
-        self.coef_, self.intercept_ = _RidgeSpectrum(X, y_idx, n_classes).weights(float(self.alpha))
+        spectrum = self._spectrum(X, y_idx, n_classes)
+        self.coef_, self.intercept_ = spectrum.weights(float(self.alpha))
 
     def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
-        spectrum = _RidgeSpectrum(X, y_idx, n_classes)
+        spectrum = self._spectrum(X, y_idx, n_classes)
         scores = spectrum.decision_grid(X_eval, [float(a) for a in grid])
         return np.stack([scores_to_proba(s) for s in scores])
 

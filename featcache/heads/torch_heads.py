@@ -22,7 +22,17 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ..errors import ConfigError, HeadError
 from ..registry import check_choice, check_int
-from .base import BaseHead, LinearHeadMixin, check_number, scores_to_proba, softmax, state_array
+from .base import (
+    CLASS_WEIGHT_HELP,
+    BaseHead,
+    LinearHeadMixin,
+    check_class_weight,
+    check_number,
+    class_weights,
+    scores_to_proba,
+    softmax,
+    state_array,
+)
 from .sklearn_heads import LOGREG_GRID
 
 logger = logging.getLogger(__name__)
@@ -304,11 +314,20 @@ class _LinearProblem:
     """Mean cross-entropy + ``||W||^2 / (2 C n)`` for G stacked linear heads.
 
     Two classes use one output column (the score of class 1 against a fixed 0), exactly
-    scikit-learn's binary logistic regression; more classes use one column per class.
+    scikit-learn's binary logistic regression; more classes use one column per class. With
+    per-class weights ``cw`` the loss of a row of class c is multiplied by ``cw[c]``
+    (``sum_i cw[y_i] * ce_i / n``): scikit-learn's ``class_weight`` objective divided by ``C n``.
     """
 
-    def __init__(self, rows: _Rows, y: torch.Tensor, n_classes: int, Cs: list[float]) -> None:
-        self.rows, self.y = rows, y
+    def __init__(
+        self,
+        rows: _Rows,
+        y: torch.Tensor,
+        n_classes: int,
+        Cs: list[float],
+        cw: torch.Tensor | None = None,
+    ) -> None:
+        self.rows, self.y, self.cw = rows, y, cw
         self.binary = n_classes == 2
         self.k = 1 if self.binary else n_classes
         self.G, self.D = len(Cs), rows.d
@@ -337,9 +356,14 @@ class _LinearProblem:
         B = xb.shape[0]
         lse = torch.logsumexp(z, dim=2)
         true = z[:, torch.arange(B, device=z.device), yb]
-        loss = (lse - true).sum(1, dtype=torch.float64)
+        ce = lse - true
         p = torch.exp(z - lse[..., None])
         p[:, torch.arange(B, device=z.device), yb] -= 1.0
+        if self.cw is not None:
+            wb = self.cw[yb]
+            ce = ce * wb
+            p = p * wb[None, :, None]
+        loss = ce.sum(1, dtype=torch.float64)
         if self.binary:
             p = p[..., 1:]
         gW = (xb.T @ p.permute(1, 0, 2).reshape(B, self.G * self.k)).view(self.D, self.G, self.k)
@@ -380,12 +404,22 @@ def _grid_scores(
     return np.concatenate(out, axis=1)
 
 
+def _class_weight_tensor(
+    y_idx: np.ndarray, n_classes: int, class_weight: str | None, device: torch.device
+) -> torch.Tensor | None:
+    """Per-class weights (n_classes,) float32 on ``device``, or None."""
+    cw = class_weights(y_idx, n_classes, class_weight)
+    return None if cw is None else torch.tensor(cw, dtype=torch.float32, device=device)
+
+
 class LinearHead(LinearHeadMixin, BaseHead):
     """Multinomial logistic regression trained with torch, a whole grid of C at once.
 
     Minimises ``mean cross-entropy + ||W||^2 / (2 C n)`` (the intercept is not penalised),
     which is scikit-learn's ``LogisticRegression(C=C)`` objective divided by ``n``: ``linear``
     and ``logreg`` fit the same model. Two classes use one weight vector, as scikit-learn does.
+    With ``class_weight="balanced"`` each row's cross-entropy is weighted by its class weight
+    (the weights sum to ``n``), again scikit-learn's objective divided by ``n``.
 
     Parameters
     ----------
@@ -413,6 +447,8 @@ class LinearHead(LinearHeadMixin, BaseHead):
         ``X`` are streamed in contiguous row chunks.
     random_state : int or None, default=0
         Seed of the AdamW shuffling (L-BFGS is deterministic).
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs class c by ``n_samples / (n_classes * n_c)`` (scikit-learn's meaning).
 
     Attributes
     ----------
@@ -447,6 +483,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         "device": "torch device: auto, cpu, cuda, cuda:N",
         "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
         "random_state": "seed of the AdamW shuffling",
+        "class_weight": CLASS_WEIGHT_HELP,
     }
     _accepts_dataset = True
 
@@ -463,6 +500,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         device: str = "auto",
         max_memory: int = DEFAULT_MAX_MEMORY,
         random_state: int | None = 0,
+        class_weight: str | None = None,
     ) -> None:
         self.C = C
         self.solver = solver
@@ -474,6 +512,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         self.device = device
         self.max_memory = max_memory
         self.random_state = random_state
+        self.class_weight = class_weight
 
     def _check_params(self) -> None:
         check_number("C", self.C)
@@ -486,6 +525,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         check_device(self.device)
         _check_memory(self.max_memory)
         _check_seed(self.random_state)
+        check_class_weight(self.class_weight)
 
     def _train(
         self, X: Any, y_idx: np.ndarray, n_classes: int, Cs: list[float]
@@ -493,7 +533,8 @@ class LinearHead(LinearHeadMixin, BaseHead):
         device = resolve_device(self.device)
         rows = _Rows(X, device=device, max_memory=self.max_memory)
         y = torch.as_tensor(y_idx, dtype=torch.long, device=device)
-        prob = _LinearProblem(rows, y, n_classes, [float(c) for c in Cs])
+        cw = _class_weight_tensor(y_idx, n_classes, self.class_weight, device)
+        prob = _LinearProblem(rows, y, n_classes, [float(c) for c in Cs], cw)
         if self.solver == "lbfgs":
             x0 = torch.zeros(prob.G, prob.P, dtype=torch.float32, device=device)
             history = int(min(10, max(3, (1 << 30) // max(1, 8 * prob.G * prob.P))))
@@ -585,6 +626,10 @@ class MLPHead(BaseHead):
         As for :class:`LinearHead`.
     random_state : int or None, default=0
         Seed of the initialisation, shuffling and dropout masks; CPU results are deterministic.
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs the cross-entropy of a row of class c by
+        ``n_samples / (n_classes * n_c)`` (scikit-learn's meaning); the batch loss stays the
+        weighted sum divided by the batch size.
 
     Attributes
     ----------
@@ -612,6 +657,7 @@ class MLPHead(BaseHead):
         "device": "torch device: auto, cpu, cuda, cuda:N",
         "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
         "random_state": "seed of initialisation, shuffling and dropout",
+        "class_weight": CLASS_WEIGHT_HELP,
     }
     _accepts_dataset = True
 
@@ -627,6 +673,7 @@ class MLPHead(BaseHead):
         device: str = "auto",
         max_memory: int = DEFAULT_MAX_MEMORY,
         random_state: int | None = 0,
+        class_weight: str | None = None,
     ) -> None:
         self.hidden = hidden
         self.dropout = dropout
@@ -637,6 +684,7 @@ class MLPHead(BaseHead):
         self.device = device
         self.max_memory = max_memory
         self.random_state = random_state
+        self.class_weight = class_weight
 
     def _check_params(self) -> None:
         check_int("hidden", self.hidden)
@@ -650,6 +698,7 @@ class MLPHead(BaseHead):
         check_device(self.device)
         _check_memory(self.max_memory)
         _check_seed(self.random_state)
+        check_class_weight(self.class_weight)
 
     def _train(self, X: Any, y_idx: np.ndarray, n_classes: int, decays: list[float]):
         device = resolve_device(self.device)
@@ -669,6 +718,7 @@ class MLPHead(BaseHead):
         W2, b2 = uniform((H, K), H), uniform((K,), H)
         params = [W1, b1, W2, b2]
         decay = torch.tensor(decays, dtype=torch.float32, device=device)
+        cw = _class_weight_tensor(y_idx, n_classes, self.class_weight, device)
         states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
         p_drop = float(self.dropout)
         total = self.epochs * rows.n_batches(self.batch_size)
@@ -686,7 +736,7 @@ class MLPHead(BaseHead):
                 z = torch.bmm(h, W2) + b2[:, None, :]
                 loss = (
                     torch.nn.functional.cross_entropy(
-                        z.reshape(G * B, K), yb.repeat(G), reduction="sum"
+                        z.reshape(G * B, K), yb.repeat(G), weight=cw, reduction="sum"
                     )
                     / B
                 )

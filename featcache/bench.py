@@ -1,0 +1,156 @@
+"""Linear-probe benchmarking: a grid of backbones x layers x sources x heads x shots x seeds.
+
+Extraction happens once per (backbone, layers, source) and is reused from the cache; every fit
+appends one record to ``records.jsonl``, so an interrupted grid resumes with ``skip_existing``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .errors import ConfigError
+from .extract import ExtractConfig, extract
+from .fit import FitConfig, fit_head
+from .store import open_cache
+
+RECORDS = "records.jsonl"
+RECORD_KEYS = ("backbone", "weights", "layer", "source", "head", "shots", "seed", "metrics",
+               "extract_seconds", "fit_seconds", "cache", "featcache_version")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A benchmark grid. ``shots`` 0 means all training data; ``layers`` empty means each
+    backbone's default layer."""
+
+    backbones: tuple[str, ...] = ("efficientnet_lite0",)
+    sources: tuple[str, ...] = ("digits",)
+    layers: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ("logreg",)
+    shots: tuple[int, ...] = (0,)
+    seeds: int = 1
+    extract: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("backbones", "sources", "heads", "shots"):
+            if not getattr(self, name):
+                raise ConfigError(f"The benchmark grid needs at least one value in '{name}'.")
+        if any((not isinstance(s, int)) or s < 0 for s in self.shots):
+            raise ConfigError(f"'shots' must be integers >= 0 (0 = all data). Got {list(self.shots)}.")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ConfigError(f"'seeds' must be an int >= 1. Got {self.seeds!r}.")
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "BenchConfig":
+        """Read a grid from TOML: top-level lists ``backbones``, ``sources``, ``layers``, ``heads``,
+        ``shots``, an int ``seeds``, and optional tables ``[extract]`` and ``[fit]`` of options."""
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"Benchmark file '{path}' does not exist.") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"Benchmark file '{path}' is not valid TOML: {e}.") from None
+        known = {f.name for f in cls.__dataclass_fields__.values()}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"Unknown keys in '{path}': {', '.join(sorted(unknown))}. Known: {', '.join(sorted(known))}.")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kw)
+
+    def runs(self) -> int:
+        n_layers = max(1, len(self.layers))
+        return len(self.backbones) * len(self.sources) * n_layers * len(self.heads) * len(self.shots) * self.seeds
+
+
+def _key(rec: dict) -> tuple:
+    return (rec["backbone"], rec["layer"], rec["source"], rec["head"], int(rec["shots"]), int(rec["seed"]))
+
+
+def read_records(out_dir: str | os.PathLike) -> list[dict]:
+    """Records of a benchmark folder; a line cut by a crash is ignored."""
+    path = Path(out_dir) / RECORDS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and all(k in rec for k in RECORD_KEYS):
+            out.append(rec)
+    return out
+
+
+ProgressFn = Callable[[int, int, dict, float], None]
+
+
+def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing: bool = False,
+              progress: ProgressFn | None = None, extract_progress=None) -> list[dict]:
+    """Run the grid, appending one record per fit to ``out_dir/records.jsonl``; then write the
+    leaderboard (Markdown, CSV) and plots. Returns all records of the folder."""
+    config.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = {_key(r) for r in read_records(out)} if skip_existing else set()
+    if not skip_existing and (out / RECORDS).exists():
+        (out / RECORDS).unlink()
+    total = config.runs()
+    i = 0
+    t0 = time.perf_counter()
+    ex = ExtractConfig(**config.extract)
+    fit_base = FitConfig(**config.fit)
+    for backbone, source in itertools.product(config.backbones, config.sources):
+        # A finished cache makes this a cache hit (a fingerprint check, no forward pass).
+        res = extract(source, ex, backbone=backbone, layers=tuple(config.layers), progress=extract_progress)
+        with open_cache(res.cache) as c:
+            layers, weights = list(c.layers), c.fingerprint["backbone"]["weights"]
+        extract_seconds = 0.0 if res.cache_hit else res.seconds
+        for layer, head, shots, seed in itertools.product(layers, config.heads, config.shots, range(config.seeds)):
+            i += 1
+            key = (backbone, layer, source, head, shots, seed)
+            if key in done:
+                continue
+            fit = fit_head(res.cache, fit_base, head=head, layer=layer, seed=seed, shots=shots or None, seeds=1,
+                           output=str(out / "runs" / f"{i:05d}-{head}-{layer}-{shots}shot-seed{seed}"))
+            rec = {"backbone": backbone, "weights": weights, "layer": layer, "source": source, "head": head,
+                   "shots": shots, "seed": seed, "metrics": fit.metrics, "extract_seconds": extract_seconds,
+                   "fit_seconds": fit.seconds, "cache": res.cache, "featcache_version": __version__,
+                   "best": fit.best, "run": fit.run}
+            with open(out / RECORDS, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            done.add(key)
+            if progress:
+                progress(i, total, rec, time.perf_counter() - t0)
+    records = read_records(out)
+    write_outputs(records, out)
+    return records
+
+
+def write_outputs(records: list[dict], out: Path) -> dict[str, Path]:
+    """Leaderboard (Markdown, CSV) and PNG plots of a benchmark folder."""
+    from . import plots
+    from .report import leaderboard, leaderboard_csv, leaderboard_markdown
+
+    rows = leaderboard(records)
+    (out / "leaderboard.md").write_text(leaderboard_markdown(rows))
+    leaderboard_csv(rows, out / "leaderboard.csv")
+    paths = {"leaderboard.md": out / "leaderboard.md", "leaderboard.csv": out / "leaderboard.csv"}
+    if records:
+        paths["shots.png"] = plots.shots_curve(records, out / "shots.png")
+        paths["layers.png"] = plots.accuracy_by_layer(records, out / "layers.png")
+        paths["time.png"] = plots.time_breakdown(records, out / "time.png")
+    return paths

@@ -1,0 +1,118 @@
+"""Which layers to freeze? Tap every stage in one forward pass, fit the same head on each, and
+recommend the freeze boundary from the accuracy-by-depth curve."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backbones import PRE_LOGITS, load_backbone
+from .errors import ConfigError
+from .extract import ExtractConfig, extract
+from .fit import FitConfig, fit_head
+from .store import open_cache
+
+LAYERS_JSON = "layers.json"
+#: Accuracy within this many points of the best counts as "as good": prefer the deeper boundary
+#: (more of the network frozen, which is cheaper and needs fewer labels).
+TOLERANCE = 0.005
+
+
+def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
+    """Freeze boundary from an accuracy-by-depth curve.
+
+    Parameters
+    ----------
+    layers : list of dict
+        In forward order, each with ``name`` and ``top1``; the last one is the network's final
+        features (``pre_logits``).
+
+    Returns
+    -------
+    dict
+        ``freeze_until`` (the deepest layer whose accuracy is within ``tolerance`` of the best: the
+        features up to it transfer as-is), ``fine_tune`` (the stages after it, which the task needs
+        its own version of), ``strategy`` (``linear-probe`` when nothing needs fine-tuning, else
+        ``partial-fine-tune``), ``best_layer``, ``best_top1``, ``last_top1`` and a ``reason``.
+    """
+    if not layers:
+        raise ConfigError("recommend() needs at least one layer with a 'top1' score.")
+    best = max(layers, key=lambda r: r["top1"])
+    good = [i for i, r in enumerate(layers) if r["top1"] >= best["top1"] - tolerance]
+    k = max(good)
+    freeze = layers[k]
+    fine_tune = [r["name"] for r in layers[k + 1:] if r["name"] != PRE_LOGITS]
+    last = layers[-1]
+    if k == len(layers) - 1 or not fine_tune:
+        strategy = "linear-probe"
+        reason = (f"The final features ({last['name']}, top-1 {last['top1']:.3f}) are within {tolerance * 100:.1f} "
+                  f"points of the best layer ({best['name']}, {best['top1']:.3f}): the pretrained network transfers "
+                  f"as-is. Freeze everything and train a linear head.")
+    else:
+        strategy = "partial-fine-tune"
+        reason = (f"{freeze['name']} (top-1 {freeze['top1']:.3f}) beats the final features ({last['name']}, "
+                  f"{last['top1']:.3f}) by {(freeze['top1'] - last['top1']) * 100:.1f} points: the layers after it "
+                  f"are specific to the pretraining task. Freeze up to {freeze['name']} and fine-tune "
+                  f"{', '.join(fine_tune)} with a new classifier.")
+    return {"freeze_until": freeze["name"], "fine_tune": fine_tune, "strategy": strategy,
+            "best_layer": best["name"], "best_top1": best["top1"], "last_top1": last["top1"],
+            "tolerance": tolerance, "reason": reason}
+
+
+@dataclass
+class LayerProbeResult:
+    out_dir: str
+    backbone: str
+    source: str
+    head: str
+    layers: list[dict]
+    recommendation: dict
+    cache: str
+    plot: str | None
+
+    def to_dict(self) -> dict:
+        return {"out_dir": self.out_dir, "backbone": self.backbone, "source": self.source, "head": self.head,
+                "cache": self.cache, "layers": self.layers, "recommendation": self.recommendation,
+                "plot": self.plot}
+
+
+def probe_layers(backbone: str, source: str, *, out_dir: str | os.PathLike = "layers-out", head: str = "logreg",
+                 extract_config: ExtractConfig | None = None, fit_config: FitConfig | None = None,
+                 progress=None, tolerance: float = TOLERANCE) -> LayerProbeResult:
+    """Fit ``head`` on every stage of ``backbone`` (all tapped in one forward pass) and recommend
+    where to freeze. Writes ``layers.json`` and ``layers.png`` to ``out_dir``."""
+    ex = extract_config or ExtractConfig()
+    bb = load_backbone(backbone, weights=ex.weights, input_size=ex.input_size, mean=ex.mean, std=ex.std)
+    if not bb.stages:
+        raise ConfigError(
+            f"{bb.name} has no known stages to probe. Pass stages explicitly with 'featcache bench --layer ...'."
+        )
+    taps = [*bb.stages, PRE_LOGITS] if bb.classifier else list(bb.stages)
+    res = extract(source, ex, backbone=backbone, layers=tuple(taps), pool="avg", progress=progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_cache(res.cache) as c:
+        dims = {layer: int(c.features(c.splits[0], layer).shape[1]) for layer in taps}
+    rows = []
+    for i, layer in enumerate(taps):
+        fit = fit_head(res.cache, fit_config or FitConfig(), head=head, layer=layer,
+                       output=str(out / "runs" / f"{i:02d}-{layer}"))
+        split = "val" if "val" in fit.metrics else next(iter(fit.metrics), None)
+        if split is None:
+            raise ConfigError(f"Source '{source}' has no split besides train to score layers on; use --val-fraction.")
+        m = fit.metrics[split]
+        rows.append({"name": layer, "depth": i, "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"],
+                     "macro_f1": m["macro_f1"], "log_loss": m["log_loss"], "split": split, "best": fit.best,
+                     "fit_seconds": fit.seconds, "dim": dims[layer]})
+    rec = recommend(rows, tolerance=tolerance)
+    from . import plots
+
+    plot = plots.layer_curve(rows, out / "layers.png", recommendation=rec)
+    doc = {"backbone": backbone, "source": source, "head": head, "cache": res.cache, "layers": rows,
+           "recommendation": rec}
+    tmp = out / (LAYERS_JSON + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out / LAYERS_JSON)
+    return LayerProbeResult(str(out), backbone, source, head, rows, rec, res.cache, str(plot))
