@@ -40,6 +40,14 @@ def _floats(value: str | None, name: str, n: int = 3):
     return out
 
 
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
 def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=None, default=str))
 
@@ -93,6 +101,9 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
         click.option("--input-size", type=int, default=None, help="Override the crop size (px)."),
         click.option("--mean", default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
         click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
+        click.option("--views", type=int, default=0, show_default=True,
+                     help="Also store K augmented views (random resized crop + flip) of each training image."),
+        click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the augmented views."),
     ]
     for opt in reversed(opts):
         dest = opt(lambda: None).__click_params__[0].name
@@ -103,7 +114,7 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
 
 _EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "batch_size",
                   "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
-                  "input_size", "mean", "std")
+                  "input_size", "mean", "std", "views", "view_seed")
 
 
 def extract_config(kw: dict):
@@ -150,10 +161,11 @@ class _Progress:
 @extraction_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the cache to this file instead of a fingerprint-named file in --cache-dir.")
+@click.option("--dry-run", is_flag=True, help="Print per layer the shape, bytes per image and total bytes; extract nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @_fail_cleanly
-def extract(source: str, output, quiet: bool, as_json: bool, **kw) -> None:
+def extract(source: str, output, dry_run: bool, quiet: bool, as_json: bool, **kw) -> None:
     """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
 
     SOURCE is an image folder (class sub-folders, optionally under train/ val/ test/), a CSV
@@ -164,6 +176,23 @@ def extract(source: str, output, quiet: bool, as_json: bool, **kw) -> None:
 
     config = extract_config(kw)
     config = ExtractConfig(**{**config.to_dict(), "output": output})
+    if dry_run:
+        from .extract import plan_cache
+
+        plan = plan_cache(source, config)
+        if as_json:
+            _echo_json(plan)
+            return
+        click.echo(f"{plan['cache']} ({'exists' if plan['exists'] else 'new'})")
+        click.echo(f"  {plan['backbone']}, {plan['dtype']}, precision {plan['precision']} on {plan['device']}; "
+                   + ", ".join(f"{k} {v}" for k, v in plan["splits"].items())
+                   + (f"; {plan['views']} views per train image" if plan["views"] else ""))
+        click.echo(f"  {'layer':<24} {'shape':<20} {'bytes/image':>12} {'total':>12}")
+        for r in plan["layers"]:
+            click.echo(f"  {r['layer']:<24} {' x '.join(map(str, r['shape'])):<20} {r['bytes_per_image']:>12,} "
+                       f"{_human(r['total_bytes']):>12}")
+        click.echo(f"  {'all layers':<24} {'':<20} {'':>12} {_human(plan['total_bytes']):>12}")
+        return
     bar = _Progress("extract", quiet or as_json)
     try:
         res = run(source, config, progress=bar)

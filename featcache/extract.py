@@ -29,7 +29,7 @@ import torchvision
 from . import __version__
 from .backbones import OUTPUT, Backbone, load_backbone
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
-from .preprocess import DecodeError, load_image
+from .preprocess import Augment, DecodeError, augmented_views, decode, resize_crop
 from .registry import check_choice, check_int
 from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
@@ -39,6 +39,8 @@ from .taps import FeatureTap, list_layers, pool as pool_fn
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: The split whose images get augmented views (``views > 0``).
+VIEW_SPLIT = "train"
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,6 +69,8 @@ class ExtractConfig:
     input_size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    views: int = 0
+    view_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "output", "weights"):
@@ -86,6 +90,11 @@ class ExtractConfig:
         check_choice("on_error", self.on_error, ON_ERROR)
         if self.input_size is not None:
             check_int("input_size", self.input_size, minimum=8)
+        check_int("views", self.views, minimum=0)
+
+    @property
+    def augment(self) -> Augment:
+        return Augment(views=self.views, seed=self.view_seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,16 +187,24 @@ def _stat_key(id_: str, stat) -> tuple[str, int, int]:
 class _Donors:
     """Where already-computed features can be copied from: chunks of a partial run and the
     previous cache file of the same fingerprint. Indexed by content hash, and by
-    (id, size, mtime) so unchanged files need no re-hashing."""
+    (id, size, mtime) so unchanged files need no re-hashing. A loader returns
+    ``(features per layer, views per layer or None)``."""
 
     BLOCK = 4096
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
         self.by_hash: dict[str, tuple[int, int]] = {}
+        self.by_hash_views: dict[str, tuple[int, int]] = {}
         self.hash_by_stat: dict[tuple[str, int, int], str] = {}
         self.failed_by_stat: dict[tuple[str, int, int], str] = {}
-        self.loaders: list[Callable[[], list[np.ndarray]]] = []
+        self.loaders: list[Callable[[], tuple[list[np.ndarray], list[np.ndarray] | None]]] = []
+
+    def _index(self, d: int, hashes: list[str], offset: int, has_views: bool) -> None:
+        for j, h in enumerate(hashes):
+            self.by_hash.setdefault(h, (d, j + offset))
+            if has_views:
+                self.by_hash_views.setdefault(h, (d, j + offset))
 
     def add_partial(self, partial: PartialStore, seen: set[Path]) -> None:
         for path in partial.chunks():
@@ -196,31 +213,35 @@ class _Donors:
             seen.add(path)
             with np.load(path, allow_pickle=False) as z:
                 hashes = [h.decode() for h in z["hashes"]]
-                ids = list(z["ids"]) if "ids" in z else []
-                stat = z["stat"] if "stat" in z else np.zeros((0, 2), np.int64)
+                has_views = "v0" in z.files
+                for i, st, h in zip(z["ids"], z["stat"], hashes):
+                    self.hash_by_stat[_stat_key(str(i), st)] = h
                 for i, r, st in zip(z["failed_ids"], z["failed_reasons"], z["failed_stat"]):
                     self.failed_by_stat[_stat_key(str(i), st)] = str(r)
             d = len(self.loaders)
-            self.loaders.append(lambda p=path: partial.read_chunk(p, self.n_layers)[1])
-            for j, h in enumerate(hashes):
-                self.by_hash.setdefault(h, (d, j))
-            for i, st, h in zip(ids, stat, hashes):
-                self.hash_by_stat[_stat_key(str(i), st)] = h
+            self.loaders.append(lambda p=path: partial.read_chunk(p, self.n_layers))
+            self._index(d, hashes, 0, has_views)
 
     def add_cache(self, cache: FeatureCache) -> None:
         for split in cache.splits:
             hashes = [h.decode() for h in cache.hashes(split)]
             for i, st, h in zip(cache.ids(split), cache.stat(split), hashes):
                 self.hash_by_stat[_stat_key(i, st)] = h
+            has_views = cache.has_views(split)
             for start in range(0, len(hashes), self.BLOCK):
                 end = min(start + self.BLOCK, len(hashes))
                 d = len(self.loaders)
-                self.loaders.append(lambda s=split, a=start, b=end: [
-                    cache.features(s, layer)[a:b] for layer in cache.layers])
-                for j in range(start, end):
-                    self.by_hash.setdefault(hashes[j], (d, j - start))
+                self.loaders.append(lambda s=split, a=start, b=end, v=has_views: (
+                    [cache.features(s, layer)[a:b] for layer in cache.layers],
+                    [cache.views(s, layer)[a:b] for layer in cache.layers] if v else None))
+                self._index(d, hashes[start:end], 0, has_views)
         for f in cache.failed:
             self.failed_by_stat[_stat_key(f["id"], f["stat"])] = f["reason"]
+
+    def lookup(self, h: str | None, with_views: bool) -> tuple[int, int] | None:
+        if h is None:
+            return None
+        return (self.by_hash_views if with_views else self.by_hash).get(h)
 
     def __bool__(self) -> bool:
         return bool(self.by_hash or self.failed_by_stat)
@@ -261,8 +282,11 @@ def _is_hit(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
 # --- the decoding dataset -------------------------------------------------------------------
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, src: Source, rows: list[_Row], pp) -> None:
+    """Reads and preprocesses one sample: (index, hash, uint8 crops (1 + views, 3, H, W), error)."""
+
+    def __init__(self, src: Source, rows: list[_Row], pp, augment: Augment | None = None) -> None:
         self.src, self.rows, self.pp = src, rows, pp
+        self.augment = augment if augment is not None and augment.views else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -274,15 +298,24 @@ class _DecodeDataset(torch.utils.data.Dataset):
         except OSError as e:
             return i, None, None, f"cannot read file: {e.strerror or e}"
         try:
-            return i, h, load_image(data, self.pp), None
+            img = decode(data, self.pp)
+            crops = resize_crop(img, self.pp)[None]
+            if self.augment is not None and row.split == VIEW_SPLIT:
+                crops = np.concatenate([crops, augmented_views(img, self.pp, self.augment, h)])
+            return i, h, crops, None
         except DecodeError as e:
             return i, h, None, str(e)
 
 
 def _collate(items):
+    """Base crops first, then all augmented views: x is (B + B * views, 3, H, W)."""
     ok = [(i, h, a) for i, h, a, _ in items if a is not None]
     bad = [(i, r) for i, _, a, r in items if a is None]
-    x = torch.from_numpy(np.stack([a for _, _, a in ok])) if ok else None
+    x = None
+    if ok:
+        base = np.stack([a[0] for _, _, a in ok])
+        extra = [a[1:] for _, _, a in ok if len(a) > 1]
+        x = torch.from_numpy(np.concatenate([base, *extra]) if extra else base)
     return [i for i, _, _ in ok], [h for _, h, _ in ok], x, bad
 
 
@@ -377,10 +410,34 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
         backbone=bb.describe(), layers=tuple(layers), pool=config.pool, preprocess=bb.preprocess.to_dict(),
         precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
         device_type=device.type, source=src.describe(),
+        augment=config.augment.to_dict() if config.views else None,
         versions={"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     )
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
     return src, bb, layers, shapes, fp, path, device, [i.name for i in infos], config
+
+
+def plan_cache(source: str | os.PathLike | Source, config: ExtractConfig | None = None, **options) -> dict:
+    """What an extraction would write, without running it (``extract --dry-run``).
+
+    Returns
+    -------
+    dict
+        ``cache`` path, ``exists``, sample counts per split, and per layer its ``shape``,
+        ``bytes_per_image`` and ``total_bytes`` (augmented views included).
+    """
+    config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
+    src, bb, layers, shapes, fp, path, device, order, config = prepare(source, config)
+    itemsize = np.dtype(config.dtype).itemsize
+    counts = {s: len(r) for s, r in src.splits.items()}
+    n_vectors = sum(counts.values()) + config.views * counts.get(VIEW_SPLIT, 0)
+    rows = []
+    for name, shape in zip(layers, shapes):
+        per = int(np.prod(shape)) * itemsize
+        rows.append({"layer": name, "shape": list(shape), "bytes_per_image": per, "total_bytes": per * n_vectors})
+    return {"cache": str(path), "exists": path.exists(), "backbone": bb.name, "splits": counts,
+            "views": config.views, "dtype": config.dtype, "precision": config.precision, "device": str(device),
+            "layers": rows, "total_bytes": sum(r["total_bytes"] for r in rows)}
 
 
 def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = None, *,
@@ -439,7 +496,7 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
         if cache is not None:
             donors.add_cache(cache)
         donors.add_partial(partial, seen_chunks)
-        todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail")
+        todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail", views=config.views)
         n_reused = sum(len(r) for r in plan.values()) - len(todo)
         t_compute = time.perf_counter()
         _compute(src, bb, layers, config, device, order, todo, partial, progress)
@@ -460,7 +517,7 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
 
 
 def _rows_to_compute(src: Source, plan: dict[str, list[_Row]], donors: _Donors, *,
-                     retry_failed: bool = False) -> list[_Row]:
+                     retry_failed: bool = False, views: int = 0) -> list[_Row]:
     todo = []
     for rows in plan.values():
         for r in rows:
@@ -476,7 +533,7 @@ def _rows_to_compute(src: Source, plan: dict[str, list[_Row]], donors: _Donors, 
                     r.hash = src.read(r.ref)[1]
                 except OSError:
                     r.hash = None
-            if r.hash is None or r.hash not in donors.by_hash:
+            if donors.lookup(r.hash, views and r.split == VIEW_SPLIT) is None:
                 todo.append(r)
     return todo
 
@@ -507,7 +564,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     if workers is None:
         workers = 0 if src.kind in ("npz", "digits") else min(4, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
-        _DecodeDataset(src, todo, pp), batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
+        _DecodeDataset(src, todo, pp, config.augment), batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )
@@ -529,7 +586,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                     log.warning("skipping %s: %s", row.ref.id, reason)
                     failed_ids.append(row.ref.id)
                     failed_reasons.append(reason)
-                feats = []
+                feats, views = [], []
                 if x is not None:
                     x = x.to(device, non_blocking=True).float().sub_(mean).mul_(inv_std)
                     if config.channels_last:
@@ -537,6 +594,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                     with torch.autocast(device.type, dtype=_AUTOCAST.get(config.precision, torch.float32),
                                         enabled=config.precision != "fp32"):
                         out = tap(x)
+                    b = len(idx)
                     for name in layers:
                         f = out[name].float().cpu().numpy().astype(np_dtype)
                         if not np.isfinite(f).all():
@@ -544,9 +602,11 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                                 f"Layer '{name}' gave values that are not finite in {config.dtype} "
                                 f"(overflow or NaN). Use --dtype float32 or --precision fp32."
                             )
-                        feats.append(np.ascontiguousarray(f))
+                        feats.append(np.ascontiguousarray(f[:b]))
+                        if len(f) > b:  # augmented views follow the base crops, image by image
+                            views.append(np.ascontiguousarray(f[b:].reshape(b, -1, *f.shape[1:])))
                 writer.put({
-                    "hashes": np.asarray(hashes, dtype=HASH_DTYPE), "features": feats,
+                    "hashes": np.asarray(hashes, dtype=HASH_DTYPE), "features": feats, "views": views,
                     "ids": [todo[i].ref.id for i in idx],
                     "stat": np.asarray([todo[i].stat for i in idx], dtype=np.int64).reshape(-1, 2),
                     "failed_ids": failed_ids, "failed_reasons": failed_reasons,
@@ -582,9 +642,10 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
         for r in rows:
             key = _stat_key(r.ref.id, r.stat)
             h = r.hash or donors.hash_by_stat.get(key)
-            if h is not None and h in donors.by_hash:
+            found = donors.lookup(h, config.views > 0 and split == VIEW_SPLIT)
+            if found is not None:
                 r.hash = h
-                d, j = donors.by_hash[h]
+                d, j = found
                 sources.setdefault(d, []).append((split, len(ok), j))
                 ok.append(r)
             else:
@@ -603,7 +664,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
         h.attrs["extract_config"] = _json({**config.to_dict(), "weights": os.path.abspath(config.weights)
                                            if config.weights else None})
         h.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        dsets: dict[tuple[str, int], h5py.Dataset] = {}
+        dsets: dict[tuple, h5py.Dataset] = {}
         for split, ok in per_split.items():
             g = h.create_group(split)
             n = len(ok)
@@ -612,6 +673,11 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                 dsets[(split, li)] = g.create_dataset(
                     f"features/{name}", shape=(n, *shape), dtype=np_dtype, track_times=False,
                     chunks=feature_chunks(shape, np_dtype.itemsize, n) if n else None)
+                if config.views and split == VIEW_SPLIT:
+                    vshape = (config.views, *shape)
+                    dsets[(split, li, "views")] = g.create_dataset(
+                        f"views/{name}", shape=(n, *vshape), dtype=np_dtype, track_times=False,
+                        chunks=feature_chunks(vshape, np_dtype.itemsize, n) if n else None)
             g.create_dataset("labels", data=np.asarray([r.ref.label for r in ok], dtype=np.int64), track_times=False)
             g.create_dataset("ids", data=np.asarray([r.ref.id for r in ok], dtype=object),
                              dtype=h5py.string_dtype(), track_times=False)
@@ -619,7 +685,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
             g.create_dataset("stat", data=np.asarray([r.stat for r in ok], dtype=np.int64).reshape(-1, 2),
                              track_times=False)
         for d, targets in sources.items():
-            arrays = donors.loaders[d]()
+            arrays, view_arrays = donors.loaders[d]()
             by_split: dict[str, list[tuple[int, int]]] = {}
             for split, dst, j in targets:
                 by_split.setdefault(split, []).append((dst, j))
@@ -629,8 +695,11 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                 src_idx = np.array([p[1] for p in pairs])
                 for li in range(len(layers)):
                     block = arrays[li][src_idx]
+                    vblock = view_arrays[li][src_idx] if (split, li, "views") in dsets else None
                     for a, b, da, db in iter_runs(dst):
                         dsets[(split, li)][da:db] = block[a:b]
+                        if vblock is not None:
+                            dsets[(split, li, "views")][da:db] = vblock[a:b]
         g = h.create_group("failed")
         g.create_dataset("split", data=np.asarray([f["split"] for f in failures], dtype=object),
                          dtype=h5py.string_dtype())

@@ -136,3 +136,54 @@ def resize_crop(img: Image.Image, pp: Preprocess, size: int | None = None) -> np
 def load_image(data: bytes | np.ndarray, pp: Preprocess) -> np.ndarray:
     """Decode and preprocess one sample to a uint8 array of shape (3, crop, crop)."""
     return resize_crop(decode(data, pp), pp)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Cached augmentation: ``views`` random-resized crops (+ horizontal flips) per training image.
+
+    Each view is a pure function of the image's content hash, the view index and ``seed``, so
+    resumed and incremental runs reproduce the same views.
+    """
+
+    views: int = 0
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+
+def augmented_views(img: Image.Image, pp: Preprocess, aug: Augment, content_hash: str) -> np.ndarray:
+    """``aug.views`` crops of a decoded image, uint8 array of shape (views, 3, crop, crop).
+
+    The crop box follows torchvision's RandomResizedCrop (10 tries, then a centre crop).
+    """
+    out = np.empty((aug.views, 3, pp.crop, pp.crop), dtype=np.uint8)
+    w, h = img.size
+    area = w * h
+    log_ratio = np.log(aug.ratio)
+    for k in range(aug.views):
+        rng = np.random.default_rng([aug.seed, int(content_hash[:16], 16), k])
+        box = None
+        for _ in range(10):
+            target = area * rng.uniform(*aug.scale)
+            r = float(np.exp(rng.uniform(*log_ratio)))
+            cw, ch = int(round(np.sqrt(target * r))), int(round(np.sqrt(target / r)))
+            if 0 < cw <= w and 0 < ch <= h:
+                left = int(rng.integers(0, w - cw + 1))
+                top = int(rng.integers(0, h - ch + 1))
+                box = (left, top, left + cw, top + ch)
+                break
+        if box is None:
+            s = min(w, h)
+            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        view = img.resize((pp.crop, pp.crop), INTERPOLATIONS[pp.interpolation], box=box)
+        if aug.flip and rng.random() < 0.5:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out[k] = np.asarray(view, dtype=np.uint8).transpose(2, 0, 1)
+    return out

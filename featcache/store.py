@@ -9,6 +9,7 @@ Final file (readable with plain h5py; see the README for the schema)::
     /<split>/ids                (N,) UTF-8 strings (path relative to the source, or split/index)
     /<split>/hashes             (N,) 32-char BLAKE2b-128 hex of the sample's bytes
     /<split>/stat               (N, 2) int64 (size, mtime_ns) of the file when it was read
+    /train/views/<layer>        (N, K, ...) features of K augmented views (``--views K`` only)
     /failed/{split,ids,reasons,stat}   samples that could not be read, and why
 
 While extraction runs, finished batches go to ``<final>.partial/`` as one ``.npz`` per batch,
@@ -53,6 +54,7 @@ class CacheFingerprint:
     channels_last: bool
     device_type: str
     source: dict
+    augment: dict | None = None
     versions: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -167,6 +169,12 @@ class FeatureCache:
                         f"Cache file '{self.path}': split '{split}' lacks features for layer '{layer}' "
                         f"with {n} rows."
                     )
+                vs = g.get(f"views/{layer}")
+                if vs is not None:
+                    k = (self.fingerprint.get("augment") or {}).get("views")
+                    if not isinstance(vs, h5py.Dataset) or vs.shape[:2] != (n, k) or vs.shape[2:] != ds.shape[1:]:
+                        raise CacheError(f"Cache file '{self.path}': views of '{layer}' in split '{split}' do not "
+                                         f"match its features and fingerprint.")
             if n:
                 lab = g["labels"][()]
                 if lab.min() < 0 or lab.max() >= len(self.classes):
@@ -213,6 +221,18 @@ class FeatureCache:
 
     def stat(self, split: str) -> np.ndarray:
         return self._split(split)["stat"][()]
+
+    def has_views(self, split: str) -> bool:
+        return f"views/{self.layers[0]}" in self._split(split)
+
+    def views(self, split: str, layer: str | None = None) -> h5py.Dataset:
+        """Augmented-view features (N, views, ...) of one layer (``extract --views K``)."""
+        g = self._split(split)
+        name = f"views/{self._layer(layer)}"
+        if name not in g:
+            raise CacheError(f"Split '{split}' of cache '{self.path.name}' has no augmented views. "
+                             f"Extract with --views K.")
+        return g[name]
 
     def n(self, split: str) -> int:
         return int(self._split(split)["labels"].shape[0])
@@ -316,7 +336,8 @@ class PartialStore:
         return sorted(self.path.glob("c-*.npz"))
 
     def write_chunk(self, hashes: np.ndarray, features: list[np.ndarray], ids: list[str], stat: np.ndarray,
-                    failed_ids: list[str], failed_reasons: list[str], failed_stat: np.ndarray) -> Path:
+                    failed_ids: list[str], failed_reasons: list[str], failed_stat: np.ndarray,
+                    views: list[np.ndarray] | None = None) -> Path:
         name = f"c-{uuid.uuid4().hex}.npz"
         tmp = self.path / (name + ".tmp")
         arrays = {"hashes": np.asarray(hashes, dtype=HASH_DTYPE),
@@ -325,6 +346,7 @@ class PartialStore:
                   "failed_reasons": np.asarray(failed_reasons, dtype=str),
                   "failed_stat": np.asarray(failed_stat, dtype=np.int64).reshape(-1, 2)}
         arrays.update({f"f{i}": f for i, f in enumerate(features)})
+        arrays.update({f"v{i}": v for i, v in enumerate(views or [])})
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -332,12 +354,12 @@ class PartialStore:
         os.replace(tmp, self.path / name)
         return self.path / name
 
-    def read_chunk(self, path: Path, n_layers: int) -> tuple[np.ndarray, list[np.ndarray], dict]:
+    def read_chunk(self, path: Path, n_layers: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Features per layer of a chunk, and its augmented views per layer (None without views)."""
         with np.load(path, allow_pickle=False) as z:
-            hashes = z["hashes"]
             feats = [z[f"f{i}"] for i in range(n_layers)]
-            failed = {"ids": list(z["failed_ids"]), "reasons": list(z["failed_reasons"]), "stat": z["failed_stat"]}
-        return hashes, feats, failed
+            views = [z[f"v{i}"] for i in range(n_layers)] if "v0" in z.files else None
+        return feats, views
 
     def remove(self) -> None:
         for p in self.path.iterdir():

@@ -274,3 +274,44 @@ def test_real_hymenoptera_with_efficientnet_lite0(real_cache, real_data):
         logits = bb.model(x)
         from_cache = bb.model.classifier(torch.from_numpy(X[:8]))
     torch.testing.assert_close(from_cache, logits, atol=1e-3, rtol=1e-3)
+
+
+def test_views_are_distinct_reproducible_and_train_only(tiny, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    a = extract(str(folder), **tiny, views=3)
+    b = extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "other")}, views=3)
+    with open_cache(a.cache) as ca, open_cache(b.cache) as cb:
+        va, vb = ca.views("train")[()], cb.views("train")[()]
+        assert va.shape == (8, 3, 512)
+        assert np.array_equal(va, vb)  # seeded by content: reproducible
+        assert not np.allclose(va[:, 0], va[:, 1])  # distinct views
+        assert not np.allclose(va[:, 0], ca.load("train")[0])  # and distinct from the deterministic crop
+        assert not ca.has_views("val")
+        assert ca.fingerprint["augment"]["views"] == 3
+    c = extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "seed1")}, views=3, view_seed=1)
+    with open_cache(c.cache) as cc:
+        assert not np.allclose(cc.views("train")[()], va)
+
+
+def test_views_survive_interrupt_and_resume(tiny, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=6)
+    ref = extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}, views=2)
+    with pytest.raises(ExtractionInterrupted):
+        extract(str(folder), **tiny, views=2, progress=_interrupt_after(2))
+    res = extract(str(folder), **tiny, views=2)
+    assert res.reused > 0
+    with open_cache(ref.cache) as a, open_cache(res.cache) as b:
+        assert np.array_equal(a.views("train")[()], b.views("train")[()])
+        assert np.array_equal(a.load("val")[0], b.load("val")[0])
+
+
+def test_dry_run_plans_bytes_without_extracting(tmp_path, image_folder):
+    from featcache.extract import plan_cache
+
+    plan = plan_cache(str(image_folder), backbone="resnet50.none", layers=("layer3",), pool="none",
+                      cache_dir=str(tmp_path / "c"))
+    (row,) = plan["layers"]
+    assert row["shape"] == [1024, 14, 14]
+    assert row["bytes_per_image"] == 1024 * 14 * 14 * 2  # float16
+    assert row["total_bytes"] == row["bytes_per_image"] * 24
+    assert not plan["exists"] and not (tmp_path / "c").exists()

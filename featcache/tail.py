@@ -1,0 +1,766 @@
+"""Training the tail of a network on cached activations at a freeze boundary.
+
+Transfer learning that fine-tunes only the last stage(s) of a pretrained network spends almost
+all of its time running the frozen part, whose output never changes. featcache caches that
+output once (``featcache extract SOURCE --layer layer3 --pool none`` stores (N, C, H, W)
+activations) and trains only what comes after it:
+
+- :func:`build_tail` cuts a backbone after a *boundary* module and returns the rest as an
+  ``nn.Sequential`` (with a new classifier for the new classes);
+- :func:`prefix_model` is the frozen part up to and including the boundary, so that
+  ``tail(prefix(x)) == model(x)``;
+- :class:`TailHead` is a head (scikit-learn contract, like :mod:`featcache.heads`) whose ``fit``
+  trains the tail on cached activations, optionally sampling cached augmented views.
+
+A boundary works only where the network is a plain chain there: the modules after it, run in
+order on its output, must give the model's logits. Both builders check this on a random input and
+raise :class:`~featcache.errors.BackboneError` naming the boundaries that do work.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import clone
+from torch import nn
+
+from .backbones import Backbone, load_backbone, seeded_init
+from .errors import BackboneError, ConfigError, HeadError
+from .heads.base import BaseHead, check_number, encode_labels, is_dataset_like, softmax
+from .heads.torch_heads import check_device, resolve_device
+from .registry import check_int
+
+logger = logging.getLogger(__name__)
+
+#: Batch of the random input the chain check runs (2 rows: BatchNorm in eval mode needs 1).
+_CHECK_BATCH = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Cutting a network at a boundary
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    return model if name == "" else model.get_submodule(name)
+
+
+def _check_boundary_name(backbone: Backbone, boundary: Any) -> str:
+    if not isinstance(boundary, str) or not boundary:
+        raise ConfigError(
+            f"The 'boundary' option must be a layer name such as 'layer3'. Got {boundary!r}."
+        )
+    names = dict(backbone.model.named_modules())
+    if boundary not in names:
+        raise BackboneError(
+            f"Layer '{boundary}' is not in {backbone.name}. Run 'featcache layers {backbone.name}' "
+            f"to list the layers; its stages are {', '.join(backbone.stages) or 'not known'}."
+        )
+    return boundary
+
+
+def _split(model: nn.Module, boundary: str) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """(prefix, tail) as lists of (dotted name, module) in ``named_children`` order.
+
+    The prefix is every module before the boundary at each level of its path, then the boundary;
+    the tail is the boundary's later siblings, then its parent's later siblings, up to the
+    top-level children. Whether that order is the forward order is checked by the caller.
+    """
+    parts = boundary.split(".")
+    prefix: list[tuple[str, nn.Module]] = []
+    levels: list[list[tuple[str, nn.Module]]] = []
+    parent, parent_name = model, ""
+    for depth, part in enumerate(parts):
+        children = list(parent.named_children())
+        names = [n for n, _ in children]
+        i = names.index(part)
+        full = [(f"{parent_name}.{n}" if parent_name else n, m) for n, m in children]
+        prefix.extend(full[:i])
+        levels.append(full[i + 1:])
+        if depth == len(parts) - 1:
+            prefix.append(full[i])
+        parent, parent_name = children[i][1], full[i][0]
+    tail = [entry for level in reversed(levels) for entry in level]
+    return prefix, tail
+
+
+def _holds(outer: str, name: str) -> bool:
+    """Whether module ``name`` is ``outer`` or inside it."""
+    return name == outer or name.startswith(outer + ".")
+
+
+def _entry_key(name: str, taken: set[str]) -> str:
+    key = name.replace(".", "_")
+    while key in taken:
+        key += "_"
+    taken.add(key)
+    return key
+
+
+@dataclass
+class _Cut:
+    """A verified cut: modules in order and where the implicit flatten goes."""
+
+    prefix: list[tuple[str, nn.Module]]
+    tail: list[tuple[str, nn.Module]]
+    prefix_flatten: int | None  # index in ``prefix`` before which nn.Flatten(1) goes
+    tail_flatten: int | None  # the same in ``tail``
+    boundary_shape: tuple[int, ...]  # boundary output for one sample, e.g. (C, H, W)
+
+
+def _random_input(backbone: Backbone) -> torch.Tensor:
+    crop = backbone.preprocess.crop
+    gen = torch.Generator().manual_seed(0)
+    p = next(iter(backbone.model.parameters()), None)
+    x = torch.randn(_CHECK_BATCH, 3, crop, crop, generator=gen)
+    return x.to(p.device if p is not None else "cpu")
+
+
+def _close(a: Any, b: torch.Tensor) -> bool:
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+        return False
+    tol = 1e-4 * max(1.0, float(b.abs().max()))
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=tol))
+
+
+def _taps(backbone: Backbone, names: Sequence[str], x: torch.Tensor):
+    """Run the model once; return its logits and, per name, the outputs of that module."""
+    outs: dict[str, list[Any]] = {n: [] for n in names}
+    handles = [
+        _module(backbone.model, n).register_forward_hook(
+            # A copy: an in-place op after the module (ReLU(inplace=True)) would change it.
+            (lambda key: lambda _m, _i, o: outs[key].append(
+                o.clone() if isinstance(o, torch.Tensor) else o))(n)
+        )
+        for n in names
+    ]
+    was_training = backbone.model.training
+    backbone.model.eval()
+    try:
+        with torch.no_grad():
+            logits = backbone.model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.model.train(was_training)
+    return logits, outs
+
+
+def _try_cut(backbone: Backbone, boundary: str, x: torch.Tensor, logits: torch.Tensor,
+             outs: list[Any]) -> _Cut | None:
+    """The cut at ``boundary`` if prefix and tail reproduce the model on ``x``, else None."""
+    if len(outs) != 1 or not isinstance(outs[0], torch.Tensor):
+        return None  # a module called twice (a shared ReLU) or returning a tuple
+    h = outs[0]
+    prefix, tail = _split(backbone.model, boundary)
+    clf = backbone.classifier
+    if clf is not None and not any(_holds(n, clf) for n, _ in tail):
+        return None  # at or after the classifier: nothing to train
+    # The forward of ResNet, EfficientNet, MobileNet... flattens (torch.flatten(x, 1)) before the
+    # block holding the classifier: the chain needs an explicit nn.Flatten(1) there.
+    block = clf.split(".")[0] if clf is not None else None
+    try:
+        with torch.no_grad():
+            p, prefix_flatten = _run(prefix, x, block)
+            if not _close(p, h):
+                return None
+            z, tail_flatten = _run(tail, h, block if prefix_flatten is None else None)
+    except Exception as exc:  # shape or type errors: the children are not a chain here
+        logger.debug("boundary %s: the tail does not run (%s)", boundary, exc)
+        return None
+    if not _close(z, logits):
+        return None
+    return _Cut(prefix, tail, prefix_flatten, tail_flatten, tuple(h.shape[1:]))
+
+
+def _run(entries: list[tuple[str, nn.Module]], z: torch.Tensor, block: str | None):
+    """Run ``entries`` in order; flatten before the first entry in ``block`` if still >2-D.
+
+    Returns the output and the index of the flatten (None if there was none).
+    """
+    where = None
+    for i, (name, m) in enumerate(entries):
+        if block is not None and where is None and _holds(block, name) and z.dim() > 2:
+            where = i
+            z = torch.flatten(z, 1)
+        z = m(z)
+    return z, where
+
+
+def working_boundaries(backbone: Backbone) -> list[str]:
+    """The stages of ``backbone`` after which the network is a plain chain.
+
+    Each of ``backbone.stages`` is checked as :func:`build_tail` checks a boundary: on a random
+    input at the backbone's crop size, the prefix up to it and the tail after it must reproduce
+    the model's output.
+
+    Returns
+    -------
+    list of str
+        The stages that work as freeze boundaries, in forward order.
+    """
+    stages = [s for s in backbone.stages if s in dict(backbone.model.named_modules())]
+    if not stages:
+        return []
+    x = _random_input(backbone)
+    logits, outs = _taps(backbone, stages, x)
+    return [s for s in stages if _try_cut(backbone, s, x, logits, outs[s]) is not None]
+
+
+def _cut(backbone: Backbone, boundary: str) -> _Cut:
+    boundary = _check_boundary_name(backbone, boundary)
+    x = _random_input(backbone)
+    logits, outs = _taps(backbone, [boundary], x)
+    cut = _try_cut(backbone, boundary, x, logits, outs[boundary])
+    if cut is not None:
+        return cut
+    clf = backbone.classifier
+    if clf is not None and (_holds(boundary, clf) or not any(_holds(n, clf) for n, _ in _split(backbone.model, boundary)[1])):
+        raise BackboneError(
+            f"Layer '{boundary}' of {backbone.name} is at or after the classifier '{clf}': there is "
+            f"nothing after it to train. Pick an earlier boundary, e.g. one of "
+            f"{', '.join(backbone.stages) or 'its stages'}, or fit a head on 'pre_logits' features."
+        )
+    good = working_boundaries(backbone)
+    pick = good[-2] if len(good) > 1 else good[-1] if good else ""
+    where = (f"Boundaries that work: {', '.join(good)}. Use one of them, e.g. '{pick}' (extract it "
+             f"with 'featcache extract SOURCE --backbone {backbone.name} --layer {pick} --pool none')."
+             if good else
+             f"None of its stages ({', '.join(backbone.stages) or 'none known'}) works either: train a "
+             f"head on 'pre_logits' features (linear probe), or fine-tune on raw images "
+             f"(featcache.finetune).")
+    raise BackboneError(
+        f"Layer '{boundary}' of {backbone.name} is not a freeze boundary: the modules after it, run "
+        f"in order on its output, do not reproduce the model's output (a residual connection or a "
+        f"step inside forward() crosses it). {where}"
+    )
+
+
+def build_tail(backbone: Backbone, boundary: str, n_classes: int | None = None, *,
+               seed: int = 0) -> nn.Sequential:
+    """The part of a backbone after ``boundary``, as a trainable ``nn.Sequential``.
+
+    The tail holds the boundary's later siblings in its parent, then the later siblings of each
+    ancestor up to the top-level children, with ``nn.Flatten(1)`` inserted before the classifier
+    where the model's ``forward`` flattens implicitly (ResNet's ``torch.flatten(x, 1)``).
+    Entries are named after the modules with dots replaced by underscores (``features_5``).
+
+    Parameters
+    ----------
+    backbone : Backbone
+        A loaded backbone (:func:`featcache.backbones.load_backbone`); it is not modified.
+    boundary : str
+        A module name: a top-level child (``layer3``, ``stage5``) or a nested one
+        (``features.4``). Its output is the tail's input.
+    n_classes : int, optional
+        Replace the final classifier ``nn.Linear`` by a new ``nn.Linear(in_features, n_classes)``
+        initialised from ``seed``. Without it the original classifier is kept.
+    seed : int, default=0
+        Seed of the new classifier's initialisation (the caller's random state is untouched).
+
+    Returns
+    -------
+    nn.Sequential
+        A copy (the backbone's modules are not shared) in eval mode with ``requires_grad`` on;
+        maps the boundary's output, e.g. a tensor of shape (B, C, H, W), to logits (B, K).
+
+    Raises
+    ------
+    BackboneError
+        When ``boundary`` is not a module of the backbone, is at or after the classifier, or the
+        network is not a plain chain there (checked on a random input at the crop size: the
+        tail with the original classifier must reproduce the model's logits). The message
+        lists the stages that do work.
+    """
+    cut = _cut(backbone, boundary)
+    if n_classes is not None:
+        check_int("n_classes", n_classes)
+        if backbone.classifier is None:
+            raise BackboneError(
+                f"{backbone.name} has no final nn.Linear classifier to replace. Use a backbone "
+                f"with one (torchvision, timm, efficientnet_lite0), or n_classes=None."
+            )
+    return _assemble(backbone, cut, n_classes, seed)
+
+
+def _sequential(entries: list[tuple[str, nn.Module]], flatten_at: int | None) -> nn.Sequential:
+    out: OrderedDict[str, nn.Module] = OrderedDict()
+    taken: set[str] = set()
+    for i, (name, m) in enumerate(entries):
+        if i == flatten_at:
+            out[_entry_key("flatten", taken)] = nn.Flatten(1)
+        out[_entry_key(name, taken)] = m
+    return nn.Sequential(out)
+
+
+def _assemble(backbone: Backbone, cut: _Cut, n_classes: int | None, seed: int) -> nn.Sequential:
+    memo: dict[int, Any] = {}
+    tail = copy.deepcopy(_sequential(cut.tail, cut.tail_flatten), memo)
+    if n_classes is not None:
+        old = _module(backbone.model, backbone.classifier)
+        new_old = memo[id(old)]
+        path = next(n for n, m in tail.named_modules() if m is new_old)
+        parent_name, _, attr = path.rpartition(".")
+        w = old.weight
+        with seeded_init(seed):
+            new = nn.Linear(old.in_features, n_classes, bias=old.bias is not None)
+        new = new.to(device=w.device, dtype=w.dtype)
+        setattr(_module(tail, parent_name), attr, new)
+    tail.requires_grad_(True)
+    return tail.eval()
+
+
+def prefix_model(backbone: Backbone, boundary: str) -> nn.Sequential:
+    """The frozen part of a backbone up to and including ``boundary``.
+
+    ``tail(prefix(x))`` equals ``backbone.model(x)`` for the tail of :func:`build_tail` with the
+    original classifier: prefix + tail is the whole network, for prediction and export.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    boundary : str
+        As for :func:`build_tail`.
+
+    Returns
+    -------
+    nn.Sequential
+        Maps images (B, 3, crop, crop), normalised, to the boundary's output. It shares the
+        backbone's (frozen) modules; eval mode, ``requires_grad`` off.
+
+    Raises
+    ------
+    BackboneError
+        As :func:`build_tail`.
+    """
+    cut = _cut(backbone, boundary)
+    return _sequential(cut.prefix, cut.prefix_flatten).requires_grad_(False).eval()
+
+
+def boundary_shape(backbone: Backbone, boundary: str) -> tuple[int, ...]:
+    """Shape of the boundary's output for one image at the backbone's crop size, e.g. (C, H, W).
+
+    Raises
+    ------
+    BackboneError
+        As :func:`build_tail`.
+    """
+    return _cut(backbone, boundary).boundary_shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading activations
+
+
+def _check_activations(X: Any, what: str) -> Any:
+    """An ndarray or dataset-like of shape (n, ...) holding numbers; torch tensors converted."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    if not is_dataset_like(X):
+        try:
+            X = np.asarray(X)
+        except (TypeError, ValueError) as exc:
+            raise HeadError(f"{what} cannot be read as a numeric array ({exc}).") from None
+    dtype = np.dtype(X.dtype)
+    if dtype.kind not in "fiu":
+        raise HeadError(
+            f"{what} must hold numbers; got dtype {dtype}. Pass the float16/float32 activations "
+            f"of the boundary layer (featcache extract --pool none)."
+        )
+    if len(X.shape) < 2 or X.shape[0] < 1:
+        raise HeadError(
+            f"{what} must have shape (n_samples, C, H, W) (or flattened (n_samples, C*H*W)) with "
+            f"at least one row; got shape {tuple(X.shape)}."
+        )
+    return X
+
+
+def _rows(X: Any, idx: np.ndarray) -> np.ndarray:
+    """``X[idx]`` for sorted unique ``idx`` (h5py reads a fancy index only in increasing order)."""
+    if isinstance(X, np.ndarray):
+        return X[idx]
+    return np.asarray(X[idx])
+
+
+def _read_batch(X: Any, views: Any, idx: np.ndarray, which: np.ndarray | None) -> np.ndarray:
+    """Rows ``idx`` (sorted), taking view ``which[j]`` of row ``idx[j]`` (0: ``X`` itself)."""
+    if views is None or which is None or not which.any():
+        return _rows(X, idx)
+    out: np.ndarray | None = None
+    for k in np.unique(which):
+        sel = which == k
+        rows = idx[sel]
+        if k == 0:
+            block = _rows(X, rows)
+        elif isinstance(views, np.ndarray):
+            block = views[rows, k - 1]
+        else:
+            block = np.asarray(views[rows, int(k) - 1])
+        if out is None:
+            out = np.empty((len(idx), *block.shape[1:]), dtype=block.dtype)
+        out[sel] = block
+    return out
+
+
+def _batches(perm: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Mini-batches of ``perm``; a trailing batch of one row joins the previous one
+    (BatchNorm in train mode cannot normalise a single row)."""
+    out = [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2] = np.concatenate([out[-2], out.pop()])
+    return out
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    # Biases and normalisation scales (1-D) are not decayed, the usual fine-tuning recipe.
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _cosine(lr: float, step: int, total: int) -> float:
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(1, total)))
+
+
+def _seed(value: int | None) -> int:
+    return int(value) if value is not None else int(np.random.SeedSequence().entropy % (2**63))
+
+
+# ----------------------------------------------------------------------------------------------
+# The head
+
+
+class TailHead(BaseHead):
+    """Train the network after a freeze boundary on cached activations of that boundary.
+
+    The tail (e.g. ``layer4 -> avgpool -> fc`` of a ResNet for ``boundary="layer3"``) is built
+    from the pretrained backbone with a new classifier, and every parameter in it is trained with
+    AdamW (cosine schedule, no decay on biases and normalisation scales) and cross-entropy.
+    BatchNorm layers of the tail are in train mode while fitting (they are being fine-tuned) and
+    in eval mode when predicting. This is fine-tuning the last stage(s) with everything before
+    frozen, at the cost of the tail only.
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        Spec of the backbone the activations were extracted with.
+    weights : str, optional
+        Its local weights file, as for extraction.
+    input_size : int, optional
+        The crop size of the extraction, as for extraction.
+    boundary : str
+        The layer whose activations ``X`` holds (``featcache extract --layer L --pool none``).
+        Required.
+    epochs : int, default=10
+    lr : float, default=1e-3
+        AdamW peak learning rate (cosine schedule to 0).
+    weight_decay : float, default=1e-4
+        AdamW decoupled weight decay of weight matrices and convolution kernels.
+    batch_size : int, default=32
+    random_state : int or None, default=0
+        Seed of the new classifier, shuffling, view sampling and dropout; results on the CPU are
+        deterministic.
+    device : str, default="auto"
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    tail_ : nn.Sequential
+        The trained tail on the CPU, eval mode.
+    input_shape_ : tuple of int
+        Shape of one row of ``X``, e.g. (C, H, W).
+    n_features_in_ : int
+        ``prod(input_shape_)``.
+    backbone_name_ : str
+        Canonical name of the backbone.
+    view_schedule_ : ndarray of shape (epochs, n_samples), int
+        The view trained on per epoch and image (0: ``X``; ``k``: ``views[:, k - 1]``); all zeros
+        without views.
+    """
+
+    param = None
+    default_grid = (None,)
+    options = {
+        "backbone": "spec of the backbone the activations come from (as extract --backbone)",
+        "weights": "local weights file of that backbone (as extract --weights)",
+        "input_size": "crop size the activations were extracted at (as extract --input-size)",
+        "boundary": "layer whose activations X holds (extract --layer L --pool none); required",
+        "epochs": "passes over the data",
+        "lr": "AdamW peak learning rate (cosine schedule)",
+        "weight_decay": "AdamW decoupled weight decay",
+        "batch_size": "mini-batch rows",
+        "random_state": "seed of the new classifier, shuffling, view sampling and dropout",
+        "device": "torch device: auto, cpu, cuda, cuda:N",
+    }
+    _accepts_dataset = True
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "efficientnet_lite0",
+        weights: str | None = None,
+        input_size: int | None = None,
+        boundary: str | None = None,
+        epochs: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 32,
+        random_state: int | None = 0,
+        device: str = "auto",
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.input_size = input_size
+        self.boundary = boundary
+        self.epochs = epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.device = device
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ConfigError(f"The 'backbone' option must be a backbone spec string. Got {self.backbone!r}.")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ConfigError(f"The 'weights' option must be a file path or None. Got {self.weights!r}.")
+        if self.input_size is not None:
+            check_int("input_size", self.input_size, minimum=8)
+        if not isinstance(self.boundary, str) or not self.boundary:
+            raise ConfigError(
+                f"The 'boundary' option must name the layer whose activations X holds, e.g. "
+                f"'layer3' (featcache extract --layer layer3 --pool none). Got {self.boundary!r}."
+            )
+        check_int("epochs", self.epochs)
+        check_number("lr", self.lr)
+        check_number("weight_decay", self.weight_decay, strict=False)
+        check_int("batch_size", self.batch_size)
+        if self.random_state is not None:
+            check_int("random_state", self.random_state, minimum=0)
+        check_device(self.device)
+
+    def _load_backbone(self) -> Backbone:
+        return load_backbone(self.backbone, weights=self.weights, input_size=self.input_size)
+
+    def _shape_of(self, X: Any, shape: tuple[int, ...], what: str) -> tuple[int, ...]:
+        """``shape`` if rows of ``X`` have it or are it flattened; else a HeadError."""
+        row = tuple(int(s) for s in X.shape[1:])
+        if row == shape or (len(row) == 1 and row[0] == int(np.prod(shape))):
+            return row
+        raise HeadError(
+            f"{what} has rows of shape {row} but layer '{self.boundary}' of {self.backbone} gives "
+            f"{shape} at input size {self.input_size or 'default'}. Pass the activations of that "
+            f"layer extracted with --pool none, with the same backbone and --input-size."
+        )
+
+    # -- fit ------------------------------------------------------------------------------------
+
+    def fit(self, X: Any, y: Any, views: Any = None) -> "TailHead":
+        """Train the tail.
+
+        Parameters
+        ----------
+        X : ndarray or h5py.Dataset of shape (n_samples, C, H, W)
+            Activations of ``boundary`` (float16 or float32), or the same flattened to
+            (n_samples, C*H*W). A dataset is read per mini-batch (sorted row lists), never whole.
+        y : array-like of shape (n_samples,)
+        views : ndarray or h5py.Dataset of shape (n_samples, K, C, H, W), optional
+            Activations of K augmented views of each image (``extract --views K``). Each epoch
+            every image contributes one of its K + 1 versions, drawn uniformly at random from
+            ``random_state``: ``X`` itself counts as view 0, ``views[:, k - 1]`` as view k.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        X = _check_activations(X, "X")
+        y_idx, classes = encode_labels(y, int(X.shape[0]))
+        if views is not None:
+            views = _check_activations(views, "views")
+            vs = tuple(int(s) for s in views.shape)
+            if len(vs) != len(X.shape) + 1 or vs[0] != X.shape[0] or vs[2:] != tuple(X.shape[1:]) or vs[1] < 1:
+                raise HeadError(
+                    f"views must have shape (n_samples, K, ...) = ({X.shape[0]}, K, "
+                    f"{', '.join(map(str, X.shape[1:]))}); got {vs}. Pass the views of the same "
+                    f"split and layer as X."
+                )
+        self._fit(X, y_idx, len(classes), views)
+        self.classes_ = classes
+        return self
+
+    def _fit(self, X: Any, y_idx: np.ndarray, n_classes: int, views: Any = None) -> None:
+        device = resolve_device(self.device)
+        seed = _seed(self.random_state)
+        bb = self._load_backbone()
+        cut = _cut(bb, self.boundary)
+        self._shape_of(X, cut.boundary_shape, "X")
+        tail = _assemble(bb, cut, n_classes, seed).to(device)
+        n = int(X.shape[0])
+        k_views = int(views.shape[1]) if views is not None else 0
+        y_all = torch.as_tensor(y_idx, dtype=torch.long)
+        opt = torch.optim.AdamW(_param_groups(tail, float(self.weight_decay)), lr=float(self.lr))
+        rng = np.random.default_rng(seed)
+        schedule = np.zeros((self.epochs, n), dtype=np.int64)
+        total = self.epochs * len(_batches(np.arange(n), self.batch_size))
+        step = 0
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            # Dropout and stochastic depth inside the tail draw from the global generator.
+            torch.manual_seed(seed)
+            tail.train()
+            for epoch in range(self.epochs):
+                perm = rng.permutation(n)
+                if k_views:
+                    schedule[epoch] = rng.integers(0, k_views + 1, size=n)
+                for idx in _batches(perm, self.batch_size):
+                    idx = np.sort(idx)
+                    xb = _read_batch(X, views, idx, schedule[epoch, idx] if k_views else None)
+                    xb = torch.from_numpy(np.ascontiguousarray(xb)).to(device, dtype=torch.float32)
+                    xb = xb.reshape(len(idx), *cut.boundary_shape)
+                    if not bool(torch.isfinite(xb).all()):
+                        raise HeadError(
+                            "X (or views) contains NaN or infinity. Check the activations "
+                            "(re-extract the cache) or drop those rows."
+                        )
+                    step += 1
+                    for g in opt.param_groups:
+                        g["lr"] = _cosine(float(self.lr), step, total)
+                    loss = nn.functional.cross_entropy(tail(xb), y_all[idx].to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        self.tail_ = tail.cpu().eval()
+        self.input_shape_ = tuple(int(s) for s in cut.boundary_shape)
+        self.n_features_in_ = int(np.prod(self.input_shape_))
+        self.backbone_name_ = bb.name
+        self.view_schedule_ = schedule
+
+    # -- predict --------------------------------------------------------------------------------
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Logits of the tail, ndarray of shape (n_samples, n_classes), float32."""
+        self._require_fitted()
+        X = _check_activations(X, "X")
+        self._shape_of(X, self.input_shape_, "X")
+        device = resolve_device(self.device)
+        tail = self.tail_ if device.type == "cpu" else copy.deepcopy(self.tail_).to(device)
+        tail.eval()
+        n, bs = int(X.shape[0]), int(self.batch_size)
+        out = []
+        with torch.no_grad():
+            for s in range(0, n, bs):
+                xb = np.ascontiguousarray(X[s:s + bs])
+                xb = torch.from_numpy(xb).to(device, dtype=torch.float32)
+                out.append(tail(xb.reshape(xb.shape[0], *self.input_shape_)).float().cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : ndarray or h5py.Dataset of shape (n_samples, C, H, W), or flattened
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes), float64
+            ``softmax`` of the tail's logits, columns in ``classes_`` order.
+        """
+        return softmax(self.decision_function(X))
+
+    # -- sweep ----------------------------------------------------------------------------------
+
+    def sweep_proba(self, X: Any, y: Any, grid: Sequence[Any], X_eval: Any, *,
+                    views: Any = None) -> np.ndarray:
+        """Fit once (the grid is ``(None,)``: nothing is swept) and score ``X_eval``.
+
+        ``self`` is not modified.
+
+        Returns
+        -------
+        ndarray of shape (len(grid), n_eval, n_classes), float64
+        """
+        self._check_params()
+        grid = self._check_grid(grid)
+        head = clone(self).fit(X, y, views=views)
+        proba = head.predict_proba(X_eval)
+        return np.stack([proba for _ in grid])
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            f"tail.{k}": v.detach().cpu().to(torch.float32).numpy()
+            for k, v in self.tail_.state_dict().items()
+        }
+
+    def _state_meta(self) -> dict[str, Any]:
+        return {
+            "boundary": self.boundary,
+            "input_shape": list(self.input_shape_),
+            "backbone_name": self.backbone_name_,
+        }
+
+    def _load_state(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                    n_classes: int, n_features: int) -> None:
+        shape = meta.get("input_shape")
+        if (not isinstance(shape, list) or not shape
+                or not all(isinstance(s, int) and s >= 1 for s in shape)
+                or int(np.prod(shape)) != n_features):
+            raise HeadError(
+                f"The tail head state needs 'input_shape', the shape of one row of X with "
+                f"{n_features} values; got {shape!r}. Re-fit and save the head."
+            )
+        bb = self._load_backbone()
+        tail = build_tail(bb, self.boundary, n_classes, seed=_seed(self.random_state))
+        expected = tail.state_dict()
+        missing = [k for k in expected if f"tail.{k}" not in arrays]
+        unexpected = [k for k in arrays if not (k.startswith("tail.") and k[5:] in expected)]
+        # 0-d buffers (BatchNorm's num_batches_tracked) come back as shape (1,) from safetensors.
+        wrong = [k for k, v in expected.items()
+                 if f"tail.{k}" in arrays and tuple(np.shape(arrays[f"tail.{k}"])) != tuple(v.shape)
+                 and not (v.dim() == 0 and np.size(arrays[f"tail.{k}"]) == 1)]
+        if missing or unexpected or wrong:
+            raise HeadError(
+                f"The saved tail does not fit layer '{self.boundary}' of {bb.name}: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}, other shape {wrong[:3]}. Re-fit and "
+                f"save the head with this backbone."
+            )
+        state = {}
+        for k, v in expected.items():
+            arr = np.asarray(arrays[f"tail.{k}"])
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise HeadError(f"The saved array 'tail.{k}' contains NaN or infinity. Re-fit the head.")
+            state[k] = torch.from_numpy(np.ascontiguousarray(arr).reshape(tuple(v.shape))).to(v.dtype)
+        tail.load_state_dict(state, strict=True)
+        self.tail_ = tail.eval()
+        self.input_shape_ = tuple(shape)
+        self.n_features_in_ = n_features
+        self.backbone_name_ = bb.name
+        self.view_schedule_ = np.zeros((0, 0), dtype=np.int64)
+
+    def to_torch(self) -> nn.Module:
+        """The trained tail: (B, C, H, W) float32 -> logits (B, n_classes), eval mode.
+
+        ``torch.softmax(module(x), dim=1)`` equals ``predict_proba(x)``; ``nn.Sequential(
+        prefix_model(backbone, boundary), module)`` maps normalised images to logits.
+        """
+        self._require_fitted()
+        return copy.deepcopy(self.tail_).cpu().requires_grad_(False).eval()
+
+
+__all__ = ["TailHead", "boundary_shape", "build_tail", "prefix_model", "working_boundaries"]
