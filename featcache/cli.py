@@ -161,11 +161,16 @@ class _Progress:
 @extraction_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the cache to this file instead of a fingerprint-named file in --cache-dir.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Extract share I of N of every split into a shard file (SLURM arrays, shell loops); the last "
+                   "shard to finish assembles the cache. Under torchrun the ranks are the shards.")
+@click.option("--merge", is_flag=True,
+              help="With shards: assemble one self-contained file (copy) instead of virtual datasets over the shards.")
 @click.option("--dry-run", is_flag=True, help="Print per layer the shape, bytes per image and total bytes; extract nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @_fail_cleanly
-def extract(source: str, output, dry_run: bool, quiet: bool, as_json: bool, **kw) -> None:
+def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_json: bool, **kw) -> None:
     """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
 
     SOURCE is an image folder (class sub-folders, optionally under train/ val/ test/), a CSV
@@ -175,7 +180,30 @@ def extract(source: str, output, dry_run: bool, quiet: bool, as_json: bool, **kw
     from .extract import ExtractConfig, extract as run
 
     config = extract_config(kw)
-    config = ExtractConfig(**{**config.to_dict(), "output": output})
+    from .distributed import extract_distributed, torchrun_env
+    from .shards import parse_shard
+
+    config = ExtractConfig(**{**config.to_dict(), "output": output, "merge": merge,
+                              "shard": parse_shard(shard) if shard else None})
+    env = torchrun_env()
+    if env is not None and not dry_run:
+        if shard:
+            raise click.UsageError("--shard is set by torchrun (one shard per rank); drop it.")
+        bar = _Progress("extract (all ranks)", quiet or as_json or env[0] != 0)
+        try:
+            out = extract_distributed(source, config, progress=bar)
+        finally:
+            bar.close()
+        if env[0] == 0:
+            if as_json:
+                _echo_json(out)
+            else:
+                click.echo(out["cache"])
+                for r in out["ranks"]:
+                    click.echo(f"  rank {r['rank']}: {r['computed']} images at {r['images_per_second']:.1f} img/s")
+                click.echo(f"  total {out['images_per_second']:.1f} img/s in {out['seconds']:.1f} s; splits: "
+                           + ", ".join(f"{k} {v}" for k, v in out["splits"].items()))
+        return
     if dry_run:
         from .extract import plan_cache
 
@@ -201,6 +229,8 @@ def extract(source: str, output, dry_run: bool, quiet: bool, as_json: bool, **kw
     if as_json:
         _echo_json(res.to_dict())
         return
+    if res.merged:
+        click.echo(f"all shards finished: assembled {res.merged}")
     state = "cache hit (no forward pass)" if res.cache_hit else (
         f"{res.computed} images extracted at {res.images_per_second:.1f} img/s, {res.reused} reused")
     click.echo(f"{res.cache}")
@@ -611,3 +641,20 @@ def report(src, output):
     from .report import write_report
 
     click.echo(f"wrote {write_report(src, output)}")
+
+
+@main.command()
+@click.argument("cache_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--copy", is_flag=True, help="Copy the shards into one self-contained file (and delete them).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@_fail_cleanly
+def merge(cache_dir, copy, as_json):
+    """Assemble caches from finished shard files (extract --shard I/N) in CACHE_DIR."""
+    from .shards import merge_dir
+
+    rows = merge_dir(cache_dir, copy=copy)
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['cache']}: {r['status']} from {r['shards']} shards")

@@ -71,6 +71,12 @@ class ExtractConfig:
     std: tuple[float, ...] | None = None
     views: int = 0
     view_seed: int = 0
+    #: Extract share I of N of every split (``(I, N)``) into a shard file beside the cache.
+    shard: tuple[int, int] | None = None
+    #: With shards: assemble a self-contained copy instead of virtual datasets over the shard files.
+    merge: bool = False
+    #: With shards: leave assembling to the caller (torchrun's rank 0 after a barrier).
+    defer_merge: bool = False
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "output", "weights"):
@@ -91,6 +97,10 @@ class ExtractConfig:
         if self.input_size is not None:
             check_int("input_size", self.input_size, minimum=8)
         check_int("views", self.views, minimum=0)
+        if self.shard is not None:
+            i, n = self.shard
+            if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+                raise ConfigError(f"The 'shard' option must be I/N with 0 <= I < N. Got {self.shard!r}.")
 
     @property
     def augment(self) -> Augment:
@@ -113,12 +123,17 @@ class ExtractResult:
     computed: int = 0
     reused: int = 0
     failures: list[dict] = field(default_factory=list)
+    #: With shards: the cache this run assembled from all finished shards, if it did.
+    merged: str | None = None
 
     def to_dict(self) -> dict:
-        return {"cache": self.cache, "splits": self.splits, "failed": self.failed,
-                "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
-                "images_per_second": round(self.images_per_second, 2),
-                "computed": self.computed, "reused": self.reused}
+        d = {"cache": self.cache, "splits": self.splits, "failed": self.failed,
+             "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
+             "images_per_second": round(self.images_per_second, 2),
+             "computed": self.computed, "reused": self.reused}
+        if self.merged:
+            d["merged"] = self.merged
+        return d
 
 
 ProgressFn = Callable[[int, int], None]
@@ -462,7 +477,45 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
     src, bb, layers, shapes, fp, path, device, order, config = prepare(source, config)
     plan = _plan(src)
+    if config.shard is not None:
+        from .shards import restrict_plan, shard_path
 
+        final = path
+        if final.exists():  # already assembled: a cache hit for every shard
+            with open_cache(final) as c:
+                if c.fingerprint == fp.to_dict() and _is_hit(c, plan):
+                    return ExtractResult(str(final), {s: c.n(s) for s in c.splits}, len(c.failed), True,
+                                         time.perf_counter() - t0, 0.0, 0, sum(c.n(s) for s in c.splits))
+        plan = restrict_plan(plan, config.batch_size, *config.shard)
+        path = shard_path(final, *config.shard)
+        result = _extract_plan(src, bb, layers, shapes, fp, path, device, order, config, plan, progress, t0)
+        if not config.defer_merge:
+            result.merged = _merge_if_complete(final, config)
+        return result
+    return _extract_plan(src, bb, layers, shapes, fp, path, device, order, config, plan, progress, t0)
+
+
+def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
+    """The last shard to finish assembles the cache (others find a shard missing, or the lock held)."""
+    from .shards import merge_shards, shards_complete
+
+    n = config.shard[1]
+    if final.exists() or not shards_complete(final, n):
+        return None
+    try:
+        lock = _Lock(final.with_name(final.name + ".lock"))
+    except CacheLockedError:
+        return None  # another shard is assembling it
+    try:
+        if not final.exists():
+            merge_shards(final, n, copy=config.merge)
+    finally:
+        lock.release()
+    return str(final)
+
+
+def _extract_plan(src, bb, layers, shapes, fp, path: Path, device, order, config: ExtractConfig, plan,
+                  progress, t0: float) -> ExtractResult:
     if path.exists():
         cache = open_cache(path)
         if cache.fingerprint != fp.to_dict():
@@ -664,6 +717,8 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
         h.attrs["extract_config"] = _json({**config.to_dict(), "weights": os.path.abspath(config.weights)
                                            if config.weights else None})
         h.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if config.shard is not None:
+            h.attrs["shard"] = _json(list(config.shard))
         dsets: dict[tuple, h5py.Dataset] = {}
         for split, ok in per_split.items():
             g = h.create_group(split)

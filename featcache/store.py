@@ -154,6 +154,7 @@ class FeatureCache:
         if list(self.fingerprint.get("layers", [])) != self.layers:
             raise CacheError(f"Cache file '{self.path}': its layers disagree with its fingerprint.")
         self.splits: list[str] = [k for k in h.keys() if k != "failed"]
+        self._check_virtual_sources()
         for split in self.splits:
             g = h[split]
             for key in ("labels", "ids", "hashes", "stat"):
@@ -179,6 +180,18 @@ class FeatureCache:
                 lab = g["labels"][()]
                 if lab.min() < 0 or lab.max() >= len(self.classes):
                     raise CacheError(f"Cache file '{self.path}': split '{split}' has labels outside its classes.")
+
+    def _check_virtual_sources(self) -> None:
+        """A cache assembled from shards reads their files: a missing one would read as fill values."""
+        names = json.loads(self._h5.attrs.get("shards", "[]") or "[]")
+        if not isinstance(names, list):
+            raise CacheError(f"Cache file '{self.path}': its 'shards' attribute is not a list.")
+        missing = [n for n in names if not isinstance(n, str) or not (self.path.parent / n).is_file()]
+        if missing:
+            raise CacheError(
+                f"Cache file '{self.path}' presents shard files that are missing: {', '.join(map(str, missing))}. "
+                f"Keep the shard files beside it, or assemble a self-contained copy with 'featcache merge --copy'."
+            )
 
     # context manager
     def close(self) -> None:

@@ -1,0 +1,186 @@
+"""Sharded extraction: share I of N of every split, one crash-safe shard file each, and the cache
+file that presents the shards as one data set per split (HDF5 virtual datasets) or a merged copy.
+
+A shard file is an ordinary featcache cache of its share of the samples, named
+``<cache>.shard-00001-of-00004.h5`` beside the final cache, with the same fingerprint. Shares are
+contiguous and aligned to whole batches, so each shard computes exactly the batches a single
+process would, and the assembled cache equals a single-process run's: same order, same values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CacheError, ConfigError
+from .store import FORMAT, SCHEMA_VERSION, fsync_dir, open_cache
+
+SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"The 'shard' option must be I/N with 0 <= I < N, e.g. 0/4. Got {text!r}.")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_path(final: Path, i: int, n: int) -> Path:
+    return final.with_name(f"{final.name}.shard-{i:05d}-of-{n:05d}.h5")
+
+
+def shard_range(n_rows: int, batch_size: int, i: int, n: int) -> tuple[int, int]:
+    """Rows [start, end) of share ``i`` of ``n``: contiguous, aligned to whole batches."""
+    blocks = -(-n_rows // batch_size)
+    a, b = i * blocks // n, (i + 1) * blocks // n
+    return min(a * batch_size, n_rows), min(b * batch_size, n_rows)
+
+
+def restrict_plan(plan: dict, batch_size: int, i: int, n: int) -> dict:
+    out = {}
+    for split, rows in plan.items():
+        a, b = shard_range(len(rows), batch_size, i, n)
+        out[split] = rows[a:b]
+    return out
+
+
+def shards_complete(final: Path, n: int) -> bool:
+    return all(shard_path(final, i, n).is_file() for i in range(n))
+
+
+def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
+    """Write ``final`` from its ``n`` finished shard files.
+
+    Small per-sample arrays (labels, ids, hashes, stat) are copied; features and views are HDF5
+    virtual datasets pointing into the shard files (relative names: keep the files together), or
+    copied into one self-contained file with ``copy=True``. Shards of different fingerprints are
+    refused.
+    """
+    paths = [shard_path(final, i, n) for i in range(n)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CacheError(f"Cannot assemble '{final.name}': shard(s) {', '.join(missing)} are not finished. "
+                         f"Run the extraction of those shards (same command with --shard I/{n}).")
+    caches = [open_cache(p) for p in paths]
+    try:
+        fp = caches[0].fingerprint
+        for p, c in zip(paths, caches):
+            if c.fingerprint != fp:
+                raise CacheError(f"Shard '{p.name}' has another fingerprint than '{paths[0].name}'; it was made "
+                                 f"with other options or versions. Re-extract it with the same command.")
+            if json.loads(c._h5.attrs.get("shard", "null") or "null") != [paths.index(p), n]:
+                raise CacheError(f"'{p.name}' is not shard {paths.index(p)} of {n} (its shard attribute disagrees).")
+        splits = [s for s in caches[0].splits]
+        for c in caches[1:]:
+            for s in c.splits:
+                if s not in splits:
+                    splits.append(s)
+        tmp = final.with_name(final.name + ".tmp")
+        with h5py.File(tmp, "w", track_order=True) as h:
+            src_attrs = caches[0]._h5.attrs
+            for key in ("format", "schema_version", "fingerprint", "fingerprint_hash", "classes", "layers",
+                        "extract_config"):
+                if key in src_attrs:
+                    h.attrs[key] = src_attrs[key]
+            timings = {"shards": [c.timings for c in caches]}
+            h.attrs["timings"] = json.dumps(timings)
+            h.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            h.attrs["shards"] = json.dumps([] if copy else [p.name for p in paths])
+            layers = caches[0].layers
+            for split in splits:
+                parts = [c for c in caches if split in c.splits]
+                g = h.create_group(split)
+                sizes = [c.n(split) for c in parts]
+                total = sum(sizes)
+                g.create_dataset("labels", data=np.concatenate([c.labels(split) for c in parts]), track_times=False)
+                g.create_dataset("ids", data=np.asarray(sum((c.ids(split) for c in parts), []), dtype=object),
+                                 dtype=h5py.string_dtype(), track_times=False)
+                g.create_dataset("hashes", data=np.concatenate([c.hashes(split) for c in parts]), track_times=False)
+                g.create_dataset("stat", data=np.concatenate([c.stat(split) for c in parts]).reshape(-1, 2),
+                                 track_times=False)
+                kinds = ["features"] + (["views"] if parts[0].has_views(split) else [])
+                for kind in kinds:
+                    for layer in layers:
+                        dsets = [(c.features(split, layer) if kind == "features" else c.views(split, layer))
+                                 for c in parts]
+                        shape = (total, *dsets[0].shape[1:])
+                        name = f"{kind}/{layer}"
+                        if copy or total == 0:
+                            out = g.create_dataset(name, shape=shape, dtype=dsets[0].dtype,
+                                                   chunks=dsets[0].chunks if total else None, track_times=False)
+                            start = 0
+                            for d in dsets:
+                                for a in range(0, d.shape[0], 4096):
+                                    block = d[a:a + 4096]
+                                    out[start + a:start + a + len(block)] = block
+                                start += d.shape[0]
+                        else:
+                            layout = h5py.VirtualLayout(shape=shape, dtype=dsets[0].dtype)
+                            start = 0
+                            for p, c, d in zip([x for x, cc in zip(paths, caches) if cc in parts], parts, dsets):
+                                if d.shape[0]:
+                                    vs = h5py.VirtualSource(p.name, f"/{split}/{name}", shape=d.shape)
+                                    layout[start:start + d.shape[0]] = vs
+                                start += d.shape[0]
+                            g.create_virtual_dataset(name, layout, fillvalue=np.nan)
+            f = h.create_group("failed")
+            failed = [x for c in caches for x in c.failed]
+            f.create_dataset("split", data=np.asarray([x["split"] for x in failed], dtype=object),
+                             dtype=h5py.string_dtype())
+            f.create_dataset("ids", data=np.asarray([x["id"] for x in failed], dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("reasons", data=np.asarray([x["reason"] for x in failed], dtype=object),
+                             dtype=h5py.string_dtype())
+            f.create_dataset("stat", data=np.asarray([x["stat"] for x in failed], dtype=np.int64).reshape(-1, 2))
+            labels = [c._h5["failed/labels"][()] if "failed/labels" in c._h5 else np.zeros(len(c.failed), np.int64)
+                      for c in caches]
+            f.create_dataset("labels", data=np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64))
+    finally:
+        for c in caches:
+            c.close()
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if copy:
+        for p in paths:
+            p.unlink()
+    return final
+
+
+def find_shard_sets(cache_dir: str | os.PathLike) -> dict[Path, int]:
+    """Shard sets in a folder: final cache path -> number of shards."""
+    out: dict[Path, int] = {}
+    for p in Path(cache_dir).glob("*.shard-*-of-*.h5"):
+        m = SHARD_RE.match(p.name)
+        if m:
+            final = p.with_name(m.group("base"))
+            n = int(m.group("n"))
+            if out.get(final, n) != n:
+                raise CacheError(f"'{final.name}' has shards of different counts in {cache_dir}; delete the stale ones.")
+            out[final] = n
+    return out
+
+
+def merge_dir(cache_dir: str | os.PathLike, *, copy: bool = False) -> list[dict]:
+    """Assemble every complete shard set in a folder whose cache is not there yet."""
+    results = []
+    for final, n in sorted(find_shard_sets(cache_dir).items()):
+        if final.exists() and not copy:
+            results.append({"cache": str(final), "shards": n, "status": "exists"})
+            continue
+        merge_shards(final, n, copy=copy)
+        results.append({"cache": str(final), "shards": n, "status": "merged" if copy else "assembled"})
+    if not results:
+        raise CacheError(f"No shard files (*.shard-I-of-N.h5) in '{cache_dir}'. Extract with --shard I/N first.")
+    return results
+
+
+__all__ = ["FORMAT", "SCHEMA_VERSION", "merge_dir", "merge_shards", "parse_shard", "restrict_plan", "shard_path",
+           "shard_range", "shards_complete"]
