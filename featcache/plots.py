@@ -42,6 +42,7 @@ _STYLE = {
     "axes.grid": True,
     "grid.alpha": 0.3,
     "grid.linestyle": "-",
+    "axes.axisbelow": True,
     "figure.facecolor": "white",
     "savefig.facecolor": "white",
 }
@@ -97,8 +98,12 @@ def _t(value: Any) -> str:
 
 
 def _short(value: Any, n: int = 28) -> str:
+    """Cut in the middle: class names and paths differ at their ends more than at their starts."""
     s = str(value)
-    return s if len(s) <= n else s[: n - 1] + "…"
+    if len(s) <= n:
+        return s
+    head = (n - 1) // 2
+    return s[:head] + "…" + s[len(s) - (n - 1 - head):]
 
 
 def _metric_label(metric: str, split: str | None = None) -> str:
@@ -143,6 +148,18 @@ def _no_data(fig, ax, message: str) -> None:
     ax.set_axis_off()
     ax.text(0.5, 0.5, _t(message), ha="center", va="center", wrap=True, fontsize=11, color="#555",
             transform=ax.transAxes)
+
+
+def _legend_below(fig, axes, handles=None) -> None:
+    """One legend under the plot area, so it never hides a curve or a bar."""
+    if handles is None:
+        seen: dict = {}
+        for ax in axes:
+            for h, label in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(label, h)
+        handles = list(seen.values())
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), frameon=False)
 
 
 def _grid_shape(n: int, max_cols: int = 3) -> tuple[int, int]:
@@ -219,7 +236,7 @@ def shots_curve(records: list[dict], path: str | os.PathLike, *, metric: str = "
             ax.yaxis.set_tick_params(labelleft=True)
             if len(sources) > 1:
                 ax.set_title(_t(_short(source, 40)))
-            ax.legend(loc="best")
+        _legend_below(fig, axes)
         title = f"{_METRIC_LABELS.get(metric, metric).capitalize()} vs shots"
         if len(sources) == 1 and sources[0] is not None:
             title += f" on {_t(_short(sources[0], 40))}"
@@ -284,7 +301,7 @@ def accuracy_by_layer(records: list[dict], path: str | os.PathLike, *, split: st
         ax.set_xlabel("layer")
         ax.set_ylabel(f"mean {_metric_label('top1', split)}")
         ax.set_title(f"Top-1 accuracy by layer ({setting})")
-        ax.legend(loc="upper left", ncols=min(3, len(groups)))
+        _legend_below(fig, [ax])
         return _save(fig, path)
 
 
@@ -334,7 +351,7 @@ def time_breakdown(records: list[dict], path: str | os.PathLike) -> Path:
         ax.grid(axis="y", visible=False)
         ax.set_xlabel("seconds")
         ax.set_title("Where the time goes")
-        ax.legend(loc="lower right")
+        _legend_below(fig, [ax])
         return _save(fig, path)
 
 
@@ -386,9 +403,10 @@ def layer_curve(layers: list[dict], path: str | os.PathLike, *, recommendation: 
             ax.plot([b], [ys[b]], marker="*", ms=16, color="#f2b701", mec="#7a5c00", ls="none",
                     label=f"best: {_t(names[b])}", zorder=4)
         if np.isfinite(ys).any():
-            for xi, yi in zip(x, ys):
+            best_i = names.index(rec["best_layer"]) if rec.get("best_layer") in names else -1
+            for i, (xi, yi) in enumerate(zip(x, ys)):
                 if np.isfinite(yi):
-                    ax.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(0, 8),
+                    ax.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(0, 13 if i == best_i else 8),
                                 ha="center", fontsize=8)
             lo, hi = np.nanmin(ys), np.nanmax(ys)
             pad = max(0.05, (hi - lo) * 0.2)
@@ -398,7 +416,7 @@ def layer_curve(layers: list[dict], path: str | os.PathLike, *, recommendation: 
         ax.set_xlabel("layer (input → output)")
         ax.set_ylabel(_metric_label("top1", split))
         ax.set_title(_t(title) if title else "Accuracy by depth")
-        ax.legend(loc="lower left")
+        _legend_below(fig, [ax])
         return _save(fig, path)
 
 
@@ -506,7 +524,7 @@ def sweep_curve(sweep: list[dict], param: str, path: str | os.PathLike, *, best:
         ax2.tick_params(axis="y", colors="C3")
         scored = (best or {}).get("scored_on")
         ax.set_title(f"Sweep of {pname}" + (f" (scored on {_t(scored)})" if scored else ""))
-        ax.legend(handles=handles, loc="best")
+        _legend_below(fig, [ax], handles=handles)
         return _save(fig, path)
 
 

@@ -519,7 +519,7 @@ def _bench_page(src: Path, tmp: Path) -> tuple[str, str, str, str]:
         ("shots per class", ", ".join(_shots_label(s) for s in shots)),
         ("seeds", _join(sorted({r.get("seed") for r in records}, key=str))),
         ("scored on", split),
-        ("time", f"{_seconds(sum(caches.values()))} extracting ({len(caches)} cache(s)), {_seconds(fit_s)} fitting"),
+        ("time", f"{_seconds(sum(caches.values()))} extracting ({len(caches)} cache{'s' if len(caches) != 1 else ''}), {_seconds(fit_s)} fitting"),
         ("featcache", _join(r.get("featcache_version") for r in records)),
     ])
     lrows = [[_e(i), _e(r["backbone"]), _e(r["layer"]), _e(r["source"]), _e(r["head"]), _e(_shots_label(r["shots"])),

@@ -216,6 +216,7 @@ class NpzSource(Source):
             keys = set(data.files)
         except Exception as e:  # zipfile/ValueError: not an npz, or object arrays
             raise SourceError(f"'{path}' is not a readable .npz file without pickles ({e}).") from None
+        self._stat = os.stat(path)
         self._arrays: dict[str, np.ndarray] = {}
         labels_all = []
         for split in SPLIT_NAMES:
@@ -225,7 +226,7 @@ class NpzSource(Source):
             if ik not in keys or lk not in keys:
                 raise SourceError(f"npz file '{path}' has only one of '{ik}' and '{lk}'; both are needed.")
             try:
-                images, labels = data[ik], data[lk]
+                images, labels = _npz_member(path, ik, data), data[lk]
             except ValueError as e:
                 raise SourceError(f"npz file '{path}': cannot read '{ik}'/'{lk}' without pickles ({e}).") from None
             images = _check_images(images, f"{path}:{ik}")
@@ -252,8 +253,35 @@ class NpzSource(Source):
 
     def read(self, ref: SampleRef) -> tuple[np.ndarray, str]:
         split, i = ref.key
-        arr = self._arrays[split][i]
+        arr = np.asarray(self._arrays[split][i])
         return arr, content_hash(arr)
+
+    def stat(self, ref: SampleRef) -> tuple[int, int]:
+        # Array samples change only when the file does: its size and mtime stand for every sample.
+        return (self._stat.st_size, self._stat.st_mtime_ns)
+
+
+def _npz_member(path: Path, key: str, data) -> np.ndarray:
+    """An array of an .npz, memory-mapped when it is stored uncompressed (np.savez), so a large
+    file is not read into memory; compressed members (np.savez_compressed) are read whole."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(key + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return data[key]
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError("object arrays need pickles")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def _check_images(images: np.ndarray, where: str) -> np.ndarray:

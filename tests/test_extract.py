@@ -315,3 +315,20 @@ def test_dry_run_plans_bytes_without_extracting(tmp_path, image_folder):
     assert row["bytes_per_image"] == 1024 * 14 * 14 * 2  # float16
     assert row["total_bytes"] == row["bytes_per_image"] * 24
     assert not plan["exists"] and not (tmp_path / "c").exists()
+
+
+def test_npz_is_memory_mapped_and_a_changed_file_is_not_a_hit(tiny, tmp_path):
+    from featcache.sources import NpzSource
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "arr.npz"
+    np.savez(path, train_images=rng.integers(0, 255, (6, 20, 20, 3), dtype=np.uint8), train_labels=np.arange(6) % 2)
+    assert isinstance(NpzSource(path)._arrays["train"], np.memmap)
+    first = extract(str(path), **tiny)
+    before = _features(first.cache)[0]
+    time.sleep(0.01)
+    np.savez(path, train_images=rng.integers(0, 255, (6, 20, 20, 3), dtype=np.uint8), train_labels=np.arange(6) % 2)
+    second = extract(str(path), **tiny)
+    assert not second.cache_hit and second.computed == 6
+    assert second.cache == first.cache
+    assert not np.array_equal(before, _features(second.cache)[0])  # new content, new features
