@@ -394,29 +394,46 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--cv", type=int, default=5, show_default=True, help="Folds of the sweep when there is no eval split.")
 @click.option("--max-memory", type=float, default=2.0, show_default=True,
               help="GiB of features to load into memory; larger caches are streamed (linear, mlp).")
+@click.option("--epochs", type=int, default=None, help="Training epochs (tail, mlp, linear with adamw).")
+@click.option("--lr", type=float, default=None, help="Learning rate (tail, mlp, linear with adamw).")
+@click.option("--batch-size", type=int, default=None, help="Mini-batch size (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds"}.')
 @_fail_cleanly
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, seed,
-             refit_on_trainval, shots, seeds, cv, max_memory, opts, output, runs_dir, as_json) -> None:
-    """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split."""
+             refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size, opts, output, runs_dir,
+             as_json) -> None:
+    """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split.
+
+    With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
+    the pretrained layers after B get a new classifier and are trained on them, sampling the cached
+    augmented views (extract --views K) when there are any.
+    """
     from .fit import FitConfig, fit_head as run, parse_grid
+    from .heads import HEADS
     from .metrics import format_metrics_table
+
+    head_opts = _head_options(opts)
+    for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
+        if value is not None:
+            if name not in HEADS.entry(head).extra["options"]:
+                raise click.UsageError(f"--{name.replace('_', '-')} does not apply to head '{head}'.")
+            head_opts[name] = value
 
     config = FitConfig(head=head, layer=layer, train_split=train_split,
                        eval_split=None if eval_split in (None, "none") else eval_split, normalize=normalize,
                        pca=pca, grid=parse_grid(grid), class_weight=class_weight, seed=seed,
                        refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
-                       max_memory=int(max_memory * 2**30), head_options=_head_options(opts), output=output,
+                       max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
                        runs_dir=runs_dir)
     res = run(cache, config)
     if as_json:
         _echo_json(res.to_dict())
         return
     b = res.best
-    if b["param"] and b["score"] is not None:
+    if b.get("param") and b["score"] is not None:
         click.echo(f"{res.head}: best {b['param']}={b['value']:g} (top-1 {b['score']:.4f} on {b['scored_on']})")
     _print_metrics(res.metrics, format_metrics_table)
     if res.few_shot:
@@ -658,3 +675,39 @@ def merge(cache_dir, copy, as_json):
         return
     for r in rows:
         click.echo(f"{r['cache']}: {r['status']} from {r['shards']} shards")
+
+
+@main.command()
+@click.argument("source")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone spec.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file.")
+@click.option("--freeze-until", default=None, help="Stage B: B and everything before it stay frozen.")
+@click.option("--train", "train", multiple=True, help="Train modules matching this pattern (repeatable), e.g. 'layer4*'.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", "num_workers", type=int, default=0, show_default=True, help="Decoding worker processes.")
+@click.option("--input-size", type=int, default=None, help="Override the crop size (px).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help='Print {"run", "metrics", "per_epoch", "seconds"}.')
+@_fail_cleanly
+def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_size, seed, device, num_workers,
+             input_size, output, runs_dir, as_json):
+    """Fine-tune the layers after a freeze boundary on raw images, the classic way (the reference
+    that 'fit-head --head tail' on cached boundary activations is measured against)."""
+    from .finetune import FinetuneConfig, finetune as run
+
+    config = FinetuneConfig(backbone=backbone, weights=weights, freeze_until=freeze_until, train=tuple(train),
+                            epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                            num_workers=num_workers, input_size=input_size, output=output, runs_dir=runs_dir)
+    res = run(source, config, progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
+    if as_json:
+        _echo_json(res.to_dict())
+        return
+    from .metrics import format_metrics_table
+
+    _print_metrics(res.metrics, format_metrics_table)
+    click.echo(f"run saved to {res.run} ({res.seconds:.1f} s)")

@@ -32,7 +32,7 @@ METRICS_JSON = "metrics.json"
 SWEEP_CSV = "sweep.csv"
 TRANSFORM = "transform.safetensors"
 #: Heads that read the training features chunk by chunk from HDF5 when they exceed max_memory.
-STREAMING_HEADS = ("linear", "mlp")
+STREAMING_HEADS = ("linear", "mlp", "ridge", "ncm", "tail")
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,9 @@ class _Data:
         ds = self.cache.features(split, self.layer)
         nbytes = int(np.prod(ds.shape)) * 4
         if nbytes <= self.config.max_memory:
-            return self.cache.load(split, self.layer)[0].reshape(ds.shape[0], -1)
+            X = self.cache.load(split, self.layer)[0]
+            # Feature heads see vectors; the tail head reads the activation maps as they are.
+            return X if HEADS.entry(self.config.head).extra["inputs"] == "activations" else X.reshape(len(X), -1)
         if self.config.head not in STREAMING_HEADS:
             raise ConfigError(
                 f"Split '{split}' of layer '{self.layer}' needs {nbytes / 2**30:.1f} GiB as float32, more than "
@@ -150,14 +152,20 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     data = _Data(cache, layer, config)
     X_raw = data.raw(config.train_split)
     y = cache.labels(config.train_split)
+    entry = HEADS.entry(config.head)
+    options = dict(config.head_options)
+    fit_kwargs = {}
+    if entry.extra["inputs"] == "activations":
+        config, options, fit_kwargs = _activation_head_setup(cache, layer, config, options, train_idx)
     if train_idx is not None:
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
     classes_all = np.arange(len(cache.classes))
     transform = FeatureTransform(config.normalize, config.pca).fit(X_raw)
-    X = transform.transform(X_raw) if isinstance(X_raw, np.ndarray) else transform.lazy(X_raw)
-    entry = HEADS.entry(config.head)
+    if transform.identity and entry.extra["inputs"] == "activations":
+        X = X_raw  # activation maps keep their shape (read lazily when on disk)
+    else:
+        X = transform.transform(X_raw) if isinstance(X_raw, np.ndarray) else transform.lazy(X_raw)
     param = entry.extra["param"]
-    options = dict(config.head_options)
     if config.class_weight:
         if "class_weight" not in entry.extra["options"]:
             raise ConfigError(f"Head '{config.head}' has no class_weight option; drop --class-weight.")
@@ -213,9 +221,30 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
         transform = FeatureTransform(config.normalize, config.pca).fit(np.concatenate([X_raw, X_eval_raw]))
         X = transform.transform(np.concatenate([X_raw, X_eval_raw]))
         y = np.concatenate([y, cache.labels(eval_split)])
-    final.fit(X, y)
+    final.fit(X, y, **fit_kwargs)
     _ = classes_all
     return final, transform, best, sweep
+
+
+def _activation_head_setup(cache: FeatureCache, layer: str, config: FitConfig, options: dict, train_idx):
+    """The tail head rebuilds the network after ``layer`` from the cache's own backbone, trains on
+    raw (unnormalised) activations, and samples the cached augmented views when there are any."""
+    fp, ex = cache.fingerprint, cache.extract_config
+    if fp.get("pool") != "none":
+        raise ConfigError(
+            f"--head {config.head} trains the network after '{layer}' on its spatial activations; this cache "
+            f"pooled them ({fp.get('pool')}). Extract with --layer {layer} --pool none."
+        )
+    if config.pca is not None:
+        raise ConfigError(f"--head {config.head} reads raw activations; drop --pca.")
+    config = FitConfig(**{**config.to_dict(), "normalize": "none", "grid": None})
+    options = {"backbone": ex.get("backbone") or fp["backbone"]["name"], "weights": ex.get("weights"),
+               "input_size": ex.get("input_size"), "boundary": layer, **options}
+    fit_kwargs = {}
+    if cache.has_views(config.train_split):
+        views = cache.views(config.train_split, layer)
+        fit_kwargs["views"] = views if train_idx is None else views[np.sort(train_idx)]
+    return config, options, fit_kwargs
 
 
 def _score_splits(cache, layer, config, head, transform, skip: str) -> dict:

@@ -125,7 +125,8 @@ class ExportedModel(nn.Module):
     def __init__(self, run: Run, bb: Backbone) -> None:
         super().__init__()
         self.features = truncated_model(bb, run.meta["layer"], run.meta["fingerprint"]["pool"])
-        self.transform = run.transform.to_torch()
+        # The tail head reads the spatial activations themselves: no flattening transform.
+        self.transform = nn.Identity() if run.transform.identity else run.transform.to_torch()
         self.head = run.head.to_torch()
         n = len(run.classes)
         index = torch.as_tensor(np.asarray(run.head.classes_, dtype=np.int64))

@@ -226,3 +226,38 @@ def test_real_logreg_reaches_093(real_cache, tmp_path):
     assert res.metrics["val"]["top1"] >= 0.93
     lin = fit_head(real_cache.cache, head="linear", output=str(tmp_path / "l"))
     assert abs(lin.metrics["val"]["top1"] - res.metrics["val"]["top1"]) <= 0.01 + 1e-9
+
+
+def test_tail_head_from_boundary_activations_predicts_and_exports(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=6)
+    res = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(tmp_path / "c"),
+                  layers=("layer3",), pool="none", dtype="float32", views=2)
+    with pytest.raises(ConfigError, match="--pool none"):
+        pooled = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+                         cache_dir=str(tmp_path / "c"), layers=("layer3",))
+        fit_head(pooled.cache, head="tail", output=str(tmp_path / "bad"))
+    fit = fit_head(res.cache, head="tail", head_options={"epochs": 2, "batch_size": 8}, output=str(tmp_path / "r"))
+    assert fit.metrics["val"]["n"] == 12
+    run = load_run(fit.run)
+    plain = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+                    cache_dir=str(tmp_path / "plain"), layers=("layer3",), pool="none", dtype="float32")
+    no_views = load_run(fit_head(plain.cache, head="tail", head_options={"epochs": 2, "batch_size": 8},
+                                 output=str(tmp_path / "r0")).run)
+    with open_cache(plain.cache) as c:
+        Xv = c.load("val")[0]
+    assert not np.allclose(run.predict_proba(Xv), no_views.predict_proba(Xv))  # the views were trained on
+    preds = predict(fit.run, [folder / "val"], top=2)
+    with open_cache(res.cache) as c:
+        X, y = c.load("val")
+    np.testing.assert_allclose([p["probability"] for p in preds], run.predict_proba(X).max(1), atol=1e-5)
+    module = torch.export.load(str(export(fit.run, tmp_path / "tail.pt2"))).module()
+    from featcache.backbones import load_backbone
+    from featcache.preprocess import load_image
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    files = sorted((folder / "val").rglob("*.*"))[:4]
+    x = torch.stack([torch.from_numpy(load_image(f.read_bytes(), bb.preprocess)) for f in files]).float() / 255
+    x = (x - torch.tensor(bb.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(bb.preprocess.std).view(1, 3, 1, 1)
+    by_path = {p["path"]: p["probability"] for p in preds}
+    got = torch.softmax(module(x), 1).max(1).values.detach().numpy()
+    np.testing.assert_allclose(got, [by_path[str(f)] for f in files], atol=1e-4)

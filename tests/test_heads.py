@@ -30,7 +30,8 @@ FAST: dict[str, dict] = {
     "linear": {"device": "cpu"},
     "knn": {"k": 10, "device": "cpu"},
 }
-NAMES = HEADS.names()
+#: Heads of pooled feature vectors (the tail head reads spatial activations: tests/test_tail.py).
+NAMES = [n for n in HEADS.names() if HEADS.entry(n).extra["inputs"] == "features"]
 
 
 def _problem(n_classes: int, *, n: int = 300, d: int = 12, seed: int = 0):
@@ -72,7 +73,8 @@ def fitted(request, multi):
 
 def test_registry_lists_every_head_with_its_options():
     heads = {h["name"]: h for h in list_heads()}
-    assert set(heads) == {"logreg", "ridge", "linear", "mlp", "knn", "ncm", "svm"}
+    assert set(heads) == {"logreg", "ridge", "linear", "mlp", "knn", "ncm", "svm", "tail"}
+    assert heads["tail"]["inputs"] == "activations"
     for name, info in heads.items():
         cls = HEADS.get(name)
         assert set(info["options"]) == set(cls._get_param_names()), name

@@ -24,7 +24,9 @@ from .torch_heads import LinearHead, MLPHead
 HEADS: Registry[type[BaseHead]] = Registry("head", "featcache heads")
 
 
-def _register(name: str, cls: type[BaseHead], description: str) -> None:
+def _register(name: str, cls: type[BaseHead], description: str, *, inputs: str = "features") -> None:
+    """``inputs``: "features" (pooled vectors) or "activations" (the spatial maps at a freeze
+    boundary, ``extract --pool none``), which only the tail head reads."""
     HEADS.register(
         name,
         cls,
@@ -32,6 +34,7 @@ def _register(name: str, cls: type[BaseHead], description: str) -> None:
         options=dict(cls.options),
         param=cls.param,
         default_grid=tuple(cls.default_grid),
+        inputs=inputs,
     )
 
 
@@ -54,6 +57,16 @@ _register(
 _register("knn", KNNHead, "cosine k-NN with temperature-weighted votes (DINO's k-NN eval)")
 _register("ncm", NCMHead, "nearest class mean (cosine or euclidean)")
 _register("svm", SVMHead, "linear SVM, squared hinge (scikit-learn LinearSVC)")
+
+
+def _register_tail() -> None:
+    from ..tail import TailHead  # imports heads.base: register after the feature heads exist
+
+    _register("tail", TailHead, "the pretrained network after the cached boundary layer (extract --layer B "
+              "--pool none) with a new classifier, fine-tuned on the cached activations", inputs="activations")
+
+
+_register_tail()
 
 
 def make_head(name: str, **params: Any) -> BaseHead:
@@ -104,6 +117,7 @@ def list_heads() -> list[dict[str, Any]]:
             "param": e.extra["param"],
             "default_grid": list(e.extra["default_grid"]),
             "options": dict(e.extra["options"]),
+            "inputs": e.extra["inputs"],
         }
         for e in HEADS
     ]
