@@ -533,21 +533,24 @@ def export(run_dir, out, weights) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def demo(out_dir, cache_dir, quiet) -> None:
-    """Extract the built-in digits with efficientnet_lite0, fit two heads with sweeps, compare them."""
+    """Extract the built-in digits with efficientnet_lite0, fit two heads with sweeps, print the
+    leaderboard and write an HTML report."""
     from .demo import run_demo
+
+    def progress(i, total, rec, elapsed):
+        m = rec["metrics"]["val"]
+        click.echo(f"[{i}/{total}] {rec['head']}: best {rec['best']['param']}={rec['best']['value']:g}, val top-1 "
+                   f"{m['top1']:.4f}, fitted in {rec['fit_seconds']:.1f} s")
 
     bar = _Progress("extract digits", quiet)
     try:
-        res, fits = run_demo(out_dir=out_dir, cache_dir=cache_dir, progress=bar, log=click.echo)
+        out = run_demo(out_dir=out_dir, cache_dir=cache_dir, progress=progress, extract_progress=bar)
     finally:
         bar.close()
-    click.echo("")
-    click.echo(f"{'head':<8} {'best':<14} {'val top-1':>9} {'macro F1':>9} {'fit s':>6}")
-    for f in sorted(fits, key=lambda f: -f.metrics["val"]["top1"]):
-        m = f.metrics["val"]
-        click.echo(f"{f.head:<8} {f.best['param']}={f.best['value']:<12.4g} {m['top1']:>9.4f} {m['macro_f1']:>9.4f} "
-                   f"{f.seconds:>6.1f}")
-    click.echo(f"\nInspect the cache: featcache info {res.cache}")
+    rec = out["records"][0]
+    click.echo(f"\ncache: {rec['cache']} (extracted in {rec['extract_seconds']:.1f} s; a re-run is a cache hit)\n")
+    click.echo((Path(out["bench_dir"]) / "leaderboard.md").read_text())
+    click.echo(f"report: {out['report']}")
 
 
 # --- benchmarking -----------------------------------------------------------------------------

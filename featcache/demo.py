@@ -1,29 +1,24 @@
-"""The built-in demo: extract ``digits`` with the default backbone, fit two heads with a sweep,
-compare them. Runs offline on a CPU in a couple of minutes."""
+"""The built-in demo: on ``digits`` with the default backbone, extract once, fit two heads with
+regularisation sweeps, print the leaderboard and write an HTML report. Offline, a few minutes on
+two CPU cores."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
-from .extract import ExtractConfig, ExtractResult, extract
-from .fit import FitResult, fit_head
+from .bench import BenchConfig, run_bench
+from .report import leaderboard, write_report
 
-DEMO_HEADS = ("logreg", "linear")
+DEMO_HEADS = ("linear", "knn")
 
 
 def run_demo(*, out_dir: str = "demo-out", cache_dir: str = "cache", backbone: str = "efficientnet_lite0",
-             heads: tuple[str, ...] = DEMO_HEADS, progress=None,
-             log: Callable[[str], None] = lambda s: None) -> tuple[ExtractResult, list[FitResult]]:
-    """Extract ``digits`` once and fit ``heads`` on its cache; runs go under ``out_dir/runs``."""
-    config = ExtractConfig(backbone=backbone, cache_dir=cache_dir)
-    res = extract("digits", config, progress=progress)
-    log(f"cache: {res.cache} ({'cache hit' if res.cache_hit else f'{res.computed} images extracted'}, "
-        f"{res.seconds:.1f} s)")
-    fits = []
-    for head in heads:
-        fit = fit_head(res.cache, head=head, runs_dir=str(Path(out_dir) / "runs"))
-        log(f"{head}: best {fit.best['param']}={fit.best['value']:g}, val top-1 "
-            f"{fit.metrics['val']['top1']:.4f} ({fit.seconds:.1f} s) -> {fit.run}")
-        fits.append(fit)
-    return res, fits
+             heads: tuple[str, ...] = DEMO_HEADS, progress=None, extract_progress=None) -> dict:
+    """Run the demo grid; returns ``{"records", "leaderboard", "report", "bench_dir"}``."""
+    out = Path(out_dir)
+    config = BenchConfig(backbones=(backbone,), sources=("digits",), heads=heads, shots=(0,), seeds=1,
+                         extract={"cache_dir": cache_dir})
+    records = run_bench(config, out / "bench", progress=progress, extract_progress=extract_progress)
+    report = write_report(out / "bench", out / "report.html")
+    return {"records": records, "leaderboard": leaderboard(records), "report": str(report),
+            "bench_dir": str(out / "bench")}

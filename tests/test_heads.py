@@ -385,9 +385,10 @@ def test_batched_lbfgs_matches_separate_runs():
     ] * torch.eye(6, dtype=torch.float64)
     c = torch.randn(4, 6, generator=gen, dtype=torch.float64)
 
-    def fg(x):
-        Hx = torch.einsum("gij,gj->gi", H, x)
-        return 0.5 * (x * Hx).sum(1) - (c * x).sum(1), Hx - c
+    def fg(x, idx=None):
+        Hs, cs = (H, c) if idx is None else (H[idx], c[idx])
+        Hx = torch.einsum("gij,gj->gi", Hs, x)
+        return 0.5 * (x * Hx).sum(1) - (cs * x).sum(1), Hx - cs
 
     x, n_iter, unfinished = batched_lbfgs(
         fg, torch.zeros(4, 6, dtype=torch.float64), max_iter=200, tol=1e-10, ftol=0.0
@@ -397,7 +398,7 @@ def test_batched_lbfgs_matches_separate_runs():
     assert not unfinished.any()
     for g in range(4):
         xg, ng, _ = batched_lbfgs(
-            lambda z, g=g: tuple(t[g : g + 1] for t in fg(z.expand(4, -1))),
+            lambda z, idx, g=g: fg(z, torch.tensor([g])),
             torch.zeros(1, 6, dtype=torch.float64),
             max_iter=200,
             tol=1e-10,

@@ -202,8 +202,9 @@ def batched_lbfgs(
     Parameters
     ----------
     fg : callable
-        ``fg(x)`` with ``x`` of shape (G, P) returns ``f`` of shape (G,) (float64) and the
-        gradient of shape (G, P).
+        ``fg(x, idx)`` with ``x`` of shape (G', P), the points of functions ``idx`` (a long
+        tensor, or None for all G), returns ``f`` of shape (G',) (float64) and the gradient of
+        shape (G', P).
     x0 : Tensor of shape (G, P)
     max_iter : int
     tol : float
@@ -221,8 +222,19 @@ def batched_lbfgs(
         Functions still improving when ``max_iter`` ran out.
     """
     x = x0.clone()
-    f, g = fg(x)
+    f, g = fg(x, None)
     G = x.shape[0]
+
+    def evaluate(trial: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Only the functions still searching are evaluated: converged grid points cost nothing.
+        ft = torch.full((G,), float("inf"), dtype=torch.float64, device=trial.device)
+        gt = torch.zeros_like(trial)
+        idx = need.nonzero().flatten()
+        if len(idx):
+            fs, gs = fg(trial[idx], idx)
+            ft[idx], gt[idx] = fs, gs
+        return ft, gt
+
     dev = x.device
     active = g.abs().amax(1) > tol
     n_iter = torch.zeros(G, dtype=torch.long, device=dev)
@@ -261,7 +273,7 @@ def batched_lbfgs(
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
         for _ in range(max_ls):
             trial = torch.where(accepted[:, None], x_new, x + t.to(x.dtype)[:, None] * d)
-            ft, gt = fg(trial)
+            ft, gt = evaluate(trial, ~accepted)
             armijo = ft <= f + 1e-4 * t * gd
             # Hager-Zhang's approximate Wolfe test: once f's decrease drowns in float32 rounding,
             # the directional derivative still tells a good step from a bad one.
@@ -338,13 +350,14 @@ class _LinearProblem:
         self.block_rows = max(1, _BLOCK_ELEMENTS // (self.G * (self.k + 1)))
 
     def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        W = x[:, : self.D * self.k].view(self.G, self.D, self.k)
+        W = x[:, : self.D * self.k].view(x.shape[0], self.D, self.k)
         return W, x[:, self.D * self.k :]
 
     def logits(self, W: torch.Tensor, b: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         """Scores of shape (G, B, k): one (B, D) @ (D, G*k) product for all heads."""
-        Wcat = W.permute(1, 0, 2).reshape(self.D, self.G * self.k)
-        return (xb @ Wcat).view(-1, self.G, self.k).permute(1, 0, 2) + b[:, None, :]
+        G = W.shape[0]
+        Wcat = W.permute(1, 0, 2).reshape(self.D, G * self.k)
+        return (xb @ Wcat).view(-1, G, self.k).permute(1, 0, 2) + b[:, None, :]
 
     def loss_grad_sum(
         self, W: torch.Tensor, b: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
@@ -366,13 +379,16 @@ class _LinearProblem:
         loss = ce.sum(1, dtype=torch.float64)
         if self.binary:
             p = p[..., 1:]
-        gW = (xb.T @ p.permute(1, 0, 2).reshape(B, self.G * self.k)).view(self.D, self.G, self.k)
+        G = W.shape[0]
+        gW = (xb.T @ p.permute(1, 0, 2).reshape(B, G * self.k)).view(self.D, G, self.k)
         return loss, gW.permute(1, 0, 2), p.sum(1)
 
-    def fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-batch objective (G,) and gradient (G, P), accumulated over row chunks."""
+    def fg(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-batch objective (G',) and gradient (G', P), accumulated over row chunks, for the
+        grid points ``idx`` (all when None; ``x`` holds just those rows)."""
         W, b = self.unpack(x)
-        f = torch.zeros(self.G, dtype=torch.float64, device=x.device)
+        inv_reg = self.inv_reg if idx is None else self.inv_reg[idx]
+        f = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         gW = torch.zeros_like(W)
         gb = torch.zeros_like(b)
         for start, xc in self.rows.chunks():
@@ -384,9 +400,9 @@ class _LinearProblem:
                 gW += dW
                 gb += db
         n = self.rows.n
-        f = f / n + 0.5 * (self.inv_reg.double() * (W.double() ** 2).sum((1, 2)))
-        gW = gW / n + self.inv_reg[:, None, None] * W
-        return f, torch.cat([gW.reshape(self.G, -1), gb / n], dim=1)
+        f = f / n + 0.5 * (inv_reg.double() * (W.double() ** 2).sum((1, 2)))
+        gW = gW / n + inv_reg[:, None, None] * W
+        return f, torch.cat([gW.reshape(x.shape[0], -1), gb / n], dim=1)
 
 
 def _grid_scores(
