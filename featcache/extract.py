@@ -33,7 +33,7 @@ from .preprocess import Augment, DecodeError, augmented_views, decode, resize_cr
 from .registry import check_choice, check_int
 from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
-                    cache_file_name, feature_chunks, fsync_dir, iter_runs, open_cache)
+                    cache_file_name, commit_file, feature_chunks, iter_runs, open_cache, write_failed)
 from .taps import FeatureTap, list_layers, pool as pool_fn
 
 log = logging.getLogger(__name__)
@@ -534,7 +534,7 @@ def _extract_plan(src, bb, layers, shapes, fp, path: Path, device, order, config
                 )
             res = ExtractResult(str(path), {s: cache.n(s) for s in cache.splits}, len(cache.failed), True,
                                 time.perf_counter() - t0, 0.0, 0, sum(cache.n(s) for s in cache.splits),
-                                [{k: v for k, v in f.items() if k != "stat"} for f in cache.failed])
+                                [{k: f[k] for k in ("split", "id", "reason")} for f in cache.failed])
             cache.close()
             return res
     else:
@@ -755,18 +755,8 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                         dsets[(split, li)][da:db] = block[a:b]
                         if vblock is not None:
                             dsets[(split, li, "views")][da:db] = vblock[a:b]
-        g = h.create_group("failed")
-        g.create_dataset("split", data=np.asarray([f["split"] for f in failures], dtype=object),
-                         dtype=h5py.string_dtype())
-        g.create_dataset("ids", data=np.asarray([f["id"] for f in failures], dtype=object), dtype=h5py.string_dtype())
-        g.create_dataset("reasons", data=np.asarray([f["reason"] for f in failures], dtype=object),
-                         dtype=h5py.string_dtype())
-        g.create_dataset("stat", data=np.asarray([f["stat"] for f in failures], dtype=np.int64).reshape(-1, 2))
-        g.create_dataset("labels", data=np.asarray([f["label"] for f in failures], dtype=np.int64))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+        write_failed(h, failures)
+    commit_file(tmp, path)
     return ExtractResult(str(path), splits_out, len(failures), False, 0.0, 0.0,
                          failures=[{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in failures])
 

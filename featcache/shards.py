@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, ConfigError
-from .store import FORMAT, SCHEMA_VERSION, fsync_dir, open_cache
+from .store import FORMAT, SCHEMA_VERSION, commit_file, open_cache, write_failed
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 
@@ -130,24 +130,11 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                                     layout[start:start + d.shape[0]] = vs
                                 start += d.shape[0]
                             g.create_virtual_dataset(name, layout, fillvalue=np.nan)
-            f = h.create_group("failed")
-            failed = [x for c in caches for x in c.failed]
-            f.create_dataset("split", data=np.asarray([x["split"] for x in failed], dtype=object),
-                             dtype=h5py.string_dtype())
-            f.create_dataset("ids", data=np.asarray([x["id"] for x in failed], dtype=object), dtype=h5py.string_dtype())
-            f.create_dataset("reasons", data=np.asarray([x["reason"] for x in failed], dtype=object),
-                             dtype=h5py.string_dtype())
-            f.create_dataset("stat", data=np.asarray([x["stat"] for x in failed], dtype=np.int64).reshape(-1, 2))
-            labels = [c._h5["failed/labels"][()] if "failed/labels" in c._h5 else np.zeros(len(c.failed), np.int64)
-                      for c in caches]
-            f.create_dataset("labels", data=np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64))
+            write_failed(h, [x for c in caches for x in c.failed])
     finally:
         for c in caches:
             c.close()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    commit_file(tmp, final)
     if copy:
         for p in paths:
             p.unlink()

@@ -265,8 +265,9 @@ class FeatureCache:
         g = self._h5["failed"]
         splits, ids, reasons = (g[k].asstr()[()] for k in ("split", "ids", "reasons"))
         stat = g["stat"][()]
-        return [{"split": s, "id": i, "reason": r, "stat": tuple(int(v) for v in st)}
-                for s, i, r, st in zip(splits, ids, reasons, stat)]
+        labels = g["labels"][()] if "labels" in g else np.full(len(ids), -1)
+        return [{"split": s, "id": i, "reason": r, "stat": tuple(int(v) for v in st), "label": int(lab)}
+                for s, i, r, st, lab in zip(splits, ids, reasons, stat, labels)]
 
     def info(self) -> dict:
         """A JSON-able summary: fingerprint, splits with shapes, failures."""
@@ -282,7 +283,7 @@ class FeatureCache:
                                                  for l in self.layers}}
                 for s in self.splits
             },
-            "failed": [{k: v for k, v in f.items() if k != "stat"} for f in self.failed],
+            "failed": [{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in self.failed],
             "timings": self.timings,
             "bytes": self.path.stat().st_size,
         }
@@ -318,6 +319,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary file durable and move it to its final name atomically."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_failed(h5: h5py.File, failures: list[dict]) -> None:
+    """The ``/failed`` group: split, id, reason, (size, mtime) and label of each unreadable sample."""
+    g = h5.create_group("failed")
+    text = h5py.string_dtype()
+    for key, name in (("split", "split"), ("id", "ids"), ("reason", "reasons")):
+        g.create_dataset(name, data=np.asarray([f[key] for f in failures], dtype=object), dtype=text)
+    g.create_dataset("stat", data=np.asarray([f["stat"] for f in failures], dtype=np.int64).reshape(-1, 2))
+    g.create_dataset("labels", data=np.asarray([f.get("label", -1) for f in failures], dtype=np.int64))
 
 
 class PartialStore:
