@@ -54,8 +54,9 @@ def extract_distributed(source, config: ExtractConfig, *, progress=None) -> dict
     if started_here:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=6))
     try:
-        final = prepare(source, ExtractConfig(**{**config.to_dict(), "shard": None}))[5]
-        watch = _AllRanksProgress(final, world, config.batch_size, rank, progress) if progress else None
+        prepared = prepare(source, ExtractConfig(**{**config.to_dict(), "shard": None}))
+        final, batch = prepared[5], prepared[-1].batch_size
+        watch = _AllRanksProgress(final, world, batch, rank, progress) if progress else None
         t0 = time.perf_counter()
         res: ExtractResult = extract(source, config, progress=watch)
         mine = {"rank": rank, "computed": res.computed, "seconds": time.perf_counter() - t0,

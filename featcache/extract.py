@@ -33,7 +33,8 @@ from .preprocess import Augment, DecodeError, augmented_views, decode, resize_cr
 from .registry import check_choice, check_int
 from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
-                    cache_file_name, commit_file, feature_chunks, iter_runs, open_cache, write_failed)
+                    cache_file_name, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
+                    write_failed, write_strings)
 from .taps import FeatureTap, list_layers, pool as pool_fn
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class ExtractConfig:
     dtype: str = "float16"
     precision: str = "auto"
     channels_last: bool = True
-    batch_size: int = 32
+    #: None: 4 on a CPU (small batches stay in cache: 77 img/s at 4 vs 32 img/s at 32 for
+    #: EfficientNet-Lite0 on the 2-core test machine, BENCHMARKS.md), 64 on a GPU.
+    batch_size: int | None = None
     num_workers: int | None = None
     threads: int | None = None
     device: str = "auto"
@@ -85,7 +88,8 @@ class ExtractConfig:
                 object.__setattr__(self, name, os.fspath(value))
 
     def validate(self) -> None:
-        check_int("batch_size", self.batch_size)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size)
         if self.num_workers is not None:
             check_int("num_workers", self.num_workers, minimum=0)
         if self.threads is not None:
@@ -164,6 +168,19 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 4 if device.type == "cpu" else 64
+
+
+def default_workers(src: Source, device: torch.device) -> int:
+    """Decoding processes: none for pre-decoded arrays; on a CPU half the cores (the forward pass
+    needs the rest: 1 worker beat 2 on 2 cores, BENCHMARKS.md); on a GPU up to 8."""
+    if src.kind in ("npz", "digits"):
+        return 0
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type != "cpu" else max(1, cores // 2)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -409,7 +426,8 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
     bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
                        mean=config.mean, std=config.std)
     device = resolve_device(config.device)
-    config = ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device)})
+    config = ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
+                              "batch_size": config.batch_size or default_batch_size(device)})
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
     layers = list(config.layers) or [bb.default_layer]
@@ -613,9 +631,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     pp = bb.preprocess
     mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255
     inv_std = 1.0 / (torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255)
-    workers = config.num_workers
-    if workers is None:
-        workers = 0 if src.kind in ("npz", "digits") else min(4, os.cpu_count() or 1)
+    workers = config.num_workers if config.num_workers is not None else default_workers(src, device)
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(src, todo, pp, config.augment), batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
@@ -707,18 +723,14 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                                  "label": r.ref.label})
         per_split[split] = ok
     with h5py.File(tmp, "w", track_order=True) as h:
-        h.attrs["format"] = FORMAT
-        h.attrs["schema_version"] = SCHEMA_VERSION
-        h.attrs["fingerprint"] = fp.to_json()
-        h.attrs["fingerprint_hash"] = fp.hash
-        h.attrs["classes"] = _json(src.classes)
-        h.attrs["layers"] = _json(layers)
-        h.attrs["timings"] = _json(timings)
-        h.attrs["extract_config"] = _json({**config.to_dict(), "weights": os.path.abspath(config.weights)
-                                           if config.weights else None})
-        h.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        set_text_attrs(h, format=FORMAT, schema_version=SCHEMA_VERSION, fingerprint=fp.to_json(),
+                       fingerprint_hash=fp.hash, classes=_json(src.classes), layers=_json(layers),
+                       timings=_json(timings),
+                       extract_config=_json({**config.to_dict(),
+                                             "weights": os.path.abspath(config.weights) if config.weights else None}),
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if config.shard is not None:
-            h.attrs["shard"] = _json(list(config.shard))
+            set_text_attrs(h, shard=_json(list(config.shard)))
         dsets: dict[tuple, h5py.Dataset] = {}
         for split, ok in per_split.items():
             g = h.create_group(split)
@@ -734,8 +746,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                         f"views/{name}", shape=(n, *vshape), dtype=np_dtype, track_times=False,
                         chunks=feature_chunks(vshape, np_dtype.itemsize, n) if n else None)
             g.create_dataset("labels", data=np.asarray([r.ref.label for r in ok], dtype=np.int64), track_times=False)
-            g.create_dataset("ids", data=np.asarray([r.ref.id for r in ok], dtype=object),
-                             dtype=h5py.string_dtype(), track_times=False)
+            write_strings(g, "ids", [r.ref.id for r in ok])
             g.create_dataset("hashes", data=np.asarray([r.hash for r in ok], dtype=HASH_DTYPE), track_times=False)
             g.create_dataset("stat", data=np.asarray([r.stat for r in ok], dtype=np.int64).reshape(-1, 2),
                              track_times=False)

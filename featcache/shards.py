@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, ConfigError
-from .store import FORMAT, SCHEMA_VERSION, commit_file, open_cache, write_failed
+from .store import FORMAT, SCHEMA_VERSION, commit_file, open_cache, set_text_attrs, write_failed, write_strings
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 
@@ -75,7 +75,7 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
             if c.fingerprint != fp:
                 raise CacheError(f"Shard '{p.name}' has another fingerprint than '{paths[0].name}'; it was made "
                                  f"with other options or versions. Re-extract it with the same command.")
-            if json.loads(c._h5.attrs.get("shard", "null") or "null") != [paths.index(p), n]:
+            if c.shard != (paths.index(p), n):
                 raise CacheError(f"'{p.name}' is not shard {paths.index(p)} of {n} (its shard attribute disagrees).")
         splits = [s for s in caches[0].splits]
         for c in caches[1:]:
@@ -90,9 +90,8 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                 if key in src_attrs:
                     h.attrs[key] = src_attrs[key]
             timings = {"shards": [c.timings for c in caches]}
-            h.attrs["timings"] = json.dumps(timings)
-            h.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            h.attrs["shards"] = json.dumps([] if copy else [p.name for p in paths])
+            set_text_attrs(h, timings=json.dumps(timings), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           shards=json.dumps([] if copy else [p.name for p in paths]))
             layers = caches[0].layers
             for split in splits:
                 parts = [c for c in caches if split in c.splits]
@@ -100,8 +99,7 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                 sizes = [c.n(split) for c in parts]
                 total = sum(sizes)
                 g.create_dataset("labels", data=np.concatenate([c.labels(split) for c in parts]), track_times=False)
-                g.create_dataset("ids", data=np.asarray(sum((c.ids(split) for c in parts), []), dtype=object),
-                                 dtype=h5py.string_dtype(), track_times=False)
+                write_strings(g, "ids", [i for c in parts for i in c.ids(split)])
                 g.create_dataset("hashes", data=np.concatenate([c.hashes(split) for c in parts]), track_times=False)
                 g.create_dataset("stat", data=np.concatenate([c.stat(split) for c in parts]).reshape(-1, 2),
                                  track_times=False)

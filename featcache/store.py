@@ -20,6 +20,7 @@ half-written under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,8 +126,8 @@ class FeatureCache:
 
     def _attr_json(self, key: str, kind: type):
         raw = self._h5.attrs.get(key)
-        if isinstance(raw, bytes):
-            raw = raw.decode()
+        if isinstance(raw, (bytes, np.bytes_)):
+            raw = _text(raw)
         if not isinstance(raw, str):
             raise CacheError(f"Cache file '{self.path}' has no valid '{key}' attribute. Re-extract it.")
         value = json.loads(raw)
@@ -149,41 +150,88 @@ class FeatureCache:
         self.classes: list[str] = self._attr_json("classes", list)
         self.layers: list[str] = self._attr_json("layers", list)
         self.timings: dict = self._attr_json("timings", dict)
+        #: (I, N) for a shard file of a sharded extraction, else None.
+        shard = self._attr_json("shard", list) if "shard" in self._h5.attrs else None
+        self.shard: tuple[int, int] | None = tuple(shard) if shard else None
         #: The options of the extraction (provenance, e.g. a weights file path); not fingerprinted.
         self.extract_config: dict = self._attr_json("extract_config", dict) if "extract_config" in self._h5.attrs else {}
+        if not self.layers or not all(isinstance(x, str) for x in self.layers):
+            raise CacheError(f"Cache file '{self.path}': its layers attribute must be a non-empty list of names.")
+        if not all(isinstance(x, str) for x in self.classes):
+            raise CacheError(f"Cache file '{self.path}': its classes attribute must be a list of names.")
         if list(self.fingerprint.get("layers", [])) != self.layers:
             raise CacheError(f"Cache file '{self.path}': its layers disagree with its fingerprint.")
         self.splits: list[str] = [k for k in h.keys() if k != "failed"]
         self._check_virtual_sources()
+        want_dtype = self.fingerprint.get("dtype")
         for split in self.splits:
             g = h[split]
+            if not isinstance(g, h5py.Group):
+                raise CacheError(f"Cache file '{self.path}': '{split}' is not a split group.")
             for key in ("labels", "ids", "hashes", "stat"):
-                if key not in g:
+                if not isinstance(g.get(key), h5py.Dataset):
                     raise CacheError(f"Cache file '{self.path}': split '{split}' has no '{key}'.")
-            n = g["labels"].shape[0]
-            if g["labels"].ndim != 1 or g["ids"].shape != (n,) or g["hashes"].shape != (n,) or g["stat"].shape != (n, 2):
+            n = g["labels"].shape[0] if g["labels"].ndim == 1 else -1
+            if n < 0 or g["ids"].shape != (n,) or g["hashes"].shape != (n,) or g["stat"].shape != (n, 2):
                 raise CacheError(f"Cache file '{self.path}': split '{split}' has datasets of different lengths.")
+            _check_kind(self.path, f"{split}/labels", g["labels"], "i")
+            _check_kind(self.path, f"{split}/stat", g["stat"], "i")
+            _check_kind(self.path, f"{split}/hashes", g["hashes"], "S")
+            if h5py.check_string_dtype(g["ids"].dtype) is None:
+                raise CacheError(f"Cache file '{self.path}': '{split}/ids' must hold strings.")
             for layer in self.layers:
                 ds = g.get(f"features/{layer}")
-                if not isinstance(ds, h5py.Dataset) or ds.shape[:1] != (n,):
+                if not isinstance(ds, h5py.Dataset) or ds.ndim < 2 or ds.shape[:1] != (n,):
                     raise CacheError(
                         f"Cache file '{self.path}': split '{split}' lacks features for layer '{layer}' "
                         f"with {n} rows."
                     )
+                if ds.dtype.kind != "f" or (want_dtype and ds.dtype != np.dtype(want_dtype)):
+                    raise CacheError(f"Cache file '{self.path}': features of '{layer}' are {ds.dtype}, its "
+                                     f"fingerprint says {want_dtype}.")
+                _check_storage(self.path, f"{split}/features/{layer}", ds)
                 vs = g.get(f"views/{layer}")
                 if vs is not None:
                     k = (self.fingerprint.get("augment") or {}).get("views")
-                    if not isinstance(vs, h5py.Dataset) or vs.shape[:2] != (n, k) or vs.shape[2:] != ds.shape[1:]:
+                    if not isinstance(vs, h5py.Dataset) or vs.shape[:2] != (n, k) or vs.shape[2:] != ds.shape[1:] \
+                            or vs.dtype != ds.dtype:
                         raise CacheError(f"Cache file '{self.path}': views of '{layer}' in split '{split}' do not "
                                          f"match its features and fingerprint.")
+                    _check_storage(self.path, f"{split}/views/{layer}", vs)
             if n:
-                lab = g["labels"][()]
+                with self._guard():
+                    lab = g["labels"][()]
                 if lab.min() < 0 or lab.max() >= len(self.classes):
                     raise CacheError(f"Cache file '{self.path}': split '{split}' has labels outside its classes.")
+        if "failed" in h:
+            g = h["failed"]
+            keys = ("split", "ids", "reasons", "stat", "labels")
+            if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset) for k in keys):
+                raise CacheError(f"Cache file '{self.path}': its 'failed' group lacks one of {', '.join(keys)}.")
+            m = g["ids"].shape[0] if g["ids"].ndim == 1 else -1
+            if m < 0 or any(g[k].shape[:1] != (m,) for k in keys) or g["stat"].shape != (m, 2):
+                raise CacheError(f"Cache file '{self.path}': its 'failed' datasets have different lengths.")
+            for k in ("split", "ids", "reasons"):
+                if h5py.check_string_dtype(g[k].dtype) is None:
+                    raise CacheError(f"Cache file '{self.path}': 'failed/{k}' must hold strings.")
+            _check_kind(self.path, "failed/stat", g["stat"], "i")
+            _check_kind(self.path, "failed/labels", g["labels"], "i")
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Reading data the validation did not touch: damage surfaces as a CacheError."""
+        try:
+            yield
+        except CacheError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            raise CacheError(
+                f"Cache file '{self.path}' is damaged ({type(e).__name__}: {e}). Re-extract it."
+            ) from None
 
     def _check_virtual_sources(self) -> None:
         """A cache assembled from shards reads their files: a missing one would read as fill values."""
-        names = json.loads(self._h5.attrs.get("shards", "[]") or "[]")
+        names = json.loads(_text(self._h5.attrs.get("shards", "[]")) or "[]")
         if not isinstance(names, list):
             raise CacheError(f"Cache file '{self.path}': its 'shards' attribute is not a list.")
         missing = [n for n in names if not isinstance(n, str) or not (self.path.parent / n).is_file()]
@@ -224,16 +272,20 @@ class FeatureCache:
         return self._split(split)[f"features/{self._layer(layer)}"]
 
     def labels(self, split: str) -> np.ndarray:
-        return self._split(split)["labels"][()].astype(np.int64)
+        with self._guard():
+            return self._split(split)["labels"][()].astype(np.int64)
 
     def ids(self, split: str) -> list[str]:
-        return [s.decode() if isinstance(s, bytes) else s for s in self._split(split)["ids"][()]]
+        with self._guard():
+            return list(self._split(split)["ids"].asstr("utf-8")[()])
 
     def hashes(self, split: str) -> np.ndarray:
-        return self._split(split)["hashes"][()]
+        with self._guard():
+            return self._split(split)["hashes"][()]
 
     def stat(self, split: str) -> np.ndarray:
-        return self._split(split)["stat"][()]
+        with self._guard():
+            return self._split(split)["stat"][()]
 
     def has_views(self, split: str) -> bool:
         return f"views/{self.layers[0]}" in self._split(split)
@@ -255,7 +307,8 @@ class FeatureCache:
         ds = self.features(split, layer)
         out = np.empty(ds.shape, dtype=ds.dtype)
         if ds.shape[0]:
-            ds.read_direct(out)
+            with self._guard():
+                ds.read_direct(out)
         return out.astype(dtype, copy=False), self.labels(split)
 
     @property
@@ -263,9 +316,10 @@ class FeatureCache:
         if "failed" not in self._h5:
             return []
         g = self._h5["failed"]
-        splits, ids, reasons = (g[k].asstr()[()] for k in ("split", "ids", "reasons"))
-        stat = g["stat"][()]
-        labels = g["labels"][()] if "labels" in g else np.full(len(ids), -1)
+        with self._guard():
+            splits, ids, reasons = (g[k].asstr("utf-8")[()] for k in ("split", "ids", "reasons"))
+            stat = g["stat"][()]
+            labels = g["labels"][()]
         return [{"split": s, "id": i, "reason": r, "stat": tuple(int(v) for v in st), "label": int(lab)}
                 for s, i, r, st, lab in zip(splits, ids, reasons, stat, labels)]
 
@@ -273,7 +327,7 @@ class FeatureCache:
         """A JSON-able summary: fingerprint, splits with shapes, failures."""
         return {
             "cache": str(self.path),
-            "fingerprint_hash": self._h5.attrs.get("fingerprint_hash", ""),
+            "fingerprint_hash": _text(self._h5.attrs.get("fingerprint_hash", "")),
             "fingerprint": self.fingerprint,
             "classes": self.classes,
             "layers": self.layers,
@@ -287,6 +341,29 @@ class FeatureCache:
             "timings": self.timings,
             "bytes": self.path.stat().st_size,
         }
+
+
+def _text(value) -> str:
+    return bytes(value).decode("utf-8", errors="replace") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def _check_kind(path: Path, name: str, ds: h5py.Dataset, kind: str) -> None:
+    if ds.dtype.kind not in ((kind, "u") if kind == "i" else (kind,)):
+        raise CacheError(f"Cache file '{path}': '{name}' has dtype {ds.dtype}, expected "
+                         f"{ {'i': 'integers', 'S': 'fixed-length bytes'}[kind] }.")
+
+
+def _check_storage(path: Path, name: str, ds: h5py.Dataset) -> None:
+    """Refuse data kept in external raw files (a hostile cache could point at any file) and
+    filters this HDF5 cannot decode."""
+    plist = ds.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        raise CacheError(f"Cache file '{path}': '{name}' keeps its data in an external file; featcache "
+                         f"caches never do. Re-extract it.")
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        if not h5py.h5z.filter_avail(code):
+            raise CacheError(f"Cache file '{path}': '{name}' needs HDF5 filter {code}, which is not available.")
 
 
 def open_cache(path: str | os.PathLike) -> FeatureCache:
@@ -329,12 +406,28 @@ def commit_file(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def set_text_attrs(h5: h5py.File, **attrs) -> None:
+    """String attributes as fixed-length UTF-8: nothing in a cache lives in HDF5's global heap,
+    whose damage was seen to make HDF5 loop forever on read."""
+    for key, value in attrs.items():
+        if isinstance(value, str):
+            h5.attrs.create(key, np.bytes_(value.encode("utf-8")))
+        else:
+            h5.attrs[key] = value
+
+
+def write_strings(group: h5py.Group, name: str, values) -> h5py.Dataset:
+    """Fixed-length strings holding UTF-8 bytes (read back with ``.asstr("utf-8")``)."""
+    encoded = [v.encode("utf-8") for v in values]
+    width = max([1, *map(len, encoded)])
+    return group.create_dataset(name, data=np.asarray(encoded, dtype=f"S{width}"), track_times=False)
+
+
 def write_failed(h5: h5py.File, failures: list[dict]) -> None:
     """The ``/failed`` group: split, id, reason, (size, mtime) and label of each unreadable sample."""
     g = h5.create_group("failed")
-    text = h5py.string_dtype()
     for key, name in (("split", "split"), ("id", "ids"), ("reason", "reasons")):
-        g.create_dataset(name, data=np.asarray([f[key] for f in failures], dtype=object), dtype=text)
+        write_strings(g, name, [f[key] for f in failures])
     g.create_dataset("stat", data=np.asarray([f["stat"] for f in failures], dtype=np.int64).reshape(-1, 2))
     g.create_dataset("labels", data=np.asarray([f.get("label", -1) for f in failures], dtype=np.int64))
 
