@@ -1,0 +1,136 @@
+"""The benchmark grid runner, the freeze recommendation and probe-layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_image_folder
+from featcache.bench import RECORD_KEYS, BenchConfig, read_records, run_bench
+from featcache.cli import main
+from featcache.errors import ConfigError
+from featcache.probe_layers import probe_layers, recommend
+
+EXTRACT = {"input_size": 32, "num_workers": 0, "dtype": "float32"}
+
+
+@pytest.fixture
+def grid(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=6)
+    return BenchConfig(backbones=("resnet18.none",), sources=(str(folder),), layers=("layer3", "pre_logits"),
+                       heads=("ncm", "ridge"), shots=(2, 0), seeds=2,
+                       extract={**EXTRACT, "cache_dir": str(tmp_path / "cache")})
+
+
+def test_grid_runs_every_cell_once_with_complete_records(grid, tmp_path):
+    calls = []
+    records = run_bench(grid, tmp_path / "out", progress=lambda i, n, rec, t: calls.append((i, n)))
+    assert len(records) == grid.runs() == 2 * 2 * 2 * 2
+    assert calls[-1] == (16, 16)
+    for rec in records:
+        assert set(RECORD_KEYS) <= set(rec)
+        assert rec["metrics"]["val"]["top1"] >= 0
+    keys = {(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}
+    assert len(keys) == 16
+    assert len({r["cache"] for r in records}) == 1  # extracted once, both layers from one pass
+    assert sum(r["extract_seconds"] > 0 for r in records) == 16  # first extraction, recorded per run
+    out = tmp_path / "out"
+    for name in ("records.jsonl", "leaderboard.md", "leaderboard.csv", "shots.png", "layers.png", "time.png"):
+        assert (out / name).is_file(), name
+    assert "| ridge |" in (out / "leaderboard.md").read_text() or "ridge" in (out / "leaderboard.md").read_text()
+
+
+def test_skip_existing_resumes_an_interrupted_grid(grid, tmp_path):
+    out = tmp_path / "out"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_five(i, n, rec, t):
+        if i == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_bench(grid, out, progress=stop_after_five)
+    assert len(read_records(out)) == 5
+    with open(out / "records.jsonl", "a") as f:
+        f.write('{"cut by a crash"')  # a torn last line is ignored
+    fitted = []
+    records = run_bench(grid, out, skip_existing=True, progress=lambda i, n, rec, t: fitted.append(i))
+    assert len(fitted) == 11 and len(records) == 16
+    assert len({(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}) == 16
+
+
+def test_bench_toml_and_cli(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    toml = tmp_path / "grid.toml"
+    toml.write_text(f'backbones = ["resnet18.none"]\nsources = ["{folder}"]\nheads = ["ncm"]\nshots = [0]\n'
+                    f'seeds = 1\n[extract]\ninput_size = 32\nnum_workers = 0\ncache_dir = "{tmp_path / "c"}"\n')
+    cfg = BenchConfig.from_toml(toml)
+    assert cfg.heads == ("ncm",) and cfg.extract["input_size"] == 32
+    r = CliRunner().invoke(main, ["bench", str(toml), "-o", str(tmp_path / "out"), "--heads", "ncm,knn", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["runs"] == 2 and {row["head"] for row in out["leaderboard"]} == {"ncm", "knn"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('backbone = ["x"]\n')
+    r = CliRunner().invoke(main, ["bench", str(bad)])
+    assert r.exit_code == 1 and r.output.startswith("Error: Unknown keys in") and "backbone" in r.output
+
+
+def test_grid_validation_errors():
+    with pytest.raises(ConfigError, match="'shots' must be integers >= 0"):
+        BenchConfig(shots=(-1,)).validate()
+    with pytest.raises(ConfigError, match="needs at least one value in 'heads'"):
+        BenchConfig(heads=()).validate()
+
+
+def _curve(*tops):
+    names = [f"stage{i + 1}" for i in range(len(tops) - 1)] + ["pre_logits"]
+    return [{"name": n, "top1": t} for n, t in zip(names, tops)]
+
+
+def test_recommend_linear_probe_when_the_last_layer_is_best():
+    rec = recommend(_curve(0.60, 0.75, 0.85, 0.93))
+    assert rec["strategy"] == "linear-probe" and rec["freeze_until"] == "pre_logits" and rec["fine_tune"] == []
+    assert "transfers as-is" in rec["reason"]
+
+
+def test_recommend_partial_fine_tune_when_a_middle_stage_wins():
+    rec = recommend(_curve(0.60, 0.88, 0.80, 0.78))
+    assert rec["strategy"] == "partial-fine-tune"
+    assert rec["freeze_until"] == "stage2" and rec["fine_tune"] == ["stage3"]
+    assert rec["best_layer"] == "stage2" and rec["last_top1"] == 0.78
+    assert "Freeze up to stage2 and fine-tune stage3" in rec["reason"]
+
+
+def test_recommend_prefers_the_deeper_layer_within_tolerance():
+    rec = recommend(_curve(0.70, 0.900, 0.898, 0.80), tolerance=0.005)
+    assert rec["freeze_until"] == "stage3" and rec["fine_tune"] == []  # only pre_logits after it: a probe
+    rec = recommend(_curve(0.70, 0.900, 0.880, 0.80), tolerance=0.005)
+    assert rec["freeze_until"] == "stage2" and rec["fine_tune"] == ["stage3"]
+    with pytest.raises(ConfigError):
+        recommend([])
+
+
+def test_probe_layers_taps_every_stage_in_one_pass(tmp_path):
+    from featcache.extract import ExtractConfig
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=6)
+    res = probe_layers("resnet18.none", str(folder), out_dir=tmp_path / "layers", head="ncm",
+                       extract_config=ExtractConfig(cache_dir=str(tmp_path / "c"), **EXTRACT))
+    assert [r["name"] for r in res.layers] == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert [r["dim"] for r in res.layers] == [64, 128, 256, 512, 512]
+    doc = json.loads((tmp_path / "layers" / "layers.json").read_text())
+    assert doc["recommendation"]["freeze_until"] in [r["name"] for r in res.layers]
+    assert (tmp_path / "layers" / "layers.png").is_file()
+    r = CliRunner().invoke(main, ["probe-layers", "resnet18.none", str(folder), "-o", str(tmp_path / "l2"),
+                                  "--head", "ncm", "--input-size", "32", "--workers", "0",
+                                  "--cache-dir", str(tmp_path / "c"), "--json"], catch_exceptions=False)
+    out = json.loads(r.output)
+    assert set(out) >= {"layers", "recommendation"} and len(out["layers"]) == 5
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "l2"), "-o", str(tmp_path / "l.html")])
+    assert r.exit_code == 0 and "data:image/png;base64," in (tmp_path / "l.html").read_text()
