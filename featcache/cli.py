@@ -153,10 +153,13 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc=self.desc, unit="img", file=sys.stderr, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
+        if done >= total:  # finished: close now so later output is not interleaved with the bar
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 @main.command()
