@@ -64,7 +64,7 @@ def test_the_payload_used_below_is_live(tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", HEADS.names())
+@pytest.mark.parametrize("name", [n for n in HEADS.names() if HEADS.entry(n).extra["inputs"] == "features"])
 def test_round_trip_predicts_identically(tmp_path, data, name):
     X, y, X_new = data
     head = make_head(name, **FAST.get(name, {})).fit(X, y)
@@ -292,3 +292,17 @@ def test_foreign_or_extra_arrays_are_refused(saved):
     )
     with pytest.raises(HeadError, match="'coef_' has dtype int64"):
         load_head(run_dir)
+
+
+def test_tail_head_round_trips_through_save_and_load(tmp_path):
+    """The tail head (activation inputs) saves and loads like the feature heads."""
+    from featcache.heads import make_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(24, 256, 2, 2)).astype(np.float32)
+    y = np.arange(24) % 3
+    head = make_head("tail", backbone="resnet18.none", input_size=32, boundary="layer3", epochs=1, batch_size=8,
+                     device="cpu").fit(X, y)
+    save_head(tmp_path, head, head_name="tail", meta={})
+    loaded, _ = load_head(tmp_path)
+    np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), atol=1e-6)
