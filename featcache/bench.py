@@ -96,6 +96,17 @@ def read_records(out_dir: str | os.PathLike) -> list[dict]:
 ProgressFn = Callable[[int, int, dict, float], None]
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """A crash can leave half a line at the end of records.jsonl: cut it, so the next record starts
+    on a line of its own instead of being glued to the torn one (and lost)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing: bool = False,
               progress: ProgressFn | None = None, extract_progress=None) -> list[dict]:
     """Run the grid, appending one record per fit to ``out_dir/records.jsonl``; then write the
@@ -103,6 +114,8 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
     config.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if skip_existing:
+        _drop_torn_tail(out / RECORDS)
     done = {_key(r) for r in read_records(out)} if skip_existing else set()
     if not skip_existing and (out / RECORDS).exists():
         (out / RECORDS).unlink()
