@@ -73,3 +73,25 @@ def test_help_lists_every_command():
     r = run("--help")
     for cmd in ("extract", "layers", "backbones", "info", "ls"):
         assert cmd in r.output
+
+
+def test_extract_device_thread_and_layout_options(image_folder, tmp_path):
+    r = run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--device", "cpu", "--threads", "1",
+            "--no-channels-last", "--batch-size", "5", "--json")
+    out = json.loads(r.output)
+    r = run("info", out["cache"], "--json")
+    fp = json.loads(r.output)["fingerprint"]
+    assert (fp["device_type"], fp["channels_last"]) == ("cpu", False)
+    r = run("extract", image_folder, *TINY, "--device", "cuda:7")
+    assert r.exit_code == 1 and ("CUDA is not available" in r.output or r.output.startswith("Error:"))
+
+
+def test_finetune_command_json(image_folder, tmp_path):
+    r = run("finetune", image_folder, "-b", "resnet18.none", "--freeze-until", "layer3", "--epochs", "1",
+            "--batch-size", "8", "--input-size", "32", "-o", tmp_path / "ft", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert {"run", "metrics", "seconds"} <= set(out) and "top1" in out["metrics"]["val"]
+    assert (tmp_path / "ft" / "model.safetensors").is_file()
+    r = run("finetune", image_folder, "-b", "resnet18.none")
+    assert r.exit_code == 1 and r.output.startswith("Error:") and "freeze" in r.output
