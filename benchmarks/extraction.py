@@ -27,8 +27,11 @@ BATCH = __import__("featcache.extract", fromlist=["x"]).default_batch_size(torch
 
 
 def _bare_forward_rate(n: int, *, channels_last: bool, batch: int = BATCH, repeat: int = 3) -> float:
+    from featcache.taps import fold_batchnorm_checked
+
     bb = load_backbone(BACKBONE)
-    model = bb.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model, _ = fold_batchnorm_checked(bb.model, bb.preprocess.crop)  # the same model featcache runs
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x = torch.randn(batch, 3, 224, 224)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

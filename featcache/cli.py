@@ -86,6 +86,8 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                                              "with native bf16, else fp32. Recorded in the fingerprint."),
         click.option("--channels-last/--no-channels-last", default=True, show_default=True,
                      help="Run convolutions in channels_last memory format."),
+        click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+                     help="Fold BatchNorm into the preceding convolutions (checked against the unfolded model)."),
         click.option("--batch-size", type=int, default=None,
                      help="Images per forward pass (default: 4 on a CPU, where small batches ran 2.4x faster, "
                           "64 on a GPU)."),
@@ -115,7 +117,7 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
     return fn
 
 
-_EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "batch_size",
+_EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "fold_bn", "batch_size",
                   "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
                   "input_size", "mean", "std", "views", "view_seed")
 

@@ -35,7 +35,7 @@ from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
                     cache_file_name, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
                     write_failed, write_strings)
-from .taps import FeatureTap, list_layers, pool as pool_fn
+from .taps import FeatureTap, fold_batchnorm_checked, list_layers, pool as pool_fn
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class ExtractConfig:
     std: tuple[float, ...] | None = None
     views: int = 0
     view_seed: int = 0
+    #: Fold eval-mode BatchNorm into the preceding convolutions (checked against the unfolded
+    #: model; 25% of EfficientNet-Lite0's CPU time was BatchNorm). Recorded in the fingerprint.
+    fold_bn: bool = True
     #: Extract share I of N of every split (``(I, N)``) into a shard file beside the cache.
     shard: tuple[int, int] | None = None
     #: With shards: assemble a self-contained copy instead of virtual datasets over the shard files.
@@ -426,6 +429,9 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
     bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
                        mean=config.mean, std=config.std)
     device = resolve_device(config.device)
+    fold_bn = False
+    if config.fold_bn:
+        bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop)
     config = ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
                               "batch_size": config.batch_size or default_batch_size(device)})
     infos = list_layers(bb, depth=None)
@@ -444,6 +450,7 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
         precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
         device_type=device.type, source=src.describe(),
         augment=config.augment.to_dict() if config.views else None,
+        fold_bn=fold_bn,
         versions={"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     )
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)

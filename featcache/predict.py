@@ -27,6 +27,10 @@ def _backbone_for(run: Run, weights: str | None = None) -> Backbone:
     bb = load_backbone(spec, weights=weights or cfg.get("weights"), input_size=cfg.get("input_size"),
                        mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
                        std=tuple(cfg["std"]) if cfg.get("std") else None)
+    if fp.get("fold_bn"):  # the features were computed with BatchNorm folded: do the same
+        from .taps import fold_batchnorm_checked
+
+        bb.model, _ = fold_batchnorm_checked(bb.model, bb.preprocess.crop)
     if bb.describe() != fp["backbone"] or bb.preprocess.to_dict() != pp:
         raise BackboneError(
             f"The backbone rebuilt for this run ({bb.name}) differs from the one its features came from "

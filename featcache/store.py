@@ -56,6 +56,7 @@ class CacheFingerprint:
     device_type: str
     source: dict
     augment: dict | None = None
+    fold_bn: bool = False
     versions: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 

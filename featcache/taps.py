@@ -247,3 +247,50 @@ class _OutputDict(nn.Module):
 
     def forward(self, x):
         return {"out": self.model(x)}
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold eval-mode BatchNorm layers into the convolutions right before them (inference only).
+
+    A ``Conv2d`` child followed by a ``BatchNorm2d`` sibling gets ``w * g / s`` and
+    ``(b - mean) * g / s + beta``; the BatchNorm becomes ``nn.Identity`` (its name stays, so a tap
+    on it still reads the same values). The caller checks the folded model against the original
+    (see :func:`fold_batchnorm_checked`). Returns the number of folded pairs.
+    """
+    count = 0
+    for parent in model.modules():
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or conv.out_channels != bn.num_features or conv.groups < 1:
+                continue
+            with torch.no_grad():
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+                    1 / torch.sqrt(bn.running_var + bn.eps)
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+            parent._modules[b] = nn.Identity()
+            count += 1
+    return count
+
+
+def fold_batchnorm_checked(model: nn.Module, size: int) -> tuple[nn.Module, bool]:
+    """A BatchNorm-folded copy of ``model`` when it reproduces the original's output on a random
+    input (a model whose BatchNorm does not follow its conv in the forward pass is left alone)."""
+    import copy
+
+    if isinstance(model, torch.jit.ScriptModule) or model.training:
+        return model, False
+    folded = copy.deepcopy(model)
+    if not fold_batchnorm(folded):
+        return model, False
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = _first_tensor(model(x)), _first_tensor(folded(x))
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(a.abs().max()))):
+        return model, False
+    return folded, True

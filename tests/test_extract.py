@@ -332,3 +332,19 @@ def test_npz_is_memory_mapped_and_a_changed_file_is_not_a_hit(tiny, tmp_path):
     assert not second.cache_hit and second.computed == 6
     assert second.cache == first.cache
     assert not np.array_equal(before, _features(second.cache)[0])  # new content, new features
+
+
+def test_batchnorm_folding_is_checked_recorded_and_close(tiny, image_folder):
+    from featcache.taps import fold_batchnorm_checked
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    folded, ok = fold_batchnorm_checked(bb.model, 32)
+    assert ok and folded is not bb.model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.model.modules())  # the original is untouched
+    on = extract(str(image_folder), **tiny)
+    off = extract(str(image_folder), **tiny, fold_bn=False)
+    assert on.cache != off.cache
+    with open_cache(on.cache) as a, open_cache(off.cache) as b:
+        assert a.fingerprint["fold_bn"] is True and b.fingerprint["fold_bn"] is False
+        np.testing.assert_allclose(a.load("val")[0], b.load("val")[0], rtol=1e-4, atol=1e-4)
