@@ -119,7 +119,6 @@ def tutorial_loop_vs_defaults() -> Row:
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    from featcache.fit import fit_head
 
     data = require_real_data()
     bb = load_backbone(BACKBONE)

@@ -16,7 +16,7 @@ import time
 import h5py
 import numpy as np
 
-from featcache.store import CHUNK_BYTES, open_cache
+from featcache.store import CHUNK_BYTES
 
 from .common import WORK, Row, median_time
 

@@ -11,6 +11,7 @@ into place.
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import logging
 import os
@@ -27,7 +28,7 @@ import torch
 import torchvision
 
 from . import __version__
-from .backbones import OUTPUT, Backbone, load_backbone
+from .backbones import Backbone, load_backbone
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .preprocess import Augment, DecodeError, augmented_views, decode, resize_crop
 from .registry import check_choice, check_int
@@ -35,7 +36,7 @@ from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
                     cache_file_name, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
                     write_failed, write_strings)
-from .taps import FeatureTap, fold_batchnorm_checked, list_layers, pool as pool_fn
+from .taps import TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VIEW_SPLIT = "train"
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -631,13 +631,9 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
         return
     if config.threads:
         torch.set_num_threads(config.threads)
-    model = bb.model.to(device)
-    if config.channels_last and device.type != "mps" and not isinstance(model, torch.jit.ScriptModule):
-        model = model.to(memory_format=torch.channels_last)
-    tap = FeatureTap(bb, layers, config.pool, order=order)
+    forward = TappedForward(bb, layers, config.pool, device=device, precision=config.precision,
+                            channels_last=config.channels_last, order=order)
     pp = bb.preprocess
-    mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255
-    inv_std = 1.0 / (torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255)
     workers = config.num_workers if config.num_workers is not None else default_workers(src, device)
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(src, todo, pp, config.augment), batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
@@ -664,12 +660,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                     failed_reasons.append(reason)
                 feats, views = [], []
                 if x is not None:
-                    x = x.to(device, non_blocking=True).float().sub_(mean).mul_(inv_std)
-                    if config.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=_AUTOCAST.get(config.precision, torch.float32),
-                                        enabled=config.precision != "fp32"):
-                        out = tap(x)
+                    out = forward(x)
                     b = len(idx)
                     for name in layers:
                         f = out[name].float().cpu().numpy().astype(np_dtype)
@@ -699,7 +690,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
             f"Run the same command again to resume."
         ) from None
     finally:
-        tap.remove()
+        forward.remove()
         if writer.is_alive():
             writer.close()
 
@@ -780,6 +771,4 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
 
 
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj)

@@ -159,7 +159,6 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
         config, options, fit_kwargs = _activation_head_setup(cache, layer, config, options, train_idx)
     if train_idx is not None:
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
-    classes_all = np.arange(len(cache.classes))
     transform = FeatureTransform(config.normalize, config.pca).fit(X_raw)
     if transform.identity and entry.extra["inputs"] == "activations":
         X = X_raw  # activation maps keep their shape (read lazily when on disk)
@@ -222,7 +221,6 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
         X = transform.transform(np.concatenate([X_raw, X_eval_raw]))
         y = np.concatenate([y, cache.labels(eval_split)])
     final.fit(X, y, **fit_kwargs)
-    _ = classes_all
     return final, transform, best, sweep
 
 

@@ -11,11 +11,11 @@ from torch import nn
 
 from .backbones import Backbone, load_backbone
 from .errors import BackboneError, ConfigError, SourceError
-from .extract import _AUTOCAST, resolve_device
+from .extract import resolve_device
 from .fit import Run, load_run
 from .preprocess import DecodeError, load_image
 from .sources import IMAGE_EXTENSIONS, display_path
-from .taps import FeatureTap, list_layers, truncated_model
+from .taps import TappedForward, truncated_model
 
 
 def _backbone_for(run: Run, weights: str | None = None) -> Backbone:
@@ -55,29 +55,18 @@ def expand_paths(paths: list[str | os.PathLike]) -> list[str]:
 
 
 class _Pipeline:
+    """The run's backbone, tapped at its layer, with the extraction's own forward path."""
+
     def __init__(self, run: Run, bb: Backbone, device: torch.device) -> None:
         fp = run.meta["fingerprint"]
-        self.run, self.bb, self.device = run, bb, device
-        self.precision = fp["precision"]
-        self.channels_last = fp["channels_last"]
-        bb.model.to(device)
-        if self.channels_last and not isinstance(bb.model, torch.jit.ScriptModule):
-            bb.model.to(memory_format=torch.channels_last)
-        order = [i.name for i in list_layers(bb, depth=None)]
-        self.tap = FeatureTap(bb, [run.meta["layer"]], fp["pool"], order=order)
-        pp = bb.preprocess
-        self.mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255)
+        self.layer, self.dtype = run.meta["layer"], fp["dtype"]
+        self.forward = TappedForward(bb, [self.layer], fp["pool"], device=device, precision=fp["precision"],
+                                     channels_last=fp["channels_last"])
 
-    @torch.inference_mode()
     def features(self, batch_uint8: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch_uint8).to(self.device).float().sub_(self.mean).mul_(self.inv_std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=_AUTOCAST.get(self.precision, torch.float32),
-                            enabled=self.precision != "fp32"):
-            f = self.tap(x)[self.run.meta["layer"]]
-        return f.float().cpu().numpy().astype(self.run.meta["fingerprint"]["dtype"]).astype(np.float32)
+        f = self.forward(torch.from_numpy(batch_uint8))[self.layer]
+        # Rounded to the cache's dtype, as the head saw its training features.
+        return f.float().cpu().numpy().astype(self.dtype).astype(np.float32)
 
 
 def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: int = 5, batch_size: int = 32,

@@ -294,3 +294,41 @@ def fold_batchnorm_checked(model: nn.Module, size: int) -> tuple[nn.Module, bool
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(a.abs().max()))):
         return model, False
     return folded, True
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TappedForward:
+    """uint8 image batches -> tapped layers: the one forward path of extraction and prediction.
+
+    Moves the model to ``device`` (channels_last where it helps), normalises uint8 batches on the
+    device with the backbone's mean and std, and runs the tap under autocast for ``precision``.
+    """
+
+    def __init__(self, backbone: Backbone, layers: list[str], pool_how: str, *, device: torch.device,
+                 precision: str = "fp32", channels_last: bool = True, order: list[str] | None = None) -> None:
+        script = isinstance(backbone.model, torch.jit.ScriptModule)
+        self.channels_last = channels_last and device.type != "mps" and not script
+        backbone.model.to(device)
+        if self.channels_last:
+            backbone.model.to(memory_format=torch.channels_last)
+        if order is None:
+            order = [i.name for i in list_layers(backbone, depth=None)]
+        self.tap = FeatureTap(backbone, layers, pool_how, order=order)
+        self.device, self.precision = device, precision
+        pp = backbone.preprocess
+        self.mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x``: uint8 (B, 3, H, W) on any device; returns ``{layer: tensor}`` on the device."""
+        x = x.to(self.device, non_blocking=True).float().sub_(self.mean).mul_(self.inv_std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=_AUTOCAST.get(self.precision, torch.float32),
+                                                    enabled=self.precision != "fp32"):
+            return self.tap(x)
+
+    def remove(self) -> None:
+        self.tap.remove()
