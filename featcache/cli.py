@@ -92,8 +92,8 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                      help="Images per forward pass (default: 4 on a CPU, where small batches ran 2.4x faster, "
                           "64 on a GPU)."),
         click.option("--workers", "num_workers", type=int, default=None,
-                     help="Decoding worker processes (default: 0 for arrays; for files half the cores on a CPU, "
-                          "up to 8 on a GPU)."),
+                     help="Decoding worker processes (default on a CPU: 0, the main process decodes each batch "
+                          "with a thread per core between forward passes; on a GPU up to 8)."),
         click.option("--threads", type=int, default=None, help="Torch threads for the forward pass."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True,
@@ -109,6 +109,9 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
         click.option("--views", type=int, default=0, show_default=True,
                      help="Also store K augmented views (random resized crop + flip) of each training image."),
         click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the augmented views."),
+        click.option("--checkpoint-every", type=float, default=10.0, show_default=True, metavar="SECONDS",
+                     help="Write finished batches to disk at least this often; a crash loses at most this much "
+                          "work (0: after every batch)."),
     ]
     for opt in reversed(opts):
         dest = opt(lambda: None).__click_params__[0].name
@@ -119,7 +122,7 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
 
 _EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "fold_bn", "batch_size",
                   "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
-                  "input_size", "mean", "std", "views", "view_seed")
+                  "input_size", "mean", "std", "views", "view_seed", "checkpoint_every")
 
 
 def extract_config(kw: dict):

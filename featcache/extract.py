@@ -30,7 +30,7 @@ import torchvision
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
-from .preprocess import Augment, DecodeError, augmented_views, decode, resize_crop
+from .preprocess import Augment, DecodeError, augmented_views, crop_array, decode, resize_crop
 from .registry import check_choice, check_int
 from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
@@ -83,6 +83,9 @@ class ExtractConfig:
     merge: bool = False
     #: With shards: leave assembling to the caller (torchrun's rank 0 after a barrier).
     defer_merge: bool = False
+    #: Seconds between chunk files of finished batches: a kill -9 loses at most this much work
+    #: (0: a chunk per batch). Does not change feature values.
+    checkpoint_every: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "output", "weights"):
@@ -104,6 +107,9 @@ class ExtractConfig:
         if self.input_size is not None:
             check_int("input_size", self.input_size, minimum=8)
         check_int("views", self.views, minimum=0)
+        if not isinstance(self.checkpoint_every, (int, float)) or not 0 <= self.checkpoint_every < float("inf"):
+            raise ConfigError(f"The 'checkpoint_every' option must be a number of seconds >= 0. "
+                              f"Got {self.checkpoint_every!r}.")
         if self.shard is not None:
             i, n = self.shard
             if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
@@ -178,12 +184,13 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_workers(src: Source, device: torch.device) -> int:
-    """Decoding processes: none for pre-decoded arrays; on a CPU half the cores (the forward pass
-    needs the rest: 1 worker beat 2 on 2 cores, BENCHMARKS.md); on a GPU up to 8."""
-    if src.kind in ("npz", "digits"):
+    """Decoding processes: none on a CPU, where the main process decodes each batch with a thread
+    per core between forward passes (decode processes running beside the forward pass stall its
+    threads: 55 vs 69 img/s end to end on 2 cores, BENCHMARKS.md); on a GPU up to 8; none for
+    pre-decoded arrays."""
+    if src.kind in ("npz", "digits") or device.type == "cpu":
         return 0
-    cores = os.cpu_count() or 1
-    return min(8, cores) if device.type != "cpu" else max(1, cores // 2)
+    return min(8, os.cpu_count() or 1)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -317,14 +324,38 @@ def _is_hit(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
 # --- the decoding dataset -------------------------------------------------------------------
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    """Reads and preprocesses one sample: (index, hash, uint8 crops (1 + views, 3, H, W), error)."""
+    """Reads and preprocesses one sample: (index, hash, uint8 crops (1 + views, 3, H, W), error).
 
-    def __init__(self, src: Source, rows: list[_Row], pp, augment: Augment | None = None) -> None:
+    With ``threads > 1`` a batch is decoded by that many threads (PIL and hashlib release the
+    GIL); used when the main process decodes, so decoding and the forward pass take turns on all
+    cores instead of competing for them.
+    """
+
+    def __init__(self, src: Source, rows: list[_Row], pp, augment: Augment | None = None, threads: int = 1) -> None:
         self.src, self.rows, self.pp = src, rows, pp
         self.augment = augment if augment is not None and augment.views else None
+        self.threads = threads
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        if self.threads <= 1 or len(indices) <= 1:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="featcache-decode")
+        return list(self._pool.map(self.__getitem__, indices))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __getstate__(self) -> dict:  # worker processes decode one sample at a time
+        return {**self.__dict__, "_pool": None, "threads": 1}
 
     def __getitem__(self, i: int):
         row = self.rows[i]
@@ -332,10 +363,15 @@ class _DecodeDataset(torch.utils.data.Dataset):
             data, h = self.src.read(row.ref)
         except OSError as e:
             return i, None, None, f"cannot read file: {e.strerror or e}"
+        views = self.augment is not None and row.split == VIEW_SPLIT
         try:
+            if isinstance(data, np.ndarray) and not views:
+                crop = crop_array(data, self.pp)  # arrays already at size: no PIL round trip
+                if crop is not None:
+                    return i, h, crop[None], None
             img = decode(data, self.pp)
             crops = resize_crop(img, self.pp)[None]
-            if self.augment is not None and row.split == VIEW_SPLIT:
+            if views:
                 crops = np.concatenate([crops, augmented_views(img, self.pp, self.augment, h)])
             return i, h, crops, None
         except DecodeError as e:
@@ -361,22 +397,60 @@ def _worker_init(_):
 # --- the background writer ------------------------------------------------------------------
 
 class _Writer(threading.Thread):
-    def __init__(self, partial: PartialStore) -> None:
+    """Writes finished batches to chunk files in a background thread, so disk I/O overlaps compute.
+
+    Batches are grouped: a chunk is written once ``every`` seconds have passed since the first
+    batch it holds (0: each batch alone), when it reaches :attr:`MAX_BYTES`, and on close (an
+    interrupt included). A kill -9 loses at most ``every`` seconds of work; a chunk per batch of 4
+    cost 4% of CPU extraction time (``benchmarks/extraction.py``).
+    """
+
+    MAX_BYTES = 64 << 20
+
+    def __init__(self, partial: PartialStore, every: float = 0.0) -> None:
         super().__init__(daemon=True, name="featcache-writer")
         self.partial = partial
+        self.every = every
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
+        self.buffer: list[dict] = []
+        self.buffer_bytes = 0
+        self.buffer_since = 0.0
 
     def run(self) -> None:
         while True:
-            item = self.q.get()
+            timeout = None
+            if self.buffer:
+                timeout = max(0.0, self.buffer_since + self.every - time.monotonic())
+            try:
+                item = self.q.get(timeout=timeout)
+            except queue.Empty:
+                self._flush()
+                continue
             if item is None:
+                self._flush()
                 return
-            if self.error is None:
-                try:
-                    self.partial.write_chunk(**item)
-                except BaseException as e:  # disk full and friends: reported by the main thread
-                    self.error = e
+            if self.error is not None:
+                continue
+            # A chunk either has augmented views for every sample or for none (batches never mix splits).
+            if self.buffer and _has_views(self.buffer[0]) != _has_views(item) and item["features"] \
+                    and self.buffer[0]["features"]:
+                self._flush()
+            if not self.buffer:
+                self.buffer_since = time.monotonic()
+            self.buffer.append(item)
+            self.buffer_bytes += sum(a.nbytes for a in item["features"]) + sum(a.nbytes for a in item["views"])
+            if self.buffer_bytes >= self.MAX_BYTES or time.monotonic() - self.buffer_since >= self.every:
+                self._flush()
+
+    def _flush(self) -> None:
+        items, self.buffer, self.buffer_bytes = self.buffer, [], 0
+        if not items or self.error is not None:
+            return
+        try:
+            self.partial.write_chunk(**_concat_batches(items))
+        except BaseException as e:  # disk full and friends: reported by the main thread
+            self.error = e
 
     def put(self, item: dict) -> None:
         self.raise_error()
@@ -396,6 +470,32 @@ class _Writer(threading.Thread):
                     f"is kept there: free some space and run the same command again to resume."
                 ) from None
             raise CacheError(f"Cannot write '{self.partial.path}': {e}") from e
+
+
+def _has_views(item: dict) -> bool:
+    return bool(item["views"])
+
+
+def _concat_batches(items: list[dict]) -> dict:
+    """One chunk's arrays from several batches' (see :meth:`PartialStore.write_chunk`)."""
+    if len(items) == 1:
+        return items[0]
+    with_features = [it for it in items if it["features"]]
+    out = {
+        "hashes": np.concatenate([it["hashes"] for it in items]),
+        "ids": [i for it in items for i in it["ids"]],
+        "stat": np.concatenate([it["stat"] for it in items]),
+        "failed_ids": [i for it in items for i in it["failed_ids"]],
+        "failed_reasons": [r for it in items for r in it["failed_reasons"]],
+        "failed_stat": np.concatenate([it["failed_stat"] for it in items]),
+        "features": [], "views": [],
+    }
+    if with_features:
+        n_layers = len(with_features[0]["features"])
+        out["features"] = [np.concatenate([it["features"][li] for it in with_features]) for li in range(n_layers)]
+        if with_features[0]["views"]:
+            out["views"] = [np.concatenate([it["views"][li] for it in with_features]) for li in range(n_layers)]
+    return out
 
 
 class _Lock:
@@ -431,7 +531,7 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
     device = resolve_device(config.device)
     fold_bn = False
     if config.fold_bn:
-        bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop)
+        bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
     config = ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
                               "batch_size": config.batch_size or default_batch_size(device)})
     infos = list_layers(bb, depth=None)
@@ -635,13 +735,16 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                             channels_last=config.channels_last, order=order)
     pp = bb.preprocess
     workers = config.num_workers if config.num_workers is not None else default_workers(src, device)
+    # Decoding in the main process: a thread per forward thread (files only; arrays need little work).
+    decode_threads = 1 if workers or src.kind in ("npz", "digits") else torch.get_num_threads()
+    dataset = _DecodeDataset(src, todo, pp, config.augment, threads=decode_threads)
     loader = torch.utils.data.DataLoader(
-        _DecodeDataset(src, todo, pp, config.augment), batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
+        dataset, batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )
     np_dtype = np.dtype(config.dtype)
-    writer = _Writer(partial)
+    writer = _Writer(partial, config.checkpoint_every)
     writer.start()
     done = 0
     try:
@@ -691,6 +794,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
         ) from None
     finally:
         forward.remove()
+        dataset.close()
         if writer.is_alive():
             writer.close()
 

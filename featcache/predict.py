@@ -30,7 +30,7 @@ def _backbone_for(run: Run, weights: str | None = None) -> Backbone:
     if fp.get("fold_bn"):  # the features were computed with BatchNorm folded: do the same
         from .taps import fold_batchnorm_checked
 
-        bb.model, _ = fold_batchnorm_checked(bb.model, bb.preprocess.crop)
+        bb.model, _ = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
     if bb.describe() != fp["backbone"] or bb.preprocess.to_dict() != pp:
         raise BackboneError(
             f"The backbone rebuilt for this run ({bb.name}) differs from the one its features came from "

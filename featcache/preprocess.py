@@ -114,23 +114,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _resized(w: int, h: int, resize: int) -> tuple[int, int]:
+    # Same arithmetic as torchvision's Resize(int), so features match a torchvision transforms
+    # pipeline on PIL images.
+    return (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+
+
 def resize_crop(img: Image.Image, pp: Preprocess, size: int | None = None) -> np.ndarray:
     """Resize the shorter side and centre-crop; returns uint8 array of shape (3, crop, crop)."""
     crop = pp.crop if size is None else size
     resize = pp.resize if size is None else round(size * pp.resize / pp.crop)
-    # Same arithmetic as torchvision's Resize(int) and CenterCrop, so features match a
-    # torchvision transforms pipeline on PIL images.
     w, h = img.size
-    if w <= h:
-        nw, nh = resize, int(resize * h / w)
-    else:
-        nw, nh = int(resize * w / h), resize
+    nw, nh = _resized(w, h, resize)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), INTERPOLATIONS[pp.interpolation])
     left = int(round((nw - crop) / 2.0))
     top = int(round((nh - crop) / 2.0))
     img = img.crop((left, top, left + crop, top + crop))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def crop_array(arr: np.ndarray, pp: Preprocess) -> np.ndarray | None:
+    """The centre crop of a uint8 (H, W, 3) array that needs no resizing, with one copy; equal to
+    ``resize_crop(decode(arr, pp), pp)``. None when the array needs decoding or resizing."""
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        return None
+    h, w = arr.shape[:2]
+    if _resized(w, h, pp.resize) != (w, h):
+        return None
+    left = int(round((w - pp.crop) / 2.0))
+    top = int(round((h - pp.crop) / 2.0))
+    return np.ascontiguousarray(arr[top:top + pp.crop, left:left + pp.crop].transpose(2, 0, 1))
 
 
 def load_image(data: bytes | np.ndarray, pp: Preprocess) -> np.ndarray:

@@ -257,7 +257,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     on it still reads the same values). The caller checks the folded model against the original
     (see :func:`fold_batchnorm_checked`). Returns the number of folded pairs.
     """
-    count = 0
+    return len(_fold(model))
+
+
+def _fold(model: nn.Module) -> list[tuple]:
+    """Fold in place; returns what :func:`_unfold` needs to undo it."""
+    undo = []
     for parent in model.modules():
         names = list(parent._modules)
         for a, b in zip(names, names[1:]):
@@ -266,6 +271,7 @@ def fold_batchnorm(model: nn.Module) -> int:
                 continue
             if bn.running_mean is None or conv.out_channels != bn.num_features or conv.groups < 1:
                 continue
+            undo.append((parent, b, bn, conv, conv.weight.detach().clone(), conv.bias))
             with torch.no_grad():
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
                     1 / torch.sqrt(bn.running_var + bn.eps)
@@ -274,24 +280,40 @@ def fold_batchnorm(model: nn.Module) -> int:
                 conv.weight.mul_(scale.view(-1, 1, 1, 1))
                 conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
             parent._modules[b] = nn.Identity()
-            count += 1
-    return count
+    return undo
 
 
-def fold_batchnorm_checked(model: nn.Module, size: int) -> tuple[nn.Module, bool]:
-    """A BatchNorm-folded copy of ``model`` when it reproduces the original's output on a random
-    input (a model whose BatchNorm does not follow its conv in the forward pass is left alone)."""
-    import copy
+def _unfold(undo: list[tuple]) -> None:
+    for parent, name, bn, conv, weight, bias in reversed(undo):
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+        conv.bias = bias
+        parent._modules[name] = bn
+
+
+def fold_batchnorm_checked(model: nn.Module, size: int, *, copy: bool = True) -> tuple[nn.Module, bool]:
+    """``model`` with BatchNorm folded when that reproduces its output on a random input (a model
+    whose BatchNorm does not follow its conv in the forward pass is left as it was).
+
+    ``copy=False`` folds in place (no copy of the weights; undone when the check fails).
+    Returns ``(model, folded)``.
+    """
+    import copy as copy_module
 
     if isinstance(model, torch.jit.ScriptModule) or model.training:
         return model, False
-    folded = copy.deepcopy(model)
-    if not fold_batchnorm(folded):
-        return model, False
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        a, b = _first_tensor(model(x)), _first_tensor(folded(x))
+        a = _first_tensor(model(x))
+    folded = copy_module.deepcopy(model) if copy else model
+    undo = _fold(folded)
+    if not undo:
+        return model, False
+    with torch.inference_mode():
+        b = _first_tensor(folded(x))
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(a.abs().max()))):
+        if not copy:
+            _unfold(undo)
         return model, False
     return folded, True
 

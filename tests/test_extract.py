@@ -125,7 +125,8 @@ def test_ctrl_c_keeps_work_and_resume_is_exact(tiny, tmp_path):
     with pytest.raises(ExtractionInterrupted, match="Run the same command again to resume"):
         extract(str(folder), **tiny, progress=_interrupt_after(3))
     partials = list(Path(tiny["cache_dir"]).glob("*.partial"))
-    assert len(partials) == 1 and len(list(partials[0].glob("c-*.npz"))) >= 3
+    # Batches are grouped into chunk files every --checkpoint-every seconds; an interrupt writes the rest.
+    assert len(partials) == 1 and len(list(partials[0].glob("c-*.npz"))) >= 1
     assert not list(Path(tiny["cache_dir"]).glob("*.h5"))  # nothing under a final name
     res = extract(str(folder), **tiny)
     assert res.reused >= 12 and res.computed == 40 - res.reused
@@ -137,13 +138,62 @@ def test_ctrl_c_keeps_work_and_resume_is_exact(tiny, tmp_path):
     assert not list(Path(tiny["cache_dir"]).glob("*.partial"))
 
 
+def _chunk_sizes(cache_dir) -> list[int]:
+    sizes = []
+    for p in Path(cache_dir).glob("*.partial/c-*.npz"):
+        with np.load(p, allow_pickle=False) as z:
+            sizes.append(len(z["ids"]) + len(z["failed_ids"]))
+    return sorted(sizes)
+
+
+@pytest.mark.parametrize("every, expected", [(0, [2, 2, 2]), (3600, [6])])
+def test_checkpoint_every_groups_batches_into_chunk_files(tiny, tmp_path, every, expected):
+    """0: a chunk file per batch; a long interval: one chunk for everything computed before the
+    interrupt, written by the interrupt itself; the resume reuses all of it."""
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)  # 16 images, batches of 2
+    options = {**tiny, "batch_size": 2, "checkpoint_every": every}
+    with pytest.raises(ExtractionInterrupted):
+        extract(str(folder), **options, progress=_interrupt_after(3))
+    assert _chunk_sizes(tiny["cache_dir"]) == expected
+    res = extract(str(folder), **options)
+    assert (res.reused, res.computed) == (6, 10)
+    ref = extract(str(folder), **{**options, "cache_dir": str(tmp_path / "ref")})
+    for split in ("train", "val"):
+        assert np.array_equal(_features(ref.cache, split)[0], _features(res.cache, split)[0])
+
+
+def test_checkpoint_chunks_never_mix_samples_with_and_without_views(tiny, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    options = {**tiny, "batch_size": 2, "views": 2, "checkpoint_every": 3600}
+    ref = extract(str(folder), **{**options, "checkpoint_every": 0, "cache_dir": str(tmp_path / "ref")})
+    with pytest.raises(ExtractionInterrupted):
+        extract(str(folder), **options, progress=_interrupt_after(6))  # 4 train batches + 2 val batches
+    chunks = sorted(Path(tiny["cache_dir"]).glob("*.partial/c-*.npz"))
+    with_views = []
+    for p in chunks:
+        with np.load(p, allow_pickle=False) as z:
+            with_views.append(("v0" in z.files, len(z["ids"])))
+    assert sorted(with_views) == [(False, 4), (True, 8)]
+    res = extract(str(folder), **options)
+    assert res.reused == 12
+    with open_cache(ref.cache) as a, open_cache(res.cache) as b:
+        for split in ("train", "val"):
+            assert np.array_equal(a.load(split)[0], b.load(split)[0])
+        assert np.array_equal(a.views("train", a.layers[0])[:], b.views("train", b.layers[0])[:])
+
+
+def test_checkpoint_every_must_be_seconds(tiny, image_folder):
+    with pytest.raises(ConfigError, match=r"'checkpoint_every' option must be a number of seconds >= 0. Got -1"):
+        extract(str(image_folder), **{**tiny, "checkpoint_every": -1})
+
+
 _KILL_SCRIPT = """
 import sys, time
 from featcache import extract
 def slow(done, total):
     time.sleep(0.15)
 extract(sys.argv[1], backbone="resnet18.none", input_size=32, batch_size=2, num_workers=0,
-        cache_dir=sys.argv[2], dtype="float32", progress=slow)
+        cache_dir=sys.argv[2], dtype="float32", progress=slow, checkpoint_every=0)
 """
 
 
@@ -332,6 +382,43 @@ def test_npz_is_memory_mapped_and_a_changed_file_is_not_a_hit(tiny, tmp_path):
     assert not second.cache_hit and second.computed == 6
     assert second.cache == first.cache
     assert not np.array_equal(before, _features(second.cache)[0])  # new content, new features
+
+
+class _BnBeforeConv(torch.nn.Module):
+    """Conv and BatchNorm are siblings in that order, but the forward runs the BatchNorm first:
+    folding would change the output, so the check must refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def test_batchnorm_folding_in_place_is_undone_when_the_check_fails():
+    from featcache.taps import fold_batchnorm_checked
+
+    model = _BnBeforeConv().eval()
+    weight = model.conv.weight.detach().clone()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    same, ok = fold_batchnorm_checked(model, 8, copy=False)
+    assert not ok and same is model and isinstance(model.bn, torch.nn.BatchNorm2d)
+    assert torch.equal(model.conv.weight, weight)
+    assert torch.equal(model(x), before)
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    x = torch.randn(1, 3, 32, 32)
+    ref = bb.model(x)
+    folded, ok = fold_batchnorm_checked(bb.model, 32, copy=False)
+    assert ok and folded is bb.model  # no copy of the weights
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), ref, rtol=1e-3, atol=1e-4)
 
 
 def test_batchnorm_folding_is_checked_recorded_and_close(tiny, image_folder):

@@ -42,7 +42,7 @@ from featcache.store import PartialStore
 PACKAGE = Path(__file__).resolve().parents[1] / "featcache"
 #: The options of every extraction in this file (except the CLI flags, which spell the same).
 TINY = dict(backbone="resnet18.none", input_size=32, batch_size=2, num_workers=0, dtype="float32",
-            precision="fp32", device="cpu")
+            precision="fp32", device="cpu", checkpoint_every=0)  # a chunk file per batch
 
 # --- the zygote: forks extraction children on request -----------------------------------------
 
@@ -411,7 +411,7 @@ def test_disk_full_is_a_clear_error_keeps_the_chunks_and_a_rerun_completes(zygot
     cache_dir = tmp_path / "cache"
     cli = ["extract", str(folder), "-b", "resnet18.none", "--input-size", "32", "--batch-size", "2",
            "--workers", "0", "--dtype", "float32", "--precision", "fp32", "--device", "cpu",
-           "--cache-dir", str(cache_dir), "-q"]
+           "--cache-dir", str(cache_dir), "--checkpoint-every", "0", "-q"]
     child = zygote.spawn(cli=cli, fsize=limit)
     code = child.wait()
     out = child.log
@@ -435,7 +435,7 @@ def test_ctrl_c_in_the_cli_says_how_to_resume_without_traceback(zygote, tmp_path
     cache_dir = tmp_path / "cache"
     cli = ["extract", str(folder), "-b", "resnet18.none", "--input-size", "32", "--batch-size", "1",
            "--workers", "0", "--dtype", "float32", "--precision", "fp32", "--device", "cpu",
-           "--cache-dir", str(cache_dir), "-q"]
+           "--cache-dir", str(cache_dir), "--checkpoint-every", "0", "-q"]
     child = zygote.spawn(cli=cli)
     try:
         deadline = time.monotonic() + 60

@@ -642,3 +642,18 @@ def test_val_fraction_too_small_for_the_data(tmp_path, per_class, fraction):
     root = _class_folder(tmp_path / "data", per_class)
     with pytest.raises(ConfigError):
         open_source(root, val_fraction=fraction)
+
+
+@pytest.mark.parametrize("shape", [(256, 256, 3), (256, 300, 3), (301, 256, 3), (224, 224, 3)])
+def test_array_fast_path_crops_exactly_like_decode_resize_crop(shape):
+    from featcache.preprocess import Preprocess, crop_array, decode, resize_crop
+
+    pp = Preprocess(resize=256, crop=224)
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    fast = crop_array(arr, pp)
+    slow = resize_crop(decode(arr, pp), pp)
+    if shape[0] == 224:  # needs resizing up to 256: no fast path
+        assert fast is None
+    else:
+        assert fast.flags.c_contiguous and np.array_equal(fast, slow)
+    assert crop_array(arr[..., :1], pp) is None and crop_array(arr.astype(np.float32), pp) is None
