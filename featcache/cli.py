@@ -88,6 +88,9 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                      help="Run convolutions in channels_last memory format."),
         click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
                      help="Fold BatchNorm into the preceding convolutions (checked against the unfolded model)."),
+        click.option("--compile", "compile", is_flag=True,
+                     help="Run the network through torch.compile: faster for long runs (1.16x for "
+                          "efficientnet_lite0 on a CPU) after a one-off compilation (~20 s). Recorded in the fingerprint."),
         click.option("--batch-size", type=int, default=None,
                      help="Images per forward pass (default: 4 on a CPU, where small batches ran 2.4x faster, "
                           "64 on a GPU)."),
@@ -122,7 +125,7 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
 
 _EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "fold_bn", "batch_size",
                   "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
-                  "input_size", "mean", "std", "views", "view_seed", "checkpoint_every")
+                  "input_size", "mean", "std", "views", "view_seed", "checkpoint_every", "compile")
 
 
 def extract_config(kw: dict):

@@ -59,10 +59,14 @@ class CacheFingerprint:
     fold_bn: bool = False
     versions: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    #: torch.compile fuses operations: features differ from eager ones by float rounding.
+    compile: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        if not self.compile:  # absent when off, so eager caches keep their fingerprints
+            del d["compile"]
         return d
 
     def to_json(self) -> str:

@@ -53,6 +53,14 @@ def pool(x: torch.Tensor, how: str) -> torch.Tensor:
     raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {how!r}.")
 
 
+def _own(captured: torch.Tensor, out: torch.Tensor, last: bool) -> torch.Tensor:
+    """A copy of ``captured`` when it shares memory with a layer output that later layers may
+    still modify in place (``ReLU(inplace=True)`` after a tapped conv or BatchNorm)."""
+    if not last and captured.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        return captured.clone()
+    return captured
+
+
 def _first_tensor(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -172,14 +180,14 @@ class FeatureTap(nn.Module):
 
     def _hook(self, name: str, stop: bool):
         def fn(_m, _inp, out):
-            self._captured[name] = pool(_first_tensor(out), self.pool)
+            self._captured[name] = _own(pool(_first_tensor(out), self.pool), _first_tensor(out), stop)
             if stop:
                 raise _StopForward
         return fn
 
     def _pre_hook(self, stop: bool):
         def fn(_m, inp):
-            self._captured[PRE_LOGITS] = pool(inp[0], self.pool)
+            self._captured[PRE_LOGITS] = _own(pool(inp[0], self.pool), inp[0], stop)
             if stop:
                 raise _StopForward
         return fn
@@ -203,50 +211,107 @@ class FeatureTap(nn.Module):
         self._handles = []
 
 
-class _Truncated(nn.Module):
-    def __init__(self, extractor: nn.Module, pool_how: str) -> None:
+class GraphTap(nn.Module):
+    """The backbone cut after the deepest of ``layers`` as one torch.fx graph (no hooks), returning
+    ``{layer: pooled output}`` like :class:`FeatureTap`. Used where hooks cannot be captured:
+    ``torch.compile`` and ``torch.export``."""
+
+    def __init__(self, backbone: Backbone, layers: list[str], pool_how: str) -> None:
         super().__init__()
-        self.extractor = extractor
-        self.pool_how = pool_how
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        if pool_how not in POOLS:
+            raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {pool_how!r}.")
+        self.layers, self.pool_how = list(layers), pool_how
+        model = backbone.model
+        if isinstance(model, torch.jit.ScriptModule):
+            raise BackboneError(f"{backbone.name} is a TorchScript module; it cannot be traced with torch.fx.")
+        nodes = {}
+        for layer in self.layers:
+            if layer == PRE_LOGITS:
+                nodes[_classifier_input_node(backbone)] = layer
+            elif layer != OUTPUT:
+                nodes[layer] = layer
+        self.whole = OUTPUT in self.layers
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # about train- vs eval-mode graphs; we trace in eval mode
+                warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+                if self.whole and not nodes:
+                    self.extractor = _OutputDict(model, OUTPUT)
+                elif self.whole:  # the whole network runs: its output is one more node of the graph
+                    self.extractor = create_feature_extractor(
+                        model, return_nodes={**nodes, _output_node(backbone): OUTPUT})
+                else:
+                    self.extractor = create_feature_extractor(model, return_nodes=nodes)
+        except BackboneError:
+            raise
+        except Exception as e:
+            raise BackboneError(f"{backbone.name} cannot be cut at {list(nodes)} with torch.fx ({e}).") from None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.extractor(x)
+        return {n: pool(_first_tensor(out[n]), self.pool_how) for n in self.layers}
+
+
+def _trace(backbone: Backbone):
+    """The model's fx graph and the qualified name (as ``create_feature_extractor`` takes them) of
+    each node."""
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    tracer = NodePathTracer()
+    try:
+        graph = tracer.trace(backbone.model)
+    except Exception as e:
+        raise BackboneError(f"{backbone.name} cannot be traced with torch.fx ({e}).") from None
+    return graph, tracer.node_to_qualname
+
+
+def _classifier_input_node(backbone: Backbone) -> str:
+    import torch.fx
+
+    graph, names = _trace(backbone)
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == backbone.classifier]
+    if len(calls) != 1 or not isinstance(calls[0].args[0], torch.fx.Node) or calls[0].args[0] not in names:
+        raise BackboneError(f"Cannot find the input of '{backbone.classifier}' in {backbone.name}'s graph.")
+    return names[calls[0].args[0]]
+
+
+def _output_node(backbone: Backbone) -> str:
+    import torch.fx
+
+    graph, names = _trace(backbone)
+    arg = [n for n in graph.nodes if n.op == "output"][0].args[0]
+    if isinstance(arg, (tuple, list)):
+        arg = arg[0]
+    if not isinstance(arg, torch.fx.Node) or arg not in names:
+        raise BackboneError(f"Cannot find the output of {backbone.name}'s graph.")
+    return names[arg]
+
+
+class _Single(nn.Module):
+    def __init__(self, tap: GraphTap, layer: str) -> None:
+        super().__init__()
+        self.tap, self.layer = tap, layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pool(_first_tensor(self.extractor(x)["out"]), self.pool_how)
+        return self.tap(x)[self.layer]
 
 
 def truncated_model(backbone: Backbone, layer: str, pool_how: str) -> nn.Module:
     """The backbone cut after ``layer`` as one traced module (torch.fx, no hooks) returning the
     pooled layer output; used for export, where hooks cannot be captured."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-
-    model = backbone.model
-    if layer == OUTPUT:
-        return _Truncated(_OutputDict(model), pool_how)
-    node = layer
-    if layer == PRE_LOGITS:
-        import torch.fx
-
-        try:
-            graph = torch.fx.symbolic_trace(model).graph
-        except Exception as e:
-            raise BackboneError(f"{backbone.name} cannot be traced with torch.fx ({e}); it cannot be exported.") from None
-        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == backbone.classifier]
-        if len(calls) != 1 or not isinstance(calls[0].args[0], torch.fx.Node):
-            raise BackboneError(f"Cannot find the input of '{backbone.classifier}' in {backbone.name}'s graph.")
-        node = calls[0].args[0].name
-    try:
-        extractor = create_feature_extractor(model, return_nodes={node: "out"})
-    except Exception as e:
-        raise BackboneError(f"{backbone.name} cannot be cut at '{layer}' with torch.fx ({e}).") from None
-    return _Truncated(extractor, pool_how)
+    return _Single(GraphTap(backbone, [layer], pool_how), layer)
 
 
 class _OutputDict(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, key: str = "out") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.key = model, key
 
     def forward(self, x):
-        return {"out": self.model(x)}
+        return {self.key: self.model(x)}
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -329,15 +394,24 @@ class TappedForward:
     """
 
     def __init__(self, backbone: Backbone, layers: list[str], pool_how: str, *, device: torch.device,
-                 precision: str = "fp32", channels_last: bool = True, order: list[str] | None = None) -> None:
+                 precision: str = "fp32", channels_last: bool = True, order: list[str] | None = None,
+                 compile: bool = False) -> None:
         script = isinstance(backbone.model, torch.jit.ScriptModule)
         self.channels_last = channels_last and device.type != "mps" and not script
         backbone.model.to(device)
         if self.channels_last:
             backbone.model.to(memory_format=torch.channels_last)
-        if order is None:
-            order = [i.name for i in list_layers(backbone, depth=None)]
-        self.tap = FeatureTap(backbone, layers, pool_how, order=order)
+        self.compiled = compile
+        self.name = backbone.name
+        if compile:
+            # One graph without hooks; batches are padded to the largest size seen so that a short
+            # last batch does not trigger a second compilation.
+            self.tap = torch.compile(GraphTap(backbone, layers, pool_how).eval(), dynamic=False)
+            self.max_batch = 0
+        else:
+            if order is None:
+                order = [i.name for i in list_layers(backbone, depth=None)]
+            self.tap = FeatureTap(backbone, layers, pool_how, order=order)
         self.device, self.precision = device, precision
         pp = backbone.preprocess
         self.mean = torch.tensor(pp.mean, device=device).view(1, 3, 1, 1) * 255
@@ -350,7 +424,21 @@ class TappedForward:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=_AUTOCAST.get(self.precision, torch.float32),
                                                     enabled=self.precision != "fp32"):
-            return self.tap(x)
+            if not self.compiled:
+                return self.tap(x)
+            n = x.shape[0]
+            self.max_batch = max(self.max_batch, n)
+            if n < self.max_batch:
+                x = torch.cat([x, x.new_zeros((self.max_batch - n, *x.shape[1:]))])
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                out = self.tap(x)
+            except Exception as e:  # compilation happens at the first call
+                raise BackboneError(f"torch.compile failed for {self.name}: {str(e).strip()[:300]}. Run without "
+                                    f"--compile.") from None
+            return {k: v[:n] for k, v in out.items()}
 
     def remove(self) -> None:
-        self.tap.remove()
+        if not self.compiled:
+            self.tap.remove()

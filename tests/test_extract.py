@@ -435,3 +435,50 @@ def test_batchnorm_folding_is_checked_recorded_and_close(tiny, image_folder):
     with open_cache(on.cache) as a, open_cache(off.cache) as b:
         assert a.fingerprint["fold_bn"] is True and b.fingerprint["fold_bn"] is False
         np.testing.assert_allclose(a.load("val")[0], b.load("val")[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers", [["layer2", "pre_logits"], ["layer1", "output"], ["output"]])
+def test_graph_tap_equals_the_hooked_tap(layers):
+    """The torch.fx tap (for torch.compile and export) reads the same values as the hooks."""
+    from featcache.taps import FeatureTap, GraphTap, list_layers
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        graph = GraphTap(bb, layers, "avgmax")(x)
+        tap = FeatureTap(bb, layers, "avgmax", order=[i.name for i in list_layers(bb, depth=None)])
+        hooked = tap(x)
+        tap.remove()
+    assert list(graph) == layers
+    for name in layers:
+        assert torch.equal(graph[name], hooked[name])
+
+
+def test_compile_extracts_close_to_eager_and_is_in_the_fingerprint(tmp_path, image_folder):
+    """torch.compile (inductor; a short last batch is padded, not recompiled)."""
+    options = dict(backbone="resnet18.none", input_size=32, num_workers=0, batch_size=5,
+                   layers=("pre_logits", "layer3"), dtype="float32", cache_dir=str(tmp_path / "c"))
+    eager = extract(str(image_folder), **options)
+    compiled = extract(str(image_folder), **options, compile=True)  # 12 + 12 images: batches 5, 5, 2
+    assert compiled.cache != eager.cache and compiled.computed == 24
+    with open_cache(eager.cache) as a, open_cache(compiled.cache) as b:
+        assert "compile" not in a.fingerprint and b.fingerprint["compile"] is True
+        for split in ("train", "val"):
+            for layer in ("pre_logits", "layer3"):
+                np.testing.assert_allclose(a.load(split, layer)[0], b.load(split, layer)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_tapped_map_is_not_changed_by_a_later_in_place_op():
+    """resnet's bn1 output goes through ReLU(inplace=True): with pool none and a deeper tap, the
+    captured bn1 map must keep its negative values."""
+    from featcache.taps import FeatureTap, list_layers
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = bb.model.bn1(bb.model.conv1(x))
+        tap = FeatureTap(bb, ["bn1", "layer1"], "none", order=[i.name for i in list_layers(bb, depth=None)])
+        out = tap(x)
+        tap.remove()
+    assert ref.min() < 0
+    assert torch.equal(out["bn1"], ref)
