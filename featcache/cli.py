@@ -88,6 +88,9 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                      help="Run convolutions in channels_last memory format."),
         click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
                      help="Fold BatchNorm into the preceding convolutions (checked against the unfolded model)."),
+        click.option("--decode-on-device", is_flag=True,
+                     help="Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on a GPU) "
+                          "instead of PIL in worker processes. Recorded in the fingerprint."),
         click.option("--compile", "compile", is_flag=True,
                      help="Run the network through torch.compile: faster for long runs (1.16x for "
                           "efficientnet_lite0 on a CPU) after a one-off compilation (~20 s). Recorded in the fingerprint."),
@@ -125,7 +128,7 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
 
 _EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "fold_bn", "batch_size",
                   "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
-                  "input_size", "mean", "std", "views", "view_seed", "checkpoint_every", "compile")
+                  "input_size", "mean", "std", "views", "view_seed", "checkpoint_every", "compile", "decode_on_device")
 
 
 def extract_config(kw: dict):

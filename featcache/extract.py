@@ -30,7 +30,8 @@ import torchvision
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
-from .preprocess import Augment, DecodeError, augmented_views, crop_array, decode, resize_crop
+from .preprocess import (JPEG_MAGIC, Augment, DecodeError, Encoded, augmented_views, crop_array, decode,
+                         decode_on_device, resize_crop)
 from .registry import check_choice, check_int
 from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
@@ -89,6 +90,9 @@ class ExtractConfig:
     #: Run the tapped network through torch.compile (1.16x on the 2-core CPU for EfficientNet-Lite0
     #: after a 23 s compilation, BENCHMARKS.md). Recorded in the fingerprint.
     compile: bool = False
+    #: Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on CUDA) and
+    #: resize there; loader workers only read files. Recorded in the fingerprint.
+    decode_on_device: bool = False
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "output", "weights"):
@@ -110,6 +114,9 @@ class ExtractConfig:
         if self.input_size is not None:
             check_int("input_size", self.input_size, minimum=8)
         check_int("views", self.views, minimum=0)
+        if self.decode_on_device and self.views:
+            raise ConfigError("Augmented views (--views) are made with PIL; they cannot be combined with "
+                              "--decode-on-device. Drop one of the two.")
         if not isinstance(self.checkpoint_every, (int, float)) or not 0 <= self.checkpoint_every < float("inf"):
             raise ConfigError(f"The 'checkpoint_every' option must be a number of seconds >= 0. "
                               f"Got {self.checkpoint_every!r}.")
@@ -334,10 +341,13 @@ class _DecodeDataset(torch.utils.data.Dataset):
     cores instead of competing for them.
     """
 
-    def __init__(self, src: Source, rows: list[_Row], pp, augment: Augment | None = None, threads: int = 1) -> None:
+    def __init__(self, src: Source, rows: list[_Row], pp, augment: Augment | None = None, threads: int = 1,
+                 encoded_jpegs: bool = False) -> None:
         self.src, self.rows, self.pp = src, rows, pp
         self.augment = augment if augment is not None and augment.views else None
         self.threads = threads
+        #: Hand JPEGs over undecoded (:class:`Encoded`) for :func:`decode_on_device`.
+        self.encoded_jpegs = encoded_jpegs
         self._pool = None
 
     def __len__(self) -> int:
@@ -367,6 +377,8 @@ class _DecodeDataset(torch.utils.data.Dataset):
         except OSError as e:
             return i, None, None, f"cannot read file: {e.strerror or e}"
         views = self.augment is not None and row.split == VIEW_SPLIT
+        if self.encoded_jpegs and isinstance(data, bytes) and data.startswith(JPEG_MAGIC):
+            return i, h, Encoded(data), None
         try:
             if isinstance(data, np.ndarray) and not views:
                 crop = crop_array(data, self.pp)  # arrays already at size: no PIL round trip
@@ -382,11 +394,14 @@ class _DecodeDataset(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    """Base crops first, then all augmented views: x is (B + B * views, 3, H, W)."""
+    """Base crops first, then all augmented views: x is (B + B * views, 3, H, W). With undecoded
+    JPEGs in the batch, x is the list of items for :func:`decode_on_device`."""
     ok = [(i, h, a) for i, h, a, _ in items if a is not None]
     bad = [(i, r) for i, _, a, r in items if a is None]
     x = None
-    if ok:
+    if any(isinstance(a, Encoded) for _, _, a in ok):
+        x = [a for _, _, a in ok]
+    elif ok:
         base = np.stack([a[0] for _, _, a in ok])
         extra = [a[1:] for _, _, a in ok if len(a) > 1]
         x = torch.from_numpy(np.concatenate([base, *extra]) if extra else base)
@@ -553,7 +568,7 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
         precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
         device_type=device.type, source=src.describe(),
         augment=config.augment.to_dict() if config.views else None,
-        fold_bn=fold_bn, compile=config.compile,
+        fold_bn=fold_bn, compile=config.compile, decode="torchvision" if config.decode_on_device else "pil",
         versions={"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     )
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
@@ -740,7 +755,8 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     workers = config.num_workers if config.num_workers is not None else default_workers(src, device)
     # Decoding in the main process: a thread per forward thread (files only; arrays need little work).
     decode_threads = 1 if workers or src.kind in ("npz", "digits") else torch.get_num_threads()
-    dataset = _DecodeDataset(src, todo, pp, config.augment, threads=decode_threads)
+    dataset = _DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
+                             encoded_jpegs=config.decode_on_device)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
@@ -753,6 +769,13 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     try:
         with torch.inference_mode():
             for idx, hashes, x, bad in loader:
+                if isinstance(x, list):  # undecoded JPEGs: decode on the device
+                    crops, failed = decode_on_device(x, pp, device)
+                    for k, reason in failed:
+                        bad.append((idx[k], reason))
+                    keep = [k for k, c in enumerate(crops) if c is not None]
+                    idx, hashes = [idx[k] for k in keep], [hashes[k] for k in keep]
+                    x = torch.stack([crops[k] for k in keep]) if keep else None
                 failed_ids, failed_reasons = [], []
                 for i, reason in bad:
                     row = todo[i]

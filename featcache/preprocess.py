@@ -201,3 +201,73 @@ def augmented_views(img: Image.Image, pp: Preprocess, aug: Augment, content_hash
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out[k] = np.asarray(view, dtype=np.uint8).transpose(2, 0, 1)
     return out
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class Encoded:
+    """Undecoded JPEG bytes travelling from a loader worker to :func:`decode_on_device`."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = np.frombuffer(data, dtype=np.uint8)
+
+
+def decode_on_device(items: list, pp: Preprocess, device) -> tuple[list, list[tuple[int, str]]]:
+    """Decode a batch's JPEGs with ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on CUDA,
+    libjpeg-turbo on the CPU), then resize (antialiased) and centre-crop there.
+
+    ``items`` holds :class:`Encoded` JPEGs and already decoded ``(1, 3, crop, crop)`` uint8 arrays
+    (other formats, decoded by PIL in the loader). Returns the crops as ``(3, crop, crop)`` uint8
+    tensors on ``device`` (None where a sample failed) and ``[(position, reason)]`` of failures. A
+    JPEG the device decoder rejects is tried again with PIL before it is recorded as failed.
+    """
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they still work as pinned.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        return _decode_on_device(items, pp, device)
+
+
+def _decode_on_device(items: list, pp: Preprocess, device) -> tuple[list, list[tuple[int, str]]]:
+    import torch
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
+
+    out: list = [None] * len(items)
+    failed: list[tuple[int, str]] = []
+    jpegs = [k for k, it in enumerate(items) if isinstance(it, Encoded)]
+    for k, it in enumerate(items):
+        if not isinstance(it, Encoded):
+            out[k] = torch.from_numpy(np.ascontiguousarray(it[0])).to(device, non_blocking=True)
+    decoded: dict[int, object] = {}
+    if jpegs:
+        data = [torch.from_numpy(items[k].data.copy()) for k in jpegs]
+        try:
+            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=pp.exif_transpose)
+            decoded = dict(zip(jpegs, imgs))
+        except RuntimeError:  # one bad file fails the batch call: decode one by one
+            for k, d in zip(jpegs, data):
+                try:
+                    decoded[k] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device,
+                                             apply_exif_orientation=pp.exif_transpose)
+                except RuntimeError:
+                    pass
+    for k in jpegs:
+        img = decoded.get(k)
+        if img is None:  # PIL knows more damaged and exotic JPEGs, and names what is wrong
+            try:
+                crop = resize_crop(decode(items[k].data.tobytes(), pp), pp)
+                out[k] = torch.from_numpy(crop).to(device)
+            except DecodeError as e:
+                failed.append((k, str(e)))
+            continue
+        h, w = img.shape[-2:]
+        nw, nh = _resized(w, h, pp.resize)
+        if (nw, nh) != (w, h):
+            img = TF.resize(img, [nh, nw], interpolation=InterpolationMode(pp.interpolation), antialias=True)
+        out[k] = TF.center_crop(img, [pp.crop, pp.crop])
+    return out, failed

@@ -61,12 +61,17 @@ class CacheFingerprint:
     schema_version: int = SCHEMA_VERSION
     #: torch.compile fuses operations: features differ from eager ones by float rounding.
     compile: bool = False
+    #: Who decodes JPEGs: PIL in loader workers, or torchvision on the extraction device.
+    decode: str = "pil"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
-        if not self.compile:  # absent when off, so eager caches keep their fingerprints
+        # Absent when at their defaults, so caches made before these fields keep their fingerprints.
+        if not self.compile:
             del d["compile"]
+        if self.decode == "pil":
+            del d["decode"]
         return d
 
     def to_json(self) -> str:

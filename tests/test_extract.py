@@ -482,3 +482,50 @@ def test_a_tapped_map_is_not_changed_by_a_later_in_place_op():
         tap.remove()
     assert ref.min() < 0
     assert torch.equal(out["bn1"], ref)
+
+
+def test_decode_on_device_matches_pil_crops_and_records_failures(tmp_path):
+    """torchvision.io.decode_jpeg + antialiased resize on the device (here the CPU) against PIL, on
+    JPEGs of several sizes, an EXIF-rotated one, a PNG (PIL in the loader) and a truncated JPEG."""
+    import io
+
+    from featcache.preprocess import Encoded, Preprocess, decode, decode_on_device, resize_crop
+
+    pp = Preprocess(resize=40, crop=32, interpolation="bilinear")
+    rng = np.random.default_rng(0)
+    items, expected = [], []
+    for size in ((64, 48), (48, 80), (40, 40), (30, 20)):
+        base = np.kron(rng.integers(0, 255, (size[1] // 2, size[0] // 2, 3)), np.ones((2, 2, 1))).astype(np.uint8)
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        if size == (64, 48):
+            exif[0x0112] = 6  # rotated: decoded images are 48 x 64
+        Image.fromarray(base).save(buf, "JPEG", quality=95, exif=exif)
+        items.append(Encoded(buf.getvalue()))
+        expected.append(resize_crop(decode(buf.getvalue(), pp), pp))
+    png = resize_crop(Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)), pp)
+    items.append(png[None])
+    truncated = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)).save(truncated, "JPEG")
+    items.append(Encoded(truncated.getvalue()[:200]))
+    crops, failed = decode_on_device(items, pp, torch.device("cpu"))
+    for got, want in zip(crops[:4], expected):
+        assert got.shape == (3, 32, 32) and got.dtype == torch.uint8
+        diff = np.abs(got.numpy().astype(int) - want.astype(int))
+        assert diff.mean() < 1.5 and diff.max() <= 24, (diff.mean(), diff.max())
+    assert torch.equal(crops[4], torch.from_numpy(png))
+    assert crops[5] is None and [k for k, _ in failed] == [5]
+
+
+def test_extract_with_decode_on_device_is_close_and_fingerprinted(tiny, image_folder):
+    a = extract(str(image_folder), **tiny)
+    b = extract(str(image_folder), **tiny, decode_on_device=True)
+    assert a.cache != b.cache and b.computed == 24
+    with open_cache(a.cache) as ca, open_cache(b.cache) as cb:
+        assert "decode" not in ca.fingerprint and cb.fingerprint["decode"] == "torchvision"
+        assert ca.ids("val") == cb.ids("val")
+        xa, xb = ca.load("val")[0], cb.load("val")[0]
+        cos = (xa * xb).sum(1) / np.linalg.norm(xa, axis=1) / np.linalg.norm(xb, axis=1)
+        assert cos.min() > 0.99
+    with pytest.raises(ConfigError, match="cannot be combined with --decode-on-device"):
+        extract(str(image_folder), **tiny, decode_on_device=True, views=2)
