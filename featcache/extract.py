@@ -33,6 +33,7 @@ from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterru
 from .preprocess import (JPEG_MAGIC, Augment, DecodeError, Encoded, augmented_views, crop_array, decode,
                          decode_on_device, resize_crop)
 from .registry import check_choice, check_int
+from .runtime import tune_allocator
 from .sources import Source, SampleRef, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
                     cache_file_name, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
@@ -747,6 +748,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
              progress: ProgressFn | None) -> None:
     if not todo:
         return
+    tune_allocator()
     if config.threads:
         torch.set_num_threads(config.threads)
     forward = TappedForward(bb, layers, config.pool, device=device, precision=config.precision,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .runtime import tune_allocator
 from .backbones import Backbone, load_backbone, seeded_init
 from .errors import ConfigError
 from .extract import resolve_device
@@ -339,6 +340,7 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
     scales). Images that cannot be read or decoded are skipped and listed in ``run.json``.
     """
     t0 = time.perf_counter()
+    tune_allocator()
     config = FinetuneConfig(**{**(config.to_dict() if config else {}), **options})
     config.validate()
     src = open_source(source)

@@ -7,7 +7,7 @@ Final file (readable with plain h5py; see the README for the schema)::
     /<split>/features/<layer>   (N, D) or (N, C, H, W), float16/float32, chunked along N
     /<split>/labels             (N,) int64
     /<split>/ids                (N,) UTF-8 strings (path relative to the source, or split/index)
-    /<split>/hashes             (N,) 32-char BLAKE2b-128 hex of the sample's bytes
+    /<split>/hashes             (N,) 32-char hex SHA-256 (first 128 bits) of the sample's bytes
     /<split>/stat               (N, 2) int64 (size, mtime_ns) of the file when it was read
     /train/views/<layer>        (N, K, ...) features of K augmented views (``--views K`` only)
     /failed/{split,ids,reasons,stat}   samples that could not be read, and why
@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError
+from .sources import CONTENT_HASH
 
 FORMAT = "featcache"
 SCHEMA_VERSION = 1
@@ -63,6 +64,8 @@ class CacheFingerprint:
     compile: bool = False
     #: Who decodes JPEGs: PIL in loader workers, or torchvision on the extraction device.
     decode: str = "pil"
+    #: The algorithm of the per-sample content hashes (incremental runs, augmented-view seeds).
+    content_hash: str = CONTENT_HASH
 
     def to_dict(self) -> dict:
         d = asdict(self)

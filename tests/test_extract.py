@@ -529,3 +529,17 @@ def test_extract_with_decode_on_device_is_close_and_fingerprinted(tiny, image_fo
         assert cos.min() > 0.99
     with pytest.raises(ConfigError, match="cannot be combined with --decode-on-device"):
         extract(str(image_folder), **tiny, decode_on_device=True, views=2)
+
+
+def test_tune_allocator_sets_glibc_thresholds_once(monkeypatch):
+    import platform
+
+    from featcache import runtime
+
+    monkeypatch.setattr(runtime, "_tuned", None)
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert runtime.tune_allocator() is expected
+    assert runtime.tune_allocator() is expected  # cached
+    monkeypatch.setattr(runtime, "_tuned", None)
+    monkeypatch.setenv("FEATCACHE_TUNE_MALLOC", "0")
+    assert runtime.tune_allocator() is False
