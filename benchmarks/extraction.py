@@ -25,7 +25,7 @@ from featcache.sources import open_source
 from .common import WORK, Row, require_real_data
 
 BACKBONE = "efficientnet_lite0"
-#: featcache's default batch size on this device (4 on a CPU); the bare loop uses the same.
+#: featcache's default batch size on this device (8 on a CPU); the bare loop uses the same.
 BATCH = __import__("featcache.extract", fromlist=["x"]).default_batch_size(torch.device("cpu"))
 
 

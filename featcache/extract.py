@@ -60,8 +60,9 @@ class ExtractConfig:
     dtype: str = "float16"
     precision: str = "auto"
     channels_last: bool = True
-    #: None: 4 on a CPU (small batches stay in cache: 77 img/s at 4 vs 32 img/s at 32 for
-    #: EfficientNet-Lite0 on the 2-core test machine, BENCHMARKS.md), 64 on a GPU.
+    #: None: 8 on a CPU (small batches stay in cache: EfficientNet-Lite0 ran 115, 122, 123 and 90
+    #: img/s at 4, 8, 16 and 32 on the 2-core test machine; resnet50 and resnet18 peaked at 8,
+    #: BENCHMARKS.md), 64 on a GPU.
     batch_size: int | None = None
     num_workers: int | None = None
     threads: int | None = None
@@ -191,7 +192,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_batch_size(device: torch.device) -> int:
-    return 4 if device.type == "cpu" else 64
+    return 8 if device.type == "cpu" else 64
 
 
 def default_workers(src: Source, device: torch.device) -> int:
