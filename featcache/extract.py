@@ -31,7 +31,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .preprocess import (JPEG_MAGIC, Augment, DecodeError, Encoded, augmented_views, crop_array, decode,
-                         decode_on_device, resize_crop)
+                         decode_on_device, encoded_jpeg, resize_crop)
 from .registry import check_choice, check_int
 from .runtime import tune_allocator
 from .sources import Source, SampleRef, display_path, open_source
@@ -380,7 +380,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
             return i, None, None, f"cannot read file: {e.strerror or e}"
         views = self.augment is not None and row.split == VIEW_SPLIT
         if self.encoded_jpegs and isinstance(data, bytes) and data.startswith(JPEG_MAGIC):
-            return i, h, Encoded(data), None
+            return i, h, encoded_jpeg(data, self.pp), None
         try:
             if isinstance(data, np.ndarray) and not views:
                 crop = crop_array(data, self.pp)  # arrays already at size: no PIL round trip

@@ -207,12 +207,48 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class Encoded:
-    """Undecoded JPEG bytes travelling from a loader worker to :func:`decode_on_device`."""
+    """Undecoded JPEG bytes travelling from a loader worker to :func:`decode_on_device`, with the
+    EXIF orientation read from its header (1 when absent or not applied)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "orientation")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, orientation: int = 1) -> None:
         self.data = np.frombuffer(data, dtype=np.uint8)
+        self.orientation = orientation
+
+
+def encoded_jpeg(data: bytes, pp: Preprocess) -> Encoded:
+    """Wrap JPEG bytes for :func:`decode_on_device`; reads only the header (for the orientation)."""
+    orientation = 1
+    if pp.exif_transpose:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                orientation = int(img.getexif().get(0x0112, 1))
+        except Exception:  # unreadable header: the decoder (or PIL after it) reports the file
+            orientation = 1
+    return Encoded(data, orientation if 1 <= orientation <= 8 else 1)
+
+
+def _orient(img, orientation: int):
+    """Apply an EXIF orientation to a (C, H, W) tensor, as PIL's ``ImageOps.exif_transpose`` does
+    (torchvision's CUDA decoder ignores ``apply_exif_orientation``)."""
+    import torch
+
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1).flip(-2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(img, -1, dims=(-2, -1))
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return torch.rot90(img, 1, dims=(-2, -1))
+    return img
 
 
 def decode_on_device(items: list, pp: Preprocess, device) -> tuple[list, list[tuple[int, str]]]:
@@ -247,13 +283,12 @@ def _decode_on_device(items: list, pp: Preprocess, device) -> tuple[list, list[t
     if jpegs:
         data = [torch.from_numpy(items[k].data.copy()) for k in jpegs]
         try:
-            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=pp.exif_transpose)
+            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             decoded = dict(zip(jpegs, imgs))
         except RuntimeError:  # one bad file fails the batch call: decode one by one
             for k, d in zip(jpegs, data):
                 try:
-                    decoded[k] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device,
-                                             apply_exif_orientation=pp.exif_transpose)
+                    decoded[k] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     pass
     for k in jpegs:
@@ -265,6 +300,7 @@ def _decode_on_device(items: list, pp: Preprocess, device) -> tuple[list, list[t
             except DecodeError as e:
                 failed.append((k, str(e)))
             continue
+        img = _orient(img, items[k].orientation)
         h, w = img.shape[-2:]
         nw, nh = _resized(w, h, pp.resize)
         if (nw, nh) != (w, h):

@@ -489,7 +489,7 @@ def test_decode_on_device_matches_pil_crops_and_records_failures(tmp_path):
     JPEGs of several sizes, an EXIF-rotated one, a PNG (PIL in the loader) and a truncated JPEG."""
     import io
 
-    from featcache.preprocess import Encoded, Preprocess, decode, decode_on_device, resize_crop
+    from featcache.preprocess import Preprocess, decode, decode_on_device, encoded_jpeg, resize_crop
 
     pp = Preprocess(resize=40, crop=32, interpolation="bilinear")
     rng = np.random.default_rng(0)
@@ -501,13 +501,13 @@ def test_decode_on_device_matches_pil_crops_and_records_failures(tmp_path):
         if size == (64, 48):
             exif[0x0112] = 6  # rotated: decoded images are 48 x 64
         Image.fromarray(base).save(buf, "JPEG", quality=95, exif=exif)
-        items.append(Encoded(buf.getvalue()))
+        items.append(encoded_jpeg(buf.getvalue(), pp))
         expected.append(resize_crop(decode(buf.getvalue(), pp), pp))
     png = resize_crop(Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)), pp)
     items.append(png[None])
     truncated = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)).save(truncated, "JPEG")
-    items.append(Encoded(truncated.getvalue()[:200]))
+    items.append(encoded_jpeg(truncated.getvalue()[:200], pp))
     crops, failed = decode_on_device(items, pp, torch.device("cpu"))
     for got, want in zip(crops[:4], expected):
         assert got.shape == (3, 32, 32) and got.dtype == torch.uint8
@@ -515,6 +515,27 @@ def test_decode_on_device_matches_pil_crops_and_records_failures(tmp_path):
         assert diff.mean() < 1.5 and diff.max() <= 24, (diff.mean(), diff.max())
     assert torch.equal(crops[4], torch.from_numpy(png))
     assert crops[5] is None and [k for k, _ in failed] == [5]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_on_device_applies_every_exif_orientation_like_pil(orientation):
+    """The device path reads the orientation itself (torchvision's CUDA decoder ignores it)."""
+    import io
+
+    from featcache.preprocess import Preprocess, decode, decode_on_device, encoded_jpeg, resize_crop
+
+    pp = Preprocess(resize=24, crop=24, interpolation="bilinear")
+    img = np.zeros((24, 40, 3), np.uint8)
+    img[:12, :20] = (255, 0, 0)  # an asymmetric pattern: red top-left, green bottom
+    img[12:, :] = (0, 255, 0)
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(img).save(buf, "JPEG", quality=100, exif=exif)
+    want = resize_crop(decode(buf.getvalue(), pp), pp)
+    (got,), failed = decode_on_device([encoded_jpeg(buf.getvalue(), pp)], pp, torch.device("cpu"))
+    assert not failed and got.shape == want.shape
+    assert np.abs(got.numpy().astype(int) - want.astype(int)).mean() < 4
 
 
 def test_extract_with_decode_on_device_is_close_and_fingerprinted(tiny, image_folder):
