@@ -70,7 +70,7 @@ def _extract_once(source: str, tag: str, **options) -> tuple[float, float, str, 
     return time.perf_counter() - t, r.images_per_second, r.cache, r.computed
 
 
-def npz_vs_bare_forward(n: int = 1024, repeat: int = 7) -> Row:
+def npz_vs_bare_forward(n: int = 2048, repeat: int = 5) -> Row:
     """Each extract run between two bare runs, so that drifts of the machine's speed hit both."""
     rng = np.random.default_rng(0)
     path = WORK / "bench.npz"
