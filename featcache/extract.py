@@ -436,6 +436,8 @@ class _Writer(threading.Thread):
         self.buffer: list[dict] = []
         self.buffer_bytes = 0
         self.buffer_since = 0.0
+        #: Whether the buffered batches with features carry augmented views (None: no such batch yet).
+        self.buffer_views: bool | None = None
 
     def run(self) -> None:
         while True:
@@ -452,10 +454,12 @@ class _Writer(threading.Thread):
                 return
             if self.error is not None:
                 continue
-            # A chunk either has augmented views for every sample or for none (batches never mix splits).
-            if self.buffer and _has_views(self.buffer[0]) != _has_views(item) and item["features"] \
-                    and self.buffer[0]["features"]:
-                self._flush()
+            # A chunk either has augmented views for every sample or for none (batches never mix
+            # splits); a batch whose images all failed has no features and fits either kind.
+            if item["features"]:
+                if self.buffer_views is not None and self.buffer_views != _has_views(item):
+                    self._flush()
+                self.buffer_views = _has_views(item)
             if not self.buffer:
                 self.buffer_since = time.monotonic()
             self.buffer.append(item)
@@ -464,7 +468,7 @@ class _Writer(threading.Thread):
                 self._flush()
 
     def _flush(self) -> None:
-        items, self.buffer, self.buffer_bytes = self.buffer, [], 0
+        items, self.buffer, self.buffer_bytes, self.buffer_views = self.buffer, [], 0, None
         if not items or self.error is not None:
             return
         try:

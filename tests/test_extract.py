@@ -564,3 +564,28 @@ def test_tune_allocator_sets_glibc_thresholds_once(monkeypatch):
     monkeypatch.setattr(runtime, "_tuned", None)
     monkeypatch.setenv("FEATCACHE_TUNE_MALLOC", "0")
     assert runtime.tune_allocator() is False
+
+
+def test_writer_never_mixes_view_and_plain_batches_across_an_all_failed_batch(tmp_path):
+    from featcache.extract import _Writer
+    from featcache.store import PartialStore
+
+    def item(n, views, failed=0):
+        feats = [np.ones((n, 3), np.float32)] if n else []
+        return {"hashes": np.asarray([f"{views}{i}" for i in range(n)], dtype="S32"), "features": feats,
+                "views": [np.ones((n, 2, 3), np.float32)] if views and n else [],
+                "ids": [f"i{i}" for i in range(n)], "stat": np.zeros((n, 2), np.int64),
+                "failed_ids": [f"f{i}" for i in range(failed)], "failed_reasons": ["bad"] * failed,
+                "failed_stat": np.zeros((failed, 2), np.int64)}
+
+    partial = PartialStore(tmp_path / "p.partial", "fp")
+    writer = _Writer(partial, every=3600)
+    writer.start()
+    for it in (item(2, True), item(0, False, failed=2), item(2, False), item(1, False)):
+        writer.put(it)
+    writer.close()
+    kinds = []
+    for p in partial.chunks():
+        with np.load(p, allow_pickle=False) as z:
+            kinds.append(("v0" in z.files, len(z["ids"]), len(z["failed_ids"])))
+    assert sorted(kinds) == [(False, 3, 0), (True, 2, 2)]
