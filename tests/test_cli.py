@@ -95,3 +95,20 @@ def test_finetune_command_json(image_folder, tmp_path):
     assert (tmp_path / "ft" / "model.safetensors").is_file()
     r = run("finetune", image_folder, "-b", "resnet18.none")
     assert r.exit_code == 1 and r.output.startswith("Error:") and "freeze" in r.output
+
+
+def test_extract_checkpoint_decode_and_compile_options(image_folder, tmp_path):
+    """--checkpoint-every and --decode-on-device reach the extraction; --compile reaches the
+    fingerprint (checked with --dry-run: a compile takes seconds)."""
+    r = run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--checkpoint-every", "0",
+            "--decode-on-device", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    fp = json.loads(run("info", out["cache"], "--json").output)["fingerprint"]
+    assert fp["decode"] == "torchvision" and out["splits"] == {"train": 12, "val": 12}
+    plain = json.loads(run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--dry-run", "--json").output)
+    compiled = json.loads(run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--compile", "--dry-run",
+                              "--json").output)
+    assert compiled["cache"] != plain["cache"] and not compiled["exists"]
+    r = run("extract", image_folder, *TINY, "--checkpoint-every", "-1")
+    assert r.exit_code == 1 and "'checkpoint_every' option must be a number of seconds >= 0" in r.output
