@@ -95,7 +95,7 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                      help="Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on a GPU) "
                           "instead of PIL in worker processes. Recorded in the fingerprint."),
         click.option("--compile", "compile", is_flag=True,
-                     help="Run the network through torch.compile: faster for long runs (1.16x for "
+                     help="Run the network through torch.compile: faster for long runs (1.23x for "
                           "efficientnet_lite0 on a CPU) after a one-off compilation (~20 s). Recorded in the fingerprint."),
         click.option("--batch-size", type=int, default=None,
                      help="Images per forward pass (default: 8 on a CPU, where small batches ran up to 3x faster "

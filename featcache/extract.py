@@ -47,6 +47,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VIEW_SPLIT = "train"
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
+#: Sources of pre-decoded arrays: little decoding work, so no worker processes or threads.
+ARRAY_KINDS = ("npz", "digits")
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ class ExtractConfig:
     #: Seconds between chunk files of finished batches: a kill -9 loses at most this much work
     #: (0: a chunk per batch). Does not change feature values.
     checkpoint_every: float = 10.0
-    #: Run the tapped network through torch.compile (1.16x on the 2-core CPU for EfficientNet-Lite0
-    #: after a 23 s compilation, BENCHMARKS.md). Recorded in the fingerprint.
+    #: Run the tapped network through torch.compile (1.23x steady state on the 2-core CPU for
+    #: EfficientNet-Lite0 after a 19 s compilation, BENCHMARKS.md). Recorded in the fingerprint.
     compile: bool = False
     #: Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on CUDA) and
     #: resize there; loader workers only read files. Recorded in the fingerprint.
@@ -198,9 +200,9 @@ def default_batch_size(device: torch.device) -> int:
 def default_workers(src: Source, device: torch.device) -> int:
     """Decoding processes: none on a CPU, where the main process decodes each batch with a thread
     per core between forward passes (decode processes running beside the forward pass stall its
-    threads: 55 vs 69 img/s end to end on 2 cores, BENCHMARKS.md); on a GPU up to 8; none for
+    threads: 64 vs 81 img/s end to end on 2 cores, BENCHMARKS.md); on a GPU up to 8; none for
     pre-decoded arrays."""
-    if src.kind in ("npz", "digits") or device.type == "cpu":
+    if src.kind in ARRAY_KINDS or device.type == "cpu":
         return 0
     return min(8, os.cpu_count() or 1)
 
@@ -761,7 +763,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     pp = bb.preprocess
     workers = config.num_workers if config.num_workers is not None else default_workers(src, device)
     # Decoding in the main process: a thread per forward thread (files only; arrays need little work).
-    decode_threads = 1 if workers or src.kind in ("npz", "digits") else torch.get_num_threads()
+    decode_threads = 1 if workers or src.kind in ARRAY_KINDS else torch.get_num_threads()
     dataset = _DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
                              encoded_jpegs=config.decode_on_device)
     loader = torch.utils.data.DataLoader(

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import tune_allocator
 from .backbones import Backbone, load_backbone, seeded_init
 from .errors import ConfigError
 from .extract import resolve_device
@@ -42,6 +41,7 @@ from .fit import split_metrics
 from .heads.base import check_number
 from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decode, load_image
 from .registry import check_int
+from .runtime import tune_allocator
 from .sources import SampleRef, Source, open_source
 from .tail import adamw, cosine_lr, param_groups
 

