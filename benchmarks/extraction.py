@@ -191,7 +191,7 @@ def bf16_vs_fp32() -> Row:
         with open_cache(cache) as c:
             accs.append(_best_probe(*c.load("train"), *c.load("val")))
             n_val = c.n("val")
-    from featcache.extract import cpu_has_fast_bf16
+    from featcache.devices import cpu_has_fast_bf16
 
     native = "native bf16" if cpu_has_fast_bf16() else "no native bf16 (AVX512-BF16/AMX): emulated"
     return Row("extract --precision bf16 / fp32 (compute phase), hymenoptera", r16 / r32, "report (auto picks the faster)",

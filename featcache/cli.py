@@ -85,8 +85,9 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
                      show_default=True, help="Storage type of the features."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                     show_default=True, help="Compute precision (autocast): auto is bf16 on CUDA and on CPUs "
-                                             "with native bf16, else fp32. Recorded in the fingerprint."),
+                     show_default=True, help="Compute precision (autocast): auto is bf16 on GPUs with native "
+                                             "bf16 (Ampere and later), fp16 on older GPUs, fp32 on a CPU. "
+                                             "Recorded in the fingerprint."),
         click.option("--channels-last/--no-channels-last", default=True, show_default=True,
                      help="Run convolutions in channels_last memory format."),
         click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
@@ -102,7 +103,8 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                           "than 64, 64 on a GPU)."),
         click.option("--workers", "num_workers", type=int, default=None,
                      help="Decoding worker processes (default on a CPU: 0, the main process decodes each batch "
-                          "with a thread per core between forward passes; on a GPU up to 8)."),
+                          "with a thread per core between forward passes; on a GPU this process's share of the "
+                          "CPUs it may run on, at most 8)."),
         click.option("--threads", type=int, default=None, help="Torch threads for the forward pass."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True,
@@ -711,21 +713,26 @@ def merge(cache_dir, copy, as_json):
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", "num_workers", type=int, default=0, show_default=True, help="Decoding worker processes.")
+@click.option("--workers", "num_workers", type=int, default=None,
+              help="Decoding worker processes [default: none on a CPU; on a GPU this process's share of the "
+                   "usable CPUs, at most 8].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Autocast precision; auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on a CPU.")
 @click.option("--input-size", type=int, default=None, help="Override the crop size (px).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "metrics", "per_epoch", "seconds"}.')
 @_fail_cleanly
 def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_size, seed, device, num_workers,
-             input_size, output, runs_dir, as_json):
+             precision, input_size, output, runs_dir, as_json):
     """Fine-tune the layers after a freeze boundary on raw images, the classic way (the reference
     that 'fit-head --head tail' on cached boundary activations is measured against)."""
     from .finetune import FinetuneConfig, finetune as run
 
     config = FinetuneConfig(backbone=backbone, weights=weights, freeze_until=freeze_until, train=tuple(train),
                             epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                            num_workers=num_workers, input_size=input_size, output=output, runs_dir=runs_dir)
+                            num_workers=num_workers, precision=precision, input_size=input_size, output=output,
+                            runs_dir=runs_dir)
     res = run(source, config, progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
     if as_json:
         _echo_json(res.to_dict())

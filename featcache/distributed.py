@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 4 -m featcache extract SOURCE ...
 
-Each rank runs on ``cuda:LOCAL_RANK`` (NCCL) when CUDA is there, else on the CPU (gloo) with
-``cores / local ranks`` threads. Shards are ordinary crash-safe extractions: rerunning the same
+Each rank runs on ``cuda:(LOCAL_RANK % visible GPUs)`` (NCCL) when the device is ``auto`` with CUDA
+present or any ``cuda*`` device, else on the CPU (gloo) with ``usable CPUs / local ranks`` threads.
+Each rank builds the backbone once and looks only at its own share of the files. Shards are ordinary crash-safe extractions: rerunning the same
 command resumes only the unfinished ones. Rank 0 sees the progress of all ranks (it counts their
 finished chunk files), and reports per-rank throughput.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .extract import ExtractConfig, ExtractResult, extract, prepare
+from .devices import cpus_per_local_rank, distributed_backend, is_cuda, local_cuda_device
+from .extract import ExtractConfig, ExtractResult, prepare, run_prepared
 from .shards import merge_shards, shard_path
 
 
@@ -43,22 +45,22 @@ def extract_distributed(source, config: ExtractConfig, *, progress=None) -> dict
     if env is None:
         raise RuntimeError("extract_distributed() needs torchrun (WORLD_SIZE > 1).")
     rank, world, local = env
-    cuda = torch.cuda.is_available() and config.device in ("auto", "cuda")
-    if cuda:
-        torch.cuda.set_device(local)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    threads = config.threads or max(1, (os.cpu_count() or 1) // local_world)
+    device = rank_device(config.device, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    threads = config.threads or cpus_per_local_rank()
     config = ExtractConfig(**{**config.to_dict(), "shard": (rank, world), "defer_merge": True, "threads": threads,
-                              "device": f"cuda:{local}" if cuda else ("cpu" if config.device == "auto" else config.device)})
+                              "device": str(device)})
     started_here = not dist.is_initialized()
     if started_here:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=6))
+        dist.init_process_group(distributed_backend(device), timeout=timedelta(hours=6))
     try:
-        prepared = prepare(source, ExtractConfig(**{**config.to_dict(), "shard": None}))
-        final, batch = prepared[5], prepared[-1].batch_size
-        watch = _AllRanksProgress(final, world, batch, rank, progress) if progress else None
+        prepared = prepare(source, config)
+        final = prepared.path
+        watch = _AllRanksProgress(final, world, prepared.config.batch_size, rank, progress) if progress else None
         t0 = time.perf_counter()
-        res: ExtractResult = extract(source, config, progress=watch)
+        res: ExtractResult = run_prepared(prepared, progress=watch)
+        del prepared  # the backbone: rank 0 assembles without it
         mine = {"rank": rank, "computed": res.computed, "seconds": time.perf_counter() - t0,
                 "images_per_second": res.images_per_second}
         stats: list = [None] * world
@@ -78,6 +80,14 @@ def extract_distributed(source, config: ExtractConfig, *, progress=None) -> dict
     return {"cache": str(final), "rank": rank, "world_size": world, "ranks": stats, "splits": splits,
             "failed": failed, "cache_hit": all(s["computed"] == 0 for s in stats), "seconds": round(seconds, 3),
             "images_per_second": round(total / seconds, 2) if seconds > 0 and total else 0.0}
+
+
+def rank_device(device: str, local_rank: int) -> torch.device:
+    """The device of local rank ``local_rank`` for a ``device`` option: ``auto`` with CUDA present
+    and every ``cuda``/``cuda:N`` spelling mean ``cuda:(local_rank % visible GPUs)``."""
+    if is_cuda(device) or (device == "auto" and torch.cuda.is_available()):
+        return local_cuda_device(local_rank)
+    return torch.device("cpu" if device == "auto" else device)
 
 
 class _AllRanksProgress:

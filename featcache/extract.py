@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import fcntl
 import logging
 import os
 import queue
@@ -29,20 +28,21 @@ import torchvision
 
 from . import __version__
 from .backbones import Backbone, load_backbone
+from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device,
+                      resolve_precision, shm_free_bytes)
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .preprocess import (JPEG_MAGIC, Augment, DecodeError, Encoded, augmented_views, crop_array, decode,
                          decode_on_device, encoded_jpeg, resize_crop)
 from .registry import check_choice, check_int
 from .runtime import tune_allocator
 from .sources import Source, SampleRef, display_path, open_source
-from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, FeatureCache, PartialStore,
-                    cache_file_name, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
+from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, CacheLock, FeatureCache, PartialStore,
+                    cache_file_name, create_h5, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
                     write_failed, write_strings)
 from .taps import TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: The split whose images get augmented views (``views > 0``).
 VIEW_SPLIT = "train"
 DTYPES = ("float16", "float32")
@@ -166,56 +166,8 @@ class ExtractResult:
 ProgressFn = Callable[[int, int], None]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"The 'device' option must be auto, cpu, cuda, cuda:N or mps. Got {device!r}.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device '{device}' was asked for but CUDA is not available. Use --device cpu.")
-    return dev
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 math (AVX512-BF16 or AMX). Elsewhere bf16 autocast is
-    emulated and was measured 30x slower than fp32 (BENCHMARKS.md)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def default_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cpu" else 64
-
-
-def default_workers(src: Source, device: torch.device) -> int:
-    """Decoding processes: none on a CPU, where the main process decodes each batch with a thread
-    per core between forward passes (decode processes running beside the forward pass stall its
-    threads: 64 vs 81 img/s end to end on 2 cores, BENCHMARKS.md); on a GPU up to 8; none for
-    pre-decoded arrays."""
-    if src.kind in ARRAY_KINDS or device.type == "cpu":
-        return 0
-    return min(8, os.cpu_count() or 1)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return "bf16"
-    return "fp32"
 
 
 def _pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
@@ -303,11 +255,15 @@ class _Donors:
         return bool(self.by_hash or self.failed_by_stat)
 
 
-def _plan(src: Source) -> dict[str, list[_Row]]:
+def _plan(src: Source, ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, list[_Row]]:
+    """Rows to extract, with each file's (size, mtime). ``ranges`` restricts each split to rows
+    [a, b) before any file is looked at (a shard stats only its own share)."""
     plan = {}
     for split, refs in src.splits.items():
+        a, b = ranges[split] if ranges is not None else (0, len(refs))
         rows = []
-        for i, ref in enumerate(refs):
+        for i in range(a, b):
+            ref = refs[i]
             try:
                 st = src.stat(ref)
             except OSError:
@@ -317,22 +273,36 @@ def _plan(src: Source) -> dict[str, list[_Row]]:
     return plan
 
 
-def _is_hit(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
-    """True when the cache holds exactly the planned samples, unchanged (no hashing needed)."""
+def _listing_matches(cache: FeatureCache, src: Source) -> bool:
+    """True when the cache holds (or records as failed) exactly the source's samples by id and
+    label, split by split; needs no file access beyond the listing."""
+    failed: dict[str, set] = {}
+    for f in cache.failed:
+        failed.setdefault(f["split"], set()).add((f["id"], f.get("label", -1)))
+    for split, refs in src.splits.items():
+        have = set(zip(cache.ids(split), cache.labels(split).tolist())) if split in cache.splits else set()
+        if have | failed.get(split, set()) != {(r.id, r.label) for r in refs}:
+            return False
+    return set(cache.splits) <= set(src.splits)
+
+
+def _is_hit_rows(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
+    """True when every planned row is in the cache (or its failed list) with the same label and
+    (size, mtime)."""
     have = set()
     for split in cache.splits:
         for i, lab, st in zip(cache.ids(split), cache.labels(split), cache.stat(split)):
             have.add((split, i, int(lab), int(st[0]), int(st[1])))
     failed = {(f["split"], f["id"], f["stat"]) for f in cache.failed}
-    n_have = len(have) + len(failed)
-    n_plan = 0
-    for split, rows in plan.items():
-        for r in rows:
-            n_plan += 1
-            key = (split, r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1]))
-            if key not in have and (split, r.ref.id, tuple(int(v) for v in r.stat)) not in failed:
-                return False
-    return n_plan == n_have
+    return all((split, r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1])) in have
+               or (split, r.ref.id, tuple(int(v) for v in r.stat)) in failed
+               for split, rows in plan.items() for r in rows)
+
+
+def _is_hit(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
+    """True when the cache holds exactly the planned samples, unchanged (no hashing needed)."""
+    n_have = sum(cache.n(s) for s in cache.splits) + len(cache.failed)
+    return n_have == sum(len(rows) for rows in plan.values()) and _is_hit_rows(cache, plan)
 
 
 # --- the decoding dataset -------------------------------------------------------------------
@@ -524,32 +494,29 @@ def _concat_batches(items: list[dict]) -> dict:
     return out
 
 
-class _Lock:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise CacheLockedError(
-                f"Another process is writing '{path.with_suffix('')}' (lock '{path}' is held). Wait for "
-                f"it to finish; a finished cache is then reused."
-            ) from None
-
-    def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
 # --- the main entry point -------------------------------------------------------------------
 
-def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
-    """Open the source and backbone and work out layers, shapes, fingerprint and file name.
+@dataclass
+class Prepared:
+    """Everything an extraction works out before it computes: built once, passed on."""
 
-    Returns ``(source, backbone, layers, shapes, fingerprint, path, device, layer_order, config)``,
-    the config with its automatic choices (precision) resolved.
-    """
+    source: Source
+    backbone: Backbone
+    layers: list[str]
+    #: Per layer, the shape of one sample's features (after pooling).
+    shapes: list[tuple[int, ...]]
+    fingerprint: CacheFingerprint
+    #: The final cache file (a sharded run writes its shard file beside it).
+    path: Path
+    device: torch.device
+    #: Every tap point in forward order (where the tapped network may stop).
+    order: list[str]
+    #: The options with their automatic choices (precision, batch size) resolved.
+    config: ExtractConfig
+
+
+def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepared:
+    """Open the source and backbone and work out layers, shapes, fingerprint and file name."""
     config.validate()
     src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
     bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
@@ -580,7 +547,7 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig):
         versions={"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     )
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
-    return src, bb, layers, shapes, fp, path, device, [i.name for i in infos], config
+    return Prepared(src, bb, layers, shapes, fp, path, device, [i.name for i in infos], config)
 
 
 def plan_cache(source: str | os.PathLike | Source, config: ExtractConfig | None = None, **options) -> dict:
@@ -593,7 +560,8 @@ def plan_cache(source: str | os.PathLike | Source, config: ExtractConfig | None 
         ``bytes_per_image`` and ``total_bytes`` (augmented views included).
     """
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
-    src, bb, layers, shapes, fp, path, device, order, config = prepare(source, config)
+    p = prepare(source, config)
+    src, bb, layers, shapes, path, device, config = p.source, p.backbone, p.layers, p.shapes, p.path, p.device, p.config
     itemsize = np.dtype(config.dtype).itemsize
     counts = {s: len(r) for s, r in src.splits.items()}
     n_vectors = sum(counts.values()) + config.views * counts.get(VIEW_SPLIT, 0)
@@ -626,24 +594,29 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     """
     t0 = time.perf_counter()
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
-    src, bb, layers, shapes, fp, path, device, order, config = prepare(source, config)
-    plan = _plan(src)
-    if config.shard is not None:
-        from .shards import restrict_plan, shard_path
+    return run_prepared(prepare(source, config), progress=progress, t0=t0)
 
-        final = path
-        if final.exists():  # already assembled: a cache hit for every shard
-            with open_cache(final) as c:
-                if c.fingerprint == fp.to_dict() and _is_hit(c, plan):
-                    return ExtractResult(str(final), {s: c.n(s) for s in c.splits}, len(c.failed), True,
-                                         time.perf_counter() - t0, 0.0, 0, sum(c.n(s) for s in c.splits))
-        plan = restrict_plan(plan, config.batch_size, *config.shard)
-        path = shard_path(final, *config.shard)
-        result = _extract_plan(src, bb, layers, shapes, fp, path, device, order, config, plan, progress, t0)
-        if not config.defer_merge:
-            result.merged = _merge_if_complete(final, config)
-        return result
-    return _extract_plan(src, bb, layers, shapes, fp, path, device, order, config, plan, progress, t0)
+
+def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None) -> ExtractResult:
+    """Run an extraction :func:`prepare` worked out (torchrun's ranks build the backbone once)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    config = p.config
+    if config.shard is None:
+        return _extract_plan(p, p.path, _plan(p.source), progress, t0)
+    from .shards import shard_path, shard_range
+
+    final = p.path
+    ranges = {split: shard_range(len(refs), config.batch_size, *config.shard) for split, refs in p.source.splits.items()}
+    plan = _plan(p.source, ranges)  # only this shard's files are looked at
+    if final.exists():  # already assembled: a cache hit for every shard
+        with open_cache(final) as c:
+            if c.fingerprint == p.fingerprint.to_dict() and _listing_matches(c, p.source) and _is_hit_rows(c, plan):
+                return ExtractResult(str(final), {s: c.n(s) for s in c.splits}, len(c.failed), True,
+                                     time.perf_counter() - t0, 0.0, 0, sum(c.n(s) for s in c.splits))
+    result = _extract_plan(p, shard_path(final, *config.shard), plan, progress, t0)
+    if not config.defer_merge:
+        result.merged = _merge_if_complete(final, config)
+    return result
 
 
 def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
@@ -654,7 +627,7 @@ def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
     if final.exists() or not shards_complete(final, n):
         return None
     try:
-        lock = _Lock(final.with_name(final.name + ".lock"))
+        lock = CacheLock(final.with_name(final.name + ".lock"))
     except CacheLockedError:
         return None  # another shard is assembling it
     try:
@@ -665,8 +638,9 @@ def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
     return str(final)
 
 
-def _extract_plan(src, bb, layers, shapes, fp, path: Path, device, order, config: ExtractConfig, plan,
-                  progress, t0: float) -> ExtractResult:
+def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[_Row]], progress: ProgressFn | None,
+                  t0: float) -> ExtractResult:
+    src, layers, shapes, fp, config = p.source, p.layers, p.shapes, p.fingerprint, p.config
     if path.exists():
         cache = open_cache(path)
         if cache.fingerprint != fp.to_dict():
@@ -692,7 +666,7 @@ def _extract_plan(src, bb, layers, shapes, fp, path: Path, device, order, config
         cache = None
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _Lock(path.with_name(path.name + ".lock"))
+    lock = CacheLock(path.with_name(path.name + ".lock"))
     try:
         partial = PartialStore(path.with_name(path.name + ".partial"), fp.hash)
         donors = _Donors(len(layers))
@@ -703,7 +677,7 @@ def _extract_plan(src, bb, layers, shapes, fp, path: Path, device, order, config
         todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail", views=config.views)
         n_reused = sum(len(r) for r in plan.values()) - len(todo)
         t_compute = time.perf_counter()
-        _compute(src, bb, layers, config, device, order, todo, partial, progress)
+        _compute(src, p.backbone, layers, config, p.device, p.order, todo, partial, progress)
         compute_seconds = time.perf_counter() - t_compute
         donors.add_partial(partial, seen_chunks)
         result = _assemble(path, fp, src, plan, layers, shapes, config, donors,
@@ -758,33 +732,50 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     tune_allocator()
     if config.threads:
         torch.set_num_threads(config.threads)
+    if device.type == "cuda":
+        # Input shapes are fixed for a whole run (one crop size, one batch size but the last), so
+        # cuDNN may time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     forward = TappedForward(bb, layers, config.pool, device=device, precision=config.precision,
                             channels_last=config.channels_last, order=order, compile=config.compile)
     pp = bb.preprocess
-    workers = config.num_workers if config.num_workers is not None else default_workers(src, device)
+    pre_decoded = src.kind in ARRAY_KINDS
+    workers = config.num_workers if config.num_workers is not None else default_workers(device,
+                                                                                       pre_decoded=pre_decoded)
     # Decoding in the main process: a thread per forward thread (files only; arrays need little work).
-    decode_threads = 1 if workers or src.kind in ARRAY_KINDS else torch.get_num_threads()
+    decode_threads = 1 if workers or pre_decoded else torch.get_num_threads()
     dataset = _DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
                              encoded_jpegs=config.decode_on_device)
+    prefetch = None
+    if workers:
+        batch_bytes = config.batch_size * (1 + config.views) * 3 * pp.crop * pp.crop
+        prefetch = prefetch_for_shm(workers, batch_bytes, free=shm_free_bytes())
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch,
     )
-    np_dtype = np.dtype(config.dtype)
+    batches = DeviceDecoded(loader, pp, device, background=device.type != "cpu") if config.decode_on_device \
+        else loader
+    host = HostCopy(layers, config.dtype, device)
     writer = _Writer(partial, config.checkpoint_every)
     writer.start()
     done = 0
+
+    def finish(pending, report: bool = True) -> None:
+        nonlocal done
+        feats, views = host.finish(pending["copy"]) if pending["copy"] is not None else ([], [])
+        item = pending["item"]
+        item["features"], item["views"] = feats, views
+        writer.put(item)
+        done += pending["n"]
+        if progress and report:
+            progress(done, len(todo))
+
+    pending = None
     try:
         with torch.inference_mode():
-            for idx, hashes, x, bad in loader:
-                if isinstance(x, list):  # undecoded JPEGs: decode on the device
-                    crops, failed = decode_on_device(x, pp, device)
-                    for k, reason in failed:
-                        bad.append((idx[k], reason))
-                    keep = [k for k, c in enumerate(crops) if c is not None]
-                    idx, hashes = [idx[k] for k in keep], [hashes[k] for k in keep]
-                    x = torch.stack([crops[k] for k in keep]) if keep else None
+            for idx, hashes, x, bad in batches:
                 failed_ids, failed_reasons = [], []
                 for i, reason in bad:
                     row = todo[i]
@@ -796,42 +787,190 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                     log.warning("skipping %s: %s", row.ref.id, reason)
                     failed_ids.append(row.ref.id)
                     failed_reasons.append(reason)
-                feats, views = [], []
-                if x is not None:
-                    out = forward(x)
-                    b = len(idx)
-                    for name in layers:
-                        f = out[name].float().cpu().numpy().astype(np_dtype)
-                        if not np.isfinite(f).all():
-                            raise CacheError(
-                                f"Layer '{name}' gave values that are not finite in {config.dtype} "
-                                f"(overflow or NaN). Use --dtype float32 or --precision fp32."
-                            )
-                        feats.append(np.ascontiguousarray(f[:b]))
-                        if len(f) > b:  # augmented views follow the base crops, image by image
-                            views.append(np.ascontiguousarray(f[b:].reshape(b, -1, *f.shape[1:])))
-                writer.put({
-                    "hashes": np.asarray(hashes, dtype=HASH_DTYPE), "features": feats, "views": views,
+                # The device works on this batch while the previous one is copied to the host.
+                copy = host.start(forward(x), len(idx)) if x is not None else None
+                previous, pending = pending, {"copy": copy, "n": len(idx) + len(bad), "item": {
+                    "hashes": np.asarray(hashes, dtype=HASH_DTYPE),
                     "ids": [todo[i].ref.id for i in idx],
                     "stat": np.asarray([todo[i].stat for i in idx], dtype=np.int64).reshape(-1, 2),
                     "failed_ids": failed_ids, "failed_reasons": failed_reasons,
                     "failed_stat": np.asarray([todo[i].stat for i, _ in bad], dtype=np.int64).reshape(-1, 2),
-                })
-                done += len(idx) + len(bad)
-                if progress:
-                    progress(done, len(todo))
-    except KeyboardInterrupt:
-        del loader
+                }}
+                if previous is not None:
+                    finish(previous)
+            if pending is not None:
+                last, pending = pending, None
+                finish(last)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        if pending is not None:  # computed before the stop: keep it
+            finish(pending, report=False)
+        _close(batches)
         writer.close()
-        raise ExtractionInterrupted(
-            f"Stopped after {done} of {len(todo)} images; they are kept in '{partial.path}'. "
-            f"Run the same command again to resume."
-        ) from None
+        if isinstance(e, KeyboardInterrupt):
+            raise ExtractionInterrupted(
+                f"Stopped after {done} of {len(todo)} images; they are kept in '{partial.path}'. "
+                f"Run the same command again to resume."
+            ) from None
+        if "bus error" in str(e).lower() or "shared memory" in str(e).lower():
+            raise ConfigError(
+                f"Decoding processes ran out of shared memory (/dev/shm): {str(e).strip().rstrip('.')[:200]}. "
+                f"Start the container with --shm-size 1g (or --ipc=host), or use fewer workers. The {done} "
+                f"images finished are kept in '{partial.path}': run the same command again to resume."
+            ) from None
+        raise
     finally:
         forward.remove()
+        _close(batches)
         dataset.close()
         if writer.is_alive():
             writer.close()
+
+
+def _close(batches) -> None:
+    if isinstance(batches, DeviceDecoded):
+        batches.close()
+
+
+class HostCopy:
+    """Tapped outputs -> host arrays in the cache's dtype, without stalling the device.
+
+    :meth:`start` casts each layer to the cache dtype and checks it is finite on the device, then
+    starts a non-blocking copy into pinned host memory; :meth:`finish` waits for that copy (call it
+    one batch later, after the next batch's forward pass was queued) and returns numpy arrays the
+    caller owns. On the CPU both steps are plain tensor operations.
+    """
+
+    def __init__(self, layers: list[str], dtype: str, device: torch.device) -> None:
+        self.layers, self.np_dtype = list(layers), np.dtype(dtype)
+        self.torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def start(self, out: dict[str, torch.Tensor], n_base: int) -> dict:
+        tensors, finite = [], []
+        for name in self.layers:
+            # Through float32, as the cached values always were: bf16 -> fp16 directly rounds twice.
+            t = out[name].float().to(self.torch_dtype)
+            finite.append(torch.isfinite(t).all())
+            tensors.append(t)
+        flags = torch.stack(finite)
+        if self.device.type == "cpu":
+            return {"host": tensors, "flags": flags, "event": None, "n": n_base}
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin) for t in tensors]
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=self.pin)
+        host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=self.pin)
+        host_flags.copy_(flags, non_blocking=self.pin)
+        event = None
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+        return {"host": host, "flags": host_flags, "event": event, "n": n_base}
+
+    def finish(self, pending: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``(features per layer, augmented views per layer or [])`` of a started copy."""
+        if pending["event"] is not None:
+            pending["event"].synchronize()
+        for name, ok in zip(self.layers, pending["flags"].tolist()):
+            if not ok:
+                raise CacheError(
+                    f"Layer '{name}' gave values that are not finite in {self.np_dtype} "
+                    f"(overflow or NaN). Use dtype='float32' (--dtype float32) or precision='fp32'."
+                )
+        b = pending["n"]
+        feats, views = [], []
+        for t in pending["host"]:
+            f = t.numpy()
+            feats.append(np.array(f[:b]))  # owned copies: pinned buffers are not kept
+            if len(f) > b:  # augmented views follow the base crops, image by image
+                views.append(np.array(f[b:].reshape(b, -1, *f.shape[1:])))
+        return feats, views
+
+
+class DeviceDecoded:
+    """Batches of the loader with their JPEGs decoded on ``device`` (``decode_on_device``).
+
+    With ``background``, a thread decodes batch k+1 on a side CUDA stream while the main thread
+    runs the forward pass of batch k (torchvision's nvJPEG decoder synchronises its stream, so
+    decoding in the main loop would stall the forward pass). Yields the loader's
+    ``(indices, hashes, x, bad)`` with ``x`` a uint8 tensor on ``device`` (or None).
+    """
+
+    DEPTH = 2
+
+    def __init__(self, loader, pp, device: torch.device, *, background: bool) -> None:
+        self.loader, self.pp, self.device, self.background = loader, pp, device, background
+        self.cuda = device.type == "cuda"
+        self._queue: queue.Queue = queue.Queue(maxsize=self.DEPTH)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _decode(self, batch):
+        idx, hashes, x, bad = batch
+        if not isinstance(x, list):
+            return idx, hashes, x, bad
+        crops, failed = decode_on_device(x, self.pp, self.device)
+        bad = list(bad) + [(idx[k], reason) for k, reason in failed]
+        keep = [k for k, c in enumerate(crops) if c is not None]
+        x = torch.stack([crops[k] for k in keep]) if keep else None
+        return [idx[k] for k in keep], [hashes[k] for k in keep], x, bad
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+        try:
+            with torch.inference_mode():
+                for batch in self.loader:
+                    if self._stop.is_set():
+                        return
+                    if stream is not None:
+                        with torch.cuda.stream(stream):
+                            out = self._decode(batch)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    else:
+                        out, event = self._decode(batch), None
+                    self._put(("batch", out, event))
+            self._put(("end", None, None))
+        except BaseException as e:  # handed to the main thread
+            self._put(("error", e, None))
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        if not self.background:
+            for batch in self.loader:
+                yield self._decode(batch)
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True, name="featcache-device-decode")
+        self._thread.start()
+        while True:
+            kind, value, event = self._queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+                if value[2] is not None:  # made on the side stream, used on this one
+                    value[2].record_stream(torch.cuda.current_stream(self.device))
+            yield value
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._thread.join(timeout=10)
+            self._thread = None
 
 
 def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, config: ExtractConfig,
@@ -859,7 +998,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                 failures.append({"split": split, "id": r.ref.id, "reason": reason, "stat": r.stat,
                                  "label": r.ref.label})
         per_split[split] = ok
-    with h5py.File(tmp, "w", track_order=True) as h:
+    with create_h5(tmp) as h:
         set_text_attrs(h, format=FORMAT, schema_version=SCHEMA_VERSION, fingerprint=fp.to_json(),
                        fingerprint_hash=fp.hash, classes=_json(src.classes), layers=_json(layers),
                        timings=_json(timings),

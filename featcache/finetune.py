@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, load_backbone, seeded_init
+from .devices import PRECISIONS, PREFETCH, autocast, default_workers, resolve_device, resolve_precision
 from .errors import ConfigError
-from .extract import resolve_device
+from .extract import ARRAY_KINDS
 from .fit import split_metrics
 from .heads.base import check_number
 from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decode, load_image
-from .registry import check_int
+from .registry import check_choice, check_int
 from .runtime import tune_allocator
 from .sources import SampleRef, Source, open_source
 from .tail import adamw, cosine_lr, param_groups
@@ -70,7 +71,11 @@ class FinetuneConfig:
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    #: Decoding processes; None: the extraction's default (none on a CPU, up to 8 per GPU).
+    num_workers: int | None = None
+    #: Autocast precision of the forward and backward pass: auto is bf16 on GPUs with native bf16,
+    #: fp16 on older GPUs (with loss scaling), fp32 on a CPU.
+    precision: str = "auto"
     input_size: int | None = None
     scale: tuple[float, float] = (0.08, 1.0)
     output: str | None = None
@@ -114,7 +119,9 @@ class FinetuneConfig:
         check_number("weight_decay", self.weight_decay, strict=False)
         check_int("batch_size", self.batch_size)
         check_int("seed", self.seed, minimum=0)
-        check_int("num_workers", self.num_workers, minimum=0)
+        if self.num_workers is not None:
+            check_int("num_workers", self.num_workers, minimum=0)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.input_size is not None:
             check_int("input_size", self.input_size, minimum=8)
         ok = (isinstance(self.scale, tuple) and len(self.scale) == 2
@@ -286,10 +293,14 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _loader(ds: _Images, order: list[int], config: FinetuneConfig) -> torch.utils.data.DataLoader:
+def _loader(ds: _Images, order: list[int], config: FinetuneConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of ``ds`` in ``order``: decoding processes and pinned memory on a GPU, as in extraction."""
+    workers = config.num_workers if config.num_workers is not None else default_workers(
+        device, pre_decoded=ds.src.kind in ARRAY_KINDS)
     return torch.utils.data.DataLoader(
-        ds, batch_size=config.batch_size, sampler=order, collate_fn=_collate,
-        num_workers=config.num_workers, worker_init_fn=_worker_init if config.num_workers else None,
+        ds, batch_size=config.batch_size, sampler=order, collate_fn=_collate, num_workers=workers,
+        worker_init_fn=_worker_init if workers else None, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=PREFETCH if workers else None,
     )
 
 
@@ -299,7 +310,7 @@ class _Normalize:
         self.inv_std = 1.0 / (torch.tensor(pp.std, device=device).view(1, 3, 1, 1) * 255)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.mean.device).float().sub_(self.mean).mul_(self.inv_std)
+        return x.to(self.mean.device, non_blocking=True).float().sub_(self.mean).mul_(self.inv_std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +361,9 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
             f"Put the images under train/ and val/, or open it with val_fraction."
         )
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    # fp16 needs loss scaling (its range is too small for small gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size)
     model = bb.model
     if bb.classifier is None:
@@ -386,16 +400,16 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
         ds.augment = None
         model.eval()
         ys, logits = [], []
-        with torch.no_grad():
-            for idx, x, bad in _loader(ds, list(range(len(ds))), config):
+        with torch.no_grad(), autocast(device, precision):
+            for idx, x, bad in _loader(ds, list(range(len(ds))), config, device):
                 note(split, bad)
                 if x is None:
                     continue
-                logits.append(model(norm(x.to(device))).float().cpu().numpy())
+                logits.append(model(norm(x)).float())
                 ys.append(np.array([ds.refs[i].label for i in idx], dtype=np.int64))
         if not logits:
             return np.zeros(0, np.int64), np.zeros((0, n_classes))
-        z = np.concatenate(logits).astype(np.float64)
+        z = torch.cat(logits).cpu().numpy().astype(np.float64)  # one copy to the host per evaluation
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         return np.concatenate(ys), p / p.sum(axis=1, keepdims=True)
@@ -416,21 +430,25 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
             seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
             train.augment = Augment(views=1, scale=tuple(config.scale), seed=seed)
             _set_train_mode(model, frozen)
-            loss_sum, seen = 0.0, 0
-            for idx, x, bad in _loader(train, rng.permutation(len(train)).tolist(), config):
+            # Summed on the device: reading the loss each step would wait for the GPU every step.
+            loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+            for idx, x, bad in _loader(train, rng.permutation(len(train)).tolist(), config, device):
                 note("train", bad)
                 step += 1
                 if x is None or (len(idx) < 2 and has_bn):
                     continue  # BatchNorm in train mode cannot normalise a single image
-                y = torch.tensor([train.refs[i].label for i in idx], dtype=torch.long, device=device)
+                y = torch.tensor([train.refs[i].label for i in idx], dtype=torch.long).to(device, non_blocking=True)
                 for g in opt.param_groups:
                     g["lr"] = cosine_lr(float(config.lr), step, total)
-                loss = nn.functional.cross_entropy(model(norm(x.to(device))), y)
+                with autocast(device, precision):
+                    loss = nn.functional.cross_entropy(model(norm(x)).float(), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(idx)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += loss.detach() * len(idx)
                 seen += len(idx)
+            loss_sum = float(loss_sum)
             last = epoch == config.epochs
             splits = [s for s in datasets if s != "train"] if last else [s for s in ("val",) if s in datasets]
             top1 = None
@@ -464,6 +482,7 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
         "parameters": {"frozen": n_frozen, "trainable": n_train},
         "failures": fails,
         "device": str(device),
+        "precision": precision,
     }
     _save(run, model, meta, {"metrics": metrics, "per_epoch": per_epoch, "seconds": seconds})
     return FinetuneResult(str(run), metrics, per_epoch, seconds, fails)

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, ConfigError
-from .store import FORMAT, SCHEMA_VERSION, commit_file, open_cache, set_text_attrs, write_failed, write_strings
+from .store import FORMAT, SCHEMA_VERSION, commit_file, create_h5, open_cache, set_text_attrs, write_failed, write_strings
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 
@@ -83,7 +83,7 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                 if s not in splits:
                     splits.append(s)
         tmp = final.with_name(final.name + ".tmp")
-        with h5py.File(tmp, "w", track_order=True) as h:
+        with create_h5(tmp) as h:
             src_attrs = caches[0]._h5.attrs
             for key in ("format", "schema_version", "fingerprint", "fingerprint_hash", "classes", "layers",
                         "extract_config"):

@@ -21,8 +21,11 @@ half-written under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -32,8 +35,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .errors import CacheError
+from .errors import CacheError, CacheLockedError
 from .sources import CONTENT_HASH
+
+log = logging.getLogger(__name__)
 
 FORMAT = "featcache"
 SCHEMA_VERSION = 1
@@ -417,6 +422,53 @@ def commit_file(tmp: Path, final: Path) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+#: errnos of file systems without working ``flock`` (some Lustre and NFS mounts).
+_NO_LOCKING = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
+
+class CacheLock:
+    """An exclusive ``flock`` on ``<cache>.lock`` while a cache is written.
+
+    On a file system without working locks (``flock`` fails with ENOSYS/ENOLCK/EOPNOTSUPP, as on
+    some Lustre and NFS mounts) the lock is skipped with one warning: every file is still written
+    under a temporary name and renamed, so a crash leaves nothing half-written, but two processes
+    writing the same cache at once are then not detected.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise CacheLockedError(
+                f"Another process is writing '{path.with_suffix('')}' (lock '{path}' is held). Wait for "
+                f"it to finish; a finished cache is then reused."
+            ) from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKING:
+                os.close(self.fd)
+                raise
+            log.warning("file locking is not supported where '%s' lives (%s): going on without the lock; two "
+                        "processes writing this cache at once would not be detected", path, e.strerror or e)
+            os.close(self.fd)
+            self.fd = None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def create_h5(path: Path) -> h5py.File:
+    """A new HDF5 file to write a cache into. HDF5's own file locking is off: the file has a
+    private temporary name under a :class:`CacheLock`, and that locking fails with ENOSYS on some
+    Lustre/NFS mounts ("unable to lock file")."""
+    return h5py.File(path, "w", track_order=True, locking=False)
 
 
 def set_text_attrs(h5: h5py.File, **attrs) -> None:

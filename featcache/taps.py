@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .backbones import OUTPUT, PRE_LOGITS, Backbone
+from .devices import autocast
 from .errors import BackboneError, ConfigError
 
 POOLS = ("avg", "max", "avgmax", "none")
@@ -73,6 +74,15 @@ def _first_tensor(out) -> torch.Tensor:
     raise BackboneError(f"A tapped layer returned {type(out).__name__}, not a tensor.")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for one with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _depth(name: str) -> int:
     return name.count(".") + 1
 
@@ -88,7 +98,7 @@ def list_layers(backbone: Backbone, *, depth: int | None = 2) -> list[LayerInfo]
     """
     model = backbone.model
     size = backbone.preprocess.crop
-    x = torch.zeros(1, 3, size, size)
+    x = torch.zeros(1, 3, size, size, device=model_device(model))
     if isinstance(model, torch.jit.ScriptModule):
         with torch.inference_mode():
             out = _first_tensor(model(x))
@@ -383,9 +393,6 @@ def fold_batchnorm_checked(model: nn.Module, size: int, *, copy: bool = True) ->
     return folded, True
 
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class TappedForward:
     """uint8 image batches -> tapped layers: the one forward path of extraction and prediction.
 
@@ -398,6 +405,8 @@ class TappedForward:
                  compile: bool = False) -> None:
         script = isinstance(backbone.model, torch.jit.ScriptModule)
         self.channels_last = channels_last and device.type != "mps" and not script
+        if order is None and not compile:
+            order = [i.name for i in list_layers(backbone, depth=None)]
         backbone.model.to(device)
         if self.channels_last:
             backbone.model.to(memory_format=torch.channels_last)
@@ -409,8 +418,6 @@ class TappedForward:
             self.tap = torch.compile(GraphTap(backbone, layers, pool_how).eval(), dynamic=False)
             self.max_batch = 0
         else:
-            if order is None:
-                order = [i.name for i in list_layers(backbone, depth=None)]
             self.tap = FeatureTap(backbone, layers, pool_how, order=order)
         self.device, self.precision = device, precision
         pp = backbone.preprocess
@@ -422,8 +429,7 @@ class TappedForward:
         x = x.to(self.device, non_blocking=True).float().sub_(self.mean).mul_(self.inv_std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=_AUTOCAST.get(self.precision, torch.float32),
-                                                    enabled=self.precision != "fp32"):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             if not self.compiled:
                 return self.tap(x)
             n = x.shape[0]

@@ -10,6 +10,9 @@ import pytest
 from PIL import Image
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"
+#: The device every test that can run on a GPU uses: ``FEATCACHE_TEST_DEVICE=cuda pytest -m "not slow"``
+#: runs the same suite on CUDA (default: the CPU).
+TEST_DEVICE = os.environ.get("FEATCACHE_TEST_DEVICE", "cpu")
 
 
 def make_image_folder(root: Path, *, classes=("cat", "dog"), per_class=6, splits=("train", "val"),
@@ -34,11 +37,22 @@ def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """``FEATCACHE_TEST_DEVICE`` (default ``cpu``); skips when it names CUDA and there is none."""
+    if TEST_DEVICE.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"FEATCACHE_TEST_DEVICE={TEST_DEVICE} but CUDA is not available")
+    return TEST_DEVICE
+
+
 @pytest.fixture
-def tiny(tmp_path):
-    """Extraction options for fast tests: random resnet18 at 32 px."""
+def tiny(tmp_path, test_device):
+    """Extraction options for fast tests: random resnet18 at 32 px, fp32, on the test device."""
     return dict(backbone="resnet18.none", input_size=32, batch_size=4, num_workers=0,
-                cache_dir=str(tmp_path / "cache"), dtype="float32")
+                cache_dir=str(tmp_path / "cache"), dtype="float32", precision="fp32", device=test_device)
 
 
 @pytest.fixture(scope="session")

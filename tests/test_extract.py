@@ -146,17 +146,19 @@ def _chunk_sizes(cache_dir) -> list[int]:
     return sorted(sizes)
 
 
-@pytest.mark.parametrize("every, expected", [(0, [2, 2, 2]), (3600, [6])])
+@pytest.mark.parametrize("every, expected", [(0, [2, 2, 2, 2]), (3600, [8])])
 def test_checkpoint_every_groups_batches_into_chunk_files(tiny, tmp_path, every, expected):
     """0: a chunk file per batch; a long interval: one chunk for everything computed before the
-    interrupt, written by the interrupt itself; the resume reuses all of it."""
+    interrupt, written by the interrupt itself; the resume reuses all of it. The interrupt comes
+    in the progress report of batch 3, when batch 4 has been computed (its host copy is one batch
+    behind): batch 4 is kept too."""
     folder = make_image_folder(tmp_path / "imgs", per_class=4)  # 16 images, batches of 2
     options = {**tiny, "batch_size": 2, "checkpoint_every": every}
     with pytest.raises(ExtractionInterrupted):
         extract(str(folder), **options, progress=_interrupt_after(3))
     assert _chunk_sizes(tiny["cache_dir"]) == expected
     res = extract(str(folder), **options)
-    assert (res.reused, res.computed) == (6, 10)
+    assert (res.reused, res.computed) == (8, 8)
     ref = extract(str(folder), **{**options, "cache_dir": str(tmp_path / "ref")})
     for split in ("train", "val"):
         assert np.array_equal(_features(ref.cache, split)[0], _features(res.cache, split)[0])
@@ -167,15 +169,17 @@ def test_checkpoint_chunks_never_mix_samples_with_and_without_views(tiny, tmp_pa
     options = {**tiny, "batch_size": 2, "views": 2, "checkpoint_every": 3600}
     ref = extract(str(folder), **{**options, "checkpoint_every": 0, "cache_dir": str(tmp_path / "ref")})
     with pytest.raises(ExtractionInterrupted):
-        extract(str(folder), **options, progress=_interrupt_after(6))  # 4 train batches + 2 val batches
+        # Interrupted in the report of 4 train batches + 2 val batches; the 3rd val batch, computed
+        # by then, is kept too.
+        extract(str(folder), **options, progress=_interrupt_after(6))
     chunks = sorted(Path(tiny["cache_dir"]).glob("*.partial/c-*.npz"))
     with_views = []
     for p in chunks:
         with np.load(p, allow_pickle=False) as z:
             with_views.append(("v0" in z.files, len(z["ids"])))
-    assert sorted(with_views) == [(False, 4), (True, 8)]
+    assert sorted(with_views) == [(False, 6), (True, 8)]
     res = extract(str(folder), **options)
-    assert res.reused == 12
+    assert res.reused == 14
     with open_cache(ref.cache) as a, open_cache(res.cache) as b:
         for split in ("train", "val"):
             assert np.array_equal(a.load(split)[0], b.load(split)[0])
@@ -254,7 +258,7 @@ def test_second_writer_gets_clear_error_and_readers_are_not_blocked(tiny, image_
     other = {**tiny, "pool": "max"}
     from featcache.extract import prepare, ExtractConfig
 
-    path = prepare(str(image_folder), ExtractConfig(**other))[5]
+    path = prepare(str(image_folder), ExtractConfig(**other)).path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)

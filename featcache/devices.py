@@ -1,0 +1,200 @@
+"""Device policy: which device, which precision, how many decoding processes, how much shared memory.
+
+One place for the choices that depend on the machine, so that extraction, prediction, fine-tuning
+and torchrun agree. Everything here is a pure function of what torch and the OS report, so the
+tests can stand in for a GPU machine by patching those reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Autocast dtypes of the reduced precisions (fp32 runs without autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Most decoding processes per GPU: PIL decodes a 224 px crop in ~4 ms, so 8 processes feed
+#: ~2,000 img/s per GPU; more only add start-up time and shared memory.
+MAX_WORKERS_PER_GPU = 8
+#: Batches each decoding process keeps ready (DataLoader's prefetch_factor).
+PREFETCH = 4
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``device`` (none for fp32, on any device)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def is_cuda(device: str | torch.device) -> bool:
+    """True for ``cuda``, ``cuda:N`` and ``torch.device("cuda", N)``."""
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return str(device).split(":")[0] == "cuda"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for a ``device`` option: ``auto`` (CUDA, else MPS, else the CPU), ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps`` or ``meta`` (device-placement tests)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"The 'device' option must be auto, cpu, cuda, cuda:N or mps. Got {device!r}.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Device '{device}' was asked for but CUDA is not available. Use device='cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"Device '{device}' does not exist: this process sees {torch.cuda.device_count()} "
+                              f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}).")
+    return dev
+
+
+def local_cuda_device(local_rank: int) -> torch.device:
+    """The GPU of local rank ``local_rank``: ``cuda:(local_rank % visible GPUs)``, so that a
+    scheduler giving each task its own ``CUDA_VISIBLE_DEVICES`` (one visible GPU) works too."""
+    n = torch.cuda.device_count()
+    if n < 1:
+        raise ConfigError("CUDA was asked for but this process sees no GPU. Use device='cpu'.")
+    return torch.device("cuda", local_rank % n)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 math (AVX512-BF16 or AMX). Elsewhere bf16 autocast is
+    emulated and was measured 18-30x slower than fp32 (BENCHMARKS.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """True on GPUs with native bf16 (compute capability 8.0+, Ampere and later)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision for ``device``.
+
+    ``auto``: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPUs (bf16 on a CPU with
+    native bf16 ran at 0.84-1.0x the fp32 time for resnet50 and EfficientNet-Lite0, no gain worth
+    features that depend on the CPU model; BENCHMARKS.md). An explicit precision is kept.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"The 'precision' option must be one of {', '.join(PRECISIONS)}. Got {precision!r}.")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if cuda_has_bf16(device) else "fp16"
+    return "fp32"
+
+
+def runnable_precision(precision: str, device: torch.device) -> tuple[str, str | None]:
+    """The precision to run a recorded ``precision`` at on ``device``, and why it differs.
+
+    A cache made on a GPU records bf16 or fp16; on a CPU without native bf16, bf16 autocast is
+    emulated (18-30x slower) and CPU fp16 autocast is slower still, so prediction runs in fp32
+    there: its features then differ from the cached ones by rounding only.
+    """
+    if precision == "auto":
+        return resolve_precision(precision, device), None
+    if device.type == "cpu" and precision == "fp16":
+        return "fp32", "fp16 autocast is slow on a CPU; running in fp32 (features differ by rounding only)"
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16():
+        return "fp32", ("this CPU has no native bf16 (emulated bf16 runs 18-30x slower); running in fp32 "
+                        "(features differ by rounding only)")
+    if device.type == "cuda" and precision == "bf16" and not cuda_has_bf16(device):
+        return "fp16", "this GPU has no native bf16; running in fp16"
+    return precision, None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets, Slurm), not the
+    machine's count that ``os.cpu_count()`` reports."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def local_world_size() -> int:
+    """Processes of this job on this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def cpus_per_local_rank() -> int:
+    return max(1, usable_cpus() // local_world_size())
+
+
+def default_workers(device: torch.device, *, pre_decoded: bool) -> int:
+    """Decoding processes: none for pre-decoded arrays and on a CPU (there the main process decodes
+    each batch with a thread per core between forward passes: decode processes beside the forward
+    pass stall its threads, 64 vs 81 img/s on 2 cores, BENCHMARKS.md); on a GPU this rank's share
+    of the usable CPUs, less one for the main process, at most :data:`MAX_WORKERS_PER_GPU`."""
+    if pre_decoded or device.type in ("cpu", "meta"):
+        return 0
+    return max(1, min(MAX_WORKERS_PER_GPU, cpus_per_local_rank() - 1))
+
+
+def shm_free_bytes(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory file system DataLoader workers hand batches over in."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def prefetch_for_shm(workers: int, batch_bytes: int, *, free: int | None) -> int:
+    """Batches each worker may keep ready so that all of them fit in half of ``/dev/shm``.
+
+    Returns :data:`PREFETCH` when there is room. A default Docker container has 64 MB of
+    ``/dev/shm``: 8 workers x 4 batches x 64 x 3 x 224 x 224 bytes (~300 MB) end in a bus error.
+
+    Raises
+    ------
+    ConfigError
+        When not even one batch per worker fits.
+    """
+    if workers == 0 or free is None:
+        return PREFETCH
+    fits = int(free * 0.5) // max(1, workers * batch_bytes)
+    if fits >= PREFETCH:
+        return PREFETCH
+    if fits >= 1:
+        log.warning("/dev/shm has %d MB free: %d decoding processes keep %d batch(es) ready each instead of %d "
+                    "(a container started with --shm-size 1g or --ipc=host avoids this)",
+                    free >> 20, workers, fits, PREFETCH)
+        return fits
+    raise ConfigError(
+        f"/dev/shm has {free >> 20} MB free, too little for {workers} decoding processes handing over "
+        f"batches of {batch_bytes >> 20} MB. Start the container with --shm-size 1g (or --ipc=host), or "
+        f"use fewer workers (num_workers=0 decodes in the main process) or a smaller batch_size."
+    )
+
+
+def distributed_backend(device: torch.device) -> str:
+    """The torch.distributed backend for ``device``: NCCL for any CUDA device, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
