@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from featcache import extract, load_backbone, open_cache
-from featcache.extract import _DecodeDataset, _collate, _plan
+from featcache.loading import DecodeDataset, collate, plan_rows
 from featcache.sources import open_source
 
 from .common import WORK, Row, require_real_data
@@ -51,10 +51,10 @@ def _decode_seconds(source: str, workers: int) -> tuple[float, int]:
     """Decode + resize + crop of every image alone, in DataLoader worker processes."""
     src = open_source(source)
     bb = load_backbone(BACKBONE)
-    rows = [r for rows in _plan(src).values() for r in rows]
-    ds = _DecodeDataset(src, rows, bb.preprocess)
+    rows = [r for rows in plan_rows(src).values() for r in rows]
+    ds = DecodeDataset(src, rows, bb.preprocess)
     t = time.perf_counter()
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=workers, collate_fn=_collate,
+    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=workers, collate_fn=collate,
                                          prefetch_factor=4 if workers else None)
     for _ in loader:
         pass

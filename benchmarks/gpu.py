@@ -1,14 +1,25 @@
-"""GPU throughput (issue 6): bare forward and `featcache extract` on one CUDA device.
+"""GPU throughput of ``featcache extract`` against the ceilings it can reach, on one CUDA device.
 
-resnet50 with random weights (no network needed), random tensors and a synthetic JPEG folder written
-here. Cheap measurements first, compilation last; every row is appended to ``$OUT/gpu.json`` as soon
-as it is measured, so a run cut short keeps what it has. Sized for under 5 minutes on an H100/H200.
+Run ``bash benchmarks/gpu.sh`` on the GPU machine (featcache from the source tree, nothing
+installed, no network). Every extraction row is compared with what bounds it, measured in the
+same run:
 
-Rows:
-- bare forward at featcache's GPU batch: fp32/bf16 x NCHW/channels_last, then torch.compile;
-- decode + resize + crop alone in worker processes (PIL);
-- ``featcache extract`` of the JPEG folder with its defaults (bf16, channels_last, workers), against the
-  GPU ceiling min(R_forward, R_decode); then with ``--decode-on-device`` (nvJPEG) and ``--compile``.
+- from pre-decoded arrays (npz): the bare forward of the same model (BatchNorm folded the same
+  way, channels_last, the same precision, the same batch), target >= 0.9;
+- from JPEG files decoded by PIL in worker processes: min(bare bf16 forward, decode alone), target
+  >= 0.9;
+- from JPEG files decoded on the GPU (``--decode-on-device``, nvJPEG): the bare forward; target
+  >= 5,000 img/s for resnet50 on an H200.
+
+Each rate is reported twice: **steady** (images per second after the first 20% of the images,
+start-up excluded) and **end to end** (images / wall time of the whole ``extract`` call, start-up,
+worker start and HDF5 assembly included), each the median of ``RUNS`` runs over ``N`` images.
+fp32 rows say whether TF32 is on. Rows are appended to ``$OUT/gpu.json`` as they are measured (a
+run cut short keeps what it has) and a Markdown table goes to ``$OUT/gpu.md``; images and caches
+live in ``$FEATCACHE_GPU_SCRATCH`` (default: a folder under /tmp), never in ``$OUT``.
+
+``FEATCACHE_GPU_SMOKE=1`` runs every row on the CPU with a small model and a few images: a check
+that the script runs, not a measurement.
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,138 +37,245 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache import extract, load_backbone
-from featcache.extract import _DecodeDataset, _collate, _plan, default_batch_size, default_workers
+from featcache import extract
+from featcache.devices import default_workers
+from featcache.extract import ExtractConfig, default_batch_size, prepare
+from featcache.loading import DecodeDataset, batches, collate, plan_rows
 from featcache.sources import open_source
+from featcache.taps import TappedForward
 
-OUT = Path(os.environ.get("OUT", "/tmp/featcache-gpu"))
-BACKBONE = "resnet50.none"
-#: FEATCACHE_GPU_SMOKE=1 runs the whole script on the CPU with a few images (a check that it runs).
 SMOKE = os.environ.get("FEATCACHE_GPU_SMOKE") == "1"
+OUT = Path(os.environ.get("OUT") or "/tmp/featcache-gpu")
+SCRATCH = Path(os.environ.get("FEATCACHE_GPU_SCRATCH") or Path(tempfile.gettempdir()) / "featcache-gpu-scratch")
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
-N_IMAGES = 16 if SMOKE else 4096
+N = int(os.environ.get("FEATCACHE_GPU_IMAGES", 24 if SMOKE else 20_000))
+RUNS = 1 if SMOKE else 3
+#: Seconds after which the remaining rows are skipped (recorded as such), so that the script ends
+#: inside its 8-minute slot with what it measured.
+BUDGET = float(os.environ.get("FEATCACHE_GPU_BUDGET", 1e9 if SMOKE else 420))
+#: (backbone, options): random weights, the architecture and compute are what count here.
+MODELS = ([("resnet18.none", {"input_size": 32})] if SMOKE else
+          [("resnet50.none", {}), ("efficientnet_lite0.none", {}), ("vit_b_16.none", {})])
+T0 = time.perf_counter()
 ROWS: list[dict] = []
 
 
-def record(**row) -> None:
-    ROWS.append(row)
-    print(json.dumps(row), flush=True)
-    (OUT / "gpu.json").write_text(json.dumps({"device": _device_name(), "rows": ROWS}, indent=2))
-
-
 def _device_name() -> str:
-    return "CPU (smoke run)" if SMOKE else torch.cuda.get_device_name(0)
+    return "CPU (smoke run, not a measurement)" if SMOKE else torch.cuda.get_device_name(DEVICE)
 
 
 def _sync() -> None:
     if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(DEVICE)
 
 
-def bare(model, batch: int, precision: str, channels_last: bool, steps: int = 2 if SMOKE else 40) -> float:
-    x = torch.randn(batch, 3, 224, 224, device=DEVICE)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for _ in range(1 if SMOKE else 5):
-            model(x)
-        _sync()
-        t = time.perf_counter()
-        for _ in range(steps):
-            model(x)
-        _sync()
-    return batch * steps / (time.perf_counter() - t)
+def _tf32() -> bool:
+    return DEVICE.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
+
+def record(**row) -> dict:
+    row = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    meta = {"device": _device_name(), "torch": torch.__version__, "images": N, "runs": RUNS,
+            "date": time.strftime("%Y-%m-%d"), "cpus": len(os.sched_getaffinity(0))}
+    (OUT / "gpu.json").write_text(json.dumps({**meta, "rows": ROWS}, indent=2))
+    return row
+
+
+def out_of_time(what: str) -> bool:
+    if time.perf_counter() - T0 < BUDGET:
+        return False
+    record(what=what, skipped=f"time budget of {BUDGET:.0f} s spent")
+    return True
+
+
+# --- data ------------------------------------------------------------------------------------
 
 def _write_jpegs(args) -> None:
-    d, start, stop = args
+    root, start, stop = args
     from PIL import Image
 
     rng = np.random.default_rng(start)
     for i in range(start, stop):
-        p = Path(d) / f"class{i % 4}" / f"{i:05d}.jpg"
-        if not p.exists():
-            small = rng.integers(0, 255, (47, 63, 3), dtype=np.uint8)  # smooth enough to compress like a photo
-            Image.fromarray(small).resize((500, 375), Image.BILINEAR).save(p, quality=90)
+        path = Path(root) / f"class{i % 4}" / f"{i:06d}.jpg"
+        if path.exists():
+            continue
+        w = int(rng.integers(400, 1200))
+        h = int(w * rng.choice([0.75, 0.667, 1.0, 1.333]))
+        small = rng.integers(0, 255, (max(8, h // 8), max(8, w // 8), 3), dtype=np.uint8)  # photo-like smoothness
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        img.save(path, quality=int(rng.integers(80, 95)), progressive=i % 5 == 0)  # a fifth progressive
 
 
-def jpeg_folder(n: int = N_IMAGES) -> Path:
-    root = OUT / "jpegs" / "train"
+def jpeg_folder(n: int) -> Path:
+    root = SCRATCH / f"jpegs-{n}" / "train"
     for c in range(4):
         (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-    step = 256
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
+    step = 250
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         list(pool.map(_write_jpegs, [(str(root), s, min(n, s + step)) for s in range(0, n, step)]))
     return root.parent
 
 
-def timed_extract(data: Path, tag: str, **options) -> dict:
-    cache = OUT / f"cache-{tag}"
-    shutil.rmtree(cache, ignore_errors=True)
+def array_npz(n: int, size: int) -> Path:
+    """Pre-decoded RGB arrays at the crop size (featcache crops them without resizing)."""
+    path = SCRATCH / f"arrays-{n}-{size}.npz"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+        labels = (np.arange(n) % 4).astype(np.int64)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, train_images=images, train_labels=labels)
+        os.replace(tmp, path)
+    return path
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+def bare_forward(spec: str, options: dict, precision: str, batch: int, source: str) -> float:
+    """Steady img/s of the model extraction runs (folded, channels_last, tapped, normalised on the
+    device) on uint8 batches already on the device: the ceiling of the extraction rows."""
+    p = prepare(source, ExtractConfig(backbone=spec, precision=precision, device=str(DEVICE), batch_size=batch,
+                                      **options))
+    crop = p.backbone.preprocess.crop
+    forward = TappedForward(p.backbone, p.layers, "avg", device=DEVICE, precision=p.config.precision,
+                            channels_last=True, order=p.order)
+    x = torch.randint(0, 255, (batch, 3, crop, crop), dtype=torch.uint8, device=DEVICE)
+    steps = 2 if SMOKE else 30
+    rates = []
+    with torch.inference_mode():
+        for _ in range(2 if SMOKE else 10):  # warm-up (cuDNN autotuning included)
+            forward(x)
+        for _ in range(RUNS):
+            _sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                forward(x)
+            _sync()
+            rates.append(batch * steps / (time.perf_counter() - t))
+    forward.remove()
+    return statistics.median(rates)
+
+
+def decode_alone(data: Path, batch: int) -> tuple[float, int]:
+    """Steady img/s of PIL decode + resize + crop in the default worker processes, no forward."""
+    src = open_source(str(data))
+    pp = prepare(str(data), ExtractConfig(backbone=MODELS[0][0], device=str(DEVICE), **MODELS[0][1])).backbone.preprocess
+    workers = default_workers(DEVICE, pre_decoded=False) or 1
+    rows = [r for rs in plan_rows(src).values() for r in rs]
+    loader = torch.utils.data.DataLoader(DecodeDataset(src, rows, pp), batch_sampler=batches(rows, batch),
+                                         num_workers=workers, collate_fn=collate, prefetch_factor=4)
     marks = []
     t0 = time.perf_counter()
-    r = extract(str(data), backbone=BACKBONE, cache_dir=str(cache), device=DEVICE.type,
-                progress=lambda done, total: marks.append((time.perf_counter() - t0, done)), **options)
-    wall = time.perf_counter() - t0
-    (t1, d1), (t2, d2) = marks[0], marks[-1]
-    steady = (d2 - d1) / (t2 - t1) if t2 > t1 else float("nan")
-    shutil.rmtree(cache, ignore_errors=True)
-    return {"end_to_end_img_s": r.computed / wall, "steady_img_s": steady, "first_batch_s": t1, "wall_s": wall}
+    done = 0
+    for idx, _, _, _ in loader:
+        done += len(idx)
+        marks.append((time.perf_counter() - t0, done))
+    return _steady(marks, len(rows)), workers
+
+
+def _steady(marks: list[tuple[float, int]], n: int) -> float:
+    after = [m for m in marks if m[1] >= 0.2 * n] or marks
+    (t1, d1), (t2, d2) = after[0], marks[-1]
+    return (d2 - d1) / (t2 - t1) if t2 > t1 else float("nan")
+
+
+def timed_extract(data: Path, spec: str, options: dict, runs: int = RUNS, **extra) -> dict:
+    """Medians over ``runs`` fresh extractions (a new cache folder each: never a cache hit)."""
+    steady, e2e, startup = [], [], []
+    for run in range(runs):
+        cache = SCRATCH / f"cache-{run}"
+        shutil.rmtree(cache, ignore_errors=True)
+        marks = []
+        t0 = time.perf_counter()
+        r = extract(str(data), backbone=spec, cache_dir=str(cache), device=str(DEVICE), checkpoint_every=60,
+                    progress=lambda done, total: marks.append((time.perf_counter() - t0, done)), **options, **extra)
+        wall = time.perf_counter() - t0
+        shutil.rmtree(cache, ignore_errors=True)
+        steady.append(_steady(marks, r.computed))
+        e2e.append(r.computed / wall)
+        startup.append(marks[0][0] if marks else float("nan"))
+    return {"steady_img_s": statistics.median(steady), "end_to_end_img_s": statistics.median(e2e),
+            "first_batch_s": statistics.median(startup), "runs": runs, "n": N}
+
+
+def extraction_rows(spec: str, options: dict, npz: Path, jpegs: Path, r_decode: float) -> None:
+    batch = default_batch_size(DEVICE)
+    fwd: dict[str, float] = {}
+    for precision in ("bf16", "fp32"):
+        if out_of_time(f"{spec} bare forward {precision}"):
+            return
+        fwd[precision] = bare_forward(spec, options, precision, batch, str(npz))
+        record(what="bare forward", backbone=spec, precision=precision, batch=batch, steady_img_s=fwd[precision],
+               tf32=_tf32() if precision == "fp32" else None)
+    cases = [("arrays", npz, "bf16", {}), ("arrays", npz, "fp32", {}),
+             ("jpeg, PIL workers", jpegs, "bf16", {}),
+             ("jpeg, --decode-on-device", jpegs, "bf16", {"decode_on_device": True})]
+    for kind, data, precision, extra in cases:
+        if out_of_time(f"{spec} extract {kind} {precision}"):
+            return
+        res = timed_extract(data, spec, options, precision=precision, **extra)
+        if kind == "jpeg, PIL workers":
+            ceiling, bound = min(fwd["bf16"], r_decode), "min(forward bf16, decode)"
+        else:
+            ceiling, bound = fwd[precision], f"forward {precision}"
+        record(what=f"extract {kind}", backbone=spec, precision=precision, batch=batch,
+               tf32=_tf32() if precision == "fp32" else None, ceiling_img_s=ceiling, ceiling=bound,
+               steady_ratio=res["steady_img_s"] / ceiling, end_to_end_ratio=res["end_to_end_img_s"] / ceiling, **res)
+
+
+def compile_row(spec: str, options: dict, npz: Path) -> None:
+    if out_of_time(f"{spec} extract arrays --compile"):
+        return
+    try:
+        # One run: each extraction compiles its own graph (first_batch_s is the compilation).
+        res = timed_extract(npz, spec, options, runs=1, precision="bf16", compile=True)
+        record(what="extract arrays, --compile", backbone=spec, precision="bf16", **res)
+    except Exception as e:  # no compiler toolchain on the machine: say so, keep the other rows
+        record(what="extract arrays, --compile", backbone=spec, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def write_markdown() -> None:
+    lines = [f"# featcache extract on {_device_name()}", "",
+             f"{N} images per extraction row, medians of {RUNS} runs, torch {torch.__version__}, "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             "| what | backbone | precision | steady img/s | end-to-end img/s | ceiling | steady / ceiling | "
+             "end-to-end / ceiling |", "|---|---|---|---|---|---|---|---|"]
+    for r in ROWS:
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {r['what']} | {r.get('backbone', '')} | | {r.get('skipped') or r.get('error')} | | | | |")
+            continue
+        ceiling = f"{r['ceiling_img_s']} ({r['ceiling']})" if "ceiling_img_s" in r else ""
+        prec = r.get("precision", "") + (" (TF32 on)" if r.get("tf32") else "")
+        lines.append(f"| {r['what']} | {r.get('backbone', '')} | {prec} | {r.get('steady_img_s', '')} | "
+                     f"{r.get('end_to_end_img_s', '')} | {ceiling} | {r.get('steady_ratio', '')} | "
+                     f"{r.get('end_to_end_ratio', '')} |")
+    (OUT / "gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
     if not SMOKE and not torch.cuda.is_available():
         sys.exit("No CUDA device: this benchmark is for a GPU machine (FEATCACHE_GPU_SMOKE=1 runs it on the CPU).")
     OUT.mkdir(parents=True, exist_ok=True)
-    device = DEVICE
-    batch = 4 if SMOKE else default_batch_size(device)
-    bb = load_backbone(BACKBONE)
-    model = bb.model.to(device).eval()
-    fwd = {}
-    for precision in ("fp32", "bf16"):
-        for cl in (False, True):
-            m = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            fwd[(precision, cl)] = bare(m, batch, precision, cl)
-            record(what="bare forward", batch=batch, precision=precision, channels_last=cl, compile=False,
-                   img_s=round(fwd[(precision, cl)], 1))
-    data = jpeg_folder()
-    src = open_source(str(data))
-    workers = default_workers(src, device)
-    rows = [r for rs in _plan(src).values() for r in rs]
-    t = time.perf_counter()
-    workers = workers or 1
-    loader = torch.utils.data.DataLoader(_DecodeDataset(src, rows, bb.preprocess), batch_size=batch,
-                                         num_workers=workers, collate_fn=_collate, prefetch_factor=4)
-    for _ in loader:
-        pass
-    r_decode = len(rows) / (time.perf_counter() - t)
-    record(what="decode + resize + crop alone (PIL)", workers=workers, img_s=round(r_decode, 1))
-    ceiling = min(fwd[("bf16", True)], r_decode)
-    binds = "forward" if fwd[("bf16", True)] < r_decode else "decode"
-    for tag, opts in (("default", {}), ("decode-on-device", {"decode_on_device": True}),
-                      ("fp32", {"precision": "fp32"})):
-        res = timed_extract(data, tag, batch_size=batch, **opts)
-        record(what=f"featcache extract ({tag})", workers=workers, n=len(rows),
-               ceiling_img_s=round(ceiling, 1), binds=binds,
-               ratio_to_ceiling=round(res["end_to_end_img_s"] / ceiling, 3),
-               **{k: round(v, 2) for k, v in res.items()})
+    SCRATCH.mkdir(parents=True, exist_ok=True)
     try:
-        compiled = torch.compile(model.to(memory_format=torch.channels_last))
         t = time.perf_counter()
-        rate = bare(compiled, batch, "bf16", True)
-        record(what="bare forward", batch=batch, precision="bf16", channels_last=True, compile=True,
-               img_s=round(rate, 1), compile_and_run_s=round(time.perf_counter() - t, 1))
-        res = timed_extract(data, "compile", batch_size=batch, compile=True)
-        record(what="featcache extract (--compile)", workers=workers, n=len(rows),
-               **{k: round(v, 2) for k, v in res.items()})
-    except Exception as e:  # no compiler toolchain on the machine
-        record(what="torch.compile", error=str(e)[:300])
-    print(f"\n{_device_name()}\n")
-    print("| what | settings | img/s |\n|---|---|---|")
-    for r in ROWS:
-        rate = r.get("img_s", r.get("end_to_end_img_s", float("nan")))
-        settings = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("what", "img_s", "end_to_end_img_s"))
-        print(f"| {r['what']} | {settings} | {rate} |")
+        jpegs = jpeg_folder(N)
+        crops = {spec: prepare(str(jpegs), ExtractConfig(backbone=spec, device=str(DEVICE), **options)
+                               ).backbone.preprocess.crop for spec, options in MODELS}
+        npz = {spec: array_npz(N, crop) for spec, crop in crops.items()}
+        record(what="data", jpegs=N, npz_crops=sorted(set(crops.values())), seconds=time.perf_counter() - t)
+        r_decode, workers = decode_alone(jpegs, default_batch_size(DEVICE))
+        record(what="decode alone (PIL, worker processes)", workers=workers, steady_img_s=r_decode)
+        for spec, options in MODELS:
+            extraction_rows(spec, options, npz[spec], jpegs, r_decode)
+        compile_row(MODELS[0][0], MODELS[0][1], npz[MODELS[0][0]])
+    finally:
+        write_markdown()
+        if os.environ.get("FEATCACHE_GPU_KEEP_SCRATCH") != "1":
+            shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 if __name__ == "__main__":

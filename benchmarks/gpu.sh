@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# GPU throughput of featcache on one CUDA device: no network, no pretrained weights.
-# Usage (from the repository root, with the package installed): bash benchmarks/gpu.sh
-# Results: printed, and written row by row to $OUT/gpu.json (default /tmp/featcache-gpu).
+# GPU throughput of featcache extract against its ceilings (benchmarks/gpu.py says what is measured).
+#
+#   bash benchmarks/gpu.sh                          # on a CUDA machine, from anywhere
+#   FEATCACHE_GPU_SMOKE=1 bash benchmarks/gpu.sh    # the same rows on the CPU, tiny: does it run?
+#
+# featcache runs from this source tree (PYTHONPATH); nothing is pip-installed. Packages the machine
+# lacks can be carried as wheels in .whl/ (none are needed on the lent H200: torch, torchvision,
+# h5py, scikit-learn, click, tqdm, Pillow, safetensors are there, and the backbones use random
+# weights). Results (small JSON and Markdown) go to $OUT (default /tmp/featcache-gpu); images and
+# caches to $FEATCACHE_GPU_SCRATCH (default under /tmp), removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-timeout 290 "$PY" -m benchmarks.gpu
+PY=${PY:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/featcache-site .whl/*.whl
+    export PYTHONPATH="/tmp/featcache-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export OUT="${OUT:-/tmp/featcache-gpu}"
+exec timeout "${FEATCACHE_GPU_TIMEOUT:-480}" "$PY" -m benchmarks.gpu

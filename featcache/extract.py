@@ -31,11 +31,12 @@ from .backbones import Backbone, load_backbone
 from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device,
                       resolve_precision, shm_free_bytes)
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
-from .preprocess import (JPEG_MAGIC, Augment, DecodeError, Encoded, augmented_views, crop_array, decode,
-                         decode_on_device, encoded_jpeg, resize_crop)
+from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, close_batches, collate, plan_rows,
+                      worker_init)
+from .preprocess import Augment
 from .registry import check_choice, check_int
 from .runtime import tune_allocator
-from .sources import Source, SampleRef, display_path, open_source
+from .sources import Source, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, CacheLock, FeatureCache, PartialStore,
                     cache_file_name, create_h5, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
                     write_failed, write_strings)
@@ -43,8 +44,6 @@ from .taps import TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
 
-#: The split whose images get augmented views (``views > 0``).
-VIEW_SPLIT = "train"
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
 #: Sources of pre-decoded arrays: little decoding work, so no worker processes or threads.
@@ -179,15 +178,6 @@ def _pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
 
 # --- planning -------------------------------------------------------------------------------
 
-@dataclass
-class _Row:
-    split: str
-    index: int
-    ref: SampleRef
-    stat: tuple[int, int]
-    hash: str | None = None
-
-
 def _stat_key(id_: str, stat) -> tuple[str, int, int]:
     return (id_, int(stat[0]), int(stat[1]))
 
@@ -255,24 +245,6 @@ class _Donors:
         return bool(self.by_hash or self.failed_by_stat)
 
 
-def _plan(src: Source, ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, list[_Row]]:
-    """Rows to extract, with each file's (size, mtime). ``ranges`` restricts each split to rows
-    [a, b) before any file is looked at (a shard stats only its own share)."""
-    plan = {}
-    for split, refs in src.splits.items():
-        a, b = ranges[split] if ranges is not None else (0, len(refs))
-        rows = []
-        for i in range(a, b):
-            ref = refs[i]
-            try:
-                st = src.stat(ref)
-            except OSError:
-                st = (-1, -1)  # missing: recorded as failed when read
-            rows.append(_Row(split, i, ref, st))
-        plan[split] = rows
-    return plan
-
-
 def _listing_matches(cache: FeatureCache, src: Source) -> bool:
     """True when the cache holds (or records as failed) exactly the source's samples by id and
     label, split by split; needs no file access beyond the listing."""
@@ -286,7 +258,7 @@ def _listing_matches(cache: FeatureCache, src: Source) -> bool:
     return set(cache.splits) <= set(src.splits)
 
 
-def _is_hit_rows(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
+def _is_hit_rows(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
     """True when every planned row is in the cache (or its failed list) with the same label and
     (size, mtime)."""
     have = set()
@@ -299,91 +271,10 @@ def _is_hit_rows(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
                for split, rows in plan.items() for r in rows)
 
 
-def _is_hit(cache: FeatureCache, plan: dict[str, list[_Row]]) -> bool:
+def _is_hit(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
     """True when the cache holds exactly the planned samples, unchanged (no hashing needed)."""
     n_have = sum(cache.n(s) for s in cache.splits) + len(cache.failed)
     return n_have == sum(len(rows) for rows in plan.values()) and _is_hit_rows(cache, plan)
-
-
-# --- the decoding dataset -------------------------------------------------------------------
-
-class _DecodeDataset(torch.utils.data.Dataset):
-    """Reads and preprocesses one sample: (index, hash, uint8 crops (1 + views, 3, H, W), error).
-
-    With ``threads > 1`` a batch is decoded by that many threads (PIL and hashlib release the
-    GIL); used when the main process decodes, so decoding and the forward pass take turns on all
-    cores instead of competing for them.
-    """
-
-    def __init__(self, src: Source, rows: list[_Row], pp, augment: Augment | None = None, threads: int = 1,
-                 encoded_jpegs: bool = False) -> None:
-        self.src, self.rows, self.pp = src, rows, pp
-        self.augment = augment if augment is not None and augment.views else None
-        self.threads = threads
-        #: Hand JPEGs over undecoded (:class:`Encoded`) for :func:`decode_on_device`.
-        self.encoded_jpegs = encoded_jpegs
-        self._pool = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitems__(self, indices: list[int]) -> list:
-        if self.threads <= 1 or len(indices) <= 1:
-            return [self[i] for i in indices]
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="featcache-decode")
-        return list(self._pool.map(self.__getitem__, indices))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    def __getstate__(self) -> dict:  # worker processes decode one sample at a time
-        return {**self.__dict__, "_pool": None, "threads": 1}
-
-    def __getitem__(self, i: int):
-        row = self.rows[i]
-        try:
-            data, h = self.src.read(row.ref)
-        except OSError as e:
-            return i, None, None, f"cannot read file: {e.strerror or e}"
-        views = self.augment is not None and row.split == VIEW_SPLIT
-        if self.encoded_jpegs and isinstance(data, bytes) and data.startswith(JPEG_MAGIC):
-            return i, h, encoded_jpeg(data, self.pp), None
-        try:
-            if isinstance(data, np.ndarray) and not views:
-                crop = crop_array(data, self.pp)  # arrays already at size: no PIL round trip
-                if crop is not None:
-                    return i, h, crop[None], None
-            img = decode(data, self.pp)
-            crops = resize_crop(img, self.pp)[None]
-            if views:
-                crops = np.concatenate([crops, augmented_views(img, self.pp, self.augment, h)])
-            return i, h, crops, None
-        except DecodeError as e:
-            return i, h, None, str(e)
-
-
-def _collate(items):
-    """Base crops first, then all augmented views: x is (B + B * views, 3, H, W). With undecoded
-    JPEGs in the batch, x is the list of items for :func:`decode_on_device`."""
-    ok = [(i, h, a) for i, h, a, _ in items if a is not None]
-    bad = [(i, r) for i, _, a, r in items if a is None]
-    x = None
-    if any(isinstance(a, Encoded) for _, _, a in ok):
-        x = [a for _, _, a in ok]
-    elif ok:
-        base = np.stack([a[0] for _, _, a in ok])
-        extra = [a[1:] for _, _, a in ok if len(a) > 1]
-        x = torch.from_numpy(np.concatenate([base, *extra]) if extra else base)
-    return [i for i, _, _ in ok], [h for _, h, _ in ok], x, bad
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
 
 
 # --- the background writer ------------------------------------------------------------------
@@ -602,12 +493,12 @@ def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float |
     t0 = time.perf_counter() if t0 is None else t0
     config = p.config
     if config.shard is None:
-        return _extract_plan(p, p.path, _plan(p.source), progress, t0)
+        return _extract_plan(p, p.path, plan_rows(p.source), progress, t0)
     from .shards import shard_path, shard_range
 
     final = p.path
     ranges = {split: shard_range(len(refs), config.batch_size, *config.shard) for split, refs in p.source.splits.items()}
-    plan = _plan(p.source, ranges)  # only this shard's files are looked at
+    plan = plan_rows(p.source, ranges)  # only this shard's files are looked at
     if final.exists():  # already assembled: a cache hit for every shard
         with open_cache(final) as c:
             if c.fingerprint == p.fingerprint.to_dict() and _listing_matches(c, p.source) and _is_hit_rows(c, plan):
@@ -638,7 +529,7 @@ def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
     return str(final)
 
 
-def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[_Row]], progress: ProgressFn | None,
+def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress: ProgressFn | None,
                   t0: float) -> ExtractResult:
     src, layers, shapes, fp, config = p.source, p.layers, p.shapes, p.fingerprint, p.config
     if path.exists():
@@ -694,8 +585,8 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[_Row]], progress
     return result
 
 
-def _rows_to_compute(src: Source, plan: dict[str, list[_Row]], donors: _Donors, *,
-                     retry_failed: bool = False, views: int = 0) -> list[_Row]:
+def _rows_to_compute(src: Source, plan: dict[str, list[Row]], donors: _Donors, *,
+                     retry_failed: bool = False, views: int = 0) -> list[Row]:
     todo = []
     for rows in plan.values():
         for r in rows:
@@ -714,15 +605,6 @@ def _rows_to_compute(src: Source, plan: dict[str, list[_Row]], donors: _Donors, 
             if donors.lookup(r.hash, views and r.split == VIEW_SPLIT) is None:
                 todo.append(r)
     return todo
-
-
-def _batches(todo: list[_Row], batch_size: int) -> list[list[int]]:
-    """Batches aligned to fixed blocks of each split's plan, so a resumed run computes the same
-    batches as an uninterrupted one (batch composition can change float results)."""
-    groups: dict[tuple[str, int], list[int]] = {}
-    for i, r in enumerate(todo):
-        groups.setdefault((r.split, r.index // batch_size), []).append(i)
-    return list(groups.values())
 
 
 def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, todo, partial: PartialStore,
@@ -744,18 +626,18 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
                                                                                        pre_decoded=pre_decoded)
     # Decoding in the main process: a thread per forward thread (files only; arrays need little work).
     decode_threads = 1 if workers or pre_decoded else torch.get_num_threads()
-    dataset = _DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
+    dataset = DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
                              encoded_jpegs=config.decode_on_device)
     prefetch = None
     if workers:
         batch_bytes = config.batch_size * (1 + config.views) * 3 * pp.crop * pp.crop
         prefetch = prefetch_for_shm(workers, batch_bytes, free=shm_free_bytes())
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_batches(todo, config.batch_size), num_workers=workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        dataset, batch_sampler=batches(todo, config.batch_size), num_workers=workers,
+        collate_fn=collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers else None,
         prefetch_factor=prefetch,
     )
-    batches = DeviceDecoded(loader, pp, device, background=device.type != "cpu") if config.decode_on_device \
+    loaded = DeviceDecoded(loader, pp, device, background=device.type != "cpu") if config.decode_on_device \
         else loader
     host = HostCopy(layers, config.dtype, device)
     writer = _Writer(partial, config.checkpoint_every)
@@ -775,7 +657,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     pending = None
     try:
         with torch.inference_mode():
-            for idx, hashes, x, bad in batches:
+            for idx, hashes, x, bad in loaded:
                 failed_ids, failed_reasons = [], []
                 for i, reason in bad:
                     row = todo[i]
@@ -804,7 +686,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     except (KeyboardInterrupt, RuntimeError) as e:
         if pending is not None:  # computed before the stop: keep it
             finish(pending, report=False)
-        _close(batches)
+        close_batches(loaded)
         writer.close()
         if isinstance(e, KeyboardInterrupt):
             raise ExtractionInterrupted(
@@ -820,15 +702,10 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
         raise
     finally:
         forward.remove()
-        _close(batches)
+        close_batches(loaded)
         dataset.close()
         if writer.is_alive():
             writer.close()
-
-
-def _close(batches) -> None:
-    if isinstance(batches, DeviceDecoded):
-        batches.close()
 
 
 class HostCopy:
@@ -887,92 +764,6 @@ class HostCopy:
         return feats, views
 
 
-class DeviceDecoded:
-    """Batches of the loader with their JPEGs decoded on ``device`` (``decode_on_device``).
-
-    With ``background``, a thread decodes batch k+1 on a side CUDA stream while the main thread
-    runs the forward pass of batch k (torchvision's nvJPEG decoder synchronises its stream, so
-    decoding in the main loop would stall the forward pass). Yields the loader's
-    ``(indices, hashes, x, bad)`` with ``x`` a uint8 tensor on ``device`` (or None).
-    """
-
-    DEPTH = 2
-
-    def __init__(self, loader, pp, device: torch.device, *, background: bool) -> None:
-        self.loader, self.pp, self.device, self.background = loader, pp, device, background
-        self.cuda = device.type == "cuda"
-        self._queue: queue.Queue = queue.Queue(maxsize=self.DEPTH)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _decode(self, batch):
-        idx, hashes, x, bad = batch
-        if not isinstance(x, list):
-            return idx, hashes, x, bad
-        crops, failed = decode_on_device(x, self.pp, self.device)
-        bad = list(bad) + [(idx[k], reason) for k, reason in failed]
-        keep = [k for k, c in enumerate(crops) if c is not None]
-        x = torch.stack([crops[k] for k in keep]) if keep else None
-        return [idx[k] for k in keep], [hashes[k] for k in keep], x, bad
-
-    def _run(self) -> None:
-        stream = torch.cuda.Stream(self.device) if self.cuda else None
-        try:
-            with torch.inference_mode():
-                for batch in self.loader:
-                    if self._stop.is_set():
-                        return
-                    if stream is not None:
-                        with torch.cuda.stream(stream):
-                            out = self._decode(batch)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    else:
-                        out, event = self._decode(batch), None
-                    self._put(("batch", out, event))
-            self._put(("end", None, None))
-        except BaseException as e:  # handed to the main thread
-            self._put(("error", e, None))
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self):
-        if not self.background:
-            for batch in self.loader:
-                yield self._decode(batch)
-            return
-        self._thread = threading.Thread(target=self._run, daemon=True, name="featcache-device-decode")
-        self._thread.start()
-        while True:
-            kind, value, event = self._queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-                if value[2] is not None:  # made on the side stream, used on this one
-                    value[2].record_stream(torch.cuda.current_stream(self.device))
-            yield value
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._thread.join(timeout=10)
-            self._thread = None
-
-
 def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, config: ExtractConfig,
               donors: _Donors, timings: dict) -> ExtractResult:
     tmp = path.with_name(path.name + ".tmp")
@@ -981,7 +772,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
     failures: list[dict] = []
     # Where each surviving row comes from: donor -> [(split, dst_row, src_index)].
     sources: dict[int, list[tuple[str, int, int]]] = {}
-    per_split: dict[str, list[_Row]] = {}
+    per_split: dict[str, list[Row]] = {}
     for split, rows in plan.items():
         ok = []
         for r in rows:

@@ -38,6 +38,7 @@ from .backbones import Backbone, load_backbone, seeded_init
 from .devices import PRECISIONS, PREFETCH, autocast, default_workers, resolve_device, resolve_precision
 from .errors import ConfigError
 from .extract import ARRAY_KINDS
+from .loading import worker_init
 from .fit import split_metrics
 from .heads.base import check_number
 from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decode, load_image
@@ -289,17 +290,13 @@ def _collate(items):
     return [i for i, _ in ok], x, bad
 
 
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
 def _loader(ds: _Images, order: list[int], config: FinetuneConfig, device: torch.device) -> torch.utils.data.DataLoader:
     """Batches of ``ds`` in ``order``: decoding processes and pinned memory on a GPU, as in extraction."""
     workers = config.num_workers if config.num_workers is not None else default_workers(
         device, pre_decoded=ds.src.kind in ARRAY_KINDS)
     return torch.utils.data.DataLoader(
         ds, batch_size=config.batch_size, sampler=order, collate_fn=_collate, num_workers=workers,
-        worker_init_fn=_worker_init if workers else None, pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=PREFETCH if workers else None,
     )
 

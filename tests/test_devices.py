@@ -25,7 +25,8 @@ from featcache import devices as devmod
 from featcache import extract
 from featcache.backbones import load_backbone
 from featcache.errors import ConfigError
-from featcache.extract import DeviceDecoded, ExtractConfig, HostCopy
+from featcache.extract import ExtractConfig, HostCopy
+from featcache.loading import DeviceDecoded
 from featcache.taps import TappedForward, list_layers
 
 META = torch.device("meta")
@@ -228,7 +229,7 @@ def test_device_decoding_runs_one_batch_ahead_of_the_forward_pass(monkeypatch):
         started[k].set()
         return [torch.zeros(3, 4, 4, dtype=torch.uint8) for _ in items], []
 
-    monkeypatch.setattr(extract_mod, "decode_on_device", fake_decode)
+    monkeypatch.setattr(importlib.import_module("featcache.loading"), "decode_on_device", fake_decode)
     enc = Encoded(np.zeros(4, np.uint8), 1)
     loader = [([2 * k, 2 * k + 1], ["h", "h"], [enc, enc], []) for k in range(4)]
     overlapped = []
@@ -393,7 +394,6 @@ def test_extraction_without_working_file_locks_warns_and_completes(monkeypatch, 
 
 
 def test_cache_files_are_written_without_hdf5_file_locking(monkeypatch, tmp_path):
-    import h5py
     from featcache.store import create_h5
 
     with create_h5(tmp_path / "x.h5") as h:
