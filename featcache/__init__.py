@@ -11,31 +11,57 @@ The public API (what the CLI and the notebook use)::
 
 __version__ = "0.1.0"
 
-from .backbones import Backbone, list_backbones, load_backbone  # noqa: E402
-from .bench import BenchConfig, run_bench  # noqa: E402
-from .errors import FeatcacheError  # noqa: E402
-from .extract import ExtractConfig, ExtractResult, extract  # noqa: E402
-from .fit import FitConfig, FitResult, evaluate, fit_head, load_run  # noqa: E402
-from .heads import list_heads, make_head  # noqa: E402
-from .predict import export as export_run, predict  # noqa: E402
-from .probe_layers import probe_layers  # noqa: E402
-from .sources import open_source  # noqa: E402
-from .store import FeatureCache, list_caches, open_cache  # noqa: E402
-from .taps import list_layers  # noqa: E402
+import importlib
+import sys
+import types
 
-__all__ = [
-    "Backbone", "BenchConfig", "ExtractConfig", "ExtractResult", "FeatcacheError", "FeatureCache", "FitConfig",
-    "FitResult", "evaluate", "export_run", "extract", "fit_head", "list_backbones", "list_caches", "list_heads",
-    "list_layers", "load_backbone", "load_run", "make_head", "open_cache", "open_source", "predict", "probe_layers",
-    "run_bench",
-]
+#: Public name -> (module, attribute). Imported on first use, so that ``featcache --help``,
+#: ``featcache ls`` or reading a cache do not pay for importing torch and torchvision.
+_EXPORTS = {
+    "Backbone": ("backbones", "Backbone"), "list_backbones": ("backbones", "list_backbones"),
+    "load_backbone": ("backbones", "load_backbone"),
+    "BenchConfig": ("bench", "BenchConfig"), "run_bench": ("bench", "run_bench"),
+    "FeatcacheError": ("errors", "FeatcacheError"),
+    "ExtractConfig": ("extract", "ExtractConfig"), "ExtractResult": ("extract", "ExtractResult"),
+    "extract": ("extract", "extract"),
+    "FitConfig": ("fit", "FitConfig"), "FitResult": ("fit", "FitResult"), "evaluate": ("fit", "evaluate"),
+    "fit_head": ("fit", "fit_head"), "load_run": ("fit", "load_run"),
+    "list_heads": ("heads", "list_heads"), "make_head": ("heads", "make_head"),
+    "export_run": ("predict", "export"), "predict": ("predict", "predict"),
+    "probe_layers": ("probe_layers", "probe_layers"),
+    "open_source": ("sources", "open_source"),
+    "FeatureCache": ("store", "FeatureCache"), "list_caches": ("store", "list_caches"),
+    "open_cache": ("store", "open_cache"),
+    "list_layers": ("taps", "list_layers"),
+    "write_report": ("report", "write_report"),
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def write_report(src, out):
-    """Write a self-contained HTML report of a run, bench or layers folder (see featcache.report)."""
-    from .report import write_report as _write
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'featcache' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
 
-    return _write(src, out)
+
+class _Package(types.ModuleType):
+    """``featcache.extract``, ``featcache.predict`` and ``featcache.probe_layers`` are functions, as
+    they were when this file imported them eagerly: importing the submodules of the same names
+    must not replace them (the modules stay in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name, ("",))[0] == name:
+            return
+        super().__setattr__(name, value)
 
 
-__all__.append("write_report")
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
