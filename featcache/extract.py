@@ -40,7 +40,7 @@ from .sources import Source, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, CacheLock, FeatureCache, PartialStore,
                     cache_file_name, create_h5, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
                     write_failed, write_strings)
-from .taps import TappedForward, fold_batchnorm_checked, list_layers
+from .taps import HostCopy, TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
 
@@ -658,17 +658,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     try:
         with torch.inference_mode():
             for idx, hashes, x, bad in loaded:
-                failed_ids, failed_reasons = [], []
-                for i, reason in bad:
-                    row = todo[i]
-                    if config.on_error == "fail":
-                        raise SourceError(
-                            f"Cannot use '{display_path(str(row.ref.key))}': {reason}. Use --on-error skip "
-                            f"to skip and record such files."
-                        )
-                    log.warning("skipping %s: %s", row.ref.id, reason)
-                    failed_ids.append(row.ref.id)
-                    failed_reasons.append(reason)
+                failed_ids, failed_reasons = _failures(bad, todo, config.on_error)
                 # The device works on this batch while the previous one is copied to the host.
                 copy = host.start(forward(x), len(idx)) if x is not None else None
                 previous, pending = pending, {"copy": copy, "n": len(idx) + len(bad), "item": {
@@ -688,18 +678,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
             finish(pending, report=False)
         close_batches(loaded)
         writer.close()
-        if isinstance(e, KeyboardInterrupt):
-            raise ExtractionInterrupted(
-                f"Stopped after {done} of {len(todo)} images; they are kept in '{partial.path}'. "
-                f"Run the same command again to resume."
-            ) from None
-        if "bus error" in str(e).lower() or "shared memory" in str(e).lower():
-            raise ConfigError(
-                f"Decoding processes ran out of shared memory (/dev/shm): {str(e).strip().rstrip('.')[:200]}. "
-                f"Start the container with --shm-size 1g (or --ipc=host), or use fewer workers. The {done} "
-                f"images finished are kept in '{partial.path}': run the same command again to resume."
-            ) from None
-        raise
+        _raise_stopped(e, done, len(todo), partial.path)
     finally:
         forward.remove()
         close_batches(loaded)
@@ -708,60 +687,32 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
             writer.close()
 
 
-class HostCopy:
-    """Tapped outputs -> host arrays in the cache's dtype, without stalling the device.
+def _failures(bad: list[tuple[int, str]], todo: list[Row], on_error: str) -> tuple[list[str], list[str]]:
+    """Ids and reasons of a batch's unreadable samples (logged); with ``on_error="fail"`` the first stops the run."""
+    ids, reasons = [], []
+    for i, reason in bad:
+        row = todo[i]
+        if on_error == "fail":
+            raise SourceError(f"Cannot use '{display_path(str(row.ref.key))}': {reason}. Use --on-error skip "
+                              f"to skip and record such files.")
+        log.warning("skipping %s: %s", row.ref.id, reason)
+        ids.append(row.ref.id)
+        reasons.append(reason)
+    return ids, reasons
 
-    :meth:`start` casts each layer to the cache dtype and checks it is finite on the device, then
-    starts a non-blocking copy into pinned host memory; :meth:`finish` waits for that copy (call it
-    one batch later, after the next batch's forward pass was queued) and returns numpy arrays the
-    caller owns. On the CPU both steps are plain tensor operations.
-    """
 
-    def __init__(self, layers: list[str], dtype: str, device: torch.device) -> None:
-        self.layers, self.np_dtype = list(layers), np.dtype(dtype)
-        self.torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
-        self.device = device
-        self.pin = device.type == "cuda"
-
-    def start(self, out: dict[str, torch.Tensor], n_base: int) -> dict:
-        tensors, finite = [], []
-        for name in self.layers:
-            # Through float32, as the cached values always were: bf16 -> fp16 directly rounds twice.
-            t = out[name].float().to(self.torch_dtype)
-            finite.append(torch.isfinite(t).all())
-            tensors.append(t)
-        flags = torch.stack(finite)
-        if self.device.type == "cpu":
-            return {"host": tensors, "flags": flags, "event": None, "n": n_base}
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin) for t in tensors]
-        for h, t in zip(host, tensors):
-            h.copy_(t, non_blocking=self.pin)
-        host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=self.pin)
-        host_flags.copy_(flags, non_blocking=self.pin)
-        event = None
-        if self.pin:
-            event = torch.cuda.Event()
-            event.record()
-        return {"host": host, "flags": host_flags, "event": event, "n": n_base}
-
-    def finish(self, pending: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``(features per layer, augmented views per layer or [])`` of a started copy."""
-        if pending["event"] is not None:
-            pending["event"].synchronize()
-        for name, ok in zip(self.layers, pending["flags"].tolist()):
-            if not ok:
-                raise CacheError(
-                    f"Layer '{name}' gave values that are not finite in {self.np_dtype} "
-                    f"(overflow or NaN). Use dtype='float32' (--dtype float32) or precision='fp32'."
-                )
-        b = pending["n"]
-        feats, views = [], []
-        for t in pending["host"]:
-            f = t.numpy()
-            feats.append(np.array(f[:b]))  # owned copies: pinned buffers are not kept
-            if len(f) > b:  # augmented views follow the base crops, image by image
-                views.append(np.array(f[b:].reshape(b, -1, *f.shape[1:])))
-        return feats, views
+def _raise_stopped(e: BaseException, done: int, total: int, partial: Path):
+    """The error for a run stopped by ``e`` after ``done`` images, all kept in ``partial``."""
+    if isinstance(e, KeyboardInterrupt):
+        raise ExtractionInterrupted(f"Stopped after {done} of {total} images; they are kept in '{partial}'. "
+                                    f"Run the same command again to resume.") from None
+    if "bus error" in str(e).lower() or "shared memory" in str(e).lower():
+        raise ConfigError(
+            f"Decoding processes ran out of shared memory (/dev/shm): {str(e).strip().rstrip('.')[:200]}. "
+            f"Start the container with --shm-size 1g (or --ipc=host), or use fewer workers. The {done} "
+            f"images finished are kept in '{partial}': run the same command again to resume."
+        ) from None
+    raise e
 
 
 def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, config: ExtractConfig,

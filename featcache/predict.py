@@ -13,11 +13,10 @@ from torch import nn
 from .backbones import Backbone, load_backbone
 from .errors import BackboneError, ConfigError, SourceError
 from .devices import resolve_device, runnable_precision
-from .extract import HostCopy
 from .fit import Run, load_run
 from .preprocess import DecodeError, load_image
 from .sources import IMAGE_EXTENSIONS, display_path
-from .taps import TappedForward, truncated_model
+from .taps import HostCopy, TappedForward, truncated_model
 
 log = logging.getLogger(__name__)
 

@@ -3,18 +3,23 @@
 Taps are forward hooks (or, for ``pre_logits``, a pre-hook on the final classifier), so they work
 on any ``nn.Module`` without tracing. The hook of the deepest tap raises :class:`_StopForward`,
 which cuts the network after it: no compute is spent on layers nobody reads.
+
+:class:`TappedForward` is the one forward path of extraction and prediction (uint8 batches in,
+tapped tensors on the device out); :class:`HostCopy` brings its outputs to the host in the cache's
+dtype without stalling the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from .backbones import OUTPUT, PRE_LOGITS, Backbone
 from .devices import autocast
-from .errors import BackboneError, ConfigError
+from .errors import BackboneError, CacheError, ConfigError
 
 POOLS = ("avg", "max", "avgmax", "none")
 
@@ -448,3 +453,59 @@ class TappedForward:
     def remove(self) -> None:
         if not self.compiled:
             self.tap.remove()
+
+
+class HostCopy:
+    """Tapped outputs -> host arrays in the cache's dtype, without stalling the device.
+
+    :meth:`start` casts each layer to the cache dtype and checks it is finite on the device, then
+    starts a non-blocking copy into pinned host memory; :meth:`finish` waits for that copy (call it
+    one batch later, after the next batch's forward pass was queued) and returns numpy arrays the
+    caller owns. On the CPU both steps are plain tensor operations.
+    """
+
+    def __init__(self, layers: list[str], dtype: str, device: torch.device) -> None:
+        self.layers, self.np_dtype = list(layers), np.dtype(dtype)
+        self.torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def start(self, out: dict[str, torch.Tensor], n_base: int) -> dict:
+        tensors, finite = [], []
+        for name in self.layers:
+            # Through float32, as the cached values always were: bf16 -> fp16 directly rounds twice.
+            t = out[name].float().to(self.torch_dtype)
+            finite.append(torch.isfinite(t).all())
+            tensors.append(t)
+        flags = torch.stack(finite)
+        if self.device.type == "cpu":
+            return {"host": tensors, "flags": flags, "event": None, "n": n_base}
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin) for t in tensors]
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=self.pin)
+        host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=self.pin)
+        host_flags.copy_(flags, non_blocking=self.pin)
+        event = None
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+        return {"host": host, "flags": host_flags, "event": event, "n": n_base}
+
+    def finish(self, pending: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``(features per layer, augmented views per layer or [])`` of a started copy."""
+        if pending["event"] is not None:
+            pending["event"].synchronize()
+        for name, ok in zip(self.layers, pending["flags"].tolist()):
+            if not ok:
+                raise CacheError(
+                    f"Layer '{name}' gave values that are not finite in {self.np_dtype} "
+                    f"(overflow or NaN). Use dtype='float32' (--dtype float32) or precision='fp32'."
+                )
+        b = pending["n"]
+        feats, views = [], []
+        for t in pending["host"]:
+            f = t.numpy()
+            feats.append(np.array(f[:b]))  # owned copies: pinned buffers are not kept
+            if len(f) > b:  # augmented views follow the base crops, image by image
+                views.append(np.array(f[b:].reshape(b, -1, *f.shape[1:])))
+        return feats, views

@@ -25,9 +25,9 @@ from featcache import devices as devmod
 from featcache import extract
 from featcache.backbones import load_backbone
 from featcache.errors import ConfigError
-from featcache.extract import ExtractConfig, HostCopy
+from featcache.extract import ExtractConfig
 from featcache.loading import DeviceDecoded
-from featcache.taps import TappedForward, list_layers
+from featcache.taps import HostCopy, TappedForward, list_layers
 
 META = torch.device("meta")
 extract_mod = importlib.import_module("featcache.extract")  # the module (featcache.extract is the function)
