@@ -28,8 +28,8 @@ import torchvision
 
 from . import __version__
 from .backbones import Backbone, load_backbone
-from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device,
-                      resolve_precision, shm_free_bytes)
+from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
+                      runnable_precision, shm_free_bytes)
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, close_batches, collate, plan_rows,
                       worker_init)
@@ -416,6 +416,10 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepar
     fold_bn = False
     if config.fold_bn:
         bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
+    _, slow = runnable_precision(config.precision, device)
+    if slow:  # asked for explicitly: kept (it is in the fingerprint), but the user should know
+        log.warning("precision=%s on %s is slow: %s. precision='auto' picks the fast one.", config.precision,
+                    device, slow.split(";")[0])
     config = ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
                               "batch_size": config.batch_size or default_batch_size(device)})
     infos = list_layers(bb, depth=None)

@@ -406,3 +406,15 @@ def test_device_option_errors_name_the_visible_gpus(monkeypatch):
         devmod.resolve_device("cuda:3")
     assert devmod.resolve_device("cuda:0") == torch.device("cuda", 0)
     assert ExtractConfig().device == "auto"
+
+
+def test_an_explicit_slow_precision_is_kept_with_a_warning(monkeypatch, tiny, image_folder, caplog):
+    monkeypatch.setattr(devmod, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        p = extract_mod.prepare(str(image_folder), ExtractConfig(**{**tiny, "device": "cpu", "precision": "bf16"}))
+    assert p.config.precision == "bf16"
+    assert "precision=bf16 on cpu is slow: this CPU has no native bf16 (emulated bf16 runs 18-30x slower)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        extract_mod.prepare(str(image_folder), ExtractConfig(**{**tiny, "device": "cpu", "precision": "fp32"}))
+    assert "slow" not in caplog.text
