@@ -6,6 +6,8 @@ methods the rest of featcache relies on:
 - ``sweep_proba(X, y, grid, X_eval)`` fits every value of the head's swept parameter and returns
   the evaluation probabilities, using the fastest path the head has (one decomposition, one batched
   training run, one top-k search, a warm-started sequence);
+- ``sweep_fit(X, y, grid)`` fits the same sequence and returns the fitted heads themselves, so
+  that a caller selecting on an eval split can keep the very model it scored;
 - ``get_state()`` / ``from_state(arrays, meta)`` turn a fitted head into plain arrays plus
   JSON-able metadata and back, so artifacts never need pickle;
 - ``to_torch()`` returns a ``torch.nn.Module`` whose output ``z`` satisfies
@@ -342,6 +344,8 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     options: ClassVar[dict[str, str]] = {}
     #: Whether ``fit`` streams an ``h5py.Dataset``-like ``X`` instead of reading it whole.
     _accepts_dataset: ClassVar[bool] = False
+    #: The thread pool the head computes in: "numpy" (BLAS) or "torch" (see runtime.head_threads).
+    thread_pool: ClassVar[str] = "numpy"
 
     # -- to implement ---------------------------------------------------------------------------
 
@@ -494,17 +498,58 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     def _sweep(
         self, X: Any, y_idx: np.ndarray, n_classes: int, grid: list[Any], X_eval: Any
     ) -> np.ndarray:
-        """One fit per grid value (heads with a faster path override this)."""
-        out = []
-        for value in grid:
-            head = clone(self)
-            if self.param is not None:
-                head.set_params(**{self.param: value})
-            head._fit(X, y_idx, n_classes)
+        """The probabilities of the heads :meth:`_sweep_fit` returns (heads with a faster path
+        override this)."""
+        heads = self._sweep_fit(X, y_idx, n_classes, grid)
+        for head in heads:
             head.classes_ = np.arange(n_classes)
+        return np.stack([head.predict_proba(X_eval) for head in heads])
+
+    def sweep_fit(self, X: Any, y: Any, grid: Sequence[Any]) -> list["BaseHead"]:
+        """Fit every value of the swept parameter; return the fitted heads.
+
+        The heads are the models :meth:`sweep_proba` scores (the same warm-started sequence,
+        the same batched training run), so selecting one of them on an eval split and saving it
+        keeps the reported eval score true of the saved model. ``self`` is not modified.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        grid : sequence
+            Values of ``self.param`` (``(None,)`` for heads without one).
+
+        Returns
+        -------
+        list of BaseHead
+            ``[i]`` is fitted with ``grid[i]`` (``get_params()[param] == grid[i]``).
+        """
+        self._check_params()
+        grid = self._check_grid(grid)
+        X = check_features(X, allow_dataset=self._accepts_dataset)
+        y_idx, classes = encode_labels(y, X.shape[0])
+        heads = self._sweep_fit(X, y_idx, len(classes), grid)
+        for head in heads:
+            head.classes_ = classes
+        return heads
+
+    def _with_value(self, value: Any) -> "BaseHead":
+        """An unfitted copy with the swept parameter set to ``value``."""
+        head = clone(self)
+        if self.param is not None:
+            head.set_params(**{self.param: value})
+        return head
+
+    def _sweep_fit(self, X: Any, y_idx: np.ndarray, n_classes: int, grid: list[Any]) -> list["BaseHead"]:
+        """One fit per grid value; ``classes_`` is set by the caller (heads sharing work across
+        the grid override this)."""
+        heads = []
+        for value in grid:
+            head = self._with_value(value)
+            head._fit(X, y_idx, n_classes)
             head.n_features_in_ = int(X.shape[1])
-            out.append(head.predict_proba(X_eval))
-        return np.stack(out)
+            heads.append(head)
+        return heads
 
     # -- state ----------------------------------------------------------------------------------
 

@@ -502,6 +502,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         "class_weight": CLASS_WEIGHT_HELP,
     }
     _accepts_dataset = True
+    thread_pool = "torch"
 
     def __init__(
         self,
@@ -598,6 +599,18 @@ class LinearHead(LinearHeadMixin, BaseHead):
         scores = _grid_scores(X_eval, W, b, device=W.device, max_memory=self.max_memory)
         return np.stack([scores_to_proba(s) for s in scores])
 
+    def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
+        W, b, n_iter = self._train(X, y_idx, n_classes, [float(c) for c in grid])
+        heads = []
+        for g, value in enumerate(grid):
+            head = self._with_value(value)
+            head.coef_ = W[g].T.cpu().numpy().copy()
+            head.intercept_ = b[g].cpu().numpy().copy()
+            head.n_iter_ = int(n_iter[g])
+            head.n_features_in_ = int(X.shape[1])
+            heads.append(head)
+        return heads
+
 
 # ----------------------------------------------------------------------------------------------
 # The MLP head
@@ -676,6 +689,7 @@ class MLPHead(BaseHead):
         "class_weight": CLASS_WEIGHT_HELP,
     }
     _accepts_dataset = True
+    thread_pool = "torch"
 
     def __init__(
         self,
@@ -774,17 +788,18 @@ class MLPHead(BaseHead):
         h = np.maximum(X @ self.coefs_[0] + self.intercepts_[0], 0.0)
         return softmax(h @ self.coefs_[1] + self.intercepts_[1])
 
-    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+    def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
         W1, b1, W2, b2 = (
             p.cpu().numpy() for p in self._train(X, y_idx, n_classes, [float(v) for v in grid])
         )
-        out = []
-        for g in range(len(grid)):
-            view = MLPHead()
-            view.coefs_, view.intercepts_ = [W1[g], W2[g]], [b1[g], b2[g]]
-            view.classes_, view.n_features_in_ = np.arange(n_classes), W1.shape[1]
-            out.append(view.predict_proba(X_eval))
-        return np.stack(out)
+        heads = []
+        for g, value in enumerate(grid):
+            head = self._with_value(value)
+            head.coefs_ = [W1[g].copy(), W2[g].copy()]
+            head.intercepts_ = [b1[g].copy(), b2[g].copy()]
+            head.n_features_in_ = int(W1.shape[1])
+            heads.append(head)
+        return heads
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {
