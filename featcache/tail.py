@@ -33,7 +33,16 @@ from torch import nn
 
 from .backbones import Backbone, load_backbone, seeded_init
 from .errors import BackboneError, ConfigError, HeadError
-from .heads.base import BaseHead, check_number, encode_labels, is_dataset_like, softmax
+from .heads.base import (
+    CLASS_WEIGHT_HELP,
+    BaseHead,
+    check_class_weight,
+    check_number,
+    class_weights,
+    encode_labels,
+    is_dataset_like,
+    softmax,
+)
 from .heads.torch_heads import check_device, resolve_device
 from .registry import check_int
 
@@ -482,6 +491,9 @@ class TailHead(BaseHead):
         Seed of the new classifier, shuffling, view sampling and dropout; results on the CPU are
         deterministic.
     device : str, default="auto"
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs the cross-entropy of a row of class c by ``n_samples / (n_classes *
+        n_c)`` (scikit-learn's meaning); the batch loss is torch's weighted mean.
 
     Attributes
     ----------
@@ -512,8 +524,10 @@ class TailHead(BaseHead):
         "batch_size": "mini-batch rows",
         "random_state": "seed of the new classifier, shuffling, view sampling and dropout",
         "device": "torch device: auto, cpu, cuda, cuda:N",
+        "class_weight": CLASS_WEIGHT_HELP,
     }
     _accepts_dataset = True
+    thread_pool = "torch"
 
     def __init__(
         self,
@@ -528,6 +542,7 @@ class TailHead(BaseHead):
         batch_size: int = 32,
         random_state: int | None = 0,
         device: str = "auto",
+        class_weight: str | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -539,6 +554,7 @@ class TailHead(BaseHead):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.class_weight = class_weight
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -561,6 +577,7 @@ class TailHead(BaseHead):
         if self.random_state is not None:
             check_int("random_state", self.random_state, minimum=0)
         check_device(self.device)
+        check_class_weight(self.class_weight)
 
     def _load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, weights=self.weights, input_size=self.input_size)
@@ -622,6 +639,8 @@ class TailHead(BaseHead):
         n = int(X.shape[0])
         k_views = int(views.shape[1]) if views is not None else 0
         y_all = torch.as_tensor(y_idx, dtype=torch.long)
+        cw = class_weights(y_idx, n_classes, self.class_weight)
+        cw = None if cw is None else torch.tensor(cw, dtype=torch.float32, device=device)
         opt = adamw(param_groups(tail, float(self.weight_decay)), lr=float(self.lr), device=device)
         rng = np.random.default_rng(seed)
         schedule = np.zeros((self.epochs, n), dtype=np.int64)
@@ -649,7 +668,7 @@ class TailHead(BaseHead):
                     step += 1
                     for g in opt.param_groups:
                         g["lr"] = cosine_lr(float(self.lr), step, total)
-                    loss = nn.functional.cross_entropy(tail(xb), y_all[idx].to(device))
+                    loss = nn.functional.cross_entropy(tail(xb), y_all[idx].to(device), weight=cw)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -16,6 +16,7 @@ from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError, HeadError
 from featcache.fit import evaluate, fit_head, load_run, parse_grid
+from featcache.heads import HEADS
 from featcache.predict import export, predict
 
 
@@ -159,11 +160,11 @@ def test_predict_skips_unreadable_files(folder_cache, tmp_path):
 def test_cli_fit_head_json_predict_export_evaluate(folder_cache, tmp_path):
     folder, cache = folder_cache
     runner = CliRunner()
-    r = runner.invoke(main, ["fit-head", cache, "--head", "linear", "--C", "0.1,1,10", "-o", str(tmp_path / "run"),
-                             "--json"], catch_exceptions=False)
+    r = runner.invoke(main, ["fit-head", cache, "--head", "linear", "--C", "0.1,1,10", "--no-extend-grid",
+                             "-o", str(tmp_path / "run"), "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert set(out) == {"run", "head", "best", "metrics", "seconds"}
+    assert set(out) == {"run", "head", "best", "metrics", "seconds", "warnings"}
     assert out["best"]["param"] == "C" and out["best"]["value"] in (0.1, 1.0, 10.0)
     r = runner.invoke(main, ["fit-head", cache, "--head", "logreg", "-o", str(tmp_path / "run2")])
     assert r.exit_code == 0 and "logreg: best C=" in r.output and "val" in r.output and "test" in r.output
@@ -261,3 +262,156 @@ def test_tail_head_from_boundary_activations_predicts_and_exports(tmp_path):
     by_path = {p["path"]: p["probability"] for p in preds}
     got = torch.softmax(module(x), 1).max(1).values.detach().numpy()
     np.testing.assert_allclose(got, [by_path[str(f)] for f in files], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15: what fit-head reports is true of what it saves
+
+
+def _digits_npz(path: Path, *, per_class: dict[int, int] | None = None, n_val: int = 10, n_test: int = 6,
+                classes=range(10)) -> Path:
+    """scikit-learn digits (8x8 grey) as a MedMNIST-style npz: hard enough for a random resnet18
+    that the regularisation matters. ``per_class`` caps the training rows of some classes."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * 255 / 16).astype(np.uint8)
+    out = {}
+    for split, lo, hi in (("train", 0, None), ("val", None, n_val), ("test", None, n_test)):
+        rows = []
+        for c in classes:
+            idx = np.flatnonzero(d.target == c)
+            if split == "train":
+                idx = idx[n_val + n_test:][: (per_class or {}).get(c, 20)]
+            elif split == "val":
+                idx = idx[:n_val]
+            else:
+                idx = idx[n_val:n_val + n_test]
+            rows.extend(idx.tolist())
+        out[f"{split}_images"] = images[rows]
+        out[f"{split}_labels"] = d.target[rows].astype(np.int64)
+    np.savez(path, **out)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    npz = _digits_npz(root / "digits.npz")
+    return extract(str(npz), backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(root / "c"),
+                   dtype="float32").cache
+
+
+@pytest.fixture(scope="module")
+def digits_activations(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits-act")
+    npz = _digits_npz(root / "digits.npz", per_class={c: 4 for c in range(10)}, n_val=4, n_test=2, classes=range(4))
+    return extract(str(npz), backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(root / "c"),
+                   layers=("layer3",), pool="none", dtype="float32").cache
+
+
+@pytest.mark.parametrize("head", HEADS.names())
+def test_reported_eval_score_is_the_saved_models(digits_cache, digits_activations, tmp_path, head):
+    """best.score (what the CLI, metrics.json, the report and bench records show) is the score of
+    the saved head on the eval split, for every head; the sweep row of the chosen value agrees."""
+    cache = digits_activations if head == "tail" else digits_cache
+    opts = {"epochs": 1, "batch_size": 8} if head == "tail" else {}
+    res = fit_head(cache, head=head, head_options=opts, output=str(tmp_path / "r"))
+    run = load_run(res.run)
+    with open_cache(cache) as c:
+        X, y = c.load("val")
+    saved = float(np.mean(run.predict_proba(X).argmax(1) == y))
+    assert res.best["scored_on"] == "val" and res.best["select_by"] == "top1"
+    assert res.best["score"] == saved == res.metrics["val"]["top1"]
+    if res.sweep:
+        row = next(r for r in res.sweep if r["value"] == res.best["value"])
+        assert row["top1"] == saved
+    stored = json.loads((Path(res.run) / "metrics.json").read_text())["best"]
+    assert stored["score"] == saved
+
+
+@pytest.fixture(scope="module")
+def odd_npz(tmp_path_factory):
+    """4 digit classes: train 30 / 10 / 6 / 0 rows (imbalanced, one short of 10 shots, one only in
+    val and test), val 4 and test 2 per class."""
+    root = tmp_path_factory.mktemp("odd")
+    return _digits_npz(root / "odd.npz", per_class={0: 30, 1: 10, 2: 6, 3: 0}, n_val=4, n_test=2, classes=range(4))
+
+
+@pytest.fixture(scope="module")
+def odd_cache(odd_npz):
+    return extract(str(odd_npz), backbone="resnet18.none", input_size=32, num_workers=0,
+                   cache_dir=str(odd_npz.parent / "c"), dtype="float32").cache
+
+
+def test_eval_split_none_means_kfold_on_train(digits_cache, tmp_path):
+    res = fit_head(digits_cache, head="ridge", eval_split="none", output=str(tmp_path / "r"))
+    assert res.best["scored_on"] == "5-fold cv on train"
+    r = CliRunner().invoke(main, ["fit-head", digits_cache, "--head", "ridge", "--eval-split", "none",
+                                  "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "on 5-fold cv on train)" in r.output
+
+
+def test_a_class_only_in_val_and_test_is_named_not_a_traceback(odd_cache, tmp_path):
+    for head in ("logreg", "ridge", "knn"):
+        res = fit_head(odd_cache, head=head, output=str(tmp_path / head))
+        assert any(w.startswith("Class '3' has no rows in the 'train' split but has rows in val: 4, test: 2.")
+                   for w in res.warnings)
+        # Its rows are scored, as errors: no head can predict a class it never saw.
+        assert res.metrics["val"]["n"] == 16 and res.metrics["val"]["per_class_recall"]["3"] == 0.0
+        assert res.best["score"] == res.metrics["val"]["top1"] <= 0.75
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ridge", "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert "Warning: Class '3' has no rows in the 'train' split" in r.output
+
+
+def test_few_shot_names_the_classes_short_of_k(odd_cache, tmp_path):
+    res = fit_head(odd_cache, head="ncm", shots=10, output=str(tmp_path / "r"))
+    assert res.few_shot["short_classes"] == {"2": 6}
+    msg = ("--shots 10: class '2' has only 6 training rows; those classes use all of them, so the run is not "
+           "10-shot for them. Pass --shots 6 for a true 6-shot run.")
+    assert msg in res.warnings
+    assert msg in json.loads((Path(res.run) / "metrics.json").read_text())["warnings"]
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--shots", "10", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0 and f"Warning: {msg}" in r.output
+
+
+def test_pca_records_the_components_it_kept(odd_cache, tmp_path):
+    res = fit_head(odd_cache, head="logreg", pca=5000, output=str(tmp_path / "r"))
+    assert res.best["pca_components"] == 46
+    assert any(w.startswith("--pca 5000: the training split has 46 rows of 512 features, so PCA keeps 46 "
+                            "components") for w in res.warnings)
+    meta = json.loads((Path(res.run) / "run.json").read_text())["transform"]
+    assert (meta["pca"], meta["pca_components"]) == (5000, 46)
+    assert load_run(res.run).transform.components_.shape == (46, 512)
+
+
+def test_imbalance_is_named_with_the_options_that_answer_it(odd_cache, tmp_path):
+    res = fit_head(odd_cache, head="ncm", output=str(tmp_path / "r"))
+    warning = ("The training split is imbalanced: class '0' has 30 rows, '2' 6 (5.0x). Top-1 favours the large "
+               "classes; consider --class-weight balanced --select-by balanced_accuracy.")
+    assert warning in res.warnings
+    ok = fit_head(odd_cache, head="logreg", class_weight="balanced", select_by="balanced_accuracy",
+                  output=str(tmp_path / "b"))
+    assert not any("imbalanced" in w for w in ok.warnings)
+    assert ok.best["select_by"] == "balanced_accuracy"
+    assert ok.best["score"] == pytest.approx(ok.metrics["val"]["balanced_accuracy"])
+    with pytest.raises(ConfigError, match="The 'select_by' option must be one of top1, balanced_accuracy"):
+        fit_head(odd_cache, head="logreg", select_by="f1", output=str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("head", [n for n in HEADS.names() if "class_weight" in HEADS.entry(n).extra["options"]])
+def test_every_trained_head_takes_balanced_weights(odd_npz, odd_cache, tmp_path, head):
+    cache, opts = odd_cache, {}
+    if head == "tail":
+        cache = extract(str(odd_npz), backbone="resnet18.none", input_size=32, num_workers=0, layers=("layer3",),
+                        pool="none", cache_dir=str(odd_npz.parent / "act"), dtype="float32").cache
+        opts = {"epochs": 1, "batch_size": 16}
+    r = CliRunner().invoke(main, ["fit-head", cache, "--head", head, "--class-weight", "balanced", "--select-by",
+                                  "balanced_accuracy", "--json", "-o", str(tmp_path / "r"),
+                                  *[f"--opt={k}={v}" for k, v in opts.items()]])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["best"]["select_by"] == "balanced_accuracy"
+    assert out["best"]["score"] == pytest.approx(out["metrics"]["val"]["balanced_accuracy"])
