@@ -415,3 +415,60 @@ def test_every_trained_head_takes_balanced_weights(odd_npz, odd_cache, tmp_path,
     out = json.loads(r.output)
     assert out["best"]["select_by"] == "balanced_accuracy"
     assert out["best"]["score"] == pytest.approx(out["metrics"]["val"]["balanced_accuracy"])
+
+
+def test_a_best_value_at_an_end_extends_the_grid(digits_cache, tmp_path):
+    # C = 1e-4, 1e-3 is far too strong a penalty: the best sits at the top end until the grid grows.
+    res = fit_head(digits_cache, head="logreg", grid=(1e-4, 1e-3), output=str(tmp_path / "r"))
+    values = [r["value"] for r in res.sweep]
+    assert res.best["grid_extended"] and values == sorted(values)
+    assert values[:2] == [1e-4, 1e-3] and values[2:] == res.best["grid_extended"]
+    assert res.best["grid_extended"][0] == pytest.approx(1e-2)
+    assert res.best["at_bound"] or min(values) < res.best["value"] < max(values)
+    csv = (Path(res.run) / "sweep.csv").read_text().splitlines()
+    assert csv[0] == "C,top1,log_loss" and len(csv) == len(values) + 1
+    # A strong ridge penalty extends downwards.
+    ridge = fit_head(digits_cache, head="ridge", grid=(1e7, 1e8), output=str(tmp_path / "ridge"))
+    assert ridge.best["grid_extended"][0] == pytest.approx(1e6)
+    fixed = fit_head(digits_cache, head="logreg", grid=(1e-4, 1e-3), extend_grid=False, output=str(tmp_path / "f"))
+    assert fixed.best["grid_extended"] == [] and [r["value"] for r in fixed.sweep] == [1e-4, 1e-3]
+    r = CliRunner().invoke(main, ["fit-head", digits_cache, "--head", "logreg", "--C", "1e-4,1e-3",
+                                  "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0 and "logreg: the best C sat at an end of the grid; extended by 0.01" in r.output
+
+
+def test_grid_extension_stops_at_its_bounds():
+    from featcache.fit import _next_value
+
+    assert _next_value("C", [1e4, 1e5], 1e5, 100) == pytest.approx(1e6)
+    assert _next_value("C", [1e5, 1e6], 1e6, 100) is None  # GRID_BOUNDS["C"] = (1e-6, 1e6)
+    assert _next_value("C", [1e-6, 1e-5], 1e-6, 100) is None
+    assert _next_value("C", [0.1, 1, 10], 1, 100) is None  # interior
+    assert _next_value("weight_decay", [0.0, 1e-4], 0.0, 100) is None  # nothing below no decay
+    assert _next_value("k", [1, 5, 20], 20, 150) == 150  # k grows to the training rows, no further
+    assert _next_value("k", [1, 5, 150], 150, 150) is None
+
+
+def test_one_thread_pool_at_a_time_and_restored():
+    from threadpoolctl import threadpool_info
+
+    from featcache.runtime import SMALL_WORK, head_threads
+
+    before = torch.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    with head_threads("numpy", SMALL_WORK - 1) as used:
+        assert used == {"backend": "numpy", "threads": 1}
+        assert torch.get_num_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    with head_threads("torch", SMALL_WORK, threads=2) as used:
+        assert used == {"backend": "torch", "threads": 2} and torch.get_num_threads() == 2
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert torch.get_num_threads() == before
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
+
+
+def test_small_fits_run_single_threaded_whatever_the_machine(folder_cache, tmp_path):
+    _, cache = folder_cache
+    for head, pool in (("logreg", "numpy"), ("linear", "torch")):
+        res = fit_head(cache, head=head, output=str(tmp_path / head))
+        assert res.best["threads"] == {"backend": pool, "threads": 1}
