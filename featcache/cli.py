@@ -424,6 +424,8 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--epochs", type=int, default=None, help="Training epochs (tail, mlp, linear with adamw).")
 @click.option("--lr", type=float, default=None, help="Learning rate (tail, mlp, linear with adamw).")
 @click.option("--batch-size", type=int, default=None, help="Mini-batch size (tail, mlp, linear with adamw).")
+@click.option("--patience", type=int, default=None,
+              help="Stop after N epochs without a better eval score; keep the best epoch (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
@@ -431,7 +433,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @_fail_cleanly
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
              extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
-             opts, output, runs_dir, as_json) -> None:
+             patience, opts, output, runs_dir, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
@@ -443,7 +445,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     from .metrics import format_metrics_table
 
     head_opts = _head_options(opts)
-    for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
+    for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("patience", patience)):
         if value is not None:
             if name not in HEADS.entry(head).extra["options"]:
                 raise click.UsageError(f"--{name.replace('_', '-')} does not apply to head '{head}'.")
@@ -458,9 +460,11 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     fit_log = logging.getLogger("featcache.fit")
     level = fit_log.level
     fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
+    bar = _EpochBar(as_json)
     try:
-        res = run(cache, config)
+        res = run(cache, config, progress=bar)
     finally:
+        bar.close()
         fit_log.setLevel(level)
     if as_json:
         _echo_json(res.to_dict())
@@ -484,6 +488,32 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
             if t:
                 click.echo(f"{shots}-shot over {seeds} seed(s), {split} top-1: {t['mean']:.4f} +- {t['std']:.4f}")
     click.echo(f"run saved to {res.run} ({res.seconds:.1f} s)")
+
+
+class _EpochBar:
+    """A tqdm bar over the epochs of a head trained by epochs, with its loss and eval score."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, info: dict) -> None:
+        if self.quiet:
+            return
+        if self.bar is None or info["epoch"] <= self.bar.n:  # a new training run (another grid or fold)
+            from tqdm import tqdm
+
+            self.close()
+            self.bar = tqdm(total=info["epochs"], desc="train", unit="epoch", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(info["epoch"] - self.bar.n)
+        shown = {"loss": f"{info['loss']:.4f}"}
+        if info.get("score") is not None:
+            shown[info["metric"]] = f"{info['score']:.4f}"
+        self.bar.set_postfix(shown)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _print_metrics(metrics: dict, fmt) -> None:

@@ -25,6 +25,7 @@ from sklearn.base import clone
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
 from .heads import HEADS, make_head
+from .heads.base import training_monitor
 from .metrics import SELECT_BY, classification_metrics, selection_scores
 from .registry import check_choice, check_int
 from .runtime import head_threads
@@ -186,7 +187,8 @@ def _select(rows: dict, select_by: str):
 
 
 def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.ndarray | None,
-              eval_split: str | None, seed: int, warn: Callable[[str], None]):
+              eval_split: str | None, seed: int, warn: Callable[[str], None],
+              progress: Callable[[dict], None] | None = None):
     """Sweep, pick, keep the selected model (or refit it for k-fold and --refit-on-trainval).
     Returns (head, transform, best, sweep rows)."""
     data = _Data(cache, layer, config)
@@ -241,9 +243,13 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
         scored_on = eval_split
 
         def evaluate(values: list) -> list[tuple[dict, Any]]:
+            # Heads trained by epochs watch the eval split (history, --patience, progress bar).
+            with training_monitor(X_eval=X_eval, y_eval=y_eval, classes=present, select_by=config.select_by,
+                                  callback=progress):
+                heads = fit_grid(values)
             # Score the fitted models themselves: the selected one is saved as it is.
             return [(selection_scores(y_eval, expand_proba(h.predict_proba(X_eval), h.classes_, K),
-                                      config.select_by), h) for h in fit_grid(values)]
+                                      config.select_by), h) for h in heads]
     elif len(grid) > 1:
         from sklearn.model_selection import StratifiedKFold
 
@@ -261,7 +267,8 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
         def evaluate(values: list) -> list[tuple[dict, Any]]:
             per_fold = []
             for tr, va in splits:
-                proba = clone(head).sweep_proba(X[tr], y[tr], values, X[va])
+                with training_monitor(callback=progress):
+                    proba = clone(head).sweep_proba(X[tr], y[tr], values, X[va])
                 classes = np.unique(y[tr])
                 per_fold.append([selection_scores(y[va], expand_proba(p, classes, K), config.select_by)
                                  for p in proba])
@@ -271,7 +278,8 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     work = int(np.prod(X.shape))
     with head_threads(head.thread_pool, work, config.threads) as threads:
         if evaluate is None:
-            final = _with_value(head, param, grid[0]).fit(X, y, **fit_kwargs)
+            with training_monitor(callback=progress):
+                final = _with_value(head, param, grid[0]).fit(X, y, **fit_kwargs)
             best = {"param": param, "value": grid[0], "score": None, "scored_on": None}
             sweep: list[dict] = []
         else:
@@ -310,8 +318,11 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
             final = _with_value(head, param, best["value"]).fit(X, y, **fit_kwargs)
             best["refit"] = f"{config.train_split}+{eval_split}"
         elif final is None:  # k-fold: the folds' models are gone; fit the chosen value on all of train
-            final = _with_value(head, param, best["value"]).fit(X, y, **fit_kwargs)
+            with training_monitor(callback=progress):
+                final = _with_value(head, param, best["value"]).fit(X, y, **fit_kwargs)
     best["threads"] = threads
+    if getattr(final, "history_", None) is not None and getattr(final, "patience", None) is not None:
+        best["best_epoch"] = final.best_epoch_
     if transform.n_components_ is not None:
         best["pca_components"] = transform.n_components_
     return final, transform, best, sweep
@@ -358,7 +369,7 @@ def split_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> d
 
 
 def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None = None, *,
-             progress: Callable[[str], None] | None = None, **options) -> FitResult:
+             progress: Callable[[dict], None] | None = None, **options) -> FitResult:
     """Fit a head on a cache, sweeping its regularisation grid, and save the run.
 
     Parameters
@@ -366,6 +377,11 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     cache : path or FeatureCache
     config : FitConfig, optional
         Keyword ``options`` override its fields (``head="linear"``, ``grid=(0.1, 1)``).
+    progress : callable, optional
+        Heads trained by epochs (tail, mlp, linear with AdamW) call it after every epoch with
+        ``{"epoch", "epochs", "loss", "metric", "score"}`` (score: the best eval score over the
+        grid, None without an eval split). The per-epoch history of the saved head goes to
+        ``metrics.json`` (``history``).
 
     Returns
     -------
@@ -384,6 +400,9 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     if config.shots is not None:
         check_int("shots", config.shots)
     HEADS.entry(config.head)
+    if config.head_options.get("patience") is not None and config.refit_on_trainval:
+        raise ConfigError("--patience picks an epoch on the eval split, which --refit-on-trainval then trains on. "
+                          "Drop one of them.")
     own = not isinstance(cache, FeatureCache)
     c = open_cache(cache) if own else cache
     notes: list[str] = []
@@ -420,7 +439,8 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             first = None
             for s in range(config.seeds):
                 idx = _few_shot_indices(y_all, config.shots, config.seed + s)
-                head, transform, best, sweep = _fit_once(c, config, layer, idx, eval_split, config.seed + s, warn)
+                head, transform, best, sweep = _fit_once(c, config, layer, idx, eval_split, config.seed + s, warn,
+                                                         progress)
                 m = _score_splits(c, layer, config, head, transform, config.train_split)
                 per_seed.append({"seed": config.seed + s, "best": best, "metrics": m})
                 if first is None:
@@ -429,13 +449,13 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             few_shot = {"shots": config.shots, "seeds": config.seeds, "short_classes": short,
                         "summary": _summarize(per_seed), "per_seed": per_seed}
         else:
-            head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed, warn)
+            head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed, warn, progress)
             metrics = _score_splits(c, layer, config, head, transform, config.train_split)
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": layer, "classes": c.classes, "fingerprint": c.fingerprint,
                 "extract_config": c.extract_config, "config": config.to_dict(), "best": best}
-        _save_run(run, head, transform, meta, metrics, sweep, few_shot, seconds, notes)
+        _save_run(run, head, transform, meta, metrics, sweep, few_shot, seconds, notes, getattr(head, "history_", None))
         return FitResult(str(run), config.head, best, metrics, sweep, seconds, few_shot, list(notes))
     finally:
         if own:
@@ -508,7 +528,7 @@ def _clean(obj):
 
 
 def _save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics: dict, sweep: list[dict],
-              few_shot, seconds: float, warnings: list[str]) -> None:
+              few_shot, seconds: float, warnings: list[str], history: list[dict] | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     save_head(run, head, head_name=meta["config"]["head"], meta={})
     arrays, tmeta = transform.get_state()
@@ -517,7 +537,8 @@ def _save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics:
     os.replace(tmp, run / TRANSFORM)
     _atomic_json(run / RUN_JSON, _clean({**meta, "transform": tmeta, "format": "featcache-run", "version": 1}))
     _atomic_json(run / METRICS_JSON, _clean({"metrics": metrics, "sweep": sweep, "best": meta["best"],
-                                             "few_shot": few_shot, "seconds": seconds, "warnings": warnings}))
+                                             "few_shot": few_shot, "seconds": seconds, "warnings": warnings,
+                                             "history": history}))
     select_by = meta["best"].get("select_by", "top1")
     extra = select_by not in ("top1", "log_loss")
     with open(run / SWEEP_CSV, "w") as f:

@@ -472,3 +472,41 @@ def test_small_fits_run_single_threaded_whatever_the_machine(folder_cache, tmp_p
     for head, pool in (("logreg", "numpy"), ("linear", "torch")):
         res = fit_head(cache, head=head, output=str(tmp_path / head))
         assert res.best["threads"] == {"backend": pool, "threads": 1}
+
+
+@pytest.mark.parametrize("head, opts", [("mlp", {"epochs": 6}), ("linear", {"solver": "adamw", "epochs": 6}),
+                                        ("tail", {"epochs": 3, "batch_size": 8})])
+def test_training_by_epochs_keeps_its_history_and_the_best_epoch(digits_cache, digits_activations, tmp_path,
+                                                                 head, opts):
+    cache = digits_activations if head == "tail" else digits_cache
+    seen = []
+    res = fit_head(cache, head=head, head_options={**opts, "patience": 1}, grid=None, output=str(tmp_path / "r"),
+                   progress=seen.append)
+    history = json.loads((Path(res.run) / "metrics.json").read_text())["history"]
+    assert 1 <= len(history) <= opts["epochs"]
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert all(set(h) == {"epoch", "loss", "top1"} for h in history)
+    best_epoch = res.best["best_epoch"]
+    kept = history[best_epoch - 1]["top1"]
+    assert kept == max(h["top1"] for h in history)
+    assert abs(res.best["score"] - kept) <= 1 / res.metrics["val"]["n"] + 1e-9  # the kept epoch is the saved head
+    if len(history) < opts["epochs"]:
+        assert len(history) == best_epoch + 1  # stopped one epoch after the best
+    assert seen and set(seen[0]) == {"epoch", "epochs", "loss", "metric", "score"}
+    assert seen[0]["epochs"] == opts["epochs"] and seen[0]["metric"] == "top1"
+
+
+def test_cli_patience_and_the_epoch_bar(digits_cache, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "mlp", "--epochs", "3", "--patience", "2",
+                             "--C", "1e-4", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "epoch" in r.output and "loss=" in r.output and "top1=" in r.output  # the tqdm bar (stderr)
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "logreg", "--patience", "2"])
+    assert r.exit_code == 2 and "--patience does not apply to head 'logreg'." in r.output
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "mlp", "--epochs", "2", "--patience", "1",
+                             "--eval-split", "none", "-o", str(tmp_path / "k")])
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: The 'patience' option (1) stops on an eval score, and there is no eval data.")
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "linear", "--patience", "1", "-o", str(tmp_path / "l")])
+    assert r.output.startswith("Error: The 'patience' option stops AdamW epochs; solver='lbfgs' has none.")
