@@ -397,7 +397,8 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @main.command(name="fit-head")
 @click.argument("cache", type=click.Path())
 @click.option("--head", default="logreg", show_default=True, help="Head name (see 'featcache heads').")
-@click.option("--layer", default=None, help="Cached layer to fit on (default: the first).")
+@click.option("--layer", default=None,
+              help="Cached layer to fit on (default: the first); 'all' or a comma list sweeps the layers too.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default=None,
               help="Split the sweep is scored on (default: val when present, else k-fold on train); "
@@ -475,12 +476,14 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     if b.get("score") is not None:
         name = "top-1" if b["select_by"] == "top1" else b["select_by"]
         value = f" {b['param']}={b['value']:g}" if b.get("param") else ""
-        click.echo(f"{res.head}: best{value} ({name} {b['score']:.4f} on {b['scored_on']})")
+        where = f" on layer {b['layer']}" if b.get("layer") else ""
+        click.echo(f"{res.head}: best{value}{where} ({name} {b['score']:.4f} on {b['scored_on']})")
     if b.get("grid_extended") or b.get("at_bound"):
         added = ", ".join(f"{v:g}" for v in b.get("grid_extended") or [])
         click.echo(f"{res.head}: the best {b['param']} sat at an end of the grid"
                    + (f"; extended by {added}" if added else "")
-                   + ("; it is at the bound of the search: widen --C/--grid if that is not intended" if b.get("at_bound") else ""))
+                   + (f"; {b['param']}={b['value']:g} is as far as the search goes (fit.GRID_BOUNDS)"
+                      if b.get("at_bound") else ""))
     _print_metrics(res.metrics, format_metrics_table)
     if res.few_shot:
         for split, m in res.few_shot["summary"].items():

@@ -303,8 +303,9 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
                     logger.info("%s: best %s=%g sat at an end of the grid; extended it by %s%s", config.head, param,
                                 best_v, ", ".join(f"{v:g}" for v in extended), " up to its bound" if at_bound else "")
             chosen = results[best_v]
-            best = {"param": param, "value": best_v, "score": chosen["score"], "select_by": config.select_by,
-                    "scored_on": scored_on, "grid_extended": extended, "at_bound": at_bound}
+            best = {"param": param, "value": best_v, "score": chosen["score"], "log_loss": chosen["log_loss"],
+                    "select_by": config.select_by, "scored_on": scored_on, "grid_extended": extended,
+                    "at_bound": at_bound}
             sweep = [{"value": v, "top1": r["top1"], "log_loss": r["log_loss"], "score": r["score"]}
                      for v, r in sorted(results.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
             final = chosen["model"]
@@ -413,7 +414,8 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             logger.warning(message)
 
     try:
-        layer = c._layer(config.layer)
+        layers = _layers(c, config.layer)
+        layer = layers[0]
         if config.train_split not in c.splits:
             raise ConfigError(f"Split '{config.train_split}' is not in the cache. It has: {', '.join(c.splits)}.")
         eval_split = config.eval_split
@@ -428,6 +430,11 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         y_all = c.labels(config.train_split)
         _check_labels(c, config, y_all, warn)
         few_shot = None
+        if len(layers) > 1 and (config.shots or HEADS.entry(config.head).extra["inputs"] == "activations"):
+            raise ConfigError(
+                f"--layer {config.layer} sweeps layers for feature heads without --shots; "
+                f"pass one layer ({', '.join(layers)})."
+            )
         if config.shots:
             counts = np.bincount(y_all, minlength=len(c.classes))
             short = {c.classes[i]: int(n) for i, n in enumerate(counts) if 0 < n < config.shots}
@@ -448,6 +455,9 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             head, transform, best, sweep, metrics = first
             few_shot = {"shots": config.shots, "seeds": config.seeds, "short_classes": short,
                         "summary": _summarize(per_seed), "per_seed": per_seed}
+        elif len(layers) > 1:
+            layer, head, transform, best, sweep = _sweep_layers(c, config, layers, eval_split, warn, progress)
+            metrics = _score_splits(c, layer, config, head, transform, config.train_split)
         else:
             head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed, warn, progress)
             metrics = _score_splits(c, layer, config, head, transform, config.train_split)
@@ -460,6 +470,37 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     finally:
         if own:
             c.close()
+
+
+def _layers(cache: FeatureCache, spec: str | None) -> list[str]:
+    """``None`` -> the first layer; "all" -> every cached layer; "a,b" -> those, each checked."""
+    if spec == "all":
+        return list(cache.layers)
+    if spec is not None and "," in spec:
+        return [cache._layer(name.strip()) for name in spec.split(",") if name.strip()]
+    return [cache._layer(spec)]
+
+
+def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eval_split: str | None, warn,
+                  progress):
+    """Layer x regularisation: each layer standardised on its own and swept, the best layer kept.
+    Returns (layer, head, transform, best, sweep rows with a 'layer' key)."""
+    kept = None
+    table, rows = [], []
+    for layer in layers:
+        head, transform, best, sweep = _fit_once(cache, config, layer, None, eval_split, config.seed, warn, progress)
+        if best["score"] is None:
+            raise ConfigError(f"--layer {config.layer} selects the layer on a score, and head '{config.head}' "
+                              f"swept nothing to score. Give an eval split or a grid of 2+ values.")
+        table.append({"layer": layer, "value": best["value"], "score": best["score"], "log_loss": best["log_loss"]})
+        rows += [{"layer": layer, **r} for r in sweep]
+        sign = 1.0 if config.select_by == "log_loss" else -1.0
+        key = (sign * best["score"], best["log_loss"])
+        if kept is None or key < kept[0]:
+            kept = (key, layer, head, transform, best)
+    _, layer, head, transform, best = kept
+    logger.info("best layer %s (%s %.4f)", layer, config.select_by, best["score"])
+    return layer, head, transform, {**best, "layer": layer, "layers": table}, rows
 
 
 def _check_labels(cache: FeatureCache, config: FitConfig, y_train: np.ndarray, warn) -> None:
@@ -541,10 +582,13 @@ def _save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics:
                                              "history": history}))
     select_by = meta["best"].get("select_by", "top1")
     extra = select_by not in ("top1", "log_loss")
+    by_layer = any("layer" in r for r in sweep)
     with open(run / SWEEP_CSV, "w") as f:
-        f.write(f"{meta['best']['param']},top1,log_loss" + (f",{select_by}\n" if extra else "\n"))
+        f.write(("layer," if by_layer else "") + f"{meta['best']['param']},top1,log_loss"
+                + (f",{select_by}\n" if extra else "\n"))
         for r in sweep:
-            f.write(f"{r['value']},{r['top1']:.6f},{r['log_loss']:.6f}" + (f",{r['score']:.6f}\n" if extra else "\n"))
+            f.write((f"{r['layer']}," if by_layer else "") + f"{r['value']},{r['top1']:.6f},{r['log_loss']:.6f}"
+                    + (f",{r['score']:.6f}\n" if extra else "\n"))
 
 
 @dataclass

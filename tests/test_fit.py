@@ -510,3 +510,32 @@ def test_cli_patience_and_the_epoch_bar(digits_cache, tmp_path):
     assert r.output.startswith("Error: The 'patience' option (1) stops on an eval score, and there is no eval data.")
     r = runner.invoke(main, ["fit-head", digits_cache, "--head", "linear", "--patience", "1", "-o", str(tmp_path / "l")])
     assert r.output.startswith("Error: The 'patience' option stops AdamW epochs; solver='lbfgs' has none.")
+
+
+def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):
+    npz = Path(digits_cache).parent.parent / "digits.npz"
+    cache = extract(str(npz), backbone="resnet18.none", input_size=32, num_workers=0, layers=("layer2", "layer4"),
+                    cache_dir=str(tmp_path / "c"), dtype="float32").cache
+    res = fit_head(cache, head="ridge", layer="all", output=str(tmp_path / "r"))
+    table = {r["layer"]: r for r in res.best["layers"]}
+    assert set(table) == {"layer2", "layer4"}
+    assert res.best["layer"] == max(table, key=lambda k: (table[k]["score"], -table[k]["log_loss"]))
+    assert res.best["score"] == table[res.best["layer"]]["score"] == res.metrics["val"]["top1"]
+    assert {r["layer"] for r in res.sweep} == {"layer2", "layer4"}
+    run = load_run(res.run)
+    assert run.meta["layer"] == res.best["layer"]
+    with open_cache(cache) as c:
+        X, y = c.load("val", res.best["layer"])
+        width = c.features("train", res.best["layer"]).shape[1]
+    assert run.transform.mean_.shape == (width,)  # standardised on the chosen layer alone
+    assert float(np.mean(run.predict_proba(X).argmax(1) == y)) == res.best["score"]
+    csv = (Path(res.run) / "sweep.csv").read_text().splitlines()
+    assert csv[0] == "layer,alpha,top1,log_loss" and len(csv) == len(res.sweep) + 1
+    same = fit_head(cache, head="ridge", layer="layer4,layer2", output=str(tmp_path / "r2"))
+    assert same.best["layer"] == res.best["layer"]
+    r = CliRunner().invoke(main, ["fit-head", cache, "--head", "ridge", "--layer", "all", "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0 and f"ridge: best alpha={res.best['value']:g} on layer {res.best['layer']}" in r.output
+    with pytest.raises(CacheError, match="Layer 'layer9' is not in cache"):
+        fit_head(cache, head="ridge", layer="layer2,layer9", output=str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="sweeps layers for feature heads without --shots"):
+        fit_head(cache, head="ridge", layer="all", shots=5, output=str(tmp_path / "y"))
