@@ -1,5 +1,8 @@
-"""Heads from the cache (issue 3, issue 6 items 3-4).
+"""Heads from the cache (issue 3, issue 6 items 3-4, issue 15 P2).
 
+- Every registered feature head through fit-head with the default (coordinated) thread pools vs
+  the fastest of one thread and every core for its pool: the default should be the fastest, and
+  the chosen value and accuracy must not change with the thread count.
 - A 13-point C sweep with the `linear` head (all grid points at once) vs 13 sequential scikit-learn
   LogisticRegression fits on the same cached features.
 - fit-head (sweep included) from the cache vs training the same linear head for 10 epochs with the
@@ -109,5 +112,38 @@ def probe_vs_frozen_epochs(epochs: int = 10) -> Row:
                f"{t_cache:.2f} s (median of 3) vs {t_loop:.1f} s (1 run); val accuracy {acc_cache:.4f} vs {acc_loop:.4f}")
 
 
+def threads_per_head(source: str = "digits", heads: tuple[str, ...] | None = None, repeat: int = 3,
+                     cache: str | None = None) -> list[Row]:
+    """One row per head: fit-head with the default thread pools vs its fastest thread setting."""
+    from featcache.heads import HEADS
+
+    cache = cache or _cache(source, "threads-cache")
+    heads = heads or tuple(n for n in HEADS.names() if HEADS.entry(n).extra["inputs"] == "features")
+    cores = torch.get_num_threads()
+    rows = []
+    for head in heads:
+        times, results = {}, {}
+        for label, threads in (("default", None), ("1 thread", 1), (f"{cores} threads", cores)):
+            out = WORK / f"threads-{head}"
+
+            def fit(threads=threads):
+                shutil.rmtree(out, ignore_errors=True)
+                return fit_head(cache, head=head, threads=threads, output=str(out))
+
+            times[label], _ = median_time(fit, repeat=repeat)
+            res = fit()
+            results[label] = (res.best["value"], res.metrics["val"]["top1"], res.best["threads"]["threads"])
+        best = min((k for k in times if k != "default"), key=times.get)
+        ratio = times["default"] / times[best]
+        same = len({r[:2] for r in results.values()}) == 1
+        rows.append(Row(
+            f"fit-head {head} on {source}: default thread pools vs the fastest setting ({best})", ratio,
+            "<= 1.1, same value and accuracy", ratio <= 1.1 and same,
+            "; ".join(f"{k}: {times[k]:.2f} s ({results[k][2]} used), {results[k][0]}, top-1 {results[k][1]:.4f}"
+                      for k in times)))
+    return rows
+
+
 def run() -> list[Row]:
-    return [sweep_vs_sequential("digits"), sweep_vs_sequential(str(require_real_data())), probe_vs_frozen_epochs()]
+    return [*threads_per_head("digits"), sweep_vs_sequential("digits"), sweep_vs_sequential(str(require_real_data())),
+            probe_vs_frozen_epochs()]

@@ -399,16 +399,24 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @main.command(name="fit-head")
 @click.argument("cache", type=click.Path())
 @click.option("--head", default="logreg", show_default=True, help="Head name (see 'featcache heads').")
-@click.option("--layer", default=None, help="Cached layer to fit on (default: the first).")
+@click.option("--layer", default=None,
+              help="Cached layer to fit on (default: the first); 'all' or a comma list sweeps the layers too.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default=None,
-              help="Split the sweep is scored on (default: val when present, else k-fold on train).")
+              help="Split the sweep is scored on (default: val when present, else k-fold on train); "
+                   "'none': k-fold on train even when val exists.")
 @click.option("--normalize", type=click.Choice(["none", "l2", "standard"]), default="standard", show_default=True,
               help="Feature normalisation, fitted on the training split.")
 @click.option("--pca", type=int, default=None, help="Reduce to N principal components (fitted on train).")
 @click.option("--C", "--grid", "grid", default=None,
               help="Regularisation grid: 0.01,0.1,1 or logspace:-4:4:13 (default: the head's own).")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weigh classes by inverse frequency.")
+@click.option("--select-by", type=click.Choice(["top1", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss"]),
+              default="top1", show_default=True, help="Metric the sweep selects on.")
+@click.option("--extend-grid/--no-extend-grid", default=True, show_default=True,
+              help="Extend the grid a decade at a time while the best value sits at an end.")
+@click.option("--threads", type=int, default=None,
+              help="Threads of the head's pool (default: 1 for small problems, every core for large ones).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--refit-on-trainval", is_flag=True, help="Refit the chosen value on train + val.")
 @click.option("--shots", type=int, default=None, help="Few-shot: K training examples per class.")
@@ -419,14 +427,16 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--epochs", type=int, default=None, help="Training epochs (tail, mlp, linear with adamw).")
 @click.option("--lr", type=float, default=None, help="Learning rate (tail, mlp, linear with adamw).")
 @click.option("--batch-size", type=int, default=None, help="Mini-batch size (tail, mlp, linear with adamw).")
+@click.option("--patience", type=int, default=None,
+              help="Stop after N epochs without a better eval score; keep the best epoch (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds"}.')
+@click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds", "warnings"}.')
 @_fail_cleanly
-def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, seed,
-             refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size, opts, output, runs_dir,
-             as_json) -> None:
+def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
+             extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
+             patience, opts, output, runs_dir, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
@@ -438,25 +448,44 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     from .metrics import format_metrics_table
 
     head_opts = _head_options(opts)
-    for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
+    for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("patience", patience)):
         if value is not None:
             if name not in HEADS.entry(head).extra["options"]:
                 raise click.UsageError(f"--{name.replace('_', '-')} does not apply to head '{head}'.")
             head_opts[name] = value
 
-    config = FitConfig(head=head, layer=layer, train_split=train_split,
-                       eval_split=None if eval_split in (None, "none") else eval_split, normalize=normalize,
-                       pca=pca, grid=parse_grid(grid), class_weight=class_weight, seed=seed,
+    config = FitConfig(head=head, layer=layer, train_split=train_split, eval_split=eval_split, normalize=normalize,
+                       pca=pca, grid=parse_grid(grid), class_weight=class_weight, select_by=select_by,
+                       extend_grid=extend_grid, threads=threads, seed=seed,
                        refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
                        max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
                        runs_dir=runs_dir)
-    res = run(cache, config)
+    fit_log = logging.getLogger("featcache.fit")
+    level = fit_log.level
+    fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
+    bar = _EpochBar(as_json)
+    try:
+        res = run(cache, config, progress=bar)
+    finally:
+        bar.close()
+        fit_log.setLevel(level)
     if as_json:
         _echo_json(res.to_dict())
         return
+    for w in res.warnings:
+        click.echo(f"Warning: {w}", err=True)
     b = res.best
-    if b.get("param") and b["score"] is not None:
-        click.echo(f"{res.head}: best {b['param']}={b['value']:g} (top-1 {b['score']:.4f} on {b['scored_on']})")
+    if b.get("score") is not None:
+        name = "top-1" if b["select_by"] == "top1" else b["select_by"]
+        value = f" {b['param']}={b['value']:g}" if b.get("param") else ""
+        where = f" on layer {b['layer']}" if b.get("layer") else ""
+        click.echo(f"{res.head}: best{value}{where} ({name} {b['score']:.4f} on {b['scored_on']})")
+    if b.get("grid_extended") or b.get("at_bound"):
+        added = ", ".join(f"{v:g}" for v in b.get("grid_extended") or [])
+        click.echo(f"{res.head}: the best {b['param']} sat at an end of the grid"
+                   + (f"; extended by {added}" if added else "")
+                   + (f"; {b['param']}={b['value']:g} is as far as the search goes (fit.GRID_BOUNDS)"
+                      if b.get("at_bound") else ""))
     _print_metrics(res.metrics, format_metrics_table)
     if res.few_shot:
         for split, m in res.few_shot["summary"].items():
@@ -464,6 +493,32 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
             if t:
                 click.echo(f"{shots}-shot over {seeds} seed(s), {split} top-1: {t['mean']:.4f} +- {t['std']:.4f}")
     click.echo(f"run saved to {res.run} ({res.seconds:.1f} s)")
+
+
+class _EpochBar:
+    """A tqdm bar over the epochs of a head trained by epochs, with its loss and eval score."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, info: dict) -> None:
+        if self.quiet:
+            return
+        if self.bar is None or info["epoch"] <= self.bar.n:  # a new training run (another grid or fold)
+            from tqdm import tqdm
+
+            self.close()
+            self.bar = tqdm(total=info["epochs"], desc="train", unit="epoch", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(info["epoch"] - self.bar.n)
+        shown = {"loss": f"{info['loss']:.4f}"}
+        if info.get("score") is not None:
+            shown[info["metric"]] = f"{info['score']:.4f}"
+        self.bar.set_postfix(shown)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _print_metrics(metrics: dict, fmt) -> None:

@@ -1,13 +1,16 @@
 """Fitting heads from a cache: sweep the regularisation grid, refit the best, score, save.
 
-The sweep chooses on the eval split (``val`` by default), or by stratified k-fold on the training
-split when there is none; never on ``test``. Metrics are reported for every split other than the
-training split.
+The sweep chooses on the eval split (``val`` by default; ``"none"`` asks for k-fold), or by
+stratified k-fold on the training split when there is none; never on ``test``. With an eval split
+the saved head is the swept model that was selected (no refit), so ``best.score`` is the saved
+head's score on that split. A best value at either end of the grid extends the grid a decade at a
+time, up to :data:`GRID_BOUNDS`. Metrics are reported for every split other than the training split.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -22,10 +25,14 @@ from sklearn.base import clone
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
 from .heads import HEADS, make_head
-from .metrics import classification_metrics
-from .registry import check_int
+from .heads.base import training_monitor
+from .metrics import SELECT_BY, classification_metrics, selection_scores
+from .registry import check_choice, check_int
+from .runtime import head_threads
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
+
+logger = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
@@ -33,6 +40,12 @@ SWEEP_CSV = "sweep.csv"
 TRANSFORM = "transform.safetensors"
 #: Heads that read the training features chunk by chunk from HDF5 when they exceed max_memory.
 STREAMING_HEADS = ("linear", "mlp", "ridge", "ncm", "tail")
+#: How far a sweep grows its grid, a decade at a time, while the best value sits at an end
+#: (None: no bound but the data; k never exceeds the training rows).
+GRID_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "C": (1e-6, 1e6), "alpha": (1e-6, 1e9), "weight_decay": (1e-6, 1e2), "k": (1, None)}
+#: Largest over smallest training class above which fit-head suggests balanced class weights.
+IMBALANCE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,9 @@ class FitConfig:
     head_options: dict = field(default_factory=dict)
     output: str | None = None
     runs_dir: str = "runs"
+    select_by: str = "top1"
+    extend_grid: bool = True
+    threads: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,10 +88,11 @@ class FitResult:
     sweep: list[dict]
     seconds: float
     few_shot: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = {"run": self.run, "head": self.head, "best": self.best, "metrics": self.metrics,
-             "seconds": round(self.seconds, 3)}
+             "seconds": round(self.seconds, 3), "warnings": list(self.warnings)}
         if self.few_shot is not None:
             d["few_shot"] = self.few_shot
         return d
@@ -105,8 +122,12 @@ def _few_shot_indices(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
-def _top1(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
-    return float(np.mean(classes[proba.argmax(1)] == y))
+def expand_proba(proba: np.ndarray, head_classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities over the head's classes -> over all ``n_classes`` of the cache (a class the
+    head never saw gets 0)."""
+    out = np.zeros((len(proba), n_classes), dtype=np.float64)
+    out[:, np.asarray(head_classes, dtype=np.int64)] = proba
+    return out
 
 
 class _Data:
@@ -131,36 +152,63 @@ class _Data:
         return ds
 
 
-def _sweep_scores(head, param, grid, X, y, X_eval, y_eval, classes) -> tuple[list[float], list[float]]:
-    proba = head.sweep_proba(X, y, grid, X_eval)
-    top1 = [_top1(y_eval, p, classes) for p in proba]
-    eps = 1e-15
-    idx = np.searchsorted(classes, y_eval)
-    ll = [float(-np.mean(np.log(np.clip(p[np.arange(len(idx)), idx], eps, 1)))) for p in proba]
-    return top1, ll
-
-
 def _subset(X, idx):
     if isinstance(X, np.ndarray):
         return X[idx]
     return np.asarray(X[np.sort(idx)], dtype=np.float32)
 
 
+def _with_value(head, param: str | None, value):
+    h = clone(head)
+    return h.set_params(**{param: value}) if param is not None else h
+
+
+def _next_value(param: str, values: list, best, n_train: int):
+    """The grid value one decade beyond ``best`` when it sits at an end of ``values`` and
+    :data:`GRID_BOUNDS` allows one; else None."""
+    lo, hi = GRID_BOUNDS.get(param, (None, None))
+    if param == "k":
+        hi = n_train if hi is None else min(hi, n_train)
+    if best == min(values) and lo is not None and best > 0:
+        new = best // 10 if param == "k" else best / 10
+        if new >= lo * (1 - 1e-9) and new < best:
+            return new
+    if best == max(values) and hi is not None:
+        new = min(best * 10, hi) if param == "k" else best * 10
+        if new <= hi * (1 + 1e-9) and new > best:
+            return new
+    return None
+
+
+def _select(rows: dict, select_by: str):
+    """The grid value of the best row: highest score (lowest for log-loss); ties, lowest log-loss."""
+    sign = 1.0 if select_by == "log_loss" else -1.0
+    return min(rows, key=lambda v: (sign * rows[v]["score"], rows[v]["log_loss"]))
+
+
 def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.ndarray | None,
-              eval_split: str | None, seed: int):
-    """Sweep, pick, refit. Returns (head, transform, best, sweep rows)."""
+              eval_split: str | None, seed: int, warn: Callable[[str], None],
+              progress: Callable[[dict], None] | None = None):
+    """Sweep, pick, keep the selected model (or refit it for k-fold and --refit-on-trainval).
+    Returns (head, transform, best, sweep rows)."""
     data = _Data(cache, layer, config)
     X_raw = data.raw(config.train_split)
     y = cache.labels(config.train_split)
     entry = HEADS.entry(config.head)
+    activations = entry.extra["inputs"] == "activations"
     options = dict(config.head_options)
     fit_kwargs = {}
-    if entry.extra["inputs"] == "activations":
+    if activations:
         config, options, fit_kwargs = _activation_head_setup(cache, layer, config, options, train_idx)
     if train_idx is not None:
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
     transform = FeatureTransform(config.normalize, config.pca).fit(X_raw)
-    if transform.identity and entry.extra["inputs"] == "activations":
+    if config.pca is not None and transform.n_components_ < config.pca:
+        warn(f"--pca {config.pca}: the training split has {X_raw.shape[0]} rows of "
+             f"{int(np.prod(X_raw.shape[1:]))} features, so PCA keeps {transform.n_components_} components "
+             f"(at most min(rows, features)); the run records {transform.n_components_}. Pass --pca "
+             f"{transform.n_components_} or fewer.")
+    if transform.identity and activations:
         X = X_raw  # activation maps keep their shape (read lazily when on disk)
     else:
         X = transform.transform(X_raw) if isinstance(X_raw, np.ndarray) else transform.lazy(X_raw)
@@ -180,47 +228,104 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     present = np.unique(y)
     if len(present) < 2:
         raise HeadError(f"The training split has only {len(present)} class(es); a head needs at least 2.")
-    sweep: list[dict] = []
-    if len(grid) > 1:
-        if eval_split is not None:
-            X_eval_raw = data.raw(eval_split)
-            y_eval = cache.labels(eval_split)
-            X_eval = transform.transform(X_eval_raw) if isinstance(X_eval_raw, np.ndarray) else transform.lazy(X_eval_raw)
-            top1, ll = _sweep_scores(head, param, grid, X, y, X_eval, y_eval, present)
-            scored_on = eval_split
-        else:
-            from sklearn.model_selection import StratifiedKFold
+    K = len(cache.classes)
 
-            if not isinstance(X, np.ndarray):
-                raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise --max-memory.")
-            folds = min(config.cv, int(np.bincount(y).max(initial=0)), int(np.min(np.bincount(y)[present])))
-            if folds < 2:
-                raise HeadError("Too few samples per class for a k-fold sweep; add a val split or pass one --C value.")
-            skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-            scores = []
-            for tr, va in skf.split(X, y):
-                t1, l1 = _sweep_scores(clone(head), param, grid, X[tr], y[tr], X[va], y[va], np.unique(y[tr]))
-                scores.append((t1, l1))
-            top1 = list(np.mean([s[0] for s in scores], axis=0))
-            ll = list(np.mean([s[1] for s in scores], axis=0))
-            scored_on = f"{folds}-fold cv on {config.train_split}"
-        sweep = [{"value": v, "top1": float(t), "log_loss": float(l)} for v, t, l in zip(grid, top1, ll)]
-        # Highest eval accuracy; among ties, the best calibrated (lowest log-loss).
-        best_i = min(range(len(grid)), key=lambda i: (-top1[i], ll[i]))
-        best = {"param": param, "value": grid[best_i], "score": float(top1[best_i]), "scored_on": scored_on}
-    else:
-        best = {"param": param, "value": grid[0], "score": None, "scored_on": None}
-    final = clone(head)
-    if param is not None:
-        final.set_params(**{param: best["value"]})
-    if config.refit_on_trainval:
-        if eval_split is None or not isinstance(X, np.ndarray):
-            raise ConfigError("--refit-on-trainval needs an eval split and features in memory.")
+    def fit_grid(values: list) -> list:
+        if activations:  # the tail head trains on activation maps (and views): one plain fit per value
+            return [_with_value(head, param, v).fit(X, y, **fit_kwargs) for v in values]
+        return head.sweep_fit(X, y, values)
+
+    evaluate = None
+    if eval_split is not None:
         X_eval_raw = data.raw(eval_split)
-        transform = FeatureTransform(config.normalize, config.pca).fit(np.concatenate([X_raw, X_eval_raw]))
-        X = transform.transform(np.concatenate([X_raw, X_eval_raw]))
-        y = np.concatenate([y, cache.labels(eval_split)])
-    final.fit(X, y, **fit_kwargs)
+        y_eval = cache.labels(eval_split)
+        X_eval = transform.transform(X_eval_raw) if isinstance(X_eval_raw, np.ndarray) else transform.lazy(X_eval_raw)
+        scored_on = eval_split
+
+        def evaluate(values: list) -> list[tuple[dict, Any]]:
+            # Heads trained by epochs watch the eval split (history, --patience, progress bar).
+            with training_monitor(X_eval=X_eval, y_eval=y_eval, classes=present, select_by=config.select_by,
+                                  callback=progress):
+                heads = fit_grid(values)
+            # Score the fitted models themselves: the selected one is saved as it is.
+            return [(selection_scores(y_eval, expand_proba(h.predict_proba(X_eval), h.classes_, K),
+                                      config.select_by), h) for h in heads]
+    elif len(grid) > 1:
+        from sklearn.model_selection import StratifiedKFold
+
+        if not isinstance(X, np.ndarray):
+            raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise --max-memory.")
+        folds = min(config.cv, int(np.min(np.bincount(y)[present])))
+        if folds < 2:
+            raise HeadError(
+                f"Too few samples per class for a k-fold sweep (the smallest training class has "
+                f"{int(np.min(np.bincount(y)[present]))}); add a val split or pass one --C value."
+            )
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
+        scored_on = f"{folds}-fold cv on {config.train_split}"
+
+        def evaluate(values: list) -> list[tuple[dict, Any]]:
+            per_fold = []
+            for tr, va in splits:
+                with training_monitor(callback=progress):
+                    proba = clone(head).sweep_proba(X[tr], y[tr], values, X[va])
+                classes = np.unique(y[tr])
+                per_fold.append([selection_scores(y[va], expand_proba(p, classes, K), config.select_by)
+                                 for p in proba])
+            return [({k: float(np.mean([f[i][k] for f in per_fold])) for k in per_fold[0][i]}, None)
+                    for i in range(len(values))]
+
+    work = int(np.prod(X.shape))
+    with head_threads(head.thread_pool, work, config.threads) as threads:
+        if evaluate is None:
+            with training_monitor(callback=progress):
+                final = _with_value(head, param, grid[0]).fit(X, y, **fit_kwargs)
+            best = {"param": param, "value": grid[0], "score": None, "scored_on": None}
+            sweep: list[dict] = []
+        else:
+            results = {}
+            for v, (scores, model) in zip(grid, evaluate(grid)):
+                results[v] = {**scores, "score": scores[config.select_by], "model": model}
+            best_v = _select(results, config.select_by)
+            extended: list = []
+            at_bound = False
+            if param is not None and len(grid) > 1 and config.extend_grid:
+                while best_v in (min(results), max(results)):
+                    new = _next_value(param, list(results), best_v, len(y))
+                    if new is None:
+                        at_bound = True
+                        break
+                    (scores, model), = evaluate([new])
+                    results[new] = {**scores, "score": scores[config.select_by], "model": model}
+                    extended.append(new)
+                    best_v = _select(results, config.select_by)
+                if extended:
+                    logger.info("%s: best %s=%g sat at an end of the grid; extended it by %s%s", config.head, param,
+                                best_v, ", ".join(f"{v:g}" for v in extended), " up to its bound" if at_bound else "")
+            chosen = results[best_v]
+            best = {"param": param, "value": best_v, "score": chosen["score"], "log_loss": chosen["log_loss"],
+                    "select_by": config.select_by, "scored_on": scored_on, "grid_extended": extended,
+                    "at_bound": at_bound}
+            sweep = [{"value": v, "top1": r["top1"], "log_loss": r["log_loss"], "score": r["score"]}
+                     for v, r in sorted(results.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
+            final = chosen["model"]
+        if config.refit_on_trainval:
+            if eval_split is None or not isinstance(X, np.ndarray):
+                raise ConfigError("--refit-on-trainval needs an eval split and features in memory.")
+            X_eval_raw = data.raw(eval_split)
+            transform = FeatureTransform(config.normalize, config.pca).fit(np.concatenate([X_raw, X_eval_raw]))
+            X = transform.transform(np.concatenate([X_raw, X_eval_raw]))
+            y = np.concatenate([y, cache.labels(eval_split)])
+            final = _with_value(head, param, best["value"]).fit(X, y, **fit_kwargs)
+            best["refit"] = f"{config.train_split}+{eval_split}"
+        elif final is None:  # k-fold: the folds' models are gone; fit the chosen value on all of train
+            with training_monitor(callback=progress):
+                final = _with_value(head, param, best["value"]).fit(X, y, **fit_kwargs)
+    best["threads"] = threads
+    if getattr(final, "history_", None) is not None and getattr(final, "patience", None) is not None:
+        best["best_epoch"] = final.best_epoch_
+    if transform.n_components_ is not None:
+        best["pca_components"] = transform.n_components_
     return final, transform, best, sweep
 
 
@@ -251,10 +356,8 @@ def _score_splits(cache, layer, config, head, transform, skip: str) -> dict:
         if split == skip or cache.n(split) == 0:
             continue
         X, y = cache.load(split, layer)
-        proba_head = head.predict_proba(transform.transform(X.reshape(len(X), -1)))
-        proba = np.zeros((len(X), len(cache.classes)), dtype=np.float64)
-        proba[:, head.classes_] = proba_head
-        metrics[split] = split_metrics(y, proba, cache.classes)
+        proba = head.predict_proba(transform.transform(X.reshape(len(X), -1)))
+        metrics[split] = split_metrics(y, expand_proba(proba, head.classes_, len(cache.classes)), cache.classes)
     return metrics
 
 
@@ -267,7 +370,7 @@ def split_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> d
 
 
 def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None = None, *,
-             progress: Callable[[str], None] | None = None, **options) -> FitResult:
+             progress: Callable[[dict], None] | None = None, **options) -> FitResult:
     """Fit a head on a cache, sweeping its regularisation grid, and save the run.
 
     Parameters
@@ -275,6 +378,11 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     cache : path or FeatureCache
     config : FitConfig, optional
         Keyword ``options`` override its fields (``head="linear"``, ``grid=(0.1, 1)``).
+    progress : callable, optional
+        Heads trained by epochs (tail, mlp, linear with AdamW) call it after every epoch with
+        ``{"epoch", "epochs", "loss", "metric", "score"}`` (score: the best eval score over the
+        grid, None without an eval split). The per-epoch history of the saved head goes to
+        ``metrics.json`` (``history``).
 
     Returns
     -------
@@ -287,49 +395,135 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         config = FitConfig(**{**config.to_dict(), "grid": tuple(config.grid)})
     check_int("seeds", config.seeds)
     check_int("cv", config.cv, minimum=2)
+    check_choice("select_by", config.select_by, SELECT_BY)
+    if config.threads is not None:
+        check_int("threads", config.threads)
     if config.shots is not None:
         check_int("shots", config.shots)
     HEADS.entry(config.head)
+    if config.head_options.get("patience") is not None and config.refit_on_trainval:
+        raise ConfigError("--patience picks an epoch on the eval split, which --refit-on-trainval then trains on. "
+                          "Drop one of them.")
     own = not isinstance(cache, FeatureCache)
     c = open_cache(cache) if own else cache
+    notes: list[str] = []
+
+    def warn(message: str) -> None:
+        if message not in notes:
+            notes.append(message)
+            logger.warning(message)
+
     try:
-        layer = c._layer(config.layer)
+        layers = _layers(c, config.layer)
+        layer = layers[0]
         if config.train_split not in c.splits:
             raise ConfigError(f"Split '{config.train_split}' is not in the cache. It has: {', '.join(c.splits)}.")
         eval_split = config.eval_split
-        if eval_split is None and "val" in c.splits and config.train_split != "val":
+        if eval_split == "none":  # asked for k-fold on the training split, even when val exists
+            eval_split = None
+        elif eval_split is None and "val" in c.splits and config.train_split != "val":
             eval_split = "val"
         if eval_split is not None and eval_split not in c.splits:
             raise ConfigError(f"Split '{eval_split}' is not in the cache. It has: {', '.join(c.splits)}.")
         if eval_split == "test":
             raise ConfigError("The sweep never chooses on the test split. Pass --eval-split val or none.")
+        y_all = c.labels(config.train_split)
+        _check_labels(c, config, y_all, warn)
         few_shot = None
+        if len(layers) > 1 and (config.shots or HEADS.entry(config.head).extra["inputs"] == "activations"):
+            raise ConfigError(
+                f"--layer {config.layer} sweeps layers for feature heads without --shots; "
+                f"pass one layer ({', '.join(layers)})."
+            )
         if config.shots:
-            y_all = c.labels(config.train_split)
+            counts = np.bincount(y_all, minlength=len(c.classes))
+            short = {c.classes[i]: int(n) for i, n in enumerate(counts) if 0 < n < config.shots}
+            if short:
+                warn(f"--shots {config.shots}: " + ", ".join(f"class '{k}' has only {n}" for k, n in short.items())
+                     + f" training rows; those classes use all of them, so the run is not {config.shots}-shot "
+                     f"for them. Pass --shots {min(short.values())} for a true {min(short.values())}-shot run.")
             per_seed = []
             first = None
             for s in range(config.seeds):
                 idx = _few_shot_indices(y_all, config.shots, config.seed + s)
-                head, transform, best, sweep = _fit_once(c, config, layer, idx, eval_split, config.seed + s)
+                head, transform, best, sweep = _fit_once(c, config, layer, idx, eval_split, config.seed + s, warn,
+                                                         progress)
                 m = _score_splits(c, layer, config, head, transform, config.train_split)
                 per_seed.append({"seed": config.seed + s, "best": best, "metrics": m})
                 if first is None:
                     first = (head, transform, best, sweep, m)
             head, transform, best, sweep, metrics = first
-            few_shot = {"shots": config.shots, "seeds": config.seeds, "summary": _summarize(per_seed),
-                        "per_seed": per_seed}
+            few_shot = {"shots": config.shots, "seeds": config.seeds, "short_classes": short,
+                        "summary": _summarize(per_seed), "per_seed": per_seed}
+        elif len(layers) > 1:
+            layer, head, transform, best, sweep = _sweep_layers(c, config, layers, eval_split, warn, progress)
+            metrics = _score_splits(c, layer, config, head, transform, config.train_split)
         else:
-            head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed)
+            head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed, warn, progress)
             metrics = _score_splits(c, layer, config, head, transform, config.train_split)
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": layer, "classes": c.classes, "fingerprint": c.fingerprint,
                 "extract_config": c.extract_config, "config": config.to_dict(), "best": best}
-        _save_run(run, head, transform, meta, metrics, sweep, few_shot, seconds)
-        return FitResult(str(run), config.head, best, metrics, sweep, seconds, few_shot)
+        _save_run(run, head, transform, meta, metrics, sweep, few_shot, seconds, notes, getattr(head, "history_", None))
+        return FitResult(str(run), config.head, best, metrics, sweep, seconds, few_shot, list(notes))
     finally:
         if own:
             c.close()
+
+
+def _layers(cache: FeatureCache, spec: str | None) -> list[str]:
+    """``None`` -> the first layer; "all" -> every cached layer; "a,b" -> those, each checked."""
+    if spec == "all":
+        return list(cache.layers)
+    if spec is not None and "," in spec:
+        return [cache._layer(name.strip()) for name in spec.split(",") if name.strip()]
+    return [cache._layer(spec)]
+
+
+def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eval_split: str | None, warn,
+                  progress):
+    """Layer x regularisation: each layer standardised on its own and swept, the best layer kept.
+    Returns (layer, head, transform, best, sweep rows with a 'layer' key)."""
+    kept = None
+    table, rows = [], []
+    for layer in layers:
+        head, transform, best, sweep = _fit_once(cache, config, layer, None, eval_split, config.seed, warn, progress)
+        if best["score"] is None:
+            raise ConfigError(f"--layer {config.layer} selects the layer on a score, and head '{config.head}' "
+                              f"swept nothing to score. Give an eval split or a grid of 2+ values.")
+        table.append({"layer": layer, "value": best["value"], "score": best["score"], "log_loss": best["log_loss"]})
+        rows += [{"layer": layer, **r} for r in sweep]
+        sign = 1.0 if config.select_by == "log_loss" else -1.0
+        key = (sign * best["score"], best["log_loss"])
+        if kept is None or key < kept[0]:
+            kept = (key, layer, head, transform, best)
+    _, layer, head, transform, best = kept
+    logger.info("best layer %s (%s %.4f)", layer, config.select_by, best["score"])
+    return layer, head, transform, {**best, "layer": layer, "layers": table}, rows
+
+
+def _check_labels(cache: FeatureCache, config: FitConfig, y_train: np.ndarray, warn) -> None:
+    """Warn about classes that no head can learn (absent from train) and about imbalance."""
+    counts = np.bincount(y_train, minlength=len(cache.classes))
+    unseen: dict[str, list[str]] = {}
+    for split in cache.splits:
+        if split == config.train_split or cache.n(split) == 0:
+            continue
+        n_split = np.bincount(cache.labels(split), minlength=len(cache.classes))
+        for i in np.flatnonzero((n_split > 0) & (counts == 0)):
+            unseen.setdefault(cache.classes[i], []).append(f"{split}: {int(n_split[i])}")
+    for name, where in unseen.items():
+        warn(f"Class '{name}' has no rows in the '{config.train_split}' split but has rows in "
+             f"{', '.join(where)}. No head can predict it, so those rows count as errors in every metric. "
+             f"Add training images of '{name}' or remove its rows from the other splits.")
+    present = counts[counts > 0]
+    if len(present) >= 2 and present.max() > IMBALANCE_RATIO * present.min():
+        big, small = int(np.argmax(np.where(counts > 0, counts, -1))), int(np.argmin(np.where(counts > 0, counts, np.inf)))
+        if config.class_weight is None or config.select_by == "top1":
+            warn(f"The training split is imbalanced: class '{cache.classes[big]}' has {int(counts[big])} rows, "
+                 f"'{cache.classes[small]}' {int(counts[small])} ({counts[big] / counts[small]:.1f}x). Top-1 "
+                 f"favours the large classes; consider --class-weight balanced --select-by balanced_accuracy.")
 
 
 def _summarize(per_seed: list[dict]) -> dict:
@@ -375,7 +569,7 @@ def _clean(obj):
 
 
 def _save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics: dict, sweep: list[dict],
-              few_shot, seconds: float) -> None:
+              few_shot, seconds: float, warnings: list[str], history: list[dict] | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     save_head(run, head, head_name=meta["config"]["head"], meta={})
     arrays, tmeta = transform.get_state()
@@ -384,11 +578,17 @@ def _save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics:
     os.replace(tmp, run / TRANSFORM)
     _atomic_json(run / RUN_JSON, _clean({**meta, "transform": tmeta, "format": "featcache-run", "version": 1}))
     _atomic_json(run / METRICS_JSON, _clean({"metrics": metrics, "sweep": sweep, "best": meta["best"],
-                                             "few_shot": few_shot, "seconds": seconds}))
+                                             "few_shot": few_shot, "seconds": seconds, "warnings": warnings,
+                                             "history": history}))
+    select_by = meta["best"].get("select_by", "top1")
+    extra = select_by not in ("top1", "log_loss")
+    by_layer = any("layer" in r for r in sweep)
     with open(run / SWEEP_CSV, "w") as f:
-        f.write(f"{meta['best']['param']},top1,log_loss\n")
+        f.write(("layer," if by_layer else "") + f"{meta['best']['param']},top1,log_loss"
+                + (f",{select_by}\n" if extra else "\n"))
         for r in sweep:
-            f.write(f"{r['value']},{r['top1']:.6f},{r['log_loss']:.6f}\n")
+            f.write((f"{r['layer']}," if by_layer else "") + f"{r['value']},{r['top1']:.6f},{r['log_loss']:.6f}"
+                    + (f",{r['score']:.6f}\n" if extra else "\n"))
 
 
 @dataclass
@@ -407,9 +607,7 @@ class Run:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probabilities over all the run's classes, shape (n_samples, n_classes)."""
         p = self.head.predict_proba(self.transform.transform(features.reshape(len(features), -1)))
-        out = np.zeros((len(features), len(self.classes)), dtype=np.float64)
-        out[:, self.head.classes_] = p
-        return out
+        return expand_proba(p, self.head.classes_, len(self.classes))
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:

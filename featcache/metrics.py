@@ -136,6 +136,55 @@ def classification_metrics(y_true: Any, proba: Any, classes: Any) -> dict[str, A
     return out
 
 
+#: Metrics a sweep can select on (``fit-head --select-by``); all but log_loss are higher-is-better.
+SELECT_BY: tuple[str, ...] = ("top1", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")
+
+
+def selection_scores(y_idx: np.ndarray, proba: np.ndarray, select_by: str = "top1") -> dict[str, float]:
+    """Top-1, log-loss and the selection metric of one sweep point (no confusion tables).
+
+    Parameters
+    ----------
+    y_idx : ndarray of shape (n_samples,), int
+        True labels as column indices of ``proba``.
+    proba : ndarray of shape (n_samples, n_classes)
+        Probabilities over every class of the cache (a class the head never saw has a column
+        of zeros, so its rows count as errors, as in :func:`classification_metrics`).
+    select_by : str
+        One of :data:`SELECT_BY`.
+
+    Returns
+    -------
+    dict
+        ``top1``, ``log_loss`` and ``select_by``'s value, as :func:`classification_metrics`
+        reports them.
+    """
+    if select_by not in SELECT_BY:
+        raise ConfigError(f"The 'select_by' option must be one of {', '.join(SELECT_BY)}. Got {select_by!r}.")
+    K = proba.shape[1]
+    clipped = np.clip(proba, 1e-15, 1.0)
+    clipped = clipped / clipped.sum(axis=1, keepdims=True)
+    pred = np.argmax(proba, axis=1)
+    out = {"top1": float(np.mean(pred == y_idx)),
+           "log_loss": float(-np.mean(np.log(clipped[np.arange(len(y_idx)), y_idx])))}
+    if select_by == "balanced_accuracy":
+        support = np.bincount(y_idx, minlength=K)
+        hits = np.bincount(y_idx[pred == y_idx], minlength=K)
+        present = support > 0
+        out[select_by] = float(np.mean(hits[present] / support[present]))
+    elif select_by == "macro_f1":
+        out[select_by] = float(f1_score(y_idx, pred, average="macro", zero_division=0.0))
+    elif select_by == "roc_auc":
+        auc = classification_metrics(y_idx, proba, np.arange(K))["roc_auc"]
+        if auc is None:
+            raise ConfigError(
+                "--select-by roc_auc needs every class in the eval split; some have no rows there. "
+                "Select by top1, balanced_accuracy or macro_f1 instead."
+            )
+        out[select_by] = float(auc)
+    return out
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -178,4 +227,4 @@ def format_metrics_table(metrics_by_split: Mapping[str, Mapping[str, Any]]) -> s
     return "\n".join(lines)
 
 
-__all__ = ["classification_metrics", "format_metrics_table"]
+__all__ = ["SELECT_BY", "classification_metrics", "format_metrics_table", "selection_scores"]

@@ -26,8 +26,10 @@ def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
     Parameters
     ----------
     layers : list of dict
-        In forward order, each with ``name`` and ``top1``; the last one is the network's final
-        features (``pre_logits``).
+        In forward order, each with ``name`` and ``top1`` (a fraction); the last one is the
+        network's final features (``pre_logits``).
+    tolerance : float
+        A fraction of accuracy, like ``top1`` (0.005 = 0.5 points).
 
     Returns
     -------
@@ -35,7 +37,10 @@ def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
         ``freeze_until`` (the deepest layer whose accuracy is within ``tolerance`` of the best: the
         features up to it transfer as-is), ``fine_tune`` (the stages after it, which the task needs
         its own version of), ``strategy`` (``linear-probe`` when nothing needs fine-tuning, else
-        ``partial-fine-tune``), ``best_layer``, ``best_top1``, ``last_top1`` and a ``reason``.
+        ``partial-fine-tune``), ``probe_layer`` (the layer a linear probe should read: the final
+        features when they are within ``tolerance`` of the best, else ``freeze_until``),
+        ``best_layer``, ``best_top1``, ``last_top1``, ``gap_points`` (best minus final, in points),
+        ``tolerance`` and a ``reason`` whose every number is one of these.
     """
     if not layers:
         raise ConfigError("recommend() needs at least one layer with a 'top1' score.")
@@ -45,20 +50,29 @@ def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
     freeze = layers[k]
     fine_tune = [r["name"] for r in layers[k + 1:] if r["name"] != PRE_LOGITS]
     last = layers[-1]
-    if k == len(layers) - 1 or not fine_tune:
-        strategy = "linear-probe"
+    gap = (best["top1"] - last["top1"]) * 100
+    if k == len(layers) - 1:
+        strategy, probe = "linear-probe", last["name"]
         reason = (f"The final features ({last['name']}, top-1 {last['top1']:.3f}) are within {tolerance * 100:.1f} "
-                  f"points of the best layer ({best['name']}, {best['top1']:.3f}): the pretrained network transfers "
-                  f"as-is. Freeze everything and train a linear head.")
-    else:
-        strategy = "partial-fine-tune"
+                  f"points of the best layer ({best['name']}, {best['top1']:.3f}; {gap:.1f} points apart): the "
+                  f"pretrained network transfers as-is. Freeze everything and train a linear head.")
+    elif not fine_tune:
+        # Only the pooled final features come after the boundary: nothing to fine-tune, but the
+        # probe should read the boundary, not the final features, which lose accuracy.
+        strategy, probe = "linear-probe", freeze["name"]
         reason = (f"{freeze['name']} (top-1 {freeze['top1']:.3f}) beats the final features ({last['name']}, "
-                  f"{last['top1']:.3f}) by {(freeze['top1'] - last['top1']) * 100:.1f} points: the layers after it "
-                  f"are specific to the pretraining task. Freeze up to {freeze['name']} and fine-tune "
-                  f"{', '.join(fine_tune)} with a new classifier.")
-    return {"freeze_until": freeze["name"], "fine_tune": fine_tune, "strategy": strategy,
+                  f"{last['top1']:.3f}) by {(freeze['top1'] - last['top1']) * 100:.1f} points, more than the "
+                  f"tolerance of {tolerance * 100:.1f}, and no stage after it is left to fine-tune. Freeze "
+                  f"everything and train a linear head on {freeze['name']} (fit-head --layer {freeze['name']}).")
+    else:
+        strategy, probe = "partial-fine-tune", freeze["name"]
+        reason = (f"{freeze['name']} (top-1 {freeze['top1']:.3f}) beats the final features ({last['name']}, "
+                  f"{last['top1']:.3f}) by {(freeze['top1'] - last['top1']) * 100:.1f} points, more than the "
+                  f"tolerance of {tolerance * 100:.1f}: the layers after it are specific to the pretraining task. "
+                  f"Freeze up to {freeze['name']} and fine-tune {', '.join(fine_tune)} with a new classifier.")
+    return {"freeze_until": freeze["name"], "fine_tune": fine_tune, "strategy": strategy, "probe_layer": probe,
             "best_layer": best["name"], "best_top1": best["top1"], "last_top1": last["top1"],
-            "tolerance": tolerance, "reason": reason}
+            "gap_points": gap, "tolerance": tolerance, "reason": reason}
 
 
 @dataclass

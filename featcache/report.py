@@ -377,7 +377,8 @@ def _run_page(src: Path, tmp: Path) -> tuple[str, str, str, str]:
     if best.get("param"):
         best_text = f"{best['param']} = {_fmt_value(best.get('value'))}"
         if best.get("score") is not None:
-            best_text += f" (top-1 {best['score']:.4f} on {best.get('scored_on')})"
+            metric = {"top1": "top-1"}.get(best.get("select_by", "top1"), best.get("select_by"))
+            best_text += f" ({metric} {best['score']:.4f} on {best.get('scored_on')})"
     facts = _facts([
         ("head", head),
         ("best value", best_text or "no sweep (single value)"),

@@ -6,15 +6,21 @@ the next forward pass then page-faults and zeroes the same memory again. Whether
 that state depends on its allocation history, and on the 2-core test machine it made the CPU forward
 pass of EfficientNet-Lite0 1.5x slower in some processes than in others (72 vs 111 img/s,
 BENCHMARKS.md). :func:`tune_allocator` fixes the thresholds so freed buffers are reused.
+
+Heads fit with either numpy's BLAS or torch's OpenMP pool; with both loaded their threads fight
+for the cores (logistic regression on digits 2x slower by default than with one BLAS thread, a
+small torch head 40x). :func:`head_threads` gives one pool the cores at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import platform
 import sys
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +58,40 @@ def tune_allocator() -> bool:
     _tuned = all(mallopt(param, value) == 1 for param, value in SETTINGS)
     log.info("malloc thresholds %s", "set" if _tuned else "not set")
     return _tuned
+
+
+#: Below this many feature values (rows x features) a head's arithmetic is too small to share out
+#: over threads: waking and spin-waiting a pool costs more than the work, and two pools (numpy's
+#: OpenBLAS, torch's OpenMP) spinning side by side take the cores from each other.
+SMALL_WORK = 1 << 22
+
+
+@contextlib.contextmanager
+def head_threads(backend: str, work: int, threads: int | None = None) -> Iterator[dict]:
+    """Coordinate the thread pools while a head fits and predicts.
+
+    Only the pool the head computes in may use more than one thread (``backend`` "numpy" for
+    scikit-learn and numpy heads, "torch" for torch heads); the other is held at one thread so
+    its idle workers never spin on the cores. The working pool gets ``threads`` threads, or,
+    when None, one thread for problems under :data:`SMALL_WORK` feature values (there one thread
+    is the fastest, and results then never depend on the machine's core count) and every core
+    otherwise. Both pools are restored on exit.
+
+    Yields
+    ------
+    dict
+        ``{"backend", "threads"}``: what was used, for the run record.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    if threads is None:
+        # torch's default is one thread per physical core; take the same for BLAS.
+        threads = 1 if work < SMALL_WORK else before
+    try:
+        torch.set_num_threads(threads if backend == "torch" else 1)
+        with threadpool_limits(limits=threads if backend == "numpy" else 1, user_api="blas"):
+            yield {"backend": backend, "threads": int(threads)}
+    finally:
+        torch.set_num_threads(before)

@@ -33,7 +33,19 @@ from torch import nn
 
 from .backbones import Backbone, load_backbone, seeded_init
 from .errors import BackboneError, ConfigError, HeadError
-from .heads.base import BaseHead, check_number, encode_labels, is_dataset_like, softmax
+from .heads.base import (
+    CLASS_WEIGHT_HELP,
+    PATIENCE_HELP,
+    BaseHead,
+    EpochTracker,
+    check_class_weight,
+    check_number,
+    check_patience,
+    class_weights,
+    encode_labels,
+    is_dataset_like,
+    softmax,
+)
 from .heads.torch_heads import check_device, resolve_device
 from .registry import check_int
 
@@ -447,6 +459,16 @@ def _seed(value: int | None) -> int:
     return int(value) if value is not None else int(np.random.SeedSequence().entropy % (2**63))
 
 
+def _logits(tail: nn.Module, X: Any, shape: tuple[int, ...], device: torch.device, batch_size: int) -> np.ndarray:
+    """Logits (n, n_classes) float32 of ``tail`` (in whatever mode it is) on rows of ``X``."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, int(X.shape[0]), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(X[s:s + batch_size])).to(device, dtype=torch.float32)
+            out.append(tail(xb.reshape(xb.shape[0], *shape)).float().cpu().numpy())
+    return np.concatenate(out, axis=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The head
 
@@ -482,6 +504,12 @@ class TailHead(BaseHead):
         Seed of the new classifier, shuffling, view sampling and dropout; results on the CPU are
         deterministic.
     device : str, default="auto"
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs the cross-entropy of a row of class c by ``n_samples / (n_classes *
+        n_c)`` (scikit-learn's meaning); the batch loss is torch's weighted mean.
+    patience : int or None, default=None
+        Stop after this many epochs without a better eval score and keep the best epoch's
+        weights (needs eval data, see :func:`featcache.heads.base.training_monitor`).
 
     Attributes
     ----------
@@ -497,6 +525,8 @@ class TailHead(BaseHead):
     view_schedule_ : ndarray of shape (epochs, n_samples), int
         The view trained on per epoch and image (0: ``X``; ``k``: ``views[:, k - 1]``); all zeros
         without views.
+    history_ : list of dict
+        Per epoch ``{"epoch", "loss"}`` plus the eval score when watched.
     """
 
     param = None
@@ -512,8 +542,11 @@ class TailHead(BaseHead):
         "batch_size": "mini-batch rows",
         "random_state": "seed of the new classifier, shuffling, view sampling and dropout",
         "device": "torch device: auto, cpu, cuda, cuda:N",
+        "class_weight": CLASS_WEIGHT_HELP,
+        "patience": PATIENCE_HELP,
     }
     _accepts_dataset = True
+    thread_pool = "torch"
 
     def __init__(
         self,
@@ -528,6 +561,8 @@ class TailHead(BaseHead):
         batch_size: int = 32,
         random_state: int | None = 0,
         device: str = "auto",
+        class_weight: str | None = None,
+        patience: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -539,6 +574,8 @@ class TailHead(BaseHead):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.class_weight = class_weight
+        self.patience = patience
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -561,6 +598,8 @@ class TailHead(BaseHead):
         if self.random_state is not None:
             check_int("random_state", self.random_state, minimum=0)
         check_device(self.device)
+        check_class_weight(self.class_weight)
+        check_patience(self.patience)
 
     def _load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, weights=self.weights, input_size=self.input_size)
@@ -622,10 +661,13 @@ class TailHead(BaseHead):
         n = int(X.shape[0])
         k_views = int(views.shape[1]) if views is not None else 0
         y_all = torch.as_tensor(y_idx, dtype=torch.long)
+        cw = class_weights(y_idx, n_classes, self.class_weight)
+        cw = None if cw is None else torch.tensor(cw, dtype=torch.float32, device=device)
         opt = adamw(param_groups(tail, float(self.weight_decay)), lr=float(self.lr), device=device)
         rng = np.random.default_rng(seed)
         schedule = np.zeros((self.epochs, n), dtype=np.int64)
         total = self.epochs * len(_batches(np.arange(n), self.batch_size))
+        tracker = EpochTracker(1, self.epochs, n_classes, self.patience)
         step = 0
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -633,6 +675,7 @@ class TailHead(BaseHead):
             torch.manual_seed(seed)
             tail.train()
             for epoch in range(self.epochs):
+                epoch_loss = 0.0
                 perm = rng.permutation(n)
                 if k_views:
                     schedule[epoch] = rng.integers(0, k_views + 1, size=n)
@@ -649,15 +692,31 @@ class TailHead(BaseHead):
                     step += 1
                     for g in opt.param_groups:
                         g["lr"] = cosine_lr(float(self.lr), step, total)
-                    loss = nn.functional.cross_entropy(tail(xb), y_all[idx].to(device))
+                    loss = nn.functional.cross_entropy(tail(xb), y_all[idx].to(device), weight=cw)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    epoch_loss += float(loss) * len(idx)
+
+                def proba():
+                    tail.eval()
+                    try:
+                        return [softmax(_logits(tail, tracker.monitor.X_eval, cut.boundary_shape, device,
+                                                int(self.batch_size)))]
+                    finally:
+                        tail.train()
+
+                if tracker.end_epoch(epoch, [epoch_loss / n], proba,
+                                     lambda g: {k: v.detach().clone() for k, v in tail.state_dict().items()}):
+                    break
+        if self.patience is not None:
+            tail.load_state_dict(tracker.restore(0))
         self.tail_ = tail.cpu().eval()
         self.input_shape_ = tuple(int(s) for s in cut.boundary_shape)
         self.n_features_in_ = int(np.prod(self.input_shape_))
         self.backbone_name_ = bb.name
         self.view_schedule_ = schedule
+        tracker.attach(self, 0)
 
     # -- predict --------------------------------------------------------------------------------
 
@@ -669,14 +728,7 @@ class TailHead(BaseHead):
         device = resolve_device(self.device)
         tail = self.tail_ if device.type == "cpu" else copy.deepcopy(self.tail_).to(device)
         tail.eval()
-        n, bs = int(X.shape[0]), int(self.batch_size)
-        out = []
-        with torch.no_grad():
-            for s in range(0, n, bs):
-                xb = np.ascontiguousarray(X[s:s + bs])
-                xb = torch.from_numpy(xb).to(device, dtype=torch.float32)
-                out.append(tail(xb.reshape(xb.shape[0], *self.input_shape_)).float().cpu().numpy())
-        return np.concatenate(out, axis=0)
+        return _logits(tail, X, self.input_shape_, device, int(self.batch_size))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities.

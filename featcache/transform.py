@@ -37,6 +37,11 @@ class FeatureTransform:
         self.pca_mean_: np.ndarray | None = None
 
     @property
+    def n_components_(self) -> int | None:
+        """PCA components kept (``min(pca, n_rows, n_features)`` once fitted), or None."""
+        return None if self.components_ is None else int(self.components_.shape[0])
+
+    @property
     def identity(self) -> bool:
         return self.normalize == "none" and self.pca is None
 
@@ -64,6 +69,7 @@ class FeatureTransform:
             if not isinstance(X, np.ndarray):
                 raise ConfigError("--pca needs the training features in memory; raise --max-memory.")
             Z = self._norm(X)
+            # At most min(rows, features) directions exist; n_components_ records what is kept.
             k = min(self.pca, *Z.shape)
             self.pca_mean_ = Z.mean(0)
             _, _, vt = np.linalg.svd(Z - self.pca_mean_, full_matrices=False)
@@ -85,7 +91,7 @@ class FeatureTransform:
     def get_state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {k: getattr(self, k) for k in ("mean_", "scale_", "components_", "pca_mean_")
                   if getattr(self, k) is not None}
-        return arrays, {"normalize": self.normalize, "pca": self.pca}
+        return arrays, {"normalize": self.normalize, "pca": self.pca, "pca_components": self.n_components_}
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> "FeatureTransform":

@@ -16,6 +16,7 @@ from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError, HeadError
 from featcache.fit import evaluate, fit_head, load_run, parse_grid
+from featcache.heads import HEADS
 from featcache.predict import export, predict
 
 
@@ -159,11 +160,11 @@ def test_predict_skips_unreadable_files(folder_cache, tmp_path):
 def test_cli_fit_head_json_predict_export_evaluate(folder_cache, tmp_path):
     folder, cache = folder_cache
     runner = CliRunner()
-    r = runner.invoke(main, ["fit-head", cache, "--head", "linear", "--C", "0.1,1,10", "-o", str(tmp_path / "run"),
-                             "--json"], catch_exceptions=False)
+    r = runner.invoke(main, ["fit-head", cache, "--head", "linear", "--C", "0.1,1,10", "--no-extend-grid",
+                             "-o", str(tmp_path / "run"), "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert set(out) == {"run", "head", "best", "metrics", "seconds"}
+    assert set(out) == {"run", "head", "best", "metrics", "seconds", "warnings"}
     assert out["best"]["param"] == "C" and out["best"]["value"] in (0.1, 1.0, 10.0)
     r = runner.invoke(main, ["fit-head", cache, "--head", "logreg", "-o", str(tmp_path / "run2")])
     assert r.exit_code == 0 and "logreg: best C=" in r.output and "val" in r.output and "test" in r.output
@@ -261,3 +262,280 @@ def test_tail_head_from_boundary_activations_predicts_and_exports(tmp_path):
     by_path = {p["path"]: p["probability"] for p in preds}
     got = torch.softmax(module(x), 1).max(1).values.detach().numpy()
     np.testing.assert_allclose(got, [by_path[str(f)] for f in files], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15: what fit-head reports is true of what it saves
+
+
+def _digits_npz(path: Path, *, per_class: dict[int, int] | None = None, n_val: int = 10, n_test: int = 6,
+                classes=range(10)) -> Path:
+    """scikit-learn digits (8x8 grey) as a MedMNIST-style npz: hard enough for a random resnet18
+    that the regularisation matters. ``per_class`` caps the training rows of some classes."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * 255 / 16).astype(np.uint8)
+    out = {}
+    for split, lo, hi in (("train", 0, None), ("val", None, n_val), ("test", None, n_test)):
+        rows = []
+        for c in classes:
+            idx = np.flatnonzero(d.target == c)
+            if split == "train":
+                idx = idx[n_val + n_test:][: (per_class or {}).get(c, 20)]
+            elif split == "val":
+                idx = idx[:n_val]
+            else:
+                idx = idx[n_val:n_val + n_test]
+            rows.extend(idx.tolist())
+        out[f"{split}_images"] = images[rows]
+        out[f"{split}_labels"] = d.target[rows].astype(np.int64)
+    np.savez(path, **out)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    npz = _digits_npz(root / "digits.npz")
+    return extract(str(npz), backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(root / "c"),
+                   dtype="float32").cache
+
+
+@pytest.fixture(scope="module")
+def digits_activations(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits-act")
+    npz = _digits_npz(root / "digits.npz", per_class={c: 4 for c in range(10)}, n_val=4, n_test=2, classes=range(4))
+    return extract(str(npz), backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(root / "c"),
+                   layers=("layer3",), pool="none", dtype="float32").cache
+
+
+@pytest.mark.parametrize("head", HEADS.names())
+def test_reported_eval_score_is_the_saved_models(digits_cache, digits_activations, tmp_path, head):
+    """best.score (what the CLI, metrics.json, the report and bench records show) is the score of
+    the saved head on the eval split, for every head; the sweep row of the chosen value agrees."""
+    cache = digits_activations if head == "tail" else digits_cache
+    opts = {"epochs": 1, "batch_size": 8} if head == "tail" else {}
+    res = fit_head(cache, head=head, head_options=opts, output=str(tmp_path / "r"))
+    run = load_run(res.run)
+    with open_cache(cache) as c:
+        X, y = c.load("val")
+    saved = float(np.mean(run.predict_proba(X).argmax(1) == y))
+    assert res.best["scored_on"] == "val" and res.best["select_by"] == "top1"
+    assert res.best["score"] == saved == res.metrics["val"]["top1"]
+    if res.sweep:
+        row = next(r for r in res.sweep if r["value"] == res.best["value"])
+        assert row["top1"] == saved
+    stored = json.loads((Path(res.run) / "metrics.json").read_text())["best"]
+    assert stored["score"] == saved
+
+
+@pytest.fixture(scope="module")
+def odd_npz(tmp_path_factory):
+    """4 digit classes: train 30 / 10 / 6 / 0 rows (imbalanced, one short of 10 shots, one only in
+    val and test), val 4 and test 2 per class."""
+    root = tmp_path_factory.mktemp("odd")
+    return _digits_npz(root / "odd.npz", per_class={0: 30, 1: 10, 2: 6, 3: 0}, n_val=4, n_test=2, classes=range(4))
+
+
+@pytest.fixture(scope="module")
+def odd_cache(odd_npz):
+    return extract(str(odd_npz), backbone="resnet18.none", input_size=32, num_workers=0,
+                   cache_dir=str(odd_npz.parent / "c"), dtype="float32").cache
+
+
+def test_eval_split_none_means_kfold_on_train(digits_cache, tmp_path):
+    res = fit_head(digits_cache, head="ridge", eval_split="none", output=str(tmp_path / "r"))
+    assert res.best["scored_on"] == "5-fold cv on train"
+    r = CliRunner().invoke(main, ["fit-head", digits_cache, "--head", "ridge", "--eval-split", "none",
+                                  "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "on 5-fold cv on train)" in r.output
+
+
+def test_a_class_only_in_val_and_test_is_named_not_a_traceback(odd_cache, tmp_path):
+    for head in ("logreg", "ridge", "knn"):
+        res = fit_head(odd_cache, head=head, output=str(tmp_path / head))
+        assert any(w.startswith("Class '3' has no rows in the 'train' split but has rows in val: 4, test: 2.")
+                   for w in res.warnings)
+        # Its rows are scored, as errors: no head can predict a class it never saw.
+        assert res.metrics["val"]["n"] == 16 and res.metrics["val"]["per_class_recall"]["3"] == 0.0
+        assert res.best["score"] == res.metrics["val"]["top1"] <= 0.75
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ridge", "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert "Warning: Class '3' has no rows in the 'train' split" in r.output
+
+
+def test_few_shot_names_the_classes_short_of_k(odd_cache, tmp_path):
+    res = fit_head(odd_cache, head="ncm", shots=10, output=str(tmp_path / "r"))
+    assert res.few_shot["short_classes"] == {"2": 6}
+    msg = ("--shots 10: class '2' has only 6 training rows; those classes use all of them, so the run is not "
+           "10-shot for them. Pass --shots 6 for a true 6-shot run.")
+    assert msg in res.warnings
+    assert msg in json.loads((Path(res.run) / "metrics.json").read_text())["warnings"]
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--shots", "10", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0 and f"Warning: {msg}" in r.output
+
+
+def test_pca_records_the_components_it_kept(odd_cache, tmp_path):
+    res = fit_head(odd_cache, head="logreg", pca=5000, output=str(tmp_path / "r"))
+    assert res.best["pca_components"] == 46
+    assert any(w.startswith("--pca 5000: the training split has 46 rows of 512 features, so PCA keeps 46 "
+                            "components") for w in res.warnings)
+    meta = json.loads((Path(res.run) / "run.json").read_text())["transform"]
+    assert (meta["pca"], meta["pca_components"]) == (5000, 46)
+    assert load_run(res.run).transform.components_.shape == (46, 512)
+
+
+def test_imbalance_is_named_with_the_options_that_answer_it(odd_cache, tmp_path):
+    res = fit_head(odd_cache, head="ncm", output=str(tmp_path / "r"))
+    warning = ("The training split is imbalanced: class '0' has 30 rows, '2' 6 (5.0x). Top-1 favours the large "
+               "classes; consider --class-weight balanced --select-by balanced_accuracy.")
+    assert warning in res.warnings
+    ok = fit_head(odd_cache, head="logreg", class_weight="balanced", select_by="balanced_accuracy",
+                  output=str(tmp_path / "b"))
+    assert not any("imbalanced" in w for w in ok.warnings)
+    assert ok.best["select_by"] == "balanced_accuracy"
+    assert ok.best["score"] == pytest.approx(ok.metrics["val"]["balanced_accuracy"])
+    with pytest.raises(ConfigError, match="The 'select_by' option must be one of top1, balanced_accuracy"):
+        fit_head(odd_cache, head="logreg", select_by="f1", output=str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("head", [n for n in HEADS.names() if "class_weight" in HEADS.entry(n).extra["options"]])
+def test_every_trained_head_takes_balanced_weights(odd_npz, odd_cache, tmp_path, head):
+    cache, opts = odd_cache, {}
+    if head == "tail":
+        cache = extract(str(odd_npz), backbone="resnet18.none", input_size=32, num_workers=0, layers=("layer3",),
+                        pool="none", cache_dir=str(odd_npz.parent / "act"), dtype="float32").cache
+        opts = {"epochs": 1, "batch_size": 16}
+    r = CliRunner().invoke(main, ["fit-head", cache, "--head", head, "--class-weight", "balanced", "--select-by",
+                                  "balanced_accuracy", "--json", "-o", str(tmp_path / "r"),
+                                  *[f"--opt={k}={v}" for k, v in opts.items()]])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["best"]["select_by"] == "balanced_accuracy"
+    assert out["best"]["score"] == pytest.approx(out["metrics"]["val"]["balanced_accuracy"])
+
+
+def test_a_best_value_at_an_end_extends_the_grid(digits_cache, tmp_path):
+    # C = 1e-4, 1e-3 is far too strong a penalty: the best sits at the top end until the grid grows.
+    res = fit_head(digits_cache, head="logreg", grid=(1e-4, 1e-3), output=str(tmp_path / "r"))
+    values = [r["value"] for r in res.sweep]
+    assert res.best["grid_extended"] and values == sorted(values)
+    assert values[:2] == [1e-4, 1e-3] and values[2:] == res.best["grid_extended"]
+    assert res.best["grid_extended"][0] == pytest.approx(1e-2)
+    assert res.best["at_bound"] or min(values) < res.best["value"] < max(values)
+    csv = (Path(res.run) / "sweep.csv").read_text().splitlines()
+    assert csv[0] == "C,top1,log_loss" and len(csv) == len(values) + 1
+    # A strong ridge penalty extends downwards.
+    ridge = fit_head(digits_cache, head="ridge", grid=(1e7, 1e8), output=str(tmp_path / "ridge"))
+    assert ridge.best["grid_extended"][0] == pytest.approx(1e6)
+    fixed = fit_head(digits_cache, head="logreg", grid=(1e-4, 1e-3), extend_grid=False, output=str(tmp_path / "f"))
+    assert fixed.best["grid_extended"] == [] and [r["value"] for r in fixed.sweep] == [1e-4, 1e-3]
+    r = CliRunner().invoke(main, ["fit-head", digits_cache, "--head", "logreg", "--C", "1e-4,1e-3",
+                                  "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0 and "logreg: the best C sat at an end of the grid; extended by 0.01" in r.output
+
+
+def test_grid_extension_stops_at_its_bounds():
+    from featcache.fit import _next_value
+
+    assert _next_value("C", [1e4, 1e5], 1e5, 100) == pytest.approx(1e6)
+    assert _next_value("C", [1e5, 1e6], 1e6, 100) is None  # GRID_BOUNDS["C"] = (1e-6, 1e6)
+    assert _next_value("C", [1e-6, 1e-5], 1e-6, 100) is None
+    assert _next_value("C", [0.1, 1, 10], 1, 100) is None  # interior
+    assert _next_value("weight_decay", [0.0, 1e-4], 0.0, 100) is None  # nothing below no decay
+    assert _next_value("k", [1, 5, 20], 20, 150) == 150  # k grows to the training rows, no further
+    assert _next_value("k", [1, 5, 150], 150, 150) is None
+
+
+def test_one_thread_pool_at_a_time_and_restored():
+    from threadpoolctl import threadpool_info
+
+    from featcache.runtime import SMALL_WORK, head_threads
+
+    before = torch.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    with head_threads("numpy", SMALL_WORK - 1) as used:
+        assert used == {"backend": "numpy", "threads": 1}
+        assert torch.get_num_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    with head_threads("torch", SMALL_WORK, threads=2) as used:
+        assert used == {"backend": "torch", "threads": 2} and torch.get_num_threads() == 2
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert torch.get_num_threads() == before
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
+
+
+def test_small_fits_run_single_threaded_whatever_the_machine(folder_cache, tmp_path):
+    _, cache = folder_cache
+    for head, pool in (("logreg", "numpy"), ("linear", "torch")):
+        res = fit_head(cache, head=head, output=str(tmp_path / head))
+        assert res.best["threads"] == {"backend": pool, "threads": 1}
+
+
+@pytest.mark.parametrize("head, opts", [("mlp", {"epochs": 6}), ("linear", {"solver": "adamw", "epochs": 6}),
+                                        ("tail", {"epochs": 3, "batch_size": 8})])
+def test_training_by_epochs_keeps_its_history_and_the_best_epoch(digits_cache, digits_activations, tmp_path,
+                                                                 head, opts):
+    cache = digits_activations if head == "tail" else digits_cache
+    seen = []
+    res = fit_head(cache, head=head, head_options={**opts, "patience": 1}, grid=None, output=str(tmp_path / "r"),
+                   progress=seen.append)
+    history = json.loads((Path(res.run) / "metrics.json").read_text())["history"]
+    assert 1 <= len(history) <= opts["epochs"]
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert all(set(h) == {"epoch", "loss", "top1"} for h in history)
+    best_epoch = res.best["best_epoch"]
+    kept = history[best_epoch - 1]["top1"]
+    assert kept == max(h["top1"] for h in history)
+    assert abs(res.best["score"] - kept) <= 1 / res.metrics["val"]["n"] + 1e-9  # the kept epoch is the saved head
+    if len(history) < opts["epochs"]:
+        assert len(history) == best_epoch + 1  # stopped one epoch after the best
+    assert seen and set(seen[0]) == {"epoch", "epochs", "loss", "metric", "score"}
+    assert seen[0]["epochs"] == opts["epochs"] and seen[0]["metric"] == "top1"
+
+
+def test_cli_patience_and_the_epoch_bar(digits_cache, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "mlp", "--epochs", "3", "--patience", "2",
+                             "--C", "1e-4", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "epoch" in r.output and "loss=" in r.output and "top1=" in r.output  # the tqdm bar (stderr)
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "logreg", "--patience", "2"])
+    assert r.exit_code == 2 and "--patience does not apply to head 'logreg'." in r.output
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "mlp", "--epochs", "2", "--patience", "1",
+                             "--eval-split", "none", "-o", str(tmp_path / "k")])
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: The 'patience' option (1) stops on an eval score, and there is no eval data.")
+    r = runner.invoke(main, ["fit-head", digits_cache, "--head", "linear", "--patience", "1", "-o", str(tmp_path / "l")])
+    assert r.output.startswith("Error: The 'patience' option stops AdamW epochs; solver='lbfgs' has none.")
+
+
+def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):
+    npz = Path(digits_cache).parent.parent / "digits.npz"
+    cache = extract(str(npz), backbone="resnet18.none", input_size=32, num_workers=0, layers=("layer2", "layer4"),
+                    cache_dir=str(tmp_path / "c"), dtype="float32").cache
+    res = fit_head(cache, head="ridge", layer="all", output=str(tmp_path / "r"))
+    table = {r["layer"]: r for r in res.best["layers"]}
+    assert set(table) == {"layer2", "layer4"}
+    assert res.best["layer"] == max(table, key=lambda k: (table[k]["score"], -table[k]["log_loss"]))
+    assert res.best["score"] == table[res.best["layer"]]["score"] == res.metrics["val"]["top1"]
+    assert {r["layer"] for r in res.sweep} == {"layer2", "layer4"}
+    run = load_run(res.run)
+    assert run.meta["layer"] == res.best["layer"]
+    with open_cache(cache) as c:
+        X, y = c.load("val", res.best["layer"])
+        width = c.features("train", res.best["layer"]).shape[1]
+    assert run.transform.mean_.shape == (width,)  # standardised on the chosen layer alone
+    assert float(np.mean(run.predict_proba(X).argmax(1) == y)) == res.best["score"]
+    csv = (Path(res.run) / "sweep.csv").read_text().splitlines()
+    assert csv[0] == "layer,alpha,top1,log_loss" and len(csv) == len(res.sweep) + 1
+    same = fit_head(cache, head="ridge", layer="layer4,layer2", output=str(tmp_path / "r2"))
+    assert same.best["layer"] == res.best["layer"]
+    r = CliRunner().invoke(main, ["fit-head", cache, "--head", "ridge", "--layer", "all", "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0 and f"ridge: best alpha={res.best['value']:g} on layer {res.best['layer']}" in r.output
+    with pytest.raises(CacheError, match="Layer 'layer9' is not in cache"):
+        fit_head(cache, head="ridge", layer="layer2,layer9", output=str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="sweeps layers for feature heads without --shots"):
+        fit_head(cache, head="ridge", layer="all", shots=5, output=str(tmp_path / "y"))

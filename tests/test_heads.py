@@ -240,6 +240,35 @@ def test_sweep_proba_shape_and_self_untouched(name, multi):
     np.testing.assert_allclose(out[-1], ref, atol=2e-4)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_sweep_fit_returns_the_models_sweep_proba_scores(name, multi):
+    """fit-head keeps the selected swept model, so sweep_fit must give the very models scored."""
+    Xtr, ytr, Xte, _ = multi
+    head = make_head(name, **FAST.get(name, {}))
+    grid = list(HEADS.entry(name).extra["default_grid"])[-3:]
+    heads = head.sweep_fit(Xtr, ytr, grid)
+    swept = head.sweep_proba(Xtr, ytr, grid, Xte)
+    assert not hasattr(head, "classes_")
+    for h, p, value in zip(heads, swept, grid):
+        assert list(h.classes_) == ["cat", "dog", "eel"]
+        if head.param is not None:
+            assert h.get_params()[head.param] == value
+        np.testing.assert_allclose(h.predict_proba(Xte), p, atol=1e-5)
+
+
+def test_logreg_warm_started_sweep_differs_from_a_cold_fit():
+    """Why fit-head saves the swept model instead of refitting: with a weak penalty lbfgs stops
+    short of the flat optimum, and a warm-started fit stops elsewhere than a cold one (this is
+    what made fit-head report 1.0 on val for a saved model scoring 0.95)."""
+    X, y = make_classification(n_samples=160, n_features=200, n_informative=20, n_classes=4, class_sep=1.5,
+                               random_state=0)
+    grid = list(HEADS.entry("logreg").extra["default_grid"])
+    heads = make_head("logreg").sweep_fit(X[:80], y[:80], grid)
+    warm = [np.mean(h.predict(X[80:]) == y[80:]) for h in heads]
+    cold = [np.mean(make_head("logreg", C=c).fit(X[:80], y[:80]).predict(X[80:]) == y[80:]) for c in grid]
+    assert warm != cold
+
+
 def test_sweep_rejects_bad_grids(multi):
     Xtr, ytr, Xte, _ = multi
     with pytest.raises(ConfigError, match="The 'C' option must be a finite number > 0. Got -2."):

@@ -6,6 +6,8 @@ methods the rest of featcache relies on:
 - ``sweep_proba(X, y, grid, X_eval)`` fits every value of the head's swept parameter and returns
   the evaluation probabilities, using the fastest path the head has (one decomposition, one batched
   training run, one top-k search, a warm-started sequence);
+- ``sweep_fit(X, y, grid)`` fits the same sequence and returns the fitted heads themselves, so
+  that a caller selecting on an eval split can keep the very model it scored;
 - ``get_state()`` / ``from_state(arrays, meta)`` turn a fitted head into plain arrays plus
   JSON-able metadata and back, so artifacts never need pickle;
 - ``to_torch()`` returns a ``torch.nn.Module`` whose output ``z`` satisfies
@@ -14,7 +16,10 @@ methods the rest of featcache relies on:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -264,6 +269,19 @@ CLASS_WEIGHT_CHOICES: tuple[str | None, ...] = (None, "balanced")
 CLASS_WEIGHT_HELP = "None or 'balanced' (class c weighs n_samples / (n_classes * n_c))"
 
 
+#: One-line help of the ``patience`` option of the heads trained by epochs.
+PATIENCE_HELP = "stop after this many epochs without a better eval score; keep the best epoch (None: all epochs)"
+
+
+def check_patience(value: Any) -> int | None:
+    """Validate a ``patience`` option: None or an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"The 'patience' option must be None or an int >= 1. Got {value!r}.")
+    return int(value)
+
+
 def check_class_weight(value: Any) -> str | None:
     """Validate a ``class_weight`` option: None or "balanced" (scikit-learn's meaning)."""
     if value is None or (isinstance(value, str) and value == "balanced"):
@@ -283,6 +301,123 @@ def class_weights(y_idx: np.ndarray, n_classes: int, class_weight: str | None) -
         return None
     counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
     return len(y_idx) / (n_classes * np.maximum(counts, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Watching heads trained by epochs (tail, mlp, linear with AdamW)
+
+
+@dataclass(frozen=True)
+class TrainingMonitor:
+    """What a head trained by epochs reports to and is scored on, set by :func:`training_monitor`.
+
+    ``y_eval_idx`` holds the eval labels as indices into the training classes (``np.unique(y)``),
+    ``n_classes`` for a class the training split lacks (scored as an error).
+    """
+
+    X_eval: Any = None
+    y_eval_idx: np.ndarray | None = None
+    select_by: str = "top1"
+    callback: Callable[[dict], None] | None = None
+
+
+_MONITOR: contextvars.ContextVar[TrainingMonitor | None] = contextvars.ContextVar("featcache_monitor", default=None)
+
+
+@contextlib.contextmanager
+def training_monitor(*, X_eval: Any = None, y_eval: Any = None, classes: Any = None, select_by: str = "top1",
+                     callback: Callable[[dict], None] | None = None) -> Iterator[TrainingMonitor]:
+    """Within the block, heads trained by epochs score ``X_eval`` after every epoch, keep the
+    history (``history_``), stop early by their ``patience`` option, and call ``callback``.
+
+    Parameters
+    ----------
+    X_eval : array-like of shape (n_eval, n_features), optional
+        Eval features as the head sees them (transformed).
+    y_eval : array-like of shape (n_eval,), optional
+        Their labels, in the label space of the training ``y``.
+    classes : array-like, optional
+        The training labels' classes (``np.unique(y_train)``), to index ``y_eval``.
+    select_by : str
+        The metric scored (:data:`featcache.metrics.SELECT_BY`).
+    callback : callable, optional
+        Called with ``{"epoch", "epochs", "loss", "score"}`` after every epoch (loss: mean
+        training loss over the grid points; score: best eval score over them, None without eval
+        data). Printing belongs to the caller (the CLI's progress bar).
+    """
+    y_idx = None
+    if X_eval is not None:
+        classes = np.asarray(classes)
+        y_eval = np.asarray(y_eval)
+        pos = np.clip(np.searchsorted(classes, y_eval), 0, len(classes) - 1)
+        y_idx = np.where(classes[pos] == y_eval, pos, len(classes)).astype(np.int64)
+    token = _MONITOR.set(TrainingMonitor(X_eval, y_idx, select_by, callback))
+    try:
+        yield _MONITOR.get()
+    finally:
+        _MONITOR.reset(token)
+
+
+class EpochTracker:
+    """Per-epoch bookkeeping of G grid points trained together: history, best epoch, patience.
+
+    A head calls :meth:`end_epoch` after each epoch with the mean training loss per grid point
+    and a function giving the eval probabilities per grid point; it stops when that returns
+    True, and :meth:`restore` hands back, per grid point, the state saved at its best epoch.
+    """
+
+    def __init__(self, G: int, epochs: int, n_classes: int, patience: int | None) -> None:
+        self.monitor = _MONITOR.get() or TrainingMonitor()
+        self.watching = self.monitor.X_eval is not None
+        if patience is not None and not self.watching:
+            raise ConfigError(
+                f"The 'patience' option ({patience}) stops on an eval score, and there is no eval data. "
+                "Fit with an eval split (fit-head --eval-split val), or drop --patience."
+            )
+        self.G, self.epochs, self.n_classes, self.patience = G, epochs, n_classes, patience
+        self.history: list[list[dict]] = [[] for _ in range(G)]
+        self.best_score = [-np.inf] * G
+        self.best_epoch = [0] * G
+        self.best_state: list[Any] = [None] * G
+
+    def end_epoch(self, epoch: int, losses: Sequence[float], proba: Callable[[], Sequence[np.ndarray]],
+                  snapshot: Callable[[int], Any]) -> bool:
+        """Record epoch ``epoch`` (0-based); True when every grid point ran out of patience."""
+        from ..metrics import selection_scores
+
+        metric = self.monitor.select_by
+        values: list[float | None] = [None] * self.G
+        if self.watching:
+            for g, p in enumerate(proba()):
+                full = np.concatenate([p, np.zeros((len(p), 1))], axis=1)  # a column for unseen classes
+                values[g] = selection_scores(self.monitor.y_eval_idx, full, metric)[metric]
+        # Higher is better for every metric but the log-loss.
+        keys = [None if v is None else (-v if metric == "log_loss" else v) for v in values]
+        for g in range(self.G):
+            row = {"epoch": epoch + 1, "loss": float(losses[g])}
+            if values[g] is not None:
+                row[metric] = values[g]
+                if self.patience is not None and keys[g] > self.best_score[g]:
+                    self.best_score[g], self.best_epoch[g] = keys[g], epoch + 1
+                    self.best_state[g] = snapshot(g)
+            self.history[g].append(row)
+        if self.monitor.callback is not None:
+            shown = [g for g in range(self.G) if keys[g] is not None]
+            top = max(shown, key=lambda g: keys[g]) if shown else None
+            self.monitor.callback({"epoch": epoch + 1, "epochs": self.epochs, "loss": float(np.mean(losses)),
+                                   "metric": metric, "score": None if top is None else values[top]})
+        if self.patience is None:
+            return False
+        return all(epoch + 1 - b >= self.patience for b in self.best_epoch)
+
+    def restore(self, g: int) -> Any:
+        """The state saved at grid point ``g``'s best epoch (None without patience)."""
+        return self.best_state[g]
+
+    def attach(self, head: "BaseHead", g: int) -> None:
+        """Give ``head`` grid point ``g``'s ``history_`` and ``best_epoch_``."""
+        head.history_ = self.history[g]
+        head.best_epoch_ = self.best_epoch[g] if self.patience is not None else len(self.history[g])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,6 +477,8 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     options: ClassVar[dict[str, str]] = {}
     #: Whether ``fit`` streams an ``h5py.Dataset``-like ``X`` instead of reading it whole.
     _accepts_dataset: ClassVar[bool] = False
+    #: The thread pool the head computes in: "numpy" (BLAS) or "torch" (see runtime.head_threads).
+    thread_pool: ClassVar[str] = "numpy"
 
     # -- to implement ---------------------------------------------------------------------------
 
@@ -494,17 +631,58 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     def _sweep(
         self, X: Any, y_idx: np.ndarray, n_classes: int, grid: list[Any], X_eval: Any
     ) -> np.ndarray:
-        """One fit per grid value (heads with a faster path override this)."""
-        out = []
-        for value in grid:
-            head = clone(self)
-            if self.param is not None:
-                head.set_params(**{self.param: value})
-            head._fit(X, y_idx, n_classes)
+        """The probabilities of the heads :meth:`_sweep_fit` returns (heads with a faster path
+        override this)."""
+        heads = self._sweep_fit(X, y_idx, n_classes, grid)
+        for head in heads:
             head.classes_ = np.arange(n_classes)
+        return np.stack([head.predict_proba(X_eval) for head in heads])
+
+    def sweep_fit(self, X: Any, y: Any, grid: Sequence[Any]) -> list["BaseHead"]:
+        """Fit every value of the swept parameter; return the fitted heads.
+
+        The heads are the models :meth:`sweep_proba` scores (the same warm-started sequence,
+        the same batched training run), so selecting one of them on an eval split and saving it
+        keeps the reported eval score true of the saved model. ``self`` is not modified.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        grid : sequence
+            Values of ``self.param`` (``(None,)`` for heads without one).
+
+        Returns
+        -------
+        list of BaseHead
+            ``[i]`` is fitted with ``grid[i]`` (``get_params()[param] == grid[i]``).
+        """
+        self._check_params()
+        grid = self._check_grid(grid)
+        X = check_features(X, allow_dataset=self._accepts_dataset)
+        y_idx, classes = encode_labels(y, X.shape[0])
+        heads = self._sweep_fit(X, y_idx, len(classes), grid)
+        for head in heads:
+            head.classes_ = classes
+        return heads
+
+    def _with_value(self, value: Any) -> "BaseHead":
+        """An unfitted copy with the swept parameter set to ``value``."""
+        head = clone(self)
+        if self.param is not None:
+            head.set_params(**{self.param: value})
+        return head
+
+    def _sweep_fit(self, X: Any, y_idx: np.ndarray, n_classes: int, grid: list[Any]) -> list["BaseHead"]:
+        """One fit per grid value; ``classes_`` is set by the caller (heads sharing work across
+        the grid override this)."""
+        heads = []
+        for value in grid:
+            head = self._with_value(value)
+            head._fit(X, y_idx, n_classes)
             head.n_features_in_ = int(X.shape[1])
-            out.append(head.predict_proba(X_eval))
-        return np.stack(out)
+            heads.append(head)
+        return heads
 
     # -- state ----------------------------------------------------------------------------------
 

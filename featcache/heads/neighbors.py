@@ -123,6 +123,7 @@ class KNNHead(BaseHead):
         "batch_size": "query rows per similarity block",
         "device": "torch device: auto, cpu, cuda, cuda:N",
     }
+    thread_pool = "torch"
 
     def __init__(
         self,
@@ -180,6 +181,17 @@ class KNNHead(BaseHead):
                     knn_vote_proba(sims[:, :k], lab[:, :k], n_classes, float(self.temperature))
                 )
         return np.stack([_as_proba(torch.cat(b)) for b in blocks])
+
+    def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
+        # The k values share one normalised bank (not copied).
+        bank, labels = _normalize(X), y_idx.astype(np.int64)
+        heads = []
+        for k in grid:
+            head = self._with_value(k)
+            head.bank_, head.bank_labels_ = bank, labels
+            head.n_features_in_ = int(X.shape[1])
+            heads.append(head)
+        return heads
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {"bank_": self.bank_, "bank_labels_": self.bank_labels_}

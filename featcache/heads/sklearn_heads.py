@@ -57,7 +57,10 @@ class LogRegHead(LinearHeadMixin, BaseHead):
 
     Notes
     -----
-    ``sweep_proba`` fits the grid in ascending ``C`` order, each fit warm-started from the last.
+    ``sweep_proba`` and ``sweep_fit`` fit the grid in ascending ``C`` order, each fit
+    warm-started from the last. With a weak penalty lbfgs stops (``tol``) before the flat optimum,
+    so a warm-started fit and a cold ``fit`` with the same C can differ; ``fit-head`` therefore
+    saves the swept model it selected, never a cold refit.
     """
 
     param = "C"
@@ -104,29 +107,17 @@ class LogRegHead(LinearHeadMixin, BaseHead):
         self.intercept_ = est.intercept_
         self.n_iter_ = int(np.max(est.n_iter_))
 
-    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+    def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
         est = self._estimator(warm_start=True)
-        out: list[np.ndarray | None] = [None] * len(grid)
+        heads: list[BaseHead | None] = [None] * len(grid)
         for i in _sorted_order(grid):
             est.set_params(C=float(grid[i])).fit(X, y_idx)
-            self_like = _LinearView(est.coef_, est.intercept_)
-            out[i] = np.concatenate(
-                [
-                    scores_to_proba(self_like(chunk))
-                    for _, _, chunk in iter_row_chunks(X_eval, what="X_eval")
-                ]
-            )
-        return np.stack(out)
-
-
-class _LinearView:
-    """Scores of a (coef, intercept) pair, for sweeps that never build a head."""
-
-    def __init__(self, coef: np.ndarray, intercept: np.ndarray) -> None:
-        self.coef, self.intercept = coef, intercept
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        return X @ self.coef.T + self.intercept
+            head = self._with_value(grid[i])
+            head.coef_, head.intercept_ = est.coef_.copy(), est.intercept_.copy()
+            head.n_iter_ = int(np.max(est.n_iter_))
+            head.n_features_in_ = int(X.shape[1])
+            heads[i] = head
+        return heads
 
 
 class SVMHead(LinearHeadMixin, BaseHead):
@@ -332,6 +323,16 @@ class RidgeHead(LinearHeadMixin, BaseHead):
         spectrum = self._spectrum(X, y_idx, n_classes)
         scores = spectrum.decision_grid(X_eval, [float(a) for a in grid])
         return np.stack([scores_to_proba(s) for s in scores])
+
+    def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
+        spectrum = self._spectrum(X, y_idx, n_classes)
+        heads = []
+        for alpha in grid:
+            head = self._with_value(alpha)
+            head.coef_, head.intercept_ = spectrum.weights(float(alpha))
+            head.n_features_in_ = int(X.shape[1])
+            heads.append(head)
+        return heads
 
 
 __all__ = ["LOGREG_GRID", "RIDGE_GRID", "SVM_GRID", "LogRegHead", "RidgeHead", "SVMHead"]

@@ -24,10 +24,13 @@ from ..errors import ConfigError, HeadError
 from ..registry import check_choice, check_int
 from .base import (
     CLASS_WEIGHT_HELP,
+    PATIENCE_HELP,
     BaseHead,
+    EpochTracker,
     LinearHeadMixin,
     check_class_weight,
     check_number,
+    check_patience,
     class_weights,
     scores_to_proba,
     softmax,
@@ -465,6 +468,9 @@ class LinearHead(LinearHeadMixin, BaseHead):
         Seed of the AdamW shuffling (L-BFGS is deterministic).
     class_weight : {None, "balanced"}, default=None
         "balanced" weighs class c by ``n_samples / (n_classes * n_c)`` (scikit-learn's meaning).
+    patience : int or None, default=None
+        AdamW only: stop after this many epochs without a better eval score and keep the best
+        epoch's weights (needs eval data, see :func:`~featcache.heads.base.training_monitor`).
 
     Attributes
     ----------
@@ -473,7 +479,9 @@ class LinearHead(LinearHeadMixin, BaseHead):
     intercept_ : ndarray of shape (1,) or (n_classes,)
     n_features_in_ : int
     n_iter_ : int
-        L-BFGS iterations, or AdamW steps.
+        L-BFGS iterations, or AdamW steps (up to the kept epoch).
+    history_ : list of dict
+        AdamW only: per epoch ``{"epoch", "loss"}`` plus the eval score when watched.
 
     Notes
     -----
@@ -500,8 +508,10 @@ class LinearHead(LinearHeadMixin, BaseHead):
         "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
         "random_state": "seed of the AdamW shuffling",
         "class_weight": CLASS_WEIGHT_HELP,
+        "patience": PATIENCE_HELP,
     }
     _accepts_dataset = True
+    thread_pool = "torch"
 
     def __init__(
         self,
@@ -517,6 +527,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         max_memory: int = DEFAULT_MAX_MEMORY,
         random_state: int | None = 0,
         class_weight: str | None = None,
+        patience: int | None = None,
     ) -> None:
         self.C = C
         self.solver = solver
@@ -529,6 +540,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         self.max_memory = max_memory
         self.random_state = random_state
         self.class_weight = class_weight
+        self.patience = patience
 
     def _check_params(self) -> None:
         check_number("C", self.C)
@@ -542,10 +554,16 @@ class LinearHead(LinearHeadMixin, BaseHead):
         _check_memory(self.max_memory)
         _check_seed(self.random_state)
         check_class_weight(self.class_weight)
+        check_patience(self.patience)
+        if self.patience is not None and self.solver != "adamw":
+            raise ConfigError(
+                f"The 'patience' option stops AdamW epochs; solver={self.solver!r} has none. "
+                "Pass solver='adamw' or drop patience."
+            )
 
     def _train(
         self, X: Any, y_idx: np.ndarray, n_classes: int, Cs: list[float]
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, EpochTracker | None]:
         device = resolve_device(self.device)
         rows = _Rows(X, device=device, max_memory=self.max_memory)
         y = torch.as_tensor(y_idx, dtype=torch.long, device=device)
@@ -567,40 +585,83 @@ class LinearHead(LinearHeadMixin, BaseHead):
                     stacklevel=3,
                 )
             W, b = prob.unpack(x)
-            return W, b, n_iter
-        return self._train_adamw(prob, rows, y)
+            return W, b, n_iter, None
+        return self._train_adamw(prob, rows, y, n_classes)
 
-    def _train_adamw(self, prob: _LinearProblem, rows: _Rows, y: torch.Tensor):
+    def _train_adamw(self, prob: _LinearProblem, rows: _Rows, y: torch.Tensor, n_classes: int):
         gen = torch.Generator().manual_seed(_seed(self.random_state))
         W = torch.zeros(prob.G, prob.D, prob.k, device=rows.device)
         b = torch.zeros(prob.G, prob.k, device=rows.device)
         states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
         total = self.epochs * rows.n_batches(self.batch_size)
+        tracker = EpochTracker(prob.G, self.epochs, n_classes, self.patience)
         step = 0
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
+            losses = torch.zeros(prob.G, dtype=torch.float64, device=rows.device)
             for xb, yb in rows.batches(y, self.batch_size, gen):
                 step += 1
                 lr = _cosine_lr(float(self.lr), step, total)
-                _, gW, gb = prob.loss_grad_sum(W, b, xb, yb)
+                loss, gW, gb = prob.loss_grad_sum(W, b, xb, yb)
+                losses += loss
                 gW = gW / xb.shape[0] + prob.inv_reg[:, None, None] * W
                 _adam_step(W, gW, states[0], step, lr)
                 _adam_step(b, gb / xb.shape[0], states[1], step, lr)
-        return W, b, np.full(prob.G, step)
+
+            def proba():
+                scores = _grid_scores(tracker.monitor.X_eval, W, b, device=W.device, max_memory=self.max_memory)
+                return [scores_to_proba(z) for z in scores]
+
+            if tracker.end_epoch(epoch, (losses / rows.n).tolist(), proba,
+                                 lambda g: (W[g].clone(), b[g].clone(), step)):
+                break
+        n_iter = np.full(prob.G, step)
+        if self.patience is not None:
+            for g in range(prob.G):
+                W[g], b[g], n_iter[g] = tracker.restore(g)
+        return W, b, n_iter, tracker
+
+    def _adopt(self, W: torch.Tensor, b: torch.Tensor, n_iter: np.ndarray, g: int,
+               tracker: EpochTracker | None, n_features: int) -> "LinearHead":
+        """Take grid point ``g`` of a batched run as this head's fitted state."""
+        self.coef_ = W[g].T.cpu().numpy().copy()
+        self.intercept_ = b[g].cpu().numpy().copy()
+        self.n_iter_ = int(n_iter[g])
+        self.n_features_in_ = n_features
+        if tracker is not None:
+            tracker.attach(self, g)
+        return self
 
     def _fit(self, X, y_idx, n_classes) -> None:
-        W, b, n_iter = self._train(X, y_idx, n_classes, [float(self.C)])
-        self.coef_ = W[0].T.cpu().numpy().copy()
-        self.intercept_ = b[0].cpu().numpy().copy()
-        self.n_iter_ = int(n_iter[0])
+        W, b, n_iter, tracker = self._train(X, y_idx, n_classes, [float(self.C)])
+        self._adopt(W, b, n_iter, 0, tracker, int(X.shape[1]))
 
     def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
-        W, b, _ = self._train(X, y_idx, n_classes, [float(c) for c in grid])
+        W, b, _, _ = self._train(X, y_idx, n_classes, [float(c) for c in grid])
         scores = _grid_scores(X_eval, W, b, device=W.device, max_memory=self.max_memory)
         return np.stack([scores_to_proba(s) for s in scores])
+
+    def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
+        W, b, n_iter, tracker = self._train(X, y_idx, n_classes, [float(c) for c in grid])
+        return [self._with_value(value)._adopt(W, b, n_iter, g, tracker, int(X.shape[1]))
+                for g, value in enumerate(grid)]
 
 
 # ----------------------------------------------------------------------------------------------
 # The MLP head
+
+
+def _mlp_grid_proba(X: Any, params: list[torch.Tensor], device: torch.device, max_memory: int) -> list[np.ndarray]:
+    """Eval probabilities of G stacked MLPs (no dropout), one pass over ``X``, in row blocks."""
+    W1, b1, W2, b2 = (p.detach() for p in params)
+    rows = _Rows(X, device=device, max_memory=max_memory)
+    block = max(1, _BLOCK_ELEMENTS // max(1, W1.shape[0] * W1.shape[2]))
+    out = []
+    with torch.no_grad():
+        for _, xc in rows.chunks():
+            for s in range(0, xc.shape[0], block):
+                h = torch.relu(torch.einsum("nd,gdh->gnh", xc[s : s + block], W1) + b1[:, None, :])
+                out.append(torch.softmax(torch.bmm(h, W2) + b2[:, None, :], dim=2).double().cpu().numpy())
+    return list(np.concatenate(out, axis=1))
 
 
 class _MLPModule(torch.nn.Module):
@@ -674,8 +735,10 @@ class MLPHead(BaseHead):
         "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
         "random_state": "seed of initialisation, shuffling and dropout",
         "class_weight": CLASS_WEIGHT_HELP,
+        "patience": PATIENCE_HELP,
     }
     _accepts_dataset = True
+    thread_pool = "torch"
 
     def __init__(
         self,
@@ -690,6 +753,7 @@ class MLPHead(BaseHead):
         max_memory: int = DEFAULT_MAX_MEMORY,
         random_state: int | None = 0,
         class_weight: str | None = None,
+        patience: int | None = None,
     ) -> None:
         self.hidden = hidden
         self.dropout = dropout
@@ -701,6 +765,7 @@ class MLPHead(BaseHead):
         self.max_memory = max_memory
         self.random_state = random_state
         self.class_weight = class_weight
+        self.patience = patience
 
     def _check_params(self) -> None:
         check_int("hidden", self.hidden)
@@ -715,6 +780,7 @@ class MLPHead(BaseHead):
         _check_memory(self.max_memory)
         _check_seed(self.random_state)
         check_class_weight(self.class_weight)
+        check_patience(self.patience)
 
     def _train(self, X: Any, y_idx: np.ndarray, n_classes: int, decays: list[float]):
         device = resolve_device(self.device)
@@ -738,8 +804,10 @@ class MLPHead(BaseHead):
         states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
         p_drop = float(self.dropout)
         total = self.epochs * rows.n_batches(self.batch_size)
+        tracker = EpochTracker(G, self.epochs, n_classes, self.patience)
         step = 0
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
+            losses = torch.zeros(G, dtype=torch.float64, device=device)
             for xb, yb in rows.batches(y, self.batch_size, gen):
                 step += 1
                 lr = _cosine_lr(float(self.lr), step, total)
@@ -750,41 +818,48 @@ class MLPHead(BaseHead):
                     keep = torch.rand((B, H), generator=mask_gen, device=device) >= p_drop
                     h = h * (keep.to(h.dtype) / (1.0 - p_drop))
                 z = torch.bmm(h, W2) + b2[:, None, :]
-                loss = (
-                    torch.nn.functional.cross_entropy(
-                        z.reshape(G * B, K), yb.repeat(G), weight=cw, reduction="sum"
-                    )
-                    / B
-                )
-                grads = torch.autograd.grad(loss, params)
+                per_head = torch.nn.functional.cross_entropy(
+                    z.reshape(G * B, K), yb.repeat(G), weight=cw, reduction="none"
+                ).view(G, B).sum(1)
+                losses += per_head.detach().double()
+                grads = torch.autograd.grad(per_head.sum() / B, params)
                 for p, gr, st, wd in zip(params, grads, states, (decay, None, decay, None)):
                     _adam_step(p, gr, st, step, lr, wd)
-        return [p.detach() for p in params]
+
+            def proba():
+                return _mlp_grid_proba(tracker.monitor.X_eval, params, device, self.max_memory)
+
+            if tracker.end_epoch(epoch, (losses / rows.n).tolist(), proba,
+                                 lambda g: [p[g].detach().clone() for p in params]):
+                break
+        if self.patience is not None:
+            with torch.no_grad():
+                for g in range(G):
+                    for p, kept in zip(params, tracker.restore(g)):
+                        p[g] = kept
+        return [p.detach() for p in params], tracker
 
     def _fit(self, X, y_idx, n_classes) -> None:
-        W1, b1, W2, b2 = (
-            p[0].cpu().numpy().copy()
-            for p in self._train(X, y_idx, n_classes, [float(self.weight_decay)])
-        )
+        params, tracker = self._train(X, y_idx, n_classes, [float(self.weight_decay)])
+        self._adopt(params, 0, tracker)
+
+    def _adopt(self, params: list[torch.Tensor], g: int, tracker: EpochTracker) -> "MLPHead":
+        """Take grid point ``g`` of a batched run as this head's fitted state."""
+        W1, b1, W2, b2 = (p[g].cpu().numpy().copy() for p in params)
         self.coefs_ = [W1, W2]
         self.intercepts_ = [b1, b2]
+        self.n_features_in_ = int(W1.shape[0])
+        tracker.attach(self, g)
+        return self
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
         X = X.astype(np.float32, copy=False)
         h = np.maximum(X @ self.coefs_[0] + self.intercepts_[0], 0.0)
         return softmax(h @ self.coefs_[1] + self.intercepts_[1])
 
-    def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
-        W1, b1, W2, b2 = (
-            p.cpu().numpy() for p in self._train(X, y_idx, n_classes, [float(v) for v in grid])
-        )
-        out = []
-        for g in range(len(grid)):
-            view = MLPHead()
-            view.coefs_, view.intercepts_ = [W1[g], W2[g]], [b1[g], b2[g]]
-            view.classes_, view.n_features_in_ = np.arange(n_classes), W1.shape[1]
-            out.append(view.predict_proba(X_eval))
-        return np.stack(out)
+    def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
+        params, tracker = self._train(X, y_idx, n_classes, [float(v) for v in grid])
+        return [self._with_value(value)._adopt(params, g, tracker) for g, value in enumerate(grid)]
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {
