@@ -411,7 +411,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--refit-on-trainval", is_flag=True, help="Refit the chosen value on train + val.")
 @click.option("--shots", type=int, default=None, help="Few-shot: K training examples per class.")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Few-shot: number of random draws.")
-@click.option("--cv", type=int, default=5, show_default=True, help="Folds of the sweep when there is no eval split.")
+@click.option("--cv", type=int, default=None, help="Folds of the sweep when there is no eval split (default 5).")
 @click.option("--max-memory", type=float, default=2.0, show_default=True,
               help="GiB of features to load into memory; larger caches are streamed (linear, mlp).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (tail, mlp, linear with adamw).")
@@ -419,12 +419,13 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--batch-size", type=int, default=None, help="Mini-batch size (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds"}.')
 @_fail_cleanly
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, seed,
-             refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size, opts, output, runs_dir,
-             as_json) -> None:
+             refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size, opts, output, overwrite,
+             runs_dir, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
@@ -447,7 +448,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
                        pca=pca, grid=parse_grid(grid), class_weight=class_weight, seed=seed,
                        refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
                        max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
-                       runs_dir=runs_dir)
+                       runs_dir=runs_dir, overwrite=overwrite)
     res = run(cache, config)
     if as_json:
         _echo_json(res.to_dict())
@@ -595,16 +596,20 @@ def _csv(value: str | None, cast=str):
 @extraction_options(exclude=("backbone", "layers"))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="bench-out", show_default=True)
 @click.option("--skip-existing", is_flag=True, help="Resume: skip runs already in OUT_DIR/records.jsonl.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete OUT_DIR's earlier records and runs first (by default a grid adds to them).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or per-run lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
 @click.pass_context
 @_fail_cleanly
-def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out_dir, skip_existing, as_json, **kw):
+def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out_dir, skip_existing, overwrite,
+          quiet, as_json, **kw):
     """Benchmark a grid of backbones x layers x sources x heads x shots x seeds.
 
     CONFIG_FILE is a TOML file with lists backbones, sources, layers, heads, shots, an int seeds, and
     optional [extract] and [fit] tables of options; flags override it. Each cache is extracted once;
-    every fit appends a record to OUT_DIR/records.jsonl; then the leaderboard (Markdown, CSV) and plots
-    are written.
+    every fit appends a record to OUT_DIR/records.jsonl (earlier records are kept unless --overwrite);
+    then the leaderboard (Markdown, CSV) and plots are written.
     """
     from dataclasses import replace
 
@@ -619,28 +624,32 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
     ex = extract_config(dict(kw)).to_dict()
     cfg = replace(cfg, extract={**cfg.extract, **{k: ex[k] for k in typed}})
     start = time.perf_counter()
+    quiet = quiet or as_json
+    fitted = []
 
     def progress(i, total, rec, elapsed):
-        if as_json:
+        fitted.append(i)
+        if quiet:
             return
-        eta = elapsed / i * (total - i)
+        eta = elapsed / len(fitted) * (total - i)  # cells skipped by --skip-existing took no time
         top1 = next(iter(rec["metrics"].values()), {}).get("top1")
         click.echo(f"[{i}/{total}] {rec['backbone']} {rec['layer']} {rec['source']} {rec['head']} "
                    f"shots={rec['shots'] or 'all'} seed={rec['seed']}: top-1 {top1 if top1 is None else f'{top1:.4f}'}"
                    f"  elapsed {elapsed:.0f} s, ETA {eta:.0f} s", err=True)
 
-    bar = _Progress("extract", as_json)
+    bar = _Progress("extract", quiet)
     try:
-        records = run_bench(cfg, out_dir, skip_existing=skip_existing, progress=progress, extract_progress=bar)
+        records = run_bench(cfg, out_dir, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
+                            extract_progress=bar)
     finally:
         bar.close()
     rows = leaderboard(records)
     if as_json:
-        _echo_json({"out_dir": out_dir, "runs": len(records), "leaderboard": rows})
+        _echo_json({"out_dir": out_dir, "runs": len(records), "new_runs": len(fitted), "leaderboard": rows})
         return
     click.echo((Path(out_dir) / "leaderboard.md").read_text())
-    click.echo(f"{len(records)} runs in {out_dir}/ ({time.perf_counter() - start:.0f} s): records.jsonl, "
-               f"leaderboard.md/.csv, shots.png, layers.png, time.png")
+    click.echo(f"{len(records)} runs in {out_dir}/ ({len(fitted)} new, {time.perf_counter() - start:.0f} s): "
+               f"records.jsonl, leaderboard.md/.csv, shots.png, layers.png, time.png")
 
 
 @main.command(name="probe-layers")

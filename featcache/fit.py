@@ -51,11 +51,14 @@ class FitConfig:
     refit_on_trainval: bool = False
     shots: int | None = None
     seeds: int = 1
-    cv: int = 5
+    #: Folds of the k-fold sweep when there is no eval split; None: 5. Refused when an eval split exists.
+    cv: int | None = None
     max_memory: int = 2 << 30
     head_options: dict = field(default_factory=dict)
     output: str | None = None
     runs_dir: str = "runs"
+    #: Replace an existing run in ``output``; without it a run folder is never overwritten.
+    overwrite: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,8 +86,11 @@ class FitResult:
 
 def parse_grid(text: str | None) -> tuple[float, ...] | None:
     """``"0.01,0.1,1"`` or ``"logspace:-4:4:13"`` -> a tuple of floats (None stays None)."""
-    if text is None or text == "":
+    if text is None:
         return None
+    if not text.strip():
+        raise ConfigError("The grid (--C) is empty. Pass values, e.g. --C 0.01,0.1,1 or logspace:-4:4:13, or drop "
+                          "--C for the head's own grid.")
     try:
         if text.startswith("logspace:"):
             lo, hi, n = text.split(":")[1:]
@@ -94,6 +100,24 @@ def parse_grid(text: str | None) -> tuple[float, ...] | None:
         raise ConfigError(
             f"The grid must be comma-separated numbers (0.01,0.1,1) or logspace:LO:HI:N. Got {text!r}."
         ) from None
+
+
+def check_options(config: FitConfig) -> None:
+    """Refuse options that do not apply to ``config.head`` or to this fit, before any feature is read.
+
+    Raises
+    ------
+    ConfigError
+        Naming the option and what to do instead.
+    """
+    entry = HEADS.entry(config.head)
+    if config.grid is not None:
+        if len(config.grid) == 0:
+            parse_grid("")
+        if entry.extra["param"] is None:
+            raise ConfigError(f"--C does not apply to head '{config.head}': it sweeps no parameter. Drop --C.")
+    if config.seeds != 1 and config.shots is None:
+        raise ConfigError(f"--seeds {config.seeds} applies to few-shot fits only. Add --shots K or drop --seeds.")
 
 
 def _few_shot_indices(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -193,7 +217,7 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
 
             if not isinstance(X, np.ndarray):
                 raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise --max-memory.")
-            folds = min(config.cv, int(np.bincount(y).max(initial=0)), int(np.min(np.bincount(y)[present])))
+            folds = min(config.cv or 5, int(np.bincount(y).max(initial=0)), int(np.min(np.bincount(y)[present])))
             if folds < 2:
                 raise HeadError("Too few samples per class for a k-fold sweep; add a val split or pass one --C value.")
             skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -245,10 +269,10 @@ def _activation_head_setup(cache: FeatureCache, layer: str, config: FitConfig, o
     return config, options, fit_kwargs
 
 
-def _score_splits(cache, layer, config, head, transform, skip: str) -> dict:
+def _score_splits(cache, layer, config, head, transform, skip: tuple[str, ...]) -> dict:
     metrics = {}
     for split in cache.splits:
-        if split == skip or cache.n(split) == 0:
+        if split in skip or cache.n(split) == 0:
             continue
         X, y = cache.load(split, layer)
         proba_head = head.predict_proba(transform.transform(X.reshape(len(X), -1)))
@@ -286,10 +310,14 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     if config.grid is not None:
         config = FitConfig(**{**config.to_dict(), "grid": tuple(config.grid)})
     check_int("seeds", config.seeds)
-    check_int("cv", config.cv, minimum=2)
+    if config.cv is not None:
+        check_int("cv", config.cv, minimum=2)
     if config.shots is not None:
         check_int("shots", config.shots)
-    HEADS.entry(config.head)
+    check_options(config)
+    if config.output and not config.overwrite and (Path(config.output) / RUN_JSON).exists():
+        raise ConfigError(f"'{config.output}' already holds a run. Pass --overwrite to replace it, or choose "
+                          f"another -o folder.")
     own = not isinstance(cache, FeatureCache)
     c = open_cache(cache) if own else cache
     try:
@@ -303,6 +331,11 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             raise ConfigError(f"Split '{eval_split}' is not in the cache. It has: {', '.join(c.splits)}.")
         if eval_split == "test":
             raise ConfigError("The sweep never chooses on the test split. Pass --eval-split val or none.")
+        if config.cv is not None and eval_split is not None:
+            raise ConfigError(f"--cv applies only without an eval split; this sweep is scored on '{eval_split}'. "
+                              f"Drop --cv, or pass --eval-split none to sweep by k-fold on {config.train_split}.")
+        # After --refit-on-trainval the eval split is training data: its scores are not held out.
+        skip = (config.train_split, eval_split) if config.refit_on_trainval else (config.train_split,)
         few_shot = None
         if config.shots:
             y_all = c.labels(config.train_split)
@@ -311,7 +344,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             for s in range(config.seeds):
                 idx = _few_shot_indices(y_all, config.shots, config.seed + s)
                 head, transform, best, sweep = _fit_once(c, config, layer, idx, eval_split, config.seed + s)
-                m = _score_splits(c, layer, config, head, transform, config.train_split)
+                m = _score_splits(c, layer, config, head, transform, skip)
                 per_seed.append({"seed": config.seed + s, "best": best, "metrics": m})
                 if first is None:
                     first = (head, transform, best, sweep, m)
@@ -320,7 +353,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
                         "per_seed": per_seed}
         else:
             head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed)
-            metrics = _score_splits(c, layer, config, head, transform, config.train_split)
+            metrics = _score_splits(c, layer, config, head, transform, skip)
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": layer, "classes": c.classes, "fingerprint": c.fingerprint,

@@ -134,3 +134,83 @@ def test_probe_layers_taps_every_stage_in_one_pass(tmp_path):
     assert set(out) >= {"layers", "recommendation"} and len(out["layers"]) == 5
     r = CliRunner().invoke(main, ["report", str(tmp_path / "l2"), "-o", str(tmp_path / "l.html")])
     assert r.exit_code == 0 and "data:image/png;base64," in (tmp_path / "l.html").read_text()
+
+
+def _small_grid(tmp_path, **kw):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    base = dict(backbones=("resnet18.none",), sources=(str(folder),), heads=("ncm",), shots=(0,), seeds=1,
+                extract={**EXTRACT, "cache_dir": str(tmp_path / "cache")})
+    return BenchConfig(**{**base, **kw})
+
+
+def test_a_second_grid_keeps_earlier_records_and_never_reuses_a_run_number(tmp_path):
+    out = tmp_path / "out"
+    first = run_bench(_small_grid(tmp_path, heads=("ncm", "knn")), out)
+    assert len(first) == 2
+    second = run_bench(_small_grid(tmp_path, heads=("ridge",)), out)
+    assert len(second) == 3 and [r["head"] for r in second] == ["ncm", "knn", "ridge"]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert [r[:5] for r in runs] == ["00001", "00002", "00003"]
+    assert len({r["run"] for r in second}) == 3
+    again = run_bench(_small_grid(tmp_path, heads=("ncm",)), out, overwrite=True)
+    assert [r["head"] for r in again] == ["ncm"] and len(list((out / "runs").iterdir())) == 1
+    with pytest.raises(ConfigError, match="--overwrite deletes the records"):
+        run_bench(_small_grid(tmp_path), out, overwrite=True, skip_existing=True)
+
+
+def test_bench_cli_appends_and_overwrite_is_explicit(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    args = ["bench", "--backbones", "resnet18.none", "--sources", str(folder), "--input-size", "32", "--workers",
+            "0", "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "out"), "--json"]
+    r = CliRunner().invoke(main, [*args, "--heads", "ncm,knn"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*args, "--heads", "ridge"])
+    out = json.loads(r.stdout)
+    assert (out["runs"], out["new_runs"]) == (3, 1)
+    assert len(read_records(tmp_path / "out")) == 3
+    r = CliRunner().invoke(main, [*args, "--heads", "ridge", "--overwrite"])
+    assert json.loads(r.stdout)["runs"] == 1
+    r = CliRunner().invoke(main, [*args[:-1], "--heads", "ncm", "-q"])
+    assert r.exit_code == 0 and "[1/1]" not in r.output and "2 runs in" in r.output
+
+
+@pytest.mark.parametrize("table, line, error", [
+    ("fit", 'normalise = "l2"', "Error: Unknown keys in the [fit] table of '{toml}': normalise (did you mean "
+                                "'normalize'?). Known: "),
+    ("extract", "batchsize = 16", "Error: Unknown keys in the [extract] table of '{toml}': batchsize (did you "
+                                  "mean 'batch_size'?). Known: "),
+])
+def test_unknown_keys_in_toml_tables_name_the_closest(tmp_path, table, line, error):
+    toml = tmp_path / "grid.toml"
+    toml.write_text(f'heads = ["ncm"]\n[{table}]\n{line}\n')
+    r = CliRunner().invoke(main, ["bench", str(toml), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and r.output.startswith(error.format(toml=toml)), r.output
+    assert "Traceback" not in r.output
+    toml.write_text('heads = ["ncm"]\nbackbone = ["resnet18"]\n')
+    r = CliRunner().invoke(main, ["bench", str(toml)])
+    assert r.output.startswith(f"Error: Unknown keys in '{toml}': backbone (did you mean 'backbones'?). Known: ")
+
+
+def test_toml_grid_accepts_the_cli_syntax(tmp_path):
+    toml = tmp_path / "grid.toml"
+    toml.write_text('[fit]\ngrid = "logspace:-2:2:5"\n')
+    assert BenchConfig.from_toml(toml).fit_config().grid == pytest.approx((0.01, 0.1, 1.0, 10.0, 100.0))
+    toml.write_text('[fit]\ngrid = [0.1, 1]\n')
+    assert BenchConfig.from_toml(toml).fit_config().grid == (0.1, 1.0)
+
+
+def test_bench_checks_names_and_options_before_extracting(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    cache = tmp_path / "c"
+    base = ["bench", "--backbones", "resnet18.none", "--sources", str(folder), "--input-size", "32",
+            "--cache-dir", str(cache), "-o", str(tmp_path / "out")]
+    r = CliRunner().invoke(main, [*base, "--heads", "logreg,bogus"])
+    assert r.output == "Error: Unknown head 'bogus'. Run 'featcache heads' to list them.\n"
+    r = CliRunner().invoke(main, ["bench", "--backbones", "resnet18.none,nonet", "--sources", str(folder),
+                                  "--cache-dir", str(cache)])
+    assert r.output == "Error: Unknown backbone 'nonet'. Run 'featcache backbones' to list them.\n"
+    toml = tmp_path / "g.toml"
+    toml.write_text('heads = ["logreg", "ncm"]\n[fit]\ngrid = [0.1, 1]\n')
+    r = CliRunner().invoke(main, [str(a) for a in ("bench", toml, *base[1:])])
+    assert r.output == "Error: --C does not apply to head 'ncm': it sweeps no parameter. Drop --C.\n"
+    assert not cache.exists() and not (tmp_path / "out").exists()

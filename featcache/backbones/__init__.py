@@ -373,6 +373,14 @@ def load_backbone(spec: str = "efficientnet_lite0", *, weights: str | os.PathLik
     return bb
 
 
+def check_backbone_spec(spec: str) -> None:
+    """Refuse an unknown registered name without building the model (timm, TorchScript and
+    factory specs are checked when they are loaded)."""
+    if spec.startswith(("torchscript:", "timm:")) or spec.endswith(_TORCHSCRIPT_SUFFIXES) or _FACTORY.match(spec):
+        return
+    BACKBONES.entry(spec.partition(".")[0])
+
+
 def list_backbones() -> list[dict]:
     """Registered backbone names with a description."""
     return [{"name": e.name, "description": e.description} for e in BACKBONES]
