@@ -17,7 +17,7 @@ from .errors import FeatcacheError  # noqa: E402
 from .extract import ExtractConfig, ExtractResult, extract  # noqa: E402
 from .fit import FitConfig, FitResult, evaluate, fit_head, load_run  # noqa: E402
 from .heads import list_heads, make_head  # noqa: E402
-from .predict import export as export_run, predict  # noqa: E402
+from .predict import export as export_run, load_export, predict  # noqa: E402
 from .probe_layers import probe_layers  # noqa: E402
 from .sources import open_source  # noqa: E402
 from .store import FeatureCache, list_caches, open_cache  # noqa: E402
@@ -26,8 +26,8 @@ from .taps import list_layers  # noqa: E402
 __all__ = [
     "Backbone", "BenchConfig", "ExtractConfig", "ExtractResult", "FeatcacheError", "FeatureCache", "FitConfig",
     "FitResult", "evaluate", "export_run", "extract", "fit_head", "list_backbones", "list_caches", "list_heads",
-    "list_layers", "load_backbone", "load_run", "make_head", "open_cache", "open_source", "predict", "probe_layers",
-    "run_bench",
+    "list_layers", "load_backbone", "load_export", "load_run", "make_head", "open_cache", "open_source", "predict",
+    "probe_layers", "run_bench",
 ]
 
 

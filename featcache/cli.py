@@ -14,6 +14,14 @@ import click
 from .errors import FeatcacheError
 
 
+class LibraryError(click.ClickException):
+    """A :class:`FeatcacheError` on its way to the user; ``kind`` is the library's class name."""
+
+    def __init__(self, error: FeatcacheError) -> None:
+        super().__init__(str(error))
+        self.kind = type(error).__name__
+
+
 def _fail_cleanly(fn):
     """Turn library errors into ``Error: ...`` (exit 1, no traceback)."""
 
@@ -22,9 +30,29 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except FeatcacheError as e:
-            raise click.ClickException(str(e)) from None
+            raise LibraryError(e) from None
 
     return wrapper
+
+
+class _Group(click.Group):
+    """With ``--json``, a failing command also prints ``{"error": ..., "type": ...}`` on stdout
+    (the ``Error:`` line still goes to stderr) and exits 1, usage errors included."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["featcache.json"] = "--json" in args
+        return ctx
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            cmd = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            if ctx.meta.get("featcache.json") and cmd and any(p.name == "as_json" for p in cmd.params):
+                _echo_json({"error": e.format_message(), "type": getattr(e, "kind", type(e).__name__)})
+                e.exit_code = 1
+            raise
 
 
 def _floats(value: str | None, name: str, n: int = 3):
@@ -52,7 +80,7 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=None, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featcache")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does (warnings always show).")
 def main(verbose: bool) -> None:
@@ -444,7 +472,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
             head_opts[name] = value
 
     config = FitConfig(head=head, layer=layer, train_split=train_split,
-                       eval_split=None if eval_split in (None, "none") else eval_split, normalize=normalize,
+                       eval_split=eval_split, normalize=normalize,
                        pca=pca, grid=parse_grid(grid), class_weight=class_weight, seed=seed,
                        refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
                        max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
@@ -539,13 +567,25 @@ def _write_predictions(preds: list[dict], output: str) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Backbone weights file.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"program", "classes", "preprocess", ...}.')
 @_fail_cleanly
-def export(run_dir, out, weights) -> None:
-    """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits."""
-    from .predict import export as run
+def export(run_dir, out, weights, as_json) -> None:
+    """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits.
+    The classes and preprocessing travel inside it (featcache.load_export reads both)."""
+    from .predict import EXPORT_META, export as run, load_export
 
     path = run(run_dir, out, weights=weights)
-    click.echo(f"wrote {path} (load with torch.export.load(path).module())")
+    meta = load_export(path).meta
+    if as_json:
+        _echo_json({"program": str(path), **meta})
+        return
+    pp = meta["preprocess"]
+    click.echo(f"wrote {path}: normalised images (batch, 3, {pp['crop']}, {pp['crop']}) -> logits")
+    click.echo(f"  classes:    {len(meta['classes'])} ({', '.join(meta['classes'])})")
+    click.echo(f"  preprocess: resize {pp['resize']} ({pp['interpolation']}), centre crop {pp['crop']}, "
+               f"mean {pp['mean']}, std {pp['std']}")
+    click.echo(f"  load with featcache.load_export(path) (checks the input size; .meta holds the above), or "
+               f"torch.export.load(path, extra_files={{'{EXPORT_META}': ''}}).module()")
 
 
 @main.command()
@@ -684,12 +724,17 @@ def probe_layers(backbone, source, out_dir, head, as_json, **kw):
 @main.command()
 @click.argument("src", type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="HTML file to write.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"report": PATH}.')
 @_fail_cleanly
-def report(src, output):
+def report(src, output, as_json):
     """Write one self-contained HTML page for a RUN_DIR, BENCH_DIR or LAYERS_DIR."""
     from .report import write_report
 
-    click.echo(f"wrote {write_report(src, output)}")
+    path = write_report(src, output)
+    if as_json:
+        _echo_json({"report": str(path)})
+        return
+    click.echo(f"wrote {path}")
 
 
 @main.command()

@@ -42,6 +42,7 @@ class FitConfig:
     head: str = "logreg"
     layer: str | None = None
     train_split: str = "train"
+    #: Split the sweep is scored on; None: val when present; "none": k-fold on the training split.
     eval_split: str | None = None
     normalize: str = "standard"
     pca: int | None = None
@@ -324,8 +325,9 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         layer = c._layer(config.layer)
         if config.train_split not in c.splits:
             raise ConfigError(f"Split '{config.train_split}' is not in the cache. It has: {', '.join(c.splits)}.")
-        eval_split = config.eval_split
-        if eval_split is None and "val" in c.splits and config.train_split != "val":
+        # "none": sweep by k-fold on the training split even when there is a val split.
+        eval_split = None if config.eval_split == "none" else config.eval_split
+        if config.eval_split is None and "val" in c.splits and config.train_split != "val":
             eval_split = "val"
         if eval_split is not None and eval_split not in c.splits:
             raise ConfigError(f"Split '{eval_split}' is not in the cache. It has: {', '.join(c.splits)}.")

@@ -112,3 +112,73 @@ def test_extract_checkpoint_decode_and_compile_options(image_folder, tmp_path):
     assert compiled["cache"] != plain["cache"] and not compiled["exists"]
     r = run("extract", image_folder, *TINY, "--checkpoint-every", "-1")
     assert r.exit_code == 1 and "'checkpoint_every' option must be a number of seconds >= 0" in r.output
+
+
+def _json_commands():
+    return sorted(name for name, cmd in main.commands.items() if any(p.name == "as_json" for p in cmd.params))
+
+
+def test_every_json_command_prints_one_json_object_when_it_fails(tmp_path):
+    names = _json_commands()
+    assert {"extract", "info", "fit-head", "bench", "predict", "evaluate", "export", "report"} <= set(names)
+    for name in names:
+        r = CliRunner().invoke(main, [name, "--json", "--no-such-option"])
+        assert r.exit_code == 1, (name, r.output)
+        out = json.loads(r.stdout)
+        assert out["type"] == "NoSuchOption" and "--no-such-option" in out["error"], name
+        assert r.stderr.endswith(f"Error: {out['error']}\n")
+
+
+def test_json_errors_carry_the_library_message_and_type(image_folder, tmp_path):
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "nothing.h5"), "--json"])
+    out = json.loads(r.stdout)
+    assert r.exit_code == 1 and out["type"] == "CacheError" and out["error"].startswith("Cache file")
+    assert r.stderr == f"Error: {out['error']}\n"
+    r = CliRunner().invoke(main, ["extract", str(image_folder), *TINY, "--batch-size", "0", "--json"])
+    assert json.loads(r.stdout) == {"error": "The 'batch_size' option must be an int >= 1. Got 0.",
+                                    "type": "ConfigError"}
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "nothing.h5")])  # without --json stdout stays empty
+    assert r.exit_code == 1 and r.stdout == ""
+
+
+def _cache(image_folder, tmp_path):
+    out = json.loads(run("extract", image_folder, *TINY, "--cache-dir", tmp_path / "cache", "--json").output)
+    return out["cache"]
+
+
+def test_fit_head_refuses_to_overwrite_a_run(image_folder, tmp_path):
+    cache = _cache(image_folder, tmp_path)
+    r = run("fit-head", cache, "--head", "ncm", "-o", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    before = (tmp_path / "run" / "run.json").read_text()
+    r = run("fit-head", cache, "--head", "knn", "-o", tmp_path / "run")
+    assert r.exit_code == 1
+    assert r.output == (f"Error: '{tmp_path / 'run'}' already holds a run. Pass --overwrite to replace it, or "
+                        f"choose another -o folder.\n")
+    assert (tmp_path / "run" / "run.json").read_text() == before
+    r = run("fit-head", cache, "--head", "knn", "-o", tmp_path / "run", "--overwrite")
+    assert r.exit_code == 0 and '"head": "knn"' in (tmp_path / "run" / "head.json").read_text()
+
+
+def test_options_that_do_not_apply_are_refused(image_folder, tmp_path):
+    cache = _cache(image_folder, tmp_path)
+    for args, error in [
+        (("--head", "ncm", "--C", "0.1,1"), "--C does not apply to head 'ncm': it sweeps no parameter. Drop --C."),
+        (("--head", "logreg", "--C", ""), "The grid (--C) is empty. Pass values, e.g. --C 0.01,0.1,1 or "
+                                           "logspace:-4:4:13, or drop --C for the head's own grid."),
+        (("--head", "ncm", "--seeds", "3"), "--seeds 3 applies to few-shot fits only. Add --shots K or drop --seeds."),
+        (("--head", "ncm", "--cv", "3"), "--cv applies only without an eval split; this sweep is scored on 'val'. "
+                                          "Drop --cv, or pass --eval-split none to sweep by k-fold on train."),
+    ]:
+        r = run("fit-head", cache, *args, "-o", tmp_path / "never")
+        assert (r.exit_code, r.output) == (1, f"Error: {error}\n"), args
+    assert not (tmp_path / "never").exists()
+    r = run("fit-head", cache, "--head", "ridge", "--eval-split", "none", "--cv", "2", "-o", tmp_path / "cv", "--json")
+    assert json.loads(r.stdout)["best"]["scored_on"] == "2-fold cv on train", r.output
+
+
+def test_refit_on_trainval_does_not_report_val_as_held_out(image_folder, tmp_path):
+    cache = _cache(image_folder, tmp_path)
+    r = run("fit-head", cache, "--head", "ridge", "--refit-on-trainval", "-o", tmp_path / "rf", "--json")
+    out = json.loads(r.output)
+    assert r.exit_code == 0 and "val" not in out["metrics"] and out["best"]["scored_on"] == "val"
