@@ -697,7 +697,7 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
 @click.argument("source")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="layers-out", show_default=True)
 @click.option("--head", default="logreg", show_default=True, help="Head fitted on every layer.")
-@extraction_options(exclude=("backbone", "layers", "pool"))
+@extraction_options(exclude=("backbone", "layers"))
 @click.option("--json", "as_json", is_flag=True, help='Print {"layers": [...], "recommendation": {...}}.')
 @_fail_cleanly
 def probe_layers(backbone, source, out_dir, head, as_json, **kw):

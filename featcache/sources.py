@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 
 from .errors import ConfigError, SourceError
 from .registry import Registry
+
+logger = logging.getLogger(__name__)
 
 SOURCES: Registry[Callable[..., "Source"]] = Registry("source", "featcache sources")
 
@@ -350,7 +353,9 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
     """
     if isinstance(spec, Source):
         src = spec
+        opened = False
     else:
+        opened = True
         spec = str(spec)
         kind, _, rest = spec.partition(":")
         if spec in SOURCES and SOURCES.entry(spec).extra.get("builtin"):
@@ -370,7 +375,28 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
             )
     if val_fraction is not None:
         _split_val(src, val_fraction, split_seed)
+    if opened:
+        _warn_about_classes(src)
     return src
+
+
+def _warn_about_classes(src: Source) -> None:
+    """A class without samples, or a split of one class, extracts fine but cannot train or score a
+    head: say so before the forward passes rather than at fit time."""
+    seen: set[int] = set()
+    for split, refs in src.splits.items():
+        labels = {r.label for r in refs}
+        seen |= labels
+        if len(labels) == 1 and len(src.classes) > 1:
+            logger.warning("Split '%s' of source '%s' holds only class '%s'; a head needs at least 2 classes to train "
+                           "and scores on one class say little.", split, src.spec, src.classes[next(iter(labels))])
+    empty = [c for i, c in enumerate(src.classes) if i not in seen]
+    if empty:
+        logger.warning("Source '%s' has no samples of class(es) %s. Add images for them or remove their folders.",
+                       src.spec, ", ".join(f"'{c}'" for c in empty))
+    if len(src.classes) == 1:
+        logger.warning("Source '%s' has a single class ('%s'); a head needs at least 2 classes to train.",
+                       src.spec, src.classes[0])
 
 
 def _split_val(src: Source, fraction: float, seed: int) -> None:

@@ -214,3 +214,44 @@ def test_bench_checks_names_and_options_before_extracting(tmp_path):
     r = CliRunner().invoke(main, [str(a) for a in ("bench", toml, *base[1:])])
     assert r.output == "Error: --C does not apply to head 'ncm': it sweeps no parameter. Drop --C.\n"
     assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_probe_layers_checks_splits_head_and_pool_before_extracting(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4, splits=("train",))
+    cache = tmp_path / "c"
+    base = ["probe-layers", "resnet18.none", str(folder), "--input-size", "32", "--workers", "0",
+            "--cache-dir", str(cache), "-o", str(tmp_path / "l")]
+    r = CliRunner().invoke(main, base)
+    assert r.output == (f"Error: Source '{folder}' has no split besides train to score layers on. Pass "
+                        f"--val-fraction 0.2 to carve one out, or add a val/ folder.\n")
+    r = CliRunner().invoke(main, [*base, "--head", "bogus"])
+    assert r.output == "Error: Unknown head 'bogus'. Run 'featcache heads' to list them.\n"
+    r = CliRunner().invoke(main, [*base, "--pool", "none", "--val-fraction", "0.5"])
+    assert r.output.startswith("Error: probe-layers fits one head per layer on pooled features")
+    assert not cache.exists()
+    r = CliRunner().invoke(main, [*base, "--head", "ncm", "--pool", "max", "--val-fraction", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert len(out["layers"]) == 5 and {row["split"] for row in out["layers"]} == {"val"}
+    from featcache.store import open_cache
+
+    with open_cache(next(cache.glob("*.h5"))) as c:
+        assert c.fingerprint["pool"] == "max" and c.fingerprint["source"]["val_fraction"] == 0.5
+
+
+def test_extraction_warns_about_single_class_and_empty_class_sources(tmp_path, caplog):
+    from featcache.sources import open_source
+
+    folder = make_image_folder(tmp_path / "one", classes=("cat",), per_class=2)
+    with caplog.at_level("WARNING", logger="featcache.sources"):
+        open_source(str(folder))
+    assert f"Source '{folder}' has a single class ('cat'); a head needs at least 2 classes to train." in caplog.text
+    caplog.clear()
+    folder = make_image_folder(tmp_path / "two", classes=("cat", "dog"), per_class=2)
+    (folder / "train" / "emu").mkdir()
+    with caplog.at_level("WARNING", logger="featcache.sources"):
+        r = CliRunner().invoke(main, ["extract", str(folder), "--backbone", "resnet18.none", "--input-size", "32",
+                                      "--workers", "0", "--cache-dir", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 0
+    assert (f"Source '{folder}' has no samples of class(es) 'emu'. Add images for them or remove their "
+            f"folders.") in caplog.text
