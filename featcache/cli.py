@@ -514,6 +514,11 @@ def evaluate(run_dir, cache, as_json) -> None:
         _echo_json({"run": run_dir, "cache": cache, "metrics": metrics})
         return
     _print_metrics(metrics, format_metrics_table)
+    for split, m in metrics.items():
+        if m["absent_classes"]:
+            n = len(m["classes"]) - len(m["absent_classes"])
+            click.echo(f"{split}: scored on the {n} of {len(m['classes'])} run classes it holds; no samples of "
+                       f"{', '.join(m['absent_classes'])} (balanced accuracy and macro F1 are over the classes present)")
 
 
 @main.command()
@@ -767,19 +772,23 @@ def merge(cache_dir, copy, as_json):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", "num_workers", type=int, default=0, show_default=True, help="Decoding worker processes.")
 @click.option("--input-size", type=int, default=None, help="Override the crop size (px).")
+@click.option("--val-fraction", type=float, default=None,
+              help="Carve a stratified, seeded val split out of train when the source has none.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --val-fraction.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "metrics", "per_epoch", "seconds"}.')
 @_fail_cleanly
 def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_size, seed, device, num_workers,
-             input_size, output, runs_dir, as_json):
+             input_size, val_fraction, split_seed, output, runs_dir, as_json):
     """Fine-tune the layers after a freeze boundary on raw images, the classic way (the reference
     that 'fit-head --head tail' on cached boundary activations is measured against)."""
     from .finetune import FinetuneConfig, finetune as run
 
     config = FinetuneConfig(backbone=backbone, weights=weights, freeze_until=freeze_until, train=tuple(train),
                             epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                            num_workers=num_workers, input_size=input_size, output=output, runs_dir=runs_dir)
+                            num_workers=num_workers, input_size=input_size, output=output, runs_dir=runs_dir,
+                            val_fraction=val_fraction, split_seed=split_seed)
     res = run(source, config, progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
     if as_json:
         _echo_json(res.to_dict())

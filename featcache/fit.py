@@ -457,6 +457,11 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         meta = json.loads(path.read_text())
     except ValueError as e:
         raise HeadError(f"'{path}' is not valid JSON ({e}). Re-run fit-head.") from None
+    if isinstance(meta, dict) and meta.get("format") == "featcache-finetune":
+        raise HeadError(
+            f"'{run_dir}' is a finetune run (a whole fine-tuned network), not a head fitted on cached features; "
+            f"predict, export and evaluate use fit-head runs. 'featcache report {run_dir}' shows its scores; to "
+            f"predict with frozen features, extract a cache and run 'featcache fit-head'.")
     if not isinstance(meta, dict) or meta.get("format") != "featcache-run":
         raise HeadError(f"'{path}' is not a featcache run file. Re-run fit-head.")
     for key, kind in (("classes", list), ("layer", str), ("fingerprint", dict), ("transform", dict)):
@@ -490,22 +495,33 @@ def check_compatible(run: Run, cache: FeatureCache) -> None:
             )
     if run.meta["layer"] not in cache.layers:
         raise CacheError(f"Cache '{cache.path.name}' has no layer '{run.meta['layer']}', which the run's head reads.")
-    if list(cache.classes) != list(run.classes):
+    extra = [c for c in cache.classes if c not in run.classes]
+    if extra:
         raise CacheError(
-            f"Cache '{cache.path.name}' has classes {cache.classes[:5]}..., the run was fitted on "
-            f"{run.classes[:5]}...; they must be the same list."
+            f"Cache '{cache.path.name}' has classes the run was not fitted on: {', '.join(extra[:5])}"
+            f"{', ...' if len(extra) > 5 else ''}. A head only scores data of its own classes ({len(run.classes)}: "
+            f"{', '.join(run.classes[:5])}{', ...' if len(run.classes) > 5 else ''})."
         )
 
 
 def evaluate(run_dir: str | os.PathLike, cache: str | os.PathLike) -> dict:
-    """Score a saved run on every split of another cache (refused if its features differ)."""
+    """Score a saved run on every split of another cache (refused if its features differ).
+
+    The cache's classes may be a subset of the run's: its labels are mapped to the run's classes,
+    and each split's metrics list the run classes it has no samples of in ``absent_classes``
+    (balanced accuracy and macro F1 are over the classes present).
+    """
     run = load_run(run_dir)
     with open_cache(cache) as c:
         check_compatible(run, c)
+        to_run = np.array([run.classes.index(name) for name in c.classes], dtype=np.int64)
         out = {}
         for split in c.splits:
             if c.n(split) == 0:
                 continue
             X, y = c.load(split, run.meta["layer"])
-            out[split] = split_metrics(y, run.predict_proba(X), c.classes)
+            y = to_run[y]
+            out[split] = split_metrics(y, run.predict_proba(X), run.classes)
+            present = set(y.tolist())
+            out[split]["absent_classes"] = [name for i, name in enumerate(run.classes) if i not in present]
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -182,3 +183,53 @@ def test_refit_on_trainval_does_not_report_val_as_held_out(image_folder, tmp_pat
     r = run("fit-head", cache, "--head", "ridge", "--refit-on-trainval", "-o", tmp_path / "rf", "--json")
     out = json.loads(r.output)
     assert r.exit_code == 0 and "val" not in out["metrics"] and out["best"]["scored_on"] == "val"
+
+
+def test_finetune_runs_hold_out_val_report_and_are_refused_by_head_commands(tmp_path, caplog):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=4, splits=("train",))
+    ft = ["finetune", folder, "-b", "resnet18.none", "--freeze-until", "layer3", "--epochs", "1", "--batch-size", "4",
+          "--input-size", "32"]
+    with caplog.at_level("WARNING", logger="featcache.finetune"):
+        r = run(*ft, "-o", tmp_path / "plain", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["metrics"] == {}
+    assert (f"Source '{folder}' has no split besides train: the fine-tuned network will not be scored. Pass "
+            f"--val-fraction 0.2 to hold out a val split.") in caplog.text
+    r = run(*ft, "--val-fraction", "0.5", "-o", tmp_path / "ft", "--json")
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and out["metrics"]["val"]["n"] == 4
+    ft_dir = tmp_path / "ft"
+    refusal = (f"Error: '{ft_dir}' is a finetune run (a whole fine-tuned network), not a head fitted on cached "
+               f"features; predict, export and evaluate use fit-head runs. 'featcache report {ft_dir}' shows its "
+               f"scores; to predict with frozen features, extract a cache and run 'featcache fit-head'.\n")
+    for args in (("predict", ft_dir, folder), ("export", ft_dir, tmp_path / "m.pt2"),
+                 ("evaluate", ft_dir, tmp_path / "any.h5")):
+        r = run(*args)
+        assert (r.exit_code, r.output) == (1, refusal), args
+    r = run("report", ft_dir, "-o", tmp_path / "ft.html")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "ft.html").read_text()
+    assert "fine-tuned resnet18.none" in html and "Per epoch" in html and "data:image/png;base64," in html
+    assert ">?<" not in html and "?," not in html
+
+
+def test_evaluate_on_a_subset_of_the_run_classes(tmp_path):
+    from conftest import make_image_folder
+
+    three = make_image_folder(tmp_path / "three", classes=("cat", "dog", "emu"), per_class=4)
+    two = make_image_folder(tmp_path / "two", classes=("cat", "emu"), per_class=4, splits=("test",), seed=1)
+    other = make_image_folder(tmp_path / "other", classes=("cat", "yak"), per_class=2, splits=("test",))
+    caches = [json.loads(run("extract", f, *TINY, "--cache-dir", tmp_path / "c", "--json").stdout)["cache"]
+              for f in (three, two, other)]
+    assert run("fit-head", caches[0], "--head", "ncm", "-o", tmp_path / "run").exit_code == 0
+    r = run("evaluate", tmp_path / "run", caches[1], "--json")
+    m = json.loads(r.stdout)["metrics"]["test"]
+    assert m["n"] == 8 and m["absent_classes"] == ["dog"] and m["per_class_recall"]["dog"] is None
+    r = run("evaluate", tmp_path / "run", caches[1])
+    assert r.output.splitlines()[-1] == ("test: scored on the 2 of 3 run classes it holds; no samples of dog "
+                                         "(balanced accuracy and macro F1 are over the classes present)")
+    r = run("evaluate", tmp_path / "run", caches[2])
+    assert r.exit_code == 1 and r.output == (
+        f"Error: Cache '{Path(caches[2]).name}' has classes the run was not fitted on: yak. A head only scores data "
+        f"of its own classes (3: cat, dog, emu).\n")
