@@ -320,7 +320,8 @@ def layers(backbone: str, weights, depth: int, input_size, as_json: bool) -> Non
     from .backbones import load_backbone
     from .taps import list_layers
 
-    bb = load_backbone(backbone, weights=weights, input_size=input_size)
+    # Names and shapes do not depend on the parameters: list them without fetching weights.
+    bb = load_backbone(backbone, weights=weights, input_size=input_size, download=False)
     infos = list_layers(bb, depth=depth or None)
     if as_json:
         _echo_json([i.to_dict() for i in infos])
@@ -614,7 +615,8 @@ def demo(out_dir, cache_dir, quiet) -> None:
     finally:
         bar.close()
     rec = out["records"][0]
-    click.echo(f"\ncache: {rec['cache']} (extracted in {rec['extract_seconds']:.1f} s; a re-run is a cache hit)\n")
+    when = ("a cache hit: extracted earlier in" if rec.get("cache_hit") else "extracted in")
+    click.echo(f"\ncache: {rec['cache']} ({when} {rec['extract_seconds']:.1f} s; a re-run is a cache hit)\n")
     click.echo((Path(out["bench_dir"]) / "leaderboard.md").read_text())
     click.echo(f"report: {out['report']}")
 

@@ -312,7 +312,8 @@ def time_breakdown(records: list[dict], path: str | os.PathLike) -> Path:
     ----------
     records : list of dict
         Benchmark records. Extraction is counted once per cache file (the largest
-        ``extract_seconds`` of the records that share a ``cache``: a cache hit records 0);
+        ``extract_seconds`` of the records that share a ``cache``: a cache hit records the
+        extraction time stored in the cache);
         fitting is the sum of ``fit_seconds``.
     path : path-like
         PNG file to write.

@@ -255,3 +255,15 @@ def test_extraction_warns_about_single_class_and_empty_class_sources(tmp_path, c
     assert r.exit_code == 0
     assert (f"Source '{folder}' has no samples of class(es) 'emu'. Add images for them or remove their "
             f"folders.") in caplog.text
+
+
+def test_a_cache_hit_records_the_original_extraction_time(tmp_path):
+    from featcache.store import open_cache
+
+    grid = _small_grid(tmp_path)
+    first = run_bench(grid, tmp_path / "a")
+    again = run_bench(grid, tmp_path / "b")
+    with open_cache(first[0]["cache"]) as c:
+        stored = c.timings["compute_seconds"]
+    assert first[0]["cache_hit"] is False and again[0]["cache_hit"] is True
+    assert again[0]["extract_seconds"] == pytest.approx(stored) and stored > 0

@@ -233,3 +233,16 @@ def test_evaluate_on_a_subset_of_the_run_classes(tmp_path):
     assert r.exit_code == 1 and r.output == (
         f"Error: Cache '{Path(caches[2]).name}' has classes the run was not fitted on: yak. A head only scores data "
         f"of its own classes (3: cat, dog, emu).\n")
+
+
+def test_layers_lists_a_pretrained_torchvision_model_without_fetching_weights(monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def no_network(self, *a, **k):
+        raise AssertionError("layers must not download weights")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", no_network)
+    r = run("layers", "resnet18", "--depth", "1")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == "resnet18.IMAGENET1K_V1 at 224 px (default layer: pre_logits)"
+    assert "* layer4                                   512 x 7 x 7" in r.output
