@@ -442,3 +442,32 @@ def test_missing_chromium_fails_in_ci(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="chromium not installed"):
         need_chromium()
+
+
+def test_plot_legends_and_titles_fit_the_figure(tmp_path):
+    """Long labels (backbone · head · source) once ran off both edges of layers.png."""
+    recs = [{"backbone": "resnet50.IMAGENET1K_V2", "head": head, "layer": "pre_logits", "source": src, "shots": 0,
+             "seed": 0, "metrics": {"val": {"top1": 0.8}}, "extract_seconds": 1.0, "fit_seconds": 1.0, "cache": src}
+            for src in ("/data/some/long/path/hymenoptera_data", "/data/other/long/path/medmnist_blood.npz")
+            for head in ("logreg", "ncm")]
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    original = Figure.savefig
+
+    def spy(fig, *a, **k):
+        renderer = fig.canvas.get_renderer()
+        drawn["extents"] = [t.get_window_extent(renderer) for t in (*fig.legends, *[ax.title for ax in fig.axes])]
+        drawn["width"] = fig.bbox.width
+        return original(fig, *a, **k)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Figure, "savefig", spy):
+        plots.accuracy_by_layer(recs, tmp_path / "layers.png")
+    assert drawn["extents"] and all(e.x0 >= 0 and e.x1 <= drawn["width"] for e in drawn["extents"])
+    rows = [{"name": n, "top1": 0.9} for n in ("layer1", "layer2", "pre_logits")]
+    with unittest.mock.patch.object(Figure, "savefig", spy):
+        plots.layer_curve(rows, tmp_path / "curve.png", title="resnet18.none on /tmp/a/very/long/path/to/the/"
+                                                              "images/folder/of/some/user: ncm head per layer")
+    assert all(e.x0 >= 0 and e.x1 <= drawn["width"] for e in drawn["extents"])
