@@ -21,6 +21,7 @@ from . import __version__
 from .errors import ConfigError
 from .extract import ExtractConfig, extract
 from .fit import FitConfig, check_options, fit_head, parse_grid
+from .heads import HEADS
 from .store import open_cache
 
 RECORDS = "records.jsonl"
@@ -101,6 +102,7 @@ class BenchConfig:
         return cls(**kw)
 
     def runs(self) -> int:
+        """Cells of the grid: an upper bound of the fits (see :func:`run_bench` on seeds at shots 0)."""
         n_layers = max(1, len(self.layers))
         return len(self.backbones) * len(self.sources) * n_layers * len(self.heads) * len(self.shots) * self.seeds
 
@@ -155,6 +157,13 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _seedless(head: str, on_eval_split: bool) -> bool:
+    """Whether a fit on all training data draws nothing from its seed (every seed would repeat it):
+    the head has no random_state and its sweep, if any, is scored on an eval split, not by k-fold."""
+    entry = HEADS.entry(head)
+    return "random_state" not in entry.extra["options"] and (entry.extra["param"] is None or on_eval_split)
+
+
 def _next_run_number(out: Path, records: list[dict]) -> int:
     """One more than any run number used in ``out``: in its run folders or its records."""
     names = [Path(r.get("run") or "").name for r in records]
@@ -169,8 +178,9 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
     """Run the grid, appending one record per fit to ``out_dir/records.jsonl``; then write the
     leaderboard (Markdown, CSV) and plots. Returns all records of the folder.
 
-    Earlier records of the folder are kept (a second grid adds to the leaderboard) unless
-    ``overwrite``, which deletes them and their run folders first. ``skip_existing`` skips the
+    A fit on all training data (shots 0) whose head draws nothing from the seed is run for seed 0
+    only: the other seeds would repeat it. Earlier records of the folder are kept (a second grid
+    adds to the leaderboard) unless ``overwrite``, which deletes them and their run folders first. ``skip_existing`` skips the
     cells that already have a record. Run folders are numbered on from the highest number used.
     """
     config.validate()
@@ -197,7 +207,12 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
             layers, weights = list(c.layers), c.fingerprint["backbone"]["weights"]
             # A cache hit costs no forward pass; the extraction it saved is the one recorded in the cache.
             extract_seconds = float(c.timings.get("compute_seconds", 0.0)) if res.cache_hit else res.seconds
-        for layer, head, shots, seed in itertools.product(layers, config.heads, config.shots, range(config.seeds)):
+            on_eval_split = fit_base.eval_split != "none" and (fit_base.eval_split is not None or "val" in c.splits)
+        cells = [(layer, head, shots, seed) for layer, head, shots, seed
+                 in itertools.product(layers, config.heads, config.shots, range(config.seeds))
+                 if not (seed and not shots and _seedless(head, on_eval_split))]  # else the same fit as seed 0's
+        total -= len(layers) * len(config.heads) * len(config.shots) * config.seeds - len(cells)
+        for layer, head, shots, seed in cells:
             i += 1
             key = (backbone, layer, source, head, shots, seed)
             if key in done:

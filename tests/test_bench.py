@@ -27,15 +27,17 @@ def grid(tmp_path):
 def test_grid_runs_every_cell_once_with_complete_records(grid, tmp_path):
     calls = []
     records = run_bench(grid, tmp_path / "out", progress=lambda i, n, rec, t: calls.append((i, n)))
-    assert len(records) == grid.runs() == 2 * 2 * 2 * 2
-    assert calls[-1] == (16, 16)
+    # ncm and ridge (swept on val) draw nothing from the seed: at shots 0 one seed, not two.
+    assert grid.runs() == 2 * 2 * 2 * 2 and len(records) == 2 * 2 * (2 + 1)
+    assert calls[-1] == (12, 12)
+    assert sorted(r["seed"] for r in records if r["shots"] == 0) == [0, 0, 0, 0]
     for rec in records:
         assert set(RECORD_KEYS) <= set(rec)
         assert rec["metrics"]["val"]["top1"] >= 0
     keys = {(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}
-    assert len(keys) == 16
+    assert len(keys) == 12
     assert len({r["cache"] for r in records}) == 1  # extracted once, both layers from one pass
-    assert sum(r["extract_seconds"] > 0 for r in records) == 16  # first extraction, recorded per run
+    assert sum(r["extract_seconds"] > 0 for r in records) == 12  # first extraction, recorded per run
     out = tmp_path / "out"
     for name in ("records.jsonl", "leaderboard.md", "leaderboard.csv", "shots.png", "layers.png", "time.png"):
         assert (out / name).is_file(), name
@@ -59,8 +61,8 @@ def test_skip_existing_resumes_an_interrupted_grid(grid, tmp_path):
         f.write('{"cut by a crash"')  # a torn last line is ignored
     fitted = []
     records = run_bench(grid, out, skip_existing=True, progress=lambda i, n, rec, t: fitted.append(i))
-    assert len(fitted) == 11 and len(records) == 16
-    assert len({(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}) == 16
+    assert len(fitted) == 7 and len(records) == 12
+    assert len({(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}) == 12
 
 
 def test_bench_toml_and_cli(tmp_path):
@@ -255,6 +257,12 @@ def test_extraction_warns_about_single_class_and_empty_class_sources(tmp_path, c
     assert r.exit_code == 0
     assert (f"Source '{folder}' has no samples of class(es) 'emu'. Add images for them or remove their "
             f"folders.") in caplog.text
+
+
+def test_seeded_heads_and_k_fold_sweeps_keep_every_seed_at_shots_0(tmp_path):
+    recs = run_bench(_small_grid(tmp_path, heads=("svm", "ridge"), seeds=2, fit={"eval_split": "none"}),
+                     tmp_path / "out")
+    assert sorted((r["head"], r["seed"]) for r in recs) == [("ridge", 0), ("ridge", 1), ("svm", 0), ("svm", 1)]
 
 
 def test_a_cache_hit_records_the_original_extraction_time(tmp_path):
