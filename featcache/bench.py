@@ -157,6 +157,13 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _extraction_seconds(timings: dict) -> float:
+    """Forward-pass seconds stored in a cache; a cache assembled from shards adds up its shards'."""
+    if isinstance(timings.get("shards"), list):
+        return sum(_extraction_seconds(t) for t in timings["shards"] if isinstance(t, dict))
+    return float(timings.get("compute_seconds") or 0.0)
+
+
 def _seedless(head: str, on_eval_split: bool) -> bool:
     """Whether a fit on all training data draws nothing from its seed (every seed would repeat it):
     the head has no random_state and its sweep, if any, is scored on an eval split, not by k-fold."""
@@ -206,7 +213,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
         with open_cache(res.cache) as c:
             layers, weights = list(c.layers), c.fingerprint["backbone"]["weights"]
             # A cache hit costs no forward pass; the extraction it saved is the one recorded in the cache.
-            extract_seconds = float(c.timings.get("compute_seconds", 0.0)) if res.cache_hit else res.seconds
+            extract_seconds = _extraction_seconds(c.timings) if res.cache_hit else res.seconds
             on_eval_split = fit_base.eval_split != "none" and (fit_base.eval_split is not None or "val" in c.splits)
         cells = [(layer, head, shots, seed) for layer, head, shots, seed
                  in itertools.product(layers, config.heads, config.shots, range(config.seeds))

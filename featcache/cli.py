@@ -386,6 +386,8 @@ def ls_(cache_dir: str, as_json: bool) -> None:
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"]))
         what = r.get("error") or f"{r['backbone']}  {', '.join(f'{k}={v}' for k, v in r['splits'].items())}"
+        if r.get("shards"):
+            what += f"  (over {len(r['shards'])} shard files)"
         click.echo(f"{Path(r['cache']).name:<60} {r['bytes'] / 1e6:>8.1f} MB  {when}  {what}")
 
 

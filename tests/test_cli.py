@@ -246,3 +246,17 @@ def test_layers_lists_a_pretrained_torchvision_model_without_fetching_weights(mo
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[0] == "resnet18.IMAGENET1K_V1 at 224 px (default layer: pre_logits)"
     assert "* layer4                                   512 x 7 x 7" in r.output
+
+
+def test_ls_lists_a_sharded_cache_once_with_the_bytes_of_its_shards(image_folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    for i in (0, 1):
+        r = run("extract", image_folder, *TINY, "--cache-dir", cache_dir, "--shard", f"{i}/2", "-q")
+        assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in cache_dir.glob("*.h5"))
+    assert len(files) == 3  # the cache over its two shard files
+    rows = json.loads(run("ls", "--cache-dir", cache_dir, "--json").output)
+    assert len(rows) == 1 and len(rows[0]["shards"]) == 2
+    assert rows[0]["bytes"] == sum(p.stat().st_size for p in cache_dir.glob("*.h5"))
+    r = run("ls", "--cache-dir", cache_dir)
+    assert len(r.output.splitlines()) == 1 and "(over 2 shard files)" in r.output and " 0.0 MB" not in r.output
