@@ -280,7 +280,8 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
     if res.merged:
         click.echo(f"all shards finished: assembled {res.merged}")
     state = "cache hit (no forward pass)" if res.cache_hit else (
-        f"{res.computed} images extracted at {res.images_per_second:.1f} img/s, {res.reused} reused")
+        f"{res.computed} images extracted at {res.images_per_second:.1f} img/s ({res.compute_seconds:.1f} s of "
+        f"forward passes), {res.reused} reused")
     click.echo(f"{res.cache}")
     click.echo(f"  {state} in {res.seconds:.1f} s")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in res.splits.items()))
