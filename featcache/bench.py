@@ -60,9 +60,12 @@ class BenchConfig:
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ConfigError(f"'seeds' must be an int >= 1. Got {self.seeds!r}.")
         from .backbones import check_backbone_spec
+        from .sources import check_source_spec
 
         for spec in self.backbones:
             check_backbone_spec(spec)
+        for spec in self.sources:
+            check_source_spec(spec)
         self.extract_config().validate()
         base = self.fit_config()
         for head in self.heads:

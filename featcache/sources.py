@@ -369,15 +369,33 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
         elif os.path.isdir(spec):
             src = ImageFolderSource(spec)
         else:
-            raise SourceError(
-                f"Source '{spec}' is not a folder, a .csv manifest, a .npz file or a built-in source. "
-                f"Check the path, or run 'featcache sources' to list the kinds."
-            )
+            raise _unknown_source(spec)
     if val_fraction is not None:
         _split_val(src, val_fraction, split_seed)
     if opened:
         _warn_about_classes(src)
     return src
+
+
+def _unknown_source(spec: str) -> SourceError:
+    return SourceError(
+        f"Source '{spec}' is not a folder, a .csv manifest, a .npz file or a built-in source. "
+        f"Check the path, or run 'featcache sources' to list the kinds."
+    )
+
+
+def check_source_spec(spec: str | os.PathLike) -> None:
+    """Refuse a spec :func:`open_source` cannot resolve, or whose file or folder does not exist,
+    without reading it (``bench`` checks every source before its first extraction)."""
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    if spec in SOURCES and SOURCES.entry(spec).extra.get("builtin"):
+        return
+    path = rest if rest and kind in SOURCES and len(kind) > 1 else spec
+    if path is spec and not spec.lower().endswith((".csv", ".npz")) and not os.path.isdir(spec):
+        raise _unknown_source(spec)
+    if not os.path.exists(path):
+        raise SourceError(f"Source '{spec}': '{path}' does not exist. Check the path.")
 
 
 def _warn_about_classes(src: Source) -> None:

@@ -211,6 +211,12 @@ def test_bench_checks_names_and_options_before_extracting(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--backbones", "resnet18.none,nonet", "--sources", str(folder),
                                   "--cache-dir", str(cache)])
     assert r.output == "Error: Unknown backbone 'nonet'. Run 'featcache backbones' to list them.\n"
+    r = CliRunner().invoke(main, ["bench", "--backbones", "resnet18.none", "--sources", f"{folder},{folder}/nope.csv",
+                                  "--cache-dir", str(cache)])
+    assert r.output == f"Error: Source '{folder}/nope.csv': '{folder}/nope.csv' does not exist. Check the path.\n"
+    r = CliRunner().invoke(main, ["bench", "--backbones", "resnet18.none", "--sources", f"digits,{folder}/nope",
+                                  "--cache-dir", str(cache)])
+    assert r.output.startswith(f"Error: Source '{folder}/nope' is not a folder, a .csv manifest")
     toml = tmp_path / "g.toml"
     toml.write_text('heads = ["logreg", "ncm"]\n[fit]\ngrid = [0.1, 1]\n')
     r = CliRunner().invoke(main, [str(a) for a in ("bench", toml, *base[1:])])
