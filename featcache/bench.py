@@ -6,9 +6,12 @@ appends one record to ``records.jsonl``, so an interrupted grid resumes with ``s
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +20,16 @@ from typing import Callable
 from . import __version__
 from .errors import ConfigError
 from .extract import ExtractConfig, extract
-from .fit import FitConfig, fit_head
+from .fit import FitConfig, check_options, fit_head, parse_grid
+from .heads import HEADS
 from .store import open_cache
 
 RECORDS = "records.jsonl"
+RUNS = "runs"
+#: Options of the [extract] and [fit] tables that the grid itself sets, per run.
+_GRID_OWNED = {"extract": {"backbone", "layers", "output", "shard", "merge", "defer_merge"},
+               "fit": {"head", "layer", "seed", "shots", "seeds", "output", "runs_dir", "overwrite"}}
+_TABLES = {"extract": ExtractConfig, "fit": FitConfig}
 RECORD_KEYS = ("backbone", "weights", "layer", "source", "head", "shots", "seed", "metrics",
                "extract_seconds", "fit_seconds", "cache", "featcache_version")
 
@@ -40,6 +49,9 @@ class BenchConfig:
     fit: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Check every name and option of the grid before anything is extracted or fitted."""
+        for table, options in (("extract", self.extract), ("fit", self.fit)):
+            _check_keys(options, _table_keys(table), f"the [{table}] table")
         for name in ("backbones", "sources", "heads", "shots"):
             if not getattr(self, name):
                 raise ConfigError(f"The benchmark grid needs at least one value in '{name}'.")
@@ -47,6 +59,29 @@ class BenchConfig:
             raise ConfigError(f"'shots' must be integers >= 0 (0 = all data). Got {list(self.shots)}.")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ConfigError(f"'seeds' must be an int >= 1. Got {self.seeds!r}.")
+        from .backbones import check_backbone_spec
+        from .sources import check_source_spec
+
+        for spec in self.backbones:
+            check_backbone_spec(spec)
+        for spec in self.sources:
+            check_source_spec(spec)
+        self.extract_config().validate()
+        base = self.fit_config()
+        for head in self.heads:
+            check_options(FitConfig(**{**base.to_dict(), "head": head}))
+
+    def extract_config(self) -> ExtractConfig:
+        return ExtractConfig(**self.extract)
+
+    def fit_config(self) -> FitConfig:
+        """The [fit] options; a ``grid`` may be a list or the CLI syntax ("0.1,1", "logspace:-2:2:5")."""
+        fit = dict(self.fit)
+        if isinstance(fit.get("grid"), str):
+            fit["grid"] = parse_grid(fit["grid"])
+        elif fit.get("grid") is not None:
+            fit["grid"] = tuple(fit["grid"])
+        return FitConfig(**fit)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "BenchConfig":
@@ -61,16 +96,34 @@ class BenchConfig:
             raise ConfigError(f"Benchmark file '{path}' does not exist.") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Benchmark file '{path}' is not valid TOML: {e}.") from None
-        known = {f.name for f in cls.__dataclass_fields__.values()}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"Unknown keys in '{path}': {', '.join(sorted(unknown))}. Known: {', '.join(sorted(known))}.")
+        _check_keys(data, {f.name for f in cls.__dataclass_fields__.values()}, f"'{path}'")
+        for table in _TABLES:
+            if table in data and not isinstance(data[table], dict):
+                raise ConfigError(f"'{table}' in '{path}' must be a table ([{table}]). Got {data[table]!r}.")
+            _check_keys(data.get(table, {}), _table_keys(table), f"the [{table}] table of '{path}'")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kw)
 
     def runs(self) -> int:
+        """Cells of the grid: an upper bound of the fits (see :func:`run_bench` on seeds at shots 0)."""
         n_layers = max(1, len(self.layers))
         return len(self.backbones) * len(self.sources) * n_layers * len(self.heads) * len(self.shots) * self.seeds
+
+
+def _table_keys(table: str) -> set[str]:
+    return {f.name for f in _TABLES[table].__dataclass_fields__.values()} - _GRID_OWNED[table]
+
+
+def _check_keys(data: dict, known: set[str], where: str) -> None:
+    """Unknown keys raise one error naming each with its closest valid name."""
+    unknown = sorted(set(data) - known)
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        named.append(f"{key} (did you mean '{close[0]}'?)" if close else key)
+    raise ConfigError(f"Unknown keys in {where}: {', '.join(named)}. Known: {', '.join(sorted(known))}.")
 
 
 def _key(rec: dict) -> tuple:
@@ -107,39 +160,80 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _extraction_seconds(timings: dict) -> float:
+    """Forward-pass seconds stored in a cache; a cache assembled from shards adds up its shards'."""
+    if isinstance(timings.get("shards"), list):
+        return sum(_extraction_seconds(t) for t in timings["shards"] if isinstance(t, dict))
+    return float(timings.get("compute_seconds") or 0.0)
+
+
+def _seedless(head: str, on_eval_split: bool) -> bool:
+    """Whether a fit on all training data draws nothing from its seed (every seed would repeat it):
+    the head has no random_state and its sweep, if any, is scored on an eval split, not by k-fold."""
+    entry = HEADS.entry(head)
+    return "random_state" not in entry.extra["options"] and (entry.extra["param"] is None or on_eval_split)
+
+
+def _next_run_number(out: Path, records: list[dict]) -> int:
+    """One more than any run number used in ``out``: in its run folders or its records."""
+    names = [Path(r.get("run") or "").name for r in records]
+    if (out / RUNS).is_dir():
+        names += [p.name for p in (out / RUNS).iterdir()]
+    numbers = [int(m.group(1)) for n in names if (m := re.match(r"(\d+)-", n))]
+    return max(numbers, default=0) + 1
+
+
 def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing: bool = False,
-              progress: ProgressFn | None = None, extract_progress=None) -> list[dict]:
+              overwrite: bool = False, progress: ProgressFn | None = None, extract_progress=None) -> list[dict]:
     """Run the grid, appending one record per fit to ``out_dir/records.jsonl``; then write the
-    leaderboard (Markdown, CSV) and plots. Returns all records of the folder."""
+    leaderboard (Markdown, CSV) and plots. Returns all records of the folder.
+
+    A fit on all training data (shots 0) whose head draws nothing from the seed is run for seed 0
+    only: the other seeds would repeat it. Earlier records of the folder are kept (a second grid
+    adds to the leaderboard) unless ``overwrite``, which deletes them and their run folders first. ``skip_existing`` skips the
+    cells that already have a record. Run folders are numbered on from the highest number used.
+    """
     config.validate()
+    if overwrite and skip_existing:
+        raise ConfigError("--overwrite deletes the records that --skip-existing would resume from. Pass one of them.")
     out = Path(out_dir)
+    if overwrite:
+        (out / RECORDS).unlink(missing_ok=True)
+        shutil.rmtree(out / RUNS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    if skip_existing:
-        _drop_torn_tail(out / RECORDS)
-    done = {_key(r) for r in read_records(out)} if skip_existing else set()
-    if not skip_existing and (out / RECORDS).exists():
-        (out / RECORDS).unlink()
+    _drop_torn_tail(out / RECORDS)
+    earlier = read_records(out)
+    done = {_key(r) for r in earlier} if skip_existing else set()
+    number = _next_run_number(out, earlier)
     total = config.runs()
     i = 0
     t0 = time.perf_counter()
-    ex = ExtractConfig(**config.extract)
-    fit_base = FitConfig(**config.fit)
+    ex = config.extract_config()
+    fit_base = config.fit_config()
     for backbone, source in itertools.product(config.backbones, config.sources):
         # A finished cache makes this a cache hit (a fingerprint check, no forward pass).
         res = extract(source, ex, backbone=backbone, layers=tuple(config.layers), progress=extract_progress)
         with open_cache(res.cache) as c:
             layers, weights = list(c.layers), c.fingerprint["backbone"]["weights"]
-        extract_seconds = 0.0 if res.cache_hit else res.seconds
-        for layer, head, shots, seed in itertools.product(layers, config.heads, config.shots, range(config.seeds)):
+            # A cache hit costs no forward pass; the extraction it saved is the one recorded in the cache.
+            extract_seconds = _extraction_seconds(c.timings) if res.cache_hit else res.seconds
+            on_eval_split = fit_base.eval_split != "none" and (fit_base.eval_split is not None or "val" in c.splits)
+        cells = [(layer, head, shots, seed) for layer, head, shots, seed
+                 in itertools.product(layers, config.heads, config.shots, range(config.seeds))
+                 if not (seed and not shots and _seedless(head, on_eval_split))]  # else the same fit as seed 0's
+        total -= len(layers) * len(config.heads) * len(config.shots) * config.seeds - len(cells)
+        for layer, head, shots, seed in cells:
             i += 1
             key = (backbone, layer, source, head, shots, seed)
             if key in done:
                 continue
             fit = fit_head(res.cache, fit_base, head=head, layer=layer, seed=seed, shots=shots or None, seeds=1,
-                           output=str(out / "runs" / f"{i:05d}-{head}-{layer}-{shots}shot-seed{seed}"))
+                           output=str(out / RUNS / f"{number:05d}-{head}-{layer}-{shots}shot-seed{seed}"))
+            number += 1
             rec = {"backbone": backbone, "weights": weights, "layer": layer, "source": source, "head": head,
                    "shots": shots, "seed": seed, "metrics": fit.metrics, "extract_seconds": extract_seconds,
-                   "fit_seconds": fit.seconds, "cache": res.cache, "featcache_version": __version__,
+                   "fit_seconds": fit.seconds, "cache": res.cache, "cache_hit": res.cache_hit,
+                   "featcache_version": __version__,
                    "best": fit.best, "run": fit.run}
             with open(out / RECORDS, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -14,6 +14,14 @@ import click
 from .errors import FeatcacheError
 
 
+class LibraryError(click.ClickException):
+    """A :class:`FeatcacheError` on its way to the user; ``kind`` is the library's class name."""
+
+    def __init__(self, error: FeatcacheError) -> None:
+        super().__init__(str(error))
+        self.kind = type(error).__name__
+
+
 def _fail_cleanly(fn):
     """Turn library errors into ``Error: ...`` (exit 1, no traceback)."""
 
@@ -22,9 +30,29 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except FeatcacheError as e:
-            raise click.ClickException(str(e)) from None
+            raise LibraryError(e) from None
 
     return wrapper
+
+
+class _Group(click.Group):
+    """With ``--json``, a failing command also prints ``{"error": ..., "type": ...}`` on stdout
+    (the ``Error:`` line still goes to stderr) and exits 1, usage errors included."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["featcache.json"] = "--json" in args
+        return ctx
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            cmd = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            if ctx.meta.get("featcache.json") and cmd and any(p.name == "as_json" for p in cmd.params):
+                _echo_json({"error": e.format_message(), "type": getattr(e, "kind", type(e).__name__)})
+                e.exit_code = 1
+            raise
 
 
 def _floats(value: str | None, name: str, n: int = 3):
@@ -52,7 +80,7 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=None, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featcache")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does (warnings always show).")
 def main(verbose: bool) -> None:
@@ -254,7 +282,8 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
     if res.merged:
         click.echo(f"all shards finished: assembled {res.merged}")
     state = "cache hit (no forward pass)" if res.cache_hit else (
-        f"{res.computed} images extracted at {res.images_per_second:.1f} img/s, {res.reused} reused")
+        f"{res.computed} images extracted at {res.images_per_second:.1f} img/s ({res.compute_seconds:.1f} s of "
+        f"forward passes), {res.reused} reused")
     click.echo(f"{res.cache}")
     click.echo(f"  {state} in {res.seconds:.1f} s")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in res.splits.items()))
@@ -294,7 +323,8 @@ def layers(backbone: str, weights, depth: int, input_size, as_json: bool) -> Non
     from .backbones import load_backbone
     from .taps import list_layers
 
-    bb = load_backbone(backbone, weights=weights, input_size=input_size)
+    # Names and shapes do not depend on the parameters: list them without fetching weights.
+    bb = load_backbone(backbone, weights=weights, input_size=input_size, download=False)
     infos = list_layers(bb, depth=depth or None)
     if as_json:
         _echo_json([i.to_dict() for i in infos])
@@ -359,6 +389,8 @@ def ls_(cache_dir: str, as_json: bool) -> None:
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"]))
         what = r.get("error") or f"{r['backbone']}  {', '.join(f'{k}={v}' for k, v in r['splits'].items())}"
+        if r.get("shards"):
+            what += f"  (over {len(r['shards'])} shard files)"
         click.echo(f"{Path(r['cache']).name:<60} {r['bytes'] / 1e6:>8.1f} MB  {when}  {what}")
 
 
@@ -421,7 +453,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--refit-on-trainval", is_flag=True, help="Refit the chosen value on train + val.")
 @click.option("--shots", type=int, default=None, help="Few-shot: K training examples per class.")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Few-shot: number of random draws.")
-@click.option("--cv", type=int, default=5, show_default=True, help="Folds of the sweep when there is no eval split.")
+@click.option("--cv", type=int, default=None, help="Folds of the sweep when there is no eval split (default 5).")
 @click.option("--max-memory", type=float, default=2.0, show_default=True,
               help="GiB of features to load into memory; larger caches are streamed (linear, mlp).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (tail, mlp, linear with adamw).")
@@ -431,12 +463,13 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
               help="Stop after N epochs without a better eval score; keep the best epoch (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds", "warnings"}.')
 @_fail_cleanly
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
              extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
-             patience, opts, output, runs_dir, as_json) -> None:
+             patience, opts, output, overwrite, runs_dir, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
@@ -459,7 +492,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
                        extend_grid=extend_grid, threads=threads, seed=seed,
                        refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
                        max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
-                       runs_dir=runs_dir)
+                       runs_dir=runs_dir, overwrite=overwrite)
     fit_log = logging.getLogger("featcache.fit")
     level = fit_log.level
     fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
@@ -542,6 +575,11 @@ def evaluate(run_dir, cache, as_json) -> None:
         _echo_json({"run": run_dir, "cache": cache, "metrics": metrics})
         return
     _print_metrics(metrics, format_metrics_table)
+    for split, m in metrics.items():
+        if m["absent_classes"]:
+            n = len(m["classes"]) - len(m["absent_classes"])
+            click.echo(f"{split}: scored on the {n} of {len(m['classes'])} run classes it holds; no samples of "
+                       f"{', '.join(m['absent_classes'])} (balanced accuracy and macro F1 are over the classes present)")
 
 
 @main.command()
@@ -595,13 +633,25 @@ def _write_predictions(preds: list[dict], output: str) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Backbone weights file.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"program", "classes", "preprocess", ...}.')
 @_fail_cleanly
-def export(run_dir, out, weights) -> None:
-    """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits."""
-    from .predict import export as run
+def export(run_dir, out, weights, as_json) -> None:
+    """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits.
+    The classes and preprocessing travel inside it (featcache.load_export reads both)."""
+    from .predict import EXPORT_META, export as run, load_export
 
     path = run(run_dir, out, weights=weights)
-    click.echo(f"wrote {path} (load with torch.export.load(path).module())")
+    meta = load_export(path).meta
+    if as_json:
+        _echo_json({"program": str(path), **meta})
+        return
+    pp = meta["preprocess"]
+    click.echo(f"wrote {path}: normalised images (batch, 3, {pp['crop']}, {pp['crop']}) -> logits")
+    click.echo(f"  classes:    {len(meta['classes'])} ({', '.join(meta['classes'])})")
+    click.echo(f"  preprocess: resize {pp['resize']} ({pp['interpolation']}), centre crop {pp['crop']}, "
+               f"mean {pp['mean']}, std {pp['std']}")
+    click.echo(f"  load with featcache.load_export(path) (checks the input size; .meta holds the above), or "
+               f"torch.export.load(path, extra_files={{'{EXPORT_META}': ''}}).module()")
 
 
 @main.command()
@@ -625,7 +675,8 @@ def demo(out_dir, cache_dir, quiet) -> None:
     finally:
         bar.close()
     rec = out["records"][0]
-    click.echo(f"\ncache: {rec['cache']} (extracted in {rec['extract_seconds']:.1f} s; a re-run is a cache hit)\n")
+    when = ("a cache hit: extracted earlier in" if rec.get("cache_hit") else "extracted in")
+    click.echo(f"\ncache: {rec['cache']} ({when} {rec['extract_seconds']:.1f} s; a re-run is a cache hit)\n")
     click.echo((Path(out["bench_dir"]) / "leaderboard.md").read_text())
     click.echo(f"report: {out['report']}")
 
@@ -652,16 +703,20 @@ def _csv(value: str | None, cast=str):
 @extraction_options(exclude=("backbone", "layers"))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="bench-out", show_default=True)
 @click.option("--skip-existing", is_flag=True, help="Resume: skip runs already in OUT_DIR/records.jsonl.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete OUT_DIR's earlier records and runs first (by default a grid adds to them).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or per-run lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
 @click.pass_context
 @_fail_cleanly
-def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out_dir, skip_existing, as_json, **kw):
+def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out_dir, skip_existing, overwrite,
+          quiet, as_json, **kw):
     """Benchmark a grid of backbones x layers x sources x heads x shots x seeds.
 
     CONFIG_FILE is a TOML file with lists backbones, sources, layers, heads, shots, an int seeds, and
     optional [extract] and [fit] tables of options; flags override it. Each cache is extracted once;
-    every fit appends a record to OUT_DIR/records.jsonl; then the leaderboard (Markdown, CSV) and plots
-    are written.
+    every fit appends a record to OUT_DIR/records.jsonl (earlier records are kept unless --overwrite);
+    then the leaderboard (Markdown, CSV) and plots are written.
     """
     from dataclasses import replace
 
@@ -676,28 +731,32 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
     ex = extract_config(dict(kw)).to_dict()
     cfg = replace(cfg, extract={**cfg.extract, **{k: ex[k] for k in typed}})
     start = time.perf_counter()
+    quiet = quiet or as_json
+    fitted = []
 
     def progress(i, total, rec, elapsed):
-        if as_json:
+        fitted.append(i)
+        if quiet:
             return
-        eta = elapsed / i * (total - i)
+        eta = elapsed / len(fitted) * (total - i)  # cells skipped by --skip-existing took no time
         top1 = next(iter(rec["metrics"].values()), {}).get("top1")
         click.echo(f"[{i}/{total}] {rec['backbone']} {rec['layer']} {rec['source']} {rec['head']} "
                    f"shots={rec['shots'] or 'all'} seed={rec['seed']}: top-1 {top1 if top1 is None else f'{top1:.4f}'}"
                    f"  elapsed {elapsed:.0f} s, ETA {eta:.0f} s", err=True)
 
-    bar = _Progress("extract", as_json)
+    bar = _Progress("extract", quiet)
     try:
-        records = run_bench(cfg, out_dir, skip_existing=skip_existing, progress=progress, extract_progress=bar)
+        records = run_bench(cfg, out_dir, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
+                            extract_progress=bar)
     finally:
         bar.close()
     rows = leaderboard(records)
     if as_json:
-        _echo_json({"out_dir": out_dir, "runs": len(records), "leaderboard": rows})
+        _echo_json({"out_dir": out_dir, "runs": len(records), "new_runs": len(fitted), "leaderboard": rows})
         return
     click.echo((Path(out_dir) / "leaderboard.md").read_text())
-    click.echo(f"{len(records)} runs in {out_dir}/ ({time.perf_counter() - start:.0f} s): records.jsonl, "
-               f"leaderboard.md/.csv, shots.png, layers.png, time.png")
+    click.echo(f"{len(records)} runs in {out_dir}/ ({len(fitted)} new, {time.perf_counter() - start:.0f} s): "
+               f"records.jsonl, leaderboard.md/.csv, shots.png, layers.png, time.png")
 
 
 @main.command(name="probe-layers")
@@ -705,7 +764,7 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
 @click.argument("source")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="layers-out", show_default=True)
 @click.option("--head", default="logreg", show_default=True, help="Head fitted on every layer.")
-@extraction_options(exclude=("backbone", "layers", "pool"))
+@extraction_options(exclude=("backbone", "layers"))
 @click.option("--json", "as_json", is_flag=True, help='Print {"layers": [...], "recommendation": {...}}.')
 @_fail_cleanly
 def probe_layers(backbone, source, out_dir, head, as_json, **kw):
@@ -732,12 +791,17 @@ def probe_layers(backbone, source, out_dir, head, as_json, **kw):
 @main.command()
 @click.argument("src", type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="HTML file to write.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"report": PATH}.')
 @_fail_cleanly
-def report(src, output):
+def report(src, output, as_json):
     """Write one self-contained HTML page for a RUN_DIR, BENCH_DIR or LAYERS_DIR."""
     from .report import write_report
 
-    click.echo(f"wrote {write_report(src, output)}")
+    path = write_report(src, output)
+    if as_json:
+        _echo_json({"report": str(path)})
+        return
+    click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -774,12 +838,15 @@ def merge(cache_dir, copy, as_json):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast precision; auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on a CPU.")
 @click.option("--input-size", type=int, default=None, help="Override the crop size (px).")
+@click.option("--val-fraction", type=float, default=None,
+              help="Carve a stratified, seeded val split out of train when the source has none.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --val-fraction.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "metrics", "per_epoch", "seconds"}.')
 @_fail_cleanly
 def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_size, seed, device, num_workers,
-             precision, input_size, output, runs_dir, as_json):
+             precision, input_size, val_fraction, split_seed, output, runs_dir, as_json):
     """Fine-tune the layers after a freeze boundary on raw images, the classic way (the reference
     that 'fit-head --head tail' on cached boundary activations is measured against)."""
     from .finetune import FinetuneConfig, finetune as run
@@ -787,7 +854,7 @@ def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_s
     config = FinetuneConfig(backbone=backbone, weights=weights, freeze_until=freeze_until, train=tuple(train),
                             epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                             num_workers=num_workers, precision=precision, input_size=input_size, output=output,
-                            runs_dir=runs_dir)
+                            runs_dir=runs_dir, val_fraction=val_fraction, split_seed=split_seed)
     res = run(source, config, progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
     if as_json:
         _echo_json(res.to_dict())

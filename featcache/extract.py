@@ -151,10 +151,14 @@ class ExtractResult:
     failures: list[dict] = field(default_factory=list)
     #: With shards: the cache this run assembled from all finished shards, if it did.
     merged: str | None = None
+    #: Seconds of decoding and forward passes: ``images_per_second`` is ``computed / compute_seconds``
+    #: (``seconds`` adds opening the source and backbone and writing the cache).
+    compute_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         d = {"cache": self.cache, "splits": self.splits, "failed": self.failed,
              "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
+             "compute_seconds": round(self.compute_seconds, 3),
              "images_per_second": round(self.images_per_second, 2),
              "computed": self.computed, "reused": self.reused}
         if self.merged:
@@ -585,6 +589,7 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
     seconds = time.perf_counter() - t0
     result.seconds = seconds
     result.computed, result.reused = len(todo), n_reused
+    result.compute_seconds = compute_seconds if todo else 0.0
     result.images_per_second = len(todo) / compute_seconds if compute_seconds > 0 and todo else 0.0
     return result
 

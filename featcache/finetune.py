@@ -81,6 +81,9 @@ class FinetuneConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     output: str | None = None
     runs_dir: str = "runs"
+    #: Carve a stratified, seeded val split out of train when the source has none.
+    val_fraction: float | None = None
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("weights", "output", "runs_dir"):
@@ -351,12 +354,15 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
     tune_allocator()
     config = FinetuneConfig(**{**(config.to_dict() if config else {}), **options})
     config.validate()
-    src = open_source(source)
+    src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
     if not src.splits.get("train"):
         raise ConfigError(
             f"Source '{src.spec}' has no train split (it has: {', '.join(src.splits) or 'none'}). "
             f"Put the images under train/ and val/, or open it with val_fraction."
         )
+    if not any(refs for s, refs in src.splits.items() if s != "train"):
+        logger.warning("Source '%s' has no split besides train: the fine-tuned network will not be scored. Pass "
+                       "--val-fraction 0.2 to hold out a val split.", src.spec)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     # fp16 needs loss scaling (its range is too small for small gradients); bf16 and fp32 do not.

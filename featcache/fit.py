@@ -55,6 +55,7 @@ class FitConfig:
     head: str = "logreg"
     layer: str | None = None
     train_split: str = "train"
+    #: Split the sweep is scored on; None: val when present; "none": k-fold on the training split.
     eval_split: str | None = None
     normalize: str = "standard"
     pca: int | None = None
@@ -64,7 +65,8 @@ class FitConfig:
     refit_on_trainval: bool = False
     shots: int | None = None
     seeds: int = 1
-    cv: int = 5
+    #: Folds of the k-fold sweep when there is no eval split; None: 5. Refused when an eval split exists.
+    cv: int | None = None
     max_memory: int = 2 << 30
     head_options: dict = field(default_factory=dict)
     output: str | None = None
@@ -72,6 +74,8 @@ class FitConfig:
     select_by: str = "top1"
     extend_grid: bool = True
     threads: int | None = None
+    #: Replace an existing run in ``output``; without it a run folder is never overwritten.
+    overwrite: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -100,8 +104,11 @@ class FitResult:
 
 def parse_grid(text: str | None) -> tuple[float, ...] | None:
     """``"0.01,0.1,1"`` or ``"logspace:-4:4:13"`` -> a tuple of floats (None stays None)."""
-    if text is None or text == "":
+    if text is None:
         return None
+    if not text.strip():
+        raise ConfigError("The grid (--C) is empty. Pass values, e.g. --C 0.01,0.1,1 or logspace:-4:4:13, or drop "
+                          "--C for the head's own grid.")
     try:
         if text.startswith("logspace:"):
             lo, hi, n = text.split(":")[1:]
@@ -111,6 +118,24 @@ def parse_grid(text: str | None) -> tuple[float, ...] | None:
         raise ConfigError(
             f"The grid must be comma-separated numbers (0.01,0.1,1) or logspace:LO:HI:N. Got {text!r}."
         ) from None
+
+
+def check_options(config: FitConfig) -> None:
+    """Refuse options that do not apply to ``config.head`` or to this fit, before any feature is read.
+
+    Raises
+    ------
+    ConfigError
+        Naming the option and what to do instead.
+    """
+    entry = HEADS.entry(config.head)
+    if config.grid is not None:
+        if len(config.grid) == 0:
+            parse_grid("")
+        if entry.extra["param"] is None:
+            raise ConfigError(f"--C does not apply to head '{config.head}': it sweeps no parameter. Drop --C.")
+    if config.seeds != 1 and config.shots is None:
+        raise ConfigError(f"--seeds {config.seeds} applies to few-shot fits only. Add --shots K or drop --seeds.")
 
 
 def _few_shot_indices(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -255,7 +280,7 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
 
         if not isinstance(X, np.ndarray):
             raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise --max-memory.")
-        folds = min(config.cv, int(np.min(np.bincount(y)[present])))
+        folds = min(config.cv or 5, int(np.min(np.bincount(y)[present])))
         if folds < 2:
             raise HeadError(
                 f"Too few samples per class for a k-fold sweep (the smallest training class has "
@@ -350,10 +375,10 @@ def _activation_head_setup(cache: FeatureCache, layer: str, config: FitConfig, o
     return config, options, fit_kwargs
 
 
-def _score_splits(cache, layer, config, head, transform, skip: str) -> dict:
+def _score_splits(cache, layer, config, head, transform, skip: tuple[str, ...]) -> dict:
     metrics = {}
     for split in cache.splits:
-        if split == skip or cache.n(split) == 0:
+        if split in skip or cache.n(split) == 0:
             continue
         X, y = cache.load(split, layer)
         proba = head.predict_proba(transform.transform(X.reshape(len(X), -1)))
@@ -394,13 +419,17 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     if config.grid is not None:
         config = FitConfig(**{**config.to_dict(), "grid": tuple(config.grid)})
     check_int("seeds", config.seeds)
-    check_int("cv", config.cv, minimum=2)
+    if config.cv is not None:
+        check_int("cv", config.cv, minimum=2)
     check_choice("select_by", config.select_by, SELECT_BY)
     if config.threads is not None:
         check_int("threads", config.threads)
     if config.shots is not None:
         check_int("shots", config.shots)
-    HEADS.entry(config.head)
+    check_options(config)
+    if config.output and not config.overwrite and (Path(config.output) / RUN_JSON).exists():
+        raise ConfigError(f"'{config.output}' already holds a run. Pass --overwrite to replace it, or choose "
+                          f"another -o folder.")
     if config.head_options.get("patience") is not None and config.refit_on_trainval:
         raise ConfigError("--patience picks an epoch on the eval split, which --refit-on-trainval then trains on. "
                           "Drop one of them.")
@@ -427,6 +456,11 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             raise ConfigError(f"Split '{eval_split}' is not in the cache. It has: {', '.join(c.splits)}.")
         if eval_split == "test":
             raise ConfigError("The sweep never chooses on the test split. Pass --eval-split val or none.")
+        if config.cv is not None and eval_split is not None:
+            raise ConfigError(f"--cv applies only without an eval split; this sweep is scored on '{eval_split}'. "
+                              f"Drop --cv, or pass --eval-split none to sweep by k-fold on {config.train_split}.")
+        # After --refit-on-trainval the eval split is training data: its scores are not held out.
+        skip = (config.train_split, eval_split) if config.refit_on_trainval else (config.train_split,)
         y_all = c.labels(config.train_split)
         _check_labels(c, config, y_all, warn)
         few_shot = None
@@ -448,7 +482,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
                 idx = _few_shot_indices(y_all, config.shots, config.seed + s)
                 head, transform, best, sweep = _fit_once(c, config, layer, idx, eval_split, config.seed + s, warn,
                                                          progress)
-                m = _score_splits(c, layer, config, head, transform, config.train_split)
+                m = _score_splits(c, layer, config, head, transform, skip)
                 per_seed.append({"seed": config.seed + s, "best": best, "metrics": m})
                 if first is None:
                     first = (head, transform, best, sweep, m)
@@ -457,10 +491,10 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
                         "summary": _summarize(per_seed), "per_seed": per_seed}
         elif len(layers) > 1:
             layer, head, transform, best, sweep = _sweep_layers(c, config, layers, eval_split, warn, progress)
-            metrics = _score_splits(c, layer, config, head, transform, config.train_split)
+            metrics = _score_splits(c, layer, config, head, transform, skip)
         else:
             head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed, warn, progress)
-            metrics = _score_splits(c, layer, config, head, transform, config.train_split)
+            metrics = _score_splits(c, layer, config, head, transform, skip)
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": layer, "classes": c.classes, "fingerprint": c.fingerprint,
@@ -620,6 +654,11 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         meta = json.loads(path.read_text())
     except ValueError as e:
         raise HeadError(f"'{path}' is not valid JSON ({e}). Re-run fit-head.") from None
+    if isinstance(meta, dict) and meta.get("format") == "featcache-finetune":
+        raise HeadError(
+            f"'{run_dir}' is a finetune run (a whole fine-tuned network), not a head fitted on cached features; "
+            f"predict, export and evaluate use fit-head runs. 'featcache report {run_dir}' shows its scores; to "
+            f"predict with frozen features, extract a cache and run 'featcache fit-head'.")
     if not isinstance(meta, dict) or meta.get("format") != "featcache-run":
         raise HeadError(f"'{path}' is not a featcache run file. Re-run fit-head.")
     for key, kind in (("classes", list), ("layer", str), ("fingerprint", dict), ("transform", dict)):
@@ -653,22 +692,33 @@ def check_compatible(run: Run, cache: FeatureCache) -> None:
             )
     if run.meta["layer"] not in cache.layers:
         raise CacheError(f"Cache '{cache.path.name}' has no layer '{run.meta['layer']}', which the run's head reads.")
-    if list(cache.classes) != list(run.classes):
+    extra = [c for c in cache.classes if c not in run.classes]
+    if extra:
         raise CacheError(
-            f"Cache '{cache.path.name}' has classes {cache.classes[:5]}..., the run was fitted on "
-            f"{run.classes[:5]}...; they must be the same list."
+            f"Cache '{cache.path.name}' has classes the run was not fitted on: {', '.join(extra[:5])}"
+            f"{', ...' if len(extra) > 5 else ''}. A head only scores data of its own classes ({len(run.classes)}: "
+            f"{', '.join(run.classes[:5])}{', ...' if len(run.classes) > 5 else ''})."
         )
 
 
 def evaluate(run_dir: str | os.PathLike, cache: str | os.PathLike) -> dict:
-    """Score a saved run on every split of another cache (refused if its features differ)."""
+    """Score a saved run on every split of another cache (refused if its features differ).
+
+    The cache's classes may be a subset of the run's: its labels are mapped to the run's classes,
+    and each split's metrics list the run classes it has no samples of in ``absent_classes``
+    (balanced accuracy and macro F1 are over the classes present).
+    """
     run = load_run(run_dir)
     with open_cache(cache) as c:
         check_compatible(run, c)
+        to_run = np.array([run.classes.index(name) for name in c.classes], dtype=np.int64)
         out = {}
         for split in c.splits:
             if c.n(split) == 0:
                 continue
             X, y = c.load(split, run.meta["layer"])
-            out[split] = split_metrics(y, run.predict_proba(X), c.classes)
+            y = to_run[y]
+            out[split] = split_metrics(y, run.predict_proba(X), run.classes)
+            present = set(y.tolist())
+            out[split]["absent_classes"] = [name for i, name in enumerate(run.classes) if i not in present]
     return out

@@ -158,8 +158,15 @@ def _legend_below(fig, axes, handles=None) -> None:
             for h, label in zip(*ax.get_legend_handles_labels()):
                 seen.setdefault(label, h)
         handles = list(seen.values())
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), frameon=False)
+    if not handles:
+        return
+    # Fewer columns until the legend fits the figure's width: long labels would otherwise be cut at its edges.
+    renderer = fig.canvas.get_renderer()
+    for ncols in range(min(4, len(handles)), 0, -1):
+        legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False)
+        if ncols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width * 0.98:
+            return
+        legend.remove()
 
 
 def _grid_shape(n: int, max_cols: int = 3) -> tuple[int, int]:
@@ -312,7 +319,8 @@ def time_breakdown(records: list[dict], path: str | os.PathLike) -> Path:
     ----------
     records : list of dict
         Benchmark records. Extraction is counted once per cache file (the largest
-        ``extract_seconds`` of the records that share a ``cache``: a cache hit records 0);
+        ``extract_seconds`` of the records that share a ``cache``: a cache hit records the
+        extraction time stored in the cache);
         fitting is the sum of ``fit_seconds``.
     path : path-like
         PNG file to write.
@@ -415,7 +423,7 @@ def layer_curve(layers: list[dict], path: str | os.PathLike, *, recommendation: 
         ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_xlabel("layer (input → output)")
         ax.set_ylabel(_metric_label("top1", split))
-        ax.set_title(_t(title) if title else "Accuracy by depth")
+        ax.set_title(_t(_short(title, 60)) if title else "Accuracy by depth")
         _legend_below(fig, [ax])
         return _save(fig, path)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,10 +147,56 @@ class ExportedModel(nn.Module):
         return out.index_copy(1, self.index, scores)
 
 
+#: Name of the JSON entry inside the ``.pt2`` archive (``extra/``) with classes and preprocessing.
+EXPORT_META = "featcache.json"
+
+
+def export_meta(run: Run, bb: Backbone) -> dict:
+    """What a user of an exported program needs besides the program: class names, in logit order,
+    and the preprocessing (resize, crop, interpolation, mean, std) its inputs must have had."""
+    return {"format": "featcache-export", "version": 1, "classes": list(run.classes),
+            "preprocess": bb.preprocess.to_dict(), "input_shape": ["batch", 3, bb.preprocess.crop, bb.preprocess.crop],
+            "backbone": bb.name, "layer": run.meta["layer"], "head": run.meta.get("config", {}).get("head"),
+            "output": "logits over classes; softmax gives predict's probabilities"}
+
+
+class ExportedClassifier(nn.Module):
+    """An exported program with its metadata: checks the input size, then returns logits."""
+
+    def __init__(self, module: nn.Module, meta: dict) -> None:
+        super().__init__()
+        self.module, self.meta = module, meta
+        self.classes: list[str] = meta["classes"]
+        self.crop: int = meta["preprocess"]["crop"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.crop, self.crop):
+            raise ConfigError(
+                f"The exported model takes normalised images of shape (batch, 3, {self.crop}, {self.crop}); got "
+                f"{tuple(x.shape)}. Resize to {self.meta['preprocess']['resize']} px, centre-crop to {self.crop} px "
+                f"and normalise with the mean and std in its metadata."
+            )
+        return self.module(x)
+
+
+def load_export(path: str | os.PathLike) -> ExportedClassifier:
+    """Load a program written by :func:`export` with its classes and preprocessing (``.meta``)."""
+    extra = {EXPORT_META: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+        meta = json.loads(extra[EXPORT_META])
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"'{path}' is not a program written by 'featcache export' ({e}). Export the run again.") \
+            from None
+    return ExportedClassifier(program.module(), meta)
+
+
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None) -> Path:
     """Write one self-contained ``torch.export`` program (``.pt2``): normalised images -> logits.
 
-    Load it with ``torch.export.load(path).module()``.
+    The archive carries ``extra/featcache.json`` (:func:`export_meta`: class names and
+    preprocessing). Load both with :func:`load_export`, or the program alone with
+    ``torch.export.load(path).module()``.
     """
     run = load_run(run_dir)
     bb = _backbone_for(run, weights)
@@ -162,7 +210,14 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str |
         raise BackboneError(f"torch.export cannot export this backbone + head ({type(e).__name__}: {e}).") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    torch.export.save(program, str(tmp))
-    os.replace(tmp, out)
+    # torch.export names the archive's inner folder after the file: write it under its own name in a
+    # private folder, then move it into place.
+    tmp_dir = out.parent / f".tmp-export-{os.getpid()}"
+    tmp_dir.mkdir(exist_ok=True)
+    try:
+        torch.export.save(program, str(tmp_dir / out.name),
+                          extra_files={EXPORT_META: json.dumps(export_meta(run, bb), indent=2)})
+        os.replace(tmp_dir / out.name, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out

@@ -8,10 +8,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataclasses import replace
+
 from .backbones import PRE_LOGITS, load_backbone
 from .errors import ConfigError
 from .extract import ExtractConfig, extract
-from .fit import FitConfig, fit_head
+from .fit import FitConfig, check_options, fit_head
+from .sources import open_source
 from .store import open_cache
 
 LAYERS_JSON = "layers.json"
@@ -98,24 +101,34 @@ def probe_layers(backbone: str, source: str, *, out_dir: str | os.PathLike = "la
     """Fit ``head`` on every stage of ``backbone`` (all tapped in one forward pass) and recommend
     where to freeze. Writes ``layers.json`` and ``layers.png`` to ``out_dir``."""
     ex = extract_config or ExtractConfig()
+    fit_config = fit_config or FitConfig()
+    check_options(replace(fit_config, head=head))
+    if ex.pool == "none":
+        raise ConfigError("probe-layers fits one head per layer on pooled features; --pool none keeps whole maps. "
+                          "Pass --pool avg, max or avgmax.")
+    # Checked before the forward passes: the layers are scored on a split other than train.
+    src = open_source(source, val_fraction=ex.val_fraction, split_seed=ex.split_seed)
+    if not set(src.splits) - {fit_config.train_split}:
+        raise ConfigError(f"Source '{source}' has no split besides {fit_config.train_split} to score layers on. Pass "
+                          f"--val-fraction 0.2 to carve one out, or add a val/ folder.")
+    ex = replace(ex, val_fraction=None)  # carved into src above; its split policy stays in the fingerprint
     bb = load_backbone(backbone, weights=ex.weights, input_size=ex.input_size, mean=ex.mean, std=ex.std)
     if not bb.stages:
         raise ConfigError(
             f"{bb.name} has no known stages to probe. Pass stages explicitly with 'featcache bench --layer ...'."
         )
     taps = [*bb.stages, PRE_LOGITS] if bb.classifier else list(bb.stages)
-    res = extract(source, ex, backbone=backbone, layers=tuple(taps), pool="avg", progress=progress)
+    res = extract(src, ex, backbone=backbone, layers=tuple(taps), pool=ex.pool, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open_cache(res.cache) as c:
         dims = {layer: int(c.features(c.splits[0], layer).shape[1]) for layer in taps}
     rows = []
     for i, layer in enumerate(taps):
-        fit = fit_head(res.cache, fit_config or FitConfig(), head=head, layer=layer,
-                       output=str(out / "runs" / f"{i:02d}-{layer}"))
-        split = "val" if "val" in fit.metrics else next(iter(fit.metrics), None)
-        if split is None:
-            raise ConfigError(f"Source '{source}' has no split besides train to score layers on; use --val-fraction.")
+        # The folder belongs to this probe: a re-run replaces its per-layer runs with layers.json.
+        fit = fit_head(res.cache, fit_config, head=head, layer=layer, output=str(out / "runs" / f"{i:02d}-{layer}"),
+                       overwrite=True)
+        split = "val" if "val" in fit.metrics else next(iter(fit.metrics))
         m = fit.metrics[split]
         rows.append({"name": layer, "depth": i, "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"],
                      "macro_f1": m["macro_f1"], "log_loss": m["log_loss"], "split": split, "best": fit.best,

@@ -333,7 +333,8 @@ def _kind(src: Path) -> str:
     if not src.is_dir():
         raise ConfigError(f"'{src}' is a file; pass the folder that holds it.")
     if all((src / f).is_file() for f in RUN_FILES):
-        return "run"
+        run = _read_json(src / "run.json")
+        return "finetune" if isinstance(run, dict) and run.get("format") == "featcache-finetune" else "run"
     if (src / RECORDS).is_file():
         return "bench"
     if (src / LAYERS_JSON).is_file():
@@ -395,15 +396,8 @@ def _run_page(src: Path, tmp: Path) -> tuple[str, str, str, str]:
     ])
     parts = [_section("Run", facts, sid="facts")]
 
-    cols = [c for c in METRIC_COLUMNS if c[0] != "top5" or any("top5" in (m or {}) for m in metrics.values())]
-    rows, classes_ = [], []
-    for split, m in metrics.items():
-        name = _e(split) + ('<span class="tag">eval</span>' if split == eval_split else "")
-        rows.append([name, *[_e(_fmt((m or {}).get(k))) for k, _ in cols]])
-        classes_.append("")
-    table = _table([("split", "text"), *[(h, "num") for _, h in cols]], rows, table_id="metrics",
-                   row_classes=classes_) if rows else _note("No split besides the training split was scored.")
-    parts.append(_section("Metrics per split", table, sid="metrics-section"))
+    cols, metrics_section = _metrics_section(metrics, eval_split)
+    parts.append(metrics_section)
 
     if isinstance(few, dict) and isinstance(few.get("summary"), dict):
         srows = []
@@ -415,6 +409,48 @@ def _run_page(src: Path, tmp: Path) -> tuple[str, str, str, str]:
             _table([("split", "text"), *[(h, "num") for k, h in cols if k != "n"]], srows, table_id="few-shot"),
             "<p>The tables above and below describe the first seed's head, the one saved in this run.</p>"))
 
+    parts.extend(_class_sections(run, metrics, eval_split, tmp))
+
+    if any(isinstance(r.get("value"), (int, float)) for r in sweep):
+        param = best.get("param") or "value"
+        srows = [[_e(_fmt_value(r.get("value"))), _e(_fmt(r.get("top1"))), _e(_fmt(r.get("log_loss")))]
+                 for r in sweep]
+        tags = ["top" if r.get("value") == best.get("value") else "" for r in sweep]
+        parts.append(_section(
+            f"Sweep of {param}",
+            _plot(lambda p: plots.sweep_curve(sweep, param, p, best=best), tmp, "sweep.png", f"sweep of {param}",
+                  f"Chosen by top-1 on {best.get('scored_on')} (ties broken by log-loss); never on test."),
+            "<details><summary>Sweep values</summary>"
+            + _table([(param, "num"), ("top-1", "num"), ("log-loss", "num")], srows, table_id="sweep",
+                     row_classes=tags) + "</details>",
+            sid="sweep-section"))
+    else:
+        parts.append(_section("Sweep", _note("This head swept nothing (one grid value or no parameter).")))
+
+    title = f"{head} on {backbone} · {layer}"
+    score = (metrics.get(eval_split) or {}).get("top1")
+    lede = (f"A {head} head fitted on cached {backbone} features from layer {layer}"
+            + (f": top-1 {score:.4f} on {eval_split}." if isinstance(score, (int, float)) else ".")
+            + " Scores per split, recall per class, the confusion matrix and the regularisation sweep.")
+    return "featcache run", title, lede, "".join(parts)
+
+
+def _metrics_section(metrics: dict, eval_split: str | None) -> tuple[list, str]:
+    cols = [c for c in METRIC_COLUMNS if c[0] != "top5" or any("top5" in (m or {}) for m in metrics.values())]
+    rows, classes_ = [], []
+    for split, m in metrics.items():
+        name = _e(split) + ('<span class="tag">eval</span>' if split == eval_split else "")
+        rows.append([name, *[_e(_fmt((m or {}).get(k))) for k, _ in cols]])
+        classes_.append("")
+    table = _table([("split", "text"), *[(h, "num") for _, h in cols]], rows, table_id="metrics",
+                   row_classes=classes_) if rows else _note("No split besides the training split was scored.")
+    return cols, _section("Metrics per split", table, sid="metrics-section")
+
+
+
+def _class_sections(run: dict, metrics: dict, eval_split: str | None, tmp: Path) -> list[str]:
+    """Recall per class and the confusion matrix on the eval split."""
+    parts = []
     splits = [s for s, m in metrics.items() if isinstance((m or {}).get("per_class_recall"), dict)]
     if splits:
         names = _class_order(run, metrics, splits)
@@ -440,28 +476,45 @@ def _run_page(src: Path, tmp: Path) -> tuple[str, str, str, str]:
         cm_parts.append(_note("No confusion matrix in metrics.json."))
     parts.append(_section(f"Confusion matrix ({eval_split or 'no eval split'})", *cm_parts, sid="confusion"))
 
-    if any(isinstance(r.get("value"), (int, float)) for r in sweep):
-        param = best.get("param") or "value"
-        srows = [[_e(_fmt_value(r.get("value"))), _e(_fmt(r.get("top1"))), _e(_fmt(r.get("log_loss")))]
-                 for r in sweep]
-        tags = ["top" if r.get("value") == best.get("value") else "" for r in sweep]
-        parts.append(_section(
-            f"Sweep of {param}",
-            _plot(lambda p: plots.sweep_curve(sweep, param, p, best=best), tmp, "sweep.png", f"sweep of {param}",
-                  f"Chosen by top-1 on {best.get('scored_on')} (ties broken by log-loss); never on test."),
-            "<details><summary>Sweep values</summary>"
-            + _table([(param, "num"), ("top-1", "num"), ("log-loss", "num")], srows, table_id="sweep",
-                     row_classes=tags) + "</details>",
-            sid="sweep-section"))
-    else:
-        parts.append(_section("Sweep", _note("This head swept nothing (one grid value or no parameter).")))
+    return parts
 
-    title = f"{head} on {backbone} · {layer}"
+
+def _finetune_page(src: Path, tmp: Path) -> tuple[str, str, str, str]:
+    """A 'featcache finetune' run: a whole fine-tuned network, scored per split after the last epoch."""
+    run, doc = _read_json(src / "run.json"), _read_json(src / "metrics.json")
+    metrics = doc.get("metrics") or {}
+    config = run.get("config") or {}
+    backbone = run.get("backbone") or "?"
+    eval_split = "val" if "val" in metrics else next(iter(metrics), None)
+    boundary = (f"after {config['freeze_until']}" if config.get("freeze_until")
+                else ", ".join(config.get("train") or []))
+    params = run.get("parameters") or {}
+    facts = _facts([
+        ("backbone", backbone),
+        ("trained", f"{', '.join(run.get('trainable_modules') or [])} ({boundary})"),
+        ("parameters", f"{params.get('trainable', '?'):,} trained, {params.get('frozen', '?'):,} frozen"
+         if params else None),
+        ("epochs", f"{config.get('epochs')} at lr {config.get('lr')}, batch {config.get('batch_size')}"),
+        ("source", (run.get("source") or {}).get("spec")),
+        ("classes", len(run.get("classes") or [])),
+        ("run folder", str(src)),
+        ("seconds", _seconds(doc.get("seconds"))),
+    ])
+    parts = [_section("Run", facts, sid="facts"), _metrics_section(metrics, eval_split)[1]]
+    parts.extend(_class_sections(run, metrics, eval_split, tmp))
+    epochs = [e for e in doc.get("per_epoch") or [] if isinstance(e, dict)]
+    if epochs:
+        rows = [[_e(e.get("epoch")), _e(_fmt(e.get("train_loss"))), _e(_fmt(e.get("val_top1"))),
+                 _e(_seconds(e.get("seconds")))] for e in epochs]
+        parts.append(_section("Per epoch", _table([("epoch", "num"), ("train loss", "num"), ("val top-1", "num"),
+                                                   ("seconds", "num")], rows, table_id="epochs"), sid="epochs"))
     score = (metrics.get(eval_split) or {}).get("top1")
-    lede = (f"A {head} head fitted on cached {backbone} features from layer {layer}"
-            + (f": top-1 {score:.4f} on {eval_split}." if isinstance(score, (int, float)) else ".")
-            + " Scores per split, recall per class, the confusion matrix and the regularisation sweep.")
-    return "featcache run", title, lede, "".join(parts)
+    title = f"fine-tuned {backbone}"
+    lede = (f"{backbone} fine-tuned on raw images ({boundary} trained)"
+            + (f": top-1 {score:.4f} on {eval_split}." if isinstance(score, (int, float)) else
+               ": no split besides train was scored (fine-tune with --val-fraction).")
+            + " Scores per split, recall per class, the confusion matrix and the training curve.")
+    return "featcache finetune run", title, lede, "".join(parts)
 
 
 def _feature_steps(config: dict) -> str:
@@ -636,7 +689,7 @@ def _layers_page(src: Path, tmp: Path) -> tuple[str, str, str, str]:
 # --- entry point -----------------------------------------------------------------------------
 
 
-_PAGES = {"run": _run_page, "bench": _bench_page, "layers": _layers_page}
+_PAGES = {"run": _run_page, "finetune": _finetune_page, "bench": _bench_page, "layers": _layers_page}
 
 
 def write_report(src: str | os.PathLike, out: str | os.PathLike) -> Path:

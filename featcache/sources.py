@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 
 from .errors import ConfigError, SourceError
 from .registry import Registry
+
+logger = logging.getLogger(__name__)
 
 SOURCES: Registry[Callable[..., "Source"]] = Registry("source", "featcache sources")
 
@@ -350,7 +353,9 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
     """
     if isinstance(spec, Source):
         src = spec
+        opened = False
     else:
+        opened = True
         spec = str(spec)
         kind, _, rest = spec.partition(":")
         if spec in SOURCES and SOURCES.entry(spec).extra.get("builtin"):
@@ -364,13 +369,52 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
         elif os.path.isdir(spec):
             src = ImageFolderSource(spec)
         else:
-            raise SourceError(
-                f"Source '{spec}' is not a folder, a .csv manifest, a .npz file or a built-in source. "
-                f"Check the path, or run 'featcache sources' to list the kinds."
-            )
+            raise _unknown_source(spec)
     if val_fraction is not None:
         _split_val(src, val_fraction, split_seed)
+    if opened:
+        _warn_about_classes(src)
     return src
+
+
+def _unknown_source(spec: str) -> SourceError:
+    return SourceError(
+        f"Source '{spec}' is not a folder, a .csv manifest, a .npz file or a built-in source. "
+        f"Check the path, or run 'featcache sources' to list the kinds."
+    )
+
+
+def check_source_spec(spec: str | os.PathLike) -> None:
+    """Refuse a spec :func:`open_source` cannot resolve, or whose file or folder does not exist,
+    without reading it (``bench`` checks every source before its first extraction)."""
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    if spec in SOURCES and SOURCES.entry(spec).extra.get("builtin"):
+        return
+    path = rest if rest and kind in SOURCES and len(kind) > 1 else spec
+    if path is spec and not spec.lower().endswith((".csv", ".npz")) and not os.path.isdir(spec):
+        raise _unknown_source(spec)
+    if not os.path.exists(path):
+        raise SourceError(f"Source '{spec}': '{path}' does not exist. Check the path.")
+
+
+def _warn_about_classes(src: Source) -> None:
+    """A class without samples, or a split of one class, extracts fine but cannot train or score a
+    head: say so before the forward passes rather than at fit time."""
+    seen: set[int] = set()
+    for split, refs in src.splits.items():
+        labels = {r.label for r in refs}
+        seen |= labels
+        if len(labels) == 1 and len(src.classes) > 1:
+            logger.warning("Split '%s' of source '%s' holds only class '%s'; a head needs at least 2 classes to train "
+                           "and scores on one class say little.", split, src.spec, src.classes[next(iter(labels))])
+    empty = [c for i, c in enumerate(src.classes) if i not in seen]
+    if empty:
+        logger.warning("Source '%s' has no samples of class(es) %s. Add images for them or remove their folders.",
+                       src.spec, ", ".join(f"'{c}'" for c in empty))
+    if len(src.classes) == 1:
+        logger.warning("Source '%s' has a single class ('%s'); a head needs at least 2 classes to train.",
+                       src.spec, src.classes[0])
 
 
 def _split_val(src: Source, fraction: float, seed: int) -> None:

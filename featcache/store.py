@@ -390,8 +390,12 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
 
 
 def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
-    """Caches in a folder: path, size, modification date, backbone, source, splits."""
-    out = []
+    """Caches in a folder: path, size, modification date, backbone, source, splits.
+
+    A cache assembled from shard files (virtual datasets) lists them under ``shards`` and counts
+    their bytes as its own; those shard files are not listed again as caches of their own.
+    """
+    out, presented = [], set()
     for p in sorted(Path(cache_dir).glob("*.h5")):
         st = p.stat()
         row = {"cache": str(p), "bytes": st.st_size, "modified": st.st_mtime}
@@ -399,10 +403,16 @@ def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
             with open_cache(p) as c:
                 row.update(backbone=c.fingerprint["backbone"]["name"], source=c.fingerprint["source"].get("spec"),
                            layers=c.layers, splits={s: c.n(s) for s in c.splits})
+                shards = json.loads(_text(c._h5.attrs.get("shards", "[]")) or "[]")
         except CacheError as e:
             row["error"] = str(e)
+            shards = []
+        if shards:
+            row["shards"] = shards
+            row["bytes"] += sum((p.parent / n).stat().st_size for n in shards if (p.parent / n).is_file())
+            presented.update(shards)
         out.append(row)
-    return out
+    return [r for r in out if Path(r["cache"]).name not in presented]
 
 
 # --- writing ------------------------------------------------------------------------------

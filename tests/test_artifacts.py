@@ -306,3 +306,52 @@ def test_tail_head_round_trips_through_save_and_load(tmp_path):
     save_head(tmp_path, head, head_name="tail", meta={})
     loaded, _ = load_head(tmp_path)
     np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), atol=1e-6)
+
+
+# --- exported programs carry their classes and preprocessing ----------------------------------
+
+def _tiny_run(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import make_image_folder
+    from featcache.cli import main
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    tiny = ["--backbone", "resnet18.none", "--input-size", "32", "--workers", "0", "--dtype", "float32"]
+    r = CliRunner().invoke(main, ["extract", str(folder), *tiny, "--cache-dir", str(tmp_path / "c"), "--json"])
+    cache = json.loads(r.output)["cache"]
+    r = CliRunner().invoke(main, ["fit-head", cache, "--head", "ncm", "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    return tmp_path / "run"
+
+
+def test_export_carries_classes_and_preprocessing_with_clean_inner_names(tmp_path):
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from featcache import load_export
+    from featcache.cli import main
+
+    run = _tiny_run(tmp_path)
+    r = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "model.pt2")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == f"wrote {tmp_path / 'model.pt2'}: normalised images (batch, 3, 32, 32) -> logits"
+    assert lines[1] == "  classes:    2 (cat, dog)"
+    assert lines[2].startswith("  preprocess: resize 37 (bilinear), centre crop 32, mean [0.485, 0.456, 0.406]")
+    names = zipfile.ZipFile(tmp_path / "model.pt2").namelist()
+    assert all(n.startswith("model/") for n in names) and "model/extra/featcache.json" in names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    model = load_export(tmp_path / "model.pt2")
+    assert model.classes == ["cat", "dog"] and model.meta["preprocess"]["crop"] == 32
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+    with pytest.raises(ConfigError, match=r"takes normalised images of shape \(batch, 3, 32, 32\); got \(1, 3, 64, 64\)"):
+        model(torch.zeros(1, 3, 64, 64))
+    extra = {"featcache.json": ""}
+    torch.export.load(str(tmp_path / "model.pt2"), extra_files=extra)
+    assert json.loads(extra["featcache.json"])["classes"] == ["cat", "dog"]
+    r = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "m2.pt2"), "--json"])
+    out = json.loads(r.output)
+    assert out["program"] == str(tmp_path / "m2.pt2") and out["classes"] == ["cat", "dog"]
+    assert {"resize", "crop", "interpolation", "mean", "std"} <= set(out["preprocess"])

@@ -27,15 +27,17 @@ def grid(tmp_path):
 def test_grid_runs_every_cell_once_with_complete_records(grid, tmp_path):
     calls = []
     records = run_bench(grid, tmp_path / "out", progress=lambda i, n, rec, t: calls.append((i, n)))
-    assert len(records) == grid.runs() == 2 * 2 * 2 * 2
-    assert calls[-1] == (16, 16)
+    # ncm and ridge (swept on val) draw nothing from the seed: at shots 0 one seed, not two.
+    assert grid.runs() == 2 * 2 * 2 * 2 and len(records) == 2 * 2 * (2 + 1)
+    assert calls[-1] == (12, 12)
+    assert sorted(r["seed"] for r in records if r["shots"] == 0) == [0, 0, 0, 0]
     for rec in records:
         assert set(RECORD_KEYS) <= set(rec)
         assert rec["metrics"]["val"]["top1"] >= 0
     keys = {(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}
-    assert len(keys) == 16
+    assert len(keys) == 12
     assert len({r["cache"] for r in records}) == 1  # extracted once, both layers from one pass
-    assert sum(r["extract_seconds"] > 0 for r in records) == 16  # first extraction, recorded per run
+    assert sum(r["extract_seconds"] > 0 for r in records) == 12  # first extraction, recorded per run
     out = tmp_path / "out"
     for name in ("records.jsonl", "leaderboard.md", "leaderboard.csv", "shots.png", "layers.png", "time.png"):
         assert (out / name).is_file(), name
@@ -59,8 +61,8 @@ def test_skip_existing_resumes_an_interrupted_grid(grid, tmp_path):
         f.write('{"cut by a crash"')  # a torn last line is ignored
     fitted = []
     records = run_bench(grid, out, skip_existing=True, progress=lambda i, n, rec, t: fitted.append(i))
-    assert len(fitted) == 11 and len(records) == 16
-    assert len({(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}) == 16
+    assert len(fitted) == 7 and len(records) == 12
+    assert len({(r["layer"], r["head"], r["shots"], r["seed"]) for r in records}) == 12
 
 
 def test_bench_toml_and_cli(tmp_path):
@@ -134,3 +136,148 @@ def test_probe_layers_taps_every_stage_in_one_pass(tmp_path):
     assert set(out) >= {"layers", "recommendation"} and len(out["layers"]) == 5
     r = CliRunner().invoke(main, ["report", str(tmp_path / "l2"), "-o", str(tmp_path / "l.html")])
     assert r.exit_code == 0 and "data:image/png;base64," in (tmp_path / "l.html").read_text()
+
+
+def _small_grid(tmp_path, **kw):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    base = dict(backbones=("resnet18.none",), sources=(str(folder),), heads=("ncm",), shots=(0,), seeds=1,
+                extract={**EXTRACT, "cache_dir": str(tmp_path / "cache")})
+    return BenchConfig(**{**base, **kw})
+
+
+def test_a_second_grid_keeps_earlier_records_and_never_reuses_a_run_number(tmp_path):
+    out = tmp_path / "out"
+    first = run_bench(_small_grid(tmp_path, heads=("ncm", "knn")), out)
+    assert len(first) == 2
+    second = run_bench(_small_grid(tmp_path, heads=("ridge",)), out)
+    assert len(second) == 3 and [r["head"] for r in second] == ["ncm", "knn", "ridge"]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert [r[:5] for r in runs] == ["00001", "00002", "00003"]
+    assert len({r["run"] for r in second}) == 3
+    again = run_bench(_small_grid(tmp_path, heads=("ncm",)), out, overwrite=True)
+    assert [r["head"] for r in again] == ["ncm"] and len(list((out / "runs").iterdir())) == 1
+    with pytest.raises(ConfigError, match="--overwrite deletes the records"):
+        run_bench(_small_grid(tmp_path), out, overwrite=True, skip_existing=True)
+
+
+def test_bench_cli_appends_and_overwrite_is_explicit(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    args = ["bench", "--backbones", "resnet18.none", "--sources", str(folder), "--input-size", "32", "--workers",
+            "0", "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "out"), "--json"]
+    r = CliRunner().invoke(main, [*args, "--heads", "ncm,knn"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*args, "--heads", "ridge"])
+    out = json.loads(r.stdout)
+    assert (out["runs"], out["new_runs"]) == (3, 1)
+    assert len(read_records(tmp_path / "out")) == 3
+    r = CliRunner().invoke(main, [*args, "--heads", "ridge", "--overwrite"])
+    assert json.loads(r.stdout)["runs"] == 1
+    r = CliRunner().invoke(main, [*args[:-1], "--heads", "ncm", "-q"])
+    assert r.exit_code == 0 and "[1/1]" not in r.output and "2 runs in" in r.output
+
+
+@pytest.mark.parametrize("table, line, error", [
+    ("fit", 'normalise = "l2"', "Error: Unknown keys in the [fit] table of '{toml}': normalise (did you mean "
+                                "'normalize'?). Known: "),
+    ("extract", "batchsize = 16", "Error: Unknown keys in the [extract] table of '{toml}': batchsize (did you "
+                                  "mean 'batch_size'?). Known: "),
+])
+def test_unknown_keys_in_toml_tables_name_the_closest(tmp_path, table, line, error):
+    toml = tmp_path / "grid.toml"
+    toml.write_text(f'heads = ["ncm"]\n[{table}]\n{line}\n')
+    r = CliRunner().invoke(main, ["bench", str(toml), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and r.output.startswith(error.format(toml=toml)), r.output
+    assert "Traceback" not in r.output
+    toml.write_text('heads = ["ncm"]\nbackbone = ["resnet18"]\n')
+    r = CliRunner().invoke(main, ["bench", str(toml)])
+    assert r.output.startswith(f"Error: Unknown keys in '{toml}': backbone (did you mean 'backbones'?). Known: ")
+
+
+def test_toml_grid_accepts_the_cli_syntax(tmp_path):
+    toml = tmp_path / "grid.toml"
+    toml.write_text('[fit]\ngrid = "logspace:-2:2:5"\n')
+    assert BenchConfig.from_toml(toml).fit_config().grid == pytest.approx((0.01, 0.1, 1.0, 10.0, 100.0))
+    toml.write_text('[fit]\ngrid = [0.1, 1]\n')
+    assert BenchConfig.from_toml(toml).fit_config().grid == (0.1, 1.0)
+
+
+def test_bench_checks_names_and_options_before_extracting(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    cache = tmp_path / "c"
+    base = ["bench", "--backbones", "resnet18.none", "--sources", str(folder), "--input-size", "32",
+            "--cache-dir", str(cache), "-o", str(tmp_path / "out")]
+    r = CliRunner().invoke(main, [*base, "--heads", "logreg,bogus"])
+    assert r.output == "Error: Unknown head 'bogus'. Run 'featcache heads' to list them.\n"
+    r = CliRunner().invoke(main, ["bench", "--backbones", "resnet18.none,nonet", "--sources", str(folder),
+                                  "--cache-dir", str(cache)])
+    assert r.output == "Error: Unknown backbone 'nonet'. Run 'featcache backbones' to list them.\n"
+    r = CliRunner().invoke(main, ["bench", "--backbones", "resnet18.none", "--sources", f"{folder},{folder}/nope.csv",
+                                  "--cache-dir", str(cache)])
+    assert r.output == f"Error: Source '{folder}/nope.csv': '{folder}/nope.csv' does not exist. Check the path.\n"
+    r = CliRunner().invoke(main, ["bench", "--backbones", "resnet18.none", "--sources", f"digits,{folder}/nope",
+                                  "--cache-dir", str(cache)])
+    assert r.output.startswith(f"Error: Source '{folder}/nope' is not a folder, a .csv manifest")
+    toml = tmp_path / "g.toml"
+    toml.write_text('heads = ["logreg", "ncm"]\n[fit]\ngrid = [0.1, 1]\n')
+    r = CliRunner().invoke(main, [str(a) for a in ("bench", toml, *base[1:])])
+    assert r.output == "Error: --C does not apply to head 'ncm': it sweeps no parameter. Drop --C.\n"
+    assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_probe_layers_checks_splits_head_and_pool_before_extracting(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4, splits=("train",))
+    cache = tmp_path / "c"
+    base = ["probe-layers", "resnet18.none", str(folder), "--input-size", "32", "--workers", "0",
+            "--cache-dir", str(cache), "-o", str(tmp_path / "l")]
+    r = CliRunner().invoke(main, base)
+    assert r.output == (f"Error: Source '{folder}' has no split besides train to score layers on. Pass "
+                        f"--val-fraction 0.2 to carve one out, or add a val/ folder.\n")
+    r = CliRunner().invoke(main, [*base, "--head", "bogus"])
+    assert r.output == "Error: Unknown head 'bogus'. Run 'featcache heads' to list them.\n"
+    r = CliRunner().invoke(main, [*base, "--pool", "none", "--val-fraction", "0.5"])
+    assert r.output.startswith("Error: probe-layers fits one head per layer on pooled features")
+    assert not cache.exists()
+    r = CliRunner().invoke(main, [*base, "--head", "ncm", "--pool", "max", "--val-fraction", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert len(out["layers"]) == 5 and {row["split"] for row in out["layers"]} == {"val"}
+    from featcache.store import open_cache
+
+    with open_cache(next(cache.glob("*.h5"))) as c:
+        assert c.fingerprint["pool"] == "max" and c.fingerprint["source"]["val_fraction"] == 0.5
+
+
+def test_extraction_warns_about_single_class_and_empty_class_sources(tmp_path, caplog):
+    from featcache.sources import open_source
+
+    folder = make_image_folder(tmp_path / "one", classes=("cat",), per_class=2)
+    with caplog.at_level("WARNING", logger="featcache.sources"):
+        open_source(str(folder))
+    assert f"Source '{folder}' has a single class ('cat'); a head needs at least 2 classes to train." in caplog.text
+    caplog.clear()
+    folder = make_image_folder(tmp_path / "two", classes=("cat", "dog"), per_class=2)
+    (folder / "train" / "emu").mkdir()
+    with caplog.at_level("WARNING", logger="featcache.sources"):
+        r = CliRunner().invoke(main, ["extract", str(folder), "--backbone", "resnet18.none", "--input-size", "32",
+                                      "--workers", "0", "--cache-dir", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 0
+    assert (f"Source '{folder}' has no samples of class(es) 'emu'. Add images for them or remove their "
+            f"folders.") in caplog.text
+
+
+def test_seeded_heads_and_k_fold_sweeps_keep_every_seed_at_shots_0(tmp_path):
+    recs = run_bench(_small_grid(tmp_path, heads=("svm", "ridge"), seeds=2, fit={"eval_split": "none"}),
+                     tmp_path / "out")
+    assert sorted((r["head"], r["seed"]) for r in recs) == [("ridge", 0), ("ridge", 1), ("svm", 0), ("svm", 1)]
+
+
+def test_a_cache_hit_records_the_original_extraction_time(tmp_path):
+    from featcache.store import open_cache
+
+    grid = _small_grid(tmp_path)
+    first = run_bench(grid, tmp_path / "a")
+    again = run_bench(grid, tmp_path / "b")
+    with open_cache(first[0]["cache"]) as c:
+        stored = c.timings["compute_seconds"]
+    assert first[0]["cache_hit"] is False and again[0]["cache_hit"] is True
+    assert again[0]["extract_seconds"] == pytest.approx(stored) and stored > 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from featcache.cli import main
@@ -23,6 +25,8 @@ def test_extract_json_then_cache_hit_info_and_ls(image_folder, tmp_path):
     out = json.loads(r.output)
     assert set(out) >= {"cache", "splits", "failed", "cache_hit", "seconds", "images_per_second"}
     assert (out["splits"], out["failed"], out["cache_hit"]) == ({"train": 12, "val": 12}, 0, False)
+    assert out["images_per_second"] == pytest.approx(out["computed"] / out["compute_seconds"], rel=0.01)
+    assert 0 < out["compute_seconds"] <= out["seconds"]
     again = json.loads(run("extract", image_folder, *TINY, "--cache-dir", cache_dir, "--json").output)
     assert again["cache_hit"] is True and again["cache"] == out["cache"]
 
@@ -112,3 +116,150 @@ def test_extract_checkpoint_decode_and_compile_options(image_folder, tmp_path):
     assert compiled["cache"] != plain["cache"] and not compiled["exists"]
     r = run("extract", image_folder, *TINY, "--checkpoint-every", "-1")
     assert r.exit_code == 1 and "'checkpoint_every' option must be a number of seconds >= 0" in r.output
+
+
+def _json_commands():
+    return sorted(name for name, cmd in main.commands.items() if any(p.name == "as_json" for p in cmd.params))
+
+
+def test_every_json_command_prints_one_json_object_when_it_fails(tmp_path):
+    names = _json_commands()
+    assert {"extract", "info", "fit-head", "bench", "predict", "evaluate", "export", "report"} <= set(names)
+    for name in names:
+        r = CliRunner().invoke(main, [name, "--json", "--no-such-option"])
+        assert r.exit_code == 1, (name, r.output)
+        out = json.loads(r.stdout)
+        assert out["type"] == "NoSuchOption" and "--no-such-option" in out["error"], name
+        assert r.stderr.endswith(f"Error: {out['error']}\n")
+
+
+def test_json_errors_carry_the_library_message_and_type(image_folder, tmp_path):
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "nothing.h5"), "--json"])
+    out = json.loads(r.stdout)
+    assert r.exit_code == 1 and out["type"] == "CacheError" and out["error"].startswith("Cache file")
+    assert r.stderr == f"Error: {out['error']}\n"
+    r = CliRunner().invoke(main, ["extract", str(image_folder), *TINY, "--batch-size", "0", "--json"])
+    assert json.loads(r.stdout) == {"error": "The 'batch_size' option must be an int >= 1. Got 0.",
+                                    "type": "ConfigError"}
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "nothing.h5")])  # without --json stdout stays empty
+    assert r.exit_code == 1 and r.stdout == ""
+
+
+def _cache(image_folder, tmp_path):
+    out = json.loads(run("extract", image_folder, *TINY, "--cache-dir", tmp_path / "cache", "--json").output)
+    return out["cache"]
+
+
+def test_fit_head_refuses_to_overwrite_a_run(image_folder, tmp_path):
+    cache = _cache(image_folder, tmp_path)
+    r = run("fit-head", cache, "--head", "ncm", "-o", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    before = (tmp_path / "run" / "run.json").read_text()
+    r = run("fit-head", cache, "--head", "knn", "-o", tmp_path / "run")
+    assert r.exit_code == 1
+    assert r.output == (f"Error: '{tmp_path / 'run'}' already holds a run. Pass --overwrite to replace it, or "
+                        f"choose another -o folder.\n")
+    assert (tmp_path / "run" / "run.json").read_text() == before
+    r = run("fit-head", cache, "--head", "knn", "-o", tmp_path / "run", "--overwrite")
+    assert r.exit_code == 0 and '"head": "knn"' in (tmp_path / "run" / "head.json").read_text()
+
+
+def test_options_that_do_not_apply_are_refused(image_folder, tmp_path):
+    cache = _cache(image_folder, tmp_path)
+    for args, error in [
+        (("--head", "ncm", "--C", "0.1,1"), "--C does not apply to head 'ncm': it sweeps no parameter. Drop --C."),
+        (("--head", "logreg", "--C", ""), "The grid (--C) is empty. Pass values, e.g. --C 0.01,0.1,1 or "
+                                           "logspace:-4:4:13, or drop --C for the head's own grid."),
+        (("--head", "ncm", "--seeds", "3"), "--seeds 3 applies to few-shot fits only. Add --shots K or drop --seeds."),
+        (("--head", "ncm", "--cv", "3"), "--cv applies only without an eval split; this sweep is scored on 'val'. "
+                                          "Drop --cv, or pass --eval-split none to sweep by k-fold on train."),
+    ]:
+        r = run("fit-head", cache, *args, "-o", tmp_path / "never")
+        assert (r.exit_code, r.output) == (1, f"Error: {error}\n"), args
+    assert not (tmp_path / "never").exists()
+    r = run("fit-head", cache, "--head", "ridge", "--eval-split", "none", "--cv", "2", "-o", tmp_path / "cv", "--json")
+    assert json.loads(r.stdout)["best"]["scored_on"] == "2-fold cv on train", r.output
+
+
+def test_refit_on_trainval_does_not_report_val_as_held_out(image_folder, tmp_path):
+    cache = _cache(image_folder, tmp_path)
+    r = run("fit-head", cache, "--head", "ridge", "--refit-on-trainval", "-o", tmp_path / "rf", "--json")
+    out = json.loads(r.output)
+    assert r.exit_code == 0 and "val" not in out["metrics"] and out["best"]["scored_on"] == "val"
+
+
+def test_finetune_runs_hold_out_val_report_and_are_refused_by_head_commands(tmp_path, caplog):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=4, splits=("train",))
+    ft = ["finetune", folder, "-b", "resnet18.none", "--freeze-until", "layer3", "--epochs", "1", "--batch-size", "4",
+          "--input-size", "32"]
+    with caplog.at_level("WARNING", logger="featcache.finetune"):
+        r = run(*ft, "-o", tmp_path / "plain", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["metrics"] == {}
+    assert (f"Source '{folder}' has no split besides train: the fine-tuned network will not be scored. Pass "
+            f"--val-fraction 0.2 to hold out a val split.") in caplog.text
+    r = run(*ft, "--val-fraction", "0.5", "-o", tmp_path / "ft", "--json")
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and out["metrics"]["val"]["n"] == 4
+    ft_dir = tmp_path / "ft"
+    refusal = (f"Error: '{ft_dir}' is a finetune run (a whole fine-tuned network), not a head fitted on cached "
+               f"features; predict, export and evaluate use fit-head runs. 'featcache report {ft_dir}' shows its "
+               f"scores; to predict with frozen features, extract a cache and run 'featcache fit-head'.\n")
+    for args in (("predict", ft_dir, folder), ("export", ft_dir, tmp_path / "m.pt2"),
+                 ("evaluate", ft_dir, tmp_path / "any.h5")):
+        r = run(*args)
+        assert (r.exit_code, r.output) == (1, refusal), args
+    r = run("report", ft_dir, "-o", tmp_path / "ft.html")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "ft.html").read_text()
+    assert "fine-tuned resnet18.none" in html and "Per epoch" in html and "data:image/png;base64," in html
+    assert ">?<" not in html and "?," not in html
+
+
+def test_evaluate_on_a_subset_of_the_run_classes(tmp_path):
+    from conftest import make_image_folder
+
+    three = make_image_folder(tmp_path / "three", classes=("cat", "dog", "emu"), per_class=4)
+    two = make_image_folder(tmp_path / "two", classes=("cat", "emu"), per_class=4, splits=("test",), seed=1)
+    other = make_image_folder(tmp_path / "other", classes=("cat", "yak"), per_class=2, splits=("test",))
+    caches = [json.loads(run("extract", f, *TINY, "--cache-dir", tmp_path / "c", "--json").stdout)["cache"]
+              for f in (three, two, other)]
+    assert run("fit-head", caches[0], "--head", "ncm", "-o", tmp_path / "run").exit_code == 0
+    r = run("evaluate", tmp_path / "run", caches[1], "--json")
+    m = json.loads(r.stdout)["metrics"]["test"]
+    assert m["n"] == 8 and m["absent_classes"] == ["dog"] and m["per_class_recall"]["dog"] is None
+    r = run("evaluate", tmp_path / "run", caches[1])
+    assert r.output.splitlines()[-1] == ("test: scored on the 2 of 3 run classes it holds; no samples of dog "
+                                         "(balanced accuracy and macro F1 are over the classes present)")
+    r = run("evaluate", tmp_path / "run", caches[2])
+    assert r.exit_code == 1 and r.output == (
+        f"Error: Cache '{Path(caches[2]).name}' has classes the run was not fitted on: yak. A head only scores data "
+        f"of its own classes (3: cat, dog, emu).\n")
+
+
+def test_layers_lists_a_pretrained_torchvision_model_without_fetching_weights(monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def no_network(self, *a, **k):
+        raise AssertionError("layers must not download weights")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", no_network)
+    r = run("layers", "resnet18", "--depth", "1")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == "resnet18.IMAGENET1K_V1 at 224 px (default layer: pre_logits)"
+    assert "* layer4                                   512 x 7 x 7" in r.output
+
+
+def test_ls_lists_a_sharded_cache_once_with_the_bytes_of_its_shards(image_folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    for i in (0, 1):
+        r = run("extract", image_folder, *TINY, "--cache-dir", cache_dir, "--shard", f"{i}/2", "-q")
+        assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in cache_dir.glob("*.h5"))
+    assert len(files) == 3  # the cache over its two shard files
+    rows = json.loads(run("ls", "--cache-dir", cache_dir, "--json").output)
+    assert len(rows) == 1 and len(rows[0]["shards"]) == 2
+    assert rows[0]["bytes"] == sum(p.stat().st_size for p in cache_dir.glob("*.h5"))
+    r = run("ls", "--cache-dir", cache_dir)
+    assert len(r.output.splitlines()) == 1 and "(over 2 shard files)" in r.output and " 0.0 MB" not in r.output

@@ -194,7 +194,7 @@ def _torchvision_stages(model: nn.Module) -> tuple[str, ...]:
     return ()
 
 
-def _torchvision(arch: str, tag: str | None, weights_file: str | None) -> Backbone:
+def _torchvision(arch: str, tag: str | None, weights_file: str | None, *, download: bool = True) -> Backbone:
     import torchvision.models as tvm
 
     weights_enum = tvm.get_model_weights(arch)
@@ -214,6 +214,8 @@ def _torchvision(arch: str, tag: str | None, weights_file: str | None) -> Backbo
     if weights_file:
         load_weights_into(model, weights_file, arch)
         weights, sha = "file", file_sha256(weights_file)
+    elif w is not None and not download:
+        weights, sha = w.name, None  # the architecture and the weights' preprocessing, random parameters
     elif w is not None:
         try:
             sd = w.get_state_dict(progress=False, check_hash=True)
@@ -342,7 +344,7 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 def load_backbone(spec: str = "efficientnet_lite0", *, weights: str | os.PathLike | None = None,
                   input_size: int | None = None, mean: tuple[float, ...] | None = None,
-                  std: tuple[float, ...] | None = None) -> Backbone:
+                  std: tuple[float, ...] | None = None, download: bool = True) -> Backbone:
     """Build a frozen backbone from a spec string (see the module docstring).
 
     Parameters
@@ -353,6 +355,9 @@ def load_backbone(spec: str = "efficientnet_lite0", *, weights: str | os.PathLik
         Local weights file to load instead of downloading.
     input_size, mean, std : optional
         Override the preprocessing (required meaning for TorchScript and factory models).
+    download : bool
+        False builds a torchvision model with random parameters instead of fetching its weights,
+        keeping the weights' preprocessing: enough for layer names and shapes (``featcache layers``).
     """
     weights = os.fspath(weights) if weights is not None else None
     if spec.startswith("torchscript:") or (spec.endswith(_TORCHSCRIPT_SUFFIXES) and os.path.isfile(spec)):
@@ -364,13 +369,25 @@ def load_backbone(spec: str = "efficientnet_lite0", *, weights: str | os.PathLik
         bb = _factory(spec, weights, input_size, mean, std)
     else:
         arch, _, tag = spec.partition(".")
-        bb = BACKBONES.get(arch)(tag or None, weights)
+        entry = BACKBONES.entry(arch)
+        if not download and entry.description == "torchvision":
+            bb = _torchvision(arch, tag or None, weights, download=False)
+        else:
+            bb = entry.obj(tag or None, weights)
     if bb.family not in ("torchscript", "factory") and (input_size or mean or std):
         pp = bb.preprocess
         size = input_size or pp.crop
         bb.preprocess = replace(pp, crop=size, resize=max(size, round(size * pp.resize / pp.crop)),
                                 mean=tuple(mean or pp.mean), std=tuple(std or pp.std))
     return bb
+
+
+def check_backbone_spec(spec: str) -> None:
+    """Refuse an unknown registered name without building the model (timm, TorchScript and
+    factory specs are checked when they are loaded)."""
+    if spec.startswith(("torchscript:", "timm:")) or spec.endswith(_TORCHSCRIPT_SUFFIXES) or _FACTORY.match(spec):
+        return
+    BACKBONES.entry(spec.partition(".")[0])
 
 
 def list_backbones() -> list[dict]:
