@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,8 +19,24 @@ class LibraryError(click.ClickException):
     """A :class:`FeatcacheError` on its way to the user; ``kind`` is the library's class name."""
 
     def __init__(self, error: FeatcacheError) -> None:
-        super().__init__(str(error))
+        super().__init__(_flag_names(str(error)))
         self.kind = type(error).__name__
+
+
+def _flag_names(message: str) -> str:
+    """Library errors name parameters as Python spells them ('freeze_until', freeze_until=...);
+    on the command line the user typed flags: name those (--freeze-until) instead."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return message
+    for param in ctx.command.params:
+        flags = [o for o in param.opts if o.startswith("--")]
+        if not isinstance(param, click.Option) or not flags or not param.name:
+            continue
+        flag = flags[0]
+        message = re.sub(rf"'{param.name}'( option)?", flag + r"\1", message)
+        message = re.sub(rf"\b{param.name}=(?=\S)", flag + " ", message)
+    return message
 
 
 def _fail_cleanly(fn):

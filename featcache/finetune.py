@@ -107,9 +107,9 @@ class FinetuneConfig:
             )
         if self.freeze_until is None and not self.train:
             raise ConfigError(
-                "Pass one of the 'freeze_until' and 'train' options: freeze_until=LAYER (e.g. "
-                "'layer3': what comes after it trains) or train=PATTERNS (e.g. ('layer4*', 'fc*')). "
-                "Got neither."
+                "Pass one of the 'freeze_until' and 'train' options: freeze_until=LAYER (what comes after "
+                "it trains; e.g. 'layer3' of a ResNet, 'stage6' of efficientnet_lite0) or train=PATTERNS "
+                "(e.g. ('layer4*', 'fc*') or ('stage7*', 'head*', 'classifier*')). Got neither."
             )
         if self.freeze_until is not None and (not isinstance(self.freeze_until, str) or not self.freeze_until):
             raise ConfigError(f"The 'freeze_until' option must be a layer name. Got {self.freeze_until!r}.")

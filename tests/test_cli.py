@@ -263,3 +263,14 @@ def test_ls_lists_a_sharded_cache_once_with_the_bytes_of_its_shards(image_folder
     assert rows[0]["bytes"] == sum(p.stat().st_size for p in cache_dir.glob("*.h5"))
     r = run("ls", "--cache-dir", cache_dir)
     assert len(r.output.splitlines()) == 1 and "(over 2 shard files)" in r.output and " 0.0 MB" not in r.output
+
+
+def test_library_errors_name_the_flags_the_user_typed():
+    """The library says freeze_until=LAYER; the command line user typed --freeze-until."""
+    res = CliRunner().invoke(main, ["finetune", "digits", "--freeze-until", "layer3", "--train", "fc*"])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: Pass only one of the --freeze-until and --train options: --freeze-until "
+                                 "LAYER freezes LAYER and everything before it")
+    assert "freeze_until" not in res.output
+    res = CliRunner().invoke(main, ["finetune", "digits"])
+    assert "'stage6' of efficientnet_lite0" in res.output and "freeze_until" not in res.output
