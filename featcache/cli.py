@@ -501,7 +501,8 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("patience", patience)):
         if value is not None:
             if name not in HEADS.entry(head).extra["options"]:
-                raise click.UsageError(f"--{name.replace('_', '-')} does not apply to head '{head}'.")
+                raise click.ClickException(f"--{name.replace('_', '-')} does not apply to head '{head}'. "
+                                           f"Drop --{name.replace('_', '-')}.")
             head_opts[name] = value
 
     config = FitConfig(head=head, layer=layer, train_split=train_split, eval_split=eval_split, normalize=normalize,

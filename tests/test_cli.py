@@ -173,6 +173,7 @@ def test_options_that_do_not_apply_are_refused(image_folder, tmp_path):
         (("--head", "ncm", "--seeds", "3"), "--seeds 3 applies to few-shot fits only. Add --shots K or drop --seeds."),
         (("--head", "ncm", "--cv", "3"), "--cv applies only without an eval split; this sweep is scored on 'val'. "
                                           "Drop --cv, or pass --eval-split none to sweep by k-fold on train."),
+        (("--head", "logreg", "--epochs", "3"), "--epochs does not apply to head 'logreg'. Drop --epochs."),
     ]:
         r = run("fit-head", cache, *args, "-o", tmp_path / "never")
         assert (r.exit_code, r.output) == (1, f"Error: {error}\n"), args
