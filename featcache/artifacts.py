@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .errors import ConfigError, HeadError
+from .files import atomic_write, write_text
 from .heads import HEADS
 from .heads.base import BaseHead, to_jsonable
 
@@ -60,21 +60,6 @@ _DTYPES: dict[str, tuple[str, int]] = {
 _NUMPY_OK = frozenset(np.dtype(v[0]) for v in _DTYPES.values())
 
 _REFIT = "Re-fit and save the head ('featcache fit ...')."
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _check_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -142,17 +127,8 @@ def save_head(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        run_dir / HEAD_TENSORS, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT})
-    )
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    _atomic_write(run_dir / HEAD_JSON, write_json)
+    atomic_write(run_dir / HEAD_TENSORS, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
+    write_text(run_dir / HEAD_JSON, text + "\n")
 
 
 def _reject_constant(name: str) -> Any:

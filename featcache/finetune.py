@@ -21,7 +21,6 @@ are cached.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from torch import nn
 from .backbones import Backbone, load_backbone, seeded_init
 from .devices import PRECISIONS, PREFETCH, autocast, default_workers, resolve_device, resolve_precision
 from .errors import ConfigError
+from .files import atomic_write, write_json
 from .extract import ARRAY_KINDS
 from .loading import worker_init
 from .fit import split_metrics
@@ -496,42 +496,14 @@ def _run_name(bb: Backbone) -> str:
     return f"finetune-{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def _clean(obj: Any) -> Any:
-    """NaN/inf (metrics of degenerate splits) as None, numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save(run: Path, model: nn.Module, meta: dict, metrics: dict) -> None:
     from safetensors.torch import save_file
 
     run.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(run / MODEL_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "featcache-finetune"}))
-
-    def json_writer(obj: dict) -> Callable[[str], None]:
-        text = json.dumps(_clean(obj), indent=2, allow_nan=False)
-        return lambda tmp: Path(tmp).write_text(text + "\n")
-
-    _atomic(run / RUN_JSON, json_writer(meta))
-    _atomic(run / METRICS_JSON, json_writer(metrics))
+    atomic_write(run / MODEL_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "featcache-finetune"}))
+    write_json(run / RUN_JSON, meta)
+    write_json(run / METRICS_JSON, metrics)
 
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .errors import ConfigError
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,9 @@ def _figure(width: float, height: float):
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clear()
     return path
 

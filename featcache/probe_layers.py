@@ -3,7 +3,6 @@ recommend the freeze boundary from the accuracy-by-depth curve."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from dataclasses import replace
 
 from .backbones import PRE_LOGITS, load_backbone
 from .errors import ConfigError
+from .files import write_json
 from .extract import ExtractConfig, extract
 from .fit import FitConfig, check_options, fit_head
 from .sources import open_source
@@ -139,7 +139,5 @@ def probe_layers(backbone: str, source: str, *, out_dir: str | os.PathLike = "la
     plot = plots.layer_curve(rows, out / "layers.png", recommendation=rec)
     doc = {"backbone": backbone, "source": source, "head": head, "cache": res.cache, "layers": rows,
            "recommendation": rec}
-    tmp = out / (LAYERS_JSON + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out / LAYERS_JSON)
+    write_json(out / LAYERS_JSON, doc)
     return LayerProbeResult(str(out), backbone, source, head, rows, rec, res.cache, str(plot))

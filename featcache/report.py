@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__, plots
 from .errors import ConfigError
+from .files import atomic_write, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +134,14 @@ def leaderboard_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=LEADERBOARD_KEYS, extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow({k: "" if r.get(k) is None else r.get(k) for k in LEADERBOARD_KEYS})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
     return path
 
 
@@ -725,12 +724,7 @@ def write_report(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     if out.is_dir():
         out = out / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp_out.write_text(page, encoding="utf-8")
-        os.replace(tmp_out, out)
-    finally:
-        tmp_out.unlink(missing_ok=True)
+    write_text(out, page)
     return out
 
 

@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, CacheLockedError
+from .files import fsync_dir
 from .sources import CONTENT_HASH
 
 log = logging.getLogger(__name__)
@@ -416,14 +417,6 @@ def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
 
 
 # --- writing ------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def commit_file(tmp: Path, final: Path) -> None:
