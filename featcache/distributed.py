@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from .extract import ExtractConfig, ExtractResult, extract, prepare
-from .shards import merge_shards, shard_path
+from .errors import CacheError, FeatcacheError
+from .shards import merge_shards, shard_path, shards_need_merge
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -63,9 +64,7 @@ def extract_distributed(source, config: ExtractConfig, *, progress=None) -> dict
                 "images_per_second": res.images_per_second}
         stats: list = [None] * world
         dist.all_gather_object(stats, mine)  # also the barrier: every shard is finished here
-        if rank == 0 and not final.exists():
-            merge_shards(final, world, copy=config.merge)
-        dist.barrier()
+        _assemble_on_rank_0(final, world, rank, copy=config.merge)
     finally:
         if started_here:
             dist.destroy_process_group()
@@ -78,6 +77,20 @@ def extract_distributed(source, config: ExtractConfig, *, progress=None) -> dict
     return {"cache": str(final), "rank": rank, "world_size": world, "ranks": stats, "splits": splits,
             "failed": failed, "cache_hit": all(s["computed"] == 0 for s in stats), "seconds": round(seconds, 3),
             "images_per_second": round(total / seconds, 2) if seconds > 0 and total else 0.0}
+
+
+def _assemble_on_rank_0(final: Path, world: int, rank: int, *, copy: bool) -> None:
+    """Rank 0 assembles the cache when it is missing or presents earlier shard files (the source
+    changed); every rank then raises rank 0's error, if any, instead of waiting for it."""
+    error = [None]
+    if rank == 0 and shards_need_merge(final, world):
+        try:
+            merge_shards(final, world, copy=copy)
+        except FeatcacheError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CacheError(error[0])
 
 
 class _AllRanksProgress:
