@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -229,10 +230,10 @@ def _assert_one_warning(warnings: list[str], names: list[str]) -> None:
     assert all(name in lines[0] for name in names), lines[0]
 
 
-def _kill_9(mode: str, folder: Path, cache_dir: Path, zygote: Zygote) -> None:
+def _kill_9(mode: str, folder: Path, cache_dir: Path, zygote: Zygote, moment: str | None = None) -> None:
     """Kill an extraction at a seeded random moment: after 1 or 2 chunk files, while assembling,
     or just before the rename to the final name."""
-    moment = random.Random(f"kill-{mode}").choice(["chunks-1", "chunks-2", "assemble", "rename"])
+    moment = moment or random.Random(f"kill-{mode}").choice(["chunks-1", "chunks-2", "assemble", "rename"])
     if mode == "torchrun":  # the ranks' process group, once the first chunk file is there
         proc = _torchrun(folder, cache_dir, start_only=True)
         deadline = time.monotonic() + 120
@@ -320,3 +321,119 @@ def test_fault_matrix(fault, mode, tmp_path, reference, zygote, caplog):  # noqa
         assert not [w for w in warnings if WARNING in w], warnings
     assert not list(cache_dir.rglob("*.tmp")), "a temporary file was left behind"
     assert_equals_reference(final_cache(cache_dir), reference, change)
+
+
+# --- beside the matrix ----------------------------------------------------------------------------------
+
+def test_flipped_chunk_after_kill_9_gives_one_warning_line_and_a_bit_identical_cache(zygote, tmp_path,  # noqa: F811
+                                                                                      reference):
+    folder = _folder(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    _kill_9("single", folder, cache_dir, zygote, moment="chunks-3")
+    chunk = sorted(cache_dir.glob("*.partial/c-*.npz"))[1]
+    _flip(chunk, 64)
+    child = zygote.spawn(cli=["extract", str(folder), *FLAGS, "--cache-dir", str(cache_dir)])
+    assert child.wait() == 0, child.log
+    assert "Traceback" not in child.log
+    (line,) = [x for x in child.log.splitlines() if x.startswith("WARNING")]
+    assert line.startswith(f"WARNING featcache.store: {WARNING} in '{chunk.parent}' as *.damaged: ")
+    assert line.endswith(f"{chunk.name} (checksum mismatch); its batches are computed again.")
+    assert chunk.with_name(chunk.name + ".damaged").is_file()
+    _assert_same_cache(final_cache(cache_dir), reference("none"))
+
+
+def test_a_cache_whose_shard_files_changed_is_refused_by_every_reader_until_reassembled(tmp_path, reference):
+    folder = _folder(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    finished("shard", folder, cache_dir)
+    final = final_cache(cache_dir)
+    _added(folder)
+    for i in range(2):  # the shard files are rewritten behind the cache's back
+        extract(str(folder), **OPTS, cache_dir=str(cache_dir), shard=(i, 2), defer_merge=True)
+    message = (f"Cache file '{final}' presents shard files that changed after it was assembled: {final.name}.shard-"
+               f"00000-of-00002.h5, {final.name}.shard-00001-of-00002.h5. Re-run the same extraction for every "
+               f"shard (each --shard I/N, or the same torchrun command) to re-assemble it.")
+    with pytest.raises(CacheError) as e:
+        open_cache(final)
+    assert str(e.value) == message
+    for args in (["info", str(final)], ["fit-head", str(final), "--runs-dir", str(tmp_path / "runs")]):
+        r = CliRunner().invoke(main, args)
+        assert (r.exit_code, r.output.strip().splitlines()) == (1, [f"Error: {message}"])
+    r = CliRunner().invoke(main, ["merge", str(cache_dir), "--json"])
+    assert r.exit_code == 0 and '"status": "assembled"' in r.output, r.output
+    assert_equals_reference(final, reference, "added")
+    assert merge_dir(cache_dir)[0]["status"] == "exists"
+
+
+def test_merge_refuses_shards_cut_from_different_versions_of_the_source(tmp_path):
+    folder = _folder(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    extract(str(folder), **OPTS, cache_dir=str(cache_dir), shard=(0, 2))
+    _removed(folder)
+    res = extract(str(folder), **OPTS, cache_dir=str(cache_dir), shard=(1, 2))
+    assert res.merged is None  # the last shard to finish does not assemble shards of two plans
+    r = CliRunner().invoke(main, ["merge", str(cache_dir)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    (line,) = r.output.strip().splitlines()
+    assert line.startswith("Error: The shards of '") and "were cut from different versions of the source" in line
+    assert line.endswith("Re-run the same extraction for every shard on the current source.")
+
+
+def test_lock_and_tmp_paths_that_are_not_files_are_set_aside(tmp_path, reference, caplog):
+    folder = _folder(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    partial = interrupted("single", folder, cache_dir)
+    final = partial.with_name(partial.name[: -len(".partial")])
+    final.with_name(final.name + ".lock").unlink()
+    for suffix in (".lock", ".tmp"):
+        final.with_name(final.name + suffix).mkdir()
+    extract(str(folder), **OPTS, cache_dir=str(cache_dir))
+    for suffix in (".lock", ".tmp"):
+        assert final.with_name(final.name + suffix + ".damaged").is_dir()
+    assert stat.S_ISREG(final.with_name(final.name + ".lock").stat().st_mode)
+    assert len([r for r in caplog.records if "set aside" in r.getMessage()]) == 2
+    _assert_same_cache(final, reference("none"))
+
+
+def test_partial_state_of_another_fingerprint_or_format_is_set_aside(tmp_path, caplog):
+    store = PartialStore(tmp_path / "p.partial", "a" * 16)
+    ours = store.write_chunk(np.asarray(["0" * 32], "S32"), [np.ones((1, 4), np.float32)], ["x"],
+                             np.zeros((1, 2), np.int64), [], [], np.zeros((0, 2), np.int64))
+    old_name = store.path / "c-0123456789abcdef0123456789abcdef.npz"  # featcache 0.1 named chunks by a uuid
+    shutil.copy(ours, old_name)
+    assert store.verified_chunk(ours, 1) is not None
+    assert store.verified_chunk(old_name, 1) is None
+    store.warn_set_aside()
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line.endswith(": c-0123456789abcdef0123456789abcdef.npz (not a featcache chunk name); its batches are "
+                         "computed again.")
+    other = PartialStore(tmp_path / "p.partial", "b" * 16)  # meta.json of fingerprint a: set aside
+    assert other.verified_chunk(ours, 1) is None
+    other.warn_set_aside()
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][1:]
+    assert line.endswith(f"meta.json (of another fingerprint or featcache version), {ours.name} (of another "
+                         f"fingerprint or featcache version); its batches are computed again.")
+    assert sorted(p.name for p in other.path.iterdir()) == sorted(
+        ["meta.json", "meta.json.damaged", old_name.name + ".damaged", ours.name + ".damaged"])
+    other.remove()  # what was set aside stays
+    assert sorted(p.name for p in other.path.iterdir()) == sorted(
+        ["meta.json.damaged", old_name.name + ".damaged", ours.name + ".damaged"])
+
+
+def test_renames_of_chunks_and_of_the_final_file_are_followed_by_a_folder_fsync(tmp_path, monkeypatch):
+    """What a test can see of crash safety: each rename into place is followed by an fsync of its
+    folder before anything else is renamed (that the disk honours fsync is not testable here)."""
+    import featcache.store as store
+
+    events = []
+    real_replace, real_fsync_dir = os.replace, store.fsync_dir
+    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", Path(b))))[0])
+    monkeypatch.setattr(store, "fsync_dir", lambda d: (real_fsync_dir(d), events.append(("fsync", Path(d))))[0])
+    folder = _folder(tmp_path / "imgs")
+    for i in range(2):
+        extract(str(folder), **OPTS, cache_dir=str(tmp_path / "cache"), shard=(i, 2))
+    renamed = [(k, e[1]) for k, e in enumerate(events) if e[0] == "replace"]
+    assert {p.suffix for _, p in renamed} == {".npz", ".h5", ".json"}
+    for k, path in renamed:
+        assert events[k + 1] == ("fsync", path.parent), (path, events[k + 1])
+    assert sum(p.name == final_cache(tmp_path / "cache").name for _, p in renamed) == 1
