@@ -13,9 +13,11 @@ Final file (readable with plain h5py; see the README for the schema)::
     /failed/{split,ids,reasons,stat}   samples that could not be read, and why
 
 While extraction runs, finished batches go to ``<final>.partial/`` as one ``.npz`` per batch,
-each written to a temporary name and renamed into place, so a crash loses at most the batches
-in flight. The final file is assembled into ``<final>.tmp`` and renamed: nothing is ever
-half-written under the final name.
+each written to a temporary name and renamed into place (then the folder fsynced), so a crash
+loses at most the batches in flight. A chunk is named by the SHA-256 of its bytes and verified
+before it is reused; damaged or foreign partial state is renamed to ``*.damaged``. The final
+file is assembled into ``<final>.tmp`` and renamed: nothing is ever half-written under the
+final name.
 """
 
 from __future__ import annotations
@@ -268,7 +270,8 @@ class FeatureCache:
         digests = json.loads(_text(self._h5.attrs.get("shard_digests", "null")) or "null")
         if not isinstance(digests, list) or len(digests) != len(names):
             raise CacheError(f"Cache file '{self.path}' does not record the digests of its shard files (made by "
-                             f"an older featcache). Re-assemble it with 'featcache merge {self.path.parent}'.")
+                             f"an older featcache). Re-run the same extraction for every shard (each --shard I/N, "
+                             f"or the same torchrun command) to re-assemble it.")
         changed = [n for n, want in zip(names, digests) if read_text_attr(self.path.parent / n, "digest") != want]
         if changed:
             raise CacheError(
