@@ -8,8 +8,9 @@ the current source: ids, labels and features bit for bit. Damaged partial state 
 one warning line and kept as ``*.damaged``.
 
 The torchrun column has four cells, to stay within 3 minutes on 2 cores: kill -9, a flipped chunk,
-images added between runs and between shards; its faulty states are made in-process with ``--shard I/2``, whose files are the ranks'
-(same fingerprint, same shares), so each cell starts torchrun once (twice for the kill).
+images added between runs and between shards. Its faulty states are made in-process with
+``--shard I/2``, whose files are the ranks' (same fingerprint, same shares), so each cell starts
+torchrun once (twice for the kill).
 """
 
 from __future__ import annotations
