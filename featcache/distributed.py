@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .devices import cpus_per_local_rank, distributed_backend, is_cuda, local_cuda_device
+from .errors import CacheError, FeatcacheError
 from .extract import ExtractConfig, ExtractResult, prepare, run_prepared
-from .shards import merge_shards, shard_path
+from .shards import merge_shards, shard_path, shards_need_merge
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -59,15 +60,12 @@ def extract_distributed(source, config: ExtractConfig, *, progress=None) -> dict
         final = prepared.path
         watch = _AllRanksProgress(final, world, prepared.config.batch_size, rank, progress) if progress else None
         t0 = time.perf_counter()
-        res: ExtractResult = run_prepared(prepared, progress=watch)
+        res: ExtractResult = run_prepared(prepared, progress=watch, gather=lambda own: _all_gather(own, world))
         del prepared  # the backbone: rank 0 assembles without it
         mine = {"rank": rank, "computed": res.computed, "seconds": time.perf_counter() - t0,
                 "images_per_second": res.images_per_second}
-        stats: list = [None] * world
-        dist.all_gather_object(stats, mine)  # also the barrier: every shard is finished here
-        if rank == 0 and not final.exists():
-            merge_shards(final, world, copy=config.merge)
-        dist.barrier()
+        stats = _all_gather(mine, world)  # also the barrier: every shard is finished here
+        _assemble_on_rank_0(final, world, rank, copy=config.merge)
     finally:
         if started_here:
             dist.destroy_process_group()
@@ -80,6 +78,26 @@ def extract_distributed(source, config: ExtractConfig, *, progress=None) -> dict
     return {"cache": str(final), "rank": rank, "world_size": world, "ranks": stats, "splits": splits,
             "failed": failed, "cache_hit": all(s["computed"] == 0 for s in stats), "seconds": round(seconds, 3),
             "images_per_second": round(total / seconds, 2) if seconds > 0 and total else 0.0}
+
+
+def _all_gather(obj, world: int) -> list:
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _assemble_on_rank_0(final: Path, world: int, rank: int, *, copy: bool) -> None:
+    """Rank 0 assembles the cache when it is missing or presents earlier shard files (the source
+    changed); every rank then raises rank 0's error, if any, instead of waiting for it."""
+    error = [None]
+    if rank == 0 and shards_need_merge(final, world):
+        try:
+            merge_shards(final, world, copy=copy)
+        except FeatcacheError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CacheError(error[0])
 
 
 def rank_device(device: str, local_rank: int) -> torch.device:

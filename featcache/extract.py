@@ -38,8 +38,8 @@ from .registry import check_choice, check_int
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
 from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, CacheLock, FeatureCache, PartialStore,
-                    cache_file_name, create_h5, commit_file, feature_chunks, iter_runs, open_cache, set_text_attrs,
-                    write_failed, write_strings)
+                    cache_file_name, check_lock_path, clear_stale_tmp, commit_file, create_h5, feature_chunks,
+                    iter_runs, open_cache, set_aside, set_text_attrs, shard_digest, write_failed, write_strings)
 from .taps import HostCopy, TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,11 @@ class _Donors:
         for path in partial.chunks():
             if path in seen:
                 continue
+            z = partial.verified_chunk(path, self.n_layers)
+            if z is None:  # set aside; its batches are computed again (maybe into a chunk of this name)
+                continue
             seen.add(path)
-            with np.load(path, allow_pickle=False) as z:
+            with z:
                 hashes = [h.decode() for h in z["hashes"]]
                 has_views = "v0" in z.files
                 for i, st, h in zip(z["ids"], z["stat"], hashes):
@@ -223,6 +226,7 @@ class _Donors:
             d = len(self.loaders)
             self.loaders.append(lambda p=path: partial.read_chunk(p, self.n_layers))
             self._index(d, hashes, 0, has_views)
+        partial.warn_set_aside()
 
     def add_cache(self, cache: FeatureCache) -> None:
         for split in cache.splits:
@@ -496,49 +500,136 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     return run_prepared(prepare(source, config), progress=progress, t0=t0)
 
 
-def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None) -> ExtractResult:
-    """Run an extraction :func:`prepare` worked out (torchrun's ranks build the backbone once)."""
-    t0 = time.perf_counter() if t0 is None else t0
-    config = p.config
-    if config.shard is None:
-        return _extract_plan(p, p.path, plan_rows(p.source), progress, t0)
-    from .shards import shard_path, shard_range
+def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None,
+                 gather: Callable[[str], list[str]] | None = None) -> ExtractResult:
+    """Run an extraction :func:`prepare` worked out (torchrun's ranks build the backbone once).
 
-    final = p.path
-    ranges = {split: shard_range(len(refs), config.batch_size, *config.shard) for split, refs in p.source.splits.items()}
-    plan = plan_rows(p.source, ranges)  # only this shard's files are looked at
-    if final.exists():  # already assembled: a cache hit for every shard
-        with open_cache(final) as c:
-            if c.fingerprint == p.fingerprint.to_dict() and _listing_matches(c, p.source) and _is_hit_rows(c, plan):
-                return ExtractResult(str(final), {s: c.n(s) for s in c.splits}, len(c.failed), True,
-                                     time.perf_counter() - t0, 0.0, 0, sum(c.n(s) for s in c.splits))
-    result = _extract_plan(p, shard_path(final, *config.shard), plan, progress, t0)
+    ``gather``, for a sharded run under torchrun, exchanges the digests of every rank's share of
+    the plan (its argument is this rank's), so each rank looks only at its own share of the files.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    if p.config.shard is None:
+        return _extract_plan(p, p.path, plan_rows(p.source), progress, t0)
+    return _extract_shard(p, progress, t0, gather)
+
+
+def _extract_shard(p: Prepared, progress: ProgressFn | None, t0: float,
+                   gather: Callable[[str], list[str]] | None) -> ExtractResult:
+    """Share I of N into its shard file, then (unless deferred) assemble the cache if all are done.
+
+    Every shard records the plan's hash, made of the digests of all N shares of the plan (ids,
+    labels, sizes and mtimes in order), so shards cut from different versions of the source are
+    never assembled together. An independent ``--shard`` job looks at every file to know them;
+    torchrun's ranks each look at their own share and exchange the digests.
+    """
+    from .shards import plan_hash, shard_path, shard_range, share_digest
+
+    config, final, fp = p.config, p.path, p.fingerprint
+    i, n = config.shard
+    ranges = [{split: shard_range(len(refs), config.batch_size, j, n) for split, refs in p.source.splits.items()}
+              for j in range(n)]
+    plan = plan_rows(p.source, ranges[i])
+    if gather is not None:
+        digests, known = gather(share_digest(plan)), plan
+    else:
+        shares = [plan if j == i else plan_rows(p.source, ranges[j]) for j in range(n)]
+        digests = [share_digest(share) for share in shares]
+        known = {split: [r for share in shares for r in share[split]] for split in plan}
+    hit = _assembled_hit(final, p, known, t0)
+    if hit is not None:  # already assembled from shards of this plan: a cache hit for every shard
+        return hit
+    stamp = {"plan_hash": plan_hash(digests, fp.hash, config.batch_size, n)}
+    path = shard_path(final, i, n)
+    _set_aside_untrusted_shard(path, fp)
+    siblings = _sibling_caches(final, fp, config.shard)
+    try:
+        result = _extract_plan(p, path, plan, progress, t0, stamp=stamp, more_donors=siblings)
+    finally:
+        for c in siblings:
+            c.close()
     if not config.defer_merge:
         result.merged = _merge_if_complete(final, config)
     return result
 
 
-def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
-    """The last shard to finish assembles the cache (others find a shard missing, or the lock held)."""
-    from .shards import merge_shards, shards_complete
-
-    n = config.shard[1]
-    if final.exists() or not shards_complete(final, n):
+def _assembled_hit(final: Path, p: Prepared, plan: dict[str, list[Row]], t0: float) -> ExtractResult | None:
+    """The assembled cache, when it holds exactly the source's samples, the planned rows unchanged,
+    and still presents the shard files it was assembled from; else None (it is assembled again
+    once the shards are done)."""
+    fp = p.fingerprint
+    if not final.exists():
         return None
     try:
-        lock = CacheLock(final.with_name(final.name + ".lock"))
+        c = open_cache(final)
+    except CacheError as e:
+        log.info("'%s' is not used as it is: %s", final, e)
+        return None
+    with c:
+        if c.fingerprint == fp.to_dict() and _listing_matches(c, p.source) and _is_hit_rows(c, plan):
+            return ExtractResult(str(final), {s: c.n(s) for s in c.splits}, len(c.failed), True,
+                                 time.perf_counter() - t0, 0.0, 0, sum(c.n(s) for s in c.splits))
+    return None
+
+
+def _sibling_caches(final: Path, fp: CacheFingerprint, shard: tuple[int, int]) -> list[FeatureCache]:
+    """The other shard files and the assembled cache, where readable and of this fingerprint: after
+    a source change, images that moved to this shard's share are copied from them, not recomputed."""
+    from .shards import shard_path
+
+    out = []
+    for p in [shard_path(final, j, shard[1]) for j in range(shard[1]) if j != shard[0]] + [final]:
+        try:
+            c = open_cache(p) if p.is_file() else None
+        except CacheError:
+            continue
+        if c is not None and c.fingerprint != fp.to_dict():
+            c.close()
+        elif c is not None:
+            out.append(c)
+    return out
+
+
+def _set_aside_untrusted_shard(path: Path, fp: CacheFingerprint) -> None:
+    """A shard file is partial state: one that is damaged or of another fingerprint is set aside
+    (renamed to ``*.damaged``) and extracted again."""
+    if not path.exists():
+        return
+    try:
+        with open_cache(path) as c:
+            if c.fingerprint == fp.to_dict():
+                return
+            reason = "of another fingerprint"
+    except CacheError as e:
+        reason = str(e)
+    log.warning("Set aside shard file '%s' as '%s' (%s); its samples are extracted again.", path,
+                set_aside(path).name, reason)
+
+
+def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
+    """The last shard to finish assembles the cache (others find a shard missing or of another plan,
+    or the lock held). A cache assembled from earlier shard files is assembled again."""
+    from .shards import merge_shards, shards_ready
+
+    n = config.shard[1]
+    if not shards_ready(final, n):
+        return None
+    lock_path = final.with_name(final.name + ".lock")
+    check_lock_path(lock_path)
+    try:
+        lock = CacheLock(lock_path)
     except CacheLockedError:
         return None  # another shard is assembling it
     try:
-        if not final.exists():
-            merge_shards(final, n, copy=config.merge)
+        if not shards_ready(final, n):
+            return None
+        merge_shards(final, n, copy=config.merge)
     finally:
         lock.release()
     return str(final)
 
 
 def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress: ProgressFn | None,
-                  t0: float) -> ExtractResult:
+                  t0: float, stamp: dict | None = None, more_donors: list[FeatureCache] = ()) -> ExtractResult:
     src, layers, shapes, fp, config = p.source, p.layers, p.shapes, p.fingerprint, p.config
     if path.exists():
         cache = open_cache(path)
@@ -548,7 +639,7 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
                 f"'{path}' holds features of another fingerprint (backbone, layers, preprocessing, "
                 f"versions or source differ). Choose another --output or delete that file."
             )
-        if _is_hit(cache, plan):
+        if _is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items()):
             if config.on_error == "fail" and cache.failed:
                 f = cache.failed[0]
                 cache.close()
@@ -565,13 +656,16 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
         cache = None
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = CacheLock(path.with_name(path.name + ".lock"))
+    lock_path = path.with_name(path.name + ".lock")
+    check_lock_path(lock_path)
+    lock = CacheLock(lock_path)
     try:
+        clear_stale_tmp(path.with_name(path.name + ".tmp"))  # an assembly killed before its rename
         partial = PartialStore(path.with_name(path.name + ".partial"), fp.hash)
         donors = _Donors(len(layers))
         seen_chunks: set[Path] = set()
-        if cache is not None:
-            donors.add_cache(cache)
+        for c in ([cache] if cache is not None else []) + list(more_donors):
+            donors.add_cache(c)
         donors.add_partial(partial, seen_chunks)
         todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail", views=config.views)
         n_reused = sum(len(r) for r in plan.values()) - len(todo)
@@ -580,7 +674,7 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
         compute_seconds = time.perf_counter() - t_compute
         donors.add_partial(partial, seen_chunks)
         result = _assemble(path, fp, src, plan, layers, shapes, config, donors,
-                           timings={"compute_seconds": compute_seconds, "computed": len(todo)})
+                           timings={"compute_seconds": compute_seconds, "computed": len(todo)}, stamp=stamp)
         if cache is not None:
             cache.close()
         partial.remove()
@@ -725,7 +819,7 @@ def _raise_stopped(e: BaseException, done: int, total: int, partial: Path):
 
 
 def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, config: ExtractConfig,
-              donors: _Donors, timings: dict) -> ExtractResult:
+              donors: _Donors, timings: dict, stamp: dict | None = None) -> ExtractResult:
     tmp = path.with_name(path.name + ".tmp")
     np_dtype = np.dtype(config.dtype)
     splits_out: dict[str, int] = {}
@@ -757,7 +851,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                                              "weights": os.path.abspath(config.weights) if config.weights else None}),
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if config.shard is not None:
-            set_text_attrs(h, shard=_json(list(config.shard)))
+            set_text_attrs(h, shard=_json(list(config.shard)), **(stamp or {}))
         dsets: dict[tuple, h5py.Dataset] = {}
         for split, ok in per_split.items():
             g = h.create_group(split)
@@ -794,6 +888,8 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                         if vblock is not None:
                             dsets[(split, li, "views")][da:db] = vblock[a:b]
         write_failed(h, failures)
+        if stamp:  # what the assembled cache checks this shard file by
+            set_text_attrs(h, digest=shard_digest(h))
     commit_file(tmp, path)
     return ExtractResult(str(path), splits_out, len(failures), False, 0.0, 0.0,
                          failures=[{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in failures])

@@ -9,6 +9,7 @@ process would, and the assembled cache equals a single-process run's: same order
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,8 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, ConfigError
-from .store import FORMAT, SCHEMA_VERSION, commit_file, create_h5, open_cache, set_text_attrs, write_failed, write_strings
+from .store import (FORMAT, SCHEMA_VERSION, clear_stale_tmp, commit_file, create_h5, open_cache, read_text_attr,
+                    set_text_attrs, shard_digest, write_failed, write_strings)
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 
@@ -43,16 +45,46 @@ def shard_range(n_rows: int, batch_size: int, i: int, n: int) -> tuple[int, int]
     return min(a * batch_size, n_rows), min(b * batch_size, n_rows)
 
 
-def restrict_plan(plan: dict, batch_size: int, i: int, n: int) -> dict:
-    out = {}
-    for split, rows in plan.items():
-        a, b = shard_range(len(rows), batch_size, i, n)
-        out[split] = rows[a:b]
-    return out
-
-
 def shards_complete(final: Path, n: int) -> bool:
     return all(shard_path(final, i, n).is_file() for i in range(n))
+
+
+def share_digest(plan: dict) -> str:
+    """The digest of one share of a plan: every planned sample of it in order (split, id, label,
+    size, mtime)."""
+    d = hashlib.sha256()
+    for split, rows in plan.items():
+        d.update(json.dumps(split).encode())
+        for r in rows:
+            d.update(json.dumps([r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1])]).encode())
+    return d.hexdigest()[:32]
+
+
+def plan_hash(share_digests: list[str], fingerprint_hash: str, batch_size: int, n: int) -> str:
+    """What a set of shards is cut from: the fingerprint, the batch size and shard count (they place
+    the cuts), and the digests of all ``n`` shares of the plan (:func:`share_digest`). Shards of one
+    set must share it, or their union is not one version of the source."""
+    return hashlib.sha256(json.dumps([fingerprint_hash, batch_size, n, list(share_digests)]).encode()).hexdigest()[:32]
+
+
+def shards_need_merge(final: Path, n: int) -> bool:
+    """True when ``final`` is missing, or was assembled from other shard files than those there now
+    (a copy whose shards were extracted again included)."""
+    if not final.exists():
+        return True
+    if not shards_complete(final, n):
+        return False
+    recorded = read_text_attr(final, "shard_digests")
+    digests = [read_text_attr(shard_path(final, i, n), "digest") for i in range(n)]
+    return recorded is None or json.loads(recorded) != digests
+
+
+def shards_ready(final: Path, n: int) -> bool:
+    """All ``n`` shards are finished, cut from one plan, and ``final`` does not present them yet."""
+    if not shards_complete(final, n):
+        return False
+    plans = {read_text_attr(shard_path(final, i, n), "plan_hash") for i in range(n)}
+    return len(plans) == 1 and None not in plans and shards_need_merge(final, n)
 
 
 def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
@@ -77,12 +109,26 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                                  f"with other options or versions. Re-extract it with the same command.")
             if c.shard != (paths.index(p), n):
                 raise CacheError(f"'{p.name}' is not shard {paths.index(p)} of {n} (its shard attribute disagrees).")
+            if c.text_attr("plan_hash") is None or c.text_attr("digest") is None:
+                raise CacheError(f"Shard '{p.name}' does not record what it covers (made by an older featcache). "
+                                 f"Re-run its extraction with the same command.")
+            if shard_digest(c._h5) != c.text_attr("digest"):
+                raise CacheError(f"Shard '{p.name}' does not hold what it recorded (damaged or edited). Delete it "
+                                 f"and re-run its extraction with the same command.")
+        plans = [c.text_attr("plan_hash") for c in caches]
+        if len(set(plans)) > 1:
+            raise CacheError(
+                f"The shards of '{final.name}' were cut from different versions of the source or options ("
+                + ", ".join(f"shard {i}: plan {h[:8]}" for i, h in enumerate(plans))
+                + "). Re-run the same extraction for every shard on the current source."
+            )
         splits = [s for s in caches[0].splits]
         for c in caches[1:]:
             for s in c.splits:
                 if s not in splits:
                     splits.append(s)
         tmp = final.with_name(final.name + ".tmp")
+        clear_stale_tmp(tmp)
         with create_h5(tmp) as h:
             src_attrs = caches[0]._h5.attrs
             for key in ("format", "schema_version", "fingerprint", "fingerprint_hash", "classes", "layers",
@@ -91,7 +137,8 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                     h.attrs[key] = src_attrs[key]
             timings = {"shards": [c.timings for c in caches]}
             set_text_attrs(h, timings=json.dumps(timings), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           shards=json.dumps([] if copy else [p.name for p in paths]))
+                           shards=json.dumps([] if copy else [p.name for p in paths]),
+                           shard_digests=json.dumps([] if copy else [c.text_attr("digest") for c in caches]))
             layers = caches[0].layers
             for split in splits:
                 parts = [c for c in caches if split in c.splits]
@@ -154,10 +201,11 @@ def find_shard_sets(cache_dir: str | os.PathLike) -> dict[Path, int]:
 
 
 def merge_dir(cache_dir: str | os.PathLike, *, copy: bool = False) -> list[dict]:
-    """Assemble every complete shard set in a folder whose cache is not there yet."""
+    """Assemble every complete shard set in a folder whose cache is missing or presents other shard
+    files than those there now."""
     results = []
     for final, n in sorted(find_shard_sets(cache_dir).items()):
-        if final.exists() and not copy:
+        if not copy and not shards_need_merge(final, n):
             results.append({"cache": str(final), "shards": n, "status": "exists"})
             continue
         merge_shards(final, n, copy=copy)
@@ -167,5 +215,5 @@ def merge_dir(cache_dir: str | os.PathLike, *, copy: bool = False) -> list[dict]
     return results
 
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "merge_dir", "merge_shards", "parse_shard", "restrict_plan", "shard_path",
-           "shard_range", "shards_complete"]
+__all__ = ["FORMAT", "SCHEMA_VERSION", "merge_dir", "merge_shards", "parse_shard", "shard_path",
+           "shard_range", "shards_complete", "shards_need_merge", "shards_ready", "plan_hash", "share_digest"]
