@@ -463,6 +463,8 @@ def test_one_thread_pool_at_a_time_and_restored():
     with head_threads("torch", SMALL_WORK, threads=2) as used:
         assert used == {"backend": "torch", "threads": 2} and torch.get_num_threads() == 2
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+        with head_threads("torch", 10) as inner:  # a head's own fit inside fit-head keeps fit-head's choice
+            assert inner == used and torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
 
