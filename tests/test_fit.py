@@ -541,3 +541,16 @@ def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):
         fit_head(cache, head="ridge", layer="layer2,layer9", output=str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="sweeps layers for feature heads without --shots"):
         fit_head(cache, head="ridge", layer="all", shots=5, output=str(tmp_path / "y"))
+
+
+@pytest.mark.parametrize("head", [n for n in HEADS.names() if "class_weight" not in HEADS.entry(n).extra["options"]])
+def test_heads_without_class_weights_select_by_balanced_accuracy_and_refuse_weights(odd_cache, tmp_path, head):
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit-head", odd_cache, "--head", head, "--select-by", "balanced_accuracy", "--json",
+                             "-o", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["best"]["score"] == pytest.approx(out["metrics"]["val"]["balanced_accuracy"])
+    r = runner.invoke(main, ["fit-head", odd_cache, "--head", head, "--class-weight", "balanced"])
+    assert r.exit_code == 1
+    assert r.output == f"Error: Head '{head}' has no class_weight option; drop --class-weight.\n"
