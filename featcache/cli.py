@@ -487,7 +487,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
              extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
              patience, opts, output, overwrite, runs_dir, as_json) -> None:
-    """Fit a head on CACHE: sweep its regularisation, refit the best, score every other split.
+    """Fit a head on CACHE: sweep its regularisation, keep the model that scored best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
     the pretrained layers after B get a new classifier and are trained on them, sampling the cached

@@ -211,6 +211,36 @@ def _select(rows: dict, select_by: str):
     return min(rows, key=lambda v: (sign * rows[v]["score"], rows[v]["log_loss"]))
 
 
+def _search(grid: list, evaluate: Callable[[list], list], param: str | None, config: FitConfig, n_train: int):
+    """Score the grid; while the best value sits at an end, add the next decade (to GRID_BOUNDS).
+
+    Returns (results by value, best value, values added, whether the best is at the search's limit).
+    """
+    results = {}
+
+    def add(values: list) -> None:
+        for v, (scores, model) in zip(values, evaluate(values)):
+            results[v] = {**scores, "score": scores[config.select_by], "model": model}
+
+    add(grid)
+    best_v = _select(results, config.select_by)
+    extended: list = []
+    at_bound = False
+    if param is not None and len(grid) > 1 and config.extend_grid:
+        while best_v in (min(results), max(results)):
+            new = _next_value(param, list(results), best_v, n_train)
+            if new is None:
+                at_bound = True
+                break
+            add([new])
+            extended.append(new)
+            best_v = _select(results, config.select_by)
+        if extended:
+            logger.info("%s: best %s=%g sat at an end of the grid; extended it by %s%s", config.head, param,
+                        best_v, ", ".join(f"{v:g}" for v in extended), " up to its limit" if at_bound else "")
+    return results, best_v, extended, at_bound
+
+
 def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.ndarray | None,
               eval_split: str | None, seed: int, warn: Callable[[str], None],
               progress: Callable[[dict], None] | None = None):
@@ -308,25 +338,7 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
             best = {"param": param, "value": grid[0], "score": None, "scored_on": None}
             sweep: list[dict] = []
         else:
-            results = {}
-            for v, (scores, model) in zip(grid, evaluate(grid)):
-                results[v] = {**scores, "score": scores[config.select_by], "model": model}
-            best_v = _select(results, config.select_by)
-            extended: list = []
-            at_bound = False
-            if param is not None and len(grid) > 1 and config.extend_grid:
-                while best_v in (min(results), max(results)):
-                    new = _next_value(param, list(results), best_v, len(y))
-                    if new is None:
-                        at_bound = True
-                        break
-                    (scores, model), = evaluate([new])
-                    results[new] = {**scores, "score": scores[config.select_by], "model": model}
-                    extended.append(new)
-                    best_v = _select(results, config.select_by)
-                if extended:
-                    logger.info("%s: best %s=%g sat at an end of the grid; extended it by %s%s", config.head, param,
-                                best_v, ", ".join(f"{v:g}" for v in extended), " up to its bound" if at_bound else "")
+            results, best_v, extended, at_bound = _search(grid, evaluate, param, config, len(y))
             chosen = results[best_v]
             best = {"param": param, "value": best_v, "score": chosen["score"], "log_loss": chosen["log_loss"],
                     "select_by": config.select_by, "scored_on": scored_on, "grid_extended": extended,

@@ -15,6 +15,7 @@ small torch head 40x). :func:`head_threads` gives one pool the cores at a time.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import logging
 import os
@@ -64,6 +65,7 @@ def tune_allocator() -> bool:
 #: over threads: waking and spin-waiting a pool costs more than the work, and two pools (numpy's
 #: OpenBLAS, torch's OpenMP) spinning side by side take the cores from each other.
 SMALL_WORK = 1 << 22
+_ACTIVE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("featcache_head_threads", default=None)
 
 
 @contextlib.contextmanager
@@ -75,13 +77,17 @@ def head_threads(backend: str, work: int, threads: int | None = None) -> Iterato
     its idle workers never spin on the cores. The working pool gets ``threads`` threads, or,
     when None, one thread for problems under :data:`SMALL_WORK` feature values (there one thread
     is the fastest, and results then never depend on the machine's core count) and every core
-    otherwise. Both pools are restored on exit.
+    otherwise. Both pools are restored on exit. Nested calls keep the outermost setting.
 
     Yields
     ------
     dict
         ``{"backend", "threads"}``: what was used, for the run record.
     """
+    outer = _ACTIVE.get()
+    if outer is not None:  # an enclosing call (fit-head around a head's fit) already decided
+        yield outer
+        return
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -89,9 +95,12 @@ def head_threads(backend: str, work: int, threads: int | None = None) -> Iterato
     if threads is None:
         # torch's default is one thread per physical core; take the same for BLAS.
         threads = 1 if work < SMALL_WORK else before
+    used = {"backend": backend, "threads": int(threads)}
+    token = _ACTIVE.set(used)
     try:
         torch.set_num_threads(threads if backend == "torch" else 1)
         with threadpool_limits(limits=threads if backend == "numpy" else 1, user_api="blas"):
-            yield {"backend": backend, "threads": int(threads)}
+            yield used
     finally:
         torch.set_num_threads(before)
+        _ACTIVE.reset(token)

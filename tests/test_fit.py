@@ -463,6 +463,8 @@ def test_one_thread_pool_at_a_time_and_restored():
     with head_threads("torch", SMALL_WORK, threads=2) as used:
         assert used == {"backend": "torch", "threads": 2} and torch.get_num_threads() == 2
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+        with head_threads("torch", 10) as inner:  # a head's own fit inside fit-head keeps fit-head's choice
+            assert inner == used and torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
 
@@ -539,3 +541,16 @@ def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):
         fit_head(cache, head="ridge", layer="layer2,layer9", output=str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="sweeps layers for feature heads without --shots"):
         fit_head(cache, head="ridge", layer="all", shots=5, output=str(tmp_path / "y"))
+
+
+@pytest.mark.parametrize("head", [n for n in HEADS.names() if "class_weight" not in HEADS.entry(n).extra["options"]])
+def test_heads_without_class_weights_select_by_balanced_accuracy_and_refuse_weights(odd_cache, tmp_path, head):
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit-head", odd_cache, "--head", head, "--select-by", "balanced_accuracy", "--json",
+                             "-o", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["best"]["score"] == pytest.approx(out["metrics"]["val"]["balanced_accuracy"])
+    r = runner.invoke(main, ["fit-head", odd_cache, "--head", head, "--class-weight", "balanced"])
+    assert r.exit_code == 1
+    assert r.output == f"Error: Head '{head}' has no class_weight option; drop --class-weight.\n"

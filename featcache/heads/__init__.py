@@ -5,7 +5,7 @@
 >>> head.predict_proba(X_test)                                    # doctest: +SKIP
 
 Every head is a scikit-learn classifier with, in addition, ``sweep_proba`` (fit a whole grid of
-its ``param`` quickly), ``get_state`` / ``from_state`` (pickle-free saving, see
+its ``param`` quickly), ``sweep_fit`` (the same run, returning the fitted heads), ``get_state`` / ``from_state`` (pickle-free saving, see
 :mod:`featcache.artifacts`) and ``to_torch`` (a module whose softmax output is
 ``predict_proba``). ``featcache heads`` lists them.
 """

@@ -28,6 +28,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import NotFittedError
 
 from ..errors import ConfigError, HeadError
+from ..runtime import head_threads
 
 #: Rows read at a time when a head walks over an ``h5py.Dataset``-like input.
 CHUNK_ROWS = 65536
@@ -543,7 +544,8 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         self._check_params()
         X = check_features(X, allow_dataset=self._accepts_dataset)
         y_idx, classes = encode_labels(y, X.shape[0])
-        self._fit(X, y_idx, len(classes))
+        with head_threads(self.thread_pool, int(np.prod(X.shape))):
+            self._fit(X, y_idx, len(classes))
         self.classes_ = classes
         self.n_features_in_ = int(X.shape[1])
         return self
@@ -626,7 +628,8 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         X = check_features(X, allow_dataset=self._accepts_dataset)
         y_idx, classes = encode_labels(y, X.shape[0])
         X_eval = check_features(X_eval, allow_dataset=True, n_features=X.shape[1], what="X_eval")
-        return self._sweep(X, y_idx, len(classes), grid, X_eval)
+        with head_threads(self.thread_pool, int(np.prod(X.shape))):
+            return self._sweep(X, y_idx, len(classes), grid, X_eval)
 
     def _sweep(
         self, X: Any, y_idx: np.ndarray, n_classes: int, grid: list[Any], X_eval: Any
@@ -661,7 +664,8 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         grid = self._check_grid(grid)
         X = check_features(X, allow_dataset=self._accepts_dataset)
         y_idx, classes = encode_labels(y, X.shape[0])
-        heads = self._sweep_fit(X, y_idx, len(classes), grid)
+        with head_threads(self.thread_pool, int(np.prod(X.shape))):
+            heads = self._sweep_fit(X, y_idx, len(classes), grid)
         for head in heads:
             head.classes_ = classes
         return heads
