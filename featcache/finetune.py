@@ -45,7 +45,7 @@ from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decod
 from .registry import check_choice, check_int
 from .runtime import tune_allocator
 from .sources import SampleRef, Source, open_source
-from .tail import adamw, cosine_lr, param_groups
+from .training import adamw, cosine_lr, param_groups
 
 logger = logging.getLogger(__name__)
 

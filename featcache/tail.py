@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -47,6 +46,7 @@ from .heads.base import (
     softmax,
 )
 from .heads.torch_heads import check_device, resolve_device
+from .training import adamw, cosine_lr, param_groups, resolve_seed
 from .registry import check_int
 
 logger = logging.getLogger(__name__)
@@ -429,35 +429,6 @@ def _batches(perm: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return out
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    # Biases and normalisation scales (1-D) are not decayed, the usual fine-tuning recipe.
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def adamw(groups: list[dict], *, lr: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused where torch has a fused kernel for ``device`` (several times faster on CPU)."""
-    if device.type in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(groups, lr=lr, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # older torch: no fused CPU kernel
-            pass
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def cosine_lr(lr: float, step: int, total: int) -> float:
-    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(1, total)))
-
-
-def _seed(value: int | None) -> int:
-    return int(value) if value is not None else int(np.random.SeedSequence().entropy % (2**63))
-
 
 def _logits(tail: nn.Module, X: Any, shape: tuple[int, ...], device: torch.device, batch_size: int) -> np.ndarray:
     """Logits (n, n_classes) float32 of ``tail`` (in whatever mode it is) on rows of ``X``."""
@@ -653,7 +624,7 @@ class TailHead(BaseHead):
 
     def _fit(self, X: Any, y_idx: np.ndarray, n_classes: int, views: Any = None) -> None:
         device = resolve_device(self.device)
-        seed = _seed(self.random_state)
+        seed = resolve_seed(self.random_state)
         bb = self._load_backbone()
         cut = _cut(bb, self.boundary)
         self._shape_of(X, cut.boundary_shape, "X")
@@ -788,7 +759,7 @@ class TailHead(BaseHead):
                 f"{n_features} values; got {shape!r}. Re-fit and save the head."
             )
         bb = self._load_backbone()
-        tail = build_tail(bb, self.boundary, n_classes, seed=_seed(self.random_state))
+        tail = build_tail(bb, self.boundary, n_classes, seed=resolve_seed(self.random_state))
         expected = tail.state_dict()
         missing = [k for k in expected if f"tail.{k}" not in arrays]
         unexpected = [k for k in arrays if not (k.startswith("tail.") and k[5:] in expected)]

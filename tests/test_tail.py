@@ -309,8 +309,9 @@ def test_finetune_config_errors(tmp_path):
     with pytest.raises(ConfigError) as e:
         finetune(str(root), **base)
     assert str(e.value) == (
-        "Pass one of the 'freeze_until' and 'train' options: freeze_until=LAYER (e.g. 'layer3': what "
-        "comes after it trains) or train=PATTERNS (e.g. ('layer4*', 'fc*')). Got neither."
+        "Pass one of the 'freeze_until' and 'train' options: freeze_until=LAYER (what comes after it trains; "
+        "e.g. 'layer3' of a ResNet, 'stage6' of efficientnet_lite0) or train=PATTERNS (e.g. ('layer4*', 'fc*') "
+        "or ('stage7*', 'head*', 'classifier*')). Got neither."
     )
     with pytest.raises(ConfigError) as e:
         finetune(str(root), freeze_until="layer3", train=("fc*",), **base)

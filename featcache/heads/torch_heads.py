@@ -21,6 +21,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ..errors import ConfigError, HeadError
+from ..training import cosine_lr, resolve_seed
 from ..registry import check_choice, check_int
 from .base import (
     CLASS_WEIGHT_HELP,
@@ -83,10 +84,6 @@ def resolve_device(device: str) -> torch.device:
 def _check_seed(value: Any) -> None:
     if value is not None:
         check_int("random_state", value, minimum=0)
-
-
-def _seed(value: int | None) -> int:
-    return int(value) if value is not None else int(np.random.SeedSequence().entropy % (2**63))
 
 
 def _check_memory(value: Any) -> None:
@@ -177,10 +174,6 @@ def _adam_step(
         v.mul_(betas[1]).addcmul_(grad, grad, value=1.0 - betas[1])
         denom = (v / (1.0 - betas[1] ** step)).sqrt_().add_(eps)
         p.addcdiv_(m, denom, value=-lr / (1.0 - betas[0] ** step))
-
-
-def _cosine_lr(lr: float, step: int, total: int) -> float:
-    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(1, total)))
 
 
 def batched_lbfgs(
@@ -589,7 +582,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         return self._train_adamw(prob, rows, y, n_classes)
 
     def _train_adamw(self, prob: _LinearProblem, rows: _Rows, y: torch.Tensor, n_classes: int):
-        gen = torch.Generator().manual_seed(_seed(self.random_state))
+        gen = torch.Generator().manual_seed(resolve_seed(self.random_state))
         W = torch.zeros(prob.G, prob.D, prob.k, device=rows.device)
         b = torch.zeros(prob.G, prob.k, device=rows.device)
         states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
@@ -600,7 +593,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
             losses = torch.zeros(prob.G, dtype=torch.float64, device=rows.device)
             for xb, yb in rows.batches(y, self.batch_size, gen):
                 step += 1
-                lr = _cosine_lr(float(self.lr), step, total)
+                lr = cosine_lr(float(self.lr), step, total)
                 loss, gW, gb = prob.loss_grad_sum(W, b, xb, yb)
                 losses += loss
                 gW = gW / xb.shape[0] + prob.inv_reg[:, None, None] * W
@@ -787,7 +780,7 @@ class MLPHead(BaseHead):
         rows = _Rows(X, device=device, max_memory=self.max_memory)
         y = torch.as_tensor(y_idx, dtype=torch.long, device=device)
         G, D, H, K = len(decays), rows.d, int(self.hidden), n_classes
-        seed = _seed(self.random_state)
+        seed = resolve_seed(self.random_state)
         gen = torch.Generator().manual_seed(seed)
         mask_gen = torch.Generator(device=device).manual_seed(seed + 1)
 
@@ -810,7 +803,7 @@ class MLPHead(BaseHead):
             losses = torch.zeros(G, dtype=torch.float64, device=device)
             for xb, yb in rows.batches(y, self.batch_size, gen):
                 step += 1
-                lr = _cosine_lr(float(self.lr), step, total)
+                lr = cosine_lr(float(self.lr), step, total)
                 B = xb.shape[0]
                 h = (xb @ W1.permute(1, 0, 2).reshape(D, G * H)).view(B, G, H).permute(1, 0, 2)
                 h = torch.relu(h + b1[:, None, :])
