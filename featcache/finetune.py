@@ -363,132 +363,143 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
     if not any(refs for s, refs in src.splits.items() if s != "train"):
         logger.warning("Source '%s' has no split besides train: the fine-tuned network will not be scored. Pass "
                        "--val-fraction 0.2 to hold out a val split.", src.spec)
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    # fp16 needs loss scaling (its range is too small for small gradients); bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size)
-    model = bb.model
-    if bb.classifier is None:
-        raise ConfigError(
-            f"{bb.name} has no final nn.Linear classifier to replace. Use a torchvision, timm or "
-            f"efficientnet_lite0 backbone."
-        )
-    trainable = _trainable_modules(model, config, bb)
-    n_classes = len(src.classes)
-    _replace_classifier(model, bb.classifier, n_classes, config.seed)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.rpartition(".")[0] in trainable)
-    frozen = _frozen_roots(model, trainable)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    opt = adamw(param_groups(model, float(config.weight_decay)), lr=float(config.lr), device=device)
-    norm = _Normalize(bb.preprocess, device)
-    datasets = {s: _Images(src, refs, bb.preprocess) for s, refs in src.splits.items() if refs}
-    failures: dict[tuple[str, str], str] = {}
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for n, m in model.named_modules()
-                 if n in trainable)
-
-    def note(split: str, bad) -> None:
-        for i, reason in bad:
-            key = (split, datasets[split].refs[i].id)
-            if key not in failures:
-                failures[key] = reason
-                logger.warning("skipping %s: %s", key[1], reason)
-
-    def evaluate(split: str) -> tuple[np.ndarray, np.ndarray]:
-        ds = datasets[split]
-        ds.augment = None
-        model.eval()
-        ys, logits = [], []
-        with torch.no_grad(), autocast(device, precision):
-            for idx, x, bad in _loader(ds, list(range(len(ds))), config, device):
-                note(split, bad)
-                if x is None:
-                    continue
-                logits.append(model(norm(x)).float())
-                ys.append(np.array([ds.refs[i].label for i in idx], dtype=np.int64))
-        if not logits:
-            return np.zeros(0, np.int64), np.zeros((0, n_classes))
-        z = torch.cat(logits).cpu().numpy().astype(np.float64)  # one copy to the host per evaluation
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return np.concatenate(ys), p / p.sum(axis=1, keepdims=True)
-
-    train = datasets["train"]
-    rng = np.random.default_rng(config.seed)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = config.epochs * steps_per_epoch
-    step = 0
+    job = _Job(src, config)
     per_epoch: list[dict] = []
     metrics: dict[str, dict] = {}
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = [job.device.index or 0] if job.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         # Dropout and stochastic depth in the trainable part draw from the global generator.
         torch.manual_seed(config.seed)
         for epoch in range(1, config.epochs + 1):
             te = time.perf_counter()
-            seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
-            train.augment = Augment(views=1, scale=tuple(config.scale), seed=seed)
-            _set_train_mode(model, frozen)
-            # Summed on the device: reading the loss each step would wait for the GPU every step.
-            loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-            for idx, x, bad in _loader(train, rng.permutation(len(train)).tolist(), config, device):
-                note("train", bad)
-                step += 1
-                if x is None or (len(idx) < 2 and has_bn):
-                    continue  # BatchNorm in train mode cannot normalise a single image
-                y = torch.tensor([train.refs[i].label for i in idx], dtype=torch.long).to(device, non_blocking=True)
-                for g in opt.param_groups:
-                    g["lr"] = cosine_lr(float(config.lr), step, total)
-                with autocast(device, precision):
-                    loss = nn.functional.cross_entropy(model(norm(x)).float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                loss_sum += loss.detach() * len(idx)
-                seen += len(idx)
-            loss_sum = float(loss_sum)
+            train_loss = job.train_epoch(epoch)
             last = epoch == config.epochs
-            splits = [s for s in datasets if s != "train"] if last else [s for s in ("val",) if s in datasets]
+            splits = [s for s in job.datasets if s != "train"] if last else [s for s in ("val",) if s in job.datasets]
             top1 = None
             for s in splits:
-                y_s, p_s = evaluate(s)
+                y_s, p_s = job.evaluate(s)
                 if s == "val" and len(y_s):
                     top1 = float(np.mean(p_s.argmax(1) == y_s))
                 if last and len(y_s):
                     metrics[s] = split_metrics(y_s, p_s, list(src.classes))
-            row = {"epoch": epoch, "train_loss": loss_sum / seen if seen else None,
-                   "val_top1": top1, "seconds": time.perf_counter() - te}
-            per_epoch.append(row)
+            per_epoch.append({"epoch": epoch, "train_loss": train_loss, "val_top1": top1,
+                              "seconds": time.perf_counter() - te})
             if progress is not None:
                 progress(f"epoch {epoch}/{config.epochs}: train_loss "
-                         f"{row['train_loss'] if seen else float('nan'):.4f}"
+                         f"{train_loss if train_loss is not None else float('nan'):.4f}"
                          + (f", val_top1 {top1:.4f}" if top1 is not None else ""))
-    model.eval()
+    job.model.eval()
     seconds = time.perf_counter() - t0
-    run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(bb)
-    fails = [{"split": s, "id": i, "reason": r} for (s, i), r in failures.items()]
-    meta = {
-        "format": "featcache-finetune", "version": 1,
-        "config": config.to_dict(),
-        "source": src.describe(),
-        "classes": list(src.classes),
-        "backbone": bb.name,
-        "backbone_info": bb.describe(),
-        "preprocess": bb.preprocess.to_dict(),
-        "classifier": bb.classifier,
-        "trainable_modules": _top_level(trainable),
-        "parameters": {"frozen": n_frozen, "trainable": n_train},
-        "failures": fails,
-        "device": str(device),
-        "precision": precision,
-    }
-    _save(run, model, meta, {"metrics": metrics, "per_epoch": per_epoch, "seconds": seconds})
+    run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(job.bb)
+    fails = [{"split": s, "id": i, "reason": r} for (s, i), r in job.failures.items()]
+    _save(run, job.model, job.meta(fails), {"metrics": metrics, "per_epoch": per_epoch, "seconds": seconds})
     return FinetuneResult(str(run), metrics, per_epoch, seconds, fails)
+
+
+class _Job:
+    """The network of one fine-tuning run, its data, optimiser and device; trains and evaluates."""
+
+    def __init__(self, src: Source, config: FinetuneConfig) -> None:
+        self.src, self.config = src, config
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        # fp16 needs loss scaling (its range is too small for small gradients); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        bb = self.bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size)
+        if bb.classifier is None:
+            raise ConfigError(
+                f"{bb.name} has no final nn.Linear classifier to replace. Use a torchvision, timm or "
+                f"efficientnet_lite0 backbone."
+            )
+        model = self.model = bb.model
+        self.trainable = _trainable_modules(model, config, bb)
+        self.n_classes = len(src.classes)
+        _replace_classifier(model, bb.classifier, self.n_classes, config.seed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.rpartition(".")[0] in self.trainable)
+        self.frozen = _frozen_roots(model, self.trainable)
+        model.to(self.device)
+        self.opt = adamw(param_groups(model, float(config.weight_decay)), lr=float(config.lr), device=self.device)
+        self.norm = _Normalize(bb.preprocess, self.device)
+        self.datasets = {s: _Images(src, refs, bb.preprocess) for s, refs in src.splits.items() if refs}
+        self.failures: dict[tuple[str, str], str] = {}
+        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for n, m in model.named_modules()
+                          if n in self.trainable)
+        self.rng = np.random.default_rng(config.seed)
+        self.step = 0
+        self.total = config.epochs * math.ceil(len(self.datasets["train"]) / config.batch_size)
+
+    def note(self, split: str, bad) -> None:
+        for i, reason in bad:
+            key = (split, self.datasets[split].refs[i].id)
+            if key not in self.failures:
+                self.failures[key] = reason
+                logger.warning("skipping %s: %s", key[1], reason)
+
+    def train_epoch(self, epoch: int) -> float | None:
+        """One epoch of random resized crops and flips; the mean training loss (None: no batch ran)."""
+        config, device, model, train = self.config, self.device, self.model, self.datasets["train"]
+        seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
+        train.augment = Augment(views=1, scale=tuple(config.scale), seed=seed)
+        _set_train_mode(model, self.frozen)
+        # Summed on the device: reading the loss each step would wait for the GPU every step.
+        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+        for idx, x, bad in _loader(train, self.rng.permutation(len(train)).tolist(), config, device):
+            self.note("train", bad)
+            self.step += 1
+            if x is None or (len(idx) < 2 and self.has_bn):
+                continue  # BatchNorm in train mode cannot normalise a single image
+            y = torch.tensor([train.refs[i].label for i in idx], dtype=torch.long).to(device, non_blocking=True)
+            for g in self.opt.param_groups:
+                g["lr"] = cosine_lr(float(config.lr), self.step, self.total)
+            with autocast(device, self.precision):
+                loss = nn.functional.cross_entropy(model(self.norm(x)).float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            loss_sum += loss.detach() * len(idx)
+            seen += len(idx)
+        return float(loss_sum) / seen if seen else None
+
+    def evaluate(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and class probabilities of a split, through the deterministic resize and crop."""
+        ds = self.datasets[split]
+        ds.augment = None
+        self.model.eval()
+        ys, logits = [], []
+        with torch.no_grad(), autocast(self.device, self.precision):
+            for idx, x, bad in _loader(ds, list(range(len(ds))), self.config, self.device):
+                self.note(split, bad)
+                if x is None:
+                    continue
+                logits.append(self.model(self.norm(x)).float())
+                ys.append(np.array([ds.refs[i].label for i in idx], dtype=np.int64))
+        if not logits:
+            return np.zeros(0, np.int64), np.zeros((0, self.n_classes))
+        z = torch.cat(logits).cpu().numpy().astype(np.float64)  # one copy to the host per evaluation
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return np.concatenate(ys), p / p.sum(axis=1, keepdims=True)
+
+    def meta(self, fails: list[dict]) -> dict:
+        model, bb = self.model, self.bb
+        return {
+            "format": "featcache-finetune", "version": 1,
+            "config": self.config.to_dict(),
+            "source": self.src.describe(),
+            "classes": list(self.src.classes),
+            "backbone": bb.name,
+            "backbone_info": bb.describe(),
+            "preprocess": bb.preprocess.to_dict(),
+            "classifier": bb.classifier,
+            "trainable_modules": _top_level(self.trainable),
+            "parameters": {"frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+            "failures": fails,
+            "device": str(self.device),
+            "precision": self.precision,
+        }
 
 
 def _run_name(bb: Backbone) -> str:

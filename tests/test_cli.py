@@ -50,7 +50,7 @@ def test_extract_human_output(image_folder, tmp_path):
 def test_errors_are_one_line_with_the_fix(image_folder, tmp_path):
     r = run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--batch-size", "0")
     assert r.exit_code == 1
-    assert r.output == "Error: The 'batch_size' option must be an int >= 1. Got 0.\n"
+    assert r.output == "Error: The --batch-size option must be an int >= 1. Got 0.\n"
     r = run("extract", image_folder, *TINY, "--cache-dir", tmp_path, "--layer", "layer5")
     assert r.output == ("Error: Layer 'layer5' is not in resnet18.none. Run 'featcache layers resnet18.none' "
                         "to list the layers.\n")
@@ -115,7 +115,7 @@ def test_extract_checkpoint_decode_and_compile_options(image_folder, tmp_path):
                               "--json").output)
     assert compiled["cache"] != plain["cache"] and not compiled["exists"]
     r = run("extract", image_folder, *TINY, "--checkpoint-every", "-1")
-    assert r.exit_code == 1 and "'checkpoint_every' option must be a number of seconds >= 0" in r.output
+    assert r.exit_code == 1 and "--checkpoint-every option must be a number of seconds >= 0" in r.output
 
 
 def _json_commands():
@@ -139,7 +139,7 @@ def test_json_errors_carry_the_library_message_and_type(image_folder, tmp_path):
     assert r.exit_code == 1 and out["type"] == "CacheError" and out["error"].startswith("Cache file")
     assert r.stderr == f"Error: {out['error']}\n"
     r = CliRunner().invoke(main, ["extract", str(image_folder), *TINY, "--batch-size", "0", "--json"])
-    assert json.loads(r.stdout) == {"error": "The 'batch_size' option must be an int >= 1. Got 0.",
+    assert json.loads(r.stdout) == {"error": "The --batch-size option must be an int >= 1. Got 0.",
                                     "type": "ConfigError"}
     r = CliRunner().invoke(main, ["info", str(tmp_path / "nothing.h5")])  # without --json stdout stays empty
     assert r.exit_code == 1 and r.stdout == ""
