@@ -24,19 +24,21 @@ class LibraryError(click.ClickException):
 
 
 def _flag_names(message: str) -> str:
-    """Library errors name parameters as Python spells them ('freeze_until', freeze_until=...);
-    on the command line the user typed flags: name those (--freeze-until) instead."""
+    """Library errors name parameters as Python spells them (the 'freeze_until' option,
+    freeze_until=LAYER); on the command line the user typed flags: name those (--freeze-until)."""
     ctx = click.get_current_context(silent=True)
     if ctx is None:
         return message
-    for param in ctx.command.params:
-        flags = [o for o in param.opts if o.startswith("--")]
-        if not isinstance(param, click.Option) or not flags or not param.name:
-            continue
-        flag = flags[0]
-        message = re.sub(rf"'{param.name}'( option)?", flag + r"\1", message)
-        message = re.sub(rf"\b{param.name}=(?=\S)", flag + " ", message)
-    return message
+    flags = {p.name: next(o for o in p.opts if o.startswith("--")) for p in ctx.command.params
+             if isinstance(p, click.Option) and p.name and any(o.startswith("--") for o in p.opts)}
+    quoted = r"'(\w+)'"
+
+    def options(m: re.Match) -> str:  # "the 'a' option", "the 'a' and 'b' options"
+        return re.sub(quoted, lambda q: flags.get(q.group(1), q.group(0)), m.group(0))
+
+    message = re.sub(rf"{quoted}( and {quoted})? options?\b", options, message)
+    return re.sub(r"\b(\w+)=(?=\S)", lambda m: flags[m.group(1)] + " " if m.group(1) in flags else m.group(0),
+                  message)
 
 
 def _fail_cleanly(fn):
