@@ -216,8 +216,9 @@ def _assert_one_warning(warnings: list[str], names: list[str]) -> None:
 
 
 def _kill_9(mode: str, folder: Path, cache_dir: Path, zygote: Zygote, moment: str | None = None) -> None:
-    """Kill an extraction at a seeded random moment: after 1 or 2 chunk files, while assembling,
-    or just before the rename to the final name."""
+    """Kill an extraction (shard 1 in --shard mode) at a moment drawn with a seed per mode: after 1
+    or 2 chunk files, while assembling, or just before the rename to its final name (single:
+    assembling, shard: 2 chunks). Torchrun's process group is killed once a rank wrote a chunk."""
     moment = moment or random.Random(f"kill-{mode}").choice(["chunks-1", "chunks-2", "assemble", "rename"])
     if mode == "torchrun":  # the ranks' process group, once the first chunk file is there
         proc = _torchrun(folder, cache_dir, start_only=True)
