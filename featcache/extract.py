@@ -31,8 +31,8 @@ from .backbones import Backbone, load_backbone
 from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
                       runnable_precision, shm_free_bytes)
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
-from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, close_batches, collate, plan_rows,
-                      worker_init)
+from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate,
+                      plan_rows, worker_init)
 from .preprocess import Augment
 from .registry import check_choice, check_int
 from .runtime import tune_allocator
@@ -188,25 +188,35 @@ def _stat_key(id_: str, stat) -> tuple[str, int, int]:
 
 class _Donors:
     """Where already-computed features can be copied from: chunks of a partial run and the
-    previous cache file of the same fingerprint. Indexed by content hash, and by
+    previous cache file of the same fingerprint. Indexed by content hash and by the size of the
+    batch that computed the features (0: not recorded, by caches made before it was), and by
     (id, size, mtime) so unchanged files need no re-hashing. A loader returns
-    ``(features per layer, views per layer or None)``."""
+    ``(features per layer, views per layer or None)``.
+
+    Features depend on the batch size in their last bits. Features computed under this run's
+    ``--batch-size`` are reused only where they were computed in a batch of the size an
+    uninterrupted run uses for them, so a run stays bit-identical to an uninterrupted one; those of
+    runs with another ``--batch-size`` (or unrecorded) are reused as they are, to float rounding."""
 
     BLOCK = 4096
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_layers: int, batch_size: int = 0) -> None:
         self.n_layers = n_layers
-        self.by_hash: dict[str, tuple[int, int]] = {}
-        self.by_hash_views: dict[str, tuple[int, int]] = {}
+        self.batch_size = batch_size
+        #: Per donor: the --batch-size of the run that computed it (0: not recorded).
+        self.batch_sizes: list[int] = []
+        self.by_hash: dict[str, dict[int, tuple[int, int]]] = {}
+        self.by_hash_views: dict[str, dict[int, tuple[int, int]]] = {}
         self.hash_by_stat: dict[tuple[str, int, int], str] = {}
         self.failed_by_stat: dict[tuple[str, int, int], str] = {}
         self.loaders: list[Callable[[], tuple[list[np.ndarray], list[np.ndarray] | None]]] = []
 
-    def _index(self, d: int, hashes: list[str], offset: int, has_views: bool) -> None:
+    def _index(self, d: int, hashes: list[str], offset: int, has_views: bool, batch_n) -> None:
         for j, h in enumerate(hashes):
-            self.by_hash.setdefault(h, (d, j + offset))
+            n = int(batch_n[j]) if batch_n is not None else 0
+            self.by_hash.setdefault(h, {}).setdefault(n, (d, j + offset))
             if has_views:
-                self.by_hash_views.setdefault(h, (d, j + offset))
+                self.by_hash_views.setdefault(h, {}).setdefault(n, (d, j + offset))
 
     def add_partial(self, partial: PartialStore, seen: set[Path]) -> None:
         for path in partial.chunks():
@@ -219,13 +229,16 @@ class _Donors:
             with z:
                 hashes = [h.decode() for h in z["hashes"]]
                 has_views = "v0" in z.files
+                batch_n = z["batch_n"]
+                configured = int(z["batch_size"])
                 for i, st, h in zip(z["ids"], z["stat"], hashes):
                     self.hash_by_stat[_stat_key(str(i), st)] = h
                 for i, r, st in zip(z["failed_ids"], z["failed_reasons"], z["failed_stat"]):
                     self.failed_by_stat[_stat_key(str(i), st)] = str(r)
             d = len(self.loaders)
             self.loaders.append(lambda p=path: partial.read_chunk(p, self.n_layers))
-            self._index(d, hashes, 0, has_views)
+            self.batch_sizes.append(configured)
+            self._index(d, hashes, 0, has_views, batch_n)
         partial.warn_set_aside()
 
     def add_cache(self, cache: FeatureCache) -> None:
@@ -234,20 +247,30 @@ class _Donors:
             for i, st, h in zip(cache.ids(split), cache.stat(split), hashes):
                 self.hash_by_stat[_stat_key(i, st)] = h
             has_views = cache.has_views(split)
+            batch_n = cache.batch_n(split)
             for start in range(0, len(hashes), self.BLOCK):
                 end = min(start + self.BLOCK, len(hashes))
                 d = len(self.loaders)
                 self.loaders.append(lambda s=split, a=start, b=end, v=has_views: (
                     [cache.features(s, layer)[a:b] for layer in cache.layers],
                     [cache.views(s, layer)[a:b] for layer in cache.layers] if v else None))
-                self._index(d, hashes[start:end], 0, has_views)
+                self.batch_sizes.append(int(cache.extract_config.get("batch_size") or 0))
+                self._index(d, hashes[start:end], 0, has_views, None if batch_n is None else batch_n[start:end])
         for f in cache.failed:
             self.failed_by_stat[_stat_key(f["id"], f["stat"])] = f["reason"]
 
-    def lookup(self, h: str | None, with_views: bool) -> tuple[int, int] | None:
-        if h is None:
+    def lookup(self, h: str | None, with_views: bool, batch_n: int) -> tuple[int, int, int] | None:
+        """(donor, row, batch size to record) of features to reuse for a row that an uninterrupted
+        run computes in a batch of ``batch_n`` images (the size recorded is 0 where it differs)."""
+        found = (self.by_hash_views if with_views else self.by_hash).get(h) if h is not None else None
+        if not found:
             return None
-        return (self.by_hash_views if with_views else self.by_hash).get(h)
+        if batch_n in found:
+            return (*found[batch_n], batch_n)
+        for n, (d, j) in found.items():
+            if n == 0 or self.batch_sizes[d] != self.batch_size:
+                return d, j, 0
+        return None
 
     def __bool__(self) -> bool:
         return bool(self.by_hash or self.failed_by_stat)
@@ -383,6 +406,7 @@ def _concat_batches(items: list[dict]) -> dict:
         "failed_ids": [i for it in items for i in it["failed_ids"]],
         "failed_reasons": [r for it in items for r in it["failed_reasons"]],
         "failed_stat": np.concatenate([it["failed_stat"] for it in items]),
+        "batch_n": np.concatenate([np.full(len(it["ids"]), len(it["ids"]), np.int32) for it in items]),
         "features": [], "views": [],
     }
     if with_features:
@@ -661,13 +685,14 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
     lock = CacheLock(lock_path)
     try:
         clear_stale_tmp(path.with_name(path.name + ".tmp"))  # an assembly killed before its rename
-        partial = PartialStore(path.with_name(path.name + ".partial"), fp.hash)
-        donors = _Donors(len(layers))
+        partial = PartialStore(path.with_name(path.name + ".partial"), fp.hash, batch_size=config.batch_size)
+        donors = _Donors(len(layers), config.batch_size)
         seen_chunks: set[Path] = set()
         for c in ([cache] if cache is not None else []) + list(more_donors):
             donors.add_cache(c)
         donors.add_partial(partial, seen_chunks)
-        todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail", views=config.views)
+        todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail", views=config.views,
+                                batch_size=config.batch_size)
         n_reused = sum(len(r) for r in plan.values()) - len(todo)
         t_compute = time.perf_counter()
         _compute(src, p.backbone, layers, config, p.device, p.order, todo, partial, progress)
@@ -689,14 +714,19 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
 
 
 def _rows_to_compute(src: Source, plan: dict[str, list[Row]], donors: _Donors, *,
-                     retry_failed: bool = False, views: int = 0) -> list[Row]:
+                     retry_failed: bool = False, views: int = 0, batch_size: int = 1) -> list[Row]:
+    """Rows to run through the network: every row of each block (a batch of an uninterrupted run)
+    where one row has no features computed in a batch of that block's size. Features depend on the
+    batch size in their last bits, so reusing them only at equal sizes keeps every run bit-identical
+    to an uninterrupted extraction of the current source."""
     todo = []
-    for rows in plan.values():
-        for r in rows:
+    for block in _blocks(plan, batch_size).values():
+        live, retry = [], []
+        for r in block:
             key = _stat_key(r.ref.id, r.stat)
             if key in donors.failed_by_stat:
                 if retry_failed:  # --on-error fail: read it again so the run stops at it
-                    todo.append(r)
+                    retry.append(r)
                 continue
             r.hash = donors.hash_by_stat.get(key)
             if r.hash is None and donors and r.stat[0] >= 0:
@@ -705,9 +735,19 @@ def _rows_to_compute(src: Source, plan: dict[str, list[Row]], donors: _Donors, *
                     r.hash = src.read(r.ref)[1]
                 except OSError:
                     r.hash = None
-            if donors.lookup(r.hash, views and r.split == VIEW_SPLIT) is None:
-                todo.append(r)
+            live.append(r)
+        if retry or any(donors.lookup(r.hash, views and r.split == VIEW_SPLIT, len(live)) is None for r in live):
+            todo.extend(sorted(live + retry, key=lambda r: r.index))
     return todo
+
+
+def _blocks(plan: dict[str, list[Row]], batch_size: int) -> dict[tuple[str, int], list[Row]]:
+    """The plan's rows by the batch an uninterrupted run computes them in."""
+    out: dict[tuple[str, int], list[Row]] = {}
+    for rows in plan.values():
+        for r in rows:
+            out.setdefault(block_key(r, batch_size), []).append(r)
+    return out
 
 
 def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, todo, partial: PartialStore,
@@ -827,16 +867,21 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
     # Where each surviving row comes from: donor -> [(split, dst_row, src_index)].
     sources: dict[int, list[tuple[str, int, int]]] = {}
     per_split: dict[str, list[Row]] = {}
+    batch_ns: dict[str, list[int]] = {}
+    # Each row's batch in an uninterrupted run: the rows of its block that can be read.
+    size = {k: sum(_stat_key(r.ref.id, r.stat) not in donors.failed_by_stat for r in block)
+            for k, block in _blocks(plan, config.batch_size).items()}
     for split, rows in plan.items():
         ok = []
         for r in rows:
             key = _stat_key(r.ref.id, r.stat)
             h = r.hash or donors.hash_by_stat.get(key)
-            found = donors.lookup(h, config.views > 0 and split == VIEW_SPLIT)
+            found = donors.lookup(h, config.views > 0 and split == VIEW_SPLIT, size[block_key(r, config.batch_size)])
             if found is not None:
                 r.hash = h
-                d, j = found
+                d, j, n = found
                 sources.setdefault(d, []).append((split, len(ok), j))
+                batch_ns.setdefault(split, []).append(n)
                 ok.append(r)
             else:
                 reason = donors.failed_by_stat.get(key, "not extracted")
@@ -871,6 +916,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
             g.create_dataset("hashes", data=np.asarray([r.hash for r in ok], dtype=HASH_DTYPE), track_times=False)
             g.create_dataset("stat", data=np.asarray([r.stat for r in ok], dtype=np.int64).reshape(-1, 2),
                              track_times=False)
+            g.create_dataset("batch_n", data=np.asarray(batch_ns.get(split, []), dtype=np.int32), track_times=False)
         for d, targets in sources.items():
             arrays, view_arrays = donors.loaders[d]()
             by_split: dict[str, list[tuple[int, int]]] = {}

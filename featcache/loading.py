@@ -53,12 +53,17 @@ def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None) -> 
     return plan
 
 
+def block_key(row: Row, batch_size: int) -> tuple[str, int]:
+    """The batch of an uninterrupted run that computes ``row``: blocks of ``batch_size`` rows of its split."""
+    return (row.split, row.index // batch_size)
+
+
 def batches(todo: list[Row], batch_size: int) -> list[list[int]]:
     """Batches aligned to fixed blocks of each split's plan, so a resumed run computes the same
     batches as an uninterrupted one (batch composition can change float results)."""
     groups: dict[tuple[str, int], list[int]] = {}
     for i, r in enumerate(todo):
-        groups.setdefault((r.split, r.index // batch_size), []).append(i)
+        groups.setdefault(block_key(r, batch_size), []).append(i)
     return list(groups.values())
 
 

@@ -150,6 +150,9 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                 g.create_dataset("hashes", data=np.concatenate([c.hashes(split) for c in parts]), track_times=False)
                 g.create_dataset("stat", data=np.concatenate([c.stat(split) for c in parts]).reshape(-1, 2),
                                  track_times=False)
+                batch_ns = [c.batch_n(split) for c in parts]
+                if all(b is not None for b in batch_ns):
+                    g.create_dataset("batch_n", data=np.concatenate(batch_ns), track_times=False)
                 kinds = ["features"] + (["views"] if parts[0].has_views(split) else [])
                 for kind in kinds:
                     for layer in layers:

@@ -9,6 +9,7 @@ Final file (readable with plain h5py; see the README for the schema)::
     /<split>/ids                (N,) UTF-8 strings (path relative to the source, or split/index)
     /<split>/hashes             (N,) 32-char hex SHA-256 (first 128 bits) of the sample's bytes
     /<split>/stat               (N, 2) int64 (size, mtime_ns) of the file when it was read
+    /<split>/batch_n            (N,) int32 images in the forward pass that computed the row
     /train/views/<layer>        (N, K, ...) features of K augmented views (``--views K`` only)
     /failed/{split,ids,reasons,stat}   samples that could not be read, and why
 
@@ -199,6 +200,10 @@ class FeatureCache:
             _check_kind(self.path, f"{split}/labels", g["labels"], "i")
             _check_kind(self.path, f"{split}/stat", g["stat"], "i")
             _check_kind(self.path, f"{split}/hashes", g["hashes"], "S")
+            if "batch_n" in g:
+                if not isinstance(g["batch_n"], h5py.Dataset) or g["batch_n"].shape != (n,):
+                    raise CacheError(f"Cache file '{self.path}': '{split}/batch_n' must have one value per row.")
+                _check_kind(self.path, f"{split}/batch_n", g["batch_n"], "i")
             if h5py.check_string_dtype(g["ids"].dtype) is None:
                 raise CacheError(f"Cache file '{self.path}': '{split}/ids' must hold strings.")
             for layer in self.layers:
@@ -328,6 +333,14 @@ class FeatureCache:
     def stat(self, split: str) -> np.ndarray:
         with self._guard():
             return self._split(split)["stat"][()]
+
+    def batch_n(self, split: str) -> np.ndarray | None:
+        """Per row, how many images the forward pass that computed it held (None: not recorded)."""
+        g = self._split(split)
+        if "batch_n" not in g:
+            return None
+        with self._guard():
+            return g["batch_n"][()]
 
     def has_views(self, split: str) -> bool:
         return f"views/{self.layers[0]}" in self._split(split)
@@ -553,7 +566,7 @@ CHUNK_RE = re.compile(r"^c-(?P<sha>[0-9a-f]{64})\.npz$")
 PARTIAL_FORMAT = "featcache-partial"
 #: Arrays every chunk holds (besides ``f<i>``/``v<i>`` per layer), with their dtype kinds.
 CHUNK_ARRAYS = {"hashes": "S", "ids": "U", "stat": "i", "failed_ids": "U", "failed_reasons": "U",
-                "failed_stat": "i", "chunk_meta": "U"}
+                "failed_stat": "i", "batch_n": "i", "batch_size": "i", "chunk_meta": "U"}
 
 
 class DamagedPartError(CacheError):
@@ -591,18 +604,20 @@ def check_lock_path(path: Path) -> None:
 class PartialStore:
     """Finished batches of an unfinished extraction, one atomically renamed ``.npz`` each.
 
-    Each chunk holds ``hashes``, ``ids`` and ``stat`` of the samples that succeeded, ``f<i>``
-    (their features for layer ``i``), ``failed_ids``/``failed_reasons``/``failed_stat``, and
+    Each chunk holds ``hashes``, ``ids``, ``stat`` and ``batch_n`` (the size of the batch that
+    computed them; ``batch_size`` is the run's ``--batch-size``) of the samples that succeeded, ``f<i>`` (their features for layer ``i``), ``failed_ids``/``failed_reasons``/``failed_stat``, and
     ``chunk_meta`` (JSON: format, fingerprint hash, featcache version). Its name carries the
     SHA-256 of its bytes. Nothing in the folder is trusted unverified: a chunk or ``meta.json``
     that is truncated, damaged, of another fingerprint or version, or not ours is renamed to
     ``*.damaged`` (see :attr:`set_aside_parts`) and its batches are computed again.
     """
 
-    def __init__(self, path: Path, fingerprint_hash: str) -> None:
+    def __init__(self, path: Path, fingerprint_hash: str, *, batch_size: int = 0) -> None:
         from . import __version__
 
         self.path = path
+        #: The --batch-size of the run, recorded in each chunk (see ``batch_n``).
+        self.batch_size = batch_size
         self.fingerprint_hash = fingerprint_hash
         self.meta = {"format": PARTIAL_FORMAT, "fingerprint_hash": fingerprint_hash, "featcache": __version__}
         #: (name, reason) of each piece set aside since the last :meth:`warn_set_aside`.
@@ -657,12 +672,16 @@ class PartialStore:
 
     def write_chunk(self, hashes: np.ndarray, features: list[np.ndarray], ids: list[str], stat: np.ndarray,
                     failed_ids: list[str], failed_reasons: list[str], failed_stat: np.ndarray,
-                    views: list[np.ndarray] | None = None) -> Path:
+                    views: list[np.ndarray] | None = None, batch_n: np.ndarray | None = None) -> Path:
+        """Write a chunk; ``batch_n`` is the size of the batch that computed each row (default: all
+        rows in one batch)."""
         arrays = {"hashes": np.asarray(hashes, dtype=HASH_DTYPE),
                   "ids": np.asarray(ids, dtype=str), "stat": np.asarray(stat, dtype=np.int64).reshape(-1, 2),
                   "failed_ids": np.asarray(failed_ids, dtype=str),
                   "failed_reasons": np.asarray(failed_reasons, dtype=str),
                   "failed_stat": np.asarray(failed_stat, dtype=np.int64).reshape(-1, 2),
+                  "batch_n": np.full(len(ids), len(ids), np.int32) if batch_n is None else np.asarray(batch_n, np.int32),
+                  "batch_size": np.asarray(self.batch_size, np.int64),
                   "chunk_meta": np.asarray(json.dumps(self.meta, sort_keys=True))}
         arrays.update({f"f{i}": f for i, f in enumerate(features)})
         arrays.update({f"v{i}": v for i, v in enumerate(views or [])})
@@ -761,8 +780,8 @@ def _check_chunk(z, meta: dict, n_layers: int) -> None:
     if json.loads(str(z["chunk_meta"])) != meta:
         raise DamagedPartError("of another fingerprint or featcache version")
     n, m = len(z["ids"]), len(z["failed_ids"])
-    if z["hashes"].shape != (n,) or z["stat"].shape != (n, 2) or z["failed_reasons"].shape != (m,) \
-            or z["failed_stat"].shape != (m, 2):
+    if z["hashes"].shape != (n,) or z["stat"].shape != (n, 2) or z["batch_n"].shape != (n,) \
+            or z["batch_size"].shape != () or z["failed_reasons"].shape != (m,) or z["failed_stat"].shape != (m, 2):
         raise DamagedPartError("arrays of different lengths")
     views = "v0" in z.files
     for i in range(n_layers if n else 0):

@@ -454,7 +454,7 @@ def test_ctrl_c_in_the_cli_says_how_to_resume_without_traceback(zygote, tmp_path
     assert "Run the same command again to resume" in error[0]
     kept = len(_chunks(cache_dir))
     assert kept >= 2 and not list(cache_dir.glob("*.h5"))
-    final = _run_to_end(zygote, folder, cache_dir)
+    final = _run_to_end(zygote, folder, cache_dir, batch_size=1)  # the same command
     assert final["splits"] == {"train": 6, "val": 6}
     assert (final["reused"], final["computed"]) == (kept, 12 - kept)
 
