@@ -14,7 +14,7 @@ from pathlib import Path
 from .common import Row, machine
 
 #: Benchmark groups: each module's run() returns its rows.
-GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup")
+GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup", "precision")
 
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 MARK = "<!-- results: {} -->"

@@ -37,9 +37,8 @@ from .preprocess import Augment
 from .registry import check_choice, check_int
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
-from .store import (FORMAT, HASH_DTYPE, SCHEMA_VERSION, CacheFingerprint, CacheLock, FeatureCache, PartialStore,
-                    cache_file_name, check_lock_path, clear_stale_tmp, commit_file, create_h5, feature_chunks,
-                    iter_runs, open_cache, set_aside, set_text_attrs, shard_digest, write_failed, write_strings)
+from .store import (HASH_DTYPE, CacheFingerprint, CacheLock, CacheWriter, FeatureCache, PartialStore, cache_file_name,
+                    check_lock_path, clear_stale_tmp, iter_runs, open_cache, set_aside)
 from .taps import HostCopy, TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
@@ -860,8 +859,6 @@ def _raise_stopped(e: BaseException, done: int, total: int, partial: Path):
 
 def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, config: ExtractConfig,
               donors: _Donors, timings: dict, stamp: dict | None = None) -> ExtractResult:
-    tmp = path.with_name(path.name + ".tmp")
-    np_dtype = np.dtype(config.dtype)
     splits_out: dict[str, int] = {}
     failures: list[dict] = []
     # Where each surviving row comes from: donor -> [(split, dst_row, src_index)].
@@ -888,57 +885,50 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                 failures.append({"split": split, "id": r.ref.id, "reason": reason, "stat": r.stat,
                                  "label": r.ref.label})
         per_split[split] = ok
-    with create_h5(tmp) as h:
-        set_text_attrs(h, format=FORMAT, schema_version=SCHEMA_VERSION, fingerprint=fp.to_json(),
-                       fingerprint_hash=fp.hash, classes=_json(src.classes), layers=_json(layers),
-                       timings=_json(timings),
-                       extract_config=_json({**config.to_dict(),
-                                             "weights": os.path.abspath(config.weights) if config.weights else None}),
-                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        if config.shard is not None:
-            set_text_attrs(h, shard=_json(list(config.shard)), **(stamp or {}))
+    attrs = dict(fingerprint=fp.to_json(), fingerprint_hash=fp.hash, classes=_json(src.classes),
+                 layers=_json(layers), timings=_json(timings),
+                 extract_config=_json({**config.to_dict(),
+                                       "weights": os.path.abspath(config.weights) if config.weights else None}))
+    if config.shard is not None:
+        attrs.update(shard=_json(list(config.shard)), **(stamp or {}))
+    with CacheWriter(path, **attrs) as w:
         dsets: dict[tuple, h5py.Dataset] = {}
         for split, ok in per_split.items():
-            g = h.create_group(split)
-            n = len(ok)
-            splits_out[split] = n
+            n = splits_out[split] = len(ok)
+            w.add_split(split, labels=[r.ref.label for r in ok], ids=[r.ref.id for r in ok],
+                        hashes=[r.hash for r in ok], stat=[r.stat for r in ok], batch_n=batch_ns.get(split, []))
             for li, (name, shape) in enumerate(zip(layers, shapes)):
-                dsets[(split, li)] = g.create_dataset(
-                    f"features/{name}", shape=(n, *shape), dtype=np_dtype, track_times=False,
-                    chunks=feature_chunks(shape, np_dtype.itemsize, n) if n else None)
+                dsets[(split, li)] = w.add_features(split, name, (n, *shape), config.dtype)
                 if config.views and split == VIEW_SPLIT:
-                    vshape = (config.views, *shape)
-                    dsets[(split, li, "views")] = g.create_dataset(
-                        f"views/{name}", shape=(n, *vshape), dtype=np_dtype, track_times=False,
-                        chunks=feature_chunks(vshape, np_dtype.itemsize, n) if n else None)
-            g.create_dataset("labels", data=np.asarray([r.ref.label for r in ok], dtype=np.int64), track_times=False)
-            write_strings(g, "ids", [r.ref.id for r in ok])
-            g.create_dataset("hashes", data=np.asarray([r.hash for r in ok], dtype=HASH_DTYPE), track_times=False)
-            g.create_dataset("stat", data=np.asarray([r.stat for r in ok], dtype=np.int64).reshape(-1, 2),
-                             track_times=False)
-            g.create_dataset("batch_n", data=np.asarray(batch_ns.get(split, []), dtype=np.int32), track_times=False)
+                    dsets[(split, li, "views")] = w.add_features(split, name, (n, config.views, *shape),
+                                                                 config.dtype, views=True)
         for d, targets in sources.items():
-            arrays, view_arrays = donors.loaders[d]()
-            by_split: dict[str, list[tuple[int, int]]] = {}
-            for split, dst, j in targets:
-                by_split.setdefault(split, []).append((dst, j))
-            for split, pairs in by_split.items():
-                pairs.sort()
-                dst = np.array([p[0] for p in pairs])
-                src_idx = np.array([p[1] for p in pairs])
-                for li in range(len(layers)):
-                    block = arrays[li][src_idx]
-                    vblock = view_arrays[li][src_idx] if (split, li, "views") in dsets else None
-                    for a, b, da, db in iter_runs(dst):
-                        dsets[(split, li)][da:db] = block[a:b]
-                        if vblock is not None:
-                            dsets[(split, li, "views")][da:db] = vblock[a:b]
-        write_failed(h, failures)
+            _copy_donor(donors.loaders[d], targets, dsets, len(layers))
+        w.add_failed(failures)
         if stamp:  # what the assembled cache checks this shard file by
-            set_text_attrs(h, digest=shard_digest(h))
-    commit_file(tmp, path)
+            w.set_attrs(digest=w.digest())
     return ExtractResult(str(path), splits_out, len(failures), False, 0.0, 0.0,
                          failures=[{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in failures])
+
+
+def _copy_donor(load, targets: list[tuple[str, int, int]], dsets: dict, n_layers: int) -> None:
+    """Copy one donor's features (and views) into the new file: ``targets`` are (split, row there,
+    row in the donor); contiguous runs are written as slices."""
+    arrays, view_arrays = load()
+    by_split: dict[str, list[tuple[int, int]]] = {}
+    for split, dst, j in targets:
+        by_split.setdefault(split, []).append((dst, j))
+    for split, pairs in by_split.items():
+        pairs.sort()
+        dst = np.array([p[0] for p in pairs])
+        src_idx = np.array([p[1] for p in pairs])
+        for li in range(n_layers):
+            block = arrays[li][src_idx]
+            vblock = view_arrays[li][src_idx] if (split, li, "views") in dsets else None
+            for a, b, da, db in iter_runs(dst):
+                dsets[(split, li)][da:db] = block[a:b]
+                if vblock is not None:
+                    dsets[(split, li, "views")][da:db] = vblock[a:b]
 
 
 def _json(obj) -> str:

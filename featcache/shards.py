@@ -13,15 +13,13 @@ import hashlib
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .errors import CacheError, ConfigError
-from .store import (FORMAT, SCHEMA_VERSION, clear_stale_tmp, commit_file, create_h5, open_cache, read_text_attr,
-                    set_text_attrs, shard_digest, write_failed, write_strings)
+from .store import FORMAT, SCHEMA_VERSION, CacheWriter, FeatureCache, open_cache, read_text_attr, shard_digest
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 
@@ -127,66 +125,58 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
             for s in c.splits:
                 if s not in splits:
                     splits.append(s)
-        tmp = final.with_name(final.name + ".tmp")
-        clear_stale_tmp(tmp)
-        with create_h5(tmp) as h:
-            src_attrs = caches[0]._h5.attrs
-            for key in ("format", "schema_version", "fingerprint", "fingerprint_hash", "classes", "layers",
-                        "extract_config"):
-                if key in src_attrs:
-                    h.attrs[key] = src_attrs[key]
-            timings = {"shards": [c.timings for c in caches]}
-            set_text_attrs(h, timings=json.dumps(timings), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           shards=json.dumps([] if copy else [p.name for p in paths]),
-                           shard_digests=json.dumps([] if copy else [c.text_attr("digest") for c in caches]))
-            layers = caches[0].layers
+        src_attrs = caches[0]._h5.attrs
+        with CacheWriter(final, **{k: src_attrs[k] for k in ("fingerprint", "fingerprint_hash", "classes", "layers",
+                                                             "extract_config") if k in src_attrs}) as w:
+            w.set_attrs(timings=json.dumps({"shards": [c.timings for c in caches]}),
+                        shards=json.dumps([] if copy else [p.name for p in paths]),
+                        shard_digests=json.dumps([] if copy else [c.text_attr("digest") for c in caches]))
             for split in splits:
-                parts = [c for c in caches if split in c.splits]
-                g = h.create_group(split)
-                sizes = [c.n(split) for c in parts]
-                total = sum(sizes)
-                g.create_dataset("labels", data=np.concatenate([c.labels(split) for c in parts]), track_times=False)
-                write_strings(g, "ids", [i for c in parts for i in c.ids(split)])
-                g.create_dataset("hashes", data=np.concatenate([c.hashes(split) for c in parts]), track_times=False)
-                g.create_dataset("stat", data=np.concatenate([c.stat(split) for c in parts]).reshape(-1, 2),
-                                 track_times=False)
-                batch_ns = [c.batch_n(split) for c in parts]
-                if all(b is not None for b in batch_ns):
-                    g.create_dataset("batch_n", data=np.concatenate(batch_ns), track_times=False)
-                kinds = ["features"] + (["views"] if parts[0].has_views(split) else [])
-                for kind in kinds:
-                    for layer in layers:
-                        dsets = [(c.features(split, layer) if kind == "features" else c.views(split, layer))
-                                 for c in parts]
-                        shape = (total, *dsets[0].shape[1:])
-                        name = f"{kind}/{layer}"
-                        if copy or total == 0:
-                            out = g.create_dataset(name, shape=shape, dtype=dsets[0].dtype,
-                                                   chunks=dsets[0].chunks if total else None, track_times=False)
-                            start = 0
-                            for d in dsets:
-                                for a in range(0, d.shape[0], 4096):
-                                    block = d[a:a + 4096]
-                                    out[start + a:start + a + len(block)] = block
-                                start += d.shape[0]
-                        else:
-                            layout = h5py.VirtualLayout(shape=shape, dtype=dsets[0].dtype)
-                            start = 0
-                            for p, c, d in zip([x for x, cc in zip(paths, caches) if cc in parts], parts, dsets):
-                                if d.shape[0]:
-                                    vs = h5py.VirtualSource(p.name, f"/{split}/{name}", shape=d.shape)
-                                    layout[start:start + d.shape[0]] = vs
-                                start += d.shape[0]
-                            g.create_virtual_dataset(name, layout, fillvalue=np.nan)
-            write_failed(h, [x for c in caches for x in c.failed])
+                parts = [(p, c) for p, c in zip(paths, caches) if split in c.splits]
+                _merge_split(w, split, parts, caches[0].layers, copy=copy)
+            w.add_failed([x for c in caches for x in c.failed])
     finally:
         for c in caches:
             c.close()
-    commit_file(tmp, final)
     if copy:
         for p in paths:
             p.unlink()
     return final
+
+
+def _merge_split(w: CacheWriter, split: str, parts: list[tuple[Path, FeatureCache]], layers: list[str], *,
+                 copy: bool) -> None:
+    """One split of the assembled cache: per-sample arrays concatenated, features (and views) as
+    virtual datasets over the shard files, or copied with ``copy``."""
+    caches = [c for _, c in parts]
+    batch_ns = [c.batch_n(split) for c in caches]
+    w.add_split(split, labels=np.concatenate([c.labels(split) for c in caches]),
+                ids=[i for c in caches for i in c.ids(split)],
+                hashes=np.concatenate([c.hashes(split) for c in caches]),
+                stat=np.concatenate([c.stat(split) for c in caches]).reshape(-1, 2),
+                batch_n=np.concatenate(batch_ns) if all(b is not None for b in batch_ns) else None)
+    total = sum(c.n(split) for c in caches)
+    for views in ([False, True] if caches[0].has_views(split) else [False]):
+        for layer in layers:
+            dsets = [(c.views(split, layer) if views else c.features(split, layer)) for c in caches]
+            shape = (total, *dsets[0].shape[1:])
+            if copy or total == 0:
+                out = w.add_features(split, layer, shape, dsets[0].dtype, views=views, chunks=dsets[0].chunks)
+                start = 0
+                for d in dsets:
+                    for a in range(0, d.shape[0], 4096):
+                        block = d[a:a + 4096]
+                        out[start + a:start + a + len(block)] = block
+                    start += d.shape[0]
+                continue
+            layout = h5py.VirtualLayout(shape=shape, dtype=dsets[0].dtype)
+            start = 0
+            for (p, _), d in zip(parts, dsets):
+                if d.shape[0]:
+                    name = f"{'views' if views else 'features'}/{layer}"
+                    layout[start:start + d.shape[0]] = h5py.VirtualSource(p.name, f"/{split}/{name}", shape=d.shape)
+                start += d.shape[0]
+            w.add_virtual_features(split, layer, layout, views=views)
 
 
 def find_shard_sets(cache_dir: str | os.PathLike) -> dict[Path, int]:

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -532,6 +533,73 @@ def create_h5(path: Path) -> h5py.File:
     private temporary name under a :class:`CacheLock`, and that locking fails with ENOSYS on some
     Lustre/NFS mounts ("unable to lock file")."""
     return h5py.File(path, "w", track_order=True, locking=False)
+
+
+class CacheWriter:
+    """The one writer of the cache schema (see the module docstring): extraction, shard assembly
+    and ``featcache merge`` all write through it.
+
+    The file is written at ``<final>.tmp`` (a left-over one from a killed writer is cleared first);
+    leaving the ``with`` block commits it (fsync, rename, folder fsync), an exception removes it.
+    Call it only while holding the final file's :class:`CacheLock`.
+    """
+
+    def __init__(self, final: Path, **attrs) -> None:
+        self.final = Path(final)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        clear_stale_tmp(self.tmp)
+        self.h5 = create_h5(self.tmp)
+        set_text_attrs(self.h5, format=FORMAT, schema_version=SCHEMA_VERSION,
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs)
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.h5.close()
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        commit_file(self.tmp, self.final)
+
+    def set_attrs(self, **attrs) -> None:
+        """Root attributes: strings as fixed-length UTF-8, anything else as HDF5 stores it."""
+        set_text_attrs(self.h5, **attrs)
+
+    def add_split(self, split: str, *, labels, ids: list[str], hashes, stat, batch_n=None) -> None:
+        """A split's per-sample arrays: labels, ids, content hashes, (size, mtime) and, where known,
+        the size of the batch each sample's features were computed in."""
+        g = self.h5.create_group(split)
+        g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), track_times=False)
+        write_strings(g, "ids", ids)
+        g.create_dataset("hashes", data=np.asarray(hashes, dtype=HASH_DTYPE), track_times=False)
+        g.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(-1, 2), track_times=False)
+        if batch_n is not None:
+            g.create_dataset("batch_n", data=np.asarray(batch_n, dtype=np.int32), track_times=False)
+
+    def add_features(self, split: str, layer: str, shape: tuple[int, ...], dtype, *, views: bool = False,
+                     chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
+        """An empty ``features/<layer>`` (or ``views/<layer>``) dataset of ``shape`` = (N, ...), chunked
+        along N (about :data:`CHUNK_BYTES` a chunk unless ``chunks`` is given); fill it by slices."""
+        dtype = np.dtype(dtype)
+        n = shape[0]
+        if chunks is None and n:
+            chunks = feature_chunks(tuple(shape[1:]), dtype.itemsize, n)
+        return self.h5[split].create_dataset(f"{'views' if views else 'features'}/{layer}", shape=shape, dtype=dtype,
+                                             chunks=chunks if n else None, track_times=False)
+
+    def add_virtual_features(self, split: str, layer: str, layout: h5py.VirtualLayout, *,
+                             views: bool = False) -> h5py.Dataset:
+        """``features/<layer>`` as a virtual dataset over other files (missing data reads as NaN)."""
+        return self.h5[split].create_virtual_dataset(f"{'views' if views else 'features'}/{layer}", layout,
+                                                     fillvalue=np.nan)
+
+    def add_failed(self, failures: list[dict]) -> None:
+        write_failed(self.h5, failures)
+
+    def digest(self) -> str:
+        """:func:`shard_digest` of what is written so far."""
+        return shard_digest(self.h5)
 
 
 def set_text_attrs(h5: h5py.File, **attrs) -> None:
