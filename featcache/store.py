@@ -673,8 +673,9 @@ class PartialStore:
     """Finished batches of an unfinished extraction, one atomically renamed ``.npz`` each.
 
     Each chunk holds ``hashes``, ``ids``, ``stat`` and ``batch_n`` (the size of the batch that
-    computed them; ``batch_size`` is the run's ``--batch-size``) of the samples that succeeded, ``f<i>`` (their features for layer ``i``), ``failed_ids``/``failed_reasons``/``failed_stat``, and
-    ``chunk_meta`` (JSON: format, fingerprint hash, featcache version). Its name carries the
+    computed them) of the samples that succeeded, ``f<i>`` (their features for layer ``i``),
+    ``failed_ids``/``failed_reasons``/``failed_stat``, ``batch_size`` (the run's ``--batch-size``)
+    and ``chunk_meta`` (JSON: format, fingerprint hash, featcache version). Its name carries the
     SHA-256 of its bytes. Nothing in the folder is trusted unverified: a chunk or ``meta.json``
     that is truncated, damaged, of another fingerprint or version, or not ours is renamed to
     ``*.damaged`` (see :attr:`set_aside_parts`) and its batches are computed again.
@@ -743,12 +744,14 @@ class PartialStore:
                     views: list[np.ndarray] | None = None, batch_n: np.ndarray | None = None) -> Path:
         """Write a chunk; ``batch_n`` is the size of the batch that computed each row (default: all
         rows in one batch)."""
+        if batch_n is None:
+            batch_n = np.full(len(ids), len(ids))
         arrays = {"hashes": np.asarray(hashes, dtype=HASH_DTYPE),
                   "ids": np.asarray(ids, dtype=str), "stat": np.asarray(stat, dtype=np.int64).reshape(-1, 2),
                   "failed_ids": np.asarray(failed_ids, dtype=str),
                   "failed_reasons": np.asarray(failed_reasons, dtype=str),
                   "failed_stat": np.asarray(failed_stat, dtype=np.int64).reshape(-1, 2),
-                  "batch_n": np.full(len(ids), len(ids), np.int32) if batch_n is None else np.asarray(batch_n, np.int32),
+                  "batch_n": np.asarray(batch_n, np.int32),
                   "batch_size": np.asarray(self.batch_size, np.int64),
                   "chunk_meta": np.asarray(json.dumps(self.meta, sort_keys=True))}
         arrays.update({f"f{i}": f for i, f in enumerate(features)})
