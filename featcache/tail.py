@@ -652,14 +652,13 @@ class TailHead(BaseHead):
                     schedule[epoch] = rng.integers(0, k_views + 1, size=n)
                 for idx in _batches(perm, self.batch_size):
                     idx = np.sort(idx)
-                    xb = _read_batch(X, views, idx, schedule[epoch, idx] if k_views else None)
-                    xb = torch.from_numpy(np.ascontiguousarray(xb)).to(device, dtype=torch.float32)
-                    xb = xb.reshape(len(idx), *cut.boundary_shape)
-                    if not bool(torch.isfinite(xb).all()):
+                    xb = np.ascontiguousarray(_read_batch(X, views, idx, schedule[epoch, idx] if k_views else None))
+                    if not np.isfinite(xb).all():  # on the host: a check on the device would wait for it
                         raise HeadError(
                             "X (or views) contains NaN or infinity. Check the activations "
                             "(re-extract the cache) or drop those rows."
                         )
+                    xb = torch.from_numpy(xb).to(device, dtype=torch.float32).reshape(len(idx), *cut.boundary_shape)
                     step += 1
                     for g in opt.param_groups:
                         g["lr"] = cosine_lr(float(self.lr), step, total)
@@ -667,7 +666,7 @@ class TailHead(BaseHead):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    epoch_loss += float(loss) * len(idx)
+                    epoch_loss += loss.detach() * len(idx)  # summed on the device: no wait per step
 
                 def proba():
                     tail.eval()
@@ -677,7 +676,7 @@ class TailHead(BaseHead):
                     finally:
                         tail.train()
 
-                if tracker.end_epoch(epoch, [epoch_loss / n], proba,
+                if tracker.end_epoch(epoch, [float(epoch_loss) / n], proba,
                                      lambda g: {k: v.detach().clone() for k, v in tail.state_dict().items()}):
                     break
         if self.patience is not None:

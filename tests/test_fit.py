@@ -509,9 +509,9 @@ def test_cli_patience_and_the_epoch_bar(digits_cache, tmp_path):
     r = runner.invoke(main, ["fit-head", digits_cache, "--head", "mlp", "--epochs", "2", "--patience", "1",
                              "--eval-split", "none", "-o", str(tmp_path / "k")])
     assert r.exit_code == 1
-    assert r.output.startswith("Error: The 'patience' option (1) stops on an eval score, and there is no eval data.")
+    assert r.output.startswith("Error: The --patience option (1) stops on an eval score, and there is no eval data.")
     r = runner.invoke(main, ["fit-head", digits_cache, "--head", "linear", "--patience", "1", "-o", str(tmp_path / "l")])
-    assert r.output.startswith("Error: The 'patience' option stops AdamW epochs; solver='lbfgs' has none.")
+    assert r.output.startswith("Error: The --patience option stops AdamW epochs; solver='lbfgs' has none.")
 
 
 def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):

@@ -627,7 +627,7 @@ def test_cli_val_fraction_errors(tmp_path):
     assert res.output == "Error: Source 'digits' already has a val split; drop --val-fraction.\n"
     res = CliRunner().invoke(main, ["extract", str(root), "--val-fraction", "1.5", *args])
     assert res.exit_code == 1
-    assert res.output == "Error: The 'val_fraction' option must be in (0, 1). Got 1.5.\n"
+    assert res.output == "Error: The --val-fraction option must be in (0, 1). Got 1.5.\n"
 
 
 def test_val_fraction_without_train_split(tmp_path):
