@@ -133,8 +133,8 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                      show_default=True, help="Storage type of the features."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="Compute precision (autocast): auto is bf16 on GPUs with native "
-                                             "bf16 (Ampere and later), fp16 on older GPUs, fp32 on a CPU. "
-                                             "Recorded in the fingerprint."),
+                                             "bf16 (Ampere and later) and on CPUs with AVX512-BF16/AMX, fp16 on "
+                                             "older GPUs, else fp32. Recorded in the fingerprint."),
         click.option("--channels-last/--no-channels-last", default=True, show_default=True,
                      help="Run convolutions in channels_last memory format."),
         click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
@@ -856,7 +856,7 @@ def merge(cache_dir, copy, as_json):
               help="Decoding worker processes [default: none on a CPU; on a GPU this process's share of the "
                    "usable CPUs, at most 8].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Autocast precision; auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on a CPU.")
+              help="Autocast precision; auto: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32.")
 @click.option("--input-size", type=int, default=None, help="Override the crop size (px).")
 @click.option("--val-fraction", type=float, default=None,
               help="Carve a stratified, seeded val split out of train when the source has none.")

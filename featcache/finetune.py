@@ -75,7 +75,7 @@ class FinetuneConfig:
     #: Decoding processes; None: the extraction's default (none on a CPU, up to 8 per GPU).
     num_workers: int | None = None
     #: Autocast precision of the forward and backward pass: auto is bf16 on GPUs with native bf16,
-    #: fp16 on older GPUs (with loss scaling), fp32 on a CPU.
+    #: fp16 on older GPUs (with loss scaling); on a CPU bf16 where it has native bf16, else fp32.
     precision: str = "auto"
     input_size: int | None = None
     scale: tuple[float, float] = (0.08, 1.0)

@@ -307,10 +307,11 @@ def test_auto_precision_on_gpus(monkeypatch, capability, expected):
     assert devmod.resolve_precision("auto", torch.device("cuda", 0)) == expected
 
 
-def test_auto_precision_on_a_cpu_is_fp32_whatever_its_bf16(monkeypatch):
-    for native in (True, False):
-        monkeypatch.setattr(devmod, "cpu_has_fast_bf16", lambda: native)
-        assert devmod.resolve_precision("auto", torch.device("cpu")) == "fp32"
+def test_auto_precision_on_a_cpu_follows_its_native_bf16(monkeypatch):
+    monkeypatch.setattr(devmod, "cpu_has_fast_bf16", lambda: True)
+    assert devmod.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(devmod, "cpu_has_fast_bf16", lambda: False)
+    assert devmod.resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert devmod.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: kept
 
 

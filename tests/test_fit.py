@@ -231,16 +231,17 @@ def test_real_logreg_reaches_093(real_cache, tmp_path):
 
 def test_tail_head_from_boundary_activations_predicts_and_exports(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", per_class=6)
-    res = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(tmp_path / "c"),
-                  layers=("layer3",), pool="none", dtype="float32", views=2)
+    # fp32: the exported program must equal predict, which runs at the cache's precision.
+    res = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0, precision="fp32",
+                  cache_dir=str(tmp_path / "c"), layers=("layer3",), pool="none", dtype="float32", views=2)
     with pytest.raises(ConfigError, match="--pool none"):
-        pooled = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+        pooled = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0, precision="fp32",
                          cache_dir=str(tmp_path / "c"), layers=("layer3",))
         fit_head(pooled.cache, head="tail", output=str(tmp_path / "bad"))
     fit = fit_head(res.cache, head="tail", head_options={"epochs": 2, "batch_size": 8}, output=str(tmp_path / "r"))
     assert fit.metrics["val"]["n"] == 12
     run = load_run(fit.run)
-    plain = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+    plain = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0, precision="fp32",
                     cache_dir=str(tmp_path / "plain"), layers=("layer3",), pool="none", dtype="float32")
     no_views = load_run(fit_head(plain.cache, head="tail", head_options={"epochs": 2, "batch_size": 8},
                                  output=str(tmp_path / "r0")).run)
