@@ -97,7 +97,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """The autocast precision for ``device``.
 
     ``auto``: bf16 on GPUs with native bf16, fp16 on older GPUs; on a CPU bf16 where it has native
-    bf16 (AVX512-BF16/AMX: 1.8-1.95x the fp32 forward rate of resnet50 and EfficientNet-Lite0 on
+    bf16 (AVX512-BF16/AMX: 1.6-1.95x the fp32 forward rate of resnet50 and EfficientNet-Lite0 on
     the AMD EPYC test machine, the same probe accuracy), else fp32 (emulated bf16 ran 18x slower;
     BENCHMARKS.md). An explicit precision is kept.
     """
