@@ -457,11 +457,11 @@ def test_one_thread_pool_at_a_time_and_restored():
 
     before = torch.get_num_threads()
     blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-    with head_threads("numpy", SMALL_WORK - 1) as used:
+    with head_threads("numpy", SMALL_WORK["numpy"] - 1) as used:
         assert used == {"backend": "numpy", "threads": 1}
         assert torch.get_num_threads() == 1
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
-    with head_threads("torch", SMALL_WORK, threads=2) as used:
+    with head_threads("torch", SMALL_WORK["torch"], threads=2) as used:
         assert used == {"backend": "torch", "threads": 2} and torch.get_num_threads() == 2
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
         with head_threads("torch", 10) as inner:  # a head's own fit inside fit-head keeps fit-head's choice
