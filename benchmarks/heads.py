@@ -144,8 +144,7 @@ def threads_per_head(source: str = "digits", heads: tuple[str, ...] | None = Non
     return rows
 
 
-#: svm is left out of the thread lines: its 13-point LinearSVC grid takes minutes on digits whatever the
-#: threads (44 s for C=0.1 alone, liblinear is single-threaded).
+#: svm is left out of the thread lines: liblinear is single-threaded, threads do not apply to it.
 THREAD_HEADS = ("logreg", "ridge", "linear", "mlp", "knn", "ncm")
 
 

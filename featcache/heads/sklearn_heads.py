@@ -120,6 +120,10 @@ class LogRegHead(LinearHeadMixin, BaseHead):
         return heads
 
 
+#: Up to this many training rows per feature the SVM head solves the dual problem.
+DUAL_ROWS_PER_FEATURE = 10
+
+
 class SVMHead(LinearHeadMixin, BaseHead):
     """Linear SVM, one-vs-rest squared hinge (scikit-learn ``LinearSVC``).
 
@@ -182,7 +186,10 @@ class SVMHead(LinearHeadMixin, BaseHead):
         est = LinearSVC(
             C=float(self.C),
             loss="squared_hinge",
-            dual="auto",
+            # The dual solver unless rows outnumber features tenfold. scikit-learn's "auto" takes the
+            # primal as soon as rows outnumber features: on digits' 1,437 x 1,280 standardised
+            # features it ran 47.8 s without converging at C=0.1 (29.6 s at C=10), the dual 1.5 s.
+            dual=bool(X.shape[0] <= DUAL_ROWS_PER_FEATURE * X.shape[1]),
             tol=float(self.tol),
             max_iter=self.max_iter,
             random_state=self.random_state,
