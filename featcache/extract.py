@@ -10,12 +10,9 @@ into place.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +30,14 @@ from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_dev
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate,
                       plan_rows, worker_init)
+from .partial import ChunkWriter, PartialStore
 from .preprocess import Augment
 from .registry import check_choice, check_int
+from .reuse import Donors, blocks, is_hit, is_hit_rows, listing_matches, rows_to_compute, stat_key
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
-from .store import (HASH_DTYPE, CacheFingerprint, CacheLock, CacheWriter, FeatureCache, PartialStore, cache_file_name,
-                    check_lock_path, clear_stale_tmp, iter_runs, open_cache, set_aside)
+from .store import (HASH_DTYPE, CacheFingerprint, CacheLock, CacheWriter, FeatureCache, cache_file_name,
+                    iter_runs, open_cache, set_aside)
 from .taps import HostCopy, TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
@@ -177,243 +176,6 @@ def _pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
         return tuple(shape)
     c = shape[0] if len(shape) == 3 else shape[-1]
     return (2 * c,) if how == "avgmax" else (c,)
-
-
-# --- planning -------------------------------------------------------------------------------
-
-def _stat_key(id_: str, stat) -> tuple[str, int, int]:
-    return (id_, int(stat[0]), int(stat[1]))
-
-
-class _Donors:
-    """Where already-computed features can be copied from: chunks of a partial run and the
-    previous cache file of the same fingerprint. Indexed by content hash and by the size of the
-    batch that computed the features (0: not recorded, by caches made before it was), and by
-    (id, size, mtime) so unchanged files need no re-hashing. A loader returns
-    ``(features per layer, views per layer or None)``.
-
-    Features depend on the batch size in their last bits. Features computed under this run's
-    ``--batch-size`` are reused only where they were computed in a batch of the size an
-    uninterrupted run uses for them, so a run stays bit-identical to an uninterrupted one; those of
-    runs with another ``--batch-size`` (or unrecorded) are reused as they are, to float rounding."""
-
-    BLOCK = 4096
-
-    def __init__(self, n_layers: int, batch_size: int = 0) -> None:
-        self.n_layers = n_layers
-        self.batch_size = batch_size
-        #: Per donor: the --batch-size of the run that computed it (0: not recorded).
-        self.batch_sizes: list[int] = []
-        self.by_hash: dict[str, dict[int, tuple[int, int]]] = {}
-        self.by_hash_views: dict[str, dict[int, tuple[int, int]]] = {}
-        self.hash_by_stat: dict[tuple[str, int, int], str] = {}
-        self.failed_by_stat: dict[tuple[str, int, int], str] = {}
-        self.loaders: list[Callable[[], tuple[list[np.ndarray], list[np.ndarray] | None]]] = []
-
-    def _index(self, d: int, hashes: list[str], offset: int, has_views: bool, batch_n) -> None:
-        for j, h in enumerate(hashes):
-            n = int(batch_n[j]) if batch_n is not None else 0
-            self.by_hash.setdefault(h, {}).setdefault(n, (d, j + offset))
-            if has_views:
-                self.by_hash_views.setdefault(h, {}).setdefault(n, (d, j + offset))
-
-    def add_partial(self, partial: PartialStore, seen: set[Path]) -> None:
-        for path in partial.chunks():
-            if path in seen:
-                continue
-            z = partial.verified_chunk(path, self.n_layers)
-            if z is None:  # set aside; its batches are computed again (maybe into a chunk of this name)
-                continue
-            seen.add(path)
-            with z:
-                hashes = [h.decode() for h in z["hashes"]]
-                has_views = "v0" in z.files
-                batch_n = z["batch_n"]
-                configured = int(z["batch_size"])
-                for i, st, h in zip(z["ids"], z["stat"], hashes):
-                    self.hash_by_stat[_stat_key(str(i), st)] = h
-                for i, r, st in zip(z["failed_ids"], z["failed_reasons"], z["failed_stat"]):
-                    self.failed_by_stat[_stat_key(str(i), st)] = str(r)
-            d = len(self.loaders)
-            self.loaders.append(lambda p=path: partial.read_chunk(p, self.n_layers))
-            self.batch_sizes.append(configured)
-            self._index(d, hashes, 0, has_views, batch_n)
-        partial.warn_set_aside()
-
-    def add_cache(self, cache: FeatureCache) -> None:
-        for split in cache.splits:
-            hashes = [h.decode() for h in cache.hashes(split)]
-            for i, st, h in zip(cache.ids(split), cache.stat(split), hashes):
-                self.hash_by_stat[_stat_key(i, st)] = h
-            has_views = cache.has_views(split)
-            batch_n = cache.batch_n(split)
-            for start in range(0, len(hashes), self.BLOCK):
-                end = min(start + self.BLOCK, len(hashes))
-                d = len(self.loaders)
-                self.loaders.append(lambda s=split, a=start, b=end, v=has_views: (
-                    [cache.features(s, layer)[a:b] for layer in cache.layers],
-                    [cache.views(s, layer)[a:b] for layer in cache.layers] if v else None))
-                self.batch_sizes.append(int(cache.extract_config.get("batch_size") or 0))
-                self._index(d, hashes[start:end], 0, has_views, None if batch_n is None else batch_n[start:end])
-        for f in cache.failed:
-            self.failed_by_stat[_stat_key(f["id"], f["stat"])] = f["reason"]
-
-    def lookup(self, h: str | None, with_views: bool, batch_n: int) -> tuple[int, int, int] | None:
-        """(donor, row, batch size to record) of features to reuse for a row that an uninterrupted
-        run computes in a batch of ``batch_n`` images (the size recorded is 0 where it differs)."""
-        found = (self.by_hash_views if with_views else self.by_hash).get(h) if h is not None else None
-        if not found:
-            return None
-        if batch_n in found:
-            return (*found[batch_n], batch_n)
-        for n, (d, j) in found.items():
-            if n == 0 or self.batch_sizes[d] != self.batch_size:
-                return d, j, 0
-        return None
-
-    def __bool__(self) -> bool:
-        return bool(self.by_hash or self.failed_by_stat)
-
-
-def _listing_matches(cache: FeatureCache, src: Source) -> bool:
-    """True when the cache holds (or records as failed) exactly the source's samples by id and
-    label, split by split; needs no file access beyond the listing."""
-    failed: dict[str, set] = {}
-    for f in cache.failed:
-        failed.setdefault(f["split"], set()).add((f["id"], f.get("label", -1)))
-    for split, refs in src.splits.items():
-        have = set(zip(cache.ids(split), cache.labels(split).tolist())) if split in cache.splits else set()
-        if have | failed.get(split, set()) != {(r.id, r.label) for r in refs}:
-            return False
-    return set(cache.splits) <= set(src.splits)
-
-
-def _is_hit_rows(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
-    """True when every planned row is in the cache (or its failed list) with the same label and
-    (size, mtime)."""
-    have = set()
-    for split in cache.splits:
-        for i, lab, st in zip(cache.ids(split), cache.labels(split), cache.stat(split)):
-            have.add((split, i, int(lab), int(st[0]), int(st[1])))
-    failed = {(f["split"], f["id"], f["stat"]) for f in cache.failed}
-    return all((split, r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1])) in have
-               or (split, r.ref.id, tuple(int(v) for v in r.stat)) in failed
-               for split, rows in plan.items() for r in rows)
-
-
-def _is_hit(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
-    """True when the cache holds exactly the planned samples, unchanged (no hashing needed)."""
-    n_have = sum(cache.n(s) for s in cache.splits) + len(cache.failed)
-    return n_have == sum(len(rows) for rows in plan.values()) and _is_hit_rows(cache, plan)
-
-
-# --- the background writer ------------------------------------------------------------------
-
-class _Writer(threading.Thread):
-    """Writes finished batches to chunk files in a background thread, so disk I/O overlaps compute.
-
-    Batches are grouped: a chunk is written once ``every`` seconds have passed since the first
-    batch it holds (0: each batch alone), when it reaches :attr:`MAX_BYTES`, and on close (an
-    interrupt included). A kill -9 loses at most ``every`` seconds of work; a chunk per batch of 4
-    cost 4% of CPU extraction time (``benchmarks/extraction.py``).
-    """
-
-    MAX_BYTES = 64 << 20
-
-    def __init__(self, partial: PartialStore, every: float = 0.0) -> None:
-        super().__init__(daemon=True, name="featcache-writer")
-        self.partial = partial
-        self.every = every
-        self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.buffer: list[dict] = []
-        self.buffer_bytes = 0
-        self.buffer_since = 0.0
-        #: Whether the buffered batches with features carry augmented views (None: no such batch yet).
-        self.buffer_views: bool | None = None
-
-    def run(self) -> None:
-        while True:
-            timeout = None
-            if self.buffer:
-                timeout = max(0.0, self.buffer_since + self.every - time.monotonic())
-            try:
-                item = self.q.get(timeout=timeout)
-            except queue.Empty:
-                self._flush()
-                continue
-            if item is None:
-                self._flush()
-                return
-            if self.error is not None:
-                continue
-            # A chunk either has augmented views for every sample or for none (batches never mix
-            # splits); a batch whose images all failed has no features and fits either kind.
-            if item["features"]:
-                if self.buffer_views is not None and self.buffer_views != _has_views(item):
-                    self._flush()
-                self.buffer_views = _has_views(item)
-            if not self.buffer:
-                self.buffer_since = time.monotonic()
-            self.buffer.append(item)
-            self.buffer_bytes += sum(a.nbytes for a in item["features"]) + sum(a.nbytes for a in item["views"])
-            if self.buffer_bytes >= self.MAX_BYTES or time.monotonic() - self.buffer_since >= self.every:
-                self._flush()
-
-    def _flush(self) -> None:
-        items, self.buffer, self.buffer_bytes, self.buffer_views = self.buffer, [], 0, None
-        if not items or self.error is not None:
-            return
-        try:
-            self.partial.write_chunk(**_concat_batches(items))
-        except BaseException as e:  # disk full and friends: reported by the main thread
-            self.error = e
-
-    def put(self, item: dict) -> None:
-        self.raise_error()
-        self.q.put(item)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.join()
-        self.raise_error()
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            e = self.error
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise CacheError(
-                    f"Disk full while writing '{self.partial.path}' ({e.strerror}). What was computed "
-                    f"is kept there: free some space and run the same command again to resume."
-                ) from None
-            raise CacheError(f"Cannot write '{self.partial.path}': {e}") from e
-
-
-def _has_views(item: dict) -> bool:
-    return bool(item["views"])
-
-
-def _concat_batches(items: list[dict]) -> dict:
-    """One chunk's arrays from several batches' (see :meth:`PartialStore.write_chunk`)."""
-    if len(items) == 1:
-        return items[0]
-    with_features = [it for it in items if it["features"]]
-    out = {
-        "hashes": np.concatenate([it["hashes"] for it in items]),
-        "ids": [i for it in items for i in it["ids"]],
-        "stat": np.concatenate([it["stat"] for it in items]),
-        "failed_ids": [i for it in items for i in it["failed_ids"]],
-        "failed_reasons": [r for it in items for r in it["failed_reasons"]],
-        "failed_stat": np.concatenate([it["failed_stat"] for it in items]),
-        "batch_n": np.concatenate([np.full(len(it["ids"]), len(it["ids"]), np.int32) for it in items]),
-        "features": [], "views": [],
-    }
-    if with_features:
-        n_layers = len(with_features[0]["features"])
-        out["features"] = [np.concatenate([it["features"][li] for it in with_features]) for li in range(n_layers)]
-        if with_features[0]["views"]:
-            out["views"] = [np.concatenate([it["views"][li] for it in with_features]) for li in range(n_layers)]
-    return out
 
 
 # --- the main entry point -------------------------------------------------------------------
@@ -588,7 +350,7 @@ def _assembled_hit(final: Path, p: Prepared, plan: dict[str, list[Row]], t0: flo
         log.info("'%s' is not used as it is: %s", final, e)
         return None
     with c:
-        if c.fingerprint == fp.to_dict() and _listing_matches(c, p.source) and _is_hit_rows(c, plan):
+        if c.fingerprint == fp.to_dict() and listing_matches(c, p.source) and is_hit_rows(c, plan):
             return ExtractResult(str(final), {s: c.n(s) for s in c.splits}, len(c.failed), True,
                                  time.perf_counter() - t0, 0.0, 0, sum(c.n(s) for s in c.splits))
     return None
@@ -637,7 +399,6 @@ def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
     if not shards_ready(final, n):
         return None
     lock_path = final.with_name(final.name + ".lock")
-    check_lock_path(lock_path)
     try:
         lock = CacheLock(lock_path)
     except CacheLockedError:
@@ -662,7 +423,7 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
                 f"'{path}' holds features of another fingerprint (backbone, layers, preprocessing, "
                 f"versions or source differ). Choose another --output or delete that file."
             )
-        if _is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items()):
+        if is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items()):
             if config.on_error == "fail" and cache.failed:
                 f = cache.failed[0]
                 cache.close()
@@ -680,17 +441,15 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
-    check_lock_path(lock_path)
     lock = CacheLock(lock_path)
     try:
-        clear_stale_tmp(path.with_name(path.name + ".tmp"))  # an assembly killed before its rename
         partial = PartialStore(path.with_name(path.name + ".partial"), fp.hash, batch_size=config.batch_size)
-        donors = _Donors(len(layers), config.batch_size)
+        donors = Donors(len(layers), config.batch_size)
         seen_chunks: set[Path] = set()
         for c in ([cache] if cache is not None else []) + list(more_donors):
             donors.add_cache(c)
         donors.add_partial(partial, seen_chunks)
-        todo = _rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail", views=config.views,
+        todo = rows_to_compute(src, plan, donors, retry_failed=config.on_error == "fail", views=config.views,
                                 batch_size=config.batch_size)
         n_reused = sum(len(r) for r in plan.values()) - len(todo)
         t_compute = time.perf_counter()
@@ -710,43 +469,6 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
     result.compute_seconds = compute_seconds if todo else 0.0
     result.images_per_second = len(todo) / compute_seconds if compute_seconds > 0 and todo else 0.0
     return result
-
-
-def _rows_to_compute(src: Source, plan: dict[str, list[Row]], donors: _Donors, *,
-                     retry_failed: bool = False, views: int = 0, batch_size: int = 1) -> list[Row]:
-    """Rows to run through the network: every row of each block (a batch of an uninterrupted run)
-    where one row has no features computed in a batch of that block's size. Features depend on the
-    batch size in their last bits, so reusing them only at equal sizes keeps every run bit-identical
-    to an uninterrupted extraction of the current source."""
-    todo = []
-    for block in _blocks(plan, batch_size).values():
-        live, retry = [], []
-        for r in block:
-            key = _stat_key(r.ref.id, r.stat)
-            if key in donors.failed_by_stat:
-                if retry_failed:  # --on-error fail: read it again so the run stops at it
-                    retry.append(r)
-                continue
-            r.hash = donors.hash_by_stat.get(key)
-            if r.hash is None and donors and r.stat[0] >= 0:
-                # A new or changed file while features exist: its content may already be cached.
-                try:
-                    r.hash = src.read(r.ref)[1]
-                except OSError:
-                    r.hash = None
-            live.append(r)
-        if retry or any(donors.lookup(r.hash, views and r.split == VIEW_SPLIT, len(live)) is None for r in live):
-            todo.extend(sorted(live + retry, key=lambda r: r.index))
-    return todo
-
-
-def _blocks(plan: dict[str, list[Row]], batch_size: int) -> dict[tuple[str, int], list[Row]]:
-    """The plan's rows by the batch an uninterrupted run computes them in."""
-    out: dict[tuple[str, int], list[Row]] = {}
-    for rows in plan.values():
-        for r in rows:
-            out.setdefault(block_key(r, batch_size), []).append(r)
-    return out
 
 
 def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, todo, partial: PartialStore,
@@ -782,7 +504,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     loaded = DeviceDecoded(loader, pp, device, background=device.type != "cpu") if config.decode_on_device \
         else loader
     host = HostCopy(layers, config.dtype, device)
-    writer = _Writer(partial, config.checkpoint_every)
+    writer = ChunkWriter(partial, config.checkpoint_every)
     writer.start()
     done = 0
 
@@ -858,7 +580,7 @@ def _raise_stopped(e: BaseException, done: int, total: int, partial: Path):
 
 
 def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shapes, config: ExtractConfig,
-              donors: _Donors, timings: dict, stamp: dict | None = None) -> ExtractResult:
+              donors: Donors, timings: dict, stamp: dict | None = None) -> ExtractResult:
     splits_out: dict[str, int] = {}
     failures: list[dict] = []
     # Where each surviving row comes from: donor -> [(split, dst_row, src_index)].
@@ -866,12 +588,12 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
     per_split: dict[str, list[Row]] = {}
     batch_ns: dict[str, list[int]] = {}
     # Each row's batch in an uninterrupted run: the rows of its block that can be read.
-    size = {k: sum(_stat_key(r.ref.id, r.stat) not in donors.failed_by_stat for r in block)
-            for k, block in _blocks(plan, config.batch_size).items()}
+    size = {k: sum(stat_key(r.ref.id, r.stat) not in donors.failed_by_stat for r in block)
+            for k, block in blocks(plan, config.batch_size).items()}
     for split, rows in plan.items():
         ok = []
         for r in rows:
-            key = _stat_key(r.ref.id, r.stat)
+            key = stat_key(r.ref.id, r.stat)
             h = r.hash or donors.hash_by_stat.get(key)
             found = donors.lookup(h, config.views > 0 and split == VIEW_SPLIT, size[block_key(r, config.batch_size)])
             if found is not None:

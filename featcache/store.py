@@ -1,4 +1,5 @@
-"""The HDF5 feature cache: schema, fingerprint, reader, and the crash-safe partial store.
+"""The HDF5 feature cache: schema, fingerprint, reader and writer (the partial store of an
+unfinished extraction is in :mod:`featcache.partial`).
 
 Final file (readable with plain h5py; see the README for the schema)::
 
@@ -27,11 +28,9 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -503,6 +502,7 @@ class CacheLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        check_lock_path(path)
         self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -628,19 +628,6 @@ def write_failed(h5: h5py.File, failures: list[dict]) -> None:
     g.create_dataset("labels", data=np.asarray([f.get("label", -1) for f in failures], dtype=np.int64))
 
 
-#: A chunk file's name carries the SHA-256 of its bytes: ``c-<64 hex>.npz``.
-CHUNK_RE = re.compile(r"^c-(?P<sha>[0-9a-f]{64})\.npz$")
-#: What every chunk and the meta file of a partial store say they are.
-PARTIAL_FORMAT = "featcache-partial"
-#: Arrays every chunk holds (besides ``f<i>``/``v<i>`` per layer), with their dtype kinds.
-CHUNK_ARRAYS = {"hashes": "S", "ids": "U", "stat": "i", "failed_ids": "U", "failed_reasons": "U",
-                "failed_stat": "i", "batch_n": "i", "batch_size": "i", "chunk_meta": "U"}
-
-
-class DamagedPartError(CacheError):
-    """A piece of partial state (chunk, meta, shard, lock, temporary file) cannot be trusted."""
-
-
 def set_aside(path: Path) -> Path:
     """Rename damaged or foreign state to ``<name>.damaged`` (never deleted: a person may want it)."""
     target = path.with_name(path.name + ".damaged")
@@ -667,198 +654,6 @@ def check_lock_path(path: Path) -> None:
     """A lock file must be a plain file: a folder or a link there is set aside, so the lock works."""
     if path.is_symlink() or (path.exists() and not path.is_file()):
         log.warning("set aside '%s' (a lock file must be a plain file) as '%s'", path, set_aside(path).name)
-
-
-class PartialStore:
-    """Finished batches of an unfinished extraction, one atomically renamed ``.npz`` each.
-
-    Each chunk holds ``hashes``, ``ids``, ``stat`` and ``batch_n`` (the size of the batch that
-    computed them) of the samples that succeeded, ``f<i>`` (their features for layer ``i``),
-    ``failed_ids``/``failed_reasons``/``failed_stat``, ``batch_size`` (the run's ``--batch-size``)
-    and ``chunk_meta`` (JSON: format, fingerprint hash, featcache version). Its name carries the
-    SHA-256 of its bytes. Nothing in the folder is trusted unverified: a chunk or ``meta.json``
-    that is truncated, damaged, of another fingerprint or version, or not ours is renamed to
-    ``*.damaged`` (see :attr:`set_aside_parts`) and its batches are computed again.
-    """
-
-    def __init__(self, path: Path, fingerprint_hash: str, *, batch_size: int = 0) -> None:
-        from . import __version__
-
-        self.path = path
-        #: The --batch-size of the run, recorded in each chunk (see ``batch_n``).
-        self.batch_size = batch_size
-        self.fingerprint_hash = fingerprint_hash
-        self.meta = {"format": PARTIAL_FORMAT, "fingerprint_hash": fingerprint_hash, "featcache": __version__}
-        #: (name, reason) of each piece set aside since the last :meth:`warn_set_aside`.
-        self.set_aside_parts: list[tuple[str, str]] = []
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
-            self._set_aside(path, "not a folder")
-        path.mkdir(parents=True, exist_ok=True)
-        for tmp in path.glob("*.tmp"):  # a write killed before its rename: never finished
-            clear_stale_tmp(tmp)
-        meta = path / "meta.json"
-        if meta.exists() or meta.is_symlink():
-            reason = self._meta_problem(meta)
-            if reason is None:
-                return
-            self._set_aside(meta, reason)
-        tmp = path / "meta.json.tmp"
-        with open(tmp, "w") as f:
-            f.write(_sealed_json(self.meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, meta)
-        fsync_dir(path)
-
-    def _meta_problem(self, meta: Path) -> str | None:
-        try:
-            found = _unseal_json(meta.read_bytes())
-        except (OSError, ValueError) as e:
-            return str(e)
-        if found.get("format") != PARTIAL_FORMAT:
-            return "not a featcache partial store"
-        if found != self.meta:
-            return "of another fingerprint or featcache version"
-        return None
-
-    def _set_aside(self, path: Path, reason: str) -> None:
-        set_aside(path)
-        self.set_aside_parts.append((path.name, reason))
-
-    def warn_set_aside(self) -> None:
-        """One warning line naming every piece set aside since the last call."""
-        if not self.set_aside_parts:
-            return
-        parts = [f"{name} ({reason})" for name, reason in self.set_aside_parts]
-        if len(parts) > 6:
-            parts = parts[:5] + [f"and {len(parts) - 5} more"]
-        log.warning("Set aside damaged partial state in '%s' as *.damaged: %s; its batches are computed again.",
-                    self.path, ", ".join(parts))
-        self.set_aside_parts = []
-
-    def chunks(self) -> list[Path]:
-        return sorted(self.path.glob("c-*.npz"))
-
-    def write_chunk(self, hashes: np.ndarray, features: list[np.ndarray], ids: list[str], stat: np.ndarray,
-                    failed_ids: list[str], failed_reasons: list[str], failed_stat: np.ndarray,
-                    views: list[np.ndarray] | None = None, batch_n: np.ndarray | None = None) -> Path:
-        """Write a chunk; ``batch_n`` is the size of the batch that computed each row (default: all
-        rows in one batch)."""
-        if batch_n is None:
-            batch_n = np.full(len(ids), len(ids))
-        arrays = {"hashes": np.asarray(hashes, dtype=HASH_DTYPE),
-                  "ids": np.asarray(ids, dtype=str), "stat": np.asarray(stat, dtype=np.int64).reshape(-1, 2),
-                  "failed_ids": np.asarray(failed_ids, dtype=str),
-                  "failed_reasons": np.asarray(failed_reasons, dtype=str),
-                  "failed_stat": np.asarray(failed_stat, dtype=np.int64).reshape(-1, 2),
-                  "batch_n": np.asarray(batch_n, np.int32),
-                  "batch_size": np.asarray(self.batch_size, np.int64),
-                  "chunk_meta": np.asarray(json.dumps(self.meta, sort_keys=True))}
-        arrays.update({f"f{i}": f for i, f in enumerate(features)})
-        arrays.update({f"v{i}": v for i, v in enumerate(views or [])})
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        data = buf.getbuffer()
-        name = f"c-{hashlib.sha256(data).hexdigest()}.npz"
-        tmp = self.path / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
-        fsync_dir(self.path)  # the rename itself survives a power cut
-        return self.path / name
-
-    def open_chunk(self, path: Path, n_layers: int) -> np.lib.npyio.NpzFile:
-        """The verified arrays of a chunk; raises :class:`DamagedPartError` naming what is wrong."""
-        m = CHUNK_RE.match(path.name)
-        if not m:
-            raise DamagedPartError("not a featcache chunk name")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise DamagedPartError(f"unreadable: {e.strerror or e}") from None
-        if not data:
-            raise DamagedPartError("empty file")
-        if hashlib.sha256(data).hexdigest() != m.group("sha"):
-            raise DamagedPartError("checksum mismatch")
-        try:
-            z = np.load(io.BytesIO(data), allow_pickle=False)
-            _check_chunk(z, self.meta, n_layers)
-        except DamagedPartError:
-            raise
-        except Exception as e:  # a valid checksum over bytes we did not write: not ours
-            raise DamagedPartError(f"not a featcache chunk ({type(e).__name__})") from None
-        return z
-
-    def verified_chunk(self, path: Path, n_layers: int) -> np.lib.npyio.NpzFile | None:
-        """:meth:`open_chunk`, or None with the chunk set aside when it cannot be trusted."""
-        try:
-            return self.open_chunk(path, n_layers)
-        except DamagedPartError as e:
-            self._set_aside(path, str(e))
-            return None
-
-    def read_chunk(self, path: Path, n_layers: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Features per layer of a chunk, and its augmented views per layer (None without views)."""
-        try:
-            z = self.open_chunk(path, n_layers)
-        except DamagedPartError as e:
-            raise CacheError(f"Chunk '{path}' changed while the cache was assembled ({e}). Run the same "
-                             f"command again: it is set aside and its batches computed again.") from None
-        with z:
-            feats = [z[f"f{i}"] for i in range(n_layers)]
-            views = [z[f"v{i}"] for i in range(n_layers)] if "v0" in z.files else None
-        return feats, views
-
-    def remove(self) -> None:
-        """Delete what this store wrote; pieces set aside as ``*.damaged`` stay (with the folder)."""
-        for p in self.path.iterdir():
-            if p.name == "meta.json" or CHUNK_RE.match(p.name) or p.name.endswith(".tmp"):
-                p.unlink()
-        if any(self.path.iterdir()):
-            log.info("kept '%s': it holds partial state set aside as *.damaged", self.path)
-            return
-        self.path.rmdir()
-
-
-def _sealed_json(obj: dict) -> str:
-    """JSON with a SHA-256 of its own content, so a flipped byte cannot pass as another value."""
-    body = json.dumps(obj, sort_keys=True)
-    return json.dumps({**obj, "sha256": hashlib.sha256(body.encode()).hexdigest()}, sort_keys=True)
-
-
-def _unseal_json(raw: bytes) -> dict:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError("not valid JSON") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("sha256"), str):
-        raise ValueError("no checksum")
-    want = obj.pop("sha256")
-    if hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest() != want:
-        raise ValueError("checksum mismatch")
-    return obj
-
-
-def _check_chunk(z, meta: dict, n_layers: int) -> None:
-    for key, kind in CHUNK_ARRAYS.items():
-        if key not in z.files:
-            raise DamagedPartError(f"no '{key}' array")
-        a = z[key]
-        if a.dtype.kind not in ((kind, "u") if kind == "i" else (kind,)) and a.size:
-            raise DamagedPartError(f"'{key}' has dtype {a.dtype}")
-    if json.loads(str(z["chunk_meta"])) != meta:
-        raise DamagedPartError("of another fingerprint or featcache version")
-    n, m = len(z["ids"]), len(z["failed_ids"])
-    if z["hashes"].shape != (n,) or z["stat"].shape != (n, 2) or z["batch_n"].shape != (n,) \
-            or z["batch_size"].shape != () or z["failed_reasons"].shape != (m,) or z["failed_stat"].shape != (m, 2):
-        raise DamagedPartError("arrays of different lengths")
-    views = "v0" in z.files
-    for i in range(n_layers if n else 0):
-        for key in (f"f{i}", *([f"v{i}"] if views else [])):
-            if key not in z.files or z[key].shape[:1] != (n,) or z[key].dtype.kind != "f":
-                raise DamagedPartError(f"no features '{key}' of {n} rows")
 
 
 def iter_runs(rows: np.ndarray) -> Iterator[tuple[int, int, int, int]]:

@@ -573,8 +573,7 @@ def test_tune_allocator_sets_glibc_thresholds_once(monkeypatch):
 
 
 def test_writer_never_mixes_view_and_plain_batches_across_an_all_failed_batch(tmp_path):
-    from featcache.extract import _Writer
-    from featcache.store import PartialStore
+    from featcache.partial import ChunkWriter, PartialStore
 
     def item(n, views, failed=0):
         feats = [np.ones((n, 3), np.float32)] if n else []
@@ -585,7 +584,7 @@ def test_writer_never_mixes_view_and_plain_batches_across_an_all_failed_batch(tm
                 "failed_stat": np.zeros((failed, 2), np.int64)}
 
     partial = PartialStore(tmp_path / "p.partial", "fp")
-    writer = _Writer(partial, every=3600)
+    writer = ChunkWriter(partial, every=3600)
     writer.start()
     for it in (item(2, True), item(0, False, failed=2), item(2, False), item(1, False)):
         writer.put(it)

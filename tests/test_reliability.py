@@ -37,7 +37,7 @@ from featcache import extract, open_cache
 from featcache.backbones import load_state_dict_file
 from featcache.errors import CacheError, CacheLockedError, HeadError, WeightsUnavailableError
 from featcache.fit import fit_head, load_run
-from featcache.store import PartialStore
+from featcache.partial import PartialStore
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featcache"
 #: The options of every extraction in this file (except the CLI flags, which spell the same).

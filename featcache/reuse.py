@@ -1,0 +1,180 @@
+"""Reuse: which planned rows earlier runs already computed, and which must go through the network.
+
+Features come from the chunks of an interrupted run and from the previous cache of the same
+fingerprint (:class:`Donors`), found by content hash or, for unchanged files, by (id, size,
+mtime); a cache is a hit when it holds exactly the planned rows unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .loading import VIEW_SPLIT, Row, block_key
+from .partial import PartialStore
+from .sources import Source
+from .store import FeatureCache
+
+def stat_key(id_: str, stat) -> tuple[str, int, int]:
+    return (id_, int(stat[0]), int(stat[1]))
+
+
+class Donors:
+    """Where already-computed features can be copied from: chunks of a partial run and the
+    previous cache file of the same fingerprint. Indexed by content hash and by the size of the
+    batch that computed the features (0: not recorded, by caches made before it was), and by
+    (id, size, mtime) so unchanged files need no re-hashing. A loader returns
+    ``(features per layer, views per layer or None)``.
+
+    Features depend on the batch size in their last bits. Features computed under this run's
+    ``--batch-size`` are reused only where they were computed in a batch of the size an
+    uninterrupted run uses for them, so a run stays bit-identical to an uninterrupted one; those of
+    runs with another ``--batch-size`` (or unrecorded) are reused as they are, to float rounding."""
+
+    BLOCK = 4096
+
+    def __init__(self, n_layers: int, batch_size: int = 0) -> None:
+        self.n_layers = n_layers
+        self.batch_size = batch_size
+        #: Per donor: the --batch-size of the run that computed it (0: not recorded).
+        self.batch_sizes: list[int] = []
+        self.by_hash: dict[str, dict[int, tuple[int, int]]] = {}
+        self.by_hash_views: dict[str, dict[int, tuple[int, int]]] = {}
+        self.hash_by_stat: dict[tuple[str, int, int], str] = {}
+        self.failed_by_stat: dict[tuple[str, int, int], str] = {}
+        self.loaders: list[Callable[[], tuple[list[np.ndarray], list[np.ndarray] | None]]] = []
+
+    def _index(self, d: int, hashes: list[str], offset: int, has_views: bool, batch_n) -> None:
+        for j, h in enumerate(hashes):
+            n = int(batch_n[j]) if batch_n is not None else 0
+            self.by_hash.setdefault(h, {}).setdefault(n, (d, j + offset))
+            if has_views:
+                self.by_hash_views.setdefault(h, {}).setdefault(n, (d, j + offset))
+
+    def add_partial(self, partial: PartialStore, seen: set[Path]) -> None:
+        for path in partial.chunks():
+            if path in seen:
+                continue
+            z = partial.verified_chunk(path, self.n_layers)
+            if z is None:  # set aside; its batches are computed again (maybe into a chunk of this name)
+                continue
+            seen.add(path)
+            with z:
+                hashes = [h.decode() for h in z["hashes"]]
+                has_views = "v0" in z.files
+                batch_n = z["batch_n"]
+                configured = int(z["batch_size"])
+                for i, st, h in zip(z["ids"], z["stat"], hashes):
+                    self.hash_by_stat[stat_key(str(i), st)] = h
+                for i, r, st in zip(z["failed_ids"], z["failed_reasons"], z["failed_stat"]):
+                    self.failed_by_stat[stat_key(str(i), st)] = str(r)
+            d = len(self.loaders)
+            self.loaders.append(lambda p=path: partial.read_chunk(p, self.n_layers))
+            self.batch_sizes.append(configured)
+            self._index(d, hashes, 0, has_views, batch_n)
+        partial.warn_set_aside()
+
+    def add_cache(self, cache: FeatureCache) -> None:
+        for split in cache.splits:
+            hashes = [h.decode() for h in cache.hashes(split)]
+            for i, st, h in zip(cache.ids(split), cache.stat(split), hashes):
+                self.hash_by_stat[stat_key(i, st)] = h
+            has_views = cache.has_views(split)
+            batch_n = cache.batch_n(split)
+            for start in range(0, len(hashes), self.BLOCK):
+                end = min(start + self.BLOCK, len(hashes))
+                d = len(self.loaders)
+                self.loaders.append(lambda s=split, a=start, b=end, v=has_views: (
+                    [cache.features(s, layer)[a:b] for layer in cache.layers],
+                    [cache.views(s, layer)[a:b] for layer in cache.layers] if v else None))
+                self.batch_sizes.append(int(cache.extract_config.get("batch_size") or 0))
+                self._index(d, hashes[start:end], 0, has_views, None if batch_n is None else batch_n[start:end])
+        for f in cache.failed:
+            self.failed_by_stat[stat_key(f["id"], f["stat"])] = f["reason"]
+
+    def lookup(self, h: str | None, with_views: bool, batch_n: int) -> tuple[int, int, int] | None:
+        """(donor, row, batch size to record) of features to reuse for a row that an uninterrupted
+        run computes in a batch of ``batch_n`` images (the size recorded is 0 where it differs)."""
+        found = (self.by_hash_views if with_views else self.by_hash).get(h) if h is not None else None
+        if not found:
+            return None
+        if batch_n in found:
+            return (*found[batch_n], batch_n)
+        for n, (d, j) in found.items():
+            if n == 0 or self.batch_sizes[d] != self.batch_size:
+                return d, j, 0
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.by_hash or self.failed_by_stat)
+
+
+def listing_matches(cache: FeatureCache, src: Source) -> bool:
+    """True when the cache holds (or records as failed) exactly the source's samples by id and
+    label, split by split; needs no file access beyond the listing."""
+    failed: dict[str, set] = {}
+    for f in cache.failed:
+        failed.setdefault(f["split"], set()).add((f["id"], f.get("label", -1)))
+    for split, refs in src.splits.items():
+        have = set(zip(cache.ids(split), cache.labels(split).tolist())) if split in cache.splits else set()
+        if have | failed.get(split, set()) != {(r.id, r.label) for r in refs}:
+            return False
+    return set(cache.splits) <= set(src.splits)
+
+
+def is_hit_rows(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
+    """True when every planned row is in the cache (or its failed list) with the same label and
+    (size, mtime)."""
+    have = set()
+    for split in cache.splits:
+        for i, lab, st in zip(cache.ids(split), cache.labels(split), cache.stat(split)):
+            have.add((split, i, int(lab), int(st[0]), int(st[1])))
+    failed = {(f["split"], f["id"], f["stat"]) for f in cache.failed}
+    return all((split, r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1])) in have
+               or (split, r.ref.id, tuple(int(v) for v in r.stat)) in failed
+               for split, rows in plan.items() for r in rows)
+
+
+def is_hit(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
+    """True when the cache holds exactly the planned samples, unchanged (no hashing needed)."""
+    n_have = sum(cache.n(s) for s in cache.splits) + len(cache.failed)
+    return n_have == sum(len(rows) for rows in plan.values()) and is_hit_rows(cache, plan)
+
+
+def rows_to_compute(src: Source, plan: dict[str, list[Row]], donors: Donors, *,
+                     retry_failed: bool = False, views: int = 0, batch_size: int = 1) -> list[Row]:
+    """Rows to run through the network: every row of each block (a batch of an uninterrupted run)
+    where one row has no features computed in a batch of that block's size. Features depend on the
+    batch size in their last bits, so reusing them only at equal sizes keeps every run bit-identical
+    to an uninterrupted extraction of the current source."""
+    todo = []
+    for block in blocks(plan, batch_size).values():
+        live, retry = [], []
+        for r in block:
+            key = stat_key(r.ref.id, r.stat)
+            if key in donors.failed_by_stat:
+                if retry_failed:  # --on-error fail: read it again so the run stops at it
+                    retry.append(r)
+                continue
+            r.hash = donors.hash_by_stat.get(key)
+            if r.hash is None and donors and r.stat[0] >= 0:
+                # A new or changed file while features exist: its content may already be cached.
+                try:
+                    r.hash = src.read(r.ref)[1]
+                except OSError:
+                    r.hash = None
+            live.append(r)
+        if retry or any(donors.lookup(r.hash, views and r.split == VIEW_SPLIT, len(live)) is None for r in live):
+            todo.extend(sorted(live + retry, key=lambda r: r.index))
+    return todo
+
+
+def blocks(plan: dict[str, list[Row]], batch_size: int) -> dict[tuple[str, int], list[Row]]:
+    """The plan's rows by the batch an uninterrupted run computes them in."""
+    out: dict[tuple[str, int], list[Row]] = {}
+    for rows in plan.values():
+        for r in rows:
+            out.setdefault(block_key(r, batch_size), []).append(r)
+    return out
