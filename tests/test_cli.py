@@ -92,11 +92,14 @@ def test_extract_device_thread_and_layout_options(image_folder, tmp_path):
 
 def test_finetune_command_json(image_folder, tmp_path):
     r = run("finetune", image_folder, "-b", "resnet18.none", "--freeze-until", "layer3", "--epochs", "1",
-            "--batch-size", "8", "--input-size", "32", "-o", tmp_path / "ft", "--json")
+            "--batch-size", "8", "--input-size", "32", "--precision", "fp32", "--workers", "0",
+            "-o", tmp_path / "ft", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert {"run", "metrics", "seconds"} <= set(out) and "top1" in out["metrics"]["val"]
     assert (tmp_path / "ft" / "model.safetensors").is_file()
+    meta = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert (meta["precision"], meta["config"]["num_workers"]) == ("fp32", 0)
     r = run("finetune", image_folder, "-b", "resnet18.none")
     assert r.exit_code == 1 and r.output.startswith("Error:") and "freeze" in r.output
 
