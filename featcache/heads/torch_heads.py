@@ -21,6 +21,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ..errors import ConfigError, HeadError
+from .. import devices
 from ..training import cosine_lr, resolve_seed
 from ..registry import check_choice, check_int
 from .base import (
@@ -68,17 +69,13 @@ def check_device(device: Any) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """The torch device for a ``device`` option; "auto" picks CUDA when available."""
+    """The torch device of a head: "auto" picks CUDA when available, else the CPU (never MPS: the
+    heads' L-BFGS runs in float64, which MPS lacks); other spellings as
+    :func:`featcache.devices.resolve_device`, which checks CUDA and the GPU index."""
     check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"The 'device' option is {device!r} but CUDA is not available. "
-            "Use device='cpu' or device='auto'."
-        )
-    return dev
+    return devices.resolve_device(device)
 
 
 def _check_seed(value: Any) -> None:
