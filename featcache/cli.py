@@ -126,7 +126,8 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
                      help="Local weights file (state dict or .safetensors) instead of downloading."),
         click.option("-l", "--layer", "layers", multiple=True,
                      help="Layer to tap (repeatable; all from one forward pass). Default: pre_logits, "
-                          "the pooled input of the classifier. See 'featcache layers BACKBONE'."),
+                          "the pooled input of the classifier; 'all': every stage and pre_logits. See "
+                          "'featcache layers BACKBONE'."),
         click.option("--pool", type=click.Choice(["avg", "max", "avgmax", "none"]), default="avg",
                      show_default=True, help="Reduce spatial maps (or tokens); none keeps the map."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
@@ -522,6 +523,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     finally:
         bar.close()
         fit_log.setLevel(level)
+    res.warnings = [_flag_names(w) for w in res.warnings]
     if as_json:
         _echo_json(res.to_dict())
         return
@@ -537,7 +539,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
         added = ", ".join(f"{v:g}" for v in b.get("grid_extended") or [])
         click.echo(f"{res.head}: the best {b['param']} sat at an end of the grid"
                    + (f"; extended by {added}" if added else "")
-                   + (f"; {b['param']}={b['value']:g} is as far as the search goes (fit.GRID_BOUNDS)"
+                   + (f"; {b['param']}={b['value']:g} is as far as the search goes"
                       if b.get("at_bound") else ""))
     _print_metrics(res.metrics, format_metrics_table)
     if res.few_shot:

@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 from . import __version__
-from .backbones import Backbone, load_backbone
+from .backbones import ALL_LAYERS, Backbone, load_backbone
 from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
                       runnable_precision, shm_free_bytes)
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
@@ -218,6 +218,13 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepar
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
     layers = list(config.layers) or [bb.default_layer]
+    if ALL_LAYERS in layers:
+        if layers != [ALL_LAYERS]:
+            raise ConfigError(f"'{ALL_LAYERS}' taps every stage and pre_logits; give it alone, not with {layers}.")
+        if not bb.stages:
+            raise ConfigError(f"{bb.name} has no known stages for layers=('{ALL_LAYERS}',). Name the layers "
+                              f"(featcache layers {config.backbone} lists them).")
+        layers = list(bb.stage_layers)
     if len(set(layers)) != len(layers):
         raise ConfigError(f"A layer is given twice in {layers}.")
     for name in layers:

@@ -2,7 +2,7 @@
 
 :func:`finetune` trains a pretrained backbone with part of it frozen, decoding and augmenting
 every image at every epoch, the way transfer learning is usually done. It is what
-:class:`featcache.tail.TailHead` replaces by training the same tail on cached activations, and the
+:class:`featcache.heads.tail.TailHead` replaces by training the same tail on cached activations, and the
 baseline it is measured against (accuracy and time).
 
 What trains is chosen by exactly one of two options:

@@ -4,7 +4,7 @@ The sweep chooses on the eval split (``val`` by default; ``"none"`` asks for k-f
 stratified k-fold on the training split when there is none; never on ``test``. With an eval split
 the saved head is the swept model that was selected (no refit), so ``best.score`` is the saved
 head's score on that split. A best value at either end of the grid extends the grid a decade at a
-time, up to :data:`GRID_BOUNDS`. Metrics are reported for every split other than the training split.
+time, up to the head's ``grid_bounds``. Metrics are reported for every split other than the training split.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +25,7 @@ from sklearn.base import clone
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
 from .heads import HEADS, make_head
-from .heads.base import training_monitor
+from .heads.base import BaseHead, training_monitor
 from .metrics import SELECT_BY, classification_metrics, selection_scores
 from .registry import check_choice, check_int
 from .runtime import head_threads
@@ -38,12 +38,6 @@ RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
 SWEEP_CSV = "sweep.csv"
 TRANSFORM = "transform.safetensors"
-#: Heads that read the training features chunk by chunk from HDF5 when they exceed max_memory.
-STREAMING_HEADS = ("linear", "mlp", "ridge", "ncm", "tail")
-#: How far a sweep grows its grid, a decade at a time, while the best value sits at an end
-#: (None: no bound but the data; k never exceeds the training rows).
-GRID_BOUNDS: dict[str, tuple[float, float | None]] = {
-    "C": (1e-6, 1e6), "alpha": (1e-6, 1e9), "weight_decay": (1e-6, 1e2), "k": (1, None)}
 #: Largest over smallest training class above which fit-head suggests balanced class weights.
 IMBALANCE_RATIO = 1.5
 
@@ -160,19 +154,21 @@ class _Data:
 
     def __init__(self, cache: FeatureCache, layer: str, config: FitConfig) -> None:
         self.cache, self.layer, self.config = cache, layer, config
+        self.head = HEADS.get(config.head)
 
     def raw(self, split: str):
         ds = self.cache.features(split, self.layer)
         nbytes = int(np.prod(ds.shape)) * 4
         if nbytes <= self.config.max_memory:
             X = self.cache.load(split, self.layer)[0]
-            # Feature heads see vectors; the tail head reads the activation maps as they are.
-            return X if HEADS.entry(self.config.head).extra["inputs"] == "activations" else X.reshape(len(X), -1)
-        if self.config.head not in STREAMING_HEADS:
+            # Feature heads see vectors; heads of activations read the maps as they are.
+            return X if self.head.inputs == "activations" else X.reshape(len(X), -1)
+        if not self.head.streams:
+            streaming = ", ".join(e.name for e in HEADS if e.obj.streams and e.obj.inputs == self.head.inputs)
             raise ConfigError(
                 f"Split '{split}' of layer '{self.layer}' needs {nbytes / 2**30:.1f} GiB as float32, more than "
-                f"--max-memory ({self.config.max_memory / 2**30:.1f} GiB). Use --head linear (streams from "
-                f"HDF5) or raise --max-memory."
+                f"the 'max_memory' option allows ({self.config.max_memory / 2**30:.1f} GiB). Use a head that "
+                f"streams from HDF5 ({streaming}) or raise the 'max_memory' option."
             )
         return ds
 
@@ -188,31 +184,15 @@ def _with_value(head, param: str | None, value):
     return h.set_params(**{param: value}) if param is not None else h
 
 
-def _next_value(param: str, values: list, best, n_train: int):
-    """The grid value one decade beyond ``best`` when it sits at an end of ``values`` and
-    :data:`GRID_BOUNDS` allows one; else None."""
-    lo, hi = GRID_BOUNDS.get(param, (None, None))
-    if param == "k":
-        hi = n_train if hi is None else min(hi, n_train)
-    if best == min(values) and lo is not None and best > 0:
-        new = best // 10 if param == "k" else best / 10
-        if new >= lo * (1 - 1e-9) and new < best:
-            return new
-    if best == max(values) and hi is not None:
-        new = min(best * 10, hi) if param == "k" else best * 10
-        if new <= hi * (1 + 1e-9) and new > best:
-            return new
-    return None
-
-
 def _select(rows: dict, select_by: str):
     """The grid value of the best row: highest score (lowest for log-loss); ties, lowest log-loss."""
     sign = 1.0 if select_by == "log_loss" else -1.0
     return min(rows, key=lambda v: (sign * rows[v]["score"], rows[v]["log_loss"]))
 
 
-def _search(grid: list, evaluate: Callable[[list], list], param: str | None, config: FitConfig, n_train: int):
-    """Score the grid; while the best value sits at an end, add the next decade (to GRID_BOUNDS).
+def _search(grid: list, evaluate: Callable[[list], list], head: BaseHead, config: FitConfig, n_train: int):
+    """Score the grid; while the best value sits at an end, add the next decade (to the head's
+    ``grid_bounds``).
 
     Returns (results by value, best value, values added, whether the best is at the search's limit).
     """
@@ -226,9 +206,10 @@ def _search(grid: list, evaluate: Callable[[list], list], param: str | None, con
     best_v = _select(results, config.select_by)
     extended: list = []
     at_bound = False
+    param = head.param
     if param is not None and len(grid) > 1 and config.extend_grid:
         while best_v in (min(results), max(results)):
-            new = _next_value(param, list(results), best_v, n_train)
+            new = head.next_grid_value(list(results), best_v, n_train)
             if new is None:
                 at_bound = True
                 break
@@ -250,45 +231,41 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     X_raw = data.raw(config.train_split)
     y = cache.labels(config.train_split)
     entry = HEADS.entry(config.head)
-    activations = entry.extra["inputs"] == "activations"
-    options = dict(config.head_options)
-    fit_kwargs = {}
-    if activations:
-        config, options, fit_kwargs = _activation_head_setup(cache, layer, config, options, train_idx)
+    setup = entry.obj.from_cache(cache, layer, options=config.head_options, train_split=config.train_split,
+                                 rows=train_idx, pca=config.pca)
+    if setup.raw_features:
+        config = replace(config, normalize="none")
     if train_idx is not None:
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
     transform = FeatureTransform(config.normalize, config.pca).fit(X_raw)
     if config.pca is not None and transform.n_components_ < config.pca:
-        warn(f"--pca {config.pca}: the training split has {X_raw.shape[0]} rows of "
+        warn(f"pca={config.pca}: the training split has {X_raw.shape[0]} rows of "
              f"{int(np.prod(X_raw.shape[1:]))} features, so PCA keeps {transform.n_components_} components "
-             f"(at most min(rows, features)); the run records {transform.n_components_}. Pass --pca "
+             f"(at most min(rows, features)); the run records {transform.n_components_}. Pass pca="
              f"{transform.n_components_} or fewer.")
-    if transform.identity and activations:
-        X = X_raw  # activation maps keep their shape (read lazily when on disk)
+    if transform.identity and setup.raw_features:
+        X = X_raw  # the head reads the features as cached (lazily when on disk)
     else:
         X = transform.transform(X_raw) if isinstance(X_raw, np.ndarray) else transform.lazy(X_raw)
-    param = entry.extra["param"]
+    options = setup.options
     if config.class_weight:
         if "class_weight" not in entry.extra["options"]:
-            raise ConfigError(f"Head '{config.head}' has no class_weight option; drop --class-weight.")
+            raise ConfigError(f"Head '{config.head}' has no class_weight option; drop the 'class_weight' option.")
         options["class_weight"] = config.class_weight
     if "random_state" in entry.extra["options"]:
         options.setdefault("random_state", seed)
     head = make_head(config.head, **options)
-    grid = list(config.grid) if config.grid is not None else list(entry.extra["default_grid"])
-    if param is None:
-        grid = [None]
-    if param == "k":
-        grid = sorted({int(k) for k in grid if int(k) <= len(y)}) or [1]
+    param = head.param
+    grid = head.grid_values(config.grid if config.grid is not None else head.default_grid, len(y))
     present = np.unique(y)
     if len(present) < 2:
         raise HeadError(f"The training split has only {len(present)} class(es); a head needs at least 2.")
     K = len(cache.classes)
 
+    fit_kwargs = setup.fit_kwargs
+
     def fit_grid(values: list) -> list:
-        if activations:  # the tail head trains on activation maps (and views): one plain fit per value
-            return [_with_value(head, param, v).fit(X, y, **fit_kwargs) for v in values]
-        return head.sweep_fit(X, y, values)
+        return head.sweep_fit(X, y, values, **fit_kwargs)
 
     evaluate = None
     if eval_split is not None:
@@ -338,7 +315,7 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
             best = {"param": param, "value": grid[0], "score": None, "scored_on": None}
             sweep: list[dict] = []
         else:
-            results, best_v, extended, at_bound = _search(grid, evaluate, param, config, len(y))
+            results, best_v, extended, at_bound = _search(grid, evaluate, head, config, len(y))
             chosen = results[best_v]
             best = {"param": param, "value": best_v, "score": chosen["score"], "log_loss": chosen["log_loss"],
                     "select_by": config.select_by, "scored_on": scored_on, "grid_extended": extended,
@@ -364,27 +341,6 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     if transform.n_components_ is not None:
         best["pca_components"] = transform.n_components_
     return final, transform, best, sweep
-
-
-def _activation_head_setup(cache: FeatureCache, layer: str, config: FitConfig, options: dict, train_idx):
-    """The tail head rebuilds the network after ``layer`` from the cache's own backbone, trains on
-    raw (unnormalised) activations, and samples the cached augmented views when there are any."""
-    fp, ex = cache.fingerprint, cache.extract_config
-    if fp.get("pool") != "none":
-        raise ConfigError(
-            f"--head {config.head} trains the network after '{layer}' on its spatial activations; this cache "
-            f"pooled them ({fp.get('pool')}). Extract with --layer {layer} --pool none."
-        )
-    if config.pca is not None:
-        raise ConfigError(f"--head {config.head} reads raw activations; drop --pca.")
-    config = FitConfig(**{**config.to_dict(), "normalize": "none", "grid": None})
-    options = {"backbone": ex.get("backbone") or fp["backbone"]["name"], "weights": ex.get("weights"),
-               "input_size": ex.get("input_size"), "boundary": layer, **options}
-    fit_kwargs = {}
-    if cache.has_views(config.train_split):
-        views = cache.views(config.train_split, layer)
-        fit_kwargs["views"] = views if train_idx is None else views[np.sort(train_idx)]
-    return config, options, fit_kwargs
 
 
 def _score_splits(cache, layer, config, head, transform, skip: tuple[str, ...]) -> dict:
@@ -476,7 +432,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         y_all = c.labels(config.train_split)
         _check_labels(c, config, y_all, warn)
         few_shot = None
-        if len(layers) > 1 and (config.shots or HEADS.entry(config.head).extra["inputs"] == "activations"):
+        if len(layers) > 1 and (config.shots or HEADS.get(config.head).inputs == "activations"):
             raise ConfigError(
                 f"--layer {config.layer} sweeps layers for feature heads without --shots; "
                 f"pass one layer ({', '.join(layers)})."

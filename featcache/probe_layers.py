@@ -117,7 +117,7 @@ def probe_layers(backbone: str, source: str, *, out_dir: str | os.PathLike = "la
         raise ConfigError(
             f"{bb.name} has no known stages to probe. Pass stages explicitly with 'featcache bench --layer ...'."
         )
-    taps = [*bb.stages, PRE_LOGITS] if bb.classifier else list(bb.stages)
+    taps = list(bb.stage_layers)
     res = extract(src, ex, backbone=backbone, layers=tuple(taps), pool=ex.pool, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

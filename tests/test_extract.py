@@ -4,6 +4,7 @@ locking, and the logits check."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from click.testing import CliRunner
 from conftest import make_image_folder
+from featcache.cli import main
 from featcache import extract, load_backbone, open_cache
 from featcache.errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted
 
@@ -594,3 +597,18 @@ def test_writer_never_mixes_view_and_plain_batches_across_an_all_failed_batch(tm
         with np.load(p, allow_pickle=False) as z:
             kinds.append(("v0" in z.files, len(z["ids"]), len(z["failed_ids"])))
     assert sorted(kinds) == [(False, 3, 0), (True, 2, 2)]
+
+
+def test_layer_all_taps_every_stage_and_pre_logits_in_one_cache(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=4)
+    kw = dict(backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(tmp_path / "c"))
+    res = extract(str(folder), layers=("all",), **kw)
+    with open_cache(res.cache) as c:
+        assert c.layers == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert extract(str(folder), layers=("all",), **kw).cache_hit  # the same expansion: the same cache
+    with pytest.raises(ConfigError, match="give it alone"):
+        extract(str(folder), layers=("all", "layer1"), **kw)
+    r = CliRunner().invoke(main, ["extract", str(folder), "-b", "resnet18.none", "--input-size", "32", "--layer",
+                                  "all", "--workers", "0", "--cache-dir", str(tmp_path / "c"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["cache"] == res.cache

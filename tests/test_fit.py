@@ -105,7 +105,7 @@ def test_streams_from_hdf5_when_over_max_memory(folder_cache, tmp_path):
     mem = fit_head(cache, head="linear", grid=(1.0,), output=str(tmp_path / "a"))
     streamed = fit_head(cache, head="linear", grid=(1.0,), max_memory=1000, output=str(tmp_path / "b"))
     assert abs(mem.metrics["val"]["top1"] - streamed.metrics["val"]["top1"]) <= 1 / 24 + 1e-9
-    with pytest.raises(ConfigError, match="more than --max-memory"):
+    with pytest.raises(ConfigError, match="more than the 'max_memory' option"):
         fit_head(cache, head="logreg", max_memory=1000, output=str(tmp_path / "c"))
 
 
@@ -234,7 +234,7 @@ def test_tail_head_from_boundary_activations_predicts_and_exports(tmp_path):
     # fp32: the exported program must equal predict, which runs at the cache's precision.
     res = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0, precision="fp32",
                   cache_dir=str(tmp_path / "c"), layers=("layer3",), pool="none", dtype="float32", views=2)
-    with pytest.raises(ConfigError, match="--pool none"):
+    with pytest.raises(ConfigError, match="pool='none'"):
         pooled = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0, precision="fp32",
                          cache_dir=str(tmp_path / "c"), layers=("layer3",))
         fit_head(pooled.cache, head="tail", output=str(tmp_path / "bad"))
@@ -381,11 +381,13 @@ def test_few_shot_names_the_classes_short_of_k(odd_cache, tmp_path):
 def test_pca_records_the_components_it_kept(odd_cache, tmp_path):
     res = fit_head(odd_cache, head="logreg", pca=5000, output=str(tmp_path / "r"))
     assert res.best["pca_components"] == 46
-    assert any(w.startswith("--pca 5000: the training split has 46 rows of 512 features, so PCA keeps 46 "
+    assert any(w.startswith("pca=5000: the training split has 46 rows of 512 features, so PCA keeps 46 "
                             "components") for w in res.warnings)
     meta = json.loads((Path(res.run) / "run.json").read_text())["transform"]
     assert (meta["pca"], meta["pca_components"]) == (5000, 46)
     assert load_run(res.run).transform.components_.shape == (46, 512)
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--pca", "5000", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0 and "Warning: --pca 5000: the training split has 46 rows" in r.output
 
 
 def test_imbalance_is_named_with_the_options_that_answer_it(odd_cache, tmp_path):
@@ -439,15 +441,17 @@ def test_a_best_value_at_an_end_extends_the_grid(digits_cache, tmp_path):
 
 
 def test_grid_extension_stops_at_its_bounds():
-    from featcache.fit import _next_value
+    from featcache.heads import KNNHead, LogRegHead, MLPHead, NCMHead
 
-    assert _next_value("C", [1e4, 1e5], 1e5, 100) == pytest.approx(1e6)
-    assert _next_value("C", [1e5, 1e6], 1e6, 100) is None  # GRID_BOUNDS["C"] = (1e-6, 1e6)
-    assert _next_value("C", [1e-6, 1e-5], 1e-6, 100) is None
-    assert _next_value("C", [0.1, 1, 10], 1, 100) is None  # interior
-    assert _next_value("weight_decay", [0.0, 1e-4], 0.0, 100) is None  # nothing below no decay
-    assert _next_value("k", [1, 5, 20], 20, 150) == 150  # k grows to the training rows, no further
-    assert _next_value("k", [1, 5, 150], 150, 150) is None
+    assert LogRegHead.next_grid_value([1e4, 1e5], 1e5, 100) == pytest.approx(1e6)
+    assert LogRegHead.next_grid_value([1e5, 1e6], 1e6, 100) is None  # grid_bounds = (1e-6, 1e6)
+    assert LogRegHead.next_grid_value([1e-6, 1e-5], 1e-6, 100) is None
+    assert LogRegHead.next_grid_value([0.1, 1, 10], 1, 100) is None  # interior
+    assert MLPHead.next_grid_value([0.0, 1e-4], 0.0, 100) is None  # nothing below no decay
+    assert KNNHead.next_grid_value([1, 5, 20], 20, 150) == 150  # k grows to the training rows, no further
+    assert KNNHead.next_grid_value([1, 5, 150], 150, 150) is None
+    assert KNNHead.grid_values([1, 5, 200], 150) == [1, 5]
+    assert NCMHead.grid_values((None,), 150) == [None] and NCMHead.next_grid_value([None], None, 150) is None
 
 
 def test_one_thread_pool_at_a_time_and_restored():
@@ -554,4 +558,4 @@ def test_heads_without_class_weights_select_by_balanced_accuracy_and_refuse_weig
     assert out["best"]["score"] == pytest.approx(out["metrics"]["val"]["balanced_accuracy"])
     r = runner.invoke(main, ["fit-head", odd_cache, "--head", head, "--class-weight", "balanced"])
     assert r.exit_code == 1
-    assert r.output == f"Error: Head '{head}' has no class_weight option; drop --class-weight.\n"
+    assert r.output == f"Error: Head '{head}' has no class_weight option; drop the --class-weight option.\n"

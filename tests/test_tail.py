@@ -16,7 +16,8 @@ from sklearn.base import clone
 from featcache.backbones import load_backbone
 from featcache.errors import BackboneError, ConfigError, HeadError
 from featcache.finetune import FinetuneConfig, finetune
-from featcache.tail import TailHead, boundary_shape, build_tail, prefix_model, working_boundaries
+from featcache.cutting import boundary_shape, build_tail, prefix_model, working_boundaries
+from featcache.heads.tail import TailHead
 
 from conftest import make_image_folder
 

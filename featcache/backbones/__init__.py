@@ -68,6 +68,12 @@ class Backbone:
     def default_layer(self) -> str:
         return PRE_LOGITS if self.classifier else OUTPUT
 
+    @property
+    def stage_layers(self) -> tuple[str, ...]:
+        """Every stage, then ``pre_logits`` when there is a classifier: what ``layers=("all",)``
+        taps (in forward order)."""
+        return (*self.stages, PRE_LOGITS) if self.classifier else tuple(self.stages)
+
     def describe(self) -> dict:
         """What identifies the backbone in a cache fingerprint."""
         return {
@@ -83,6 +89,8 @@ class Backbone:
 PRE_LOGITS = "pre_logits"
 #: Pseudo-layer: the model's output (TorchScript models, models without a classifier).
 OUTPUT = "output"
+#: Layer spec for every stage and pre_logits (:attr:`Backbone.stage_layers`).
+ALL_LAYERS = "all"
 
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "featcache backbones")
 

@@ -19,14 +19,13 @@ from ..registry import Registry
 from .base import BaseHead, HeadNotFittedError
 from .neighbors import KNNHead, NCMHead
 from .sklearn_heads import LogRegHead, RidgeHead, SVMHead
+from .tail import TailHead
 from .torch_heads import LinearHead, MLPHead
 
 HEADS: Registry[type[BaseHead]] = Registry("head", "featcache heads")
 
 
-def _register(name: str, cls: type[BaseHead], description: str, *, inputs: str = "features") -> None:
-    """``inputs``: "features" (pooled vectors) or "activations" (the spatial maps at a freeze
-    boundary, ``extract --pool none``), which only the tail head reads."""
+def _register(name: str, cls: type[BaseHead], description: str) -> None:
     HEADS.register(
         name,
         cls,
@@ -34,7 +33,7 @@ def _register(name: str, cls: type[BaseHead], description: str, *, inputs: str =
         options=dict(cls.options),
         param=cls.param,
         default_grid=tuple(cls.default_grid),
-        inputs=inputs,
+        inputs=cls.inputs,
     )
 
 
@@ -59,14 +58,8 @@ _register("ncm", NCMHead, "nearest class mean (cosine or euclidean)")
 _register("svm", SVMHead, "linear SVM, squared hinge (scikit-learn LinearSVC)")
 
 
-def _register_tail() -> None:
-    from ..tail import TailHead  # imports heads.base: register after the feature heads exist
-
-    _register("tail", TailHead, "the pretrained network after the cached boundary layer (extract --layer B "
-              "--pool none) with a new classifier, fine-tuned on the cached activations", inputs="activations")
-
-
-_register_tail()
+_register("tail", TailHead, "the pretrained network after the cached boundary layer (extract --layer B "
+          "--pool none) with a new classifier, fine-tuned on the cached activations")
 
 
 def make_head(name: str, **params: Any) -> BaseHead:

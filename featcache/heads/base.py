@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -462,6 +462,18 @@ class LinearScores(torch.nn.Module):
 # The base class
 
 
+@dataclass
+class CacheSetup:
+    """What a head takes from a cache besides the features (see :meth:`BaseHead.from_cache`)."""
+
+    #: The head's options.
+    options: dict[str, Any]
+    #: Extra keyword arguments of ``fit`` and ``sweep_fit`` (e.g. the tail head's ``views``).
+    fit_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The head reads the features as cached: no normalisation and no PCA before it.
+    raw_features: bool = False
+
+
 class BaseHead(ClassifierMixin, BaseEstimator):
     """Base class of featcache heads (scikit-learn classifier contract plus sweep and state).
 
@@ -476,10 +488,46 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     default_grid: ClassVar[tuple[Any, ...]] = (None,)
     #: One-line help per ``__init__`` option, shown by ``featcache heads``.
     options: ClassVar[dict[str, str]] = {}
+    #: What ``fit`` reads: "features" (vectors, (n, d)) or "activations" (the spatial maps at a
+    #: freeze boundary as cached by ``extract --pool none``, (n, C, H, W)).
+    inputs: ClassVar[str] = "features"
     #: Whether ``fit`` streams an ``h5py.Dataset``-like ``X`` instead of reading it whole.
-    _accepts_dataset: ClassVar[bool] = False
+    streams: ClassVar[bool] = False
+    #: How far a grid search may extend ``param`` a decade at a time while the best value sits at
+    #: an end of the grid: (low, high), high None for no bound but the data; None: never extended.
+    grid_bounds: ClassVar[tuple[float, float | None] | None] = None
     #: The thread pool the head computes in: "numpy" (BLAS) or "torch" (see runtime.head_threads).
     thread_pool: ClassVar[str] = "numpy"
+
+    # -- what the head takes from a cache and how its grid grows ---------------------------------
+
+    @classmethod
+    def from_cache(cls, cache: Any, layer: str, *, options: Mapping[str, Any], train_split: str,
+                   rows: np.ndarray | None, pca: int | None) -> "CacheSetup":
+        """The head's options and ``fit`` arguments for ``layer`` of ``cache`` (a
+        :class:`~featcache.store.FeatureCache`), training on ``rows`` of ``train_split`` (None:
+        all). Heads that need more than the features override this (the tail head rebuilds its
+        network from the cache's backbone and samples its augmented views)."""
+        return CacheSetup(dict(options))
+
+    @classmethod
+    def grid_values(cls, grid: Sequence[Any], n_train: int) -> list[Any]:
+        """The values to sweep, given the user's (or the default) ``grid`` and ``n_train``
+        training rows."""
+        return [None] if cls.param is None else list(grid)
+
+    @classmethod
+    def next_grid_value(cls, values: Sequence[Any], best: Any, n_train: int) -> Any:
+        """The value one decade beyond ``best`` when it sits at an end of ``values`` and
+        :attr:`grid_bounds` allows one; else None."""
+        if cls.grid_bounds is None:
+            return None
+        lo, hi = cls.grid_bounds
+        if best == min(values) and best > 0 and best / 10 >= lo * (1 - 1e-9):
+            return best / 10
+        if best == max(values) and (hi is None or best * 10 <= hi * (1 + 1e-9)):
+            return best * 10
+        return None
 
     # -- to implement ---------------------------------------------------------------------------
 
@@ -542,7 +590,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         self
         """
         self._check_params()
-        X = check_features(X, allow_dataset=self._accepts_dataset)
+        X = check_features(X, allow_dataset=self.streams)
         y_idx, classes = encode_labels(y, X.shape[0])
         with head_threads(self.thread_pool, int(np.prod(X.shape))):
             self._fit(X, y_idx, len(classes))
@@ -625,7 +673,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         """
         self._check_params()
         grid = self._check_grid(grid)
-        X = check_features(X, allow_dataset=self._accepts_dataset)
+        X = check_features(X, allow_dataset=self.streams)
         y_idx, classes = encode_labels(y, X.shape[0])
         X_eval = check_features(X_eval, allow_dataset=True, n_features=X.shape[1], what="X_eval")
         with head_threads(self.thread_pool, int(np.prod(X.shape))):
@@ -662,7 +710,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         """
         self._check_params()
         grid = self._check_grid(grid)
-        X = check_features(X, allow_dataset=self._accepts_dataset)
+        X = check_features(X, allow_dataset=self.streams)
         y_idx, classes = encode_labels(y, X.shape[0])
         with head_threads(self.thread_pool, int(np.prod(X.shape))):
             heads = self._sweep_fit(X, y_idx, len(classes), grid)

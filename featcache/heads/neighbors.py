@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -124,6 +124,21 @@ class KNNHead(BaseHead):
         "device": "torch device: auto, cpu, cuda, cuda:N",
     }
     thread_pool = "torch"
+    grid_bounds = (1, None)
+
+    @classmethod
+    def grid_values(cls, grid: Sequence[Any], n_train: int) -> list[Any]:
+        """Whole k up to the training rows (at least k=1)."""
+        return sorted({int(k) for k in grid if int(k) <= n_train}) or [1]
+
+    @classmethod
+    def next_grid_value(cls, values: Sequence[Any], best: Any, n_train: int) -> Any:
+        """k a decade down (at least 1) or up (at most the training rows) from an end of the grid."""
+        if best == min(values) and best // 10 >= 1:
+            return best // 10
+        if best == max(values) and min(best * 10, n_train) > best:
+            return min(best * 10, n_train)
+        return None
 
     def __init__(
         self,
@@ -246,7 +261,7 @@ class NCMHead(BaseHead):
         "metric": "cosine or euclidean",
         "temperature": "softmax temperature (default 0.05 cosine, 1.0 euclidean)",
     }
-    _accepts_dataset = True
+    streams = True
 
     def __init__(self, *, metric: str = "cosine", temperature: float | None = None) -> None:
         self.metric = metric

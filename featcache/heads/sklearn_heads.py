@@ -65,6 +65,7 @@ class LogRegHead(LinearHeadMixin, BaseHead):
 
     param = "C"
     default_grid = LOGREG_GRID
+    grid_bounds = (1e-6, 1e6)
     options = {
         "C": "inverse L2 strength (scikit-learn meaning); the swept parameter",
         "max_iter": "lbfgs iterations",
@@ -152,6 +153,7 @@ class SVMHead(LinearHeadMixin, BaseHead):
 
     param = "C"
     default_grid = SVM_GRID
+    grid_bounds = (1e-6, 1e6)
     options = {
         "C": "inverse L2 strength on the summed squared hinge; the swept parameter",
         "max_iter": "liblinear iterations",
@@ -304,11 +306,12 @@ class RidgeHead(LinearHeadMixin, BaseHead):
 
     param = "alpha"
     default_grid = RIDGE_GRID
+    grid_bounds = (1e-6, 1e9)
     options = {
         "alpha": "L2 strength on the summed squared error; the swept parameter",
         "class_weight": CLASS_WEIGHT_HELP,
     }
-    _accepts_dataset = True
+    streams = True
 
     def __init__(self, *, alpha: float = 1.0, class_weight: str | None = None) -> None:
         self.alpha = alpha

@@ -486,6 +486,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
 
     param = "C"
     default_grid = LINEAR_GRID
+    grid_bounds = (1e-6, 1e6)
     options = {
         "C": "inverse L2 strength (scikit-learn meaning); the swept parameter",
         "solver": "lbfgs (full batch) or adamw (mini-batch)",
@@ -500,7 +501,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         "class_weight": CLASS_WEIGHT_HELP,
         "patience": PATIENCE_HELP,
     }
-    _accepts_dataset = True
+    streams = True
     thread_pool = "torch"
 
     def __init__(
@@ -714,6 +715,7 @@ class MLPHead(BaseHead):
 
     param = "weight_decay"
     default_grid = MLP_GRID
+    grid_bounds = (1e-6, 1e2)
     options = {
         "hidden": "hidden units",
         "dropout": "dropout rate on the hidden layer",
@@ -727,7 +729,7 @@ class MLPHead(BaseHead):
         "class_weight": CLASS_WEIGHT_HELP,
         "patience": PATIENCE_HELP,
     }
-    _accepts_dataset = True
+    streams = True
     thread_pool = "torch"
 
     def __init__(

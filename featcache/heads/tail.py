@@ -5,7 +5,7 @@ all of its time running the frozen part, whose output never changes. featcache c
 output once (``featcache extract SOURCE --layer layer3 --pool none`` stores (N, C, H, W)
 activations) and trains only what comes after it:
 
-- :func:`~featcache.cutting.build_tail` (in :mod:`featcache.cutting`, re-exported here) cuts a
+- :func:`~featcache.cutting.build_tail` (in :mod:`featcache.cutting`) cuts a
   backbone after a *boundary* module and returns the rest as an ``nn.Sequential`` with a new
   classifier; :func:`~featcache.cutting.prefix_model` is the frozen part, so that
   ``tail(prefix(x)) == model(x)``;
@@ -24,12 +24,13 @@ import torch
 from sklearn.base import clone
 from torch import nn
 
-from .backbones import Backbone, load_backbone
-from .errors import ConfigError, HeadError
-from .heads.base import (
+from ..backbones import Backbone, load_backbone
+from ..errors import ConfigError, HeadError
+from .base import (
     CLASS_WEIGHT_HELP,
     PATIENCE_HELP,
     BaseHead,
+    CacheSetup,
     EpochTracker,
     check_class_weight,
     check_number,
@@ -39,10 +40,10 @@ from .heads.base import (
     is_dataset_like,
     softmax,
 )
-from .heads.torch_heads import check_device, resolve_device
-from .cutting import assemble_tail, boundary_shape, build_tail, cut_at, prefix_model, working_boundaries
-from .training import adamw, cosine_lr, param_groups, resolve_seed
-from .registry import check_int
+from .torch_heads import check_device, resolve_device
+from ..cutting import assemble_tail, build_tail, cut_at
+from ..training import adamw, cosine_lr, param_groups, resolve_seed
+from ..registry import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +197,30 @@ class TailHead(BaseHead):
         "class_weight": CLASS_WEIGHT_HELP,
         "patience": PATIENCE_HELP,
     }
-    _accepts_dataset = True
+    inputs = "activations"
+    streams = True
     thread_pool = "torch"
+
+    @classmethod
+    def from_cache(cls, cache: Any, layer: str, *, options: Mapping[str, Any], train_split: str,
+                   rows: np.ndarray | None, pca: int | None) -> CacheSetup:
+        """Rebuild the network after ``layer`` from the cache's own backbone, train on the raw
+        (unnormalised) activations, and sample the cached augmented views when there are any."""
+        fp, ex = cache.fingerprint, cache.extract_config
+        if fp.get("pool") != "none":
+            raise ConfigError(
+                f"The tail head trains the network after '{layer}' on its spatial activations; this cache "
+                f"pooled them ({fp.get('pool')}). Extract '{layer}' again without pooling (pool='none')."
+            )
+        if pca is not None:
+            raise ConfigError("The tail head reads raw activations; drop the 'pca' option.")
+        options = {"backbone": ex.get("backbone") or fp["backbone"]["name"], "weights": ex.get("weights"),
+                   "input_size": ex.get("input_size"), "boundary": layer, **options}
+        fit_kwargs = {}
+        if cache.has_views(train_split):
+            views = cache.views(train_split, layer)
+            fit_kwargs["views"] = views if rows is None else views[np.sort(rows)]
+        return CacheSetup(options, fit_kwargs, raw_features=True)
 
     def __init__(
         self,
@@ -412,6 +435,12 @@ class TailHead(BaseHead):
         proba = head.predict_proba(X_eval)
         return np.stack([proba for _ in grid])
 
+    def sweep_fit(self, X: Any, y: Any, grid: Sequence[Any], *, views: Any = None) -> list["TailHead"]:
+        """One fit per grid value (the grid is ``(None,)``: nothing is swept). ``self`` is not
+        modified."""
+        self._check_params()
+        return [clone(self).fit(X, y, views=views) for _ in self._check_grid(grid)]
+
     # -- state ----------------------------------------------------------------------------------
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
@@ -475,4 +504,4 @@ class TailHead(BaseHead):
         return copy.deepcopy(self.tail_).cpu().requires_grad_(False).eval()
 
 
-__all__ = ["TailHead", "boundary_shape", "build_tail", "prefix_model", "working_boundaries"]
+__all__ = ["TailHead"]
