@@ -127,6 +127,7 @@ __all__ = [
     "NCMHead",
     "RidgeHead",
     "SVMHead",
+    "TailHead",
     "list_heads",
     "make_head",
 ]
