@@ -14,12 +14,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-from torch import nn
-
 from .backbones import Backbone, seeded_init
 from .errors import BackboneError, ConfigError
-from .registry import check_int
+from .lazy import nn, torch
+from .validation import check_int
 
 logger = logging.getLogger(__name__)
 

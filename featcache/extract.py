@@ -32,7 +32,7 @@ from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, bl
                       plan_rows, worker_init)
 from .partial import ChunkWriter, PartialStore
 from .preprocess import Augment
-from .registry import check_choice, check_int
+from .validation import check_choice, check_int
 from .reuse import Donors, blocks, is_hit, is_hit_rows, listing_matches, rows_to_compute, stat_key
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source

@@ -40,9 +40,9 @@ from .files import atomic_write, write_json
 from .extract import ARRAY_KINDS
 from .loading import worker_init
 from .fit import split_metrics
-from .heads.base import check_number
+
 from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decode, load_image
-from .registry import check_choice, check_int
+from .validation import check_choice, check_int, check_number
 from .runtime import tune_allocator
 from .sources import SampleRef, Source, open_source
 from .training import adamw, cosine_lr, param_groups

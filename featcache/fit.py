@@ -25,9 +25,10 @@ from sklearn.base import clone
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
 from .heads import HEADS, make_head
-from .heads.base import BaseHead, training_monitor
+from .heads.base import BaseHead
+from .heads.monitor import training_monitor
 from .metrics import SELECT_BY, classification_metrics, selection_scores
-from .registry import check_choice, check_int
+from .validation import check_choice, check_int
 from .runtime import head_threads
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform

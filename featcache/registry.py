@@ -68,19 +68,4 @@ class Registry(Generic[T]):
         return list(self._entries)
 
 
-def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """Validate an integer option, naming it in the error."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"The '{name}' option must be an int >= {minimum}. Got {value!r}.")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(
-            f"The '{name}' option must be one of {', '.join(choices)}. Got {value!r}."
-        )
-    return value
-
-
 Factory = Callable[..., Any]

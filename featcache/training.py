@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from torch import nn
+
+from .lazy import nn, torch
 
 
 def resolve_seed(value: int | None) -> int:

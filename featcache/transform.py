@@ -5,13 +5,14 @@ Kept as plain arrays (saved without pickle) with a torch twin for export.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 NORMALIZE = ("none", "l2", "standard")
 _CHUNK = 8192
@@ -106,8 +107,11 @@ class FeatureTransform:
             raise ConfigError("A PCA transform needs components_ and pca_mean_ arrays.")
         return t
 
-    def to_torch(self) -> nn.Module:
-        return _TorchTransform(self)
+    def to_torch(self) -> "torch.nn.Module":
+        """The transform as a module (:class:`~featcache.heads.modules.TransformModule`)."""
+        from .heads.modules import TransformModule
+
+        return TransformModule(self)
 
 
 class _LazyTransformed:
@@ -121,22 +125,3 @@ class _LazyTransformed:
 
     def __getitem__(self, idx) -> np.ndarray:
         return self.t._norm(self.X[idx])
-
-
-class _TorchTransform(nn.Module):
-    def __init__(self, t: FeatureTransform) -> None:
-        super().__init__()
-        self.normalize = t.normalize
-        for name in ("mean_", "scale_", "components_", "pca_mean_"):
-            v = getattr(t, name)
-            self.register_buffer(name.rstrip("_"), torch.from_numpy(v) if v is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1).float()
-        if self.normalize == "l2":
-            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        elif self.normalize == "standard":
-            x = (x - self.mean) / self.scale
-        if self.components is not None:
-            x = (x - self.pca_mean) @ self.components.T
-        return x

@@ -20,7 +20,8 @@ from featcache.errors import ConfigError, HeadError
 from featcache.heads import HEADS, HeadNotFittedError, list_heads, make_head
 from featcache.heads.neighbors import KNN_GRID
 from featcache.heads.sklearn_heads import LOGREG_GRID, RIDGE_GRID, SVM_GRID
-from featcache.heads.torch_heads import MLP_GRID, batched_lbfgs
+from featcache.heads.mlp import MLP_GRID
+from featcache.heads.solvers import batched_lbfgs
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 

@@ -20,7 +20,8 @@ from .base import BaseHead, HeadNotFittedError
 from .neighbors import KNNHead, NCMHead
 from .sklearn_heads import LogRegHead, RidgeHead, SVMHead
 from .tail import TailHead
-from .torch_heads import LinearHead, MLPHead
+from .linear import LinearHead
+from .mlp import MLPHead
 
 HEADS: Registry[type[BaseHead]] = Registry("head", "featcache heads")
 

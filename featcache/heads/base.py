@@ -16,176 +16,26 @@ methods the rest of featcache relies on:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import NotFittedError
 
 from ..errors import ConfigError, HeadError
 from ..runtime import head_threads
+from .inputs import CHUNK_ROWS, as_float, check_features, encode_labels, iter_row_chunks
 
-#: Rows read at a time when a head walks over an ``h5py.Dataset``-like input.
-CHUNK_ROWS = 65536
-
+if TYPE_CHECKING:
+    import torch
 
 class HeadNotFittedError(HeadError, NotFittedError):
     """A head was used before ``fit`` (also a scikit-learn ``NotFittedError``)."""
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks
-
-
-def is_dataset_like(X: Any) -> bool:
-    """True for array-likes read by slicing (``h5py.Dataset``, ``np.memmap`` is an ndarray)."""
-    return (
-        not isinstance(X, np.ndarray)
-        and hasattr(X, "shape")
-        and hasattr(X, "dtype")
-        and hasattr(X, "__getitem__")
-    )
-
-
-def as_float(chunk: np.ndarray) -> np.ndarray:
-    """Cast a block of features to a float dtype numpy computes well in (float16 -> float32)."""
-    chunk = np.asarray(chunk)
-    if chunk.dtype == np.float32 or chunk.dtype == np.float64:
-        return chunk
-    if chunk.dtype == np.float16:
-        return chunk.astype(np.float32)
-    return chunk.astype(np.float64)
-
-
-def iter_row_chunks(
-    X: Any, rows: int = CHUNK_ROWS, *, what: str = "X"
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(start, stop, X[start:stop])`` over contiguous row blocks, cast by :func:`as_float`.
-
-    Raises ``HeadError`` at the first block holding NaN or infinity.
-    """
-    n = int(X.shape[0])
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        chunk = as_float(X[start:stop])
-        if not np.isfinite(chunk).all():
-            raise HeadError(
-                f"{what} contains NaN or infinity (rows {start}:{stop}). "
-                "Check the features (re-extract the cache) or drop those rows."
-            )
-        yield start, stop, chunk
-
-
-def _check_finite(X: np.ndarray, what: str) -> None:
-    for _ in iter_row_chunks(X, what=what):
-        pass
-
-
-def check_features(
-    X: Any,
-    *,
-    allow_dataset: bool = False,
-    n_features: int | None = None,
-    what: str = "X",
-) -> Any:
-    """Validate a feature matrix.
-
-    Parameters
-    ----------
-    X : array-like or h5py.Dataset-like of shape (n_samples, n_features)
-        Features. Torch tensors are moved to the CPU and converted.
-    allow_dataset : bool, default=False
-        Return ``X`` itself (unread, uncast) when it is an ``h5py.Dataset``-like object or an
-        ndarray, so that the caller can stream it in row chunks. Otherwise the data is read and
-        cast (float16 -> float32, integers -> float64).
-    n_features : int, optional
-        The number of columns a fitted head expects.
-    what : str, default="X"
-        The argument name used in error messages.
-
-    Returns
-    -------
-    ndarray or dataset-like of shape (n_samples, n_features)
-    """
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
-    if is_dataset_like(X):
-        shape = tuple(X.shape)
-        dtype = np.dtype(X.dtype)
-        if not allow_dataset:
-            X = np.asarray(X[0 : shape[0]]) if len(shape) >= 1 else np.asarray(X)
-    else:
-        try:
-            X = np.asarray(X)
-        except (TypeError, ValueError) as exc:
-            raise HeadError(f"{what} cannot be read as a numeric array ({exc}).") from None
-        shape, dtype = X.shape, X.dtype
-    if dtype.kind not in "fiub":
-        raise HeadError(
-            f"{what} must hold numbers; got dtype {dtype}. Pass a float array of shape "
-            "(n_samples, n_features)."
-        )
-    if len(shape) != 2:
-        raise HeadError(
-            f"{what} must be 2-D of shape (n_samples, n_features); got shape {shape}. "
-            "Reshape it, e.g. X.reshape(len(X), -1)."
-        )
-    if shape[0] < 1 or shape[1] < 1:
-        raise HeadError(f"{what} is empty (shape {shape}). Pass at least one row and one column.")
-    if n_features is not None and shape[1] != n_features:
-        raise HeadError(
-            f"{what} has {shape[1]} features but the head was fitted with {n_features}. "
-            "Use features from the same backbone and layer as the training set."
-        )
-    if is_dataset_like(X):
-        # Streamed data is checked chunk by chunk as it is read: no extra pass over the file.
-        return X
-    _check_finite(X, what)
-    return X if allow_dataset else as_float(X)
-
-
-def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Map labels to ``0..K-1``.
-
-    Returns
-    -------
-    y_idx : ndarray of shape (n_samples,), dtype int64
-    classes : ndarray of shape (n_classes,)
-        ``np.unique(y)``, the column order of every probability matrix.
-    """
-    y = np.asarray(y)
-    if y.ndim != 1:
-        y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
-    if y.ndim != 1:
-        raise HeadError(f"y must be 1-D of shape (n_samples,); got shape {np.shape(y)}.")
-    if y.shape[0] != n_samples:
-        raise HeadError(
-            f"X has {n_samples} rows but y has {y.shape[0]} labels. Pass one label per row."
-        )
-    if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise HeadError("y contains NaN or infinity. Drop the unlabelled rows first.")
-    try:
-        classes, y_idx = np.unique(y, return_inverse=True)
-    except TypeError:
-        raise HeadError(
-            f"The labels in y cannot be sorted (mixed types, dtype {y.dtype}). "
-            "Use labels of one type, e.g. all str or all int."
-        ) from None
-    if len(classes) < 2:
-        raise HeadError(
-            f"y holds a single class ({classes.tolist()!r}); a classifier needs at least 2. "
-            "Check the split or the label column."
-        )
-    return y_idx.astype(np.int64).reshape(-1), classes
-
-
-# ----------------------------------------------------------------------------------------------
-# Small numerical helpers
+# Probabilities and saved state
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -248,214 +98,6 @@ def state_array(
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise HeadError(f"The saved array '{key}' contains NaN or infinity. Re-fit the head.")
     return np.ascontiguousarray(arr)
-
-
-def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = True) -> float:
-    """Validate a real option (``> low`` when ``strict`` else ``>= low``), naming it in errors."""
-    bad = isinstance(value, bool) or not isinstance(value, numbers.Real)
-    if not bad:
-        v = float(value)
-        bad = not np.isfinite(v) or (v <= low if strict else v < low)
-    if bad:
-        op = ">" if strict else ">="
-        raise ConfigError(
-            f"The '{name}' option must be a finite number {op} {low:g}. Got {value!r}."
-        )
-    return float(value)
-
-
-#: Values of the ``class_weight`` option of the heads that have one.
-CLASS_WEIGHT_CHOICES: tuple[str | None, ...] = (None, "balanced")
-#: One-line help of the ``class_weight`` option.
-CLASS_WEIGHT_HELP = "None or 'balanced' (class c weighs n_samples / (n_classes * n_c))"
-
-
-#: One-line help of the ``patience`` option of the heads trained by epochs.
-PATIENCE_HELP = "stop after this many epochs without a better eval score; keep the best epoch (None: all epochs)"
-
-
-def check_patience(value: Any) -> int | None:
-    """Validate a ``patience`` option: None or an int >= 1."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"The 'patience' option must be None or an int >= 1. Got {value!r}.")
-    return int(value)
-
-
-def check_class_weight(value: Any) -> str | None:
-    """Validate a ``class_weight`` option: None or "balanced" (scikit-learn's meaning)."""
-    if value is None or (isinstance(value, str) and value == "balanced"):
-        return value
-    raise ConfigError(
-        f"The 'class_weight' option must be one of None, 'balanced'. Got {value!r}."
-    )
-
-
-def class_weights(y_idx: np.ndarray, n_classes: int, class_weight: str | None) -> np.ndarray | None:
-    """Per-class weights of shape (n_classes,), float64, or None for ``class_weight=None``.
-
-    "balanced" is scikit-learn's ``n_samples / (n_classes * np.bincount(y))``; the per-sample
-    weights ``w[y_idx]`` then sum to ``n_samples``.
-    """
-    if check_class_weight(class_weight) is None:
-        return None
-    counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
-    return len(y_idx) / (n_classes * np.maximum(counts, 1.0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Watching heads trained by epochs (tail, mlp, linear with AdamW)
-
-
-@dataclass(frozen=True)
-class TrainingMonitor:
-    """What a head trained by epochs reports to and is scored on, set by :func:`training_monitor`.
-
-    ``y_eval_idx`` holds the eval labels as indices into the training classes (``np.unique(y)``),
-    ``n_classes`` for a class the training split lacks (scored as an error).
-    """
-
-    X_eval: Any = None
-    y_eval_idx: np.ndarray | None = None
-    select_by: str = "top1"
-    callback: Callable[[dict], None] | None = None
-
-
-_MONITOR: contextvars.ContextVar[TrainingMonitor | None] = contextvars.ContextVar("featcache_monitor", default=None)
-
-
-@contextlib.contextmanager
-def training_monitor(*, X_eval: Any = None, y_eval: Any = None, classes: Any = None, select_by: str = "top1",
-                     callback: Callable[[dict], None] | None = None) -> Iterator[TrainingMonitor]:
-    """Within the block, heads trained by epochs score ``X_eval`` after every epoch, keep the
-    history (``history_``), stop early by their ``patience`` option, and call ``callback``.
-
-    Parameters
-    ----------
-    X_eval : array-like of shape (n_eval, n_features), optional
-        Eval features as the head sees them (transformed).
-    y_eval : array-like of shape (n_eval,), optional
-        Their labels, in the label space of the training ``y``.
-    classes : array-like, optional
-        The training labels' classes (``np.unique(y_train)``), to index ``y_eval``.
-    select_by : str
-        The metric scored (:data:`featcache.metrics.SELECT_BY`).
-    callback : callable, optional
-        Called with ``{"epoch", "epochs", "loss", "score"}`` after every epoch (loss: mean
-        training loss over the grid points; score: best eval score over them, None without eval
-        data). Printing belongs to the caller (the CLI's progress bar).
-    """
-    y_idx = None
-    if X_eval is not None:
-        classes = np.asarray(classes)
-        y_eval = np.asarray(y_eval)
-        pos = np.clip(np.searchsorted(classes, y_eval), 0, len(classes) - 1)
-        y_idx = np.where(classes[pos] == y_eval, pos, len(classes)).astype(np.int64)
-    token = _MONITOR.set(TrainingMonitor(X_eval, y_idx, select_by, callback))
-    try:
-        yield _MONITOR.get()
-    finally:
-        _MONITOR.reset(token)
-
-
-class EpochTracker:
-    """Per-epoch bookkeeping of G grid points trained together: history, best epoch, patience.
-
-    A head calls :meth:`end_epoch` after each epoch with the mean training loss per grid point
-    and a function giving the eval probabilities per grid point; it stops when that returns
-    True, and :meth:`restore` hands back, per grid point, the state saved at its best epoch.
-    """
-
-    def __init__(self, G: int, epochs: int, n_classes: int, patience: int | None) -> None:
-        self.monitor = _MONITOR.get() or TrainingMonitor()
-        self.watching = self.monitor.X_eval is not None
-        if patience is not None and not self.watching:
-            raise ConfigError(
-                f"The 'patience' option ({patience}) stops on an eval score, and there is no eval data. "
-                "Fit with an eval split (fit-head --eval-split val), or drop --patience."
-            )
-        self.G, self.epochs, self.n_classes, self.patience = G, epochs, n_classes, patience
-        self.history: list[list[dict]] = [[] for _ in range(G)]
-        self.best_score = [-np.inf] * G
-        self.best_epoch = [0] * G
-        self.best_state: list[Any] = [None] * G
-
-    def end_epoch(self, epoch: int, losses: Sequence[float], proba: Callable[[], Sequence[np.ndarray]],
-                  snapshot: Callable[[int], Any]) -> bool:
-        """Record epoch ``epoch`` (0-based); True when every grid point ran out of patience."""
-        from ..metrics import selection_scores
-
-        metric = self.monitor.select_by
-        values: list[float | None] = [None] * self.G
-        if self.watching:
-            for g, p in enumerate(proba()):
-                full = np.concatenate([p, np.zeros((len(p), 1))], axis=1)  # a column for unseen classes
-                values[g] = selection_scores(self.monitor.y_eval_idx, full, metric)[metric]
-        # Higher is better for every metric but the log-loss.
-        keys = [None if v is None else (-v if metric == "log_loss" else v) for v in values]
-        for g in range(self.G):
-            row = {"epoch": epoch + 1, "loss": float(losses[g])}
-            if values[g] is not None:
-                row[metric] = values[g]
-                if self.patience is not None and keys[g] > self.best_score[g]:
-                    self.best_score[g], self.best_epoch[g] = keys[g], epoch + 1
-                    self.best_state[g] = snapshot(g)
-            self.history[g].append(row)
-        if self.monitor.callback is not None:
-            shown = [g for g in range(self.G) if keys[g] is not None]
-            top = max(shown, key=lambda g: keys[g]) if shown else None
-            self.monitor.callback({"epoch": epoch + 1, "epochs": self.epochs, "loss": float(np.mean(losses)),
-                                   "metric": metric, "score": None if top is None else values[top]})
-        if self.patience is None:
-            return False
-        return all(epoch + 1 - b >= self.patience for b in self.best_epoch)
-
-    def restore(self, g: int) -> Any:
-        """The state saved at grid point ``g``'s best epoch (None without patience)."""
-        return self.best_state[g]
-
-    def attach(self, head: "BaseHead", g: int) -> None:
-        """Give ``head`` grid point ``g``'s ``history_`` and ``best_epoch_``."""
-        head.history_ = self.history[g]
-        head.best_epoch_ = self.best_epoch[g] if self.patience is not None else len(self.history[g])
-
-
-# ----------------------------------------------------------------------------------------------
-# Torch modules returned by ``to_torch``
-
-
-class LinearScores(torch.nn.Module):
-    """Logits ``x @ weight.T + bias`` of a linear head (optionally on L2-normalised ``x``).
-
-    With ``binary=True`` the single output column ``d`` is returned as ``[0, d]`` so that the
-    softmax of the output is the head's ``predict_proba`` for two classes.
-
-    Parameters
-    ----------
-    weight : ndarray of shape (n_outputs, n_features)
-    bias : ndarray of shape (n_outputs,)
-    binary : bool
-    normalize : bool, default=False
-    """
-
-    def __init__(
-        self, weight: np.ndarray, bias: np.ndarray, *, binary: bool, normalize: bool = False
-    ) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.tensor(np.asarray(weight, dtype=np.float32)))
-        self.register_buffer("bias", torch.tensor(np.asarray(bias, dtype=np.float32)))
-        self.binary = bool(binary)
-        self.normalize = bool(normalize)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.weight.dtype)
-        if self.normalize:
-            x = torch.nn.functional.normalize(x, dim=1)
-        z = torch.nn.functional.linear(x, self.weight, self.bias)
-        if self.binary:
-            z = torch.cat([torch.zeros_like(z), z], dim=1)
-        return z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -856,5 +498,7 @@ class LinearHeadMixin:
 
     def to_torch(self) -> torch.nn.Module:
         """A :class:`LinearScores` module: ``softmax(module(x)) == predict_proba(x)``."""
+        from .modules import LinearScores
+
         self._require_fitted()
         return LinearScores(self.coef_, self.intercept_, binary=self.coef_.shape[0] == 1)

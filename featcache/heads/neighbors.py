@@ -5,19 +5,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import HeadError
-from ..registry import check_choice, check_int
-from .base import (
-    BaseHead,
-    LinearScores,
-    check_number,
-    iter_row_chunks,
-    softmax,
-    state_array,
-)
-from .torch_heads import check_device, resolve_device
+from ..lazy import torch
+from ..validation import check_choice, check_device, check_int, check_number
+from .base import BaseHead, softmax, state_array
+from .inputs import iter_row_chunks
+from .solvers import resolve_device
 
 #: k values of the ``knn`` head; values above the number of training rows are clipped to it.
 KNN_GRID: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
@@ -29,59 +23,10 @@ def _normalize(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-def knn_vote_proba(
-    top_sims: torch.Tensor, top_labels: torch.Tensor, n_classes: int, temperature: float
-) -> torch.Tensor:
-    """DINO's weighted vote: class score = sum of ``exp(sim / T)`` over the neighbours of that class.
-
-    Parameters
-    ----------
-    top_sims : Tensor of shape (B, k)
-        Cosine similarities of the k nearest training rows, sorted in decreasing order.
-    top_labels : Tensor of shape (B, k), int64
-        Their class indices.
-
-    Returns
-    -------
-    Tensor of shape (B, n_classes)
-        The scores normalised to sum to 1 (the largest similarity is subtracted before ``exp``,
-        which changes nothing after normalisation and never overflows).
-    """
-    w = torch.exp((top_sims - top_sims[:, :1]) / temperature)
-    scores = torch.zeros(
-        (top_sims.shape[0], n_classes), dtype=top_sims.dtype, device=top_sims.device
-    ).scatter_add_(1, top_labels, w)
-    return scores / scores.sum(dim=1, keepdim=True)
-
-
 def _as_proba(p: torch.Tensor) -> np.ndarray:
     """Float64 copy renormalised to sum to 1 exactly (the votes are summed in float32)."""
     p = p.double().cpu().numpy()
     return p / p.sum(axis=1, keepdims=True)
-
-
-class _KNNModule(torch.nn.Module):
-    """Cosine k-NN as a module: the normalised training bank and its labels are buffers.
-
-    Emits ``log`` of the vote probabilities (clamped at the smallest float32 normal), so that
-    ``softmax(module(x)) == predict_proba(x)``.
-    """
-
-    def __init__(
-        self, bank: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float
-    ) -> None:
-        super().__init__()
-        self.register_buffer("bank", torch.tensor(np.asarray(bank, dtype=np.float32)))
-        self.register_buffer("labels", torch.tensor(np.asarray(labels, dtype=np.int64)))
-        self.n_classes = int(n_classes)
-        self.k = int(k)
-        self.temperature = float(temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.normalize(x.to(self.bank.dtype), dim=1)
-        sims, idx = (x @ self.bank.T).topk(self.k, dim=1)
-        p = knn_vote_proba(sims, self.labels[idx], self.n_classes, self.temperature)
-        return torch.log(p.clamp_min(1.1754944e-38))
 
 
 class KNNHead(BaseHead):
@@ -176,6 +121,8 @@ class KNNHead(BaseHead):
                 yield (q @ bank_t.T).topk(k, dim=1)
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
+        from .modules import knn_vote_proba
+
         k = min(int(self.k), self.bank_.shape[0])
         labels = torch.from_numpy(self.bank_labels_)
         out = []
@@ -185,6 +132,8 @@ class KNNHead(BaseHead):
         return _as_proba(torch.cat(out))
 
     def _sweep(self, X, y_idx, n_classes, grid, X_eval) -> np.ndarray:
+        from .modules import knn_vote_proba
+
         bank = _normalize(X)
         ks = [min(int(k), bank.shape[0]) for k in grid]
         labels = torch.from_numpy(y_idx.astype(np.int64))
@@ -221,10 +170,12 @@ class KNNHead(BaseHead):
         self.bank_labels_ = labels.astype(np.int64)
 
     def to_torch(self) -> torch.nn.Module:
-        """A :class:`_KNNModule`: ``softmax(module(x)) == predict_proba(x)``."""
+        """A :class:`~featcache.heads.modules.KNNModule`: ``softmax(module(x)) == predict_proba(x)``."""
         self._require_fitted()
         k = min(int(self.k), self.bank_.shape[0])
-        return _KNNModule(
+        from .modules import KNNModule
+
+        return KNNModule(
             self.bank_, self.bank_labels_, len(self.classes_), k, float(self.temperature)
         )
 
@@ -331,7 +282,9 @@ class NCMHead(BaseHead):
         """A :class:`LinearScores` module (normalising ``x`` for cosine)."""
         self._require_fitted()
         W, b = self._linear()
+        from .modules import LinearScores
+
         return LinearScores(W, b, binary=False, normalize=self.metric == "cosine")
 
 
-__all__ = ["KNN_GRID", "KNNHead", "NCMHead", "knn_vote_proba"]
+__all__ = ["KNN_GRID", "KNNHead", "NCMHead"]

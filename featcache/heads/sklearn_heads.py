@@ -8,17 +8,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
-from ..registry import check_int
-from .base import (
-    CLASS_WEIGHT_HELP,
-    BaseHead,
-    LinearHeadMixin,
-    check_class_weight,
-    check_number,
-    class_weights,
-    iter_row_chunks,
-    scores_to_proba,
-)
+from ..validation import CLASS_WEIGHT_HELP, check_class_weight, check_int, check_number
+from .base import BaseHead, LinearHeadMixin, scores_to_proba
+from .inputs import class_weights, iter_row_chunks
 
 #: C values of logistic regression and of the torch ``linear`` head: 1e-4 .. 1e4, 13 points.
 LOGREG_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 13))

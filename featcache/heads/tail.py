@@ -20,30 +20,26 @@ import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from sklearn.base import clone
-from torch import nn
 
 from ..backbones import Backbone, load_backbone
+from ..cutting import assemble_tail, build_tail, cut_at
 from ..errors import ConfigError, HeadError
-from .base import (
+from ..lazy import nn, torch
+from ..training import adamw, cosine_lr, param_groups, resolve_seed
+from ..validation import (
     CLASS_WEIGHT_HELP,
     PATIENCE_HELP,
-    BaseHead,
-    CacheSetup,
-    EpochTracker,
     check_class_weight,
+    check_device,
+    check_int,
     check_number,
     check_patience,
-    class_weights,
-    encode_labels,
-    is_dataset_like,
-    softmax,
 )
-from .torch_heads import check_device, resolve_device
-from ..cutting import assemble_tail, build_tail, cut_at
-from ..training import adamw, cosine_lr, param_groups, resolve_seed
-from ..registry import check_int
+from .base import BaseHead, CacheSetup, softmax
+from .inputs import class_weights, encode_labels, is_dataset_like
+from .monitor import EpochTracker
+from .solvers import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +157,7 @@ class TailHead(BaseHead):
         n_c)`` (scikit-learn's meaning); the batch loss is torch's weighted mean.
     patience : int or None, default=None
         Stop after this many epochs without a better eval score and keep the best epoch's
-        weights (needs eval data, see :func:`featcache.heads.base.training_monitor`).
+        weights (needs eval data, see :func:`featcache.heads.monitor.training_monitor`).
 
     Attributes
     ----------
