@@ -589,7 +589,7 @@ def _print_metrics(metrics: dict, fmt) -> None:
 @_fail_cleanly
 def evaluate(run_dir, cache, as_json) -> None:
     """Score a saved head (RUN_DIR) on every split of another CACHE of the same backbone and layer."""
-    from .fit import evaluate as run
+    from .runs import evaluate as run
     from .metrics import format_metrics_table
 
     metrics = run(run_dir, cache)

@@ -39,7 +39,7 @@ from .errors import ConfigError
 from .files import atomic_write, write_json
 from .extract import ARRAY_KINDS
 from .loading import worker_init
-from .fit import split_metrics
+from .metrics import split_metrics
 
 from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decode, load_image
 from .validation import check_choice, check_int, check_number

@@ -9,9 +9,7 @@ time, up to the head's ``grid_bounds``. Metrics are reported for every split oth
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -19,15 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 from sklearn.base import clone
 
-from .artifacts import load_head, save_head
-from .errors import CacheError, ConfigError, HeadError
+from .errors import ConfigError, HeadError
 from .heads import HEADS, make_head
 from .heads.base import BaseHead
 from .heads.monitor import training_monitor
-from .metrics import SELECT_BY, classification_metrics, selection_scores
+from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
+from .runs import RUN_JSON, save_run
 from .validation import check_choice, check_int
 from .runtime import head_threads
 from .store import FeatureCache, open_cache
@@ -35,11 +32,6 @@ from .transform import FeatureTransform
 
 logger = logging.getLogger(__name__)
 
-RUN_JSON = "run.json"
-METRICS_JSON = "metrics.json"
-SWEEP_CSV = "sweep.csv"
-TRANSFORM = "transform.safetensors"
-#: Largest over smallest training class above which fit-head suggests balanced class weights.
 IMBALANCE_RATIO = 1.5
 
 
@@ -140,14 +132,6 @@ def _few_shot_indices(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
         idx = np.flatnonzero(y == c)
         out.append(rng.choice(idx, size=min(shots, len(idx)), replace=False))
     return np.sort(np.concatenate(out))
-
-
-def expand_proba(proba: np.ndarray, head_classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Probabilities over the head's classes -> over all ``n_classes`` of the cache (a class the
-    head never saw gets 0)."""
-    out = np.zeros((len(proba), n_classes), dtype=np.float64)
-    out[:, np.asarray(head_classes, dtype=np.int64)] = proba
-    return out
 
 
 class _Data:
@@ -355,14 +339,6 @@ def _score_splits(cache, layer, config, head, transform, skip: tuple[str, ...]) 
     return metrics
 
 
-def split_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
-    """Metrics of label indices ``y`` against probabilities over all classes, keyed by class name."""
-    m = classification_metrics(y, proba, np.arange(len(class_names)))
-    m["per_class_recall"] = {class_names[int(k)]: v for k, v in m["per_class_recall"].items()}
-    m["classes"] = list(class_names)
-    return m
-
-
 def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None = None, *,
              progress: Callable[[dict], None] | None = None, **options) -> FitResult:
     """Fit a head on a cache, sweeping its regularisation grid, and save the run.
@@ -468,7 +444,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": layer, "classes": c.classes, "fingerprint": c.fingerprint,
                 "extract_config": c.extract_config, "config": config.to_dict(), "best": best}
-        _save_run(run, head, transform, meta, metrics, sweep, few_shot, seconds, notes, getattr(head, "history_", None))
+        save_run(run, head, transform, meta, metrics, sweep, few_shot, seconds, notes, getattr(head, "history_", None))
         return FitResult(str(run), config.head, best, metrics, sweep, seconds, few_shot, list(notes))
     finally:
         if own:
@@ -546,148 +522,3 @@ def _run_name(config: FitConfig, cache: FeatureCache) -> str:
     return f"{config.head}-{cache.path.stem[-16:]}-{stamp}-{os.getpid()}"
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-able: {type(o).__name__}")
-
-
-def _clean(obj):
-    """Replace NaN/inf (from metrics of degenerate splits) with None so the JSON is strict."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics: dict, sweep: list[dict],
-              few_shot, seconds: float, warnings: list[str], history: list[dict] | None = None) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    save_head(run, head, head_name=meta["config"]["head"], meta={})
-    arrays, tmeta = transform.get_state()
-    tmp = run / (TRANSFORM + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()} or {"_empty": np.zeros(0, np.float32)}, str(tmp))
-    os.replace(tmp, run / TRANSFORM)
-    _atomic_json(run / RUN_JSON, _clean({**meta, "transform": tmeta, "format": "featcache-run", "version": 1}))
-    _atomic_json(run / METRICS_JSON, _clean({"metrics": metrics, "sweep": sweep, "best": meta["best"],
-                                             "few_shot": few_shot, "seconds": seconds, "warnings": warnings,
-                                             "history": history}))
-    select_by = meta["best"].get("select_by", "top1")
-    extra = select_by not in ("top1", "log_loss")
-    by_layer = any("layer" in r for r in sweep)
-    with open(run / SWEEP_CSV, "w") as f:
-        f.write(("layer," if by_layer else "") + f"{meta['best']['param']},top1,log_loss"
-                + (f",{select_by}\n" if extra else "\n"))
-        for r in sweep:
-            f.write((f"{r['layer']}," if by_layer else "") + f"{r['value']},{r['top1']:.6f},{r['log_loss']:.6f}"
-                    + (f",{r['score']:.6f}\n" if extra else "\n"))
-
-
-@dataclass
-class Run:
-    """A saved run: head, feature transform and metadata (``run.json``)."""
-
-    path: Path
-    head: Any
-    transform: FeatureTransform
-    meta: dict
-
-    @property
-    def classes(self) -> list[str]:
-        return self.meta["classes"]
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities over all the run's classes, shape (n_samples, n_classes)."""
-        p = self.head.predict_proba(self.transform.transform(features.reshape(len(features), -1)))
-        return expand_proba(p, self.head.classes_, len(self.classes))
-
-
-def load_run(run_dir: str | os.PathLike) -> Run:
-    """Load a run folder written by :func:`fit_head` (no pickle anywhere)."""
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_JSON
-    if not path.is_file():
-        raise HeadError(f"'{run_dir}' is not a featcache run (no {RUN_JSON}). Pass the folder fit-head wrote.")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise HeadError(f"'{path}' is not valid JSON ({e}). Re-run fit-head.") from None
-    if isinstance(meta, dict) and meta.get("format") == "featcache-finetune":
-        raise HeadError(
-            f"'{run_dir}' is a finetune run (a whole fine-tuned network), not a head fitted on cached features; "
-            f"predict, export and evaluate use fit-head runs. 'featcache report {run_dir}' shows its scores; to "
-            f"predict with frozen features, extract a cache and run 'featcache fit-head'.")
-    if not isinstance(meta, dict) or meta.get("format") != "featcache-run":
-        raise HeadError(f"'{path}' is not a featcache run file. Re-run fit-head.")
-    for key, kind in (("classes", list), ("layer", str), ("fingerprint", dict), ("transform", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise HeadError(f"'{path}' lacks a valid '{key}'. Re-run fit-head.")
-    head, _ = load_head(run_dir)
-    try:
-        arrays = load_file(str(run_dir / TRANSFORM))
-    except Exception as e:
-        raise HeadError(f"Cannot read '{run_dir / TRANSFORM}' ({e}). Re-run fit-head.") from None
-    arrays.pop("_empty", None)
-    try:
-        transform = FeatureTransform.from_state(arrays, meta["transform"])
-    except ConfigError as e:
-        raise HeadError(f"'{run_dir / TRANSFORM}': {e} Re-run fit-head.") from None
-    return Run(run_dir, head, transform, meta)
-
-
-#: Fingerprint fields that must agree for a head to be valid on another cache's features.
-COMPATIBLE_KEYS = ("backbone", "preprocess", "pool")
-
-
-def check_compatible(run: Run, cache: FeatureCache) -> None:
-    fp = cache.fingerprint
-    for key in COMPATIBLE_KEYS:
-        if fp.get(key) != run.meta["fingerprint"].get(key):
-            raise CacheError(
-                f"Cache '{cache.path.name}' does not match the run's features: its {key} differs "
-                f"({json.dumps(fp.get(key))} vs {json.dumps(run.meta['fingerprint'].get(key))}). Extract the "
-                f"data with the same backbone, weights and preprocessing."
-            )
-    if run.meta["layer"] not in cache.layers:
-        raise CacheError(f"Cache '{cache.path.name}' has no layer '{run.meta['layer']}', which the run's head reads.")
-    extra = [c for c in cache.classes if c not in run.classes]
-    if extra:
-        raise CacheError(
-            f"Cache '{cache.path.name}' has classes the run was not fitted on: {', '.join(extra[:5])}"
-            f"{', ...' if len(extra) > 5 else ''}. A head only scores data of its own classes ({len(run.classes)}: "
-            f"{', '.join(run.classes[:5])}{', ...' if len(run.classes) > 5 else ''})."
-        )
-
-
-def evaluate(run_dir: str | os.PathLike, cache: str | os.PathLike) -> dict:
-    """Score a saved run on every split of another cache (refused if its features differ).
-
-    The cache's classes may be a subset of the run's: its labels are mapped to the run's classes,
-    and each split's metrics list the run classes it has no samples of in ``absent_classes``
-    (balanced accuracy and macro F1 are over the classes present).
-    """
-    run = load_run(run_dir)
-    with open_cache(cache) as c:
-        check_compatible(run, c)
-        to_run = np.array([run.classes.index(name) for name in c.classes], dtype=np.int64)
-        out = {}
-        for split in c.splits:
-            if c.n(split) == 0:
-                continue
-            X, y = c.load(split, run.meta["layer"])
-            y = to_run[y]
-            out[split] = split_metrics(y, run.predict_proba(X), run.classes)
-            present = set(y.tolist())
-            out[split]["absent_classes"] = [name for i, name in enumerate(run.classes) if i not in present]
-    return out

@@ -228,3 +228,19 @@ def format_metrics_table(metrics_by_split: Mapping[str, Mapping[str, Any]]) -> s
 
 
 __all__ = ["SELECT_BY", "classification_metrics", "format_metrics_table", "selection_scores"]
+
+
+def expand_proba(proba: np.ndarray, head_classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities over the head's classes -> over all ``n_classes`` of the cache (a class the
+    head never saw gets 0)."""
+    out = np.zeros((len(proba), n_classes), dtype=np.float64)
+    out[:, np.asarray(head_classes, dtype=np.int64)] = proba
+    return out
+
+
+def split_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
+    """Metrics of label indices ``y`` against probabilities over all classes, keyed by class name."""
+    m = classification_metrics(y, proba, np.arange(len(class_names)))
+    m["per_class_recall"] = {class_names[int(k)]: v for k, v in m["per_class_recall"].items()}
+    m["classes"] = list(class_names)
+    return m

@@ -15,7 +15,7 @@ from torch import nn
 from .backbones import Backbone, load_backbone
 from .errors import BackboneError, ConfigError, SourceError
 from .devices import resolve_device, runnable_precision
-from .fit import Run, load_run
+from .runs import Run, load_run
 from .preprocess import DecodeError, load_image
 from .sources import IMAGE_EXTENSIONS, display_path
 from .taps import HostCopy, TappedForward, truncated_model

@@ -66,7 +66,8 @@ def test_list_layers_probes_a_moved_model_on_its_device():
 
 
 def test_predict_pipeline_on_another_device(tmp_path, tiny, image_folder):
-    from featcache.fit import fit_head, load_run
+    from featcache.fit import fit_head
+    from featcache.runs import load_run
     from featcache.predict import _Pipeline, _backbone_for
 
     cache = extract(str(image_folder), **tiny).cache
@@ -316,7 +317,8 @@ def test_auto_precision_on_a_cpu_follows_its_native_bf16(monkeypatch):
 
 
 def test_predict_runs_a_gpu_cache_in_fp32_on_a_cpu_without_bf16(monkeypatch, tmp_path, tiny, image_folder, caplog):
-    from featcache.fit import fit_head, load_run
+    from featcache.fit import fit_head
+    from featcache.runs import load_run
     from featcache.predict import _Pipeline, _backbone_for, predict
 
     cache = extract(str(image_folder), **{**tiny, "precision": "bf16"}).cache

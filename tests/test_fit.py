@@ -15,7 +15,8 @@ from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError, HeadError
-from featcache.fit import evaluate, fit_head, load_run, parse_grid
+from featcache.fit import fit_head, parse_grid
+from featcache.runs import evaluate, load_run
 from featcache.heads import HEADS
 from featcache.predict import export, predict
 

@@ -36,7 +36,8 @@ from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.backbones import load_state_dict_file
 from featcache.errors import CacheError, CacheLockedError, HeadError, WeightsUnavailableError
-from featcache.fit import fit_head, load_run
+from featcache.fit import fit_head
+from featcache.runs import load_run
 from featcache.partial import PartialStore
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featcache"

@@ -17,7 +17,8 @@ import pytest
 
 from featcache import plots
 from featcache.errors import ConfigError, FeatcacheError
-from featcache.fit import FitConfig, split_metrics
+from featcache.fit import FitConfig
+from featcache.metrics import split_metrics
 from featcache.report import leaderboard, leaderboard_csv, leaderboard_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
