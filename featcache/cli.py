@@ -37,6 +37,8 @@ def _flag_names(message: str) -> str:
         return re.sub(quoted, lambda q: flags.get(q.group(1), q.group(0)), m.group(0))
 
     message = re.sub(rf"{quoted}( and {quoted})? options?\b", options, message)
+    switches = {p.name for p in ctx.command.params if isinstance(p, click.Option) and p.is_flag}
+    message = re.sub(r"\b(\w+)=True\b", lambda m: flags[m.group(1)] if m.group(1) in switches else m.group(0), message)
     return re.sub(r"\b(\w+)=(?=\S)", lambda m: flags[m.group(1)] + " " if m.group(1) in flags else m.group(0),
                   message)
 

@@ -175,12 +175,20 @@ def _select(rows: dict, select_by: str):
     return min(rows, key=lambda v: (sign * rows[v]["score"], rows[v]["log_loss"]))
 
 
-def _search(grid: list, evaluate: Callable[[list], list], head: BaseHead, config: FitConfig, n_train: int):
-    """Score the grid; while the best value sits at an end, add the next decade (to the head's
-    ``grid_bounds``).
+@dataclass
+class _Search:
+    """A scored grid: results by value (scores and the fitted model, None for k-fold), the best
+    value, the values added beyond the grid, and whether the best sits at the head's bound."""
 
-    Returns (results by value, best value, values added, whether the best is at the search's limit).
-    """
+    results: dict
+    best: Any
+    extended: list
+    at_bound: bool
+
+
+def _search(grid: list, evaluate: Callable[[list], list], head: BaseHead, config: FitConfig, n_train: int) -> _Search:
+    """Score the grid; while the best value sits at an end, add the next decade (to the head's
+    ``grid_bounds``)."""
     results = {}
 
     def add(values: list) -> None:
@@ -188,33 +196,52 @@ def _search(grid: list, evaluate: Callable[[list], list], head: BaseHead, config
             results[v] = {**scores, "score": scores[config.select_by], "model": model}
 
     add(grid)
-    best_v = _select(results, config.select_by)
-    extended: list = []
-    at_bound = False
-    param = head.param
-    if param is not None and len(grid) > 1 and config.extend_grid:
-        while best_v in (min(results), max(results)):
-            new = head.next_grid_value(list(results), best_v, n_train)
-            if new is None:
-                at_bound = True
-                break
-            add([new])
-            extended.append(new)
-            best_v = _select(results, config.select_by)
-        if extended:
-            logger.info("%s: best %s=%g sat at an end of the grid; extended it by %s%s", config.head, param,
-                        best_v, ", ".join(f"{v:g}" for v in extended), " up to its limit" if at_bound else "")
-    return results, best_v, extended, at_bound
+    found = _Search(results, _select(results, config.select_by), [], False)
+    if head.param is None or len(grid) < 2 or not config.extend_grid:
+        return found
+    while found.best in (min(results), max(results)):
+        new = head.next_grid_value(list(results), found.best, n_train)
+        if new is None:
+            found.at_bound = True
+            break
+        add([new])
+        found.extended.append(new)
+        found.best = _select(results, config.select_by)
+    if found.extended:
+        logger.info("%s: best %s=%g sat at an end of the grid; extended it by %s%s", config.head, head.param,
+                    found.best, ", ".join(f"{v:g}" for v in found.extended), " up to its limit" if found.at_bound else "")
+    return found
 
 
-def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.ndarray | None,
-              eval_split: str | None, seed: int, warn: Callable[[str], None],
-              progress: Callable[[dict], None] | None = None):
-    """Sweep, pick, keep the selected model (or refit it for k-fold and --refit-on-trainval).
-    Returns (head, transform, best, sweep rows)."""
+@dataclass
+class _Problem:
+    """A head, its grid and its training data on one layer, ready to sweep."""
+
+    config: FitConfig
+    data: _Data
+    X_raw: Any
+    X: Any
+    y: np.ndarray
+    transform: FeatureTransform
+    head: BaseHead
+    grid: list
+    fit_kwargs: dict
+    n_classes: int
+
+    def fit(self, values: list) -> list[BaseHead]:
+        """The heads of ``values``, as the sweep fits them."""
+        return self.head.sweep_fit(self.X, self.y, values, **self.fit_kwargs)
+
+    def fit_one(self, value, X=None, y=None) -> BaseHead:
+        return _with_value(self.head, self.head.param, value).fit(
+            self.X if X is None else X, self.y if y is None else y, **self.fit_kwargs)
+
+
+def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.ndarray | None, seed: int,
+             warn: Callable[[str], None]) -> _Problem:
+    """Read and transform the training features, and build the head and its grid."""
     data = _Data(cache, layer, config)
-    X_raw = data.raw(config.train_split)
-    y = cache.labels(config.train_split)
+    X_raw, y = data.raw(config.train_split), cache.labels(config.train_split)
     entry = HEADS.entry(config.head)
     setup = entry.obj.from_cache(cache, layer, options=config.head_options, train_split=config.train_split,
                                  rows=train_idx, pca=config.pca)
@@ -240,103 +267,189 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     if "random_state" in entry.extra["options"]:
         options.setdefault("random_state", seed)
     head = make_head(config.head, **options)
-    param = head.param
     grid = head.grid_values(config.grid if config.grid is not None else head.default_grid, len(y))
-    present = np.unique(y)
-    if len(present) < 2:
-        raise HeadError(f"The training split has only {len(present)} class(es); a head needs at least 2.")
-    K = len(cache.classes)
+    if len(np.unique(y)) < 2:
+        raise HeadError(f"The training split has only {len(np.unique(y))} class(es); a head needs at least 2.")
+    return _Problem(config, data, X_raw, X, y, transform, head, grid, setup.fit_kwargs, len(cache.classes))
 
-    fit_kwargs = setup.fit_kwargs
 
-    def fit_grid(values: list) -> list:
-        return head.sweep_fit(X, y, values, **fit_kwargs)
+def _split_scorer(p: _Problem, eval_split: str, progress) -> Callable[[list], list]:
+    """Fit each value on the training rows and score the fitted model itself on ``eval_split``."""
+    X_eval_raw, y_eval = p.data.raw(eval_split), p.data.cache.labels(eval_split)
+    X_eval = p.transform.transform(X_eval_raw) if isinstance(X_eval_raw, np.ndarray) else p.transform.lazy(X_eval_raw)
+    select_by = p.config.select_by
 
-    evaluate = None
-    if eval_split is not None:
-        X_eval_raw = data.raw(eval_split)
-        y_eval = cache.labels(eval_split)
-        X_eval = transform.transform(X_eval_raw) if isinstance(X_eval_raw, np.ndarray) else transform.lazy(X_eval_raw)
-        scored_on = eval_split
+    def evaluate(values: list) -> list[tuple[dict, Any]]:
+        # Heads trained by epochs watch the eval split (history, patience, progress bar).
+        with training_monitor(X_eval=X_eval, y_eval=y_eval, classes=np.unique(p.y), select_by=select_by,
+                              callback=progress):
+            heads = p.fit(values)
+        # Score the fitted models themselves: the selected one is saved as it is.
+        return [(selection_scores(y_eval, expand_proba(h.predict_proba(X_eval), h.classes_, p.n_classes),
+                                  select_by), h) for h in heads]
 
-        def evaluate(values: list) -> list[tuple[dict, Any]]:
-            # Heads trained by epochs watch the eval split (history, --patience, progress bar).
-            with training_monitor(X_eval=X_eval, y_eval=y_eval, classes=present, select_by=config.select_by,
-                                  callback=progress):
-                heads = fit_grid(values)
-            # Score the fitted models themselves: the selected one is saved as it is.
-            return [(selection_scores(y_eval, expand_proba(h.predict_proba(X_eval), h.classes_, K),
-                                      config.select_by), h) for h in heads]
-    elif len(grid) > 1:
-        from sklearn.model_selection import StratifiedKFold
+    return evaluate
 
-        if not isinstance(X, np.ndarray):
-            raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise --max-memory.")
-        folds = min(config.cv or 5, int(np.min(np.bincount(y)[present])))
-        if folds < 2:
-            raise HeadError(
-                f"Too few samples per class for a k-fold sweep (the smallest training class has "
-                f"{int(np.min(np.bincount(y)[present]))}); add a val split or pass one --C value."
-            )
-        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
-        scored_on = f"{folds}-fold cv on {config.train_split}"
 
-        def evaluate(values: list) -> list[tuple[dict, Any]]:
-            per_fold = []
-            for tr, va in splits:
-                with training_monitor(callback=progress):
-                    proba = clone(head).sweep_proba(X[tr], y[tr], values, X[va])
-                classes = np.unique(y[tr])
-                per_fold.append([selection_scores(y[va], expand_proba(p, classes, K), config.select_by)
-                                 for p in proba])
-            return [({k: float(np.mean([f[i][k] for f in per_fold])) for k in per_fold[0][i]}, None)
-                    for i in range(len(values))]
+def _fold_scorer(p: _Problem, seed: int, progress) -> tuple[Callable[[list], list], str]:
+    """Stratified k-fold on the training rows: mean scores per value (no model kept)."""
+    from sklearn.model_selection import StratifiedKFold
 
-    work = int(np.prod(X.shape))
-    with head_threads(head.thread_pool, work, config.threads) as threads:
-        if evaluate is None:
+    X, y = p.X, p.y
+    if not isinstance(X, np.ndarray):
+        raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise the "
+                          "'max_memory' option.")
+    smallest = int(np.min(np.bincount(y)[np.unique(y)]))
+    folds = min(p.config.cv or 5, smallest)
+    if folds < 2:
+        raise HeadError(f"Too few samples per class for a k-fold sweep (the smallest training class has "
+                        f"{smallest}); add a val split or pass a grid of one value.")
+    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
+
+    def evaluate(values: list) -> list[tuple[dict, Any]]:
+        per_fold = []
+        for tr, va in splits:
             with training_monitor(callback=progress):
-                final = _with_value(head, param, grid[0]).fit(X, y, **fit_kwargs)
-            best = {"param": param, "value": grid[0], "score": None, "scored_on": None}
+                proba = clone(p.head).sweep_proba(X[tr], y[tr], values, X[va])
+            classes = np.unique(y[tr])
+            per_fold.append([selection_scores(y[va], expand_proba(q, classes, p.n_classes), p.config.select_by)
+                             for q in proba])
+        return [({k: float(np.mean([f[i][k] for f in per_fold])) for k in per_fold[0][i]}, None)
+                for i in range(len(values))]
+
+    return evaluate, f"{folds}-fold cv on {p.config.train_split}"
+
+
+@dataclass
+class _Fitted:
+    """The outcome of a sweep on one layer: the head to save, its transform, the choice, the table."""
+
+    head: BaseHead
+    transform: FeatureTransform
+    best: dict
+    sweep: list[dict]
+    layer: str
+
+
+def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.ndarray | None,
+              eval_split: str | None, seed: int, warn: Callable[[str], None],
+              progress: Callable[[dict], None] | None = None) -> _Fitted:
+    """Sweep, pick, keep the selected model (or refit it for k-fold and refit_on_trainval)."""
+    p = _problem(cache, config, layer, train_idx, seed, warn)
+    param, transform = p.head.param, p.transform
+    scorer, scored_on = None, None
+    if eval_split is not None:
+        scorer, scored_on = _split_scorer(p, eval_split, progress), eval_split
+    elif len(p.grid) > 1:
+        scorer, scored_on = _fold_scorer(p, seed, progress)
+    with head_threads(p.head.thread_pool, int(np.prod(p.X.shape)), config.threads) as threads:
+        final = None
+        if scorer is None:
+            best = {"param": param, "value": p.grid[0], "score": None, "scored_on": None}
             sweep: list[dict] = []
         else:
-            results, best_v, extended, at_bound = _search(grid, evaluate, head, config, len(y))
-            chosen = results[best_v]
-            best = {"param": param, "value": best_v, "score": chosen["score"], "log_loss": chosen["log_loss"],
-                    "select_by": config.select_by, "scored_on": scored_on, "grid_extended": extended,
-                    "at_bound": at_bound}
+            found = _search(p.grid, scorer, p.head, config, len(p.y))
+            chosen = found.results[found.best]
+            best = {"param": param, "value": found.best, "score": chosen["score"], "log_loss": chosen["log_loss"],
+                    "select_by": config.select_by, "scored_on": scored_on, "grid_extended": found.extended,
+                    "at_bound": found.at_bound}
             sweep = [{"value": v, "top1": r["top1"], "log_loss": r["log_loss"], "score": r["score"]}
-                     for v, r in sorted(results.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
+                     for v, r in sorted(found.results.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
             final = chosen["model"]
         if config.refit_on_trainval:
-            if eval_split is None or not isinstance(X, np.ndarray):
-                raise ConfigError("--refit-on-trainval needs an eval split and features in memory.")
-            X_eval_raw = data.raw(eval_split)
-            transform = FeatureTransform(config.normalize, config.pca).fit(np.concatenate([X_raw, X_eval_raw]))
-            X = transform.transform(np.concatenate([X_raw, X_eval_raw]))
-            y = np.concatenate([y, cache.labels(eval_split)])
-            final = _with_value(head, param, best["value"]).fit(X, y, **fit_kwargs)
+            if eval_split is None or not isinstance(p.X, np.ndarray):
+                raise ConfigError("The 'refit_on_trainval' option needs an eval split and features in memory.")
+            X_both = np.concatenate([p.X_raw, p.data.raw(eval_split)])
+            transform = FeatureTransform(p.config.normalize, config.pca).fit(X_both)
+            final = p.fit_one(best["value"], transform.transform(X_both),
+                              np.concatenate([p.y, cache.labels(eval_split)]))
             best["refit"] = f"{config.train_split}+{eval_split}"
-        elif final is None:  # k-fold: the folds' models are gone; fit the chosen value on all of train
+        elif final is None:  # no sweep, or k-fold (the folds' models are gone): fit on all of train
             with training_monitor(callback=progress):
-                final = _with_value(head, param, best["value"]).fit(X, y, **fit_kwargs)
+                final = p.fit_one(best["value"])
     best["threads"] = threads
     if getattr(final, "history_", None) is not None and getattr(final, "patience", None) is not None:
         best["best_epoch"] = final.best_epoch_
     if transform.n_components_ is not None:
         best["pca_components"] = transform.n_components_
-    return final, transform, best, sweep
+    return _Fitted(final, transform, best, sweep, layer)
 
 
-def _score_splits(cache, layer, config, head, transform, skip: tuple[str, ...]) -> dict:
+def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...]) -> dict:
     metrics = {}
     for split in cache.splits:
         if split in skip or cache.n(split) == 0:
             continue
-        X, y = cache.load(split, layer)
-        proba = head.predict_proba(transform.transform(X.reshape(len(X), -1)))
-        metrics[split] = split_metrics(y, expand_proba(proba, head.classes_, len(cache.classes)), cache.classes)
+        X, y = cache.load(split, fitted.layer)
+        proba = fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1)))
+        metrics[split] = split_metrics(y, expand_proba(proba, fitted.head.classes_, len(cache.classes)), cache.classes)
     return metrics
+
+
+def _checked(config: FitConfig | None, options: dict) -> FitConfig:
+    """``config`` with ``options`` applied, every option checked before any feature is read."""
+    config = FitConfig(**{**(config.to_dict() if config else {}), **options})
+    if config.grid is not None:
+        config = replace(config, grid=tuple(config.grid))
+    check_int("seeds", config.seeds)
+    if config.cv is not None:
+        check_int("cv", config.cv, minimum=2)
+    check_choice("select_by", config.select_by, SELECT_BY)
+    if config.threads is not None:
+        check_int("threads", config.threads)
+    if config.shots is not None:
+        check_int("shots", config.shots)
+    check_options(config)
+    if config.output and not config.overwrite and (Path(config.output) / RUN_JSON).exists():
+        raise ConfigError(f"'{config.output}' already holds a run. Pass overwrite=True to replace it, or choose "
+                          f"another output folder.")
+    if config.head_options.get("patience") is not None and config.refit_on_trainval:
+        raise ConfigError("The 'patience' option picks an epoch on the eval split, which the 'refit_on_trainval' "
+                          "option then trains on. Drop one of them.")
+    return config
+
+
+def _eval_split(cache: FeatureCache, config: FitConfig) -> str | None:
+    """The split the sweep is scored on (None: k-fold on the training split)."""
+    if config.train_split not in cache.splits:
+        raise ConfigError(f"Split '{config.train_split}' is not in the cache. It has: {', '.join(cache.splits)}.")
+    split = config.eval_split
+    if split == "none":  # asked for k-fold on the training split, even when val exists
+        split = None
+    elif split is None and "val" in cache.splits and config.train_split != "val":
+        split = "val"
+    if split is not None and split not in cache.splits:
+        raise ConfigError(f"Split '{split}' is not in the cache. It has: {', '.join(cache.splits)}.")
+    if split == "test":
+        raise ConfigError("The sweep never chooses on the test split. Pass eval_split=val or none.")
+    if config.cv is not None and split is not None:
+        raise ConfigError(f"The 'cv' option applies only without an eval split; this sweep is scored on '{split}'. "
+                          f"Drop the 'cv' option, or pass eval_split=none to sweep by k-fold on {config.train_split}.")
+    return split
+
+
+def _few_shot(cache: FeatureCache, config: FitConfig, layer: str, eval_split: str | None, skip: tuple[str, ...],
+              warn, progress) -> tuple[_Fitted, dict, dict]:
+    """``config.seeds`` draws of ``config.shots`` training rows per class: the first draw's run, its
+    metrics, and the summary over draws."""
+    y_all = cache.labels(config.train_split)
+    counts = np.bincount(y_all, minlength=len(cache.classes))
+    short = {cache.classes[i]: int(n) for i, n in enumerate(counts) if 0 < n < config.shots}
+    if short:
+        k = min(short.values())
+        warn(f"shots={config.shots}: " + ", ".join(f"class '{c}' has only {n}" for c, n in short.items())
+             + f" training rows; those classes use all of them, so the run is not {config.shots}-shot for them. "
+             f"Pass shots={k} for a true {k}-shot run.")
+    per_seed, first = [], None
+    for s in range(config.seeds):
+        idx = _few_shot_indices(y_all, config.shots, config.seed + s)
+        fitted = _fit_once(cache, config, layer, idx, eval_split, config.seed + s, warn, progress)
+        m = _score_splits(cache, fitted, skip)
+        per_seed.append({"seed": config.seed + s, "best": fitted.best, "metrics": m})
+        first = first or (fitted, m)
+    few_shot = {"shots": config.shots, "seeds": config.seeds, "short_classes": short,
+                "summary": _summarize(per_seed), "per_seed": per_seed}
+    return first[0], first[1], few_shot
 
 
 def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None = None, *,
@@ -360,24 +473,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         Run folder, the chosen grid value, metrics per split, the sweep table, seconds.
     """
     t0 = time.perf_counter()
-    config = FitConfig(**{**(config.to_dict() if config else {}), **options})
-    if config.grid is not None:
-        config = FitConfig(**{**config.to_dict(), "grid": tuple(config.grid)})
-    check_int("seeds", config.seeds)
-    if config.cv is not None:
-        check_int("cv", config.cv, minimum=2)
-    check_choice("select_by", config.select_by, SELECT_BY)
-    if config.threads is not None:
-        check_int("threads", config.threads)
-    if config.shots is not None:
-        check_int("shots", config.shots)
-    check_options(config)
-    if config.output and not config.overwrite and (Path(config.output) / RUN_JSON).exists():
-        raise ConfigError(f"'{config.output}' already holds a run. Pass --overwrite to replace it, or choose "
-                          f"another -o folder.")
-    if config.head_options.get("patience") is not None and config.refit_on_trainval:
-        raise ConfigError("--patience picks an epoch on the eval split, which --refit-on-trainval then trains on. "
-                          "Drop one of them.")
+    config = _checked(config, options)
     own = not isinstance(cache, FeatureCache)
     c = open_cache(cache) if own else cache
     notes: list[str] = []
@@ -389,63 +485,27 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
 
     try:
         layers = _layers(c, config.layer)
-        layer = layers[0]
-        if config.train_split not in c.splits:
-            raise ConfigError(f"Split '{config.train_split}' is not in the cache. It has: {', '.join(c.splits)}.")
-        eval_split = config.eval_split
-        if eval_split == "none":  # asked for k-fold on the training split, even when val exists
-            eval_split = None
-        elif eval_split is None and "val" in c.splits and config.train_split != "val":
-            eval_split = "val"
-        if eval_split is not None and eval_split not in c.splits:
-            raise ConfigError(f"Split '{eval_split}' is not in the cache. It has: {', '.join(c.splits)}.")
-        if eval_split == "test":
-            raise ConfigError("The sweep never chooses on the test split. Pass --eval-split val or none.")
-        if config.cv is not None and eval_split is not None:
-            raise ConfigError(f"--cv applies only without an eval split; this sweep is scored on '{eval_split}'. "
-                              f"Drop --cv, or pass --eval-split none to sweep by k-fold on {config.train_split}.")
-        # After --refit-on-trainval the eval split is training data: its scores are not held out.
+        eval_split = _eval_split(c, config)
+        # After refit_on_trainval the eval split is training data: its scores are not held out.
         skip = (config.train_split, eval_split) if config.refit_on_trainval else (config.train_split,)
-        y_all = c.labels(config.train_split)
-        _check_labels(c, config, y_all, warn)
-        few_shot = None
+        _check_labels(c, config, c.labels(config.train_split), warn)
         if len(layers) > 1 and (config.shots or HEADS.get(config.head).inputs == "activations"):
-            raise ConfigError(
-                f"--layer {config.layer} sweeps layers for feature heads without --shots; "
-                f"pass one layer ({', '.join(layers)})."
-            )
+            raise ConfigError(f"layer={config.layer} sweeps layers for feature heads without shots; "
+                              f"pass one layer ({', '.join(layers)}).")
+        few_shot = None
         if config.shots:
-            counts = np.bincount(y_all, minlength=len(c.classes))
-            short = {c.classes[i]: int(n) for i, n in enumerate(counts) if 0 < n < config.shots}
-            if short:
-                warn(f"--shots {config.shots}: " + ", ".join(f"class '{k}' has only {n}" for k, n in short.items())
-                     + f" training rows; those classes use all of them, so the run is not {config.shots}-shot "
-                     f"for them. Pass --shots {min(short.values())} for a true {min(short.values())}-shot run.")
-            per_seed = []
-            first = None
-            for s in range(config.seeds):
-                idx = _few_shot_indices(y_all, config.shots, config.seed + s)
-                head, transform, best, sweep = _fit_once(c, config, layer, idx, eval_split, config.seed + s, warn,
-                                                         progress)
-                m = _score_splits(c, layer, config, head, transform, skip)
-                per_seed.append({"seed": config.seed + s, "best": best, "metrics": m})
-                if first is None:
-                    first = (head, transform, best, sweep, m)
-            head, transform, best, sweep, metrics = first
-            few_shot = {"shots": config.shots, "seeds": config.seeds, "short_classes": short,
-                        "summary": _summarize(per_seed), "per_seed": per_seed}
-        elif len(layers) > 1:
-            layer, head, transform, best, sweep = _sweep_layers(c, config, layers, eval_split, warn, progress)
-            metrics = _score_splits(c, layer, config, head, transform, skip)
+            fitted, metrics, few_shot = _few_shot(c, config, layers[0], eval_split, skip, warn, progress)
         else:
-            head, transform, best, sweep = _fit_once(c, config, layer, None, eval_split, config.seed, warn, progress)
-            metrics = _score_splits(c, layer, config, head, transform, skip)
+            fitted = (_sweep_layers(c, config, layers, eval_split, warn, progress) if len(layers) > 1 else
+                      _fit_once(c, config, layers[0], None, eval_split, config.seed, warn, progress))
+            metrics = _score_splits(c, fitted, skip)
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
-        meta = {"cache": str(c.path), "layer": layer, "classes": c.classes, "fingerprint": c.fingerprint,
-                "extract_config": c.extract_config, "config": config.to_dict(), "best": best}
-        save_run(run, head, transform, meta, metrics, sweep, few_shot, seconds, notes, getattr(head, "history_", None))
-        return FitResult(str(run), config.head, best, metrics, sweep, seconds, few_shot, list(notes))
+        meta = {"cache": str(c.path), "layer": fitted.layer, "classes": c.classes, "fingerprint": c.fingerprint,
+                "extract_config": c.extract_config, "config": config.to_dict(), "best": fitted.best}
+        save_run(run, fitted.head, fitted.transform, meta, metrics, fitted.sweep, few_shot, seconds, notes,
+                 getattr(fitted.head, "history_", None))
+        return FitResult(str(run), config.head, fitted.best, metrics, fitted.sweep, seconds, few_shot, list(notes))
     finally:
         if own:
             c.close()
@@ -461,25 +521,26 @@ def _layers(cache: FeatureCache, spec: str | None) -> list[str]:
 
 
 def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eval_split: str | None, warn,
-                  progress):
-    """Layer x regularisation: each layer standardised on its own and swept, the best layer kept.
-    Returns (layer, head, transform, best, sweep rows with a 'layer' key)."""
-    kept = None
-    table, rows = [], []
+                  progress) -> _Fitted:
+    """Layer x regularisation: each layer standardised on its own and swept, the best layer kept
+    (its sweep rows and ``best["layers"]`` hold the whole table)."""
+    kept, table, rows = None, [], []
+    sign = 1.0 if config.select_by == "log_loss" else -1.0
     for layer in layers:
-        head, transform, best, sweep = _fit_once(cache, config, layer, None, eval_split, config.seed, warn, progress)
+        fitted = _fit_once(cache, config, layer, None, eval_split, config.seed, warn, progress)
+        best = fitted.best
         if best["score"] is None:
-            raise ConfigError(f"--layer {config.layer} selects the layer on a score, and head '{config.head}' "
+            raise ConfigError(f"layer={config.layer} selects the layer on a score, and head '{config.head}' "
                               f"swept nothing to score. Give an eval split or a grid of 2+ values.")
         table.append({"layer": layer, "value": best["value"], "score": best["score"], "log_loss": best["log_loss"]})
-        rows += [{"layer": layer, **r} for r in sweep]
-        sign = 1.0 if config.select_by == "log_loss" else -1.0
+        rows += [{"layer": layer, **r} for r in fitted.sweep]
         key = (sign * best["score"], best["log_loss"])
         if kept is None or key < kept[0]:
-            kept = (key, layer, head, transform, best)
-    _, layer, head, transform, best = kept
-    logger.info("best layer %s (%s %.4f)", layer, config.select_by, best["score"])
-    return layer, head, transform, {**best, "layer": layer, "layers": table}, rows
+            kept = (key, fitted)
+    fitted = kept[1]
+    logger.info("best layer %s (%s %.4f)", fitted.layer, config.select_by, fitted.best["score"])
+    return _Fitted(fitted.head, fitted.transform, {**fitted.best, "layer": fitted.layer, "layers": table}, rows,
+                   fitted.layer)
 
 
 def _check_labels(cache: FeatureCache, config: FitConfig, y_train: np.ndarray, warn) -> None:
@@ -502,7 +563,7 @@ def _check_labels(cache: FeatureCache, config: FitConfig, y_train: np.ndarray, w
         if config.class_weight is None or config.select_by == "top1":
             warn(f"The training split is imbalanced: class '{cache.classes[big]}' has {int(counts[big])} rows, "
                  f"'{cache.classes[small]}' {int(counts[small])} ({counts[big] / counts[small]:.1f}x). Top-1 "
-                 f"favours the large classes; consider --class-weight balanced --select-by balanced_accuracy.")
+                 f"favours the large classes; consider class_weight=balanced select_by=balanced_accuracy.")
 
 
 def _summarize(per_seed: list[dict]) -> dict:

@@ -161,7 +161,7 @@ def test_fit_head_refuses_to_overwrite_a_run(image_folder, tmp_path):
     r = run("fit-head", cache, "--head", "knn", "-o", tmp_path / "run")
     assert r.exit_code == 1
     assert r.output == (f"Error: '{tmp_path / 'run'}' already holds a run. Pass --overwrite to replace it, or "
-                        f"choose another -o folder.\n")
+                        f"choose another output folder.\n")
     assert (tmp_path / "run" / "run.json").read_text() == before
     r = run("fit-head", cache, "--head", "knn", "-o", tmp_path / "run", "--overwrite")
     assert r.exit_code == 0 and '"head": "knn"' in (tmp_path / "run" / "head.json").read_text()
@@ -174,8 +174,9 @@ def test_options_that_do_not_apply_are_refused(image_folder, tmp_path):
         (("--head", "logreg", "--C", ""), "The grid (--C) is empty. Pass values, e.g. --C 0.01,0.1,1 or "
                                            "logspace:-4:4:13, or drop --C for the head's own grid."),
         (("--head", "ncm", "--seeds", "3"), "--seeds 3 applies to few-shot fits only. Add --shots K or drop --seeds."),
-        (("--head", "ncm", "--cv", "3"), "--cv applies only without an eval split; this sweep is scored on 'val'. "
-                                          "Drop --cv, or pass --eval-split none to sweep by k-fold on train."),
+        (("--head", "ncm", "--cv", "3"), "The --cv option applies only without an eval split; this sweep is scored "
+                                          "on 'val'. Drop the --cv option, or pass --eval-split none to sweep by "
+                                          "k-fold on train."),
         (("--head", "logreg", "--epochs", "3"), "--epochs does not apply to head 'logreg'. Drop --epochs."),
     ]:
         r = run("fit-head", cache, *args, "-o", tmp_path / "never")

@@ -371,12 +371,13 @@ def test_a_class_only_in_val_and_test_is_named_not_a_traceback(odd_cache, tmp_pa
 def test_few_shot_names_the_classes_short_of_k(odd_cache, tmp_path):
     res = fit_head(odd_cache, head="ncm", shots=10, output=str(tmp_path / "r"))
     assert res.few_shot["short_classes"] == {"2": 6}
-    msg = ("--shots 10: class '2' has only 6 training rows; those classes use all of them, so the run is not "
-           "10-shot for them. Pass --shots 6 for a true 6-shot run.")
+    msg = ("shots=10: class '2' has only 6 training rows; those classes use all of them, so the run is not "
+           "10-shot for them. Pass shots=6 for a true 6-shot run.")
     assert msg in res.warnings
     assert msg in json.loads((Path(res.run) / "metrics.json").read_text())["warnings"]
     r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--shots", "10", "-o", str(tmp_path / "c")])
-    assert r.exit_code == 0 and f"Warning: {msg}" in r.output
+    flags = msg.replace("shots=10", "--shots 10").replace("shots=6", "--shots 6")
+    assert r.exit_code == 0 and f"Warning: {flags}" in r.output
 
 
 def test_pca_records_the_components_it_kept(odd_cache, tmp_path):
@@ -394,8 +395,10 @@ def test_pca_records_the_components_it_kept(odd_cache, tmp_path):
 def test_imbalance_is_named_with_the_options_that_answer_it(odd_cache, tmp_path):
     res = fit_head(odd_cache, head="ncm", output=str(tmp_path / "r"))
     warning = ("The training split is imbalanced: class '0' has 30 rows, '2' 6 (5.0x). Top-1 favours the large "
-               "classes; consider --class-weight balanced --select-by balanced_accuracy.")
+               "classes; consider class_weight=balanced select_by=balanced_accuracy.")
     assert warning in res.warnings
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--json", "-o", str(tmp_path / "c")])
+    assert "consider --class-weight balanced --select-by balanced_accuracy." in json.loads(r.stdout)["warnings"][-1]
     ok = fit_head(odd_cache, head="logreg", class_weight="balanced", select_by="balanced_accuracy",
                   output=str(tmp_path / "b"))
     assert not any("imbalanced" in w for w in ok.warnings)
@@ -545,7 +548,7 @@ def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):
     assert r.exit_code == 0 and f"ridge: best alpha={res.best['value']:g} on layer {res.best['layer']}" in r.output
     with pytest.raises(CacheError, match="Layer 'layer9' is not in cache"):
         fit_head(cache, head="ridge", layer="layer2,layer9", output=str(tmp_path / "x"))
-    with pytest.raises(ConfigError, match="sweeps layers for feature heads without --shots"):
+    with pytest.raises(ConfigError, match="sweeps layers for feature heads without shots"):
         fit_head(cache, head="ridge", layer="all", shots=5, output=str(tmp_path / "y"))
 
 
