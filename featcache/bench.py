@@ -250,7 +250,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
 def write_outputs(records: list[dict], out: Path) -> dict[str, Path]:
     """Leaderboard (Markdown, CSV) and PNG plots of a benchmark folder."""
     from . import plots
-    from .report import leaderboard, leaderboard_csv, leaderboard_markdown
+    from .leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
 
     rows = leaderboard(records)
     (out / "leaderboard.md").write_text(leaderboard_markdown(rows))

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bench import BenchConfig, run_bench
-from .report import leaderboard, write_report
+from .leaderboard import leaderboard
+from .report import write_report
 
 DEMO_HEADS = ("linear", "knn")
 

@@ -19,7 +19,8 @@ from featcache import plots
 from featcache.errors import ConfigError, FeatcacheError
 from featcache.fit import FitConfig
 from featcache.metrics import split_metrics
-from featcache.report import leaderboard, leaderboard_csv, leaderboard_markdown, write_report
+from featcache.leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
+from featcache.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<b>x</b>"
