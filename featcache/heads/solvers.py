@@ -126,6 +126,54 @@ def adam_step(
         p.addcdiv_(m, denom, value=-lr / (1.0 - betas[0] ** step))
 
 
+def _direction(g: torch.Tensor, S: list, Yh: list, R: list, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-BFGS search directions by the two-loop recursion, per function (rho = 0 marks a skipped
+    pair); steepest descent where that is not a descent direction. Returns (d, g.d in float64)."""
+    q = g.clone()
+    alphas = []
+    for s, yv, rho in zip(reversed(S), reversed(Yh), reversed(R)):
+        a = rho * (s * q).sum(1)
+        q -= a[:, None] * yv
+        alphas.append(a)
+    r = gamma[:, None] * q
+    for (s, yv, rho), a in zip(zip(S, Yh, R), reversed(alphas)):
+        b = rho * (yv * r).sum(1)
+        r += s * (a - b)[:, None]
+    d = -r
+    gd = (g * d).sum(1).double()
+    bad = ~(gd < 0)
+    d = torch.where(bad[:, None], -g, d)
+    return d, torch.where(bad, -(g * g).sum(1).double(), gd)
+
+
+def _line_search(evaluate, x, f, g, d, gd, t, accepted, max_ls: int):
+    """Backtracking along ``d`` from step ``t`` for every function not yet ``accepted``.
+
+    Returns the new points, values and gradients, and which functions found an acceptable step.
+    """
+    x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+    for _ in range(max_ls):
+        trial = torch.where(accepted[:, None], x_new, x + t.to(x.dtype)[:, None] * d)
+        ft, gt = evaluate(trial, ~accepted)
+        armijo = ft <= f + 1e-4 * t * gd
+        # Hager-Zhang's approximate Wolfe test: once f's decrease drowns in float32 rounding,
+        # the directional derivative still tells a good step from a bad one.
+        gtd = (gt * d).sum(1).double()
+        approx = (gtd >= 0.9 * gd) & (gtd <= -0.8 * gd) & (ft <= f + 1e-6 * f.abs())
+        ok = ~accepted & torch.isfinite(ft) & (armijo | approx)
+        x_new = torch.where(ok[:, None], trial, x_new)
+        f_new = torch.where(ok, ft, f_new)
+        g_new = torch.where(ok[:, None], gt, g_new)
+        accepted = accepted | ok
+        if bool(accepted.all()):
+            break
+        t_quad = -gd * t * t / (2.0 * (ft - f - gd * t))
+        t_next = torch.where(torch.isfinite(t_quad), t_quad, 0.5 * t)
+        t_next = torch.minimum(torch.maximum(t_next, 0.1 * t), 0.5 * t)
+        t = torch.where(accepted, t, t_next)
+    return x_new, f_new, g_new, accepted
+
+
 def batched_lbfgs(
     fg: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     x0: torch.Tensor,
@@ -192,22 +240,7 @@ def batched_lbfgs(
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        # Two-loop recursion, per function (rho = 0 marks a skipped pair).
-        q = g.clone()
-        alphas = []
-        for s, yv, rho in zip(reversed(S), reversed(Yh), reversed(R)):
-            a = rho * (s * q).sum(1)
-            q -= a[:, None] * yv
-            alphas.append(a)
-        r = gamma[:, None] * q
-        for (s, yv, rho), a in zip(zip(S, Yh, R), reversed(alphas)):
-            b = rho * (yv * r).sum(1)
-            r += s * (a - b)[:, None]
-        d = -r
-        gd = (g * d).sum(1).double()
-        bad = ~(gd < 0)
-        d = torch.where(bad[:, None], -g, d)
-        gd = torch.where(bad, -(g * g).sum(1).double(), gd)
+        d, gd = _direction(g, S, Yh, R, gamma)
         d = d * active[:, None]
         t = torch.where(
             has_pair,
@@ -215,27 +248,7 @@ def batched_lbfgs(
             torch.clamp(1.0 / g.abs().sum(1).double().clamp_min(1e-30), max=1.0),
         )
 
-        accepted = ~active
-        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
-        for _ in range(max_ls):
-            trial = torch.where(accepted[:, None], x_new, x + t.to(x.dtype)[:, None] * d)
-            ft, gt = evaluate(trial, ~accepted)
-            armijo = ft <= f + 1e-4 * t * gd
-            # Hager-Zhang's approximate Wolfe test: once f's decrease drowns in float32 rounding,
-            # the directional derivative still tells a good step from a bad one.
-            gtd = (gt * d).sum(1).double()
-            approx = (gtd >= 0.9 * gd) & (gtd <= -0.8 * gd) & (ft <= f + 1e-6 * f.abs())
-            ok = ~accepted & torch.isfinite(ft) & (armijo | approx)
-            x_new = torch.where(ok[:, None], trial, x_new)
-            f_new = torch.where(ok, ft, f_new)
-            g_new = torch.where(ok[:, None], gt, g_new)
-            accepted = accepted | ok
-            if bool(accepted.all()):
-                break
-            t_quad = -gd * t * t / (2.0 * (ft - f - gd * t))
-            t_next = torch.where(torch.isfinite(t_quad), t_quad, 0.5 * t)
-            t_next = torch.minimum(torch.maximum(t_next, 0.1 * t), 0.5 * t)
-            t = torch.where(accepted, t, t_next)
+        x_new, f_new, g_new, accepted = _line_search(evaluate, x, f, g, d, gd, t, ~active, max_ls)
         stepped = active & accepted
 
         s = x_new - x
