@@ -169,7 +169,8 @@ def decode_alone(data: Path, batch: int) -> tuple[float, int]:
     marks = []
     t0 = time.perf_counter()
     done = 0
-    for idx, _, _, _ in loader:
+    for batch in loader:
+        idx = batch.rows
         done += len(idx)
         marks.append((time.perf_counter() - t0, done))
     return _steady(marks, len(rows)), workers

@@ -528,7 +528,8 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     pending = None
     try:
         with torch.inference_mode():
-            for idx, hashes, x, bad in loaded:
+            for batch in loaded:
+                idx, hashes, x, bad = batch.rows, batch.hashes, batch.x, batch.failed
                 failed_ids, failed_reasons = _failures(bad, todo, config.on_error)
                 # The device works on this batch while the previous one is copied to the host.
                 copy = host.start(forward(x), len(idx)) if x is not None else None

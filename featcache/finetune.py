@@ -38,7 +38,7 @@ from .devices import PRECISIONS, PREFETCH, autocast, default_workers, resolve_de
 from .errors import ConfigError
 from .files import atomic_write, write_json
 from .extract import ARRAY_KINDS
-from .loading import worker_init
+from .loading import collate, worker_init
 from .metrics import split_metrics
 
 from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decode, load_image
@@ -277,20 +277,13 @@ class _Images(torch.utils.data.Dataset):
         try:
             data, h = self.src.read(ref)
         except OSError as e:
-            return i, None, f"cannot read file: {e.strerror or e}"
+            return i, None, None, f"cannot read file: {e.strerror or e}"
         try:
             if self.augment is None:
-                return i, load_image(data, self.pp), None
-            return i, augmented_views(decode(data, self.pp), self.pp, self.augment, h)[0], None
+                return i, h, load_image(data, self.pp)[None], None
+            return i, h, augmented_views(decode(data, self.pp), self.pp, self.augment, h)[:1], None
         except DecodeError as e:
-            return i, None, str(e)
-
-
-def _collate(items):
-    ok = [(i, a) for i, a, _ in items if a is not None]
-    bad = [(i, r) for i, a, r in items if a is None]
-    x = torch.from_numpy(np.stack([a for _, a in ok])) if ok else None
-    return [i for i, _ in ok], x, bad
+            return i, h, None, str(e)
 
 
 def _loader(ds: _Images, order: list[int], config: FinetuneConfig, device: torch.device) -> torch.utils.data.DataLoader:
@@ -298,7 +291,7 @@ def _loader(ds: _Images, order: list[int], config: FinetuneConfig, device: torch
     workers = config.num_workers if config.num_workers is not None else default_workers(
         device, pre_decoded=ds.src.kind in ARRAY_KINDS)
     return torch.utils.data.DataLoader(
-        ds, batch_size=config.batch_size, sampler=order, collate_fn=_collate, num_workers=workers,
+        ds, batch_size=config.batch_size, sampler=order, collate_fn=collate, num_workers=workers,
         worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=PREFETCH if workers else None,
     )
@@ -444,7 +437,8 @@ class _Job:
         _set_train_mode(model, self.frozen)
         # Summed on the device: reading the loss each step would wait for the GPU every step.
         loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        for idx, x, bad in _loader(train, self.rng.permutation(len(train)).tolist(), config, device):
+        for batch in _loader(train, self.rng.permutation(len(train)).tolist(), config, device):
+            idx, x, bad = batch.rows, batch.x, batch.failed
             self.note("train", bad)
             self.step += 1
             if x is None or (len(idx) < 2 and self.has_bn):
@@ -469,7 +463,8 @@ class _Job:
         self.model.eval()
         ys, logits = [], []
         with torch.no_grad(), autocast(self.device, self.precision):
-            for idx, x, bad in _loader(ds, list(range(len(ds))), self.config, self.device):
+            for batch in _loader(ds, list(range(len(ds))), self.config, self.device):
+                idx, x, bad = batch.rows, batch.x, batch.failed
                 self.note(split, bad)
                 if x is None:
                     continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,9 +128,30 @@ class DecodeDataset(torch.utils.data.Dataset):
             return i, h, None, str(e)
 
 
-def collate(items):
-    """Base crops first, then all augmented views: x is (B + B * views, 3, H, W). With undecoded
-    JPEGs in the batch, x is the list of items for :func:`decode_on_device`."""
+@dataclass
+class Batch:
+    """One loaded batch.
+
+    ``rows`` are the positions (in the dataset's rows) of the images that decoded and ``hashes``
+    their content hashes; ``x`` their crops, base crops first, then all augmented views ((B + B *
+    views, 3, H, W) uint8), or the list of undecoded JPEGs for :func:`decode_on_device`, or None
+    when nothing decoded; ``failed`` holds (position, reason) of the images that did not.
+    """
+
+    rows: list[int]
+    hashes: list
+    x: Any
+    failed: list[tuple[int, str]]
+
+    def pin_memory(self) -> "Batch":
+        """Called by ``DataLoader(pin_memory=True)``: the crops in page-locked memory."""
+        if isinstance(self.x, torch.Tensor):
+            self.x = self.x.pin_memory()
+        return self
+
+
+def collate(items) -> Batch:
+    """The :class:`Batch` of ``(position, hash, crops, failure reason)`` items."""
     ok = [(i, h, a) for i, h, a, _ in items if a is not None]
     bad = [(i, r) for i, _, a, r in items if a is None]
     x = None
@@ -139,7 +161,7 @@ def collate(items):
         base = np.stack([a[0] for _, _, a in ok])
         extra = [a[1:] for _, _, a in ok if len(a) > 1]
         x = torch.from_numpy(np.concatenate([base, *extra]) if extra else base)
-    return [i for i, _, _ in ok], [h for _, h, _ in ok], x, bad
+    return Batch([i for i, _, _ in ok], [h for _, h, _ in ok], x, bad)
 
 
 def worker_init(_):
@@ -152,7 +174,7 @@ class DeviceDecoded:
     With ``background``, a thread decodes batch k+1 on a side CUDA stream while the main thread
     runs the forward pass of batch k (torchvision's nvJPEG decoder synchronises its stream, so
     decoding in the main loop would stall the forward pass). Yields the loader's
-    ``(indices, hashes, x, bad)`` with ``x`` a uint8 tensor on ``device`` (or None).
+    :class:`Batch` es with ``x`` a uint8 tensor on ``device`` (or None).
     """
 
     DEPTH = 2
@@ -164,15 +186,14 @@ class DeviceDecoded:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _decode(self, batch):
-        idx, hashes, x, bad = batch
-        if not isinstance(x, list):
-            return idx, hashes, x, bad
-        crops, failed = decode_on_device(x, self.pp, self.device)
-        bad = list(bad) + [(idx[k], reason) for k, reason in failed]
+    def _decode(self, batch: Batch) -> Batch:
+        if not isinstance(batch.x, list):
+            return batch
+        crops, failed = decode_on_device(batch.x, self.pp, self.device)
+        bad = list(batch.failed) + [(batch.rows[k], reason) for k, reason in failed]
         keep = [k for k, c in enumerate(crops) if c is not None]
         x = torch.stack([crops[k] for k in keep]) if keep else None
-        return [idx[k] for k in keep], [hashes[k] for k in keep], x, bad
+        return Batch([batch.rows[k] for k in keep], [batch.hashes[k] for k in keep], x, bad)
 
     def _run(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -216,8 +237,8 @@ class DeviceDecoded:
                 raise value
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-                if value[2] is not None:  # made on the side stream, used on this one
-                    value[2].record_stream(torch.cuda.current_stream(self.device))
+                if value.x is not None:  # made on the side stream, used on this one
+                    value.x.record_stream(torch.cuda.current_stream(self.device))
             yield value
 
     def close(self) -> None:

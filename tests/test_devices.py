@@ -26,7 +26,7 @@ from featcache import extract
 from featcache.backbones import load_backbone
 from featcache.errors import ConfigError
 from featcache.extract import ExtractConfig
-from featcache.loading import DeviceDecoded
+from featcache.loading import Batch, DeviceDecoded
 from featcache.taps import HostCopy, TappedForward, list_layers
 
 META = torch.device("meta")
@@ -232,12 +232,12 @@ def test_device_decoding_runs_one_batch_ahead_of_the_forward_pass(monkeypatch):
 
     monkeypatch.setattr(importlib.import_module("featcache.loading"), "decode_on_device", fake_decode)
     enc = Encoded(np.zeros(4, np.uint8), 1)
-    loader = [([2 * k, 2 * k + 1], ["h", "h"], [enc, enc], []) for k in range(4)]
+    loader = [Batch([2 * k, 2 * k + 1], ["h", "h"], [enc, enc], []) for k in range(4)]
     overlapped = []
     batches = DeviceDecoded(loader, None, torch.device("cpu"), background=True)
     try:
-        for k, (idx, hashes, x, bad) in enumerate(batches):
-            assert x.shape == (2, 3, 4, 4) and idx == [2 * k, 2 * k + 1]
+        for k, batch in enumerate(batches):
+            assert batch.x.shape == (2, 3, 4, 4) and batch.rows == [2 * k, 2 * k + 1]
             if k + 1 < len(loader):  # "the forward pass of batch k": is batch k+1 being decoded?
                 overlapped.append(started[k + 1].wait(timeout=10))
     finally:
