@@ -195,7 +195,8 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
     """
     config.validate()
     if overwrite and skip_existing:
-        raise ConfigError("--overwrite deletes the records that --skip-existing would resume from. Pass one of them.")
+        raise ConfigError("The 'overwrite' option deletes the records that the 'skip_existing' option would resume "
+                          "from. Pass one of them.")
     out = Path(out_dir)
     if overwrite:
         (out / RECORDS).unlink(missing_ok=True)

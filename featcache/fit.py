@@ -122,7 +122,8 @@ def check_options(config: FitConfig) -> None:
         if entry.extra["param"] is None:
             raise ConfigError(f"--C does not apply to head '{config.head}': it sweeps no parameter. Drop --C.")
     if config.seeds != 1 and config.shots is None:
-        raise ConfigError(f"--seeds {config.seeds} applies to few-shot fits only. Add --shots K or drop --seeds.")
+        raise ConfigError(f"seeds={config.seeds} applies to few-shot fits only. Add the 'shots' option or drop the "
+                          f"'seeds' option.")
 
 
 def _few_shot_indices(y: np.ndarray, shots: int, seed: int) -> np.ndarray:

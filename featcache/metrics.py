@@ -178,7 +178,7 @@ def selection_scores(y_idx: np.ndarray, proba: np.ndarray, select_by: str = "top
         auc = classification_metrics(y_idx, proba, np.arange(K))["roc_auc"]
         if auc is None:
             raise ConfigError(
-                "--select-by roc_auc needs every class in the eval split; some have no rows there. "
+                "select_by=roc_auc needs every class in the eval split; some have no rows there. "
                 "Select by top1, balanced_accuracy or macro_f1 instead."
             )
         out[select_by] = float(auc)

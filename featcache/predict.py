@@ -40,7 +40,7 @@ def _backbone_for(run: Run, weights: str | None = None) -> Backbone:
         raise BackboneError(
             f"The backbone rebuilt for this run ({bb.name}) differs from the one its features came from "
             f"({fp['backbone']['name']}, weights sha256 {fp['backbone'].get('weights_sha256')}). Pass the "
-            f"original weights file with --weights."
+            f"original weights file (the 'weights' option)."
         )
     return bb
 

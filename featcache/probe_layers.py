@@ -104,13 +104,13 @@ def probe_layers(backbone: str, source: str, *, out_dir: str | os.PathLike = "la
     fit_config = fit_config or FitConfig()
     check_options(replace(fit_config, head=head))
     if ex.pool == "none":
-        raise ConfigError("probe-layers fits one head per layer on pooled features; --pool none keeps whole maps. "
-                          "Pass --pool avg, max or avgmax.")
+        raise ConfigError("probe-layers fits one head per layer on pooled features; pool=none keeps whole maps. "
+                          "Pass pool=avg, max or avgmax.")
     # Checked before the forward passes: the layers are scored on a split other than train.
     src = open_source(source, val_fraction=ex.val_fraction, split_seed=ex.split_seed)
     if not set(src.splits) - {fit_config.train_split}:
         raise ConfigError(f"Source '{source}' has no split besides {fit_config.train_split} to score layers on. Pass "
-                          f"--val-fraction 0.2 to carve one out, or add a val/ folder.")
+                          f"val_fraction=0.2 to carve one out, or add a val/ folder.")
     ex = replace(ex, val_fraction=None)  # carved into src above; its split policy stays in the fingerprint
     bb = load_backbone(backbone, weights=ex.weights, input_size=ex.input_size, mean=ex.mean, std=ex.std)
     if not bb.stages:

@@ -422,12 +422,12 @@ def _split_val(src: Source, fraction: float, seed: int) -> None:
         raise ConfigError(f"The 'val_fraction' option must be in (0, 1). Got {fraction!r}.")
     if "val" in src.splits:
         raise ConfigError(
-            f"Source '{src.spec}' already has a val split; drop --val-fraction."
+            f"Source '{src.spec}' already has a val split; drop the 'val_fraction' option."
         )
     from sklearn.model_selection import train_test_split
 
     if not src.splits.get("train"):
-        raise ConfigError(f"Source '{src.spec}' has no train split to carve --val-fraction out of.")
+        raise ConfigError(f"Source '{src.spec}' has no train split to carve val_fraction={fraction} out of.")
     train = src.splits["train"]
     labels = np.array([r.label for r in train])
     counts = np.bincount(labels)
@@ -437,7 +437,7 @@ def _split_val(src: Source, fraction: float, seed: int) -> None:
         tr, va = train_test_split(idx, test_size=fraction, stratify=stratify, random_state=seed)
     except ValueError as e:
         raise ConfigError(
-            f"--val-fraction {fraction} cannot split {len(train)} training samples of {len(counts)} classes "
+            f"val_fraction={fraction} cannot split {len(train)} training samples of {len(counts)} classes "
             f"({e}). Use a larger fraction or add a val split."
         ) from None
     src.splits = {"train": [train[i] for i in np.sort(tr)], "val": [train[i] for i in np.sort(va)],

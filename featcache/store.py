@@ -351,7 +351,7 @@ class FeatureCache:
         name = f"views/{self._layer(layer)}"
         if name not in g:
             raise CacheError(f"Split '{split}' of cache '{self.path.name}' has no augmented views. "
-                             f"Extract with --views K.")
+                             f"Extract with views=K (featcache extract --views K).")
         return g[name]
 
     def n(self, split: str) -> int:

@@ -446,8 +446,8 @@ class TappedForward:
             try:
                 out = self.tap(x)
             except Exception as e:  # compilation happens at the first call
-                raise BackboneError(f"torch.compile failed for {self.name}: {str(e).strip()[:300]}. Run without "
-                                    f"--compile.") from None
+                raise BackboneError(f"torch.compile failed for {self.name}: {str(e).strip()[:300]}. Run with "
+                                    f"compile=False.") from None
             return {k: v[:n] for k, v in out.items()}
 
     def remove(self) -> None:

@@ -68,7 +68,7 @@ class FeatureTransform:
             self.scale_ = np.where(var > 1e-12, np.sqrt(var), 1.0).astype(np.float32)
         if self.pca is not None:
             if not isinstance(X, np.ndarray):
-                raise ConfigError("--pca needs the training features in memory; raise --max-memory.")
+                raise ConfigError("The 'pca' option needs the training features in memory; raise the 'max_memory' option.")
             Z = self._norm(X)
             # At most min(rows, features) directions exist; n_components_ records what is kept.
             k = min(self.pca, *Z.shape)

@@ -156,7 +156,7 @@ def test_a_second_grid_keeps_earlier_records_and_never_reuses_a_run_number(tmp_p
     assert len({r["run"] for r in second}) == 3
     again = run_bench(_small_grid(tmp_path, heads=("ncm",)), out, overwrite=True)
     assert [r["head"] for r in again] == ["ncm"] and len(list((out / "runs").iterdir())) == 1
-    with pytest.raises(ConfigError, match="--overwrite deletes the records"):
+    with pytest.raises(ConfigError, match="The 'overwrite' option deletes the records"):
         run_bench(_small_grid(tmp_path), out, overwrite=True, skip_existing=True)
 
 

@@ -173,7 +173,7 @@ def test_options_that_do_not_apply_are_refused(image_folder, tmp_path):
         (("--head", "ncm", "--C", "0.1,1"), "--C does not apply to head 'ncm': it sweeps no parameter. Drop --C."),
         (("--head", "logreg", "--C", ""), "The grid (--C) is empty. Pass values, e.g. --C 0.01,0.1,1 or "
                                            "logspace:-4:4:13, or drop --C for the head's own grid."),
-        (("--head", "ncm", "--seeds", "3"), "--seeds 3 applies to few-shot fits only. Add --shots K or drop --seeds."),
+        (("--head", "ncm", "--seeds", "3"), "--seeds 3 applies to few-shot fits only. Add the --shots option or drop the --seeds option."),
         (("--head", "ncm", "--cv", "3"), "The --cv option applies only without an eval split; this sweep is scored "
                                           "on 'val'. Drop the --cv option, or pass --eval-split none to sweep by "
                                           "k-fold on train."),

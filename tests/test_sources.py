@@ -605,10 +605,10 @@ def test_val_fraction_when_val_exists(tmp_path):
     _img(root / "val" / "a" / "0.png")
     with pytest.raises(ConfigError) as e:
         open_source(root, val_fraction=0.2)
-    assert str(e.value) == f"Source '{root.resolve()}' already has a val split; drop --val-fraction."
+    assert str(e.value) == f"Source '{root.resolve()}' already has a val split; drop the 'val_fraction' option."
     with pytest.raises(ConfigError) as e:
         open_source("digits", val_fraction=0.2)
-    assert str(e.value) == "Source 'digits' already has a val split; drop --val-fraction."
+    assert str(e.value) == "Source 'digits' already has a val split; drop the 'val_fraction' option."
 
 
 @pytest.mark.parametrize("fraction", [0, 0.0, 1, 1.0, -0.1, 1.5, float("nan")])
@@ -624,7 +624,7 @@ def test_cli_val_fraction_errors(tmp_path):
     args = ["--backbone", "resnet18.none", "--cache-dir", str(tmp_path / "cache")]
     res = CliRunner().invoke(main, ["extract", "digits", "--val-fraction", "0.2", *args])
     assert res.exit_code == 1
-    assert res.output == "Error: Source 'digits' already has a val split; drop --val-fraction.\n"
+    assert res.output == "Error: Source 'digits' already has a val split; drop the --val-fraction option.\n"
     res = CliRunner().invoke(main, ["extract", str(root), "--val-fraction", "1.5", *args])
     assert res.exit_code == 1
     assert res.output == "Error: The --val-fraction option must be in (0, 1). Got 1.5.\n"

@@ -81,7 +81,7 @@ class EpochTracker:
         if patience is not None and not self.watching:
             raise ConfigError(
                 f"The 'patience' option ({patience}) stops on an eval score, and there is no eval data. "
-                "Fit with an eval split (fit-head --eval-split val), or drop --patience."
+                "Fit with an eval split (eval_split=val), or drop the 'patience' option."
             )
         self.G, self.epochs, self.n_classes, self.patience = G, epochs, n_classes, patience
         self.history: list[list[dict]] = [[] for _ in range(G)]
