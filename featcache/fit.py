@@ -343,7 +343,8 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
         scorer, scored_on = _split_scorer(p, eval_split, progress), eval_split
     elif len(p.grid) > 1:
         scorer, scored_on = _fold_scorer(p, seed, progress)
-    with head_threads(p.head.thread_pool, int(np.prod(p.X.shape)), config.threads) as threads:
+    with head_threads(p.head.thread_pool, int(np.prod(p.X.shape)), config.threads,
+                      parallel_work=p.head.parallel_work) as threads:
         final = None
         if scorer is None:
             best = {"param": param, "value": p.grid[0], "score": None, "scored_on": None}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import importlib
 import logging
 import os
 import platform
@@ -70,16 +71,30 @@ SMALL_WORK = {"numpy": 1 << 22, "torch": 1 << 18}
 _ACTIVE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("featcache_head_threads", default=None)
 
 
+def _cores() -> int:
+    """The cores this process may use (torch's setting once torch is loaded)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
-def head_threads(backend: str, work: int, threads: int | None = None) -> Iterator[dict]:
+def head_threads(backend: str, work: int, threads: int | None = None, *,
+                 parallel_work: int | None = None) -> Iterator[dict]:
     """Coordinate the thread pools while a head fits and predicts.
 
     Only the pool the head computes in may use more than one thread (``backend`` "numpy" for
     scikit-learn and numpy heads, "torch" for torch heads); the other is held at one thread so
     its idle workers never spin on the cores. The working pool gets ``threads`` threads, or,
-    when None, one thread for problems under :data:`SMALL_WORK` feature values of its backend
-    (there one thread is the fastest, and results then never depend on the machine's core count)
-    and every core otherwise. Both pools are restored on exit. Nested calls keep the outermost setting.
+    when None, one thread for problems under ``parallel_work`` feature values (default: the
+    backend's :data:`SMALL_WORK`; there one thread is the fastest, and results then never depend on
+    the machine's core count) and every core otherwise. Both pools are restored on exit. Nested
+    calls keep the outermost setting. torch is imported only for the torch pool: a numpy head in a
+    process without torch has no torch threads to hold.
 
     Yields
     ------
@@ -90,19 +105,24 @@ def head_threads(backend: str, work: int, threads: int | None = None) -> Iterato
     if outer is not None:  # an enclosing call (fit-head around a head's fit) already decided
         yield outer
         return
-    import torch
     from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
+    if backend == "torch":
+        importlib.import_module("torch")  # the head computes in it
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
     if threads is None:
         # torch's default is one thread per physical core; take the same for BLAS.
-        threads = 1 if work < SMALL_WORK.get(backend, SMALL_WORK["numpy"]) else before
+        small = SMALL_WORK.get(backend, SMALL_WORK["numpy"]) if parallel_work is None else parallel_work
+        threads = 1 if work < small else _cores()
     used = {"backend": backend, "threads": int(threads)}
     token = _ACTIVE.set(used)
     try:
-        torch.set_num_threads(threads if backend == "torch" else 1)
+        if torch is not None:
+            torch.set_num_threads(threads if backend == "torch" else 1)
         with threadpool_limits(limits=threads if backend == "numpy" else 1, user_api="blas"):
             yield used
     finally:
-        torch.set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(before)
         _ACTIVE.reset(token)

@@ -140,6 +140,10 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     grid_bounds: ClassVar[tuple[float, float | None] | None] = None
     #: The thread pool the head computes in: "numpy" (BLAS) or "torch" (see runtime.head_threads).
     thread_pool: ClassVar[str] = "numpy"
+    #: Feature values (rows x features) from which the head's pool gets every core; below, one
+    #: thread. None: the pool's default (runtime.SMALL_WORK). Heads of big dense BLAS-3 products
+    #: (ridge's eigendecomposition, class means) gain from threads much earlier than iterative ones.
+    parallel_work: ClassVar[int | None] = None
 
     # -- what the head takes from a cache and how its grid grows ---------------------------------
 
@@ -234,7 +238,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         self._check_params()
         X = check_features(X, allow_dataset=self.streams)
         y_idx, classes = encode_labels(y, X.shape[0])
-        with head_threads(self.thread_pool, int(np.prod(X.shape))):
+        with head_threads(self.thread_pool, int(np.prod(X.shape)), parallel_work=self.parallel_work):
             self._fit(X, y_idx, len(classes))
         self.classes_ = classes
         self.n_features_in_ = int(X.shape[1])
@@ -318,7 +322,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         X = check_features(X, allow_dataset=self.streams)
         y_idx, classes = encode_labels(y, X.shape[0])
         X_eval = check_features(X_eval, allow_dataset=True, n_features=X.shape[1], what="X_eval")
-        with head_threads(self.thread_pool, int(np.prod(X.shape))):
+        with head_threads(self.thread_pool, int(np.prod(X.shape)), parallel_work=self.parallel_work):
             return self._sweep(X, y_idx, len(classes), grid, X_eval)
 
     def _sweep(
@@ -354,7 +358,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         grid = self._check_grid(grid)
         X = check_features(X, allow_dataset=self.streams)
         y_idx, classes = encode_labels(y, X.shape[0])
-        with head_threads(self.thread_pool, int(np.prod(X.shape))):
+        with head_threads(self.thread_pool, int(np.prod(X.shape)), parallel_work=self.parallel_work):
             heads = self._sweep_fit(X, y_idx, len(classes), grid)
         for head in heads:
             head.classes_ = classes

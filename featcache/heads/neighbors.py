@@ -213,6 +213,7 @@ class NCMHead(BaseHead):
         "temperature": "softmax temperature (default 0.05 cosine, 1.0 euclidean)",
     }
     streams = True
+    parallel_work = 1 << 16
 
     def __init__(self, *, metric: str = "cosine", temperature: float | None = None) -> None:
         self.metric = metric

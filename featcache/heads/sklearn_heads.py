@@ -299,6 +299,7 @@ class RidgeHead(LinearHeadMixin, BaseHead):
     param = "alpha"
     default_grid = RIDGE_GRID
     grid_bounds = (1e-6, 1e9)
+    parallel_work = 1 << 16
     options = {
         "alpha": "L2 strength on the summed squared error; the swept parameter",
         "class_weight": CLASS_WEIGHT_HELP,
