@@ -563,3 +563,15 @@ def test_heads_without_class_weights_select_by_balanced_accuracy_and_refuse_weig
     r = runner.invoke(main, ["fit-head", odd_cache, "--head", head, "--class-weight", "balanced"])
     assert r.exit_code == 1
     assert r.output == f"Error: Head '{head}' has no class_weight option; drop the --class-weight option.\n"
+
+
+def test_heads_of_dense_products_take_every_core_from_a_smaller_problem():
+    from featcache.heads import NCMHead, RidgeHead
+    from featcache.runtime import head_threads
+
+    work = 1 << 20  # under the numpy pool's default threshold, over ridge's and ncm's
+    with head_threads("numpy", work) as default:
+        assert default["threads"] == 1
+    for cls in (RidgeHead, NCMHead):
+        with head_threads(cls.thread_pool, work, parallel_work=cls.parallel_work) as used:
+            assert used["threads"] == torch.get_num_threads()
