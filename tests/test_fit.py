@@ -569,9 +569,9 @@ def test_heads_of_dense_products_take_every_core_from_a_smaller_problem():
     from featcache.heads import NCMHead, RidgeHead
     from featcache.runtime import head_threads
 
-    work = 1 << 20  # under the numpy pool's default threshold, over ridge's and ncm's
+    work, cores = 1 << 20, torch.get_num_threads()  # under the numpy pool's default threshold, over ridge's
     with head_threads("numpy", work) as default:
         assert default["threads"] == 1
     for cls in (RidgeHead, NCMHead):
         with head_threads(cls.thread_pool, work, parallel_work=cls.parallel_work) as used:
-            assert used["threads"] == torch.get_num_threads()
+            assert used["threads"] == cores
