@@ -518,8 +518,8 @@ def _layers(cache: FeatureCache, spec: str | None) -> list[str]:
     if spec == "all":
         return list(cache.layers)
     if spec is not None and "," in spec:
-        return [cache._layer(name.strip()) for name in spec.split(",") if name.strip()]
-    return [cache._layer(spec)]
+        return [cache.resolve_layer(name.strip()) for name in spec.split(",") if name.strip()]
+    return [cache.resolve_layer(spec)]
 
 
 def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eval_split: str | None, warn,

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, ConfigError
-from .store import FORMAT, SCHEMA_VERSION, CacheWriter, FeatureCache, open_cache, read_text_attr, shard_digest
+from .store import FORMAT, SCHEMA_VERSION, CacheWriter, FeatureCache, open_cache, read_text_attr
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 
@@ -110,7 +110,7 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
             if c.text_attr("plan_hash") is None or c.text_attr("digest") is None:
                 raise CacheError(f"Shard '{p.name}' does not record what it covers (made by an older featcache). "
                                  f"Re-run its extraction with the same command.")
-            if shard_digest(c._h5) != c.text_attr("digest"):
+            if c.digest() != c.text_attr("digest"):
                 raise CacheError(f"Shard '{p.name}' does not hold what it recorded (damaged or edited). Delete it "
                                  f"and re-run its extraction with the same command.")
         plans = [c.text_attr("plan_hash") for c in caches]

@@ -289,6 +289,10 @@ class FeatureCache:
             )
 
     # context manager
+    def digest(self) -> str:
+        """The content digest of the open file (:func:`shard_digest`)."""
+        return shard_digest(self._h5)
+
     def close(self) -> None:
         self._h5.close()
 
@@ -298,7 +302,8 @@ class FeatureCache:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _layer(self, layer: str | None) -> str:
+    def resolve_layer(self, layer: str | None) -> str:
+        """``layer`` checked against the cached layers (None: the first)."""
         if layer is None:
             return self.layers[0]
         if layer not in self.layers:
@@ -316,7 +321,7 @@ class FeatureCache:
 
     def features(self, split: str, layer: str | None = None) -> h5py.Dataset:
         """The on-disk dataset (N, ...) of one layer; slice it to read."""
-        return self._split(split)[f"features/{self._layer(layer)}"]
+        return self._split(split)[f"features/{self.resolve_layer(layer)}"]
 
     def labels(self, split: str) -> np.ndarray:
         with self._guard():
@@ -348,7 +353,7 @@ class FeatureCache:
     def views(self, split: str, layer: str | None = None) -> h5py.Dataset:
         """Augmented-view features (N, views, ...) of one layer (``extract --views K``)."""
         g = self._split(split)
-        name = f"views/{self._layer(layer)}"
+        name = f"views/{self.resolve_layer(layer)}"
         if name not in g:
             raise CacheError(f"Split '{split}' of cache '{self.path.name}' has no augmented views. "
                              f"Extract with views=K (featcache extract --views K).")
