@@ -222,7 +222,9 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
         cells = [(layer, head, shots, seed) for layer, head, shots, seed
                  in itertools.product(layers, config.heads, config.shots, range(config.seeds))
                  if not (seed and not shots and _seedless(head, on_eval_split))]  # else the same fit as seed 0's
-        total -= len(layers) * len(config.heads) * len(config.shots) * config.seeds - len(cells)
+        # The planned count had max(1, len(config.layers)) layers per pair; "all" or the default
+        # layer expand to the cached ones, and seedless cells at all shots are fitted once.
+        total += len(cells) - max(1, len(config.layers)) * len(config.heads) * len(config.shots) * config.seeds
         for layer, head, shots, seed in cells:
             i += 1
             key = (backbone, layer, source, head, shots, seed)

@@ -281,3 +281,12 @@ def test_a_cache_hit_records_the_original_extraction_time(tmp_path):
         stored = c.timings["compute_seconds"]
     assert first[0]["cache_hit"] is False and again[0]["cache_hit"] is True
     assert again[0]["extract_seconds"] == pytest.approx(stored) and stored > 0
+
+
+def test_layers_all_benchmarks_every_stage_from_one_extraction(tmp_path):
+    calls = []
+    records = run_bench(_small_grid(tmp_path, layers=("all",)), tmp_path / "out",
+                        progress=lambda i, n, rec, t: calls.append((i, n)))
+    assert [r["layer"] for r in records] == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert len({r["cache"] for r in records}) == 1
+    assert calls[-1] == (5, 5)  # the count follows the expanded layers
