@@ -36,8 +36,8 @@ from .validation import check_choice, check_int
 from .reuse import Donors, blocks, is_hit, is_hit_rows, listing_matches, rows_to_compute, stat_key
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
-from .store import (HASH_DTYPE, CacheFingerprint, CacheLock, CacheWriter, FeatureCache, cache_file_name,
-                    iter_runs, open_cache, set_aside)
+from .cache_writer import CacheLock, CacheWriter, iter_runs, set_aside
+from .store import HASH_DTYPE, CacheFingerprint, FeatureCache, cache_file_name, open_cache
 from .taps import HostCopy, TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import CacheError
 from .files import fsync_dir
-from .store import HASH_DTYPE, clear_stale_tmp, set_aside
+from .cache_writer import clear_stale_tmp, set_aside
+from .store import HASH_DTYPE
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, ConfigError
-from .store import FORMAT, SCHEMA_VERSION, CacheWriter, FeatureCache, open_cache, read_text_attr
+from .cache_writer import CacheWriter
+from .store import FORMAT, SCHEMA_VERSION, FeatureCache, open_cache, read_text_attr
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 

@@ -1,5 +1,6 @@
-"""The HDF5 feature cache: schema, fingerprint, reader and writer (the partial store of an
-unfinished extraction is in :mod:`featcache.partial`).
+"""The HDF5 feature cache: schema, fingerprint and validated reader (the writer is in
+:mod:`featcache.cache_writer`, the partial store of an unfinished extraction in
+:mod:`featcache.partial`).
 
 Final file (readable with plain h5py; see the README for the schema)::
 
@@ -25,22 +26,17 @@ final name.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
-from .errors import CacheError, CacheLockedError
-from .files import fsync_dir
+from .errors import CacheError
 from .sources import CONTENT_HASH
 
 log = logging.getLogger(__name__)
@@ -479,194 +475,3 @@ def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
             presented.update(shards)
         out.append(row)
     return [r for r in out if Path(r["cache"]).name not in presented]
-
-
-# --- writing ------------------------------------------------------------------------------
-
-
-def commit_file(tmp: Path, final: Path) -> None:
-    """Make a fully written temporary file durable and move it to its final name atomically."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-#: errnos of file systems without working ``flock`` (some Lustre and NFS mounts).
-_NO_LOCKING = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
-
-
-class CacheLock:
-    """An exclusive ``flock`` on ``<cache>.lock`` while a cache is written.
-
-    On a file system without working locks (``flock`` fails with ENOSYS/ENOLCK/EOPNOTSUPP, as on
-    some Lustre and NFS mounts) the lock is skipped with one warning: every file is still written
-    under a temporary name and renamed, so a crash leaves nothing half-written, but two processes
-    writing the same cache at once are then not detected.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        check_lock_path(path)
-        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise CacheLockedError(
-                f"Another process is writing '{path.with_suffix('')}' (lock '{path}' is held). Wait for "
-                f"it to finish; a finished cache is then reused."
-            ) from None
-        except OSError as e:
-            if e.errno not in _NO_LOCKING:
-                os.close(self.fd)
-                raise
-            log.warning("file locking is not supported where '%s' lives (%s): going on without the lock; two "
-                        "processes writing this cache at once would not be detected", path, e.strerror or e)
-            os.close(self.fd)
-            self.fd = None
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def create_h5(path: Path) -> h5py.File:
-    """A new HDF5 file to write a cache into. HDF5's own file locking is off: the file has a
-    private temporary name under a :class:`CacheLock`, and that locking fails with ENOSYS on some
-    Lustre/NFS mounts ("unable to lock file")."""
-    return h5py.File(path, "w", track_order=True, locking=False)
-
-
-class CacheWriter:
-    """The one writer of the cache schema (see the module docstring): extraction, shard assembly
-    and ``featcache merge`` all write through it.
-
-    The file is written at ``<final>.tmp`` (a left-over one from a killed writer is cleared first);
-    leaving the ``with`` block commits it (fsync, rename, folder fsync), an exception removes it.
-    Call it only while holding the final file's :class:`CacheLock`.
-    """
-
-    def __init__(self, final: Path, **attrs) -> None:
-        self.final = Path(final)
-        self.tmp = self.final.with_name(self.final.name + ".tmp")
-        clear_stale_tmp(self.tmp)
-        self.h5 = create_h5(self.tmp)
-        set_text_attrs(self.h5, format=FORMAT, schema_version=SCHEMA_VERSION,
-                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs)
-
-    def __enter__(self) -> "CacheWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.h5.close()
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        commit_file(self.tmp, self.final)
-
-    def set_attrs(self, **attrs) -> None:
-        """Root attributes: strings as fixed-length UTF-8, anything else as HDF5 stores it."""
-        set_text_attrs(self.h5, **attrs)
-
-    def add_split(self, split: str, *, labels, ids: list[str], hashes, stat, batch_n=None) -> None:
-        """A split's per-sample arrays: labels, ids, content hashes, (size, mtime) and, where known,
-        the size of the batch each sample's features were computed in."""
-        g = self.h5.create_group(split)
-        g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), track_times=False)
-        write_strings(g, "ids", ids)
-        g.create_dataset("hashes", data=np.asarray(hashes, dtype=HASH_DTYPE), track_times=False)
-        g.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(-1, 2), track_times=False)
-        if batch_n is not None:
-            g.create_dataset("batch_n", data=np.asarray(batch_n, dtype=np.int32), track_times=False)
-
-    def add_features(self, split: str, layer: str, shape: tuple[int, ...], dtype, *, views: bool = False,
-                     chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
-        """An empty ``features/<layer>`` (or ``views/<layer>``) dataset of ``shape`` = (N, ...), chunked
-        along N (about :data:`CHUNK_BYTES` a chunk unless ``chunks`` is given); fill it by slices."""
-        dtype = np.dtype(dtype)
-        n = shape[0]
-        if chunks is None and n:
-            chunks = feature_chunks(tuple(shape[1:]), dtype.itemsize, n)
-        return self.h5[split].create_dataset(f"{'views' if views else 'features'}/{layer}", shape=shape, dtype=dtype,
-                                             chunks=chunks if n else None, track_times=False)
-
-    def add_virtual_features(self, split: str, layer: str, layout: h5py.VirtualLayout, *,
-                             views: bool = False) -> h5py.Dataset:
-        """``features/<layer>`` as a virtual dataset over other files (missing data reads as NaN)."""
-        return self.h5[split].create_virtual_dataset(f"{'views' if views else 'features'}/{layer}", layout,
-                                                     fillvalue=np.nan)
-
-    def add_failed(self, failures: list[dict]) -> None:
-        write_failed(self.h5, failures)
-
-    def digest(self) -> str:
-        """:func:`shard_digest` of what is written so far."""
-        return shard_digest(self.h5)
-
-
-def set_text_attrs(h5: h5py.File, **attrs) -> None:
-    """String attributes as fixed-length UTF-8: nothing in a cache lives in HDF5's global heap,
-    whose damage was seen to make HDF5 loop forever on read."""
-    for key, value in attrs.items():
-        if isinstance(value, str):
-            h5.attrs.create(key, np.bytes_(value.encode("utf-8")))
-        else:
-            h5.attrs[key] = value
-
-
-def write_strings(group: h5py.Group, name: str, values) -> h5py.Dataset:
-    """Fixed-length strings holding UTF-8 bytes (read back with ``.asstr("utf-8")``)."""
-    encoded = [v.encode("utf-8") for v in values]
-    width = max([1, *map(len, encoded)])
-    return group.create_dataset(name, data=np.asarray(encoded, dtype=f"S{width}"), track_times=False)
-
-
-def write_failed(h5: h5py.File, failures: list[dict]) -> None:
-    """The ``/failed`` group: split, id, reason, (size, mtime) and label of each unreadable sample."""
-    g = h5.create_group("failed")
-    for key, name in (("split", "split"), ("id", "ids"), ("reason", "reasons")):
-        write_strings(g, name, [f[key] for f in failures])
-    g.create_dataset("stat", data=np.asarray([f["stat"] for f in failures], dtype=np.int64).reshape(-1, 2))
-    g.create_dataset("labels", data=np.asarray([f.get("label", -1) for f in failures], dtype=np.int64))
-
-
-def set_aside(path: Path) -> Path:
-    """Rename damaged or foreign state to ``<name>.damaged`` (never deleted: a person may want it)."""
-    target = path.with_name(path.name + ".damaged")
-    k = 1
-    while target.exists() or target.is_symlink():
-        target = path.with_name(f"{path.name}.{k}.damaged")
-        k += 1
-    os.replace(path, target)
-    fsync_dir(path.parent)
-    return target
-
-
-def clear_stale_tmp(tmp: Path) -> None:
-    """A temporary file left by a killed writer is unfinished work: remove it (anything else under
-    that name is set aside). Call it only while holding the lock of the file being written."""
-    if tmp.is_symlink() or tmp.is_file():
-        log.info("removing '%s' left by an interrupted run", tmp)
-        tmp.unlink()
-    elif tmp.exists():
-        log.warning("set aside '%s' (not a file featcache writes) as '%s'", tmp, set_aside(tmp).name)
-
-
-def check_lock_path(path: Path) -> None:
-    """A lock file must be a plain file: a folder or a link there is set aside, so the lock works."""
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        log.warning("set aside '%s' (a lock file must be a plain file) as '%s'", path, set_aside(path).name)
-
-
-def iter_runs(rows: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
-    """Split sorted destination rows into contiguous runs: (src_start, src_end, dst_start, dst_end)."""
-    if len(rows) == 0:
-        return
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(rows)]])
-    for s, e in zip(starts, ends):
-        yield int(s), int(e), int(rows[s]), int(rows[e - 1]) + 1

@@ -397,7 +397,7 @@ def test_extraction_without_working_file_locks_warns_and_completes(monkeypatch, 
 
 
 def test_cache_files_are_written_without_hdf5_file_locking(monkeypatch, tmp_path):
-    from featcache.store import create_h5
+    from featcache.cache_writer import create_h5
 
     with create_h5(tmp_path / "x.h5") as h:
         assert not h.id.get_access_plist().get_file_locking()[0]

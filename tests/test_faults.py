@@ -411,8 +411,8 @@ def test_partial_state_of_another_fingerprint_or_format_is_set_aside(tmp_path, c
 def test_renames_of_chunks_and_of_the_final_file_are_followed_by_a_folder_fsync(tmp_path, monkeypatch):
     """What a test can see of crash safety: each rename into place is followed by an fsync of its
     folder before anything else is renamed (that the disk honours fsync is not testable here)."""
+    import featcache.cache_writer as store
     import featcache.partial as partial
-    import featcache.store as store
 
     events = []
     real_replace, real_fsync_dir = os.replace, store.fsync_dir
