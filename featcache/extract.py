@@ -21,13 +21,11 @@ from typing import Callable
 import h5py
 import numpy as np
 import torch
-import torchvision
 
-from . import __version__
-from .backbones import ALL_LAYERS, Backbone, load_backbone
+from .backbones import ALL_LAYERS, Backbone, library_versions, load_backbone, weights_sha256_without_building
 from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
                       runnable_precision, shm_free_bytes)
-from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
+from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, FeatcacheError, SourceError
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate,
                       plan_rows, worker_init)
 from .partial import ChunkWriter, PartialStore
@@ -37,7 +35,7 @@ from .reuse import Donors, blocks, is_hit, is_hit_rows, listing_matches, rows_to
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
 from .cache_writer import CacheLock, CacheWriter, iter_runs, set_aside
-from .store import HASH_DTYPE, CacheFingerprint, FeatureCache, cache_file_name, open_cache
+from .store import HASH_DTYPE, CacheFingerprint, FeatureCache, cache_file_name, open_cache, read_text_attr
 from .taps import HostCopy, TappedForward, fold_batchnorm_checked, list_layers
 
 log = logging.getLogger(__name__)
@@ -202,7 +200,30 @@ class Prepared:
 def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepared:
     """Open the source and backbone and work out layers, shapes, fingerprint and file name."""
     config.validate()
-    src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
+    return _prepare(open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed), config)
+
+
+def _resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
+    """``config`` with its automatic choices for ``device`` made (precision, batch size)."""
+    return ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
+                            "batch_size": config.batch_size or default_batch_size(device)})
+
+
+def _fingerprint(backbone: dict, layers: list[str], preprocess: dict, fold_bn: bool, src: Source,
+                 config: ExtractConfig, device: torch.device) -> CacheFingerprint:
+    """The fingerprint of an extraction: the backbone's own facts (identity, preprocessing, layers,
+    whether BatchNorm folded), then what the options, the source and this machine decide."""
+    return CacheFingerprint(
+        backbone=backbone, layers=tuple(layers), pool=config.pool, preprocess=preprocess,
+        precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
+        device_type=device.type, source=src.describe(),
+        augment=config.augment.to_dict() if config.views else None,
+        fold_bn=fold_bn, compile=config.compile, decode="torchvision" if config.decode_on_device else "pil",
+        versions=library_versions(),
+    )
+
+
+def _prepare(src: Source, config: ExtractConfig) -> Prepared:
     bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
                        mean=config.mean, std=config.std)
     device = resolve_device(config.device)
@@ -213,8 +234,7 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepar
     if slow:  # asked for explicitly: kept (it is in the fingerprint), but the user should know
         log.warning("precision=%s on %s is slow: %s. precision='auto' picks the fast one.", config.precision,
                     device, slow.split(";")[0])
-    config = ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
-                              "batch_size": config.batch_size or default_batch_size(device)})
+    config = _resolved(config, device)
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
     layers = list(config.layers) or [bb.default_layer]
@@ -233,14 +253,7 @@ def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepar
                 f"Layer '{name}' is not in {bb.name}. Run 'featcache layers {config.backbone}' to list the layers."
             )
     shapes = [_pooled_shape(known[n].shape, config.pool) for n in layers]
-    fp = CacheFingerprint(
-        backbone=bb.describe(), layers=tuple(layers), pool=config.pool, preprocess=bb.preprocess.to_dict(),
-        precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
-        device_type=device.type, source=src.describe(),
-        augment=config.augment.to_dict() if config.views else None,
-        fold_bn=fold_bn, compile=config.compile, decode="torchvision" if config.decode_on_device else "pil",
-        versions={"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
-    )
+    fp = _fingerprint(bb.describe(), layers, bb.preprocess.to_dict(), fold_bn, src, config, device)
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
     return Prepared(src, bb, layers, shapes, fp, path, device, [i.name for i in infos], config)
 
@@ -289,7 +302,100 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     """
     t0 = time.perf_counter()
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
-    return run_prepared(prepare(source, config), progress=progress, t0=t0)
+    config.validate()
+    src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
+    hit = _find_hit(src, config, t0)
+    if hit is not None:
+        return hit
+    return run_prepared(_prepare(src, config), progress=progress, t0=t0)
+
+
+#: The options that, with the library versions, settle the backbone's own facts in a fingerprint
+#: (identity, preprocessing, layers, whether BatchNorm folded); every cache records them.
+_BACKBONE_OPTIONS = ("backbone", "layers", "input_size", "mean", "std", "fold_bn")
+
+
+def _find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | None:
+    """The cache this extraction would reuse, found without building the backbone; None when
+    there is none or it cannot be told without the network (then :func:`prepare` builds it and
+    decides, as it always did).
+
+    A fingerprint is the backbone's own facts plus what the options, the source and this machine
+    decide. The facts follow from the backbone options and the library versions, and a cache
+    records both (``extract_config``, the fingerprint's versions and weights hash): a cache made
+    with equal backbone options lends its facts, the fingerprint is rebuilt from them and
+    everything else as :func:`prepare` would work it out, and the cache is a hit only if its
+    fingerprint and file name are exactly those and it holds every planned file unchanged.
+    """
+    if config.shard is not None:  # shard files and their assembly keep their own checks
+        return None
+    try:
+        known, weights_sha = weights_sha256_without_building(config.backbone, config.weights)
+    except FeatcacheError:
+        return None  # the builder will say what is wrong
+    if not known:
+        return None
+    wanted = {k: v for k, v in _json_roundtrip(config.to_dict()).items() if k in _BACKBONE_OPTIONS}
+    paths = [Path(config.output)] if config.output else sorted(Path(config.cache_dir).glob("*.h5"))
+    resolved = None
+    for path in paths:
+        made_by = _json_attr(path, "extract_config")
+        if (made_by is None or {k: made_by.get(k) for k in _BACKBONE_OPTIONS} != wanted
+                or (made_by.get("weights") is None) != (config.weights is None)):
+            continue
+        recorded = _json_attr(path, "fingerprint")
+        if recorded is None or recorded.get("backbone", {}).get("weights_sha256") != weights_sha:
+            continue
+        if resolved is None:
+            device = resolve_device(config.device)
+            resolved = device, _resolved(config, device)
+        device, run_config = resolved
+        try:
+            fp = _fingerprint(recorded["backbone"], recorded["layers"], recorded["preprocess"],
+                              recorded.get("fold_bn", False), src, run_config, device)
+        except (KeyError, TypeError):
+            continue
+        if fp.to_dict() != recorded or (config.output is None and path.name != cache_file_name(fp)):
+            continue
+        try:
+            cache = open_cache(path)
+        except CacheError:
+            return None  # the full run sets it aside or says what is wrong
+        with cache:
+            if cache.fingerprint == recorded:
+                return _hit_result(cache, path, plan_rows(src), run_config, t0)
+    return None
+
+
+def _json_attr(path: Path, key: str) -> dict | None:
+    text = read_text_attr(path, key)
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _json_roundtrip(obj):
+    """``obj`` as it reads back from a JSON attribute (tuples become lists)."""
+    return json.loads(json.dumps(obj))
+
+
+def _hit_result(cache: FeatureCache, path: Path, plan: dict[str, list[Row]], config: ExtractConfig,
+                t0: float, stamp: dict | None = None) -> ExtractResult | None:
+    """The result of reusing ``cache`` whole, when it holds exactly the planned rows unchanged (and
+    the shard ``stamp``); else None. With ``on_error='fail'``, a failure it records is an error."""
+    if not (is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items())):
+        return None
+    if config.on_error == "fail" and cache.failed:
+        f = cache.failed[0]
+        raise SourceError(
+            f"Cannot use '{f['split']}/{f['id']}': {f['reason']} (recorded by an earlier run). "
+            f"Use --on-error skip to skip and record such files."
+        )
+    return ExtractResult(str(path), {s: cache.n(s) for s in cache.splits}, len(cache.failed), True,
+                         time.perf_counter() - t0, 0.0, 0, sum(cache.n(s) for s in cache.splits),
+                         [{k: f[k] for k in ("split", "id", "reason")} for f in cache.failed])
 
 
 def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None,
@@ -430,17 +536,12 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
                 f"'{path}' holds features of another fingerprint (backbone, layers, preprocessing, "
                 f"versions or source differ). Choose another --output or delete that file."
             )
-        if is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items()):
-            if config.on_error == "fail" and cache.failed:
-                f = cache.failed[0]
-                cache.close()
-                raise SourceError(
-                    f"Cannot use '{f['split']}/{f['id']}': {f['reason']} (recorded by an earlier run). "
-                    f"Use --on-error skip to skip and record such files."
-                )
-            res = ExtractResult(str(path), {s: cache.n(s) for s in cache.splits}, len(cache.failed), True,
-                                time.perf_counter() - t0, 0.0, 0, sum(cache.n(s) for s in cache.splits),
-                                [{k: f[k] for k in ("split", "id", "reason")} for f in cache.failed])
+        try:
+            res = _hit_result(cache, path, plan, config, t0, stamp)
+        except SourceError:
+            cache.close()
+            raise
+        if res is not None:
             cache.close()
             return res
     else:

