@@ -26,7 +26,7 @@ from .common import WORK, Row, require_real_data
 
 BACKBONE = "efficientnet_lite0"
 #: featcache's default batch size on this device (8 on a CPU); the bare loop uses the same.
-BATCH = __import__("featcache.extract", fromlist=["x"]).default_batch_size(torch.device("cpu"))
+BATCH = __import__("featcache.plan", fromlist=["x"]).default_batch_size(torch.device("cpu"))
 
 
 def _bare_model():

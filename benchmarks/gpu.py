@@ -39,7 +39,7 @@ import torch
 
 from featcache import extract
 from featcache.devices import default_workers
-from featcache.extract import ExtractConfig, default_batch_size, prepare
+from featcache.plan import ExtractConfig, default_batch_size, prepare
 from featcache.loading import DecodeDataset, batches, collate, plan_rows
 from featcache.sources import open_source
 from featcache.taps import TappedForward

@@ -12,7 +12,7 @@ import time
 import torch
 
 from featcache.devices import cpu_has_fast_bf16
-from featcache.extract import ExtractConfig, prepare
+from featcache.plan import ExtractConfig, prepare
 from featcache.runtime import tune_allocator
 from featcache.taps import TappedForward
 

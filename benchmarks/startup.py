@@ -29,7 +29,8 @@ RUNS = 5
 #: before the cache is looked for.
 _BUILD_THEN_HIT = """
 import torchvision
-from featcache.extract import ExtractConfig, prepare, run_prepared
+from featcache.extract import run_prepared
+from featcache.plan import ExtractConfig, prepare
 res = run_prepared(prepare({source!r}, ExtractConfig(**{options!r})))
 assert res.cache_hit, res
 """

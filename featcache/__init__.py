@@ -22,7 +22,7 @@ _EXPORTS = {
     "load_backbone": ("backbones", "load_backbone"),
     "BenchConfig": ("bench", "BenchConfig"), "run_bench": ("bench", "run_bench"),
     "FeatcacheError": ("errors", "FeatcacheError"),
-    "ExtractConfig": ("extract", "ExtractConfig"), "ExtractResult": ("extract", "ExtractResult"),
+    "ExtractConfig": ("plan", "ExtractConfig"), "ExtractResult": ("plan", "ExtractResult"),
     "extract": ("extract", "extract"),
     "FitConfig": ("fit", "FitConfig"), "FitResult": ("fit", "FitResult"), "evaluate": ("runs", "evaluate"),
     "fit_head": ("fit", "fit_head"), "load_run": ("runs", "load_run"),

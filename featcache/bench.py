@@ -19,7 +19,8 @@ from typing import Callable
 
 from . import __version__
 from .errors import ConfigError
-from .extract import ExtractConfig, extract
+from .extract import extract
+from .plan import ExtractConfig
 from .fit import FitConfig, check_options, fit_head, parse_grid
 from .heads import HEADS
 from .store import open_cache

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from .devices import cpus_per_local_rank, distributed_backend, is_cuda, local_cuda_device
 from .errors import CacheError, FeatcacheError
-from .extract import ExtractConfig, ExtractResult, prepare, run_prepared
+from .extract import run_prepared
+from .plan import ExtractConfig, ExtractResult, prepare
 from .shards import merge_shards, shard_path, shards_need_merge
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,265 +21,23 @@ import h5py
 import numpy as np
 import torch
 
-from .backbones import ALL_LAYERS, Backbone, library_versions, load_backbone, weights_sha256_without_building
-from .devices import (PRECISIONS, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
-                      runnable_precision, shm_free_bytes)
-from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, FeatcacheError, SourceError
-from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate,
-                      plan_rows, worker_init)
+from .backbones import Backbone
+from .cache_writer import CacheLock, CacheWriter, iter_runs, set_aside
+from .devices import default_workers, prefetch_for_shm, shm_free_bytes
+from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
+from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate, plan_rows,
+                      worker_init)
 from .partial import ChunkWriter, PartialStore
-from .preprocess import Augment
-from .validation import check_choice, check_int
-from .reuse import Donors, blocks, is_hit, is_hit_rows, listing_matches, rows_to_compute, stat_key
+from .plan import ARRAY_KINDS, ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
+from .reuse import Donors, blocks, find_hit, hit_result, is_hit_rows, listing_matches, rows_to_compute, stat_key
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
-from .cache_writer import CacheLock, CacheWriter, iter_runs, set_aside
-from .store import HASH_DTYPE, CacheFingerprint, FeatureCache, cache_file_name, open_cache, read_text_attr
-from .taps import HostCopy, TappedForward, fold_batchnorm_checked, list_layers
+from .store import HASH_DTYPE, CacheFingerprint, FeatureCache, open_cache
+from .taps import HostCopy, TappedForward
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float16", "float32")
-ON_ERROR = ("skip", "fail")
-#: Sources of pre-decoded arrays: little decoding work, so no worker processes or threads.
-ARRAY_KINDS = ("npz", "digits")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Options of one extraction. Fields that change feature values go in the fingerprint."""
-
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    layers: tuple[str, ...] = ()
-    pool: str = "avg"
-    dtype: str = "float16"
-    precision: str = "auto"
-    channels_last: bool = True
-    #: None: 8 on a CPU (small batches stay in cache: EfficientNet-Lite0 ran 115, 122, 123 and 90
-    #: img/s at 4, 8, 16 and 32 on the 2-core test machine; resnet50 and resnet18 peaked at 8,
-    #: BENCHMARKS.md), 64 on a GPU.
-    batch_size: int | None = None
-    num_workers: int | None = None
-    threads: int | None = None
-    device: str = "auto"
-    cache_dir: str = "cache"
-    output: str | None = None
-    val_fraction: float | None = None
-    split_seed: int = 0
-    on_error: str = "skip"
-    input_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    views: int = 0
-    view_seed: int = 0
-    #: Fold eval-mode BatchNorm into the preceding convolutions (checked against the unfolded
-    #: model; 25% of EfficientNet-Lite0's CPU time was BatchNorm). Recorded in the fingerprint.
-    fold_bn: bool = True
-    #: Extract share I of N of every split (``(I, N)``) into a shard file beside the cache.
-    shard: tuple[int, int] | None = None
-    #: With shards: assemble a self-contained copy instead of virtual datasets over the shard files.
-    merge: bool = False
-    #: With shards: leave assembling to the caller (torchrun's rank 0 after a barrier).
-    defer_merge: bool = False
-    #: Seconds between chunk files of finished batches: a kill -9 loses at most this much work
-    #: (0: a chunk per batch). Does not change feature values.
-    checkpoint_every: float = 10.0
-    #: Run the tapped network through torch.compile (1.23x steady state on the 2-core CPU for
-    #: EfficientNet-Lite0 after a 19 s compilation, BENCHMARKS.md). Recorded in the fingerprint.
-    compile: bool = False
-    #: Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on CUDA) and
-    #: resize there; loader workers only read files. Recorded in the fingerprint.
-    decode_on_device: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("cache_dir", "output", "weights"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, os.fspath(value))
-
-    def validate(self) -> None:
-        if self.batch_size is not None:
-            check_int("batch_size", self.batch_size)
-        if self.num_workers is not None:
-            check_int("num_workers", self.num_workers, minimum=0)
-        if self.threads is not None:
-            check_int("threads", self.threads)
-        check_choice("pool", self.pool, ("avg", "max", "avgmax", "none"))
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("on_error", self.on_error, ON_ERROR)
-        if self.input_size is not None:
-            check_int("input_size", self.input_size, minimum=8)
-        check_int("views", self.views, minimum=0)
-        if self.decode_on_device and self.views:
-            raise ConfigError("Augmented views (--views) are made with PIL; they cannot be combined with "
-                              "--decode-on-device. Drop one of the two.")
-        if not isinstance(self.checkpoint_every, (int, float)) or not 0 <= self.checkpoint_every < float("inf"):
-            raise ConfigError(f"The 'checkpoint_every' option must be a number of seconds >= 0. "
-                              f"Got {self.checkpoint_every!r}.")
-        if self.shard is not None:
-            i, n = self.shard
-            if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
-                raise ConfigError(f"The 'shard' option must be I/N with 0 <= I < N. Got {self.shard!r}.")
-
-    @property
-    def augment(self) -> Augment:
-        return Augment(views=self.views, seed=self.view_seed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class ExtractResult:
-    """What an extraction did (``featcache extract --json`` prints :meth:`to_dict`)."""
-
-    cache: str
-    splits: dict[str, int]
-    failed: int
-    cache_hit: bool
-    seconds: float
-    images_per_second: float
-    computed: int = 0
-    reused: int = 0
-    failures: list[dict] = field(default_factory=list)
-    #: With shards: the cache this run assembled from all finished shards, if it did.
-    merged: str | None = None
-    #: Seconds of decoding and forward passes: ``images_per_second`` is ``computed / compute_seconds``
-    #: (``seconds`` adds opening the source and backbone and writing the cache).
-    compute_seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        d = {"cache": self.cache, "splits": self.splits, "failed": self.failed,
-             "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
-             "compute_seconds": round(self.compute_seconds, 3),
-             "images_per_second": round(self.images_per_second, 2),
-             "computed": self.computed, "reused": self.reused}
-        if self.merged:
-            d["merged"] = self.merged
-        return d
-
-
-ProgressFn = Callable[[int, int], None]
-
-
-def default_batch_size(device: torch.device) -> int:
-    return 8 if device.type == "cpu" else 64
-
-
-def _pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
-    if how == "none" or len(shape) <= 1:
-        return tuple(shape)
-    c = shape[0] if len(shape) == 3 else shape[-1]
-    return (2 * c,) if how == "avgmax" else (c,)
-
-
 # --- the main entry point -------------------------------------------------------------------
-
-@dataclass
-class Prepared:
-    """Everything an extraction works out before it computes: built once, passed on."""
-
-    source: Source
-    backbone: Backbone
-    layers: list[str]
-    #: Per layer, the shape of one sample's features (after pooling).
-    shapes: list[tuple[int, ...]]
-    fingerprint: CacheFingerprint
-    #: The final cache file (a sharded run writes its shard file beside it).
-    path: Path
-    device: torch.device
-    #: Every tap point in forward order (where the tapped network may stop).
-    order: list[str]
-    #: The options with their automatic choices (precision, batch size) resolved.
-    config: ExtractConfig
-
-
-def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepared:
-    """Open the source and backbone and work out layers, shapes, fingerprint and file name."""
-    config.validate()
-    return _prepare(open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed), config)
-
-
-def _resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
-    """``config`` with its automatic choices for ``device`` made (precision, batch size)."""
-    return ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
-                            "batch_size": config.batch_size or default_batch_size(device)})
-
-
-def _fingerprint(backbone: dict, layers: list[str], preprocess: dict, fold_bn: bool, src: Source,
-                 config: ExtractConfig, device: torch.device) -> CacheFingerprint:
-    """The fingerprint of an extraction: the backbone's own facts (identity, preprocessing, layers,
-    whether BatchNorm folded), then what the options, the source and this machine decide."""
-    return CacheFingerprint(
-        backbone=backbone, layers=tuple(layers), pool=config.pool, preprocess=preprocess,
-        precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
-        device_type=device.type, source=src.describe(),
-        augment=config.augment.to_dict() if config.views else None,
-        fold_bn=fold_bn, compile=config.compile, decode="torchvision" if config.decode_on_device else "pil",
-        versions=library_versions(),
-    )
-
-
-def _prepare(src: Source, config: ExtractConfig) -> Prepared:
-    bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
-                       mean=config.mean, std=config.std)
-    device = resolve_device(config.device)
-    fold_bn = False
-    if config.fold_bn:
-        bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
-    _, slow = runnable_precision(config.precision, device)
-    if slow:  # asked for explicitly: kept (it is in the fingerprint), but the user should know
-        log.warning("precision=%s on %s is slow: %s. precision='auto' picks the fast one.", config.precision,
-                    device, slow.split(";")[0])
-    config = _resolved(config, device)
-    infos = list_layers(bb, depth=None)
-    known = {i.name: i for i in infos}
-    layers = list(config.layers) or [bb.default_layer]
-    if ALL_LAYERS in layers:
-        if layers != [ALL_LAYERS]:
-            raise ConfigError(f"'{ALL_LAYERS}' taps every stage and pre_logits; give it alone, not with {layers}.")
-        if not bb.stages:
-            raise ConfigError(f"{bb.name} has no known stages for layers=('{ALL_LAYERS}',). Name the layers "
-                              f"(featcache layers {config.backbone} lists them).")
-        layers = list(bb.stage_layers)
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"A layer is given twice in {layers}.")
-    for name in layers:
-        if name not in known:
-            raise ConfigError(
-                f"Layer '{name}' is not in {bb.name}. Run 'featcache layers {config.backbone}' to list the layers."
-            )
-    shapes = [_pooled_shape(known[n].shape, config.pool) for n in layers]
-    fp = _fingerprint(bb.describe(), layers, bb.preprocess.to_dict(), fold_bn, src, config, device)
-    path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
-    return Prepared(src, bb, layers, shapes, fp, path, device, [i.name for i in infos], config)
-
-
-def plan_cache(source: str | os.PathLike | Source, config: ExtractConfig | None = None, **options) -> dict:
-    """What an extraction would write, without running it (``extract --dry-run``).
-
-    Returns
-    -------
-    dict
-        ``cache`` path, ``exists``, sample counts per split, and per layer its ``shape``,
-        ``bytes_per_image`` and ``total_bytes`` (augmented views included).
-    """
-    config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
-    p = prepare(source, config)
-    src, bb, layers, shapes, path, device, config = p.source, p.backbone, p.layers, p.shapes, p.path, p.device, p.config
-    itemsize = np.dtype(config.dtype).itemsize
-    counts = {s: len(r) for s, r in src.splits.items()}
-    n_vectors = sum(counts.values()) + config.views * counts.get(VIEW_SPLIT, 0)
-    rows = []
-    for name, shape in zip(layers, shapes):
-        per = int(np.prod(shape)) * itemsize
-        rows.append({"layer": name, "shape": list(shape), "bytes_per_image": per, "total_bytes": per * n_vectors})
-    return {"cache": str(path), "exists": path.exists(), "backbone": bb.name, "splits": counts,
-            "views": config.views, "dtype": config.dtype, "precision": config.precision, "device": str(device),
-            "layers": rows, "total_bytes": sum(r["total_bytes"] for r in rows)}
-
 
 def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = None, *,
             progress: ProgressFn | None = None, **options) -> ExtractResult:
@@ -304,98 +61,10 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
     config.validate()
     src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
-    hit = _find_hit(src, config, t0)
+    hit = find_hit(src, config, t0)
     if hit is not None:
         return hit
-    return run_prepared(_prepare(src, config), progress=progress, t0=t0)
-
-
-#: The options that, with the library versions, settle the backbone's own facts in a fingerprint
-#: (identity, preprocessing, layers, whether BatchNorm folded); every cache records them.
-_BACKBONE_OPTIONS = ("backbone", "layers", "input_size", "mean", "std", "fold_bn")
-
-
-def _find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | None:
-    """The cache this extraction would reuse, found without building the backbone; None when
-    there is none or it cannot be told without the network (then :func:`prepare` builds it and
-    decides, as it always did).
-
-    A fingerprint is the backbone's own facts plus what the options, the source and this machine
-    decide. The facts follow from the backbone options and the library versions, and a cache
-    records both (``extract_config``, the fingerprint's versions and weights hash): a cache made
-    with equal backbone options lends its facts, the fingerprint is rebuilt from them and
-    everything else as :func:`prepare` would work it out, and the cache is a hit only if its
-    fingerprint and file name are exactly those and it holds every planned file unchanged.
-    """
-    if config.shard is not None:  # shard files and their assembly keep their own checks
-        return None
-    try:
-        known, weights_sha = weights_sha256_without_building(config.backbone, config.weights)
-    except FeatcacheError:
-        return None  # the builder will say what is wrong
-    if not known:
-        return None
-    wanted = {k: v for k, v in _json_roundtrip(config.to_dict()).items() if k in _BACKBONE_OPTIONS}
-    paths = [Path(config.output)] if config.output else sorted(Path(config.cache_dir).glob("*.h5"))
-    resolved = None
-    for path in paths:
-        made_by = _json_attr(path, "extract_config")
-        if (made_by is None or {k: made_by.get(k) for k in _BACKBONE_OPTIONS} != wanted
-                or (made_by.get("weights") is None) != (config.weights is None)):
-            continue
-        recorded = _json_attr(path, "fingerprint")
-        if recorded is None or recorded.get("backbone", {}).get("weights_sha256") != weights_sha:
-            continue
-        if resolved is None:
-            device = resolve_device(config.device)
-            resolved = device, _resolved(config, device)
-        device, run_config = resolved
-        try:
-            fp = _fingerprint(recorded["backbone"], recorded["layers"], recorded["preprocess"],
-                              recorded.get("fold_bn", False), src, run_config, device)
-        except (KeyError, TypeError):
-            continue
-        if fp.to_dict() != recorded or (config.output is None and path.name != cache_file_name(fp)):
-            continue
-        try:
-            cache = open_cache(path)
-        except CacheError:
-            return None  # the full run sets it aside or says what is wrong
-        with cache:
-            if cache.fingerprint == recorded:
-                return _hit_result(cache, path, plan_rows(src), run_config, t0)
-    return None
-
-
-def _json_attr(path: Path, key: str) -> dict | None:
-    text = read_text_attr(path, key)
-    try:
-        value = json.loads(text) if text else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _json_roundtrip(obj):
-    """``obj`` as it reads back from a JSON attribute (tuples become lists)."""
-    return json.loads(json.dumps(obj))
-
-
-def _hit_result(cache: FeatureCache, path: Path, plan: dict[str, list[Row]], config: ExtractConfig,
-                t0: float, stamp: dict | None = None) -> ExtractResult | None:
-    """The result of reusing ``cache`` whole, when it holds exactly the planned rows unchanged (and
-    the shard ``stamp``); else None. With ``on_error='fail'``, a failure it records is an error."""
-    if not (is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items())):
-        return None
-    if config.on_error == "fail" and cache.failed:
-        f = cache.failed[0]
-        raise SourceError(
-            f"Cannot use '{f['split']}/{f['id']}': {f['reason']} (recorded by an earlier run). "
-            f"Use --on-error skip to skip and record such files."
-        )
-    return ExtractResult(str(path), {s: cache.n(s) for s in cache.splits}, len(cache.failed), True,
-                         time.perf_counter() - t0, 0.0, 0, sum(cache.n(s) for s in cache.splits),
-                         [{k: f[k] for k in ("split", "id", "reason")} for f in cache.failed])
+    return run_prepared(prepare_source(src, config), progress=progress, t0=t0)
 
 
 def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None,
@@ -537,7 +206,7 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
                 f"versions or source differ). Choose another --output or delete that file."
             )
         try:
-            res = _hit_result(cache, path, plan, config, t0, stamp)
+            res = hit_result(cache, path, plan, config, t0, stamp)
         except SourceError:
             cache.close()
             raise

@@ -37,7 +37,7 @@ from .backbones import Backbone, load_backbone, seeded_init
 from .devices import PRECISIONS, PREFETCH, autocast, default_workers, resolve_device, resolve_precision
 from .errors import ConfigError
 from .files import atomic_write, write_json
-from .extract import ARRAY_KINDS
+from .plan import ARRAY_KINDS
 from .loading import collate, worker_init
 from .metrics import split_metrics
 

@@ -12,7 +12,8 @@ from dataclasses import replace
 from .backbones import PRE_LOGITS, load_backbone
 from .errors import ConfigError
 from .files import write_json
-from .extract import ExtractConfig, extract
+from .extract import extract
+from .plan import ExtractConfig
 from .fit import FitConfig, check_options, fit_head
 from .sources import open_source
 from .store import open_cache

@@ -7,15 +7,21 @@ mtime); a cache is a hit when it holds exactly the planned rows unchanged.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .loading import VIEW_SPLIT, Row, block_key
+from .backbones import weights_sha256_without_building
+from .devices import resolve_device
+from .errors import CacheError, FeatcacheError, SourceError
+from .loading import VIEW_SPLIT, Row, block_key, plan_rows
 from .partial import PartialStore
+from .plan import ExtractConfig, ExtractResult, fingerprint, resolved_config
 from .sources import Source
-from .store import FeatureCache
+from .store import FeatureCache, cache_file_name, open_cache, read_text_attr
 
 def stat_key(id_: str, stat) -> tuple[str, int, int]:
     return (id_, int(stat[0]), int(stat[1]))
@@ -178,3 +184,94 @@ def blocks(plan: dict[str, list[Row]], batch_size: int) -> dict[tuple[str, int],
         for r in rows:
             out.setdefault(block_key(r, batch_size), []).append(r)
     return out
+
+
+# --- reusing a whole cache --------------------------------------------------------------------
+
+
+#: The options that, with the library versions, settle the backbone's own facts in a fingerprint
+#: (identity, preprocessing, layers, whether BatchNorm folded); every cache records them.
+BACKBONE_OPTIONS = ("backbone", "layers", "input_size", "mean", "std", "fold_bn")
+
+
+def find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | None:
+    """The cache this extraction would reuse, found without building the backbone; None when
+    there is none or it cannot be told without the network (then :func:`prepare` builds it and
+    decides, as it always did).
+
+    A fingerprint is the backbone's own facts plus what the options, the source and this machine
+    decide. The facts follow from the backbone options and the library versions, and a cache
+    records both (``extract_config``, the fingerprint's versions and weights hash): a cache made
+    with equal backbone options lends its facts, the fingerprint is rebuilt from them and
+    everything else as :func:`prepare` would work it out, and the cache is a hit only if its
+    fingerprint and file name are exactly those and it holds every planned file unchanged.
+    """
+    if config.shard is not None:  # shard files and their assembly keep their own checks
+        return None
+    try:
+        known, weights_sha = weights_sha256_without_building(config.backbone, config.weights)
+    except FeatcacheError:
+        return None  # the builder will say what is wrong
+    if not known:
+        return None
+    wanted = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k in BACKBONE_OPTIONS}
+    paths = [Path(config.output)] if config.output else sorted(Path(config.cache_dir).glob("*.h5"))
+    resolved = None
+    for path in paths:
+        made_by = json_attr(path, "extract_config")
+        if (made_by is None or {k: made_by.get(k) for k in BACKBONE_OPTIONS} != wanted
+                or (made_by.get("weights") is None) != (config.weights is None)):
+            continue
+        recorded = json_attr(path, "fingerprint")
+        if recorded is None or recorded.get("backbone", {}).get("weights_sha256") != weights_sha:
+            continue
+        if resolved is None:
+            device = resolve_device(config.device)
+            resolved = device, resolved_config(config, device)
+        device, run_config = resolved
+        try:
+            fp = fingerprint(recorded["backbone"], recorded["layers"], recorded["preprocess"],
+                              recorded.get("fold_bn", False), src, run_config, device)
+        except (KeyError, TypeError):
+            continue
+        if fp.to_dict() != recorded or (config.output is None and path.name != cache_file_name(fp)):
+            continue
+        try:
+            cache = open_cache(path)
+        except CacheError:
+            return None  # the full run sets it aside or says what is wrong
+        with cache:
+            if cache.fingerprint == recorded:
+                return hit_result(cache, path, plan_rows(src), run_config, t0)
+    return None
+
+
+def json_attr(path: Path, key: str) -> dict | None:
+    text = read_text_attr(path, key)
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_roundtrip(obj):
+    """``obj`` as it reads back from a JSON attribute (tuples become lists)."""
+    return json.loads(json.dumps(obj))
+
+
+def hit_result(cache: FeatureCache, path: Path, plan: dict[str, list[Row]], config: ExtractConfig,
+                t0: float, stamp: dict | None = None) -> ExtractResult | None:
+    """The result of reusing ``cache`` whole, when it holds exactly the planned rows unchanged (and
+    the shard ``stamp``); else None. With ``on_error='fail'``, a failure it records is an error."""
+    if not (is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items())):
+        return None
+    if config.on_error == "fail" and cache.failed:
+        f = cache.failed[0]
+        raise SourceError(
+            f"Cannot use '{f['split']}/{f['id']}': {f['reason']} (recorded by an earlier run). "
+            f"Use --on-error skip to skip and record such files."
+        )
+    return ExtractResult(str(path), {s: cache.n(s) for s in cache.splits}, len(cache.failed), True,
+                         time.perf_counter() - t0, 0.0, 0, sum(cache.n(s) for s in cache.splits),
+                         [{k: f[k] for k in ("split", "id", "reason")} for f in cache.failed])

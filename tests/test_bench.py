@@ -119,7 +119,7 @@ def test_recommend_prefers_the_deeper_layer_within_tolerance():
 
 
 def test_probe_layers_taps_every_stage_in_one_pass(tmp_path):
-    from featcache.extract import ExtractConfig
+    from featcache.plan import ExtractConfig
 
     folder = make_image_folder(tmp_path / "imgs", per_class=6)
     res = probe_layers("resnet18.none", str(folder), out_dir=tmp_path / "layers", head="ncm",

@@ -25,12 +25,12 @@ from featcache import devices as devmod
 from featcache import extract
 from featcache.backbones import load_backbone
 from featcache.errors import ConfigError
-from featcache.extract import ExtractConfig
+from featcache.plan import ExtractConfig
 from featcache.loading import Batch, DeviceDecoded
 from featcache.taps import HostCopy, TappedForward, list_layers
 
 META = torch.device("meta")
-extract_mod = importlib.import_module("featcache.extract")  # the module (featcache.extract is the function)
+plan_mod = importlib.import_module("featcache.plan")
 
 
 def _fake_cuda(monkeypatch, count: int = 2, capability=(9, 0)):
@@ -138,8 +138,8 @@ def test_torchrun_rank_builds_the_backbone_once_and_stats_only_its_share(monkeyp
     folder = make_image_folder(tmp_path / "imgs", per_class=8)  # 32 files
     _torchrun_env(monkeypatch, rank=1, local=0, world=2, local_world=1)
     built, stats = [], []
-    real_load, real_stat = extract_mod.load_backbone, FileSource.stat
-    monkeypatch.setattr(extract_mod, "load_backbone", lambda *a, **k: built.append(a) or real_load(*a, **k))
+    real_load, real_stat = plan_mod.load_backbone, FileSource.stat
+    monkeypatch.setattr(plan_mod, "load_backbone", lambda *a, **k: built.append(a) or real_load(*a, **k))
     monkeypatch.setattr(FileSource, "stat", lambda self, ref: stats.append(ref.id) or real_stat(self, ref))
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as if the caller had initialised it
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
@@ -414,10 +414,10 @@ def test_device_option_errors_name_the_visible_gpus(monkeypatch):
 def test_an_explicit_slow_precision_is_kept_with_a_warning(monkeypatch, tiny, image_folder, caplog):
     monkeypatch.setattr(devmod, "cpu_has_fast_bf16", lambda: False)
     with caplog.at_level(logging.WARNING):
-        p = extract_mod.prepare(str(image_folder), ExtractConfig(**{**tiny, "device": "cpu", "precision": "bf16"}))
+        p = plan_mod.prepare(str(image_folder), ExtractConfig(**{**tiny, "device": "cpu", "precision": "bf16"}))
     assert p.config.precision == "bf16"
     assert "precision=bf16 on cpu is slow: this CPU has no native bf16 (emulated bf16 runs 18-30x slower)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        extract_mod.prepare(str(image_folder), ExtractConfig(**{**tiny, "device": "cpu", "precision": "fp32"}))
+        plan_mod.prepare(str(image_folder), ExtractConfig(**{**tiny, "device": "cpu", "precision": "fp32"}))
     assert "slow" not in caplog.text

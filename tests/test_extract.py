@@ -261,7 +261,7 @@ def test_renamed_file_is_matched_by_content(tiny, tmp_path):
 def test_second_writer_gets_clear_error_and_readers_are_not_blocked(tiny, image_folder):
     done = extract(str(image_folder), **tiny)
     other = {**tiny, "pool": "max"}
-    from featcache.extract import prepare, ExtractConfig
+    from featcache.plan import ExtractConfig, prepare
 
     path = prepare(str(image_folder), ExtractConfig(**other)).path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -365,7 +365,7 @@ def test_views_survive_interrupt_and_resume(tiny, tmp_path):
 
 
 def test_dry_run_plans_bytes_without_extracting(tmp_path, image_folder):
-    from featcache.extract import plan_cache
+    from featcache.plan import plan_cache
 
     plan = plan_cache(str(image_folder), backbone="resnet50.none", layers=("layer3",), pool="none",
                       cache_dir=str(tmp_path / "c"))

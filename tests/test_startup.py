@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from featcache import extract
-from featcache.extract import ExtractConfig
+from featcache.plan import ExtractConfig
 
 HEAVY = ("torch", "torchvision", "sklearn", "PIL")
-extract_mod = importlib.import_module("featcache.extract")  # the module (featcache.extract is the function)
+plan_mod = importlib.import_module("featcache.plan")
 
 
 def _imported_after(code: str, cwd) -> list[str]:
@@ -100,8 +100,8 @@ def test_public_names_are_the_functions_whatever_the_import_order(tmp_path):
 # --- a cache hit is found without building the network, and only a true hit ----------------------
 
 def _counting_builds(monkeypatch) -> list:
-    built, real = [], extract_mod.load_backbone
-    monkeypatch.setattr(extract_mod, "load_backbone", lambda *a, **k: built.append(a) or real(*a, **k))
+    built, real = [], plan_mod.load_backbone
+    monkeypatch.setattr(plan_mod, "load_backbone", lambda *a, **k: built.append(a) or real(*a, **k))
     return built
 
 

@@ -82,7 +82,7 @@ EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", 
 
 def extract_config(kw: dict):
     """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw)."""
-    from ..extract import ExtractConfig
+    from ..plan import ExtractConfig
 
     vals = {n: kw.pop(n) for n in EXTRACT_NAMES if n in kw}
     if "layers" in vals:
@@ -114,7 +114,8 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
     An interrupted run resumes where it stopped.
     """
     from ..distributed import extract_distributed, torchrun_env
-    from ..extract import ExtractConfig, extract as run
+    from ..extract import extract as run
+    from ..plan import ExtractConfig
     from ..shards import parse_shard
 
     config = extract_config(kw)
@@ -133,7 +134,7 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
             _print_ranks(out, as_json)
         return
     if dry_run:
-        from ..extract import plan_cache
+        from ..plan import plan_cache
 
         _print_plan(plan_cache(source, config), as_json)
         return
