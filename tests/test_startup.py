@@ -43,10 +43,20 @@ def small_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["ls"], ["ls", "--json"], ["extract", "--help"], ["fit-head", "--help"],
-                                  ["backbones"], ["backbones", "--json"], ["sources"], ["heads"]])
+                                  ["backbones"], ["backbones", "--json"], ["sources"]])
 def test_cli_without_work_imports_no_torch(tmp_path, args):
-    # 'heads' needs featcache.heads free of torch at import (issue 14, part 2).
     assert _imported_after(_cli(args), tmp_path) == []
+
+
+def test_listing_heads_imports_no_torch(tmp_path):
+    # Heads are scikit-learn estimators: listing them imports scikit-learn, never torch.
+    assert _imported_after(_cli(["heads"]) + _cli(["heads", "--json"]), tmp_path) == ["sklearn"]
+
+
+def test_fit_head_with_a_scikit_learn_head_imports_no_torch(tmp_path, small_cache):
+    cache, _ = small_cache
+    args = ["fit-head", cache, "--head", "logreg", "--C", "1", "--runs-dir", str(tmp_path / "runs"), "--json"]
+    assert _imported_after(_cli(args), tmp_path) == ["sklearn"]
 
 
 def test_info_imports_no_torch(tmp_path, small_cache):
