@@ -182,63 +182,71 @@ class FeatureCache:
             raise CacheError(f"Cache file '{self.path}': its layers disagree with its fingerprint.")
         self.splits: list[str] = [k for k in h.keys() if k != "failed"]
         self._check_virtual_sources()
-        want_dtype = self.fingerprint.get("dtype")
         for split in self.splits:
-            g = h[split]
-            if not isinstance(g, h5py.Group):
-                raise CacheError(f"Cache file '{self.path}': '{split}' is not a split group.")
-            for key in ("labels", "ids", "hashes", "stat"):
-                if not isinstance(g.get(key), h5py.Dataset):
-                    raise CacheError(f"Cache file '{self.path}': split '{split}' has no '{key}'.")
-            n = g["labels"].shape[0] if g["labels"].ndim == 1 else -1
-            if n < 0 or g["ids"].shape != (n,) or g["hashes"].shape != (n,) or g["stat"].shape != (n, 2):
-                raise CacheError(f"Cache file '{self.path}': split '{split}' has datasets of different lengths.")
-            _check_kind(self.path, f"{split}/labels", g["labels"], "i")
-            _check_kind(self.path, f"{split}/stat", g["stat"], "i")
-            _check_kind(self.path, f"{split}/hashes", g["hashes"], "S")
-            if "batch_n" in g:
-                if not isinstance(g["batch_n"], h5py.Dataset) or g["batch_n"].shape != (n,):
-                    raise CacheError(f"Cache file '{self.path}': '{split}/batch_n' must have one value per row.")
-                _check_kind(self.path, f"{split}/batch_n", g["batch_n"], "i")
-            if h5py.check_string_dtype(g["ids"].dtype) is None:
-                raise CacheError(f"Cache file '{self.path}': '{split}/ids' must hold strings.")
-            for layer in self.layers:
-                ds = g.get(f"features/{layer}")
-                if not isinstance(ds, h5py.Dataset) or ds.ndim < 2 or ds.shape[:1] != (n,):
-                    raise CacheError(
-                        f"Cache file '{self.path}': split '{split}' lacks features for layer '{layer}' "
-                        f"with {n} rows."
-                    )
-                if ds.dtype.kind != "f" or (want_dtype and ds.dtype != np.dtype(want_dtype)):
-                    raise CacheError(f"Cache file '{self.path}': features of '{layer}' are {ds.dtype}, its "
-                                     f"fingerprint says {want_dtype}.")
-                _check_storage(self.path, f"{split}/features/{layer}", ds)
-                vs = g.get(f"views/{layer}")
-                if vs is not None:
-                    k = (self.fingerprint.get("augment") or {}).get("views")
-                    if not isinstance(vs, h5py.Dataset) or vs.shape[:2] != (n, k) or vs.shape[2:] != ds.shape[1:] \
-                            or vs.dtype != ds.dtype:
-                        raise CacheError(f"Cache file '{self.path}': views of '{layer}' in split '{split}' do not "
-                                         f"match its features and fingerprint.")
-                    _check_storage(self.path, f"{split}/views/{layer}", vs)
-            if n:
-                with self._guard():
-                    lab = g["labels"][()]
-                if lab.min() < 0 or lab.max() >= len(self.classes):
-                    raise CacheError(f"Cache file '{self.path}': split '{split}' has labels outside its classes.")
+            self._validate_split(split)
         if "failed" in h:
-            g = h["failed"]
-            keys = ("split", "ids", "reasons", "stat", "labels")
-            if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset) for k in keys):
-                raise CacheError(f"Cache file '{self.path}': its 'failed' group lacks one of {', '.join(keys)}.")
-            m = g["ids"].shape[0] if g["ids"].ndim == 1 else -1
-            if m < 0 or any(g[k].shape[:1] != (m,) for k in keys) or g["stat"].shape != (m, 2):
-                raise CacheError(f"Cache file '{self.path}': its 'failed' datasets have different lengths.")
-            for k in ("split", "ids", "reasons"):
-                if h5py.check_string_dtype(g[k].dtype) is None:
-                    raise CacheError(f"Cache file '{self.path}': 'failed/{k}' must hold strings.")
-            _check_kind(self.path, "failed/stat", g["stat"], "i")
-            _check_kind(self.path, "failed/labels", g["labels"], "i")
+            self._validate_failed()
+
+    def _validate_split(self, split: str) -> None:
+        """The datasets of one split: present, of one length, of the right kinds and storage."""
+        g = self._h5[split]
+        want_dtype = self.fingerprint.get("dtype")
+        if not isinstance(g, h5py.Group):
+            raise CacheError(f"Cache file '{self.path}': '{split}' is not a split group.")
+        for key in ("labels", "ids", "hashes", "stat"):
+            if not isinstance(g.get(key), h5py.Dataset):
+                raise CacheError(f"Cache file '{self.path}': split '{split}' has no '{key}'.")
+        n = g["labels"].shape[0] if g["labels"].ndim == 1 else -1
+        if n < 0 or g["ids"].shape != (n,) or g["hashes"].shape != (n,) or g["stat"].shape != (n, 2):
+            raise CacheError(f"Cache file '{self.path}': split '{split}' has datasets of different lengths.")
+        _check_kind(self.path, f"{split}/labels", g["labels"], "i")
+        _check_kind(self.path, f"{split}/stat", g["stat"], "i")
+        _check_kind(self.path, f"{split}/hashes", g["hashes"], "S")
+        if "batch_n" in g:
+            if not isinstance(g["batch_n"], h5py.Dataset) or g["batch_n"].shape != (n,):
+                raise CacheError(f"Cache file '{self.path}': '{split}/batch_n' must have one value per row.")
+            _check_kind(self.path, f"{split}/batch_n", g["batch_n"], "i")
+        if h5py.check_string_dtype(g["ids"].dtype) is None:
+            raise CacheError(f"Cache file '{self.path}': '{split}/ids' must hold strings.")
+        for layer in self.layers:
+            ds = g.get(f"features/{layer}")
+            if not isinstance(ds, h5py.Dataset) or ds.ndim < 2 or ds.shape[:1] != (n,):
+                raise CacheError(
+                    f"Cache file '{self.path}': split '{split}' lacks features for layer '{layer}' "
+                    f"with {n} rows."
+                )
+            if ds.dtype.kind != "f" or (want_dtype and ds.dtype != np.dtype(want_dtype)):
+                raise CacheError(f"Cache file '{self.path}': features of '{layer}' are {ds.dtype}, its "
+                                 f"fingerprint says {want_dtype}.")
+            _check_storage(self.path, f"{split}/features/{layer}", ds)
+            vs = g.get(f"views/{layer}")
+            if vs is not None:
+                k = (self.fingerprint.get("augment") or {}).get("views")
+                if not isinstance(vs, h5py.Dataset) or vs.shape[:2] != (n, k) or vs.shape[2:] != ds.shape[1:] \
+                        or vs.dtype != ds.dtype:
+                    raise CacheError(f"Cache file '{self.path}': views of '{layer}' in split '{split}' do not "
+                                     f"match its features and fingerprint.")
+                _check_storage(self.path, f"{split}/views/{layer}", vs)
+        if n:
+            with self._guard():
+                lab = g["labels"][()]
+            if lab.min() < 0 or lab.max() >= len(self.classes):
+                raise CacheError(f"Cache file '{self.path}': split '{split}' has labels outside its classes.")
+
+    def _validate_failed(self) -> None:
+        """The record of samples that could not be read."""
+        g = self._h5["failed"]
+        keys = ("split", "ids", "reasons", "stat", "labels")
+        if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset) for k in keys):
+            raise CacheError(f"Cache file '{self.path}': its 'failed' group lacks one of {', '.join(keys)}.")
+        m = g["ids"].shape[0] if g["ids"].ndim == 1 else -1
+        if m < 0 or any(g[k].shape[:1] != (m,) for k in keys) or g["stat"].shape != (m, 2):
+            raise CacheError(f"Cache file '{self.path}': its 'failed' datasets have different lengths.")
+        for k in ("split", "ids", "reasons"):
+            if h5py.check_string_dtype(g[k].dtype) is None:
+                raise CacheError(f"Cache file '{self.path}': 'failed/{k}' must hold strings.")
+        _check_kind(self.path, "failed/stat", g["stat"], "i")
+        _check_kind(self.path, "failed/labels", g["labels"], "i")
 
     @contextlib.contextmanager
     def _guard(self):
