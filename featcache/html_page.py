@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import __version__
 from .errors import ConfigError
+from .metrics import format_value
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,7 @@ def shots_label(s: Any) -> str:
 
 
 def fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
-    return str(v)
+    return format_value(v, digits, missing="–")
 
 
 def fmt_value(v: Any) -> str:

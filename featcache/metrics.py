@@ -185,15 +185,12 @@ def selection_scores(y_idx: np.ndarray, proba: np.ndarray, select_by: str = "top
     return out
 
 
-def _cell(value: Any) -> str:
+def format_value(value: Any, digits: int = 4, missing: str = "-") -> str:
+    """A metric as text: floats to ``digits`` decimals, None as ``missing``."""
     if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
+        return missing
+    if isinstance(value, float) and not isinstance(value, bool):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -218,7 +215,7 @@ def format_metrics_table(metrics_by_split: Mapping[str, Mapping[str, Any]]) -> s
     ]
     rows: list[Sequence[str]] = [["split", *[head for _, head in columns]]]
     for split, metrics in metrics_by_split.items():
-        rows.append([str(split), *[_cell(metrics.get(key)) for key, _ in columns]])
+        rows.append([str(split), *[format_value(metrics.get(key)) for key, _ in columns]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for r in rows:
