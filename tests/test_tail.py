@@ -17,7 +17,8 @@ from featcache.backbones import load_backbone
 from featcache.errors import BackboneError, ConfigError, HeadError
 from featcache.finetune import FinetuneConfig, finetune
 from featcache.cutting import boundary_shape, build_tail, prefix_model, working_boundaries
-from featcache.heads.tail import TailHead
+from featcache.heads import tail as tail_module
+from featcache.heads.tail import MapAugment, TailHead, parse_augment
 
 from conftest import make_image_folder
 
@@ -241,6 +242,97 @@ def test_tail_head_sweep_and_errors(toy):
     with pytest.raises(HeadError, match="not fitted"):
         _head().predict(toy["X"])
     assert clone(head).get_params() == head.get_params()
+
+
+def test_tail_head_streams_large_datasets_like_memory(toy, tmp_path, monkeypatch):
+    """Datasets over IN_MEMORY_BYTES are read per batch; the fit is the same as from memory."""
+    ref = _head(epochs=2).fit(toy["X"], toy["y"], views=toy["views"])
+    with h5py.File(tmp_path / "acts.h5", "w") as f:
+        f["X"], f["views"] = toy["X"], toy["views"]
+        bad = toy["views"].copy()
+        bad[5, 1, 0, 0, 0] = np.inf
+        f["bad"] = bad
+    monkeypatch.setattr(tail_module, "IN_MEMORY_BYTES", 0)
+    with h5py.File(tmp_path / "acts.h5", "r") as f:
+        streamed = _head(epochs=2).fit(f["X"], toy["y"], views=f["views"])
+        np.testing.assert_array_equal(streamed.view_schedule_, ref.view_schedule_)
+        np.testing.assert_array_equal(streamed.predict_proba(toy["X_test"]), ref.predict_proba(toy["X_test"]))
+        with pytest.raises(HeadError, match="NaN or infinity"):
+            _head(epochs=3).fit(f["X"], toy["y"], views=f["bad"])
+    with pytest.raises(HeadError, match="NaN or infinity"):  # in memory: checked before training
+        _head(epochs=1).fit(toy["X"], toy["y"], views=bad)
+
+
+def test_map_augment_keeps_shapes_and_is_seeded():
+    x = torch.randn(6, 4, 5, 7, generator=torch.Generator().manual_seed(0))
+    for spec in ("flip", "shift", "crop", "mixup", "flip+crop", "flip+shift+crop+mixup"):
+        a, pa, la = MapAugment(parse_augment(spec), np.random.default_rng(3))(x)
+        b, pb, lb = MapAugment(parse_augment(spec), np.random.default_rng(3))(x)
+        assert a.shape == x.shape and a.dtype == x.dtype and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(a, x), spec
+        assert la == lb and (pa is None) == ("mixup" not in spec)
+    # flip: every row is itself or its mirror image, both occur.
+    a, _, _ = MapAugment(("flip",), np.random.default_rng(0))(x)
+    mirrored = [torch.equal(a[i], x[i].flip(-1)) for i in range(6)]
+    assert all(m or torch.equal(a[i], x[i]) for i, m in enumerate(mirrored)) and 0 < sum(mirrored) < 6
+    # shift: an integer translation with zeros coming in; nothing else changes.
+    a, _, _ = MapAugment(("shift",), np.random.default_rng(0))(x)
+    for i in range(6):
+        hits = [(dy, dx) for dy in range(-1, 2) for dx in range(-1, 2)
+                if torch.equal(a[i], torch.nn.functional.pad(x[i], (1, 1, 1, 1))[:, 1 + dy:6 + dy, 1 + dx:8 + dx])]
+        assert hits, i
+    # mixup: a convex blend with a permutation of the batch.
+    a, partner, lam = MapAugment(("mixup",), np.random.default_rng(0))(x)
+    assert 0 <= lam <= 1 and sorted(partner) == list(range(6))
+    torch.testing.assert_close(a, lam * x + (1 - lam) * x[torch.from_numpy(partner)])
+    assert parse_augment(None) == parse_augment("none") == ()
+    assert parse_augment("mixup+flip") == ("flip", "mixup")
+
+
+def test_tail_head_augment_option(toy, tmp_path):
+    for spec in ("flip+shift", "crop+mixup"):
+        a = _head(epochs=2, augment=spec).fit(toy["X"], toy["y"])
+        b = _head(epochs=2, augment=spec).fit(toy["X"], toy["y"])
+        np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), b.predict_proba(toy["X_test"]))
+    plain = _head(epochs=2).fit(toy["X"], toy["y"])
+    other = _head(epochs=2, augment="crop+mixup", random_state=1).fit(toy["X"], toy["y"])
+    assert not np.array_equal(plain.predict_proba(toy["X_test"]), a.predict_proba(toy["X_test"]))
+    assert not np.array_equal(other.predict_proba(toy["X_test"]), a.predict_proba(toy["X_test"]))
+    # Its own random stream: shuffling and view sampling do not move.
+    views = _head(epochs=2, augment="flip").fit(toy["X"], toy["y"], views=toy["views"])
+    np.testing.assert_array_equal(views.view_schedule_, _head(epochs=2).fit(toy["X"], toy["y"], views=toy["views"])
+                                  .view_schedule_)
+    # Prediction never augments; the saved state is the tail's, the option a saved parameter.
+    proba = a.predict_proba(toy["X_test"])
+    np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), proba)
+    arrays, meta = a.get_state()
+    assert meta["params"]["augment"] == "crop+mixup"
+    assert set(arrays) == set(plain.get_state()[0])
+    save_file(arrays, str(tmp_path / "tail.safetensors"))
+    again = TailHead.from_state(load_arrays(str(tmp_path / "tail.safetensors")), json.loads(json.dumps(meta)))
+    assert again.augment == "crop+mixup"
+    np.testing.assert_array_equal(again.predict_proba(toy["X_test"]), proba)
+
+
+@pytest.mark.parametrize("bad", ["rotate", "flip+flip", "", "flip+", 3, ["flip"]])
+def test_tail_head_refuses_bad_augment(toy, bad):
+    with pytest.raises(ConfigError) as e:
+        _head(augment=bad).fit(toy["X"], toy["y"])
+    assert str(e.value) == (
+        "The 'augment' option must be 'none' or parts of flip, shift, crop, mixup joined by '+' (e.g. "
+        f"'flip+crop'), each at most once. Got {bad!r}."
+    )
+
+
+def test_tail_head_augment_needs_maps():
+    X = np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32)
+    head = TailHead(backbone="mobilenet_v3_small.none", input_size=64, boundary="classifier.0", augment="flip",
+                    epochs=1, batch_size=4, device="cpu")
+    with pytest.raises(HeadError, match=r"^The 'augment' option \('flip'\) transforms \(C, H, W\) activation maps; "
+                                        r"layer 'classifier.0' gives \(1024,\)"):
+        head.fit(X, np.arange(8) % 2)
+    assert head.set_params(augment="none").fit(X, np.arange(8) % 2).predict(X).shape == (8,)
 
 
 # ----------------------------------------------------------------------------------------------
