@@ -325,6 +325,17 @@ def test_tail_head_refuses_bad_augment(toy, bad):
     )
 
 
+def test_tail_head_precision_option(toy):
+    a = _head(epochs=2, precision="bf16").fit(toy["X"], toy["y"])
+    b = _head(epochs=2, precision="bf16").fit(toy["X"], toy["y"])
+    assert a.precision_ == "bf16" and _head(epochs=1).fit(toy["X"], toy["y"]).precision_ == "fp32"
+    np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), b.predict_proba(toy["X_test"]))
+    assert a.get_state()[0]["tail.classifier.3.weight"].dtype == np.float32
+    with pytest.raises(ConfigError) as e:
+        _head(precision="half").fit(toy["X"], toy["y"])
+    assert str(e.value) == "The 'precision' option must be one of auto, fp32, bf16, fp16. Got 'half'."
+
+
 def test_tail_head_augment_needs_maps():
     X = np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32)
     head = TailHead(backbone="mobilenet_v3_small.none", input_size=64, boundary="classifier.0", augment="flip",

@@ -42,8 +42,9 @@ from .base import (
 )
 from .torch_heads import check_device, resolve_device
 from ..cutting import assemble_tail, build_tail, cut_at
+from ..devices import PRECISIONS, autocast, resolve_precision
 from ..training import adamw, cosine_lr, param_groups, resolve_seed
-from ..registry import check_int
+from ..registry import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +273,11 @@ class TailHead(BaseHead):
         Augmentation of the cached maps while training, drawn from ``random_state``: "none"
         (or None), or parts of "flip", "shift", "crop", "mixup" joined by "+" (see
         :class:`MapAugment`). Needs (C, H, W) activations; prediction never augments.
+    precision : {"fp32", "auto", "bf16", "fp16"}, default="fp32"
+        Autocast precision of the training forward and backward pass (weights and the optimiser
+        stay float32; eval scoring and prediction run in float32). "auto" is what extraction and
+        finetune pick: bf16 on CPUs with native bf16 and on Ampere+ GPUs, fp16 (loss-scaled) on
+        older GPUs, else fp32.
 
     Attributes
     ----------
@@ -284,6 +290,8 @@ class TailHead(BaseHead):
         ``prod(input_shape_)``.
     backbone_name_ : str
         Canonical name of the backbone.
+    precision_ : str
+        The training precision used ("auto" resolved).
     view_schedule_ : ndarray of shape (epochs, n_samples), int
         The view trained on per epoch and image (0: ``X``; ``k``: ``views[:, k - 1]``); all zeros
         without views.
@@ -307,6 +315,7 @@ class TailHead(BaseHead):
         "class_weight": CLASS_WEIGHT_HELP,
         "patience": PATIENCE_HELP,
         "augment": "augmentation of the cached maps: none, or flip, shift, crop, mixup joined by '+'",
+        "precision": "autocast precision of training: fp32, auto, bf16, fp16",
     }
     inputs = "activations"
     streams = True
@@ -349,6 +358,7 @@ class TailHead(BaseHead):
         class_weight: str | None = None,
         patience: int | None = None,
         augment: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -363,6 +373,7 @@ class TailHead(BaseHead):
         self.class_weight = class_weight
         self.patience = patience
         self.augment = augment
+        self.precision = precision
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -388,6 +399,7 @@ class TailHead(BaseHead):
         check_class_weight(self.class_weight)
         check_patience(self.patience)
         parse_augment(self.augment)
+        check_choice("precision", self.precision, PRECISIONS)
 
     def _load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, weights=self.weights, input_size=self.input_size)
@@ -465,6 +477,8 @@ class TailHead(BaseHead):
         cw = class_weights(y_idx, n_classes, self.class_weight)
         cw = None if cw is None else torch.tensor(cw, dtype=torch.float32, device=device)
         opt = adamw(param_groups(tail, float(self.weight_decay)), lr=float(self.lr), device=device)
+        precision = resolve_precision(self.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         rng = np.random.default_rng(seed)
         # Its own stream: shuffling and view sampling are the same with and without augmentation.
         augment = MapAugment(parts, np.random.default_rng([seed, 1])) if parts else None
@@ -492,18 +506,19 @@ class TailHead(BaseHead):
                     step += 1
                     for g in opt.param_groups:
                         g["lr"] = cosine_lr(float(self.lr), step, total)
-                    if augment is None:
-                        loss = nn.functional.cross_entropy(tail(xb), yb, weight=cw)
-                    else:
+                    partner, lam = None, 1.0
+                    if augment is not None:
                         xb, partner, lam = augment(xb)
-                        out = tail(xb)
-                        loss = nn.functional.cross_entropy(out, yb, weight=cw)
-                        if partner is not None:
-                            other = nn.functional.cross_entropy(out, yb[torch.from_numpy(partner).to(device)], weight=cw)
-                            loss = lam * loss + (1.0 - lam) * other
+                    with autocast(device, precision):
+                        out = tail(xb).float()
+                    loss = nn.functional.cross_entropy(out, yb, weight=cw)
+                    if partner is not None:
+                        other = nn.functional.cross_entropy(out, yb[torch.from_numpy(partner).to(device)], weight=cw)
+                        loss = lam * loss + (1.0 - lam) * other
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                     epoch_loss += loss.detach() * len(idx)  # summed on the device: no wait per step
 
                 def proba():
@@ -524,6 +539,7 @@ class TailHead(BaseHead):
         self.n_features_in_ = int(np.prod(self.input_shape_))
         self.backbone_name_ = bb.name
         self.view_schedule_ = schedule
+        self.precision_ = precision
         tracker.attach(self, 0)
 
     # -- predict --------------------------------------------------------------------------------
@@ -628,6 +644,7 @@ class TailHead(BaseHead):
         self.n_features_in_ = n_features
         self.backbone_name_ = bb.name
         self.view_schedule_ = np.zeros((0, 0), dtype=np.int64)
+        self.precision_ = self.precision
 
     def to_torch(self) -> nn.Module:
         """The trained tail: (B, C, H, W) float32 -> logits (B, n_classes), eval mode.
