@@ -209,7 +209,11 @@ class MapAugment:
             pad = max(1, W // 8)
             dy, dx = rng.integers(0, 2 * pad + 1, size=(2, B))
             padded = nn.functional.pad(x, (pad, pad, pad, pad))
-            x = torch.stack([padded[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+            rows = torch.from_numpy(dy[:, None] + np.arange(H)).to(x.device)  # (B, H)
+            cols = torch.from_numpy(dx[:, None] + np.arange(W)).to(x.device)  # (B, W)
+            batch = torch.arange(B, device=x.device)[:, None, None]
+            # One gather for the batch: (B, H, W, C) -> (B, C, H, W).
+            x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
         if "crop" in self.parts:
             area = rng.uniform(*CROP_AREA, size=B)
             ratio = np.exp(rng.uniform(*CROP_LOG_RATIO, size=B))
