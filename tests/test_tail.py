@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from sklearn.base import clone
 
 from featcache.backbones import load_backbone
+from featcache.devices import resolve_precision
 from featcache.errors import BackboneError, ConfigError, HeadError
 from featcache.finetune import FinetuneConfig, finetune
 from featcache.cutting import boundary_shape, build_tail, prefix_model, working_boundaries
@@ -169,6 +170,7 @@ def test_tail_head_learns_and_round_trips(toy, tmp_path):
     arrays, meta = head.get_state()
     assert all(a.dtype == np.float32 for a in arrays.values())
     assert meta["boundary"] == "features.11" and meta["input_shape"] == list(toy["X"].shape[1:])
+    assert meta["params"]["augment"] == "flip+crop" and meta["params"]["precision"] == "auto"
     save_file(arrays, str(tmp_path / "tail.safetensors"))
     again = TailHead.from_state(load_arrays(str(tmp_path / "tail.safetensors")), json.loads(json.dumps(meta)))
     np.testing.assert_array_equal(again.predict_proba(toy["X_test"]), proba)
@@ -295,13 +297,13 @@ def test_tail_head_augment_option(toy, tmp_path):
         a = _head(epochs=2, augment=spec).fit(toy["X"], toy["y"])
         b = _head(epochs=2, augment=spec).fit(toy["X"], toy["y"])
         np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), b.predict_proba(toy["X_test"]))
-    plain = _head(epochs=2).fit(toy["X"], toy["y"])
+    plain = _head(epochs=2, augment="none").fit(toy["X"], toy["y"])
     other = _head(epochs=2, augment="crop+mixup", random_state=1).fit(toy["X"], toy["y"])
     assert not np.array_equal(plain.predict_proba(toy["X_test"]), a.predict_proba(toy["X_test"]))
     assert not np.array_equal(other.predict_proba(toy["X_test"]), a.predict_proba(toy["X_test"]))
     # Its own random stream: shuffling and view sampling do not move.
     views = _head(epochs=2, augment="flip").fit(toy["X"], toy["y"], views=toy["views"])
-    np.testing.assert_array_equal(views.view_schedule_, _head(epochs=2).fit(toy["X"], toy["y"], views=toy["views"])
+    np.testing.assert_array_equal(views.view_schedule_, _head(epochs=2, augment="none").fit(toy["X"], toy["y"], views=toy["views"])
                                   .view_schedule_)
     # Prediction never augments; the saved state is the tail's, the option a saved parameter.
     proba = a.predict_proba(toy["X_test"])
@@ -328,7 +330,9 @@ def test_tail_head_refuses_bad_augment(toy, bad):
 def test_tail_head_precision_option(toy):
     a = _head(epochs=2, precision="bf16").fit(toy["X"], toy["y"])
     b = _head(epochs=2, precision="bf16").fit(toy["X"], toy["y"])
-    assert a.precision_ == "bf16" and _head(epochs=1).fit(toy["X"], toy["y"]).precision_ == "fp32"
+    assert a.precision_ == "bf16" == a.get_state()[1]["precision"]
+    assert _head(epochs=1, precision="fp32").fit(toy["X"], toy["y"]).precision_ == "fp32"
+    assert _head(epochs=1).fit(toy["X"], toy["y"]).precision_ == resolve_precision("auto", torch.device("cpu"))
     np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), b.predict_proba(toy["X_test"]))
     assert a.get_state()[0]["tail.classifier.3.weight"].dtype == np.float32
     with pytest.raises(ConfigError) as e:
@@ -336,14 +340,21 @@ def test_tail_head_precision_option(toy):
     assert str(e.value) == "The 'precision' option must be one of auto, fp32, bf16, fp16. Got 'half'."
 
 
-def test_tail_head_augment_needs_maps():
+def test_tail_head_augment_without_maps_keeps_mixup_only(caplog):
     X = np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32)
-    head = TailHead(backbone="mobilenet_v3_small.none", input_size=64, boundary="classifier.0", augment="flip",
-                    epochs=1, batch_size=4, device="cpu")
-    with pytest.raises(HeadError, match=r"^The 'augment' option \('flip'\) transforms \(C, H, W\) activation maps; "
-                                        r"layer 'classifier.0' gives \(1024,\)"):
-        head.fit(X, np.arange(8) % 2)
-    assert head.set_params(augment="none").fit(X, np.arange(8) % 2).predict(X).shape == (8,)
+    y = np.arange(8) % 2
+    spec = dict(backbone="mobilenet_v3_small.none", input_size=64, boundary="classifier.0", epochs=1, batch_size=4,
+                device="cpu", precision="fp32")
+    with caplog.at_level("WARNING", logger="featcache.heads.tail"):
+        flip_mix = TailHead(augment="flip+mixup", **spec).fit(X, y)
+    assert [r.getMessage() for r in caplog.records] == [
+        "The 'augment' option's flip move(s) (C, H, W) maps; layer 'classifier.0' gives (1024,), so training "
+        "goes without them."]
+    mix = TailHead(augment="mixup", **spec).fit(X, y)
+    np.testing.assert_array_equal(flip_mix.predict_proba(X), mix.predict_proba(X))
+    assert not np.array_equal(mix.predict_proba(X), TailHead(augment="none", **spec).fit(X, y).predict_proba(X))
+    # This tail starts with an in-place Hardswish: predicting must not write into the caller's array.
+    np.testing.assert_array_equal(X, np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32))
 
 
 # ----------------------------------------------------------------------------------------------

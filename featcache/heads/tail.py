@@ -144,7 +144,9 @@ def _logits(tail: nn.Module, X: Any, shape: tuple[int, ...], device: torch.devic
     out = []
     with torch.inference_mode():
         for s in range(0, int(X.shape[0]), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(X[s:s + batch_size])).to(device, dtype=torch.float32)
+            # A copy: a tail that starts with an in-place op (mobilenet's Hardswish after
+            # 'classifier.0') would otherwise write into the caller's float32 array.
+            xb = torch.from_numpy(np.array(X[s:s + batch_size], dtype=np.float32)).to(device)
             out.append(tail(xb.reshape(xb.shape[0], *shape)).float().cpu().numpy())
     return np.concatenate(out, axis=0)
 
@@ -197,7 +199,7 @@ class MapAugment:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None, float]:
         """(augmented maps, the mixup partner of each row or None, the mixup weight of ``x``)."""
-        B, _, H, W = x.shape
+        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
         rng = self.rng
         if "flip" in self.parts and "crop" not in self.parts:
             flip = rng.random(B) < 0.5
@@ -273,15 +275,19 @@ class TailHead(BaseHead):
     patience : int or None, default=None
         Stop after this many epochs without a better eval score and keep the best epoch's
         weights (needs eval data, see :func:`featcache.heads.base.training_monitor`).
-    augment : str or None, default=None
+    augment : str or None, default="flip+crop"
         Augmentation of the cached maps while training, drawn from ``random_state``: "none"
         (or None), or parts of "flip", "shift", "crop", "mixup" joined by "+" (see
-        :class:`MapAugment`). Needs (C, H, W) activations; prediction never augments.
-    precision : {"fp32", "auto", "bf16", "fp16"}, default="fp32"
+        :class:`MapAugment`); flip, shift and crop need (C, H, W) activations and are left out
+        (with a warning) at a boundary without them. Prediction never augments. The default
+        closed most of the gap to fine-tuning on raw images at a stage5 boundary and cost nothing
+        at stage6 (benchmarks/tail.py, README).
+    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         Autocast precision of the training forward and backward pass (weights and the optimiser
         stay float32; eval scoring and prediction run in float32). "auto" is what extraction and
         finetune pick: bf16 on CPUs with native bf16 and on Ampere+ GPUs, fp16 (loss-scaled) on
-        older GPUs, else fp32.
+        older GPUs, else fp32 (so, like extraction, the result depends on the CPU model unless
+        it is set; on the CPU it is deterministic either way).
 
     Attributes
     ----------
@@ -361,8 +367,8 @@ class TailHead(BaseHead):
         device: str = "auto",
         class_weight: str | None = None,
         patience: int | None = None,
-        augment: str | None = None,
-        precision: str = "fp32",
+        augment: str | None = "flip+crop",
+        precision: str = "auto",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -463,11 +469,12 @@ class TailHead(BaseHead):
         bb = self._load_backbone()
         cut = cut_at(bb, self.boundary)
         self._shape_of(X, cut.boundary_shape, "X")
-        if parts and len(cut.boundary_shape) != 3:
-            raise HeadError(
-                f"The 'augment' option ({self.augment!r}) transforms (C, H, W) activation maps; layer "
-                f"'{self.boundary}' gives {cut.boundary_shape}. Pass augment='none', or a boundary with maps."
-            )
+        spatial = [p for p in parts if p != "mixup"]
+        if spatial and len(cut.boundary_shape) != 3:
+            # The default asks for flips and crops; a boundary without maps trains without them.
+            logger.warning("The 'augment' option's %s move(s) (C, H, W) maps; layer '%s' gives %s, so "
+                           "training goes without them.", "+".join(spatial), self.boundary, cut.boundary_shape)
+            parts = tuple(p for p in parts if p == "mixup")
         # Small datasets are read once; what stays on disk is checked batch by batch as it is read.
         X = _in_memory(X)
         views = None if views is None else _in_memory(views)
@@ -607,6 +614,7 @@ class TailHead(BaseHead):
     def _state_meta(self) -> dict[str, Any]:
         return {
             "boundary": self.boundary,
+            "precision": self.precision_,
             "input_shape": list(self.input_shape_),
             "backbone_name": self.backbone_name_,
         }
@@ -648,7 +656,7 @@ class TailHead(BaseHead):
         self.n_features_in_ = n_features
         self.backbone_name_ = bb.name
         self.view_schedule_ = np.zeros((0, 0), dtype=np.int64)
-        self.precision_ = self.precision
+        self.precision_ = meta.get("precision", self.precision)
 
     def to_torch(self) -> nn.Module:
         """The trained tail: (B, C, H, W) float32 -> logits (B, n_classes), eval mode.
