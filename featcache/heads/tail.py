@@ -191,7 +191,8 @@ class MapAugment:
     random resized crop of the grid (:data:`CROP_AREA`, :data:`CROP_LOG_RATIO`) and resamples it to
     the grid's size; mixup blends the batch with a permutation of itself (:data:`MIXUP_ALPHA`), and
     the loss is blended with the same weight. The flip of a map is not the map of the flipped image
-    (kernels are not symmetric); what it is worth is measured in benchmarks/tail.py.
+    (kernels are not symmetric): what each part is worth was measured (README, the tail head;
+    benchmarks/tail.py).
     """
 
     def __init__(self, parts: tuple[str, ...], rng: np.random.Generator) -> None:
