@@ -15,10 +15,10 @@ import shutil
 import torch
 
 from .errors import ConfigError
+from .validation import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Autocast dtypes of the reduced precisions (fp32 runs without autocast).
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Most decoding processes per GPU: PIL decodes a 224 px crop in ~4 ms, so 8 processes feed

@@ -72,6 +72,8 @@ def check_class_weight(value: Any) -> str | None:
     )
 
 
+#: Values of a ``precision`` option: "auto" picks by device (see :mod:`featcache.devices`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Device types a ``device`` option may name (torch's spelling; an index may follow: "cuda:1").
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "meta")
 

@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 from sklearn.base import clone
 
 from featcache.backbones import load_backbone
+from featcache.devices import resolve_precision
 from featcache.errors import BackboneError, ConfigError, HeadError
 from featcache.finetune import FinetuneConfig, finetune
 from featcache.cutting import boundary_shape, build_tail, prefix_model, working_boundaries
-from featcache.heads.tail import TailHead
+from featcache.heads import tail as tail_module
+from featcache.heads.tail import MapAugment, TailHead, parse_augment
 
 from conftest import make_image_folder
 
@@ -168,6 +170,7 @@ def test_tail_head_learns_and_round_trips(toy, tmp_path):
     arrays, meta = head.get_state()
     assert all(a.dtype == np.float32 for a in arrays.values())
     assert meta["boundary"] == "features.11" and meta["input_shape"] == list(toy["X"].shape[1:])
+    assert meta["params"]["augment"] == "flip+crop" and meta["params"]["precision"] == "auto"
     save_file(arrays, str(tmp_path / "tail.safetensors"))
     again = TailHead.from_state(load_arrays(str(tmp_path / "tail.safetensors")), json.loads(json.dumps(meta)))
     np.testing.assert_array_equal(again.predict_proba(toy["X_test"]), proba)
@@ -241,6 +244,117 @@ def test_tail_head_sweep_and_errors(toy):
     with pytest.raises(HeadError, match="not fitted"):
         _head().predict(toy["X"])
     assert clone(head).get_params() == head.get_params()
+
+
+def test_tail_head_streams_large_datasets_like_memory(toy, tmp_path, monkeypatch):
+    """Datasets over IN_MEMORY_BYTES are read per batch; the fit is the same as from memory."""
+    ref = _head(epochs=2).fit(toy["X"], toy["y"], views=toy["views"])
+    with h5py.File(tmp_path / "acts.h5", "w") as f:
+        f["X"], f["views"] = toy["X"], toy["views"]
+        bad = toy["views"].copy()
+        bad[5, 1, 0, 0, 0] = np.inf
+        f["bad"] = bad
+    monkeypatch.setattr(tail_module, "IN_MEMORY_BYTES", 0)
+    with h5py.File(tmp_path / "acts.h5", "r") as f:
+        streamed = _head(epochs=2).fit(f["X"], toy["y"], views=f["views"])
+        np.testing.assert_array_equal(streamed.view_schedule_, ref.view_schedule_)
+        np.testing.assert_array_equal(streamed.predict_proba(toy["X_test"]), ref.predict_proba(toy["X_test"]))
+        with pytest.raises(HeadError, match="NaN or infinity"):
+            _head(epochs=3).fit(f["X"], toy["y"], views=f["bad"])
+    with pytest.raises(HeadError, match="NaN or infinity"):  # in memory: checked before training
+        _head(epochs=1).fit(toy["X"], toy["y"], views=bad)
+
+
+def test_map_augment_keeps_shapes_and_is_seeded():
+    x = torch.randn(6, 4, 5, 7, generator=torch.Generator().manual_seed(0))
+    for spec in ("flip", "shift", "crop", "mixup", "flip+crop", "flip+shift+crop+mixup"):
+        a, pa, la = MapAugment(parse_augment(spec), np.random.default_rng(3))(x)
+        b, pb, lb = MapAugment(parse_augment(spec), np.random.default_rng(3))(x)
+        assert a.shape == x.shape and a.dtype == x.dtype and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(a, x), spec
+        assert la == lb and (pa is None) == ("mixup" not in spec)
+    # flip: every row is itself or its mirror image, both occur.
+    a, _, _ = MapAugment(("flip",), np.random.default_rng(0))(x)
+    mirrored = [torch.equal(a[i], x[i].flip(-1)) for i in range(6)]
+    assert all(m or torch.equal(a[i], x[i]) for i, m in enumerate(mirrored)) and 0 < sum(mirrored) < 6
+    # shift: an integer translation with zeros coming in; nothing else changes.
+    a, _, _ = MapAugment(("shift",), np.random.default_rng(0))(x)
+    for i in range(6):
+        hits = [(dy, dx) for dy in range(-1, 2) for dx in range(-1, 2)
+                if torch.equal(a[i], torch.nn.functional.pad(x[i], (1, 1, 1, 1))[:, 1 + dy:6 + dy, 1 + dx:8 + dx])]
+        assert hits, i
+    # mixup: a convex blend with a permutation of the batch.
+    a, partner, lam = MapAugment(("mixup",), np.random.default_rng(0))(x)
+    assert 0 <= lam <= 1 and sorted(partner) == list(range(6))
+    torch.testing.assert_close(a, lam * x + (1 - lam) * x[torch.from_numpy(partner)])
+    assert parse_augment(None) == parse_augment("none") == ()
+    assert parse_augment("mixup+flip") == ("flip", "mixup")
+
+
+def test_tail_head_augment_option(toy, tmp_path):
+    for spec in ("flip+shift", "crop+mixup"):
+        a = _head(epochs=2, augment=spec).fit(toy["X"], toy["y"])
+        b = _head(epochs=2, augment=spec).fit(toy["X"], toy["y"])
+        np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), b.predict_proba(toy["X_test"]))
+    plain = _head(epochs=2, augment="none").fit(toy["X"], toy["y"])
+    other = _head(epochs=2, augment="crop+mixup", random_state=1).fit(toy["X"], toy["y"])
+    assert not np.array_equal(plain.predict_proba(toy["X_test"]), a.predict_proba(toy["X_test"]))
+    assert not np.array_equal(other.predict_proba(toy["X_test"]), a.predict_proba(toy["X_test"]))
+    # Its own random stream: shuffling and view sampling do not move.
+    views = _head(epochs=2, augment="flip").fit(toy["X"], toy["y"], views=toy["views"])
+    np.testing.assert_array_equal(views.view_schedule_, _head(epochs=2, augment="none").fit(toy["X"], toy["y"], views=toy["views"])
+                                  .view_schedule_)
+    # Prediction never augments; the saved state is the tail's, the option a saved parameter.
+    proba = a.predict_proba(toy["X_test"])
+    np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), proba)
+    arrays, meta = a.get_state()
+    assert meta["params"]["augment"] == "crop+mixup"
+    assert set(arrays) == set(plain.get_state()[0])
+    save_file(arrays, str(tmp_path / "tail.safetensors"))
+    again = TailHead.from_state(load_arrays(str(tmp_path / "tail.safetensors")), json.loads(json.dumps(meta)))
+    assert again.augment == "crop+mixup"
+    np.testing.assert_array_equal(again.predict_proba(toy["X_test"]), proba)
+
+
+@pytest.mark.parametrize("bad", ["rotate", "flip+flip", "", "flip+", 3, ["flip"]])
+def test_tail_head_refuses_bad_augment(toy, bad):
+    with pytest.raises(ConfigError) as e:
+        _head(augment=bad).fit(toy["X"], toy["y"])
+    assert str(e.value) == (
+        "The 'augment' option must be 'none' or parts of flip, shift, crop, mixup joined by '+' (e.g. "
+        f"'flip+crop'), each at most once. Got {bad!r}."
+    )
+
+
+def test_tail_head_precision_option(toy):
+    a = _head(epochs=2, precision="bf16").fit(toy["X"], toy["y"])
+    b = _head(epochs=2, precision="bf16").fit(toy["X"], toy["y"])
+    assert a.precision_ == "bf16" == a.get_state()[1]["precision"]
+    assert _head(epochs=1, precision="fp32").fit(toy["X"], toy["y"]).precision_ == "fp32"
+    assert _head(epochs=1).fit(toy["X"], toy["y"]).precision_ == resolve_precision("auto", torch.device("cpu"))
+    np.testing.assert_array_equal(a.predict_proba(toy["X_test"]), b.predict_proba(toy["X_test"]))
+    assert a.get_state()[0]["tail.classifier.3.weight"].dtype == np.float32
+    with pytest.raises(ConfigError) as e:
+        _head(precision="half").fit(toy["X"], toy["y"])
+    assert str(e.value) == "The 'precision' option must be one of auto, fp32, bf16, fp16. Got 'half'."
+
+
+def test_tail_head_augment_without_maps_keeps_mixup_only(caplog):
+    X = np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32)
+    y = np.arange(8) % 2
+    spec = dict(backbone="mobilenet_v3_small.none", input_size=64, boundary="classifier.0", epochs=1, batch_size=4,
+                device="cpu", precision="fp32")
+    with caplog.at_level("WARNING", logger="featcache.heads.tail"):
+        flip_mix = TailHead(augment="flip+mixup", **spec).fit(X, y)
+    assert [r.getMessage() for r in caplog.records] == [
+        "The 'augment' option's flip move(s) (C, H, W) maps; layer 'classifier.0' gives (1024,), so training "
+        "goes without them."]
+    mix = TailHead(augment="mixup", **spec).fit(X, y)
+    np.testing.assert_array_equal(flip_mix.predict_proba(X), mix.predict_proba(X))
+    assert not np.array_equal(mix.predict_proba(X), TailHead(augment="none", **spec).fit(X, y).predict_proba(X))
+    # This tail starts with an in-place Hardswish: predicting must not write into the caller's array.
+    np.testing.assert_array_equal(X, np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from ..training import adamw, cosine_lr, param_groups, resolve_seed
 from ..validation import (
     CLASS_WEIGHT_HELP,
     PATIENCE_HELP,
+    PRECISIONS,
+    check_choice,
     check_class_weight,
     check_device,
     check_int,
@@ -70,6 +72,28 @@ def _check_activations(X: Any, what: str) -> Any:
     return X
 
 
+#: Datasets (h5py) of at most this many bytes, in their stored dtype, are read into memory once
+#: at the start of a fit: a per-batch fancy read of a few rows from HDF5 cost 30-80 ms per batch
+#: of 32 on hymenoptera's stage5/stage6 views (a fifth of a training step), reading all of them 0.1 s.
+IN_MEMORY_BYTES = 1 << 30
+
+
+def _in_memory(X: Any) -> Any:
+    """``X`` itself when it is an ndarray or too large, else all of it read into an ndarray."""
+    if isinstance(X, np.ndarray):
+        return X
+    nbytes = int(np.prod(X.shape)) * np.dtype(X.dtype).itemsize
+    if nbytes > IN_MEMORY_BYTES:
+        return X
+    out = np.empty(tuple(X.shape), dtype=X.dtype)
+    if hasattr(X, "read_direct"):
+        if out.size:
+            X.read_direct(out)
+    else:
+        out[...] = np.asarray(X[0:int(X.shape[0])])
+    return out
+
+
 def _rows(X: Any, idx: np.ndarray) -> np.ndarray:
     """``X[idx]`` for sorted unique ``idx`` (h5py reads a fancy index only in increasing order)."""
     if isinstance(X, np.ndarray):
@@ -81,20 +105,25 @@ def _read_batch(X: Any, views: Any, idx: np.ndarray, which: np.ndarray | None) -
     """Rows ``idx`` (sorted), taking view ``which[j]`` of row ``idx[j]`` (0: ``X`` itself)."""
     if views is None or which is None or not which.any():
         return _rows(X, idx)
-    out: np.ndarray | None = None
-    for k in np.unique(which):
-        sel = which == k
-        rows = idx[sel]
-        if k == 0:
-            block = _rows(X, rows)
-        elif isinstance(views, np.ndarray):
-            block = views[rows, k - 1]
-        else:
-            block = np.asarray(views[rows, int(k) - 1])
-        if out is None:
-            out = np.empty((len(idx), *block.shape[1:]), dtype=block.dtype)
-        out[sel] = block
+    viewed = which > 0
+    if isinstance(views, np.ndarray):
+        picked = views[idx[viewed], which[viewed] - 1]
+    else:  # one read of every view of the rows (a chunk holds them all), then the pick
+        picked = np.asarray(views[idx[viewed]])[np.arange(int(viewed.sum())), which[viewed] - 1]
+    out = np.empty((len(idx), *picked.shape[1:]), dtype=np.result_type(picked.dtype, X.dtype))
+    out[viewed] = picked
+    if not viewed.all():
+        out[~viewed] = _rows(X, idx[~viewed])
     return out
+
+
+def _all_finite(X: Any) -> bool:
+    """Whether an in-memory array holds no NaN or infinity, checked in blocks (no full-size temporary)."""
+    step = max(1, (64 << 20) // max(1, int(np.prod(X.shape[1:]))))
+    return all(np.isfinite(X[s:s + step]).all() for s in range(0, int(X.shape[0]), step))
+
+
+_NOT_FINITE = "X (or views) contains NaN or infinity. Check the activations (re-extract the cache) or drop those rows."
 
 
 def _batches(perm: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -110,11 +139,97 @@ def _batches(perm: np.ndarray, batch_size: int) -> list[np.ndarray]:
 def _logits(tail: nn.Module, X: Any, shape: tuple[int, ...], device: torch.device, batch_size: int) -> np.ndarray:
     """Logits (n, n_classes) float32 of ``tail`` (in whatever mode it is) on rows of ``X``."""
     out = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for s in range(0, int(X.shape[0]), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(X[s:s + batch_size])).to(device, dtype=torch.float32)
+            # A copy: a tail that starts with an in-place op (mobilenet's Hardswish after
+            # 'classifier.0') would otherwise write into the caller's float32 array.
+            xb = torch.from_numpy(np.array(X[s:s + batch_size], dtype=np.float32)).to(device)
             out.append(tail(xb.reshape(xb.shape[0], *shape)).float().cpu().numpy())
     return np.concatenate(out, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmenting cached activation maps
+
+#: The parts an ``augment`` option may join with "+", in the order they are applied.
+AUGMENTS = ("flip", "shift", "crop", "mixup")
+#: crop: the kept area of the grid, as a fraction, and the log-range of its aspect ratio (a
+#: random resized crop of the activation grid, resampled bilinearly back to its size).
+CROP_AREA = (0.35, 1.0)
+CROP_LOG_RATIO = (float(np.log(3 / 4)), float(np.log(4 / 3)))
+#: mixup: the Beta(alpha, alpha) of the mixing weight.
+MIXUP_ALPHA = 0.2
+
+
+def parse_augment(value: Any) -> tuple[str, ...]:
+    """The parts of an ``augment`` option (``None`` and ``"none"``: none), in :data:`AUGMENTS` order.
+
+    Raises
+    ------
+    ConfigError
+        Naming the 'augment' option, for anything but "none" or a "+"-joined set of the parts.
+    """
+    if value is None or value == "none":
+        return ()
+    parts = value.split("+") if isinstance(value, str) else None
+    if not parts or any(p not in AUGMENTS for p in parts) or len(set(parts)) != len(parts):
+        raise ConfigError(
+            f"The 'augment' option must be 'none' or parts of {', '.join(AUGMENTS)} joined by '+' "
+            f"(e.g. 'flip+crop'), each at most once. Got {value!r}."
+        )
+    return tuple(p for p in AUGMENTS if p in parts)
+
+
+class MapAugment:
+    """Cheap augmentation of a batch of cached (B, C, H, W) activation maps, drawn from ``rng``.
+
+    flip mirrors a row's grid left-right with probability 1/2; shift pads the grid with zeros by
+    ``max(1, W // 8)`` cells and crops it back at a random offset (integer translation); crop takes a
+    random resized crop of the grid (:data:`CROP_AREA`, :data:`CROP_LOG_RATIO`) and resamples it to
+    the grid's size; mixup blends the batch with a permutation of itself (:data:`MIXUP_ALPHA`), and
+    the loss is blended with the same weight. The flip of a map is not the map of the flipped image
+    (kernels are not symmetric): what each part is worth was measured (README, the tail head;
+    benchmarks/tail.py).
+    """
+
+    def __init__(self, parts: tuple[str, ...], rng: np.random.Generator) -> None:
+        self.parts, self.rng = parts, rng
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None, float]:
+        """(augmented maps, the mixup partner of each row or None, the mixup weight of ``x``)."""
+        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
+        rng = self.rng
+        if "flip" in self.parts and "crop" not in self.parts:
+            flip = rng.random(B) < 0.5
+            if flip.any():
+                rows = torch.from_numpy(np.flatnonzero(flip)).to(x.device)
+                x = x.clone()
+                x[rows] = x[rows].flip(-1)
+        if "shift" in self.parts:
+            pad = max(1, W // 8)
+            dy, dx = rng.integers(0, 2 * pad + 1, size=(2, B))
+            padded = nn.functional.pad(x, (pad, pad, pad, pad))
+            rows = torch.from_numpy(dy[:, None] + np.arange(H)).to(x.device)  # (B, H)
+            cols = torch.from_numpy(dx[:, None] + np.arange(W)).to(x.device)  # (B, W)
+            batch = torch.arange(B, device=x.device)[:, None, None]
+            # One gather for the batch: (B, H, W, C) -> (B, C, H, W).
+            x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+        if "crop" in self.parts:
+            area = rng.uniform(*CROP_AREA, size=B)
+            ratio = np.exp(rng.uniform(*CROP_LOG_RATIO, size=B))
+            w, h = np.minimum(1.0, np.sqrt(area * ratio)), np.minimum(1.0, np.sqrt(area / ratio))
+            cx, cy = rng.uniform(-1, 1, size=B) * (1 - w), rng.uniform(-1, 1, size=B) * (1 - h)
+            sign = np.where(rng.random(B) < 0.5, -1.0, 1.0) if "flip" in self.parts else np.ones(B)
+            theta = np.zeros((B, 2, 3), dtype=np.float32)
+            theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+            grid = nn.functional.affine_grid(torch.from_numpy(theta).to(x.device), list(x.shape), align_corners=False)
+            x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if "mixup" in self.parts:
+            lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
+            partner = rng.permutation(B)
+            x = lam * x + (1.0 - lam) * x[torch.from_numpy(partner).to(x.device)]
+            return x, partner, lam
+        return x, None, 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +273,19 @@ class TailHead(BaseHead):
     patience : int or None, default=None
         Stop after this many epochs without a better eval score and keep the best epoch's
         weights (needs eval data, see :func:`featcache.heads.monitor.training_monitor`).
+    augment : str or None, default="flip+crop"
+        Augmentation of the cached maps while training, drawn from ``random_state``: "none"
+        (or None), or parts of "flip", "shift", "crop", "mixup" joined by "+" (see
+        :class:`MapAugment`); flip, shift and crop need (C, H, W) activations and are left out
+        (with a warning) at a boundary without them. Prediction never augments. The default
+        closed most of the gap to fine-tuning on raw images at a stage5 boundary and cost nothing
+        at stage6 (benchmarks/tail.py, README).
+    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+        Autocast precision of the training forward and backward pass (weights and the optimiser
+        stay float32; eval scoring and prediction run in float32). "auto" is what extraction and
+        finetune pick: bf16 on CPUs with native bf16 and on Ampere+ GPUs, fp16 (loss-scaled) on
+        older GPUs, else fp32 (so, like extraction, the result depends on the CPU model unless
+        it is set; on the CPU it is deterministic either way).
 
     Attributes
     ----------
@@ -170,6 +298,8 @@ class TailHead(BaseHead):
         ``prod(input_shape_)``.
     backbone_name_ : str
         Canonical name of the backbone.
+    precision_ : str
+        The training precision used ("auto" resolved).
     view_schedule_ : ndarray of shape (epochs, n_samples), int
         The view trained on per epoch and image (0: ``X``; ``k``: ``views[:, k - 1]``); all zeros
         without views.
@@ -192,6 +322,8 @@ class TailHead(BaseHead):
         "device": "torch device: auto, cpu, cuda, cuda:N",
         "class_weight": CLASS_WEIGHT_HELP,
         "patience": PATIENCE_HELP,
+        "augment": "augmentation of the cached maps: none, or flip, shift, crop, mixup joined by '+'",
+        "precision": "autocast precision of training: fp32, auto, bf16, fp16",
     }
     inputs = "activations"
     streams = True
@@ -233,6 +365,8 @@ class TailHead(BaseHead):
         device: str = "auto",
         class_weight: str | None = None,
         patience: int | None = None,
+        augment: str | None = "flip+crop",
+        precision: str = "auto",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -246,6 +380,8 @@ class TailHead(BaseHead):
         self.device = device
         self.class_weight = class_weight
         self.patience = patience
+        self.augment = augment
+        self.precision = precision
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -270,6 +406,8 @@ class TailHead(BaseHead):
         check_device(self.device)
         check_class_weight(self.class_weight)
         check_patience(self.patience)
+        parse_augment(self.augment)
+        check_choice("precision", self.precision, PRECISIONS)
 
     def _load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, weights=self.weights, input_size=self.input_size)
@@ -294,7 +432,8 @@ class TailHead(BaseHead):
         ----------
         X : ndarray or h5py.Dataset of shape (n_samples, C, H, W)
             Activations of ``boundary`` (float16 or float32), or the same flattened to
-            (n_samples, C*H*W). A dataset is read per mini-batch (sorted row lists), never whole.
+            (n_samples, C*H*W). A dataset of at most ``IN_MEMORY_BYTES`` (1 GiB, in its own dtype)
+            is read whole once; a larger one per mini-batch (sorted row lists).
         y : array-like of shape (n_samples,)
         views : ndarray or h5py.Dataset of shape (n_samples, K, C, H, W), optional
             Activations of K augmented views of each image (``extract --views K``). Each epoch
@@ -324,17 +463,36 @@ class TailHead(BaseHead):
     def _fit(self, X: Any, y_idx: np.ndarray, n_classes: int, views: Any = None) -> None:
         device = resolve_device(self.device)
         seed = resolve_seed(self.random_state)
+        parts = parse_augment(self.augment)
         bb = self._load_backbone()
         cut = cut_at(bb, self.boundary)
         self._shape_of(X, cut.boundary_shape, "X")
+        spatial = [p for p in parts if p != "mixup"]
+        if spatial and len(cut.boundary_shape) != 3:
+            # The default asks for flips and crops; a boundary without maps trains without them.
+            logger.warning("The 'augment' option's %s move(s) (C, H, W) maps; layer '%s' gives %s, so "
+                           "training goes without them.", "+".join(spatial), self.boundary, cut.boundary_shape)
+            parts = tuple(p for p in parts if p == "mixup")
+        # Small datasets are read once; what stays on disk is checked batch by batch as it is read.
+        X = _in_memory(X)
+        views = None if views is None else _in_memory(views)
+        streamed = not isinstance(X, np.ndarray) or (views is not None and not isinstance(views, np.ndarray))
+        if not streamed and not (_all_finite(X) and (views is None or _all_finite(views))):
+            raise HeadError(_NOT_FINITE)
         tail = assemble_tail(bb, cut, n_classes, seed).to(device)
         n = int(X.shape[0])
         k_views = int(views.shape[1]) if views is not None else 0
-        y_all = torch.as_tensor(y_idx, dtype=torch.long)
+        y_all = torch.as_tensor(y_idx, dtype=torch.long).to(device)
         cw = class_weights(y_idx, n_classes, self.class_weight)
         cw = None if cw is None else torch.tensor(cw, dtype=torch.float32, device=device)
         opt = adamw(param_groups(tail, float(self.weight_decay)), lr=float(self.lr), device=device)
+        from ..devices import autocast, resolve_precision  # torch, imported when training
+
+        precision = resolve_precision(self.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         rng = np.random.default_rng(seed)
+        # Its own stream: shuffling and view sampling are the same with and without augmentation.
+        augment = MapAugment(parts, np.random.default_rng([seed, 1])) if parts else None
         schedule = np.zeros((self.epochs, n), dtype=np.int64)
         total = self.epochs * len(_batches(np.arange(n), self.batch_size))
         tracker = EpochTracker(1, self.epochs, n_classes, self.patience)
@@ -352,19 +510,26 @@ class TailHead(BaseHead):
                 for idx in _batches(perm, self.batch_size):
                     idx = np.sort(idx)
                     xb = np.ascontiguousarray(_read_batch(X, views, idx, schedule[epoch, idx] if k_views else None))
-                    if not np.isfinite(xb).all():  # on the host: a check on the device would wait for it
-                        raise HeadError(
-                            "X (or views) contains NaN or infinity. Check the activations "
-                            "(re-extract the cache) or drop those rows."
-                        )
+                    if streamed and not np.isfinite(xb).all():  # on the host: a device check would wait
+                        raise HeadError(_NOT_FINITE)
                     xb = torch.from_numpy(xb).to(device, dtype=torch.float32).reshape(len(idx), *cut.boundary_shape)
+                    yb = y_all[torch.from_numpy(idx).to(device)]
                     step += 1
                     for g in opt.param_groups:
                         g["lr"] = cosine_lr(float(self.lr), step, total)
-                    loss = nn.functional.cross_entropy(tail(xb), y_all[idx].to(device), weight=cw)
+                    partner, lam = None, 1.0
+                    if augment is not None:
+                        xb, partner, lam = augment(xb)
+                    with autocast(device, precision):
+                        out = tail(xb).float()
+                    loss = nn.functional.cross_entropy(out, yb, weight=cw)
+                    if partner is not None:
+                        other = nn.functional.cross_entropy(out, yb[torch.from_numpy(partner).to(device)], weight=cw)
+                        loss = lam * loss + (1.0 - lam) * other
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                     epoch_loss += loss.detach() * len(idx)  # summed on the device: no wait per step
 
                 def proba():
@@ -385,6 +550,7 @@ class TailHead(BaseHead):
         self.n_features_in_ = int(np.prod(self.input_shape_))
         self.backbone_name_ = bb.name
         self.view_schedule_ = schedule
+        self.precision_ = precision
         tracker.attach(self, 0)
 
     # -- predict --------------------------------------------------------------------------------
@@ -448,6 +614,7 @@ class TailHead(BaseHead):
     def _state_meta(self) -> dict[str, Any]:
         return {
             "boundary": self.boundary,
+            "precision": self.precision_,
             "input_shape": list(self.input_shape_),
             "backbone_name": self.backbone_name_,
         }
@@ -489,6 +656,7 @@ class TailHead(BaseHead):
         self.n_features_in_ = n_features
         self.backbone_name_ = bb.name
         self.view_schedule_ = np.zeros((0, 0), dtype=np.int64)
+        self.precision_ = meta.get("precision", self.precision)
 
     def to_torch(self) -> nn.Module:
         """The trained tail: (B, C, H, W) float32 -> logits (B, n_classes), eval mode.
