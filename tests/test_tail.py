@@ -18,8 +18,9 @@ from featcache.devices import resolve_precision
 from featcache.errors import BackboneError, ConfigError, HeadError
 from featcache.finetune import FinetuneConfig, finetune
 from featcache.cutting import boundary_shape, build_tail, prefix_model, working_boundaries
-from featcache.heads import tail as tail_module
-from featcache.heads.tail import MapAugment, TailHead, parse_augment
+from featcache.heads import maps as maps_module
+from featcache.heads.maps import MapAugment, parse_augment
+from featcache.heads.tail import TailHead
 
 from conftest import make_image_folder
 
@@ -254,7 +255,7 @@ def test_tail_head_streams_large_datasets_like_memory(toy, tmp_path, monkeypatch
         bad = toy["views"].copy()
         bad[5, 1, 0, 0, 0] = np.inf
         f["bad"] = bad
-    monkeypatch.setattr(tail_module, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(maps_module, "IN_MEMORY_BYTES", 0)
     with h5py.File(tmp_path / "acts.h5", "r") as f:
         streamed = _head(epochs=2).fit(f["X"], toy["y"], views=f["views"])
         np.testing.assert_array_equal(streamed.view_schedule_, ref.view_schedule_)

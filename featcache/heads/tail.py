@@ -39,197 +39,46 @@ from ..validation import (
     check_patience,
 )
 from .base import BaseHead, CacheSetup, softmax
-from .inputs import class_weights, encode_labels, is_dataset_like
+from .inputs import class_weights, encode_labels
+from .maps import (NOT_FINITE, MapAugment, all_finite, check_activations, in_memory, minibatches, parse_augment,
+                   read_batch, tail_logits)
 from .monitor import EpochTracker
 from .solvers import resolve_device
 
 logger = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------------------------
-# Reading activations
+class _Step:
+    """One optimisation step of a tail on a batch: the cosine learning rate, the augmentation of
+    the maps (and mixup's blended loss), autocast and, for fp16, loss scaling (AdamW)."""
 
+    def __init__(self, tail: nn.Module, lr: float, weight_decay: float, device: torch.device, precision: str,
+                 augment: MapAugment | None, class_weight: torch.Tensor | None, *, total: int) -> None:
+        from ..devices import autocast
 
-def _check_activations(X: Any, what: str) -> Any:
-    """An ndarray or dataset-like of shape (n, ...) holding numbers; torch tensors converted."""
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
-    if not is_dataset_like(X):
-        try:
-            X = np.asarray(X)
-        except (TypeError, ValueError) as exc:
-            raise HeadError(f"{what} cannot be read as a numeric array ({exc}).") from None
-    dtype = np.dtype(X.dtype)
-    if dtype.kind not in "fiu":
-        raise HeadError(
-            f"{what} must hold numbers; got dtype {dtype}. Pass the float16/float32 activations "
-            f"of the boundary layer (featcache extract --pool none)."
-        )
-    if len(X.shape) < 2 or X.shape[0] < 1:
-        raise HeadError(
-            f"{what} must have shape (n_samples, C, H, W) (or flattened (n_samples, C*H*W)) with "
-            f"at least one row; got shape {tuple(X.shape)}."
-        )
-    return X
+        self.tail, self.lr, self.device, self.precision, self.augment = tail, lr, device, precision, augment
+        self.cw, self.total, self.n, self.autocast = class_weight, total, 0, autocast
+        self.opt = adamw(param_groups(tail, weight_decay), lr=lr, device=device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-
-#: Datasets (h5py) of at most this many bytes, in their stored dtype, are read into memory once
-#: at the start of a fit: a per-batch fancy read of a few rows from HDF5 cost 30-80 ms per batch
-#: of 32 on hymenoptera's stage5/stage6 views (a fifth of a training step), reading all of them 0.1 s.
-IN_MEMORY_BYTES = 1 << 30
-
-
-def _in_memory(X: Any) -> Any:
-    """``X`` itself when it is an ndarray or too large, else all of it read into an ndarray."""
-    if isinstance(X, np.ndarray):
-        return X
-    nbytes = int(np.prod(X.shape)) * np.dtype(X.dtype).itemsize
-    if nbytes > IN_MEMORY_BYTES:
-        return X
-    out = np.empty(tuple(X.shape), dtype=X.dtype)
-    if hasattr(X, "read_direct"):
-        if out.size:
-            X.read_direct(out)
-    else:
-        out[...] = np.asarray(X[0:int(X.shape[0])])
-    return out
-
-
-def _rows(X: Any, idx: np.ndarray) -> np.ndarray:
-    """``X[idx]`` for sorted unique ``idx`` (h5py reads a fancy index only in increasing order)."""
-    if isinstance(X, np.ndarray):
-        return X[idx]
-    return np.asarray(X[idx])
-
-
-def _read_batch(X: Any, views: Any, idx: np.ndarray, which: np.ndarray | None) -> np.ndarray:
-    """Rows ``idx`` (sorted), taking view ``which[j]`` of row ``idx[j]`` (0: ``X`` itself)."""
-    if views is None or which is None or not which.any():
-        return _rows(X, idx)
-    viewed = which > 0
-    if isinstance(views, np.ndarray):
-        picked = views[idx[viewed], which[viewed] - 1]
-    else:  # one read of every view of the rows (a chunk holds them all), then the pick
-        picked = np.asarray(views[idx[viewed]])[np.arange(int(viewed.sum())), which[viewed] - 1]
-    out = np.empty((len(idx), *picked.shape[1:]), dtype=np.result_type(picked.dtype, X.dtype))
-    out[viewed] = picked
-    if not viewed.all():
-        out[~viewed] = _rows(X, idx[~viewed])
-    return out
-
-
-def _all_finite(X: Any) -> bool:
-    """Whether an in-memory array holds no NaN or infinity, checked in blocks (no full-size temporary)."""
-    step = max(1, (64 << 20) // max(1, int(np.prod(X.shape[1:]))))
-    return all(np.isfinite(X[s:s + step]).all() for s in range(0, int(X.shape[0]), step))
-
-
-_NOT_FINITE = "X (or views) contains NaN or infinity. Check the activations (re-extract the cache) or drop those rows."
-
-
-def _batches(perm: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Mini-batches of ``perm``; a trailing batch of one row joins the previous one
-    (BatchNorm in train mode cannot normalise a single row)."""
-    out = [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
-    if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] = np.concatenate([out[-2], out.pop()])
-    return out
-
-
-
-def _logits(tail: nn.Module, X: Any, shape: tuple[int, ...], device: torch.device, batch_size: int) -> np.ndarray:
-    """Logits (n, n_classes) float32 of ``tail`` (in whatever mode it is) on rows of ``X``."""
-    out = []
-    with torch.inference_mode():
-        for s in range(0, int(X.shape[0]), batch_size):
-            # A copy: a tail that starts with an in-place op (mobilenet's Hardswish after
-            # 'classifier.0') would otherwise write into the caller's float32 array.
-            xb = torch.from_numpy(np.array(X[s:s + batch_size], dtype=np.float32)).to(device)
-            out.append(tail(xb.reshape(xb.shape[0], *shape)).float().cpu().numpy())
-    return np.concatenate(out, axis=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Augmenting cached activation maps
-
-#: The parts an ``augment`` option may join with "+", in the order they are applied.
-AUGMENTS = ("flip", "shift", "crop", "mixup")
-#: crop: the kept area of the grid, as a fraction, and the log-range of its aspect ratio (a
-#: random resized crop of the activation grid, resampled bilinearly back to its size).
-CROP_AREA = (0.35, 1.0)
-CROP_LOG_RATIO = (float(np.log(3 / 4)), float(np.log(4 / 3)))
-#: mixup: the Beta(alpha, alpha) of the mixing weight.
-MIXUP_ALPHA = 0.2
-
-
-def parse_augment(value: Any) -> tuple[str, ...]:
-    """The parts of an ``augment`` option (``None`` and ``"none"``: none), in :data:`AUGMENTS` order.
-
-    Raises
-    ------
-    ConfigError
-        Naming the 'augment' option, for anything but "none" or a "+"-joined set of the parts.
-    """
-    if value is None or value == "none":
-        return ()
-    parts = value.split("+") if isinstance(value, str) else None
-    if not parts or any(p not in AUGMENTS for p in parts) or len(set(parts)) != len(parts):
-        raise ConfigError(
-            f"The 'augment' option must be 'none' or parts of {', '.join(AUGMENTS)} joined by '+' "
-            f"(e.g. 'flip+crop'), each at most once. Got {value!r}."
-        )
-    return tuple(p for p in AUGMENTS if p in parts)
-
-
-class MapAugment:
-    """Cheap augmentation of a batch of cached (B, C, H, W) activation maps, drawn from ``rng``.
-
-    flip mirrors a row's grid left-right with probability 1/2; shift pads the grid with zeros by
-    ``max(1, W // 8)`` cells and crops it back at a random offset (integer translation); crop takes a
-    random resized crop of the grid (:data:`CROP_AREA`, :data:`CROP_LOG_RATIO`) and resamples it to
-    the grid's size; mixup blends the batch with a permutation of itself (:data:`MIXUP_ALPHA`), and
-    the loss is blended with the same weight. The flip of a map is not the map of the flipped image
-    (kernels are not symmetric): what each part is worth was measured (README, the tail head;
-    benchmarks/tail.py).
-    """
-
-    def __init__(self, parts: tuple[str, ...], rng: np.random.Generator) -> None:
-        self.parts, self.rng = parts, rng
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None, float]:
-        """(augmented maps, the mixup partner of each row or None, the mixup weight of ``x``)."""
-        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
-        rng = self.rng
-        if "flip" in self.parts and "crop" not in self.parts:
-            flip = rng.random(B) < 0.5
-            if flip.any():
-                rows = torch.from_numpy(np.flatnonzero(flip)).to(x.device)
-                x = x.clone()
-                x[rows] = x[rows].flip(-1)
-        if "shift" in self.parts:
-            pad = max(1, W // 8)
-            dy, dx = rng.integers(0, 2 * pad + 1, size=(2, B))
-            padded = nn.functional.pad(x, (pad, pad, pad, pad))
-            rows = torch.from_numpy(dy[:, None] + np.arange(H)).to(x.device)  # (B, H)
-            cols = torch.from_numpy(dx[:, None] + np.arange(W)).to(x.device)  # (B, W)
-            batch = torch.arange(B, device=x.device)[:, None, None]
-            # One gather for the batch: (B, H, W, C) -> (B, C, H, W).
-            x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-        if "crop" in self.parts:
-            area = rng.uniform(*CROP_AREA, size=B)
-            ratio = np.exp(rng.uniform(*CROP_LOG_RATIO, size=B))
-            w, h = np.minimum(1.0, np.sqrt(area * ratio)), np.minimum(1.0, np.sqrt(area / ratio))
-            cx, cy = rng.uniform(-1, 1, size=B) * (1 - w), rng.uniform(-1, 1, size=B) * (1 - h)
-            sign = np.where(rng.random(B) < 0.5, -1.0, 1.0) if "flip" in self.parts else np.ones(B)
-            theta = np.zeros((B, 2, 3), dtype=np.float32)
-            theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
-            grid = nn.functional.affine_grid(torch.from_numpy(theta).to(x.device), list(x.shape), align_corners=False)
-            x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        if "mixup" in self.parts:
-            lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
-            partner = rng.permutation(B)
-            x = lam * x + (1.0 - lam) * x[torch.from_numpy(partner).to(x.device)]
-            return x, partner, lam
-        return x, None, 1.0
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """Train on (xb, yb); the batch's mean loss, on the device."""
+        self.n += 1
+        for g in self.opt.param_groups:
+            g["lr"] = cosine_lr(self.lr, self.n, self.total)
+        partner, lam = None, 1.0
+        if self.augment is not None:
+            xb, partner, lam = self.augment(xb)
+        with self.autocast(self.device, self.precision):
+            out = self.tail(xb).float()
+        loss = nn.functional.cross_entropy(out, yb, weight=self.cw)
+        if partner is not None:
+            other = nn.functional.cross_entropy(out, yb[torch.from_numpy(partner).to(self.device)], weight=self.cw)
+            loss = lam * loss + (1.0 - lam) * other
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,10 +294,10 @@ class TailHead(BaseHead):
         self
         """
         self._check_params()
-        X = _check_activations(X, "X")
+        X = check_activations(X, "X")
         y_idx, classes = encode_labels(y, int(X.shape[0]))
         if views is not None:
-            views = _check_activations(views, "views")
+            views = check_activations(views, "views")
             vs = tuple(int(s) for s in views.shape)
             if len(vs) != len(X.shape) + 1 or vs[0] != X.shape[0] or vs[2:] != tuple(X.shape[1:]) or vs[1] < 1:
                 raise HeadError(
@@ -474,29 +323,27 @@ class TailHead(BaseHead):
                            "training goes without them.", "+".join(spatial), self.boundary, cut.boundary_shape)
             parts = tuple(p for p in parts if p == "mixup")
         # Small datasets are read once; what stays on disk is checked batch by batch as it is read.
-        X = _in_memory(X)
-        views = None if views is None else _in_memory(views)
+        X = in_memory(X)
+        views = None if views is None else in_memory(views)
         streamed = not isinstance(X, np.ndarray) or (views is not None and not isinstance(views, np.ndarray))
-        if not streamed and not (_all_finite(X) and (views is None or _all_finite(views))):
-            raise HeadError(_NOT_FINITE)
+        if not streamed and not (all_finite(X) and (views is None or all_finite(views))):
+            raise HeadError(NOT_FINITE)
         tail = assemble_tail(bb, cut, n_classes, seed).to(device)
         n = int(X.shape[0])
         k_views = int(views.shape[1]) if views is not None else 0
         y_all = torch.as_tensor(y_idx, dtype=torch.long).to(device)
         cw = class_weights(y_idx, n_classes, self.class_weight)
         cw = None if cw is None else torch.tensor(cw, dtype=torch.float32, device=device)
-        opt = adamw(param_groups(tail, float(self.weight_decay)), lr=float(self.lr), device=device)
-        from ..devices import autocast, resolve_precision  # torch, imported when training
+        from ..devices import resolve_precision  # torch, imported when training
 
         precision = resolve_precision(self.precision, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         rng = np.random.default_rng(seed)
         # Its own stream: shuffling and view sampling are the same with and without augmentation.
         augment = MapAugment(parts, np.random.default_rng([seed, 1])) if parts else None
         schedule = np.zeros((self.epochs, n), dtype=np.int64)
-        total = self.epochs * len(_batches(np.arange(n), self.batch_size))
+        step = _Step(tail, float(self.lr), float(self.weight_decay), device, precision, augment, cw,
+                     total=self.epochs * len(minibatches(np.arange(n), self.batch_size)))
         tracker = EpochTracker(1, self.epochs, n_classes, self.patience)
-        step = 0
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             # Dropout and stochastic depth inside the tail draw from the global generator.
@@ -507,35 +354,19 @@ class TailHead(BaseHead):
                 perm = rng.permutation(n)
                 if k_views:
                     schedule[epoch] = rng.integers(0, k_views + 1, size=n)
-                for idx in _batches(perm, self.batch_size):
+                for idx in minibatches(perm, self.batch_size):
                     idx = np.sort(idx)
-                    xb = np.ascontiguousarray(_read_batch(X, views, idx, schedule[epoch, idx] if k_views else None))
+                    xb = np.ascontiguousarray(read_batch(X, views, idx, schedule[epoch, idx] if k_views else None))
                     if streamed and not np.isfinite(xb).all():  # on the host: a device check would wait
-                        raise HeadError(_NOT_FINITE)
+                        raise HeadError(NOT_FINITE)
                     xb = torch.from_numpy(xb).to(device, dtype=torch.float32).reshape(len(idx), *cut.boundary_shape)
                     yb = y_all[torch.from_numpy(idx).to(device)]
-                    step += 1
-                    for g in opt.param_groups:
-                        g["lr"] = cosine_lr(float(self.lr), step, total)
-                    partner, lam = None, 1.0
-                    if augment is not None:
-                        xb, partner, lam = augment(xb)
-                    with autocast(device, precision):
-                        out = tail(xb).float()
-                    loss = nn.functional.cross_entropy(out, yb, weight=cw)
-                    if partner is not None:
-                        other = nn.functional.cross_entropy(out, yb[torch.from_numpy(partner).to(device)], weight=cw)
-                        loss = lam * loss + (1.0 - lam) * other
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    epoch_loss += loss.detach() * len(idx)  # summed on the device: no wait per step
+                    epoch_loss += step(xb, yb) * len(idx)  # summed on the device: no wait per step
 
                 def proba():
                     tail.eval()
                     try:
-                        return [softmax(_logits(tail, tracker.monitor.X_eval, cut.boundary_shape, device,
+                        return [softmax(tail_logits(tail, tracker.monitor.X_eval, cut.boundary_shape, device,
                                                 int(self.batch_size)))]
                     finally:
                         tail.train()
@@ -558,12 +389,12 @@ class TailHead(BaseHead):
     def predict_logits(self, X: Any) -> np.ndarray:
         """Logits of the tail, ndarray of shape (n_samples, n_classes), float32."""
         self._require_fitted()
-        X = _check_activations(X, "X")
+        X = check_activations(X, "X")
         self._shape_of(X, self.input_shape_, "X")
         device = resolve_device(self.device)
         tail = self.tail_ if device.type == "cpu" else copy.deepcopy(self.tail_).to(device)
         tail.eval()
-        return _logits(tail, X, self.input_shape_, device, int(self.batch_size))
+        return tail_logits(tail, X, self.input_shape_, device, int(self.batch_size))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities.
