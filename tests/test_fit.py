@@ -575,3 +575,20 @@ def test_heads_of_dense_products_take_every_core_from_a_smaller_problem():
     for cls in (RidgeHead, NCMHead):
         with head_threads(cls.thread_pool, work, parallel_work=cls.parallel_work) as used:
             assert used["threads"] == cores
+
+
+@pytest.mark.real
+def test_extract_and_fit_every_layer_of_the_real_data(real_data, lite0_available, tmp_path):
+    """The issue's path: extract --layer all, then fit-head --layer all --json (layer x C table)."""
+    runner = CliRunner()
+    r = runner.invoke(main, ["extract", str(real_data), "--layer", "all", "--cache-dir", str(tmp_path / "c"), "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["fit-head", json.loads(r.stdout)["cache"], "--layer", "all", "--json",
+                             "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    best = json.loads(r.stdout)["best"]
+    table = {row["layer"]: row for row in best["layers"]}
+    assert list(table) == [f"stage{i}" for i in range(1, 8)] + ["pre_logits"]
+    assert best["score"] == max(row["score"] for row in table.values()) == table[best["layer"]]["score"]
+    assert best["value"] == table[best["layer"]]["value"] and "grid_extended" in best and "at_bound" in best
+    assert best["score"] >= 0.93
