@@ -42,7 +42,7 @@ from .loading import collate, worker_init
 from .metrics import split_metrics
 
 from .preprocess import Augment, DecodeError, Preprocess, augmented_views, decode, load_image
-from .validation import check_choice, check_int, check_number
+from .validation import check_adamw, check_choice, check_int
 from .runtime import tune_allocator
 from .sources import SampleRef, Source, open_source
 from .training import adamw, cosine_lr, param_groups
@@ -118,10 +118,7 @@ class FinetuneConfig:
                 f"The 'train' option must be module-name patterns such as ('layer4*', 'fc*'). "
                 f"Got {self.train!r}."
             )
-        check_int("epochs", self.epochs)
-        check_number("lr", self.lr)
-        check_number("weight_decay", self.weight_decay, strict=False)
-        check_int("batch_size", self.batch_size)
+        check_adamw(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size)
         check_int("seed", self.seed, minimum=0)
         if self.num_workers is not None:
             check_int("num_workers", self.num_workers, minimum=0)

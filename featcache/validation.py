@@ -96,3 +96,11 @@ def check_seed(value: Any) -> None:
 
 def check_memory(value: Any) -> None:
     check_int("max_memory", value, minimum=1)
+
+
+def check_adamw(*, epochs: Any, lr: Any, weight_decay: Any, batch_size: Any) -> None:
+    """The options every AdamW training loop takes (mlp and tail heads, finetune)."""
+    check_int("epochs", epochs)
+    check_number("lr", lr)
+    check_number("weight_decay", weight_decay, strict=False)
+    check_int("batch_size", batch_size)

@@ -14,6 +14,7 @@ from ..training import cosine_lr, resolve_seed
 from ..validation import (
     CLASS_WEIGHT_HELP,
     PATIENCE_HELP,
+    check_adamw,
     check_class_weight,
     check_device,
     check_int,
@@ -120,10 +121,7 @@ class MLPHead(BaseHead):
         dropout = check_number("dropout", self.dropout, strict=False)
         if dropout >= 1.0:
             raise ConfigError(f"The 'dropout' option must be in [0, 1). Got {self.dropout!r}.")
-        check_number("weight_decay", self.weight_decay, strict=False)
-        check_number("lr", self.lr)
-        check_int("epochs", self.epochs)
-        check_int("batch_size", self.batch_size)
+        check_adamw(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size)
         check_device(self.device)
         check_memory(self.max_memory)
         check_seed(self.random_state)

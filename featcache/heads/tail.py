@@ -31,12 +31,13 @@ from ..validation import (
     CLASS_WEIGHT_HELP,
     PATIENCE_HELP,
     PRECISIONS,
+    check_adamw,
     check_choice,
     check_class_weight,
     check_device,
     check_int,
-    check_number,
     check_patience,
+    check_seed,
 )
 from .base import BaseHead, CacheSetup, softmax
 from .inputs import class_weights, encode_labels
@@ -246,12 +247,8 @@ class TailHead(BaseHead):
                 f"The 'boundary' option must name the layer whose activations X holds, e.g. "
                 f"'layer3' (featcache extract --layer layer3 --pool none). Got {self.boundary!r}."
             )
-        check_int("epochs", self.epochs)
-        check_number("lr", self.lr)
-        check_number("weight_decay", self.weight_decay, strict=False)
-        check_int("batch_size", self.batch_size)
-        if self.random_state is not None:
-            check_int("random_state", self.random_state, minimum=0)
+        check_adamw(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size)
+        check_seed(self.random_state)
         check_device(self.device)
         check_class_weight(self.class_weight)
         check_patience(self.patience)
