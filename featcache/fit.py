@@ -165,11 +165,6 @@ def _subset(X, idx):
     return np.asarray(X[np.sort(idx)], dtype=np.float32)
 
 
-def _with_value(head, param: str | None, value):
-    h = clone(head)
-    return h.set_params(**{param: value}) if param is not None else h
-
-
 def _select(rows: dict, select_by: str):
     """The grid value of the best row: highest score (lowest for log-loss); ties, lowest log-loss."""
     sign = 1.0 if select_by == "log_loss" else -1.0
@@ -234,7 +229,7 @@ class _Problem:
         return self.head.sweep_fit(self.X, self.y, values, **self.fit_kwargs)
 
     def fit_one(self, value, X=None, y=None) -> BaseHead:
-        return _with_value(self.head, self.head.param, value).fit(
+        return self.head.with_value(value).fit(
             self.X if X is None else X, self.y if y is None else y, **self.fit_kwargs)
 
 

@@ -364,7 +364,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
             head.classes_ = classes
         return heads
 
-    def _with_value(self, value: Any) -> "BaseHead":
+    def with_value(self, value: Any) -> "BaseHead":
         """An unfitted copy with the swept parameter set to ``value``."""
         head = clone(self)
         if self.param is not None:
@@ -376,7 +376,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         the grid override this)."""
         heads = []
         for value in grid:
-            head = self._with_value(value)
+            head = self.with_value(value)
             head._fit(X, y_idx, n_classes)
             head.n_features_in_ = int(X.shape[1])
             heads.append(head)

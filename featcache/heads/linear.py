@@ -249,7 +249,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
 
     def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
         W, b, n_iter, tracker = self._train(X, y_idx, n_classes, [float(c) for c in grid])
-        return [self._with_value(value)._adopt(W, b, n_iter, g, tracker, int(X.shape[1]))
+        return [self.with_value(value)._adopt(W, b, n_iter, g, tracker, int(X.shape[1]))
                 for g, value in enumerate(grid)]
 
 

@@ -205,7 +205,7 @@ class MLPHead(BaseHead):
 
     def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
         params, tracker = self._train(X, y_idx, n_classes, [float(v) for v in grid])
-        return [self._with_value(value)._adopt(params, g, tracker) for g, value in enumerate(grid)]
+        return [self.with_value(value)._adopt(params, g, tracker) for g, value in enumerate(grid)]
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {

@@ -151,7 +151,7 @@ class KNNHead(BaseHead):
         bank, labels = _normalize(X), y_idx.astype(np.int64)
         heads = []
         for k in grid:
-            head = self._with_value(k)
+            head = self.with_value(k)
             head.bank_, head.bank_labels_ = bank, labels
             head.n_features_in_ = int(X.shape[1])
             heads.append(head)

@@ -105,7 +105,7 @@ class LogRegHead(LinearHeadMixin, BaseHead):
         heads: list[BaseHead | None] = [None] * len(grid)
         for i in _sorted_order(grid):
             est.set_params(C=float(grid[i])).fit(X, y_idx)
-            head = self._with_value(grid[i])
+            head = self.with_value(grid[i])
             head.coef_, head.intercept_ = est.coef_.copy(), est.intercept_.copy()
             head.n_iter_ = int(np.max(est.n_iter_))
             head.n_features_in_ = int(X.shape[1])
@@ -331,7 +331,7 @@ class RidgeHead(LinearHeadMixin, BaseHead):
         spectrum = self._spectrum(X, y_idx, n_classes)
         heads = []
         for alpha in grid:
-            head = self._with_value(alpha)
+            head = self.with_value(alpha)
             head.coef_, head.intercept_ = spectrum.weights(float(alpha))
             head.n_features_in_ = int(X.shape[1])
             heads.append(head)
