@@ -257,15 +257,9 @@ def build_tail(backbone: Backbone, boundary: str, n_classes: int | None = None, 
         tail with the original classifier must reproduce the model's logits). The message
         lists the stages that do work.
     """
-    cut = cut_at(backbone, boundary)
     if n_classes is not None:
         check_int("n_classes", n_classes)
-        if backbone.classifier is None:
-            raise BackboneError(
-                f"{backbone.name} has no final nn.Linear classifier to replace. Use a backbone "
-                f"with one (torchvision, timm, efficientnet_lite0), or n_classes=None."
-            )
-    return assemble_tail(backbone, cut, n_classes, seed)
+    return assemble_tail(backbone, cut_at(backbone, boundary), n_classes, seed)
 
 
 def _sequential(entries: list[tuple[str, nn.Module]], flatten_at: int | None) -> nn.Sequential:
@@ -279,6 +273,12 @@ def _sequential(entries: list[tuple[str, nn.Module]], flatten_at: int | None) ->
 
 
 def assemble_tail(backbone: Backbone, cut: _Cut, n_classes: int | None, seed: int) -> nn.Sequential:
+    """The tail of ``cut`` as an ``nn.Sequential``, with a new seeded classifier for ``n_classes``."""
+    if n_classes is not None and backbone.classifier is None:
+        raise BackboneError(
+            f"{backbone.name} has no final nn.Linear classifier to replace. Use a backbone "
+            f"with one (torchvision, timm, efficientnet_lite0), or n_classes=None."
+        )
     memo: dict[int, Any] = {}
     tail = copy.deepcopy(_sequential(cut.tail, cut.tail_flatten), memo)
     if n_classes is not None:

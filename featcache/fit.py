@@ -32,6 +32,7 @@ from .transform import FeatureTransform
 
 logger = logging.getLogger(__name__)
 
+#: Largest over smallest training class above which fit-head suggests balanced class weights.
 IMBALANCE_RATIO = 1.5
 
 
@@ -236,11 +237,12 @@ class _Problem:
 def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.ndarray | None, seed: int,
              warn: Callable[[str], None]) -> _Problem:
     """Read and transform the training features, and build the head and its grid."""
-    data = _Data(cache, layer, config)
-    X_raw, y = data.raw(config.train_split), cache.labels(config.train_split)
     entry = HEADS.entry(config.head)
+    # The head's checks of the cache first: a refusal must not wait for the features to be read.
     setup = entry.obj.from_cache(cache, layer, options=config.head_options, train_split=config.train_split,
                                  rows=train_idx, pca=config.pca)
+    data = _Data(cache, layer, config)
+    X_raw, y = data.raw(config.train_split), cache.labels(config.train_split)
     if setup.raw_features:
         config = replace(config, normalize="none")
     if train_idx is not None:

@@ -23,7 +23,6 @@ RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
 SWEEP_CSV = "sweep.csv"
 TRANSFORM = "transform.safetensors"
-#: Largest over smallest training class above which fit-head suggests balanced class weights.
 
 
 def save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics: dict, sweep: list[dict],

@@ -26,6 +26,7 @@ from ..backbones import Backbone, load_backbone
 from ..cutting import assemble_tail, build_tail, cut_at
 from ..errors import ConfigError, HeadError
 from ..lazy import nn, torch
+from ..runtime import head_threads
 from ..training import adamw, cosine_lr, param_groups, resolve_seed
 from ..validation import (
     CLASS_WEIGHT_HELP,
@@ -40,11 +41,11 @@ from ..validation import (
     check_seed,
 )
 from .base import BaseHead, CacheSetup, softmax
-from .inputs import class_weights, encode_labels
+from .inputs import encode_labels
 from .maps import (NOT_FINITE, MapAugment, all_finite, check_activations, in_memory, minibatches, parse_augment,
                    read_batch, tail_logits)
 from .monitor import EpochTracker
-from .solvers import resolve_device
+from .solvers import class_weight_tensor, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,9 @@ class TailHead(BaseHead):
                     f"{', '.join(map(str, X.shape[1:]))}); got {vs}. Pass the views of the same "
                     f"split and layer as X."
                 )
-        self._fit(X, y_idx, len(classes), views)
+        # As BaseHead.fit: torch computes, BLAS holds one thread (a no-op inside fit-head's own choice).
+        with head_threads(self.thread_pool, int(np.prod(X.shape)), parallel_work=self.parallel_work):
+            self._fit(X, y_idx, len(classes), views)
         self.classes_ = classes
         return self
 
@@ -329,8 +332,7 @@ class TailHead(BaseHead):
         n = int(X.shape[0])
         k_views = int(views.shape[1]) if views is not None else 0
         y_all = torch.as_tensor(y_idx, dtype=torch.long).to(device)
-        cw = class_weights(y_idx, n_classes, self.class_weight)
-        cw = None if cw is None else torch.tensor(cw, dtype=torch.float32, device=device)
+        cw = class_weight_tensor(y_idx, n_classes, self.class_weight, device)
         from ..devices import resolve_precision  # torch, imported when training
 
         precision = resolve_precision(self.precision, device)
