@@ -29,7 +29,7 @@ from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, bl
                       worker_init)
 from .partial import ChunkWriter, PartialStore
 from .plan import ARRAY_KINDS, ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
-from .reuse import Donors, blocks, find_hit, hit_result, is_hit_rows, listing_matches, rows_to_compute, stat_key
+from .reuse import Donors, blocks, find_hit, hit_result, reused, is_hit_rows, listing_matches, rows_to_compute, stat_key
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
 from .store import HASH_DTYPE, CacheFingerprint, FeatureCache, open_cache
@@ -133,8 +133,7 @@ def _assembled_hit(final: Path, p: Prepared, plan: dict[str, list[Row]], t0: flo
         return None
     with c:
         if c.fingerprint == fp.to_dict() and listing_matches(c, p.source) and is_hit_rows(c, plan):
-            return ExtractResult(str(final), {s: c.n(s) for s in c.splits}, len(c.failed), True,
-                                 time.perf_counter() - t0, 0.0, 0, sum(c.n(s) for s in c.splits))
+            return reused(c, final, p.config, t0)
     return None
 
 

@@ -208,20 +208,22 @@ def find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | N
     """
     if config.shard is not None:  # shard files and their assembly keep their own checks
         return None
-    try:
-        known, weights_sha = weights_sha256_without_building(config.backbone, config.weights)
-    except FeatcacheError:
-        return None  # the builder will say what is wrong
-    if not known:
-        return None
     wanted = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k in BACKBONE_OPTIONS}
     paths = [Path(config.output)] if config.output else sorted(Path(config.cache_dir).glob("*.h5"))
-    resolved = None
+    weights, resolved = None, None
     for path in paths:
         made_by = json_attr(path, "extract_config")
         if (made_by is None or {k: made_by.get(k) for k in BACKBONE_OPTIONS} != wanted
                 or (made_by.get("weights") is None) != (config.weights is None)):
             continue
+        if weights is None:  # hashed only once a cache made with these options exists (a first run never)
+            try:
+                weights = weights_sha256_without_building(config.backbone, config.weights)
+            except FeatcacheError:
+                return None  # the builder will say what is wrong
+        known, weights_sha = weights
+        if not known:
+            return None
         recorded = json_attr(path, "fingerprint")
         if recorded is None or recorded.get("backbone", {}).get("weights_sha256") != weights_sha:
             continue
@@ -266,6 +268,12 @@ def hit_result(cache: FeatureCache, path: Path, plan: dict[str, list[Row]], conf
     the shard ``stamp``); else None. With ``on_error='fail'``, a failure it records is an error."""
     if not (is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items())):
         return None
+    return reused(cache, path, config, t0)
+
+
+def reused(cache: FeatureCache, path: Path, config: ExtractConfig, t0: float) -> ExtractResult:
+    """The result of reusing ``cache`` whole. With ``on_error='fail'``, a failure it records is an
+    error."""
     if config.on_error == "fail" and cache.failed:
         f = cache.failed[0]
         raise SourceError(

@@ -448,3 +448,17 @@ def test_features_of_another_batch_size_are_reused_and_recorded_as_such(tmp_path
         for split in a.splits:
             assert a.ids(split) == b.ids(split)
             np.testing.assert_allclose(a.load(split)[0], b.load(split)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_sharded_rerun_with_on_error_fail_stops_at_a_recorded_failure(tmp_path):
+    """The assembled cache of a sharded run is reused like any hit: on_error='fail' refuses the
+    failures it records instead of passing them over."""
+    from featcache.errors import SourceError
+
+    folder = _folder(tmp_path / "imgs")
+    (folder / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    cache = str(tmp_path / "cache")
+    for i in range(2):
+        extract(str(folder), **OPTS, cache_dir=cache, shard=(i, 2))
+    with pytest.raises(SourceError, match="recorded by an earlier run"):
+        extract(str(folder), **OPTS, cache_dir=cache, shard=(0, 2), on_error="fail")
