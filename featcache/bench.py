@@ -19,6 +19,7 @@ from typing import Callable
 
 from . import __version__
 from .errors import ConfigError
+from .files import dumps, write_text
 from .extract import extract
 from .plan import ExtractConfig
 from .fit import FitConfig, check_options, fit_head, parse_grid
@@ -240,7 +241,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
                    "featcache_version": __version__,
                    "best": fit.best, "run": fit.run}
             with open(out / RECORDS, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(dumps(rec) + "\n")  # strict JSON: a NaN metric is written as null
                 f.flush()
                 os.fsync(f.fileno())
             done.add(key)
@@ -257,7 +258,7 @@ def write_outputs(records: list[dict], out: Path) -> dict[str, Path]:
     from .leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
 
     rows = leaderboard(records)
-    (out / "leaderboard.md").write_text(leaderboard_markdown(rows))
+    write_text(out / "leaderboard.md", leaderboard_markdown(rows))
     leaderboard_csv(rows, out / "leaderboard.csv")
     paths = {"leaderboard.md": out / "leaderboard.md", "leaderboard.csv": out / "leaderboard.csv"}
     if records:

@@ -107,12 +107,10 @@ def head_threads(backend: str, work: int, threads: int | None = None, *,
         return
     from threadpoolctl import threadpool_limits
 
-    if backend == "torch":
-        importlib.import_module("torch")  # the head computes in it
-    torch = sys.modules.get("torch")
+    torch = importlib.import_module("torch") if backend == "torch" else sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None
     if threads is None:
-        # torch's default is one thread per physical core; take the same for BLAS.
+        # Every core: torch's thread count (one per physical core), or the CPUs this process may use.
         small = SMALL_WORK.get(backend, SMALL_WORK["numpy"]) if parallel_work is None else parallel_work
         threads = 1 if work < small else _cores()
     used = {"backend": backend, "threads": int(threads)}

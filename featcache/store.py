@@ -292,11 +292,11 @@ class FeatureCache:
                 f"same torchrun command) to re-assemble it."
             )
 
-    # context manager
     def digest(self) -> str:
         """The content digest of the open file (:func:`shard_digest`)."""
         return shard_digest(self._h5)
 
+    # context manager
     def close(self) -> None:
         self._h5.close()
 
