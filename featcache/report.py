@@ -153,15 +153,25 @@ def _run_page(src: Path, tmp: Path) -> Page:
 
     parts.extend(_class_sections(run, metrics, eval_split, tmp))
 
+    if isinstance(best.get("layers"), list):  # a layer sweep: one row per layer, the curve of the chosen one
+        lrows = [[esc(r.get("layer")), esc(fmt_value(r.get("value"))), esc(fmt(r.get("score"))),
+                  esc(fmt(r.get("log_loss")))] for r in best["layers"]]
+        parts.append(section(
+            "Layers swept", table([("layer", "wrap"), ("best value", "num"), ("score", "num"), ("log-loss", "num")],
+                                  lrows, table_id="layers", row_classes=["top" if r.get("layer") == layer else ""
+                                                                         for r in best["layers"]]),
+            sid="layers-section"))
+        sweep = [r for r in sweep if r.get("layer") == layer]
     if any(isinstance(r.get("value"), (int, float)) for r in sweep):
         param = best.get("param") or "value"
+        metric = {"top1": "top-1"}.get(best.get("select_by", "top1"), best.get("select_by"))
         srows = [[esc(fmt_value(r.get("value"))), esc(fmt(r.get("top1"))), esc(fmt(r.get("log_loss")))]
                  for r in sweep]
         tags = ["top" if r.get("value") == best.get("value") else "" for r in sweep]
         parts.append(section(
-            f"Sweep of {param}",
+            f"Sweep of {param}" + (f" on {layer}" if isinstance(best.get("layers"), list) else ""),
             plot(lambda p: plots.sweep_curve(sweep, param, p, best=best), tmp, "sweep.png", f"sweep of {param}",
-                  f"Chosen by top-1 on {best.get('scored_on')} (ties broken by log-loss); never on test."),
+                  f"Chosen by {metric} on {best.get('scored_on')} (ties broken by log-loss); never on test."),
             "<details><summary>Sweep values</summary>"
             + table([(param, "num"), ("top-1", "num"), ("log-loss", "num")], srows, table_id="sweep",
                      row_classes=tags) + "</details>",

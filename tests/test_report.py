@@ -473,3 +473,21 @@ def test_plot_legends_and_titles_fit_the_figure(tmp_path):
         plots.layer_curve(rows, tmp_path / "curve.png", title="resnet18.none on /tmp/a/very/long/path/to/the/"
                                                               "images/folder/of/some/user: ncm head per layer")
     assert all(e.x0 >= 0 and e.x1 <= drawn["width"] for e in drawn["extents"])
+
+
+def test_run_report_of_a_layer_sweep_shows_the_layers_and_the_chosen_layers_curve(tmp_path):
+    run = make_run_dir(tmp_path)
+    doc = json.loads((run / "metrics.json").read_text())
+    doc["sweep"] = [{**r, "layer": "pre_logits", "score": r["top1"]} for r in doc["sweep"]] + [
+        {"layer": "layer4", "value": v, "top1": 0.5, "log_loss": 0.9, "score": 0.5} for v in (0.1, 1.0, 10.0)]
+    doc["best"] = {**doc["best"], "select_by": "balanced_accuracy", "layer": "pre_logits",
+                   "layers": [{"layer": "layer4", "value": 1.0, "score": 0.5, "log_loss": 0.9},
+                              {"layer": "pre_logits", "value": 1.0, "score": 0.87, "log_loss": 0.41}]}
+    (run / "metrics.json").write_text(json.dumps(doc))
+    html = write_report(run, tmp_path / "r.html").read_text()
+    assert 'id="layers"' in html and "Sweep of C on pre_logits" in html
+    sweep_table = html[html.index('id="sweep"'):]
+    sweep_table = sweep_table[:sweep_table.index("</table>")]
+    assert sweep_table.count("<tr") == 1 + 7  # the header and pre_logits' 7 values, not layer4's
+    assert sweep_table.count('class="top"') == 1
+    assert "Chosen by balanced_accuracy on val" in html
