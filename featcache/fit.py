@@ -122,6 +122,12 @@ def check_options(config: FitConfig) -> None:
             parse_grid("")
         if entry.extra["param"] is None:
             raise ConfigError(f"--C does not apply to head '{config.head}': it sweeps no parameter. Drop --C.")
+    valid = list(entry.extra["options"])
+    for key in config.head_options:
+        if key not in valid:
+            raise ConfigError(f"Unknown option '{key}' for head '{config.head}'. Valid options: {', '.join(valid)}.")
+    if config.class_weight and "class_weight" not in valid:
+        raise ConfigError(f"Head '{config.head}' has no class_weight option; drop the 'class_weight' option.")
     if config.seeds != 1 and config.shots is None:
         raise ConfigError(f"seeds={config.seeds} applies to few-shot fits only. Add the 'shots' option or drop the "
                           f"'seeds' option.")
@@ -258,9 +264,7 @@ def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.n
     else:
         X = transform.transform(X_raw) if isinstance(X_raw, np.ndarray) else transform.lazy(X_raw)
     options = setup.options
-    if config.class_weight:
-        if "class_weight" not in entry.extra["options"]:
-            raise ConfigError(f"Head '{config.head}' has no class_weight option; drop the 'class_weight' option.")
+    if config.class_weight:  # check_options made sure the head has the option
         options["class_weight"] = config.class_weight
     if "random_state" in entry.extra["options"]:
         options.setdefault("random_state", seed)

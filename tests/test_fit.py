@@ -592,3 +592,12 @@ def test_extract_and_fit_every_layer_of_the_real_data(real_data, lite0_available
     assert best["score"] == max(row["score"] for row in table.values()) == table[best["layer"]]["score"]
     assert best["value"] == table[best["layer"]]["value"] and "grid_extended" in best and "at_bound" in best
     assert best["score"] >= 0.93
+
+
+def test_head_options_are_checked_before_the_cache_is_opened(tmp_path):
+    missing = str(tmp_path / "no-such-cache.h5")  # the option error comes first: nothing is read
+    with pytest.raises(ConfigError, match="Unknown option 'epochs' for head 'logreg'. Valid options: C,"):
+        fit_head(missing, head="logreg", head_options={"epochs": 3}, output=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="Head 'knn' has no class_weight option"):
+        fit_head(missing, head="knn", class_weight="balanced", output=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
