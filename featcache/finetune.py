@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, load_backbone, seeded_init
-from .devices import PRECISIONS, PREFETCH, autocast, default_workers, resolve_device, resolve_precision
+from .devices import (PRECISIONS, autocast, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
+                      shm_free_bytes)
 from .errors import ConfigError
 from .files import atomic_write, write_json
 from .plan import ARRAY_KINDS
@@ -290,7 +291,10 @@ def _loader(ds: _Images, order: list[int], config: FinetuneConfig, device: torch
     return torch.utils.data.DataLoader(
         ds, batch_size=config.batch_size, sampler=order, collate_fn=collate, num_workers=workers,
         worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=PREFETCH if workers else None,
+        persistent_workers=False,
+        # Sized to /dev/shm, as in extraction (a 64 MB Docker /dev/shm ends in a bus error otherwise).
+        prefetch_factor=prefetch_for_shm(workers, config.batch_size * 3 * ds.pp.crop ** 2, free=shm_free_bytes())
+        if workers else None,
     )
 
 

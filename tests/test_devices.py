@@ -356,6 +356,9 @@ def test_finetune_loader_on_a_gpu_pins_memory_and_decodes_in_processes(monkeypat
     assert (gpu.num_workers, gpu.pin_memory) == (8, True)
     cpu = _loader(ds, [0, 1], config, torch.device("cpu"))
     assert (cpu.num_workers, cpu.pin_memory) == (0, False)
+    # Prefetch sized to /dev/shm as in extraction: half of 3.5 MB holds 2 batches of 32 x 3 x 32 x 32 per worker.
+    monkeypatch.setattr(importlib.import_module("featcache.finetune"), "shm_free_bytes", lambda: 7 << 19)
+    assert _loader(ds, [0, 1], config, torch.device("cuda", 0)).prefetch_factor == 2
 
 
 class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
