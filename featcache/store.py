@@ -26,6 +26,7 @@ final name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -375,8 +376,10 @@ class FeatureCache:
                 ds.read_direct(out)
         return out.astype(dtype, copy=False), self.labels(split)
 
-    @property
+    @functools.cached_property
     def failed(self) -> list[dict]:
+        """The samples the extraction could not read, read once (the file is open read-only and
+        replaced, never rewritten, by a later run)."""
         if "failed" not in self._h5:
             return []
         g = self._h5["failed"]
