@@ -174,6 +174,14 @@ def test_cli_fit_head_json_predict_export_evaluate(folder_cache, tmp_path):
     assert len(preds) == 8 and set(preds[0]) >= {"path", "label", "probability", "top"}
     r = runner.invoke(main, ["predict", str(tmp_path / "run"), str(folder / "val" / "a"), "-o", str(tmp_path / "p.csv")])
     assert r.exit_code == 0 and (tmp_path / "p.csv").read_text().startswith("path,label,probability,top")
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), str(folder / "val" / "a"), "--top", "1",
+                             "-o", str(tmp_path / "p.json")])
+    saved = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert r.exit_code == 0 and [q["label"] for q in saved] == [q["label"] for q in preds]
+    assert all(len(q["top"]) == 1 for q in saved)
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), str(tmp_path / "no-such-images"), "-o",
+                             str(tmp_path / "p.txt")])  # the suffix is refused before any image is looked at
+    assert r.exit_code == 2 and "must end in .csv or .json" in r.output and not (tmp_path / "p.txt").exists()
     r = runner.invoke(main, ["export", str(tmp_path / "run"), str(tmp_path / "m.pt2")])
     assert r.exit_code == 0 and (tmp_path / "m.pt2").is_file()
     r = runner.invoke(main, ["evaluate", str(tmp_path / "run"), cache, "--json"])

@@ -196,6 +196,8 @@ def predict(run_dir, images, top, batch_size, device, weights, output, as_json) 
     """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
     from ..predict import predict as run
 
+    if output and Path(output).suffix.lower() not in (".csv", ".json"):  # refused before any image is read
+        raise click.BadParameter(f"must end in .csv or .json, got {output!r}.", param_hint="--output")
     preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights)
     if output:
         _write_predictions(preds, output)
@@ -211,20 +213,22 @@ def predict(run_dir, images, top, batch_size, device, weights, output, as_json) 
 
 
 def _write_predictions(preds: list[dict], output: str) -> None:
+    """``preds`` as JSON or CSV (by the suffix, checked before predicting), written atomically."""
     import csv
+    import io
 
-    path = Path(output)
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({"predictions": preds}, indent=2))
-    elif path.suffix.lower() == ".csv":
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "probability", "top"])
-            for p in preds:
-                w.writerow([p["path"], p["label"], p["probability"],
-                            ";".join(f"{t['label']}:{t['probability']:.6f}" for t in p["top"])])
-    else:
-        raise click.BadParameter(f"must end in .csv or .json, got {output!r}.", param_hint="--output")
+    from ..files import write_json, write_text
+
+    if Path(output).suffix.lower() == ".json":
+        write_json(output, {"predictions": preds})
+        return
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "probability", "top"])
+    for p in preds:
+        w.writerow([p["path"], p["label"], p["probability"],
+                    ";".join(f"{t['label']}:{t['probability']:.6f}" for t in p["top"])])
+    write_text(output, buf.getvalue())
 
 
 @click.command()
