@@ -202,6 +202,9 @@ class LinearHead(LinearHeadMixin, BaseHead):
         states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
         total = self.epochs * rows.n_batches(self.batch_size)
         tracker = EpochTracker(prob.G, self.epochs, n_classes, self.patience)
+        # The eval rows go to the device (and are checked) once, not every epoch.
+        eval_rows = Rows(tracker.monitor.X_eval, device=rows.device, max_memory=self.max_memory) \
+            if tracker.watching else None
         step = 0
         for epoch in range(self.epochs):
             losses = torch.zeros(prob.G, dtype=torch.float64, device=rows.device)
@@ -215,7 +218,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
                 adam_step(b, gb / xb.shape[0], states[1], step, lr)
 
             def proba():
-                scores = grid_scores(tracker.monitor.X_eval, W, b, device=W.device, max_memory=self.max_memory)
+                scores = grid_scores(eval_rows, W, b, device=W.device, max_memory=self.max_memory)
                 return [scores_to_proba(z) for z in scores]
 
             if tracker.end_epoch(epoch, (losses / rows.n).tolist(), proba,

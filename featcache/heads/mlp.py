@@ -151,6 +151,9 @@ class MLPHead(BaseHead):
         p_drop = float(self.dropout)
         total = self.epochs * rows.n_batches(self.batch_size)
         tracker = EpochTracker(G, self.epochs, n_classes, self.patience)
+        # The eval rows go to the device (and are checked) once, not every epoch.
+        eval_rows = Rows(tracker.monitor.X_eval, device=device, max_memory=self.max_memory) \
+            if tracker.watching else None
         step = 0
         for epoch in range(self.epochs):
             losses = torch.zeros(G, dtype=torch.float64, device=device)
@@ -173,7 +176,7 @@ class MLPHead(BaseHead):
                     adam_step(p, gr, st, step, lr, wd)
 
             def proba():
-                return mlp_grid_proba(tracker.monitor.X_eval, params, device, self.max_memory)
+                return mlp_grid_proba(eval_rows, params, device, self.max_memory)
 
             if tracker.end_epoch(epoch, (losses / rows.n).tolist(), proba,
                                  lambda g: [p[g].detach().clone() for p in params]):

@@ -363,8 +363,8 @@ class LinearProblem:
 def grid_scores(
     X: Any, W: torch.Tensor, b: torch.Tensor, *, device: torch.device, max_memory: int
 ) -> np.ndarray:
-    """Scores (G, n, k) of G stacked linear heads on ``X``, in one pass over ``X``."""
-    rows = Rows(X, device=device, max_memory=max_memory)
+    """Scores (G, n, k) of G stacked linear heads on ``X`` (or its :class:`Rows`), in one pass over it."""
+    rows = X if isinstance(X, Rows) else Rows(X, device=device, max_memory=max_memory)
     G, D, k = W.shape
     Wcat = W.permute(1, 0, 2).reshape(D, G * k)
     out = []
@@ -384,9 +384,10 @@ def class_weight_tensor(
 
 
 def mlp_grid_proba(X: Any, params: list[torch.Tensor], device: torch.device, max_memory: int) -> list[np.ndarray]:
-    """Eval probabilities of G stacked MLPs (no dropout), one pass over ``X``, in row blocks."""
+    """Eval probabilities of G stacked MLPs (no dropout), one pass over ``X`` (or its :class:`Rows`),
+    in row blocks."""
     W1, b1, W2, b2 = (p.detach() for p in params)
-    rows = Rows(X, device=device, max_memory=max_memory)
+    rows = X if isinstance(X, Rows) else Rows(X, device=device, max_memory=max_memory)
     block = max(1, BLOCK_ELEMENTS // max(1, W1.shape[0] * W1.shape[2]))
     out = []
     with torch.no_grad():
