@@ -189,13 +189,12 @@ def _run_page(src: Path, tmp: Path) -> Page:
 
 def _metrics_section(metrics: dict, eval_split: str | None) -> tuple[list, str]:
     cols = [c for c in METRIC_COLUMNS if c[0] != "top5" or any("top5" in (m or {}) for m in metrics.values())]
-    rows, classes_ = [], []
+    rows = []
     for split, m in metrics.items():
         name = esc(split) + ('<span class="tag">eval</span>' if split == eval_split else "")
         rows.append([name, *[esc(fmt((m or {}).get(k))) for k, _ in cols]])
-        classes_.append("")
-    html_table = table([("split", "text"), *[(h, "num") for _, h in cols]], rows, table_id="metrics",
-                   row_classes=classes_) if rows else note("No split besides the training split was scored.")
+    html_table = (table([("split", "text"), *[(h, "num") for _, h in cols]], rows, table_id="metrics") if rows
+                  else note("No split besides the training split was scored."))
     return cols, section("Metrics per split", html_table, sid="metrics-section")
 
 

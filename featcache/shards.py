@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import CacheError, ConfigError
 from .cache_writer import CacheWriter
-from .store import FORMAT, SCHEMA_VERSION, FeatureCache, open_cache, read_text_attr
+from .store import FeatureCache, open_cache, read_text_attr
 
 SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
 
@@ -209,5 +209,5 @@ def merge_dir(cache_dir: str | os.PathLike, *, copy: bool = False) -> list[dict]
     return results
 
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "merge_dir", "merge_shards", "parse_shard", "shard_path",
+__all__ = ["merge_dir", "merge_shards", "parse_shard", "shard_path",
            "shard_range", "shards_complete", "shards_need_merge", "shards_ready", "plan_hash", "share_digest"]

@@ -201,7 +201,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         b = torch.zeros(prob.G, prob.k, device=rows.device)
         states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
         total = self.epochs * rows.n_batches(self.batch_size)
-        tracker = EpochTracker(prob.G, self.epochs, n_classes, self.patience)
+        tracker = EpochTracker(prob.G, self.epochs, self.patience)
         # The eval rows go to the device (and are checked) once, not every epoch.
         eval_rows = Rows(tracker.monitor.X_eval, device=rows.device, max_memory=self.max_memory) \
             if tracker.watching else None

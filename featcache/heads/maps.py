@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ConfigError, HeadError
 from ..lazy import nn, torch
-from .inputs import is_dataset_like
+from .inputs import from_tensor, is_dataset_like
 
 
 # ----------------------------------------------------------------------------------------------
@@ -18,8 +18,7 @@ from .inputs import is_dataset_like
 
 def check_activations(X: Any, what: str) -> Any:
     """An ndarray or dataset-like of shape (n, ...) holding numbers; torch tensors converted."""
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
+    X = from_tensor(X)
     if not is_dataset_like(X):
         try:
             X = np.asarray(X)

@@ -150,7 +150,7 @@ class MLPHead(BaseHead):
         states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
         p_drop = float(self.dropout)
         total = self.epochs * rows.n_batches(self.batch_size)
-        tracker = EpochTracker(G, self.epochs, n_classes, self.patience)
+        tracker = EpochTracker(G, self.epochs, self.patience)
         # The eval rows go to the device (and are checked) once, not every epoch.
         eval_rows = Rows(tracker.monitor.X_eval, device=device, max_memory=self.max_memory) \
             if tracker.watching else None

@@ -21,7 +21,7 @@ class TrainingMonitor:
     """What a head trained by epochs reports to and is scored on, set by :func:`training_monitor`.
 
     ``y_eval_idx`` holds the eval labels as indices into the training classes (``np.unique(y)``),
-    ``n_classes`` for a class the training split lacks (scored as an error).
+    ``len(classes)`` for a class the training split lacks (scored as an error).
     """
 
     X_eval: Any = None
@@ -75,7 +75,7 @@ class EpochTracker:
     True, and :meth:`restore` hands back, per grid point, the state saved at its best epoch.
     """
 
-    def __init__(self, G: int, epochs: int, n_classes: int, patience: int | None) -> None:
+    def __init__(self, G: int, epochs: int, patience: int | None) -> None:
         self.monitor = _MONITOR.get() or TrainingMonitor()
         self.watching = self.monitor.X_eval is not None
         if patience is not None and not self.watching:
@@ -83,7 +83,7 @@ class EpochTracker:
                 f"The 'patience' option ({patience}) stops on an eval score, and there is no eval data. "
                 "Fit with an eval split (eval_split=val), or drop the 'patience' option."
             )
-        self.G, self.epochs, self.n_classes, self.patience = G, epochs, n_classes, patience
+        self.G, self.epochs, self.patience = G, epochs, patience
         self.history: list[list[dict]] = [[] for _ in range(G)]
         self.best_score = [-np.inf] * G
         self.best_epoch = [0] * G

@@ -342,7 +342,7 @@ class TailHead(BaseHead):
         schedule = np.zeros((self.epochs, n), dtype=np.int64)
         step = _Step(tail, float(self.lr), float(self.weight_decay), device, precision, augment, cw,
                      total=self.epochs * len(minibatches(np.arange(n), self.batch_size)))
-        tracker = EpochTracker(1, self.epochs, n_classes, self.patience)
+        tracker = EpochTracker(1, self.epochs, self.patience)
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             # Dropout and stochastic depth inside the tail draw from the global generator.
