@@ -462,3 +462,18 @@ def test_a_sharded_rerun_with_on_error_fail_stops_at_a_recorded_failure(tmp_path
         extract(str(folder), **OPTS, cache_dir=cache, shard=(i, 2))
     with pytest.raises(SourceError, match="recorded by an earlier run"):
         extract(str(folder), **OPTS, cache_dir=cache, shard=(0, 2), on_error="fail")
+
+
+def test_merge_assembles_a_self_contained_file(tmp_path):
+    """--merge copies the shards' rows into the final file: it stays readable without them."""
+    folder = _folder(tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    for i in range(2):
+        res = extract(str(folder), **OPTS, cache_dir=str(cache), shard=(i, 2), merge=True)
+    final = res.merged  # the last shard assembles the final file
+    with open_cache(final) as c:
+        before = {s: c.load(s)[0] for s in c.splits}
+    for shard in cache.glob("*.shard-*"):
+        shard.unlink()
+    with open_cache(final) as c:
+        assert all(np.array_equal(c.load(s)[0], before[s]) for s in c.splits)
