@@ -48,7 +48,7 @@ SMOKE = os.environ.get("FEATCACHE_GPU_SMOKE") == "1"
 OUT = Path(os.environ.get("OUT") or "/tmp/featcache-gpu")
 SCRATCH = Path(os.environ.get("FEATCACHE_GPU_SCRATCH") or Path(tempfile.gettempdir()) / "featcache-gpu-scratch")
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
-N = int(os.environ.get("FEATCACHE_GPU_IMAGES", 24 if SMOKE else 20_000))
+N = int(os.environ.get("FEATCACHE_GPU_IMAGES", 24 if SMOKE else 10_000))
 RUNS = 1 if SMOKE else 3
 #: Seconds after which the remaining rows are skipped (recorded as such), so that the script ends
 #: inside its 8-minute slot with what it measured.
@@ -56,6 +56,11 @@ BUDGET = float(os.environ.get("FEATCACHE_GPU_BUDGET", 1e9 if SMOKE else 420))
 #: (backbone, options): random weights, the architecture and compute are what count here.
 MODELS = ([("resnet18.none", {"input_size": 32})] if SMOKE else
           [("resnet50.none", {}), ("efficientnet_lite0.none", {}), ("vit_b_16.none", {})])
+#: FEATCACHE_GPU_MODELS=vit_b_16.none,... keeps only those rows (a second call finishing the table);
+#: FEATCACHE_GPU_SWEEP=0 leaves out the defaults sweep.
+if os.environ.get("FEATCACHE_GPU_MODELS"):
+    MODELS = [m for m in MODELS if m[0] in os.environ["FEATCACHE_GPU_MODELS"].split(",")]
+SWEEP = os.environ.get("FEATCACHE_GPU_SWEEP", "1") == "1"
 T0 = time.perf_counter()
 ROWS: list[dict] = []
 
@@ -133,9 +138,12 @@ def array_npz(n: int, size: int) -> Path:
 
 # --- measurements ----------------------------------------------------------------------------
 
-def bare_forward(spec: str, options: dict, precision: str, batch: int, source: str) -> float:
+def bare_forward(spec: str, options: dict, precision: str, batch: int, source: str, cudnn_benchmark: bool = True
+                 ) -> float:
     """Steady img/s of the model extraction runs (folded, channels_last, tapped, normalised on the
-    device) on uint8 batches already on the device: the ceiling of the extraction rows."""
+    device) on uint8 batches already on the device: the ceiling of the extraction rows. cuDNN
+    autotuning is set explicitly (extraction turns it on), so no row inherits it from the one before."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     p = prepare(source, ExtractConfig(backbone=spec, precision=precision, device=str(DEVICE), batch_size=batch,
                                       **options))
     crop = p.backbone.preprocess.crop
@@ -158,11 +166,12 @@ def bare_forward(spec: str, options: dict, precision: str, batch: int, source: s
     return statistics.median(rates)
 
 
-def decode_alone(data: Path, batch: int) -> tuple[float, int]:
-    """Steady img/s of PIL decode + resize + crop in the default worker processes, no forward."""
+def decode_alone(data: Path, batch: int, workers: int | None = None) -> tuple[float, int]:
+    """Steady img/s of PIL decode + resize + crop in worker processes (default: as many as
+    extraction starts), no forward."""
     src = open_source(str(data))
     pp = prepare(str(data), ExtractConfig(backbone=MODELS[0][0], device=str(DEVICE), **MODELS[0][1])).backbone.preprocess
-    workers = default_workers(DEVICE, pre_decoded=False) or 1
+    workers = workers or default_workers(DEVICE, pre_decoded=False) or 1
     rows = [r for rs in plan_rows(src).values() for r in rs]
     loader = torch.utils.data.DataLoader(DecodeDataset(src, rows, pp), batch_sampler=batches(rows, batch),
                                          num_workers=workers, collate_fn=collate, prefetch_factor=4)
@@ -237,6 +246,33 @@ def compile_row(spec: str, options: dict, npz: Path) -> None:
         record(what="extract arrays, --compile", backbone=spec, error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
+def defaults_rows(npz: Path, jpegs: Path) -> None:
+    """What the GPU defaults are set from, on the first model: batch size and cuDNN autotuning of
+    the bare forward, batch size of an extraction from arrays, and decode workers (the default
+    against every usable CPU but one)."""
+    spec, options = MODELS[0]
+    base = default_batch_size(DEVICE)
+    for batch, autotune in [(base, False), (2 * base, True), (4 * base, True)]:
+        if out_of_time(f"{spec} bare forward bf16 batch {batch}"):
+            return
+        rate = bare_forward(spec, options, "bf16", batch, str(npz), cudnn_benchmark=autotune)
+        record(what="bare forward (defaults sweep)", backbone=spec, precision="bf16", batch=batch,
+               cudnn_benchmark=autotune, steady_img_s=rate)
+    if out_of_time(f"{spec} extract arrays batch {4 * base}"):
+        return
+    res = timed_extract(npz, spec, options, runs=1, precision="bf16", batch_size=4 * base)
+    record(what="extract arrays (defaults sweep)", backbone=spec, precision="bf16", batch=4 * base, **res)
+    cpus = len(os.sched_getaffinity(0))
+    default = default_workers(DEVICE, pre_decoded=False) or 1
+    if cpus - 1 > default and not out_of_time("decode alone, more workers"):
+        rate, workers = decode_alone(jpegs, base, workers=cpus - 1)
+        record(what="decode alone (defaults sweep)", workers=workers, steady_img_s=rate)
+        if not out_of_time(f"{spec} extract jpeg, {cpus - 1} workers"):
+            res = timed_extract(jpegs, spec, options, runs=1, precision="bf16", num_workers=cpus - 1)
+            record(what=f"extract jpeg, PIL workers={cpus - 1} (defaults sweep)", backbone=spec, precision="bf16",
+                   batch=base, **res)
+
+
 def write_markdown() -> None:
     lines = [f"# featcache extract on {_device_name()}", "",
              f"{N} images per extraction row, medians of {RUNS} runs, torch {torch.__version__}, "
@@ -249,6 +285,10 @@ def write_markdown() -> None:
             continue
         ceiling = f"{r['ceiling_img_s']} ({r['ceiling']})" if "ceiling_img_s" in r else ""
         prec = r.get("precision", "") + (" (TF32 on)" if r.get("tf32") else "")
+        if "batch" in r and "(defaults sweep)" in r["what"]:
+            prec += f", batch {r['batch']}" + ("" if r.get("cudnn_benchmark", True) else ", cuDNN autotuning off")
+        if "workers" in r:
+            prec += f"{r['workers']} workers" if not prec else f", {r['workers']} workers"
         lines.append(f"| {r['what']} | {r.get('backbone', '')} | {prec} | {r.get('steady_img_s', '')} | "
                      f"{r.get('end_to_end_img_s', '')} | {ceiling} | {r.get('steady_ratio', '')} | "
                      f"{r.get('end_to_end_ratio', '')} |")
@@ -270,7 +310,11 @@ def main() -> None:
         record(what="data", jpegs=N, npz_crops=sorted(set(crops.values())), seconds=time.perf_counter() - t)
         r_decode, workers = decode_alone(jpegs, default_batch_size(DEVICE))
         record(what="decode alone (PIL, worker processes)", workers=workers, steady_img_s=r_decode)
-        for spec, options in MODELS:
+        first = MODELS[0][0]
+        extraction_rows(first, MODELS[0][1], npz[first], jpegs, r_decode)
+        if SWEEP:
+            defaults_rows(npz[first], jpegs)
+        for spec, options in MODELS[1:]:
             extraction_rows(spec, options, npz[spec], jpegs, r_decode)
         compile_row(MODELS[0][0], MODELS[0][1], npz[MODELS[0][0]])
     finally:
