@@ -267,8 +267,7 @@ def _compute_batches(src, bb: Backbone, layers, config: ExtractConfig, device, o
                             channels_last=config.channels_last, order=order, compile=config.compile)
     pp = bb.preprocess
     pre_decoded = src.kind in ARRAY_KINDS
-    workers = config.num_workers if config.num_workers is not None else default_workers(device,
-                                                                                       pre_decoded=pre_decoded)
+    workers = config.num_workers if config.num_workers is not None else default_workers(device)
     decode_threads = main_process_decode_threads(device, workers, pre_decoded=pre_decoded)
     dataset = DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
                              encoded_jpegs=config.decode_on_device)

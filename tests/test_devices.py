@@ -162,9 +162,8 @@ def test_default_workers_use_affinity_divided_by_local_ranks(monkeypatch, cpus, 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     monkeypatch.setattr(os, "cpu_count", lambda: 256)  # the machine's count must not be used
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-    assert devmod.default_workers(torch.device("cuda", 0), pre_decoded=False) == expected
-    assert devmod.default_workers(torch.device("cuda", 0), pre_decoded=True) == 0
-    assert devmod.default_workers(torch.device("cpu"), pre_decoded=False) == 0
+    assert devmod.default_workers(torch.device("cuda", 0)) == expected  # files and arrays alike
+    assert devmod.default_workers(torch.device("cpu")) == 0
 
 
 # --- 4. post-processing on the device, one copy to the host per batch -------------------------
