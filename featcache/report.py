@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,7 +18,7 @@ from .errors import ConfigError
 from .files import write_text
 from .html_page import (Page, bar_cell, esc, facts, fmt, fmt_value, note, plot, render, seconds, section,
                         shots_label, table)
-from .leaderboard import leaderboard, score
+from .leaderboard import board_split, leaderboard
 
 logger = logging.getLogger(__name__)
 
@@ -286,11 +285,14 @@ def _class_order(run: dict, metrics: dict, splits: list[str]) -> list[str]:
 # --- bench page ------------------------------------------------------------------------------
 
 
-def _bench_split(records: list[dict]) -> str:
-    if any(score(r, "val") is not None for r in records):
-        return "val"
-    counts = Counter(s for r in records for s in (r.get("metrics") or {}) if score(r, s) is not None)
-    return counts.most_common(1)[0][0] if counts else "val"
+def _latest_per_cell(records: list[dict]) -> list[dict]:
+    """One record per grid cell, the latest (a re-run grid replaces its cells, as the bench runner reads them)."""
+    cells: dict = {}
+    for r in records:
+        key = json.dumps([r.get(k) for k in ("backbone", "layer", "source", "head", "shots", "seed")], default=str)
+        cells.pop(key, None)
+        cells[key] = r
+    return list(cells.values())
 
 
 def _join(values: Iterable) -> str:
@@ -302,12 +304,12 @@ def _join(values: Iterable) -> str:
 
 
 def _bench_page(src: Path, tmp: Path) -> Page:
-    records = _read_records(src / RECORDS)
+    records = _latest_per_cell(_read_records(src / RECORDS))
     title = f"Benchmark {src.resolve().name}"
     if not records:
         body = section("Leaderboard", note(f"{RECORDS} holds no records yet. Run 'featcache bench'."))
         return Page("featcache benchmark", title, "A linear-probe benchmark with no runs yet.", body)
-    split = _bench_split(records)
+    split, held_out = board_split(records)
     rows = leaderboard(records, split=split)
     shots = sorted({int(r.get("shots") or 0) for r in records}, key=lambda s: (s == 0, s))
     caches: dict = {}
@@ -323,20 +325,24 @@ def _bench_page(src: Path, tmp: Path) -> Page:
         ("heads", _join(r.get("head") for r in records)),
         ("shots per class", ", ".join(shots_label(s) for s in shots)),
         ("seeds", _join(sorted({r.get("seed") for r in records}, key=str))),
-        ("scored on", split),
+        ("scored on", split if held_out else f"{split} (the split the sweeps selected on: not held out)"),
         ("time", f"{seconds(sum(caches.values()))} extracting ({len(caches)} cache{'s' if len(caches) != 1 else ''}), {seconds(fit_s)} fitting"),
         ("featcache", _join(r.get("featcache_version") for r in records)),
     ])
     lrows = [[esc(i), esc(r["backbone"]), esc(r["layer"]), esc(r["source"]), esc(r["head"]), esc(shots_label(r["shots"])),
               bar_cell(r["top1_mean"]), esc(fmt(r["top1_std"])), esc(r["runs"])] for i, r in enumerate(rows, 1)]
     html_table = table([("#", "num"), ("backbone", "wrap"), ("layer", "wrap"), ("source", "wrap"), ("head", "text"),
-                    ("shots", "num"), (f"top-1 {split} (mean)", "num"), ("std", "num"), ("runs", "num")],
+                    ("shots", "num"), (f"top-1 on {split} (mean)", "num"), ("std", "num"), ("runs", "num")],
                    lrows, table_id="leaderboard", row_classes=["top"] + [""] * (len(rows) - 1),
                    scroll=len(rows) > 20)
     parts = [
         section("Benchmark", run_facts, sid="facts"),
         section("Leaderboard", f"<p>Mean and standard deviation over seeds of top-1 accuracy on {esc(split)}, "
-                                f"per backbone, layer, source, head and shots; best first.</p>", html_table,
+                                f"per backbone, layer, source, head and shots; best first.</p>"
+                                + ("" if held_out else note(f"No test split: {split} is the split each sweep selected "
+                                                            f"its value on, so these scores are optimistic, not held "
+                                                            f"out. Add a test split to rank on held-out data.")),
+                 html_table,
                  sid="leaderboard-section"),
         section("Accuracy vs shots",
                  plot(lambda p: plots.shots_curve(records, p, split=split), tmp, "shots.png", "accuracy vs shots",

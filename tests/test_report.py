@@ -214,7 +214,8 @@ def test_leaderboard_groups_over_seeds_best_first(tmp_path):
     recs = make_records()
     rows = leaderboard(recs)
     assert len(rows) == 2 * 2 * 3 and all(r["runs"] == 2 for r in rows)
-    assert list(rows[0]) == ["backbone", "layer", "source", "head", "shots", "top1_mean", "top1_std", "runs"]
+    assert list(rows[0]) == ["backbone", "layer", "source", "head", "shots", "split", "held_out", "top1_mean", "top1_std",
+                             "runs"]
     means = [r["top1_mean"] for r in rows]
     assert means == sorted(means, reverse=True)
     cell = [r["metrics"]["val"]["top1"] for r in recs

@@ -22,9 +22,11 @@ def demo(out_dir, cache_dir, quiet) -> None:
     from ..demo import run_demo
 
     def progress(i, total, rec, elapsed):
-        m = rec["metrics"]["val"]
-        click.echo(f"[{i}/{total}] {rec['head']}: best {rec['best']['param']}={rec['best']['value']:g}, val top-1 "
-                   f"{m['top1']:.4f}, fitted in {rec['fit_seconds']:.1f} s")
+        from ..leaderboard import board_split
+
+        split, _ = board_split([rec])
+        click.echo(f"[{i}/{total}] {rec['head']}: best {rec['best']['param']}={rec['best']['value']:g}, {split} top-1 "
+                   f"{rec['metrics'][split]['top1']:.4f}, fitted in {rec['fit_seconds']:.1f} s")
 
     bar = Progress("extract digits", quiet)
     try:
@@ -67,7 +69,7 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
     from dataclasses import replace
 
     from ..bench import BenchConfig, run_bench
-    from ..leaderboard import leaderboard
+    from ..leaderboard import board_split, leaderboard
 
     cfg = BenchConfig.from_toml(config_file) if config_file else BenchConfig()
     grid = {"backbones": csv_values(backbones), "sources": csv_values(sources), "layers": csv_values(layers), "heads": csv_values(heads),
@@ -85,9 +87,11 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
         if quiet:
             return
         eta = elapsed / len(fitted) * (total - i)  # cells skipped by --skip-existing took no time
-        top1 = next(iter(rec["metrics"].values()), {}).get("top1")
+        split, _ = board_split([rec])
+        top1 = (rec["metrics"].get(split) or {}).get("top1")
         click.echo(f"[{i}/{total}] {rec['backbone']} {rec['layer']} {rec['source']} {rec['head']} "
-                   f"shots={rec['shots'] or 'all'} seed={rec['seed']}: top-1 {top1 if top1 is None else f'{top1:.4f}'}"
+                   f"shots={rec['shots'] or 'all'} seed={rec['seed']}: top-1 on {split} "
+                   f"{top1 if top1 is None else f'{top1:.4f}'}"
                    f"  elapsed {elapsed:.0f} s, ETA {eta:.0f} s", err=True)
 
     bar = Progress("extract", quiet)
