@@ -151,7 +151,7 @@ def _stored_records(out: Path) -> list[dict]:
     return list(cells.values())
 
 
-def _resolved(rec: dict, out: Path) -> dict:
+def resolve_paths(rec: dict, out: Path) -> dict:
     """A record with its ``run`` and ``cache`` paths, stored relative to the bench folder, joined
     to where the folder is now (an absolute path, as older records hold, stays as it is)."""
     rec = dict(rec)
@@ -172,7 +172,7 @@ def read_records(out_dir: str | os.PathLike) -> list[dict]:
     """Records of a benchmark folder, one per grid cell (the latest fit of a cell replaces earlier
     ones), with ``run`` and ``cache`` paths joined to ``out_dir``: a moved folder still finds its runs."""
     out = Path(out_dir)
-    return [_resolved(r, out) for r in _stored_records(out)]
+    return [resolve_paths(r, out) for r in _stored_records(out)]
 
 
 ProgressFn = Callable[[int, int, dict, float], None]
@@ -276,11 +276,11 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
         _drop_replaced_run(out, replaced.pop(key, None))
         done.add(key)
         if progress:
-            progress(i, total, _resolved(rec, out), time.perf_counter() - t0)
+            progress(i, total, resolve_paths(rec, out), time.perf_counter() - t0)
     stored = _stored_records(out)
     # One line per cell: the lines of replaced fits go (the latest fit of a cell is the one kept).
     write_text(out / RECORDS, "".join(dumps(r) + "\n" for r in stored))
-    records = [_resolved(r, out) for r in stored]
+    records = [resolve_paths(r, out) for r in stored]
     write_outputs(records, out)
     return records
 
@@ -296,7 +296,8 @@ def _drop_replaced_run(out: Path, run: str | None) -> None:
 
 
 def write_outputs(records: list[dict], out: Path) -> dict[str, Path]:
-    """Leaderboard (Markdown, CSV) and PNG plots of a benchmark folder."""
+    """Leaderboard (Markdown, CSV) and PNG plots of a benchmark folder (``leaderboard.png``: top-1 with
+    its 95% intervals; ``shots.png``, ``layers.png``, ``time.png``)."""
     from . import plots
     from .leaderboard import board_split, leaderboard, leaderboard_csv, leaderboard_markdown
 
@@ -306,7 +307,9 @@ def write_outputs(records: list[dict], out: Path) -> dict[str, Path]:
     leaderboard_csv(rows, out / "leaderboard.csv")
     paths = {"leaderboard.md": out / "leaderboard.md", "leaderboard.csv": out / "leaderboard.csv"}
     if records:
-        paths["shots.png"] = plots.shots_curve(records, out / "shots.png", split=split)
-        paths["layers.png"] = plots.accuracy_by_layer(records, out / "layers.png", split=split)
+        if any(r["top1_mean"] is not None for r in rows):
+            paths["leaderboard.png"] = plots.leaderboard_intervals(rows, out / "leaderboard.png")
+        paths["shots.png"] = plots.shots_curve(records, out / "shots.png", split=split, rows=rows)
+        paths["layers.png"] = plots.accuracy_by_layer(records, out / "layers.png", split=split, rows=rows)
         paths["time.png"] = plots.time_breakdown(records, out / "time.png")
     return paths

@@ -112,6 +112,36 @@ def _log_losses(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return -np.log(clipped[np.arange(len(y)), y])
 
 
+def _confusion_intervals(y: np.ndarray, preds: np.ndarray, K: int, resamples: int, level: float,
+                         rng: np.random.Generator) -> dict[str, list]:
+    n = len(y)
+    support = np.bincount(y, minlength=K)
+    present = support > 0
+    tp, predicted = _confusion_draws(y, preds, K, resamples, rng)
+    top1 = tp.sum(axis=2) / n
+    balanced = (tp[:, :, present] / support[present]).mean(axis=2)
+    denom = 2 * tp + (predicted - tp) + (support - tp)  # 2 TP + FP + FN
+    f1 = np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
+    labels = present | (predicted > 0)  # scikit-learn's macro F1: labels in y_true or the predictions
+    macro_f1 = (f1 * labels).sum(axis=2) / labels.sum(axis=2)
+    return {"top1_ci": _percentile(top1.mean(axis=0), level),
+            "balanced_accuracy_ci": _percentile(balanced.mean(axis=0), level),
+            "macro_f1_ci": _percentile(macro_f1.mean(axis=0), level)}
+
+
+def prediction_intervals(y_idx: np.ndarray, preds: np.ndarray, *, resamples: int = RESAMPLES, level: float = LEVEL,
+                         seed: int = 0) -> dict[str, list]:
+    """The intervals of top-1, balanced accuracy and macro F1 from predicted classes alone.
+
+    ``preds`` is of shape (n_samples,) or (n_sets, n_samples) (seeds: the interval of their mean).
+    Equal to those of :func:`bootstrap_intervals` for the same predictions and seed.
+    """
+    y = np.asarray(y_idx, dtype=np.int64).reshape(-1)
+    preds = np.atleast_2d(np.asarray(preds, dtype=np.int64))
+    K = int(max(y.max(), preds.max())) + 1
+    return _confusion_intervals(y, preds, K, resamples, level, np.random.default_rng(seed))
+
+
 def bootstrap_intervals(y_idx: np.ndarray, probas: np.ndarray | Sequence[np.ndarray], *,
                         resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> dict[str, list | None]:
     """Stratified bootstrap intervals of top-1, balanced accuracy, macro F1, ROC-AUC and log loss.
@@ -137,19 +167,7 @@ def bootstrap_intervals(y_idx: np.ndarray, probas: np.ndarray | Sequence[np.ndar
     sets = [np.asarray(p, dtype=np.float64) for p in (probas if isinstance(probas, (list, tuple)) else [probas])]
     K, n = sets[0].shape[1], len(y)
     rng = np.random.default_rng(seed)
-    support = np.bincount(y, minlength=K)
-    present = support > 0
-    preds = np.stack([p.argmax(axis=1) for p in sets])
-    tp, predicted = _confusion_draws(y, preds, K, resamples, rng)
-    top1 = tp.sum(axis=2) / n
-    balanced = (tp[:, :, present] / support[present]).mean(axis=2)
-    denom = 2 * tp + (predicted - tp) + (support - tp)  # 2 TP + FP + FN
-    f1 = np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
-    labels = present | (predicted > 0)  # scikit-learn's macro F1: labels in y_true or the predictions
-    macro_f1 = (f1 * labels).sum(axis=2) / labels.sum(axis=2)
-    out = {"top1_ci": _percentile(top1.mean(axis=0), level),
-           "balanced_accuracy_ci": _percentile(balanced.mean(axis=0), level),
-           "macro_f1_ci": _percentile(macro_f1.mean(axis=0), level)}
+    out = _confusion_intervals(y, np.stack([p.argmax(axis=1) for p in sets]), K, resamples, level, rng)
     loss = np.mean([_log_losses(y, p) for p in sets], axis=0) / n
     auc = [_auc_placements(y, p) for p in sets]
     values = loss.astype(np.complex128)
@@ -241,4 +259,4 @@ def detectable_difference_line(n: int, top1: float | None, split: str) -> str:
 
 
 __all__ = ["CI_METRICS", "LEVEL", "RESAMPLES", "bootstrap_intervals", "detectable_difference",
-           "detectable_difference_line", "mcnemar_exact", "paired_difference"]
+           "detectable_difference_line", "mcnemar_exact", "paired_difference", "prediction_intervals"]

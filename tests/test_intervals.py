@@ -152,3 +152,75 @@ def test_few_shot_keeps_mean_and_sd_and_adds_the_pooled_interval(cache3, tmp_pat
     r = CliRunner().invoke(main, ["fit-head", cache3, "--head", "ncm", "--shots", "2", "--seeds", "3",
                                   "-o", str(tmp_path / "run2")])
     assert f"2-shot over 3 seed(s), test top-1: {top1['mean']:.4f} +- {top1['std']:.4f} (pooled 95% CI " in r.output
+
+
+def _bench_records(accuracies, n=150, seeds=1, digest="rows-1"):
+    """Records of one cell per accuracy (and its saved predictions): each row right with that accuracy."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], n // 3)
+    records, saved = [], {}
+    base = rng.random(n)
+    for i, acc in enumerate(accuracies):
+        for seed in range(seeds):
+            right = base < acc  # nested: a better cell is right wherever a worse one is
+            pred = np.where(right, y, (y + 1) % 3)
+            run = f"runs/{i}-{seed}"
+            saved[run] = {"test": {"y": y, "pred": pred, "digest": digest}}
+            records.append({"backbone": f"b{i}", "layer": "pre_logits", "source": "s", "head": "logreg", "shots": 0,
+                            "seed": seed, "run": run, "best": {"scored_on": "val"},
+                            "metrics": {"test": {"n": n, "top1": float(right.mean())}, "val": {"n": 30, "top1": 1.0}}})
+    return records, lambda rec: saved[rec["run"]]
+
+
+def test_the_leaderboard_pairs_every_row_with_the_best_and_marks_ties(tmp_path):
+    import csv
+
+    from featcache.leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
+
+    records, saved = _bench_records([0.90, 0.87, 0.60])
+    rows = leaderboard(records, predictions=saved)
+    assert [r["backbone"] for r in rows] == ["b0", "b1", "b2"] and rows[0]["split"] == "test"
+    assert rows[0]["tied_with_best"] is None and rows[1]["tied_with_best"] is True and rows[2]["tied_with_best"] is False
+    assert rows[1]["p_vs_best"] > 0.05 > rows[2]["p_vs_best"] and rows[1]["diff_vs_best"] < 0
+    for r in rows:
+        assert r["top1_ci"][0] <= r["top1_mean"] <= r["top1_ci"][1]
+    md = leaderboard_markdown(rows)
+    lines = md.splitlines()
+    assert "| 95% CI |" in lines[0] and lines[0].endswith("| vs #1 |")
+    assert "| #1 |" in lines[2] and "| tied with #1 (" in lines[3] and "tied" not in lines[4]
+    assert "with 150 test images, differences under 4.0 points are not resolved" in md
+    back = list(csv.DictReader(open(leaderboard_csv(rows, tmp_path / "lb.csv"))))
+    assert [b["tied_with_best"] for b in back] == ["", "True", "False"]
+    assert float(back[1]["top1_ci_low"]) == pytest.approx(rows[1]["top1_ci"][0])
+    # Seeds: the pooled interval and a paired bootstrap; rows on other rows are not compared.
+    records, saved = _bench_records([0.90, 0.60], seeds=2)
+    rows = leaderboard(records, predictions=saved)
+    assert rows[1]["runs"] == 2 and rows[1]["p_vs_best"] is None and rows[1]["tied_with_best"] is False
+    other, saved_other = _bench_records([0.5], digest="rows-2")
+    other[0]["backbone"] = "elsewhere"
+    both = {**{r["run"]: saved(r) for r in records}, "runs/x": saved_other(other[0])}
+    other[0]["run"] = "runs/x"
+    rows = leaderboard(records + other, predictions=lambda rec: both[rec["run"]])
+    assert rows[-1]["backbone"] == "elsewhere" and rows[-1]["tied_with_best"] is None
+
+
+def test_bench_writes_intervals_ties_and_the_detectable_difference(tmp_path):
+    from conftest import make_image_folder
+    from featcache.bench import BenchConfig, run_bench
+    from featcache.cli import main
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=6, splits=("train", "val", "test"))
+    args = ["bench", "--backbones", "resnet18.none", "--sources", str(folder), "--heads", "ncm,knn", "--input-size",
+            "32", "--workers", "0", "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "out")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "with 12 test images, differences under 50.0 points are not resolved" in r.output
+    md = (tmp_path / "out" / "leaderboard.md").read_text().splitlines()
+    assert "| #1 |" in md[2] and ("tied with #1" in md[3] or "points, p " in md[3])
+    assert (tmp_path / "out" / "leaderboard.png").is_file()
+    r = CliRunner().invoke(main, [*args, "--json", "--skip-existing"])
+    rows = json.loads(r.stdout)["leaderboard"]
+    assert rows[0]["top1_ci"] and rows[1]["tied_with_best"] is not None
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "out"), "-o", str(tmp_path / "b.html")])
+    html = (tmp_path / "b.html").read_text()
+    assert r.exit_code == 0 and "95% CI" in html and "vs #1" in html and "leaderboard intervals" in html

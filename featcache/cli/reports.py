@@ -106,7 +106,7 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
         return
     click.echo((Path(out_dir) / "leaderboard.md").read_text())
     click.echo(f"{len(records)} runs in {out_dir}/ ({len(fitted)} new, {time.perf_counter() - start:.0f} s): "
-               f"records.jsonl, leaderboard.md/.csv, shots.png, layers.png, time.png")
+               f"records.jsonl, leaderboard.md/.csv/.png, shots.png, layers.png, time.png")
 
 
 @click.command(name="probe-layers")
