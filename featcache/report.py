@@ -420,6 +420,10 @@ def _recommendation_html(rec: dict) -> str:
         details.append(d)
     if isinstance(rec.get("tolerance"), (int, float)):
         details.append(f"tolerance {rec['tolerance'] * 100:.1f} points")
+    nxt = rec.get("vs_next")
+    if isinstance(nxt, dict):
+        details.append(f"{'distinguishably' if nxt.get('distinguishable') else 'not distinguishably'} better than the "
+                       f"next layer, {nxt.get('layer')} (McNemar p {nxt.get('p_value') or 1.0:.2f})")
     return ('<div class="callout" id="recommendation">'
             f'<p class="big">{esc(headline)}</p>'
             f"<p>Strategy: <strong>{esc(strategy)}</strong>. {esc('; '.join(details))}.</p>"
@@ -448,7 +452,9 @@ def _layers_page(src: Path, tmp: Path) -> Page:
         best = r.get("best") if isinstance(r.get("best"), dict) else {}
         cells = [esc(name) + tags]
         for k, _ in cols:
-            cells.append(bar_cell(r.get(k)) if k == "top1" else esc(fmt(r.get(k))))
+            ci = format_interval(r.get("top1_ci")) if k == "top1" else ""
+            cells.append((bar_cell(r.get(k)) + (f'<br><span class="ci">{esc(ci)}</span>' if ci else "")) if k == "top1"
+                         else esc(fmt(r.get(k))))
         cells.append(esc(f"{best['param']} = {fmt_value(best.get('value'))}") if best.get("param") else "–")
         cells.append(esc(seconds(r.get("fit_seconds"))))
         rows.append(cells)
@@ -464,7 +470,8 @@ def _layers_page(src: Path, tmp: Path) -> Page:
                  plot(lambda p: plots.layer_curve(layers, p, recommendation=rec,
                                                    title=f"{backbone} on {source}: {head} head per layer"),
                        tmp, "layers.png", "accuracy by depth",
-                       "The dashed line is the freeze boundary; shaded layers are the ones to fine-tune.")
+                       "The dashed line is the freeze boundary; shaded layers are the ones to fine-tune; bars are "
+                       "95% intervals.")
                  if layers else note("No layers were probed.")),
         section("Layers", html_table, sid="layers-section"),
         section("Probe", run_facts, sid="facts"),

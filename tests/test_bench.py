@@ -128,6 +128,8 @@ def test_probe_layers_taps_every_stage_in_one_pass(tmp_path):
     assert [r["dim"] for r in res.layers] == [64, 128, 256, 512, 512]
     doc = json.loads((tmp_path / "layers" / "layers.json").read_text())
     assert doc["recommendation"]["freeze_until"] in [r["name"] for r in res.layers]
+    assert all(r["top1_ci"][0] <= r["top1"] <= r["top1_ci"][1] for r in doc["layers"])
+    assert "vs_next" in doc["recommendation"]
     assert (tmp_path / "layers" / "layers.png").is_file()
     r = CliRunner().invoke(main, ["probe-layers", "resnet18.none", str(folder), "-o", str(tmp_path / "l2"),
                                   "--head", "ncm", "--input-size", "32", "--workers", "0",
@@ -359,3 +361,22 @@ def test_the_progress_total_is_known_before_the_first_fit_and_never_changes(tmp_
     calls = []
     run_bench(grid, tmp_path / "out", progress=lambda i, n, rec, t: calls.append((i, n)))
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_recommend_says_when_the_next_layer_is_not_distinguishably_worse():
+    import numpy as np
+
+    curve = _curve(0.60, 0.88, 0.80, 0.78)
+    y = np.repeat([0, 1], 25)
+    base = np.random.default_rng(0).random(50)
+    rows = {r["name"]: (y, np.where(base < r["top1"], y, 1 - y)) for r in curve}
+    rec = recommend(curve, rows=rows)
+    assert rec["freeze_until"] == "stage2" and rec["vs_next"]["layer"] == "stage3"
+    assert rec["vs_next"]["distinguishable"] is False
+    assert "On these 50 images, stage2 is not distinguishably better than the next layer, stage3" in rec["reason"]
+    y = np.repeat([0, 1], 500)
+    base = np.random.default_rng(0).random(1000)
+    rows = {r["name"]: (y, np.where(base < r["top1"], y, 1 - y)) for r in curve}
+    rec = recommend(curve, rows=rows)
+    assert rec["vs_next"]["distinguishable"] is True and "not distinguishably" not in rec["reason"]
+    assert recommend(_curve(0.60, 0.75, 0.85, 0.93), rows=rows)["vs_next"] is None  # the last layer: no next

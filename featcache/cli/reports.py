@@ -129,10 +129,13 @@ def probe_layers(backbone, source, out_dir, head, as_json, **kw):
     if as_json:
         echo_json({"layers": res.layers, "recommendation": res.recommendation, "out_dir": res.out_dir})
         return
-    click.echo(f"{'layer':<16} {'dim':>6} {'top-1':>7} {'bal.acc':>8}")
+    from ..metrics import format_interval
+
+    click.echo(f"{'layer':<16} {'dim':>6} {'top-1':>7} {'95% CI':>11} {'bal.acc':>8}")
     for r in res.layers:
         mark = "  <- freeze until here" if r["name"] == res.recommendation["freeze_until"] else ""
-        click.echo(f"{r['name']:<16} {r['dim']:>6} {r['top1']:>7.4f} {r['balanced_accuracy']:>8.4f}{mark}")
+        click.echo(f"{r['name']:<16} {r['dim']:>6} {r['top1']:>7.4f} {format_interval(r.get('top1_ci')):>11} "
+                   f"{r['balanced_accuracy']:>8.4f}{mark}")
     click.echo("")
     click.echo(res.recommendation["reason"])
     click.echo(f"\nwrote {res.out_dir}/layers.json and {res.plot}")
