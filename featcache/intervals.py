@@ -3,7 +3,8 @@ comparisons of two heads scored on the same rows, and the smallest difference a 
 
 The bootstrap resamples the evaluation rows within each true class (stratified: every resample
 keeps the class counts of the split), ``RESAMPLES`` times from a seeded generator, and reports the
-2.5 and 97.5 percentiles. It is vectorised, with no Python loop per resample:
+2.5 and 97.5 percentiles, widened about the score by sqrt(n / (n - classes)) for the variance a
+resample of few rows per class lacks. It is vectorised, with no Python loop per resample:
 
 - top-1, balanced accuracy and macro F1 depend on the rows only through the confusion matrix, so a
   resample of class c's rows is a multinomial draw of its row of the matrix (exact, and as cheap for
@@ -33,9 +34,20 @@ _BLOCK = 1 << 22
 ALPHA = 0.05
 
 
-def _percentile(stats: np.ndarray, level: float) -> list[float]:
+def _percentile(stats: np.ndarray, level: float, point: float, scale: float,
+                bounds: tuple[float, float] = (0.0, 1.0)) -> list[float]:
+    """The percentile interval, widened about ``point`` by ``scale`` (see :func:`_scale`), within ``bounds``."""
     lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return [float(lo), float(hi)]
+    lo, hi = point - scale * (point - lo), point + scale * (hi - point)
+    return [float(max(lo, bounds[0])), float(min(hi, bounds[1]))]
+
+
+def _scale(y: np.ndarray) -> float:
+    """A resample of a class's n_c rows varies (n_c - 1) / n_c as much as a new sample would: the
+    intervals are widened by sqrt(n / (n - classes)) (Rao and Wu's rescaling; 5% at 50 rows in 5
+    classes, nothing to speak of at thousands)."""
+    strata = len(np.unique(y))
+    return math.sqrt(len(y) / (len(y) - strata)) if len(y) > strata else 1.0
 
 
 def _strata(y: np.ndarray) -> list[np.ndarray]:
@@ -112,21 +124,29 @@ def _log_losses(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return -np.log(clipped[np.arange(len(y)), y])
 
 
-def _confusion_intervals(y: np.ndarray, preds: np.ndarray, K: int, resamples: int, level: float,
-                         rng: np.random.Generator) -> dict[str, list]:
-    n = len(y)
-    support = np.bincount(y, minlength=K)
+def _confusion_scores(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> dict[str, np.ndarray]:
+    """Top-1, balanced accuracy and macro F1 from per-class counts of shape (n_sets, n_draws, K), averaged
+    over the sets: arrays of shape (n_draws,)."""
     present = support > 0
-    tp, predicted = _confusion_draws(y, preds, K, resamples, rng)
-    top1 = tp.sum(axis=2) / n
+    top1 = tp.sum(axis=2) / support.sum()
     balanced = (tp[:, :, present] / support[present]).mean(axis=2)
     denom = 2 * tp + (predicted - tp) + (support - tp)  # 2 TP + FP + FN
     f1 = np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
     labels = present | (predicted > 0)  # scikit-learn's macro F1: labels in y_true or the predictions
     macro_f1 = (f1 * labels).sum(axis=2) / labels.sum(axis=2)
-    return {"top1_ci": _percentile(top1.mean(axis=0), level),
-            "balanced_accuracy_ci": _percentile(balanced.mean(axis=0), level),
-            "macro_f1_ci": _percentile(macro_f1.mean(axis=0), level)}
+    return {"top1": top1.mean(axis=0), "balanced_accuracy": balanced.mean(axis=0), "macro_f1": macro_f1.mean(axis=0)}
+
+
+def _confusion_intervals(y: np.ndarray, preds: np.ndarray, K: int, resamples: int, level: float,
+                         rng: np.random.Generator) -> dict[str, list]:
+    support = np.bincount(y, minlength=K)
+    draws = _confusion_scores(*_confusion_draws(y, preds, K, resamples, rng), support)
+    hit = preds == y
+    tp = np.stack([np.bincount(y[h], minlength=K) for h in hit])[:, None]
+    predicted = np.stack([np.bincount(p, minlength=K) for p in preds])[:, None]
+    point = _confusion_scores(tp, predicted, support)
+    scale = _scale(y)
+    return {f"{m}_ci": _percentile(draws[m], level, float(point[m][0]), scale) for m in draws}
 
 
 def prediction_intervals(y_idx: np.ndarray, preds: np.ndarray, *, resamples: int = RESAMPLES, level: float = LEVEL,
@@ -174,9 +194,13 @@ def bootstrap_intervals(y_idx: np.ndarray, probas: np.ndarray | Sequence[np.ndar
     if auc[0] is not None:
         values = values + 1j * np.mean([a for a, _ in auc], axis=0)
     sums = _resampled_sums(y, values, resamples, rng)
-    out["roc_auc_ci"] = (None if auc[0] is None
-                         else _percentile(sums.imag - np.mean([v for _, v in auc]), level))
-    out["log_loss_ci"] = _percentile(sums.real, level)
+    scale = _scale(y)
+    if auc[0] is None:
+        out["roc_auc_ci"] = None
+    else:
+        point = float(np.mean([v for _, v in auc]))
+        out["roc_auc_ci"] = _percentile(sums.imag - point, level, point, scale)
+    out["log_loss_ci"] = _percentile(sums.real, level, float(loss.sum()), scale, (0.0, math.inf))
     return out
 
 
@@ -203,7 +227,8 @@ def paired_difference(y_idx: np.ndarray, correct_a: np.ndarray, correct_b: np.nd
     y = np.asarray(y_idx).reshape(-1)
     d = (a.mean(axis=0) - b.mean(axis=0)) / len(y)
     sums = _resampled_sums(y, d.astype(np.complex128), resamples, np.random.default_rng(seed)).real
-    out = {"diff": float(d.sum()), "diff_ci": _percentile(sums, level), "p_value": None,
+    out = {"diff": float(d.sum()), "diff_ci": _percentile(sums, level, float(d.sum()), _scale(y), (-1.0, 1.0)),
+           "p_value": None,
            "test": "paired-bootstrap"}
     if len(a) == 1 and len(b) == 1:
         out["p_value"] = mcnemar_exact(int(((a[0] == 1) & (b[0] == 0)).sum()), int(((a[0] == 0) & (b[0] == 1)).sum()))
