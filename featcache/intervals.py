@@ -11,7 +11,9 @@ resample of few rows per class lacks. It is vectorised, with no Python loop per 
   100,000 rows as for 100);
 - log loss is a mean over rows, and ROC-AUC is resampled through its DeLong placement values (the
   first-order expansion of the AUC in the rows, which makes it a mean over rows too): both are
-  sums of resampled rows, drawn as row indices per class, a block of resamples at a time.
+  sums of resampled rows, drawn as row indices per class, a block of resamples at a time (or, when
+  a class's rows take few distinct values, as a paired difference of right and wrong does, as a
+  multinomial draw of those values' counts: the same distribution).
 
 Several prediction sets over the same rows (the seeds of a few-shot run) share each resample, and
 the interval is that of their mean (the "pooled" interval).
@@ -60,6 +62,10 @@ def _resampled_sums(y: np.ndarray, values: np.ndarray, resamples: int, rng: np.r
     out = np.zeros(resamples, dtype=values.dtype)
     for rows in _strata(y):
         v = values[rows]
+        distinct, counts = np.unique(v, return_counts=True)
+        if 4 * len(distinct) < len(rows):  # few values (a paired difference of right/wrong): draw their counts
+            out += rng.multinomial(len(rows), counts / len(rows), size=resamples) @ distinct
+            continue
         block = max(1, _BLOCK // len(rows))
         for start in range(0, resamples, block):
             b = min(block, resamples - start)
