@@ -224,3 +224,19 @@ def test_bench_writes_intervals_ties_and_the_detectable_difference(tmp_path):
     r = CliRunner().invoke(main, ["report", str(tmp_path / "out"), "-o", str(tmp_path / "b.html")])
     html = (tmp_path / "b.html").read_text()
     assert r.exit_code == 0 and "95% CI" in html and "vs #1" in html and "leaderboard intervals" in html
+
+
+def test_evaluate_and_the_run_report_show_intervals_and_class_counts(cache3, tmp_path):
+    from featcache.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["fit-head", cache3, "--head", "ncm", "-o", str(tmp_path / "run")]).exit_code == 0
+    r = runner.invoke(main, ["evaluate", str(tmp_path / "run"), cache3])
+    assert r.exit_code == 0 and r.output.count("  95% CI") == 3  # train, val, test of the other cache
+    r = runner.invoke(main, ["evaluate", str(tmp_path / "run"), cache3, "--json"])
+    assert all(len(m["top1_ci"]) == 2 for m in json.loads(r.output)["metrics"].values())
+    r = runner.invoke(main, ["report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html")])
+    html = (tmp_path / "r.html").read_text()
+    assert r.exit_code == 0 and "its 95% interval" in html and '<span class="ci">' in html
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["test"]
+    assert f'({test["per_class_correct"]["a"]}/6)' in html

@@ -62,7 +62,9 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in -o (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds", "warnings"}.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"run", "head", "best", "metrics" (each score with its 95% interval, e.g. top1_ci), '
+                   '"seconds", "warnings"}.')
 @fail_cleanly
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
              extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
