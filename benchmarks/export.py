@@ -118,6 +118,34 @@ def index_recall(n: int = 1_000_000, dim: int = 768, queries: int = 1000) -> lis
                 recall >= 0.95, f"build {t_build:.0f} s, {qps:.0f} queries/s, {size / 1e6:.0f} MB")]
 
 
+def knn_crossover(sizes=(20_000, 100_000, 400_000, 1_000_000), dim: int = 768, queries: int = 1000) -> list[Row]:
+    """The knn head's search on the CPU, torch blocks against the FAISS index, by training rows:
+    where the ratio passes 1 is where ``KNN_INDEX_ROWS`` belongs (also for memory: the torch path
+    holds a batch_size x n_train block)."""
+    import featcache.heads.neighbors as neighbors
+    from featcache.heads import make_head
+
+    rows, default = [], neighbors.KNN_INDEX_ROWS
+    rng = np.random.default_rng(3)
+    for n in sizes:
+        X = rng.normal(0, 1, (n, dim)).astype(np.float32)
+        y = rng.integers(0, 10, n)
+        q = rng.normal(0, 1, (queries, dim)).astype(np.float32)
+        times = {}
+        for name, limit in (("torch", 1 << 62), ("faiss", 0)):
+            neighbors.KNN_INDEX_ROWS = limit
+            head = make_head("knn", k=20, device="cpu").fit(X, y)
+            t = time.perf_counter()
+            head.predict_proba(q)  # the first call builds the index: counted
+            times[name] = time.perf_counter() - t
+        ratio = times["torch"] / times["faiss"]
+        rows.append(Row(f"knn head, {n}x{dim} train rows, {queries} queries: torch / faiss seconds", ratio,
+                        f">= 1 where n >= KNN_INDEX_ROWS ({default})", (ratio >= 1) == (n >= default),
+                        f"torch {times['torch']:.2f} s, faiss {times['faiss']:.2f} s"))
+    neighbors.KNN_INDEX_ROWS = default
+    return rows
+
+
 def leaks_speed(n: int = 100_000, dim: int = 1280) -> list[Row]:
     from featcache.retrieval import find_leaks
 
@@ -187,10 +215,11 @@ def threshold_measurement(backbone: str = "efficientnet_lite0") -> list[Row]:
         (r["id"], q["id"]) for g in rep.exact for r in g["rows"] for q in g["rows"]}
     missed = [k for k, v in truth.items() if (k, v) not in found]
     lows = {k: min(v) for k, v in by_kind.items() if v}
-    detail = ", ".join(f"{k} min {v:.3f}" for k, v in lows.items()) + f"; most similar distinct train pair {distinct:.3f}"
+    detail = (", ".join(f"{k} min {v:.3f}" for k, v in lows.items())
+              + f"; most similar distinct train pair {distinct:.3f}")
     return [Row(f"{backbone}: injected copies found by leaks at threshold {DEFAULT_THRESHOLD}",
                 1 - len(missed) / len(truth), "1.00 (all found)", not missed, detail + f"; missed {missed[:5]}")]
 
 
 def run() -> list[Row]:
-    return threshold_measurement() + leaks_speed() + export_speed() + index_recall()
+    return threshold_measurement() + leaks_speed() + export_speed() + index_recall() + knn_crossover()

@@ -242,6 +242,16 @@ def test_search_finds_itself_and_reencoded_copies(patterns, pattern_cache, tmp_p
     assert [r["neighbors"][0]["id"] for r in by_id] == list(copies.values())
 
 
+def test_search_takes_a_source_spec(patterns, pattern_cache, tmp_path):
+    root, _ = patterns
+    (tmp_path / "q.csv").write_text(f"path,label\n{root}/test/a/a0.jpg,a\n{root}/test/b/b0.jpg,b\n")
+    build_index(pattern_cache, tmp_path / "ix", split="test")
+    res = search(tmp_path / "ix", tmp_path / "q.csv", k=1, device="cpu")
+    assert [(r["query"], r["neighbors"][0]["id"]) for r in res] == [
+        (f"{root}/test/a/a0.jpg", "test/a/a0.jpg"), (f"{root}/test/b/b0.jpg", "test/b/b0.jpg")]
+    assert res[0]["neighbors"][0]["score"] >= 0.999
+
+
 def test_search_refuses_other_preprocessing(patterns, pattern_cache, tmp_path):
     build_index(pattern_cache, tmp_path / "ix")
     meta = json.loads((tmp_path / "ix" / "index.json").read_text())
@@ -256,7 +266,7 @@ def test_search_refuses_other_preprocessing(patterns, pattern_cache, tmp_path):
 
 def test_approximate_index_and_l2(pattern_cache, tmp_path):
     meta = build_index(pattern_cache, tmp_path / "ix", split="all", exact_max_rows=0)
-    assert meta["index_factory"] == "IVF1_HNSW32,SQ8" and meta["n"] == 22 and meta["search_params"] == "nprobe=1,efSearch=128"
+    assert (meta["index_factory"], meta["n"], meta["search_params"]) == ("IVF1_HNSW32,SQ8", 22, "nprobe=1,efSearch=128")
     ix = load_index(tmp_path / "ix")
     x = open_cache(pattern_cache).load("test")[0]
     _, pos = ix.search(x, 1)
@@ -341,3 +351,69 @@ def test_fit_head_warns_about_leaks(pattern_cache, tmp_path, caplog):
     assert m["metrics"]["val"]["near_duplicates_in_train"] == 3
     assert m["metrics"]["test"]["near_duplicates_in_train"] == 0
     assert line in m["warnings"]
+
+
+# --- the knn head on a FAISS index ----------------------------------------------------------------
+
+def _blobs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (3, 16))
+    y = rng.integers(0, 3, n)
+    return (centres[y] + 0.8 * rng.normal(0, 1, (n, 16))).astype(np.float32), y
+
+
+def test_knn_head_on_faiss_index_gives_the_exact_answers(monkeypatch):
+    import featcache.heads.neighbors as neighbors
+    import featcache.retrieval.index as index_mod
+    from featcache.heads import make_head
+
+    X, y = _blobs(400)
+    Xq, _ = _blobs(50, seed=1)
+    torch_proba = make_head("knn", k=10, device="cpu").fit(X, y).predict_proba(Xq)
+    torch_sweep = make_head("knn", device="cpu").sweep_proba(X, y, [1, 5, 20], Xq)
+    built = []
+    real = index_mod.memory_index
+    monkeypatch.setattr(index_mod, "memory_index", lambda *a, **k: built.append(1) or real(*a, **k))
+    monkeypatch.setattr(neighbors, "KNN_INDEX_ROWS", 100)
+    head = make_head("knn", k=10, device="cpu").fit(X, y)
+    np.testing.assert_allclose(head.predict_proba(Xq), torch_proba, atol=1e-5)
+    head.predict_proba(Xq)
+    assert len(built) == 1  # built once per bank
+    np.testing.assert_allclose(make_head("knn", device="cpu").sweep_proba(X, y, [1, 5, 20], Xq), torch_sweep, atol=1e-5)
+    assert len(built) == 2
+    # Above the exact limit: the size rule's approximate index, nearly the same predictions.
+    monkeypatch.setattr(index_mod, "EXACT_MAX_ROWS", 0)
+    approx = make_head("knn", k=10, device="cpu").fit(X, y)
+    agree = np.mean(approx.predict(Xq) == make_head("knn", k=10, device="cpu").fit(X, y).predict(Xq))
+    assert type(approx._index_cache[1]).__name__ == "IndexIVFScalarQuantizer" and agree == 1.0
+    monkeypatch.setitem(sys.modules, "faiss", None)  # without faiss: the torch search, same answers
+    np.testing.assert_allclose(make_head("knn", k=10, device="cpu").fit(X, y).predict_proba(Xq), torch_proba,
+                               atol=1e-5)
+
+
+# --- on the real images ---------------------------------------------------------------------------
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_copies_found_by_search_leaks_and_fit_head(real_data, lite0_available, tmp_path):
+    """The hymenoptera images with every 8th train image re-encoded at JPEG quality 70 into val under
+    another name (efficientnet_lite0, fp32)."""
+    root = tmp_path / "imgs"
+    shutil.copytree(real_data, root)
+    copies = {}
+    for i, f in enumerate(sorted((root / "train").rglob("*.jpg"))[::8]):
+        dest = root / "val" / f.parent.name / f"reencoded{i:03d}.jpg"
+        dest.write_bytes(_jpeg(Image.open(f).convert("RGB"), 70))
+        copies[str(dest.relative_to(root))] = str(f.relative_to(root))
+    cache = extract(str(root), backbone="efficientnet_lite0", cache_dir=str(tmp_path / "c"), dtype="float32",
+                    precision="fp32", device="cpu").cache
+    build_index(cache, tmp_path / "ix")
+    own = search(tmp_path / "ix", root / "train", k=3, device="cpu")
+    assert all(r["query"].endswith(r["neighbors"][0]["id"]) and r["neighbors"][0]["score"] >= 0.999 for r in own)
+    found = search(tmp_path / "ix", [root / c for c in copies], k=3, device="cpu")
+    assert all(want in [h["id"] for h in r["neighbors"]] for r, want in zip(found, copies.values()))
+    rep = find_leaks(cache)
+    assert {(k, v) for k, v in copies.items()} <= {(p["a"]["id"], p["b"]["id"]) for p in rep.near}
+    res = fit_head(cache, head="logreg", output=str(tmp_path / "run"))
+    assert any(w.startswith(f"{len(copies)} of ") and "'val' rows have an exact or near copy" in w
+               for w in res.warnings), res.warnings

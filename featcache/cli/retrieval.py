@@ -119,14 +119,17 @@ def leaks(cache, layer, threshold, max_pairs, as_json) -> None:
     if not rep.summary:
         click.echo("No exact or near duplicates.")
         return
-    click.echo(f"{'splits':<14} {'rows':>7} {'exact rows':>11} {'near rows':>10} {'exact pairs':>12} {'near pairs':>11}")
+    click.echo(f"{'splits':<14} {'rows':>7} {'exact rows':>11} {'near rows':>10} {'exact pairs':>12} "
+               f"{'near pairs':>11}")
     for pair, d in rep.summary.items():
         click.echo(f"{pair:<14} {d['rows']:>7} {d['exact_rows']:>11} {d['near_rows']:>10} {d['exact_pairs']:>12} "
                    f"{d['near_pairs']:>11}")
     for g in rep.exact[:20]:
         click.echo("exact  " + "  ==  ".join(f"{r['split']}/{r['id']}" for r in g["rows"]))
     for p in rep.near[:20]:
-        click.echo(f"near   {p['cosine']:.4f}  {p['a']['split']}/{p['a']['id']}  ~  {p['b']['split']}/{p['b']['id']}")
-    more = len(rep.exact) - 20 + max(0, rep.near_pairs - 20)
-    if more > 0:
-        click.echo(f"... and more: --json lists {'the first ' + str(len(rep.near)) + ' near pairs' if rep.truncated else 'all'}.")
+        a, b = p["a"], p["b"]
+        click.echo(f"near   {p['cosine']:.4f}  {a['split']}/{a['id']}  ~  {b['split']}/{b['id']}")
+    hidden = len(rep.exact) + rep.near_pairs - min(20, len(rep.exact)) - min(20, len(rep.near))
+    if hidden > 0:
+        listed = f"the first {len(rep.near)}" if rep.truncated else "every"
+        click.echo(f"... {hidden} more: --json lists every exact group and {listed} near pair.")

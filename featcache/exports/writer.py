@@ -10,6 +10,7 @@ parts of the previous export (also those of the other format).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,8 @@ from ..errors import CacheError
 from ..files import write_json
 from ..store import FeatureCache, open_cache
 from ..validation import check_choice, check_int
-from .base import FORMATS, Block, Part, require
+from .base import FORMATS, META_COLUMNS, Block, Part, require
+from .parquet import EMBEDDING_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +155,10 @@ def _reader(c: FeatureCache, split: str, layer: str, start: int, stop: int, bloc
 
 def _ids_digest(c: FeatureCache, split: str) -> str:
     """The split's content hashes, digested: a re-extraction with other images is another export."""
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(c.hashes(split)).tobytes()).hexdigest()[:32]
 
 
 def _columns(fmt: str) -> list[str]:
-    from .base import META_COLUMNS
-    from .parquet import EMBEDDING_COLUMN
-
     return ([EMBEDDING_COLUMN] if fmt == "parquet" else []) + list(META_COLUMNS)
 
 

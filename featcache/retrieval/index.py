@@ -219,6 +219,26 @@ def _training_sample(c: FeatureCache, splits: list[str], layer: str, sizes: dict
     return np.concatenate(parts)
 
 
+def memory_index(x: np.ndarray, *, metric: str = "cosine", exact_max_rows: int | None = None):
+    """A FAISS index of the rows of ``x`` (n, dim), held in memory, by the same size rule as
+    :func:`build_index` (exact up to ``exact_max_rows``, default :data:`EXACT_MAX_ROWS`), with its
+    search parameters set; for cosine, ``x`` and the queries must be L2-normalised."""
+    faiss = require("faiss", "index", "A FAISS index")
+    x = prepare_vectors(x, "l2")  # float32, contiguous; normalised by the caller for cosine
+    factory = choose_index_factory(len(x), x.shape[1],
+                                   exact_max_rows=EXACT_MAX_ROWS if exact_max_rows is None else exact_max_rows)
+    index = _new_index(faiss, factory, x.shape[1], metric)
+    if not index.is_trained:
+        lists = n_lists(len(x))
+        sample = np.random.default_rng(0).choice(len(x), size=min(len(x), max(TRAIN_PER_LIST * lists, 10_000)),
+                                                 replace=False)
+        index.train(x[np.sort(sample)])
+    index.add(x)
+    if default_search_params(factory):
+        faiss.ParameterSpace().set_index_parameters(index, default_search_params(factory))
+    return index
+
+
 def load_index(path: str | os.PathLike) -> FeatureIndex:
     """Open an index folder written by :func:`build_index`."""
     faiss = require("faiss", "index", "Searching an index")

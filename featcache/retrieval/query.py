@@ -117,8 +117,9 @@ def rows_by_id(ix: FeatureIndex, ids: list[str]) -> np.ndarray:
             where.update({i: (s, r) for r, i in enumerate(c.ids(s))})
         missing = [i for i in ids if i not in where]
         if missing:
-            raise ConfigError(f"Id {missing[0]!r} is not in cache '{path}'{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}. "
-                              f"Ids are the paths relative to the source (see 'featcache export-features').")
+            more = f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConfigError(f"Id {missing[0]!r} is not in cache '{path}'{more}. Ids are the paths relative to the "
+                              f"source (see 'featcache export-features').")
         layer = ix.meta["layer"]
         return np.stack([c.rows(*where[i], where[i][1] + 1, layer).features[layer][0] for i in ids]) \
             if ids else np.zeros((0, ix.meta["dim"]), np.float32)
