@@ -192,7 +192,7 @@ def injected_copies(data: Path, out: Path, *, every: int = 4) -> tuple[Path, dic
 
 def threshold_measurement(backbone: str = "efficientnet_lite0") -> list[Row]:
     from featcache import extract, open_cache
-    from featcache.retrieval import DEFAULT_THRESHOLD, find_leaks
+    from featcache.retrieval import find_leaks
     from featcache.retrieval.leaks import normalised
 
     folder, truth = injected_copies(require_real_data(), WORK / "leaks" / "injected")
@@ -217,7 +217,7 @@ def threshold_measurement(backbone: str = "efficientnet_lite0") -> list[Row]:
     lows = {k: min(v) for k, v in by_kind.items() if v}
     detail = (", ".join(f"{k} min {v:.3f}" for k, v in lows.items())
               + f"; most similar distinct train pair {distinct:.3f}")
-    return [Row(f"{backbone}: injected copies found by leaks at threshold {DEFAULT_THRESHOLD}",
+    return [Row(f"{backbone}: injected copies found by leaks at its default threshold ({rep.threshold:g})",
                 1 - len(missed) / len(truth), "1.00 (all found)", not missed, detail + f"; missed {missed[:5]}")]
 
 

@@ -328,6 +328,25 @@ def test_leaks_reports_injected_copies(pattern_cache, patterns):
     assert find_leaks(pattern_cache, threshold=1.0).near == []
 
 
+def test_threshold_adapts_to_a_crowded_feature_space(folder_cache, tmp_path):
+    """Random resnet18 features: every image is close to every other (median nearest neighbour above
+    0.99); the default threshold rises above it instead of flagging every val row."""
+    from featcache.retrieval.leaks import auto_threshold, median_nn_cosine
+
+    basis = np.eye(5, dtype=np.float32)
+    hashes = np.array([b"a", b"b", b"c", b"d", b"a"], dtype="S32")
+    assert median_nn_cosine(np.vstack([basis[:4], basis[:1]]), hashes) == 0.0  # exact copies are not neighbours
+    assert auto_threshold(basis, np.array([b"%d" % i for i in range(5)], dtype="S32")) == DEFAULT_THRESHOLD
+    with open_cache(folder_cache) as c:
+        med = median_nn_cosine(normalised(c.load("train")[0]), c.hashes("train"))
+    assert med > 0.99
+    rep = find_leaks(folder_cache)
+    assert rep.threshold == round((1 + med) / 2, 4) > DEFAULT_THRESHOLD
+    assert rep.near_pairs < find_leaks(folder_cache, threshold=DEFAULT_THRESHOLD).near_pairs
+    res = fit_head(folder_cache, head="ncm", output=str(tmp_path / "run"))
+    assert res.metrics["val"]["near_duplicates_in_train"] < 9
+
+
 def test_leaks_cli(pattern_cache):
     r = CliRunner().invoke(main, ["leaks", pattern_cache])
     assert r.exit_code == 0, r.output
@@ -344,7 +363,7 @@ def test_leaks_cli(pattern_cache):
 
 def test_fit_head_warns_about_leaks(pattern_cache, tmp_path, caplog):
     res = fit_head(pattern_cache, head="knn", output=str(tmp_path / "run"))
-    line = ("3 of 7 'val' rows have an exact or near copy (cosine > 0.83) in 'train': their scores are inflated. "
+    line = (f"3 of 7 'val' rows have an exact or near copy (cosine > {DEFAULT_THRESHOLD:g}) in 'train': their scores are inflated. "
             f"Run 'featcache leaks {pattern_cache}' to list them.")
     assert line in res.warnings
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())

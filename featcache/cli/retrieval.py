@@ -101,17 +101,17 @@ def search(index, query, k, by_id, device, weights, batch_size, as_json) -> None
 @click.argument("cache", type=click.Path())
 @click.option("--layer", default=None, help="Cached layer compared (default: the first).")
 @click.option("--threshold", type=float, default=None,
-              help="Cosine similarity above which two rows are near duplicates (default 0.83; README 'Leaks').")
+              help="Cosine similarity above which two rows are near duplicates (default: 0.83, or midway between "
+                   "train's median nearest-neighbour cosine and 1 when higher; README 'leaks').")
 @click.option("--max-pairs", type=int, default=10000, show_default=True, help="Near pairs listed at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @fail_cleanly
 def leaks(cache, layer, threshold, max_pairs, as_json) -> None:
     """Exact (same content hash) and near (cosine above --threshold) duplicates within and across
     the splits of CACHE: val or test rows with a copy in train inflate every score measured on them."""
-    from ..retrieval import DEFAULT_THRESHOLD, find_leaks
+    from ..retrieval import find_leaks
 
-    rep = find_leaks(cache, layer=layer, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
-                     max_pairs=max_pairs)
+    rep = find_leaks(cache, layer=layer, threshold=threshold, max_pairs=max_pairs)
     if as_json:
         echo_json(rep.to_dict())
         return

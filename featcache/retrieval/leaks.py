@@ -25,9 +25,13 @@ log = logging.getLogger(__name__)
 #: (``benchmarks/export.py``, ``threshold_measurement``): the lowest copy scored 0.856 (re-encoded at
 #: JPEG quality 70; median 0.969), 0.906 (flipped; median 0.955), 0.948 (resized to 80%; median
 #: 0.983), while the most similar pair of distinct images scored 0.806 (median nearest neighbour
-#: 0.667). 0.83 sits midway between the two. Other backbones spread features otherwise: measure
-#: before trusting it elsewhere.
+#: 0.667). 0.83 sits between the two. It is a floor: by default (``threshold=None``) the threshold is
+#: also at least midway between the training split's median nearest-neighbour cosine and 1
+#: (:func:`auto_threshold`; 0.834 there), so a feature space where every image is close to others (a
+#: randomly initialised network, a collapsed embedding) does not flag every row.
 DEFAULT_THRESHOLD = 0.83
+#: Training rows whose nearest neighbour is sought to estimate the median nearest-neighbour cosine.
+NN_SAMPLE = 512
 #: Query rows compared at a time, and reference rows per product (bounds the similarity block).
 QUERY_BLOCK, REF_BLOCK = 1024, 16384
 
@@ -79,8 +83,39 @@ def near_pairs(q: np.ndarray, ref: np.ndarray, threshold: float, *, upper: bool 
                 yield ii + i0, jj + j0, s[ii, jj]
 
 
+def median_nn_cosine(ref: np.ndarray, hashes: np.ndarray) -> float | None:
+    """The median, over a seeded sample of :data:`NN_SAMPLE` rows of ``ref`` (L2-normalised), of the
+    cosine with their nearest other row that is not a byte-identical copy (None below two rows)."""
+    n = len(ref)
+    if n < 2:
+        return None
+    idx = np.sort(np.random.default_rng(0).choice(n, size=min(n, NN_SAMPLE), replace=False))
+    q, qh = ref[idx], hashes[idx]
+    best = np.full(len(idx), -np.inf, dtype=np.float32)
+    for j0 in range(0, n, REF_BLOCK):
+        s = q @ ref[j0:j0 + REF_BLOCK].T
+        s[qh[:, None] == hashes[None, j0:j0 + REF_BLOCK]] = -np.inf  # itself and its exact copies
+        best = np.maximum(best, s.max(axis=1))
+    best = best[np.isfinite(best)]
+    return float(np.median(best)) if len(best) else None
+
+
+def auto_threshold(ref: np.ndarray, hashes: np.ndarray) -> float:
+    """``max(DEFAULT_THRESHOLD, (1 + median nearest-neighbour cosine) / 2)`` of the reference rows: a
+    near copy is at most half as far from its original as images typically are from their neighbours."""
+    med = median_nn_cosine(ref, hashes)
+    return DEFAULT_THRESHOLD if med is None else max(DEFAULT_THRESHOLD, round((1 + med) / 2, 4))
+
+
+def _check_threshold(threshold) -> None:
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ConfigError(f"The 'threshold' option must be a cosine similarity in (0, 1]. Got {threshold!r}.")
+
+
 def find_leaks(cache: str | os.PathLike | FeatureCache, *, layer: str | None = None,
-               threshold: float = DEFAULT_THRESHOLD, max_pairs: int = 10_000) -> LeakReport:
+               threshold: float | None = None, max_pairs: int = 10_000) -> LeakReport:
     """Exact and near duplicates within and across the splits of a cache.
 
     Parameters
@@ -88,8 +123,9 @@ def find_leaks(cache: str | os.PathLike | FeatureCache, *, layer: str | None = N
     cache : path or FeatureCache
     layer : str, optional
         The cached layer whose features are compared (default: the first).
-    threshold : float
-        Cosine similarity above which two rows are near duplicates (in (0, 1]).
+    threshold : float, optional
+        Cosine similarity above which two rows are near duplicates (in (0, 1]); default
+        :func:`auto_threshold` of the ``train`` split (else the first split).
     max_pairs : int
         Near pairs listed at most (counts are always complete).
 
@@ -97,19 +133,22 @@ def find_leaks(cache: str | os.PathLike | FeatureCache, *, layer: str | None = N
     -------
     LeakReport
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise ConfigError(f"The 'threshold' option must be a cosine similarity in (0, 1]. Got {threshold!r}.")
+    _check_threshold(threshold)
     check_int("max_pairs", max_pairs, minimum=0)
     own = not isinstance(cache, FeatureCache)
     c = open_cache(cache) if own else cache
     try:
         layer = c.resolve_layer(layer)
-        report = LeakReport(str(c.path), layer, float(threshold))
         splits = list(c.splits)
         ids = {s: c.ids(s) for s in splits}
         hashes = {s: c.hashes(s) for s in splits}
-        exact_rows = _exact(report, splits, ids, hashes)
         feats = {s: normalised(c.load(s, layer)[0]) for s in splits}
+        if threshold is None and splits:
+            ref = "train" if "train" in splits else splits[0]
+            threshold = auto_threshold(feats[ref], hashes[ref])
+        report = LeakReport(str(c.path), layer, float(threshold or DEFAULT_THRESHOLD))
+        threshold = report.threshold
+        exact_rows = _exact(report, splits, ids, hashes)
         for a_i, a in enumerate(splits):
             for b in splits[:a_i + 1]:  # later splits against earlier ones, and each split with itself
                 _near(report, a, b, feats, ids, hashes, threshold, max_pairs, exact_rows.get((a, b), set()))
@@ -174,12 +213,16 @@ def _near(report: LeakReport, a: str, b: str, feats, ids, hashes, threshold: flo
 
 
 def eval_leak_counts(cache: FeatureCache, layer: str, train_split: str, *,
-                     threshold: float = DEFAULT_THRESHOLD) -> dict[str, int]:
-    """Per split other than ``train_split``: how many of its rows have an exact or near copy in it."""
+                     threshold: float | None = None) -> tuple[dict[str, int], float]:
+    """Per split other than ``train_split``: how many of its rows have an exact or near copy in it,
+    and the threshold used (default: :func:`auto_threshold` of the training split)."""
+    _check_threshold(threshold)
     if train_split not in cache.splits or not cache.n(train_split):
-        return {}
+        return {}, threshold or DEFAULT_THRESHOLD
     train = normalised(cache.load(train_split, layer)[0])
-    train_hashes = set(map(bytes, cache.hashes(train_split)))
+    hashes = cache.hashes(train_split)
+    threshold = auto_threshold(train, hashes) if threshold is None else threshold
+    train_hashes = set(map(bytes, hashes))
     out = {}
     for s in cache.splits:
         if s == train_split or not cache.n(s):
@@ -188,7 +231,7 @@ def eval_leak_counts(cache: FeatureCache, layer: str, train_split: str, *,
         for ii, _, _ in near_pairs(normalised(cache.load(s, layer)[0]), train, threshold):
             flagged.update(ii.tolist())
         out[s] = len(flagged)
-    return out
+    return out, threshold
 
 
 #: ``fit_head`` checks for leaks when eval rows x train rows x dim is at most this (a few seconds of
@@ -207,10 +250,10 @@ def note_eval_leaks(cache: FeatureCache, layer: str, train_split: str, metrics: 
     if work > FIT_CHECK_BUDGET:
         log.info("train/test leak check skipped (%.1e multiply-adds); run 'featcache leaks %s'", work, cache.path)
         return
-    counts = eval_leak_counts(cache, layer, train_split)
+    counts, threshold = eval_leak_counts(cache, layer, train_split)
     for s in scored:
         metrics[s]["near_duplicates_in_train"] = counts.get(s, 0)
     bad = [f"{counts[s]} of {cache.n(s)} '{s}' rows" for s in scored if counts.get(s)]
     if bad:
-        warn(f"{' and '.join(bad)} have an exact or near copy (cosine > {DEFAULT_THRESHOLD}) in '{train_split}': "
+        warn(f"{' and '.join(bad)} have an exact or near copy (cosine > {threshold:g}) in '{train_split}': "
              f"their scores are inflated. Run 'featcache leaks {cache.path}' to list them.")
