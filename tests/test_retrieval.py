@@ -436,3 +436,21 @@ def test_real_copies_found_by_search_leaks_and_fit_head(real_data, lite0_availab
     res = fit_head(cache, head="logreg", output=str(tmp_path / "run"))
     assert any(w.startswith(f"{len(copies)} of ") and "'val' rows have an exact or near copy" in w
                for w in res.warnings), res.warnings
+
+
+def test_export_rerun_after_the_cache_changed_rewrites_every_part(folder_cache, tmp_path):
+    import os
+
+    cache = tmp_path / "copy.h5"
+    shutil.copyfile(folder_cache, cache)
+    export_features(cache, tmp_path / "out", splits=["val"], part_rows=4)
+    st = os.stat(cache)
+    os.utime(cache, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a re-extraction replaces the file
+    assert export_features(cache, tmp_path / "out", splits=["val"], part_rows=4)["splits"]["val"]["kept"] == 0
+
+
+def test_a_part_keeps_no_vectors_of_the_blocks_it_wrote():
+    from featcache.exports.base import Block
+
+    b = Block(np.ones((1000, 8), np.float32), np.zeros(1000, np.int64), ["x"] * 1000, 0).without_vectors()
+    assert b.vectors.shape == (0, 8) and b.vectors.base is None

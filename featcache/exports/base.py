@@ -56,7 +56,8 @@ class Block:
 
     def without_vectors(self) -> "Block":
         """The metadata only (what a part keeps while its vectors stream to disk)."""
-        return Block(self.vectors[:0], self.labels, self.ids, self.start)
+        # Not a zero-row view: a view would keep the whole block's vectors alive.
+        return Block(np.empty((0, *self.vectors.shape[1:]), self.vectors.dtype), self.labels, self.ids, self.start)
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,13 @@ a bounded number of rows, in a registered format (:data:`~featcache.exports.base
 
 Streaming: rows are read from the store in blocks of about :data:`BLOCK_BYTES`, so memory does not
 grow with the cache. Rerun-safe: each part is written atomically and recorded in the split's
-``featcache-export.json`` as it finishes; a rerun with the same cache, layer, dtype, format and part
-size keeps the parts already written, and any other rerun starts the split afresh, removing the
+``featcache-export.json`` as it finishes; a rerun with the same cache file (size and modification
+time), layer, dtype, format and part size keeps the parts already written, and any other rerun starts the split afresh, removing the
 parts of the previous export (also those of the other format).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -109,7 +108,7 @@ def _export_split(c: FeatureCache, split_dir: Path, fmt, split: str, layer: str,
     n_parts = -(-n // rows)
     width = max(4, len(str(max(n_parts - 1, 0))))
     key = {"cache_fingerprint_hash": c.text_attr("fingerprint_hash"), "layer": layer, "dtype": out_dtype.name,
-           "format": fmt.name, "part_rows": rows, "rows": n, "ids_digest": _ids_digest(c, split)}
+           "format": fmt.name, "part_rows": rows, "rows": n, "cache_file": _file_identity(c.path)}
     split_dir.mkdir(parents=True, exist_ok=True)
     old = _read_manifest(split_dir)
     kept = {p["name"] for p in old.get("parts", [])} if old.get("key") == key else set()
@@ -153,9 +152,11 @@ def _reader(c: FeatureCache, split: str, layer: str, start: int, stop: int, bloc
     return read
 
 
-def _ids_digest(c: FeatureCache, split: str) -> str:
-    """The split's content hashes, digested: a re-extraction with other images is another export."""
-    return hashlib.sha256(np.ascontiguousarray(c.hashes(split)).tobytes()).hexdigest()[:32]
+def _file_identity(path: Path) -> list[int]:
+    """Size and modification time of the cache file: a cache is replaced, never rewritten in place,
+    so a re-extraction (other images under the same fingerprint) is another export."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _columns(fmt: str) -> list[str]:
