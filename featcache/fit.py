@@ -25,6 +25,7 @@ from .heads.base import BaseHead
 from .heads.monitor import training_monitor
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
 from .intervals import bootstrap_intervals
+from .retrieval.leaks import note_eval_leaks
 from .runs import RUN_JSON, rows_digest, save_run
 from .validation import check_choice, check_int
 from .runtime import head_threads
@@ -515,6 +516,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             metrics, scored = _score_splits(c, fitted, skip)
         rows = {split: {"y": y, "pred": proba.argmax(axis=1), "digest": rows_digest(c.ids(split))}
                 for split, (y, proba) in scored.items()}
+        note_eval_leaks(c, fitted.layer, config.train_split, metrics, warn)
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": fitted.layer, "classes": c.classes, "fingerprint": c.fingerprint,

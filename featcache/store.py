@@ -367,6 +367,14 @@ class FeatureCache:
     def n(self, split: str) -> int:
         return int(self._split(split)["labels"].shape[0])
 
+    def rows(self, split: str, start: int, stop: int, layer: str | None = None) -> SplitData:
+        """Rows ``[start, stop)`` of one split, features as stored: readers that stream a split in
+        bounded blocks (exports, indexes) hold one block, never the whole split."""
+        g, name = self._split(split), self.resolve_layer(layer)
+        with self._guard():
+            return SplitData({name: g[f"features/{name}"][start:stop]}, g["labels"][start:stop].astype(np.int64),
+                             list(g["ids"].asstr("utf-8")[start:stop]))
+
     def load(self, split: str, layer: str | None = None, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Read one split into memory: features (N, ...) as ``dtype`` and labels (N,)."""
         ds = self.features(split, layer)
