@@ -464,10 +464,7 @@ def _split_val(src: Source, fraction: float, seed: int) -> None:
                        "s" if (counts == 1).sum() == 1 else "ve")
     idx = np.flatnonzero(~single)
     try:
-        try:
-            tr, va = train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
-        except ValueError:  # fewer val rows than classes: a plain random split
-            tr, va = train_test_split(idx, test_size=fraction, random_state=seed)
+        tr, va = train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
         tr = np.concatenate([tr, np.flatnonzero(single)])
     except ValueError as e:
         raise ConfigError(
