@@ -60,7 +60,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
               help="Stop after N epochs without a better eval score; keep the best epoch (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in -o (refused without it).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o, as a whole (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True,
