@@ -28,6 +28,8 @@ def reserve(path: str | os.PathLike, nbytes: int) -> None:
     then remove it. Raises ``OSError`` (errno in :data:`DISK_FULL`) when it does not; a file
     system that cannot allocate ahead is let through. Used before writing an HDF5 file, whose
     library crashes the process when a write fails half-way instead of raising."""
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         try:
@@ -54,9 +56,20 @@ def default_mode(*, folder: bool = False) -> int:
     """The permissions ``open`` or ``mkdir`` would give a new file or folder under the current
     umask (0644 / 0755 under the usual 022). Temporary names are made private (0600 / 0700): what
     is renamed into place gets these instead, as the caches do."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, for every thread, meanwhile)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:

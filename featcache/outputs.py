@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import logging
 import os
 import shutil
@@ -188,7 +189,12 @@ class RunFolder:
             if not self.target.exists():  # made to be locked; removed again if nothing is written
                 self.target.mkdir(parents=True)
                 self.claimed = True
-        self.lock = FolderLock(self.target, "run folder")
+        try:
+            self.lock = FolderLock(self.target, "run folder")
+        except BaseException:
+            if self.claimed:
+                self.target.rmdir()
+            raise
         try:
             self._recover()
             self._check()
@@ -200,7 +206,7 @@ class RunFolder:
         """An old run that a killed overwrite moved aside, with nothing in its place: move it back."""
         if self.target.exists() or self.target.is_symlink():
             return
-        for old in sorted(self._parent.glob(f".{self._name}.old-*/run")):
+        for old in sorted(self._parent.glob(f".{glob.escape(self._name)}.old-*/run")):
             try:
                 os.rename(old, self.target)
             except OSError:
@@ -210,7 +216,8 @@ class RunFolder:
 
     def _recover(self) -> None:
         """Under the lock: private folders of killed writers are removed."""
-        for left in [*self._parent.glob(f".{self._name}.tmp-*"), *self._parent.glob(f".{self._name}.old-*")]:
+        name = glob.escape(self._name)
+        for left in [*self._parent.glob(f".{name}.tmp-*"), *self._parent.glob(f".{name}.old-*")]:
             shutil.rmtree(left, ignore_errors=True)
 
     def _check(self) -> None:

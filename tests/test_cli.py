@@ -302,7 +302,7 @@ def json_error(*args) -> dict:
     """Run a command with --json that must fail: exit 1, one ``Error:`` line on stderr and the same
     message as one JSON object on stdout, no traceback."""
     r = CliRunner().invoke(main, [str(a) for a in args] + ["--json"])
-    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
     out = json.loads(r.stdout)
     assert r.stderr == f"Error: {out['error']}\n", r.stderr
     return out
