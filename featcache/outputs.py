@@ -260,7 +260,11 @@ class RunFolder:
         if t.exists() and (t / RUN_MARKER).exists():  # overwrite (checked): swap, then drop the old run
             old = Path(tempfile.mkdtemp(dir=self._parent, prefix=f".{self._name}.old-"))
             os.replace(t, old / "run")
-            os.rename(self.tmp, t)
+            try:
+                os.rename(self.tmp, t)
+            except OSError:
+                os.replace(old / "run", t)  # the old run back in place
+                raise
             fsync_dir(self._parent)
             shutil.rmtree(old, ignore_errors=True)
             return

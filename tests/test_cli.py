@@ -480,3 +480,24 @@ def test_run_files_get_the_permissions_of_the_umask_like_caches(fitted, tmp_path
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()}
     assert set(modes.values()) == {0o666 & ~umask}, modes
     assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o777 & ~umask
+
+
+def test_an_overwrite_killed_between_its_two_renames_loses_no_run(tmp_path, caplog):
+    """Replacing a run moves the old folder aside, then the new one into place: a kill between the
+    two leaves the old run aside with nothing in its place; the next writer moves it back."""
+    from featcache.errors import OutputError
+    from featcache.outputs import RunFolder
+
+    aside = tmp_path / ".run.old-x1" / "run"
+    aside.mkdir(parents=True)
+    (aside / "run.json").write_text("{}")
+    (tmp_path / ".run.tmp-x2").mkdir()  # the new run, unfinished
+    with pytest.raises(OutputError, match="already holds a run"):
+        RunFolder(tmp_path / "run")
+    assert (tmp_path / "run" / "run.json").read_text() == "{}"
+    assert "moved back the run" in caplog.text
+    folder = RunFolder(tmp_path / "run", overwrite=True)
+    with folder as tmp:
+        (tmp / "run.json").write_text('{"new": 1}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the private folders are cleared
+    assert (tmp_path / "run" / "run.json").read_text() == '{"new": 1}'
