@@ -378,7 +378,7 @@ def test_run_numbers_are_claimed_once_under_concurrency(tmp_path):
     assert sorted(int(p.name[:5]) for p in tmp_path.iterdir()) == list(range(1, 41))
 
 
-@pytest.mark.parametrize("command", ["fit-head", "bench", "predict"])
+@pytest.mark.parametrize("command", ["fit-head", "bench", "predict", "finetune"])
 def test_ctrl_c_with_json_prints_one_json_object(fitted, tmp_path, monkeypatch, command):
     import importlib
 
@@ -390,6 +390,7 @@ def test_ctrl_c_with_json_prints_one_json_object(fitted, tmp_path, monkeypatch, 
         "bench": ("bench", "run_bench", ["--backbones", "resnet18.none", "--sources", fitted["folder"], "-o",
                                          tmp_path / "b"]),
         "predict": ("predict", "predict", [fitted["run"], fitted["folder"]]),
+        "finetune": ("finetune", "finetune", [fitted["folder"], "--freeze-until", "layer3", "-o", tmp_path / "run"]),
     }[command]
     monkeypatch.setattr(importlib.import_module(f"featcache.{module}"), name, interrupted)
     out = json_error(command, *args)
