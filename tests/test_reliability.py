@@ -649,8 +649,8 @@ def test_not_hdf5_bytes_are_refused(tmp_path, content):
 def test_other_files_are_refused(valid_cache, tmp_path):
     with pytest.raises(CacheError, match="does not exist"):
         open_cache(tmp_path / "missing.h5")
-    with pytest.raises(CacheError, match="does not exist"):
-        open_cache(tmp_path)  # a folder
+    with pytest.raises(CacheError, match="is a folder, not a cache file. Run 'featcache ls --cache-dir"):
+        open_cache(tmp_path)
     np.savez(tmp_path / "a.npz", x=np.zeros(3))
     with pytest.raises(CacheError, match="not a readable HDF5 file"):
         open_cache(tmp_path / "a.npz")
