@@ -40,7 +40,7 @@ def save_predictions(run: Path, rows: dict[str, dict]) -> None:
                for k in ("y", "pred")}
     meta = {split: r["digest"] for split, r in rows.items()}
     if tensors:
-        atomic_write(run / PREDICTIONS, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        write_bytes(run / PREDICTIONS, save(tensors, metadata=meta))
 
 
 def load_predictions(run_dir: str | os.PathLike) -> dict[str, dict]:
