@@ -24,6 +24,7 @@ from .extract import extract
 from .plan import ExtractConfig
 from .fit import FitConfig, check_options, fit_head, parse_grid
 from .heads import HEADS
+from .outputs import FolderLock, claim_numbered, reporting
 from .store import open_cache
 
 RECORDS = "records.jsonl"
@@ -223,13 +224,28 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
     adds to the leaderboard) unless ``overwrite``, which deletes them and their run folders first;
     a cell fitted again replaces its earlier record and run folder, so a re-run grid counts each
     run once. ``skip_existing`` skips the cells that already have a record. Run folders are
-    numbered on from the highest number used. Records store the paths of runs (and of a cache
-    inside ``out_dir``) relative to ``out_dir``.
+    numbered on from the highest number used, each number claimed once. Records store the paths
+    of runs (and of a cache inside ``out_dir``) relative to ``out_dir``. The folder is locked
+    while the grid runs: a second process writing it gets an error.
     """
     config.validate()
     if overwrite and skip_existing:
         raise ConfigError("The 'overwrite' option deletes the records that the 'skip_existing' option would resume "
                           "from. Pass one of them.")
+    out = Path(out_dir)
+    with reporting(out):
+        out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "bench folder")
+    try:
+        return _run_bench(config, out, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
+                          extract_progress=extract_progress)
+    finally:
+        lock.release()
+
+
+def _run_bench(config: BenchConfig, out_dir: Path, *, skip_existing: bool, overwrite: bool,
+               progress: ProgressFn | None, extract_progress) -> list[dict]:
+    """:func:`run_bench` under the folder's lock."""
     out = Path(out_dir)
     if overwrite:
         (out / RECORDS).unlink(missing_ok=True)
@@ -262,8 +278,9 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing:
         key = (backbone, layer, source, head, shots, seed)
         if key in done:
             continue
+        number, run_dir = claim_numbered(out / RUNS, f"{head}-{layer}-{shots}shot-seed{seed}", number)
         fit = fit_head(res.cache, fit_base, head=head, layer=layer, seed=seed, shots=shots or None, seeds=1,
-                       output=str(out / RUNS / f"{number:05d}-{head}-{layer}-{shots}shot-seed{seed}"))
+                       output=str(run_dir))
         number += 1
         rec = {"backbone": backbone, "weights": weights, "layer": layer, "source": source, "head": head,
                "shots": shots, "seed": seed, "metrics": fit.metrics, "extract_seconds": extract_seconds,

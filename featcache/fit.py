@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -25,9 +24,10 @@ from .heads.base import BaseHead
 from .heads.monitor import training_monitor
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
 from .intervals import bootstrap_intervals
+from .outputs import RunFolder, claim_folder
 from .retrieval.leaks import note_eval_leaks
-from .runs import RUN_JSON, rows_digest, save_run
-from .validation import check_choice, check_int
+from .runs import rows_digest, save_run
+from .validation import check_choice, check_int, check_memory
 from .runtime import head_threads
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
@@ -403,14 +403,12 @@ def _checked(config: FitConfig | None, options: dict) -> FitConfig:
     if config.cv is not None:
         check_int("cv", config.cv, minimum=2)
     check_choice("select_by", config.select_by, SELECT_BY)
+    check_memory(config.max_memory)
     if config.threads is not None:
         check_int("threads", config.threads)
     if config.shots is not None:
         check_int("shots", config.shots)
     check_options(config)
-    if config.output and not config.overwrite and (Path(config.output) / RUN_JSON).exists():
-        raise ConfigError(f"'{config.output}' already holds a run. Pass overwrite=True to replace it, or choose "
-                          f"another output folder.")
     if config.head_options.get("patience") is not None and config.refit_on_trainval:
         raise ConfigError("The 'patience' option picks an epoch on the eval split, which the 'refit_on_trainval' "
                           "option then trains on. Drop one of them.")
@@ -421,6 +419,11 @@ def _eval_split(cache: FeatureCache, config: FitConfig) -> str | None:
     """The split the sweep is scored on (None: k-fold on the training split)."""
     if config.train_split not in cache.splits:
         raise ConfigError(f"Split '{config.train_split}' is not in the cache. It has: {', '.join(cache.splits)}.")
+    if cache.n(config.train_split) == 0:
+        raise ConfigError(
+            f"Split '{config.train_split}' of cache '{cache.path.name}' holds no images: nothing to fit on "
+            f"({len(cache.failed)} unreadable file(s) were skipped; 'featcache info {cache.path}' lists them). "
+            f"Extract a source with readable training images.")
     split = config.eval_split
     if split == "none":  # asked for k-fold on the training split, even when val exists
         split = None
@@ -491,6 +494,14 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     config = _checked(config, options)
     own = not isinstance(cache, FeatureCache)
     c = open_cache(cache) if own else cache
+    try:
+        # Locked (and an existing run refused) before the fit, written whole after it.
+        folder = (RunFolder(config.output, overwrite=config.overwrite) if config.output else
+                  RunFolder(claim_folder(config.runs_dir, _run_name(config, c)), claimed=True))
+    except BaseException:
+        if own:
+            c.close()
+        raise
     notes: list[str] = []
 
     def warn(message: str) -> None:
@@ -517,14 +528,16 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         rows = {split: {"y": y, "pred": proba.argmax(axis=1), "digest": rows_digest(c.ids(split))}
                 for split, (y, proba) in scored.items()}
         note_eval_leaks(c, fitted.layer, config.train_split, metrics, warn)
-        run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": fitted.layer, "classes": c.classes, "fingerprint": c.fingerprint,
                 "extract_config": c.extract_config, "config": config.to_dict(), "best": fitted.best}
-        save_run(run, fitted.head, fitted.transform, meta, metrics, fitted.sweep, few_shot, seconds, notes,
-                 getattr(fitted.head, "history_", None), rows)
+        with folder as tmp:
+            save_run(tmp, fitted.head, fitted.transform, meta, metrics, fitted.sweep, few_shot, seconds, notes,
+                     getattr(fitted.head, "history_", None), rows)
+        run = folder.target
         return FitResult(str(run), config.head, fitted.best, metrics, fitted.sweep, seconds, few_shot, list(notes))
     finally:
+        folder.release()
         if own:
             c.close()
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
-from .files import atomic_write, write_json, write_text
+from .files import write_bytes, write_json, write_text
 from .metrics import expand_proba, split_metrics
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
@@ -40,7 +40,7 @@ def save_predictions(run: Path, rows: dict[str, dict]) -> None:
                for k in ("y", "pred")}
     meta = {split: r["digest"] for split, r in rows.items()}
     if tensors:
-        atomic_write(run / PREDICTIONS, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        write_bytes(run / PREDICTIONS, save(tensors, metadata=meta))
 
 
 def load_predictions(run_dir: str | os.PathLike) -> dict[str, dict]:
@@ -68,7 +68,7 @@ def save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics: 
     save_head(run, head, head_name=meta["config"]["head"], meta={})
     arrays, tmeta = transform.get_state()
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()} or {"_empty": np.zeros(0, np.float32)}
-    atomic_write(run / TRANSFORM, lambda tmp: save_file(tensors, tmp))
+    write_bytes(run / TRANSFORM, save(tensors))
     write_json(run / RUN_JSON, {**meta, "transform": tmeta, "format": "featcache-run", "version": 1})
     write_json(run / METRICS_JSON, {"metrics": metrics, "sweep": sweep, "best": meta["best"], "few_shot": few_shot,
                                     "seconds": seconds, "warnings": warnings, "history": history})

@@ -129,6 +129,9 @@ class FeatureCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CacheError(f"'{self.path}' is a folder, not a cache file. Run 'featcache ls --cache-dir "
+                             f"{self.path}' to list the caches in it.")
         if not self.path.is_file():
             raise CacheError(f"Cache file '{self.path}' does not exist. Run 'featcache ls' to list caches.")
         try:

@@ -41,8 +41,18 @@ def flag_names(message: str) -> str:
                   message)
 
 
-def fail_cleanly(fn):
-    """Turn library errors into ``Error: ...`` (exit 1, no traceback)."""
+class Interrupted(click.ClickException):
+    """Ctrl-C: one ``Error:`` line saying what was kept (and one JSON object with ``--json``), as
+    an interrupted extraction reports it, instead of click's bare "Aborted!"."""
+
+    kind = "Interrupted"
+
+
+def fail_cleanly(fn=None, *, interrupted: str = "Stopped (Ctrl-C) before the command finished."):
+    """Turn library errors into ``Error: ...`` (exit 1, no traceback), and Ctrl-C into
+    ``Error: <interrupted>``; ``interrupted`` says what the command keeps when stopped."""
+    if fn is None:
+        return lambda f: fail_cleanly(f, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,6 +60,8 @@ def fail_cleanly(fn):
             return fn(*args, **kwargs)
         except FeatcacheError as e:
             raise LibraryError(e) from None
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted) from None
 
     return wrapper
 

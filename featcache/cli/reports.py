@@ -56,7 +56,8 @@ def demo(out_dir, cache_dir, quiet) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or per-run lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
 @click.pass_context
-@fail_cleanly
+@fail_cleanly(interrupted="Stopped (Ctrl-C); the fits finished so far are kept in the folder's records.jsonl. Run "
+                          "the same command with --skip-existing to resume.")
 def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out_dir, skip_existing, overwrite,
           quiet, as_json, **kw):
     """Benchmark a grid of backbones x layers x sources x heads x shots x seeds.

@@ -51,7 +51,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--shots", type=int, default=None, help="Few-shot: K training examples per class.")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Few-shot: number of random draws.")
 @click.option("--cv", type=int, default=None, help="Folds of the sweep when there is no eval split (default 5).")
-@click.option("--max-memory", type=float, default=2.0, show_default=True,
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="GiB of features to load into memory; larger caches are streamed (linear, mlp).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (tail, mlp, linear with adamw).")
 @click.option("--lr", type=float, default=None, help="Learning rate (tail, mlp, linear with adamw).")
@@ -60,15 +60,17 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
               help="Stop after N epochs without a better eval score; keep the best epoch (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in -o (refused without it).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o, as a whole (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"run", "head", "best", "metrics" (each score with its 95% interval, e.g. top1_ci), '
                    '"seconds", "warnings"}.')
-@fail_cleanly
+@fail_cleanly(interrupted="Stopped (Ctrl-C) before the fit finished; no run was written (an existing one is "
+                          "unchanged).")
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
              extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
-             patience, opts, output, overwrite, runs_dir, as_json) -> None:
+             patience, opts, output, overwrite, runs_dir, quiet, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, keep the model that scored best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
@@ -95,7 +97,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     fit_log = logging.getLogger("featcache.fit")
     level = fit_log.level
     fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
-    bar = _EpochBar(as_json)
+    bar = _EpochBar(quiet or as_json)
     try:
         res = run(cache, config, progress=bar)
     finally:
@@ -201,13 +203,17 @@ def evaluate(run_dir, cache, as_json) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write predictions to a .csv or .json file.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [{"path", "label", "probability", "top"}]}.')
-@fail_cleanly
+@fail_cleanly(interrupted="Stopped (Ctrl-C) before every image was classified; nothing was written.")
 def predict(run_dir, images, top, batch_size, device, weights, output, as_json) -> None:
     """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
     from ..predict import predict as run
 
     if output and Path(output).suffix.lower() not in (".csv", ".json"):  # refused before any image is read
         raise click.BadParameter(f"must end in .csv or .json, got {output!r}.", param_hint="--output")
+    if output:  # its folder too
+        from ..outputs import check_output_file
+
+        check_output_file(output, overwrite=True, suffixes=(".csv", ".json"))
     preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights)
     if output:
         _write_predictions(preds, output)
@@ -245,14 +251,16 @@ def _write_predictions(preds: list[dict], output: str) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Backbone weights file.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (refused without it).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"program", "classes", "preprocess", ...}.')
 @fail_cleanly
-def export(run_dir, out, weights, as_json) -> None:
+def export(run_dir, out, weights, overwrite, as_json) -> None:
     """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits.
-    The classes and preprocessing travel inside it (featcache.load_export reads both)."""
+    The classes and preprocessing travel inside it (featcache.load_export reads both). OUT must end in
+    .pt2; an existing file is replaced only with --overwrite."""
     from ..predict import EXPORT_META, export as run, load_export
 
-    path = run(run_dir, out, weights=weights)
+    path = run(run_dir, out, weights=weights, overwrite=overwrite)
     meta = load_export(path).meta
     if as_json:
         echo_json({"program": str(path), **meta})
@@ -287,11 +295,13 @@ def export(run_dir, out, weights, as_json) -> None:
               help="Carve a stratified, seeded val split out of train when the source has none.")
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --val-fraction.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o, as a whole (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "metrics", "per_epoch", "seconds"}.')
-@fail_cleanly
+@fail_cleanly(interrupted="Stopped (Ctrl-C) before training finished; no run was written (an existing one is "
+                          "unchanged).")
 def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_size, seed, device, num_workers,
-             precision, input_size, val_fraction, split_seed, output, runs_dir, as_json):
+             precision, input_size, val_fraction, split_seed, output, overwrite, runs_dir, as_json):
     """Fine-tune the layers after a freeze boundary on raw images, the classic way (the reference
     that 'fit-head --head tail' on cached boundary activations is measured against)."""
     from ..finetune import FinetuneConfig, finetune as run
@@ -299,7 +309,8 @@ def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_s
     config = FinetuneConfig(backbone=backbone, weights=weights, freeze_until=freeze_until, train=tuple(train),
                             epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                             num_workers=num_workers, precision=precision, input_size=input_size, output=output,
-                            runs_dir=runs_dir, val_fraction=val_fraction, split_seed=split_seed)
+                            runs_dir=runs_dir, overwrite=overwrite, val_fraction=val_fraction,
+                            split_seed=split_seed)
     res = run(source, config, progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
     if as_json:
         echo_json(res.to_dict())
