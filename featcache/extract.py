@@ -28,7 +28,7 @@ from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterru
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate, plan_rows,
                       worker_init)
 from .partial import ChunkWriter, PartialStore
-from .plan import ARRAY_KINDS, ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
+from .plan import ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
 from .reuse import Donors, blocks, find_hit, hit_result, reused, is_hit_rows, listing_matches, rows_to_compute, stat_key
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
@@ -261,7 +261,7 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     forward = TappedForward(bb, layers, config.pool, device=device, precision=config.precision,
                             channels_last=config.channels_last, order=order, compile=config.compile)
     pp = bb.preprocess
-    pre_decoded = src.kind in ARRAY_KINDS
+    pre_decoded = src.pre_decoded
     workers = config.num_workers if config.num_workers is not None else default_workers(device,
                                                                                        pre_decoded=pre_decoded)
     # Decoding in the main process: a thread per forward thread (files only; arrays need little work).

@@ -1,0 +1,50 @@
+"""The ``csv`` kind: a manifest ``path,label[,split]`` with a header row."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from ..errors import SourceError
+from .base import SOURCES, SPLIT_NAMES, FileSource, SampleRef
+
+
+class CsvSource(FileSource):
+    """A CSV manifest ``path,label[,split]`` with a header row; paths relative to the CSV file."""
+
+    kind = "csv"
+    splits_from = "the split column (else all train)"
+    suffixes = (".csv",)
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"CSV manifest '{path}' does not exist.")
+        super().__init__(spec=str(path.resolve()))
+        self.root = path.resolve().parent
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"path", "label"} <= set(rows[0]):
+            raise SourceError(
+                f"CSV manifest '{path}' needs a header row with columns path,label[,split]."
+            )
+        for n, r in enumerate(rows, start=2):
+            if not r.get("path") or r.get("label") in (None, ""):
+                raise SourceError(f"CSV manifest '{path}' line {n}: needs a path and a label.")
+        self.classes = sorted({r["label"] for r in rows})
+        index = {c: i for i, c in enumerate(self.classes)}
+        by_split: dict[str, list[SampleRef]] = {}
+        for n, r in enumerate(rows, start=2):
+            split = (r.get("split") or "train").strip()
+            if split not in SPLIT_NAMES:
+                raise SourceError(
+                    f"CSV manifest '{path}' line {n}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}."
+                )
+            p = (self.root / r["path"]).resolve()
+            by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], str(p)))
+        # Missing files stay in the plan: extraction records them as failed with their path.
+        self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
+
+
+SOURCES.register("csv", CsvSource, description="CSV manifest with columns path,label[,split]; paths relative to the CSV")
