@@ -99,6 +99,12 @@ def test_a_changed_config_or_processor_is_a_cache_miss(folders, image_folder, tm
 def test_errors_name_the_next_step(folders, tmp_path):
     with pytest.raises(ConfigError, match="hf: backbones read their weights from their folder; drop --weights"):
         load_backbone(f"hf:{folders['vit']}", weights=tmp_path / "w.pt")
+    from featcache.backbones import check_backbone_spec
+    from featcache.errors import BackboneError
+
+    with pytest.raises(BackboneError, match=f"Hugging Face model folder '{tmp_path}/nope' does not exist"):
+        check_backbone_spec(f"hf:{tmp_path}/nope")  # bench refuses it before any extraction
+    check_backbone_spec("hf:facebook/dinov2-small")  # a hub name: known once it is fetched
     # A hub name not downloaded yet: unknown without building, and refused offline with the way out.
     assert weights_sha256_without_building("hf:featcache-tests/not-a-model") == (False, None)
     with pytest.raises(WeightsUnavailableError, match=r"Cannot fetch the Hugging Face model .*save_pretrained\(FOLDER\)"):

@@ -55,9 +55,7 @@ def model_folder(spec: BackboneSpec, *, download: bool = True) -> Path:
     cache (downloaded when ``download`` and not there yet)."""
     if os.path.isdir(spec.arch):
         return Path(spec.arch).resolve()
-    if os.sep in spec.arch.strip("/") and spec.arch.startswith((".", "/", "~")):
-        raise BackboneError(f"Hugging Face model folder '{spec.arch}' does not exist. Pass a save_pretrained "
-                            f"folder or a hub name such as 'hf:facebook/dinov2-small'.")
+    _refuse_missing_folder(spec)
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -71,6 +69,13 @@ def model_folder(spec: BackboneSpec, *, download: bool = True) -> Path:
             f"save it elsewhere with model.save_pretrained(FOLDER) and image_processor.save_pretrained(FOLDER), "
             f"copy FOLDER here and use 'hf:FOLDER'."
         ) from None
+
+
+def _refuse_missing_folder(spec: BackboneSpec) -> None:
+    """A spec that is a path (``/``, ``.`` or ``~`` first), not a hub name, must be a folder."""
+    if spec.arch.startswith(("/", ".", "~")) and not os.path.isdir(spec.arch):
+        raise BackboneError(f"Hugging Face model folder '{spec.arch}' does not exist. Pass a save_pretrained "
+                            f"folder or a hub name such as 'hf:facebook/dinov2-small'.")
 
 
 def _canonical_json_sha(path: Path) -> str | None:
@@ -194,6 +199,7 @@ class HFFamily(BackboneFamily):
                               f"{spec.weights!r} and pass the save_pretrained folder as 'hf:FOLDER'.")
         if not spec.arch:
             raise ConfigError("The 'hf:' backbone needs a folder or hub name, e.g. 'hf:facebook/dinov2-small'.")
+        _refuse_missing_folder(spec)
 
     def build(self, spec: BackboneSpec, *, download: bool = True) -> Backbone:
         import inspect
