@@ -126,3 +126,12 @@ def test_cli_extract_every_block_and_fit_every_layer(folders, image_folder, tmp_
     rows = {row["name"]: row for row in json.loads(r.output)}
     assert rows["block.2"] == {"name": "block.2", "shape": [17, 32], "stage": True}
     assert np.isfinite(rows["output"]["shape"]).all()
+
+
+def test_probe_layers_scores_every_block_of_a_transformer(folders, image_folder, tmp_path):
+    from featcache.plan import ExtractConfig
+    from featcache.probe_layers import probe_layers
+
+    res = probe_layers(f"hf:{folders['vit']}", str(image_folder), out_dir=tmp_path / "probe", head="ncm",
+                       extract_config=ExtractConfig(num_workers=0, pool="cls", cache_dir=str(tmp_path / "c")))
+    assert [r["name"] for r in res.layers] == ["block.0", "block.1", "output"]
