@@ -124,7 +124,7 @@ def jpeg_folder(n: int) -> Path:
 
 
 def array_npz(n: int, size: int) -> Path:
-    """Pre-decoded RGB arrays at the crop size (featcache crops them without resizing)."""
+    """Pre-decoded RGB arrays of ``size`` x ``size`` (at the resize size featcache only crops them)."""
     path = SCRATCH / f"arrays-{n}-{size}.npz"
     if not path.exists():
         rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def decode_alone(data: Path, batch: int, workers: int | None = None) -> tuple[fl
     extraction starts), no forward."""
     src = open_source(str(data))
     pp = prepare(str(data), ExtractConfig(backbone=MODELS[0][0], device=str(DEVICE), **MODELS[0][1])).backbone.preprocess
-    workers = workers or default_workers(DEVICE, pre_decoded=False) or 1
+    workers = workers or default_workers(DEVICE) or 1
     rows = [r for rs in plan_rows(src).values() for r in rs]
     loader = torch.utils.data.DataLoader(DecodeDataset(src, rows, pp), batch_sampler=batches(rows, batch),
                                          num_workers=workers, collate_fn=collate, prefetch_factor=4)
@@ -263,7 +263,7 @@ def defaults_rows(npz: Path, jpegs: Path) -> None:
     res = timed_extract(npz, spec, options, runs=1, precision="bf16", batch_size=4 * base)
     record(what="extract arrays (defaults sweep)", backbone=spec, precision="bf16", batch=4 * base, **res)
     cpus = len(os.sched_getaffinity(0))
-    default = default_workers(DEVICE, pre_decoded=False) or 1
+    default = default_workers(DEVICE) or 1
     if cpus - 1 > default and not out_of_time("decode alone, more workers"):
         rate, workers = decode_alone(jpegs, base, workers=cpus - 1)
         record(what="decode alone (defaults sweep)", workers=workers, steady_img_s=rate)
@@ -304,10 +304,12 @@ def main() -> None:
     try:
         t = time.perf_counter()
         jpegs = jpeg_folder(N)
-        crops = {spec: prepare(str(jpegs), ExtractConfig(backbone=spec, device=str(DEVICE), **options)
-                               ).backbone.preprocess.crop for spec, options in MODELS}
-        npz = {spec: array_npz(N, crop) for spec, crop in crops.items()}
-        record(what="data", jpegs=N, npz_crops=sorted(set(crops.values())), seconds=time.perf_counter() - t)
+        # Arrays at the backbone's resize size, so featcache only centre-crops them (the first GPU
+        # run stored them at the crop size, which featcache upsamples with PIL like any image).
+        sizes = {spec: prepare(str(jpegs), ExtractConfig(backbone=spec, device=str(DEVICE), **options)
+                               ).backbone.preprocess.resize for spec, options in MODELS}
+        npz = {spec: array_npz(N, size) for spec, size in sizes.items()}
+        record(what="data", jpegs=N, npz_sizes=sorted(set(sizes.values())), seconds=time.perf_counter() - t)
         r_decode, workers = decode_alone(jpegs, default_batch_size(DEVICE))
         record(what="decode alone (PIL, worker processes)", workers=workers, steady_img_s=r_decode)
         first = MODELS[0][0]

@@ -23,7 +23,8 @@ import torch
 
 from .backbones import Backbone
 from .cache_writer import CacheLock, CacheWriter, iter_runs, set_aside
-from .devices import default_workers, prefetch_for_shm, shm_free_bytes
+from .devices import (cudnn_autotuning, default_workers, main_process_decode_threads, prefetch_for_shm,
+                      shm_free_bytes)
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate, plan_rows,
                       worker_init)
@@ -254,18 +255,20 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     tune_allocator()
     if config.threads:
         torch.set_num_threads(config.threads)
-    if device.type == "cuda":
-        # Input shapes are fixed for a whole run (one crop size, one batch size but the last), so
-        # cuDNN may time its algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = True
+    # Input shapes are fixed for a whole run (one crop size, one batch size but the last), so cuDNN
+    # may time its algorithms once and keep the fastest; the caller's setting is restored after.
+    with cudnn_autotuning(device):
+        _compute_batches(src, bb, layers, config, device, order, todo, partial, progress)
+
+
+def _compute_batches(src, bb: Backbone, layers, config: ExtractConfig, device, order, todo, partial: PartialStore,
+                     progress: ProgressFn | None) -> None:
     forward = TappedForward(bb, layers, config.pool, device=device, precision=config.precision,
                             channels_last=config.channels_last, order=order, compile=config.compile)
     pp = bb.preprocess
     pre_decoded = src.pre_decoded
-    workers = config.num_workers if config.num_workers is not None else default_workers(device,
-                                                                                       pre_decoded=pre_decoded)
-    # Decoding in the main process: a thread per forward thread (files only; arrays need little work).
-    decode_threads = 1 if workers or pre_decoded else torch.get_num_threads()
+    workers = config.num_workers if config.num_workers is not None else default_workers(device)
+    decode_threads = main_process_decode_threads(device, workers, pre_decoded=pre_decoded)
     dataset = DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
                              encoded_jpegs=config.decode_on_device)
     prefetch = None

@@ -285,8 +285,7 @@ class _Images(torch.utils.data.Dataset):
 
 def _loader(ds: _Images, order: list[int], config: FinetuneConfig, device: torch.device) -> torch.utils.data.DataLoader:
     """Batches of ``ds`` in ``order``: decoding processes and pinned memory on a GPU, as in extraction."""
-    workers = config.num_workers if config.num_workers is not None else default_workers(
-        device, pre_decoded=ds.src.pre_decoded)
+    workers = config.num_workers if config.num_workers is not None else default_workers(device)
     return torch.utils.data.DataLoader(
         ds, batch_size=config.batch_size, sampler=order, collate_fn=collate, num_workers=workers,
         worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda",

@@ -24,7 +24,8 @@ from .heads import HEADS, make_head
 from .heads.base import BaseHead
 from .heads.monitor import training_monitor
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
-from .runs import RUN_JSON, save_run
+from .intervals import bootstrap_intervals
+from .runs import RUN_JSON, rows_digest, save_run
 from .validation import check_choice, check_int
 from .runtime import head_threads
 from .store import FeatureCache, open_cache
@@ -378,15 +379,18 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     return _Fitted(final, transform, best, sweep, layer)
 
 
-def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...]) -> dict:
-    metrics = {}
+def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...]) -> tuple[dict, dict]:
+    """Metrics (with intervals) per scored split, and each split's labels and probabilities."""
+    metrics, scored = {}, {}
     for split in cache.splits:
         if split in skip or cache.n(split) == 0:
             continue
         X, y = cache.load(split, fitted.layer)
-        proba = fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1)))
-        metrics[split] = split_metrics(y, expand_proba(proba, fitted.head.classes_, len(cache.classes)), cache.classes)
-    return metrics
+        proba = expand_proba(fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1))),
+                             fitted.head.classes_, len(cache.classes))
+        metrics[split] = split_metrics(y, proba, cache.classes)
+        scored[split] = (y, proba)
+    return metrics, scored
 
 
 def _checked(config: FitConfig | None, options: dict) -> FitConfig:
@@ -443,16 +447,23 @@ def _few_shot(cache: FeatureCache, config: FitConfig, layer: str, eval_split: st
         warn(f"shots={config.shots}: " + ", ".join(f"class '{c}' has only {n}" for c, n in short.items())
              + f" training rows; those classes use all of them, so the run is not {config.shots}-shot for them. "
              f"Pass shots={k} for a true {k}-shot run.")
-    per_seed, first = [], None
+    per_seed, first, probas = [], None, {}
     for s in range(config.seeds):
         idx = _few_shot_indices(y_all, config.shots, config.seed + s)
         fitted = _fit_once(cache, config, layer, idx, eval_split, config.seed + s, warn, progress)
-        m = _score_splits(cache, fitted, skip)
+        m, scored = _score_splits(cache, fitted, skip)
         per_seed.append({"seed": config.seed + s, "best": fitted.best, "metrics": m})
-        first = first or (fitted, m)
+        for split, (y, proba) in scored.items():
+            probas.setdefault(split, (y, []))[1].append(proba)
+        first = first or (fitted, m, scored)
+    summary = _summarize(per_seed)
+    for split, (y, sets) in probas.items():  # the interval of the mean over seeds, each resample shared
+        for key, ci in bootstrap_intervals(y, sets).items():
+            if key[:-3] in summary.get(split, {}):
+                summary[split][key[:-3]]["ci"] = ci
     few_shot = {"shots": config.shots, "seeds": config.seeds, "short_classes": short,
-                "summary": _summarize(per_seed), "per_seed": per_seed}
-    return first[0], first[1], few_shot
+                "summary": summary, "per_seed": per_seed}
+    return first[0], (first[1], first[2]), few_shot
 
 
 def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None = None, *,
@@ -497,17 +508,19 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
                               f"pass one layer ({', '.join(layers)}).")
         few_shot = None
         if config.shots:
-            fitted, metrics, few_shot = _few_shot(c, config, layers[0], eval_split, skip, warn, progress)
+            fitted, (metrics, scored), few_shot = _few_shot(c, config, layers[0], eval_split, skip, warn, progress)
         else:
             fitted = (_sweep_layers(c, config, layers, eval_split, warn, progress) if len(layers) > 1 else
                       _fit_once(c, config, layers[0], None, eval_split, config.seed, warn, progress))
-            metrics = _score_splits(c, fitted, skip)
+            metrics, scored = _score_splits(c, fitted, skip)
+        rows = {split: {"y": y, "pred": proba.argmax(axis=1), "digest": rows_digest(c.ids(split))}
+                for split, (y, proba) in scored.items()}
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": fitted.layer, "classes": c.classes, "fingerprint": c.fingerprint,
                 "extract_config": c.extract_config, "config": config.to_dict(), "best": fitted.best}
         save_run(run, fitted.head, fitted.transform, meta, metrics, fitted.sweep, few_shot, seconds, notes,
-                 getattr(fitted.head, "history_", None))
+                 getattr(fitted.head, "history_", None), rows)
         return FitResult(str(run), config.head, fitted.best, metrics, fitted.sweep, seconds, few_shot, list(notes))
     finally:
         if own:

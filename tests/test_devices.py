@@ -162,9 +162,8 @@ def test_default_workers_use_affinity_divided_by_local_ranks(monkeypatch, cpus, 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     monkeypatch.setattr(os, "cpu_count", lambda: 256)  # the machine's count must not be used
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-    assert devmod.default_workers(torch.device("cuda", 0), pre_decoded=False) == expected
-    assert devmod.default_workers(torch.device("cuda", 0), pre_decoded=True) == 0
-    assert devmod.default_workers(torch.device("cpu"), pre_decoded=False) == 0
+    assert devmod.default_workers(torch.device("cuda", 0)) == expected  # files and arrays alike
+    assert devmod.default_workers(torch.device("cpu")) == 0
 
 
 # --- 4. post-processing on the device, one copy to the host per batch -------------------------
@@ -424,3 +423,50 @@ def test_an_explicit_slow_precision_is_kept_with_a_warning(monkeypatch, tiny, im
     with caplog.at_level(logging.WARNING):
         plan_mod.prepare(str(image_folder), ExtractConfig(**{**tiny, "device": "cpu", "precision": "fp32"}))
     assert "slow" not in caplog.text
+
+
+# --- found on the first GPU run (an H200): each failure there, shown on the CPU ----------------
+
+@pytest.mark.parametrize("gpus, local_world, expected", [(1, 2, "gloo"), (2, 2, "nccl"), (1, 1, "nccl")])
+def test_ranks_sharing_a_gpu_use_gloo_since_nccl_refuses_them(monkeypatch, gpus, local_world, expected):
+    # On one H200, torchrun --nproc-per-node 2 failed in NCCL: "Duplicate GPU detected: rank 1 and rank 0
+    # both on CUDA device".
+    from featcache.devices import distributed_backend
+
+    _fake_cuda(monkeypatch, count=gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert distributed_backend(torch.device("cuda", 0)) == expected
+    assert distributed_backend(torch.device("cpu")) == "gloo"
+
+
+def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
+    # On an H200 fp32 features differed from the CPU's by 2e-3: cuDNN used TF32 for convolutions.
+    from featcache.devices import autocast, cudnn_autotuning
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with autocast(torch.device("cuda"), "fp32"):
+            assert flags() == (False, False)
+        assert flags() == (True, True)
+        with autocast(torch.device("cpu"), "fp32"):
+            assert flags() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    benchmark = torch.backends.cudnn.benchmark
+    with cudnn_autotuning(torch.device("cuda")):
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == benchmark  # extraction no longer leaves it on
+
+
+def test_main_process_decoding_uses_the_free_cores_on_a_gpu(monkeypatch):
+    from featcache import devices
+
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cuda = torch.device("cuda")
+    assert devices.main_process_decode_threads(cuda, 0, pre_decoded=True) == 8
+    assert devices.main_process_decode_threads(cuda, 4, pre_decoded=False) == 1  # worker processes decode
+    assert devices.main_process_decode_threads(torch.device("cpu"), 0, pre_decoded=True) == 1
+    assert devices.main_process_decode_threads(torch.device("cpu"), 0, pre_decoded=False) == torch.get_num_threads()

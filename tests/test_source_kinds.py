@@ -71,9 +71,9 @@ def test_a_new_kind_is_one_class_and_one_registry_line(stripes, tmp_path, monkey
     assert isinstance(src, StripesSource) and len(src) == 6
     extract_mod = importlib.import_module("featcache.extract")  # the module, not the function
     seen = []
-    real = extract_mod.default_workers
-    monkeypatch.setattr(extract_mod, "default_workers", lambda *a, **k: seen.append(k) or real(*a, **k))
-    res = extract(str(stripes), backbone="resnet18.none", input_size=32, device="cpu", dtype="float32",
+    real = extract_mod.main_process_decode_threads
+    monkeypatch.setattr(extract_mod, "main_process_decode_threads", lambda *a, **k: seen.append(k) or real(*a, **k))
+    res = extract(str(stripes), backbone="resnet18.none", input_size=32, device="cpu", dtype="float32", num_workers=0,
                   precision="fp32", cache_dir=str(tmp_path / "c"))
     assert res.splits == {"train": 6}
     assert seen == [{"pre_decoded": True}]  # read from the kind's capability, not from a list of kind names

@@ -130,7 +130,9 @@ class Progress:
 
 
 def print_metrics(metrics: dict, fmt) -> None:
-    slim = {s: {k: v for k, v in m.items() if not isinstance(v, (list, dict))} for s, m in metrics.items()}
+    # Scalars, their intervals ([low, high]) and the bootstrap's settings; not the tables.
+    slim = {s: {k: v for k, v in m.items() if not isinstance(v, (list, dict)) or k.endswith("_ci") or k == "ci"}
+            for s, m in metrics.items()}
     if slim:
         click.echo(fmt(slim))
 

@@ -62,7 +62,9 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in -o (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds", "warnings"}.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"run", "head", "best", "metrics" (each score with its 95% interval, e.g. top1_ci), '
+                   '"seconds", "warnings"}.')
 @fail_cleanly
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
              extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
@@ -109,7 +111,8 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
 
 
 def _print_fit(res, shots: int | None, seeds: int) -> None:
-    from ..metrics import format_metrics_table
+    from ..intervals import detectable_difference_line
+    from ..metrics import format_interval, format_metrics_table
 
     b = res.best
     if b.get("score") is not None:
@@ -128,7 +131,14 @@ def _print_fit(res, shots: int | None, seeds: int) -> None:
         for split, m in res.few_shot["summary"].items():
             t = m.get("top1")
             if t:
-                click.echo(f"{shots}-shot over {seeds} seed(s), {split} top-1: {t['mean']:.4f} +- {t['std']:.4f}")
+                pooled = f" (pooled 95% CI {format_interval(t['ci'])})" if t.get("ci") else ""
+                click.echo(f"{shots}-shot over {seeds} seed(s), {split} top-1: {t['mean']:.4f} +- {t['std']:.4f}"
+                           + pooled)
+    held_out = [s for s in res.metrics if s != b.get("scored_on")]
+    split = "test" if "test" in held_out else (held_out or list(res.metrics) or [None])[0]
+    if split is not None:
+        m = res.metrics[split]
+        click.echo(f"{split}: {detectable_difference_line(m['n'], m.get('top1'), split)}")
     click.echo(f"run saved to {res.run} ({res.seconds:.1f} s)")
 
 
