@@ -30,7 +30,7 @@ from .files import DISK_FULL
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate, plan_rows,
                       worker_init)
 from .partial import ChunkWriter, PartialStore
-from .plan import ARRAY_KINDS, ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
+from .plan import ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
 from .reuse import Donors, blocks, find_hit, hit_result, reused, is_hit_rows, listing_matches, rows_to_compute, stat_key
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
@@ -267,7 +267,7 @@ def _compute_batches(src, bb: Backbone, layers, config: ExtractConfig, device, o
     forward = TappedForward(bb, layers, config.pool, device=device, precision=config.precision,
                             channels_last=config.channels_last, order=order, compile=config.compile)
     pp = bb.preprocess
-    pre_decoded = src.kind in ARRAY_KINDS
+    pre_decoded = src.pre_decoded
     workers = config.num_workers if config.num_workers is not None else default_workers(device)
     decode_threads = main_process_decode_threads(device, workers, pre_decoded=pre_decoded)
     dataset = DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .backbones import ALL_LAYERS, Backbone, library_versions, load_backbone
+from .backbones import ALL_LAYERS, POOLS, Backbone, library_versions, load_backbone
 from .devices import PRECISIONS, resolve_device, resolve_precision, runnable_precision
 from .errors import ConfigError
 from .loading import VIEW_SPLIT
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
-#: Sources of pre-decoded arrays: little decoding work, so no worker processes or threads.
-ARRAY_KINDS = ("npz", "digits")
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ class ExtractConfig:
             check_int("num_workers", self.num_workers, minimum=0)
         if self.threads is not None:
             check_int("threads", self.threads)
-        check_choice("pool", self.pool, ("avg", "max", "avgmax", "none"))
+        check_choice("pool", self.pool, POOLS)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("on_error", self.on_error, ON_ERROR)
@@ -160,7 +158,7 @@ def pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
     if how == "none" or len(shape) <= 1:
         return tuple(shape)
     c = shape[0] if len(shape) == 3 else shape[-1]
-    return (2 * c,) if how == "avgmax" else (c,)
+    return (2 * c,) if how in ("avgmax", "cls+mean") else (c,)
 
 
 @dataclass
@@ -225,7 +223,7 @@ def prepare_source(src: Source, config: ExtractConfig) -> Prepared:
     layers = list(config.layers) or [bb.default_layer]
     if ALL_LAYERS in layers:
         if layers != [ALL_LAYERS]:
-            raise ConfigError(f"'{ALL_LAYERS}' taps every stage and pre_logits; give it alone, not with {layers}.")
+            raise ConfigError(f"'{ALL_LAYERS}' taps every stage and the pooled layer; give it alone, not with {layers}.")
         if not bb.stages:
             raise ConfigError(f"{bb.name} has no known stages for layers=('{ALL_LAYERS}',). Name the layers "
                               f"(featcache layers {config.backbone} lists them).")

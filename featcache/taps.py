@@ -17,11 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import OUTPUT, PRE_LOGITS, Backbone
+from .backbones import CLASS_TOKEN_POOLS, OUTPUT, POOLS, PRE_LOGITS, Backbone
 from .devices import autocast
 from .errors import BackboneError, CacheError, ConfigError
-
-POOLS = ("avg", "max", "avgmax", "none")
 
 
 class _StopForward(Exception):
@@ -40,8 +38,11 @@ class LayerInfo:
         return {"name": self.name, "shape": list(self.shape), "stage": self.stage}
 
 
-def pool(x: torch.Tensor, how: str) -> torch.Tensor:
-    """Reduce a spatial map (N, C, H, W) or token sequence (N, T, D) to (N, C); ``none`` keeps it."""
+def pool(x: torch.Tensor, how: str, prefix: int = 0) -> torch.Tensor:
+    """Reduce a spatial map (N, C, H, W) or token sequence (N, T, D) to (N, C); ``none`` keeps it.
+
+    ``cls`` takes a token sequence's first token, ``mean`` averages the tokens after the ``prefix``
+    class and register tokens (a map's spatial mean), ``cls+mean`` concatenates both."""
     if how == "none" or x.ndim == 2:
         return x
     if x.ndim == 4:
@@ -56,7 +57,22 @@ def pool(x: torch.Tensor, how: str) -> torch.Tensor:
         return x.amax(dims)
     if how == "avgmax":
         return torch.cat([x.mean(dims), x.amax(dims)], dim=1)
+    if how == "mean":
+        return x[:, prefix:].mean(1) if x.ndim == 3 else x.mean(dims)
+    if how in CLASS_TOKEN_POOLS:
+        if x.ndim != 3 or prefix < 1:
+            raise ConfigError(f"--pool {how} reads a class token; this layer's output of shape "
+                              f"{tuple(x.shape[1:])} has none. Use --pool mean or avg.")
+        return x[:, 0] if how == "cls" else torch.cat([x[:, 0], x[:, prefix:].mean(1)], dim=1)
     raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {how!r}.")
+
+
+def check_pool(backbone: Backbone, how: str) -> None:
+    """Refuse a pool the backbone cannot give before any forward pass."""
+    if how not in POOLS:
+        raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {how!r}.")
+    if how in CLASS_TOKEN_POOLS and backbone.prefix_tokens < 1:
+        raise ConfigError(f"--pool {how} reads a class token; {backbone.name} has none. Use --pool mean or avg.")
 
 
 def _own(captured: torch.Tensor, out: torch.Tensor, last: bool) -> torch.Tensor:
@@ -162,11 +178,11 @@ class FeatureTap(nn.Module):
     def __init__(self, backbone: Backbone, layers: list[str], pool: str = "avg",
                  order: list[str] | None = None) -> None:
         super().__init__()
-        if pool not in POOLS:
-            raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {pool!r}.")
+        check_pool(backbone, pool)
         self.model = backbone.model
         self.layers = list(layers)
         self.pool = pool
+        self.prefix = backbone.prefix_tokens
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = []
         modules = dict(self.model.named_modules()) if not isinstance(self.model, torch.jit.ScriptModule) else {}
@@ -195,14 +211,14 @@ class FeatureTap(nn.Module):
 
     def _hook(self, name: str, stop: bool):
         def fn(_m, _inp, out):
-            self._captured[name] = _own(pool(_first_tensor(out), self.pool), _first_tensor(out), stop)
+            self._captured[name] = _own(pool(_first_tensor(out), self.pool, self.prefix), _first_tensor(out), stop)
             if stop:
                 raise _StopForward
         return fn
 
     def _pre_hook(self, stop: bool):
         def fn(_m, inp):
-            self._captured[PRE_LOGITS] = _own(pool(inp[0], self.pool), inp[0], stop)
+            self._captured[PRE_LOGITS] = _own(pool(inp[0], self.pool, self.prefix), inp[0], stop)
             if stop:
                 raise _StopForward
         return fn
@@ -212,7 +228,7 @@ class FeatureTap(nn.Module):
         try:
             out = self.model(x)
             if OUTPUT in self.layers:
-                self._captured[OUTPUT] = pool(_first_tensor(out), self.pool)
+                self._captured[OUTPUT] = pool(_first_tensor(out), self.pool, self.prefix)
         except _StopForward:
             pass
         missing = [n for n in self.layers if n not in self._captured]
@@ -235,9 +251,8 @@ class GraphTap(nn.Module):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor
 
-        if pool_how not in POOLS:
-            raise ConfigError(f"The 'pool' option must be one of {', '.join(POOLS)}. Got {pool_how!r}.")
-        self.layers, self.pool_how = list(layers), pool_how
+        check_pool(backbone, pool_how)
+        self.layers, self.pool_how, self.prefix = list(layers), pool_how, backbone.prefix_tokens
         model = backbone.model
         if isinstance(model, torch.jit.ScriptModule):
             raise BackboneError(f"{backbone.name} is a TorchScript module; it cannot be traced with torch.fx.")
@@ -267,7 +282,7 @@ class GraphTap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.extractor(x)
-        return {n: pool(_first_tensor(out[n]), self.pool_how) for n in self.layers}
+        return {n: pool(_first_tensor(out[n]), self.pool_how, self.prefix) for n in self.layers}
 
 
 def _trace(backbone: Backbone):
@@ -306,7 +321,9 @@ def _output_node(backbone: Backbone) -> str:
 
 
 class _Single(nn.Module):
-    def __init__(self, tap: GraphTap, layer: str) -> None:
+    """One layer of a tap (:class:`GraphTap`, or :class:`FeatureTap` where torch.fx cannot trace)."""
+
+    def __init__(self, tap: nn.Module, layer: str) -> None:
         super().__init__()
         self.tap, self.layer = tap, layer
 
@@ -316,8 +333,15 @@ class _Single(nn.Module):
 
 def truncated_model(backbone: Backbone, layer: str, pool_how: str) -> nn.Module:
     """The backbone cut after ``layer`` as one traced module (torch.fx, no hooks) returning the
-    pooled layer output; used for export, where hooks cannot be captured."""
-    return _Single(GraphTap(backbone, [layer], pool_how), layer)
+    pooled layer output; used for export. A network torch.fx cannot trace (data-dependent control
+    flow, as in transformers models) is tapped by hooks instead, which ``torch.export`` in
+    non-strict mode runs as plain Python."""
+    try:
+        return _Single(GraphTap(backbone, [layer], pool_how), layer)
+    except BackboneError:
+        if isinstance(backbone.model, torch.jit.ScriptModule):
+            raise
+        return _Single(FeatureTap(backbone, [layer], pool_how), layer)
 
 
 class _OutputDict(nn.Module):

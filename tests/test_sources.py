@@ -1,4 +1,4 @@
-"""Unit tests of the data sources (featcache/sources.py) on tiny data made in tmp_path.
+"""Unit tests of the data sources (featcache/sources/) on tiny data made in tmp_path.
 
 Covers the image folder (flat and train/val/test layouts), the CSV manifest, the MedMNIST-style
 .npz, the built-in digits, :func:`open_source` dispatch and ``--val-fraction``. Error texts are

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..backbones.base import POOLS
 from .common import Progress, echo_json, fail_cleanly, floats, human_bytes
 
 
@@ -17,15 +18,16 @@ def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
     opts = [
         click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
                      help="Backbone spec: NAME[.TAG] (torchvision), efficientnet_lite0, timm:NAME, "
-                          "torchscript:FILE or package.module:factory. See 'featcache backbones'."),
+                          "hf:NAME_OR_PATH, torchscript:FILE or package.module:factory. See 'featcache backbones'."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local weights file (state dict or .safetensors) instead of downloading."),
         click.option("-l", "--layer", "layers", multiple=True,
                      help="Layer to tap (repeatable; all from one forward pass). Default: pre_logits, "
-                          "the pooled input of the classifier; 'all': every stage and pre_logits. See "
-                          "'featcache layers BACKBONE'."),
-        click.option("--pool", type=click.Choice(["avg", "max", "avgmax", "none"]), default="avg",
-                     show_default=True, help="Reduce spatial maps (or tokens); none keeps the map."),
+                          "the pooled input of the classifier (output for hf: models); 'all': every stage "
+                          "(block.N for hf:) and that pooled layer. See 'featcache layers BACKBONE'."),
+        click.option("--pool", type=click.Choice(POOLS), default="avg",
+                     show_default=True, help="Reduce spatial maps or tokens; none keeps them. Token models: cls "
+                                             "(class token), mean (patch tokens), cls+mean (both)."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
                      show_default=True, help="Storage type of the features."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",

@@ -12,20 +12,20 @@ from .common import echo_json, fail_cleanly
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"families": [...], "backbones": [...]}.')
 def backbones(as_json: bool) -> None:
-    """List registered backbones (plus timm:NAME, torchscript:FILE and package.module:factory)."""
-    from ..backbones import list_backbones
+    """List the backbone families (timm:NAME, hf:NAME_OR_PATH, ...) and the named backbones."""
+    from ..backbones import list_backbones, list_families
 
-    rows = list_backbones()
+    families, rows = list_families(), list_backbones()
     if as_json:
-        echo_json(rows)
+        echo_json({"families": families, "backbones": rows})
         return
     for r in rows:
         click.echo(f"{r['name']:<32} {r['description']}")
-    click.echo("timm:NAME[.TAG]                  any timm model (pip install 'featcache[timm]')")
-    click.echo("torchscript:FILE                 a TorchScript file (--input-size/--mean/--std)")
-    click.echo("package.module:factory           a callable returning an nn.Module")
+    for f in families:
+        if f["family"] not in {r["family"] for r in rows}:
+            click.echo(f"{f['syntax']:<32} {f['description']}")
 
 
 @click.command()
@@ -53,12 +53,17 @@ def layers(backbone: str, weights, depth: int, input_size, as_json: bool) -> Non
 
 
 @click.command()
-def sources() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the kinds with their capabilities.")
+def sources(as_json: bool) -> None:
     """List the kinds of data source."""
-    from ..sources import SOURCES
+    from ..sources import list_sources
 
-    for e in SOURCES:
-        click.echo(f"{e.name:<8} {e.description}")
+    rows = list_sources()
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['kind']:<8} {r['description']}")
 
 
 @click.command()

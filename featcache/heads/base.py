@@ -26,6 +26,7 @@ from sklearn.exceptions import NotFittedError
 from ..errors import ConfigError, HeadError
 from ..runtime import head_threads
 from .inputs import CHUNK_ROWS, as_float, check_features, encode_labels, iter_row_chunks
+from .params import Option
 
 if TYPE_CHECKING:
     import torch
@@ -119,7 +120,7 @@ class CacheSetup:
 class BaseHead(ClassifierMixin, BaseEstimator):
     """Base class of featcache heads (scikit-learn classifier contract plus sweep and state).
 
-    Subclasses set the class attributes below and implement ``_check_params``, ``_fit``,
+    Subclasses set the class attributes below (``parameters`` declares the options) and implement ``_fit``,
     ``_proba``, ``_state_arrays``, ``_load_state`` and ``to_torch``; they may override
     ``_sweep`` with a faster path than one fit per grid value.
     """
@@ -128,7 +129,10 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     param: ClassVar[str | None] = None
     #: Grid swept when the user gives none.
     default_grid: ClassVar[tuple[Any, ...]] = (None,)
-    #: One-line help per ``__init__`` option, shown by ``featcache heads``.
+    #: Every ``__init__`` option with its check and help line (:mod:`featcache.heads.params`):
+    #: the one declaration ``_check_params`` and ``options`` follow from.
+    parameters: ClassVar[dict[str, Option]] = {}
+    #: One-line help per ``__init__`` option, shown by ``featcache heads`` (from ``parameters``).
     options: ClassVar[dict[str, str]] = {}
     #: What ``fit`` reads: "features" (vectors, (n, d)) or "activations" (the spatial maps at a
     #: freeze boundary as cached by ``extract --pool none``, (n, C, H, W)).
@@ -177,8 +181,23 @@ class BaseHead(ClassifierMixin, BaseEstimator):
 
     # -- to implement ---------------------------------------------------------------------------
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "parameters" in cls.__dict__:
+            declared, signature = sorted(cls.parameters), cls._get_param_names()
+            if declared != signature:
+                raise TypeError(f"{cls.__name__}.parameters declares {declared} but __init__ takes {signature}.")
+            cls.options = {name: option.help for name, option in cls.parameters.items()}
+
     def _check_params(self) -> None:
-        """Raise ``ConfigError`` for a bad option value."""
+        """Raise ``ConfigError`` for a bad option value: each option's own check from
+        ``parameters``, then :meth:`_check_combination`."""
+        for name, option in self.parameters.items():
+            option.validate(name, getattr(self, name))
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        """Raise ``ConfigError`` for options that are valid alone but not together."""
 
     def _fit(self, X: Any, y_idx: np.ndarray, n_classes: int) -> None:
         raise NotImplementedError

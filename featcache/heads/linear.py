@@ -15,18 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 from ..errors import ConfigError
 from ..lazy import torch
 from ..training import cosine_lr, resolve_seed
-from ..validation import (
-    CLASS_WEIGHT_HELP,
-    PATIENCE_HELP,
-    check_choice,
-    check_class_weight,
-    check_device,
-    check_int,
-    check_memory,
-    check_number,
-    check_patience,
-    check_seed,
-)
+from .params import CLASS_WEIGHT, DEVICE, LR, MAX_MEMORY, PATIENCE, Option, choice, integer, positive, seed
 from .base import BaseHead, LinearHeadMixin, scores_to_proba
 from .monitor import EpochTracker
 from .sklearn_heads import LOGREG_GRID
@@ -103,19 +92,19 @@ class LinearHead(LinearHeadMixin, BaseHead):
     param = "C"
     default_grid = LINEAR_GRID
     grid_bounds = (1e-6, 1e6)
-    options = {
-        "C": "inverse L2 strength (scikit-learn meaning); the swept parameter",
-        "solver": "lbfgs (full batch) or adamw (mini-batch)",
-        "max_iter": "L-BFGS iterations",
-        "tol": "L-BFGS gradient tolerance",
-        "lr": "AdamW peak learning rate (cosine schedule)",
-        "batch_size": "AdamW mini-batch rows",
-        "epochs": "AdamW passes over the data",
-        "device": "torch device: auto, cpu, cuda, cuda:N",
-        "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
-        "random_state": "seed of the AdamW shuffling",
-        "class_weight": CLASS_WEIGHT_HELP,
-        "patience": PATIENCE_HELP,
+    parameters = {
+        "C": Option("inverse L2 strength (scikit-learn meaning); the swept parameter", positive),
+        "solver": Option("lbfgs (full batch) or adamw (mini-batch)", choice("lbfgs", "adamw")),
+        "max_iter": Option("L-BFGS iterations", integer),
+        "tol": Option("L-BFGS gradient tolerance", positive),
+        "lr": LR,
+        "batch_size": Option("AdamW mini-batch rows", integer),
+        "epochs": Option("AdamW passes over the data", integer),
+        "device": DEVICE,
+        "max_memory": MAX_MEMORY,
+        "random_state": seed("seed of the AdamW shuffling"),
+        "class_weight": CLASS_WEIGHT,
+        "patience": PATIENCE,
     }
     streams = True
     thread_pool = "torch"
@@ -149,19 +138,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
         self.class_weight = class_weight
         self.patience = patience
 
-    def _check_params(self) -> None:
-        check_number("C", self.C)
-        check_choice("solver", self.solver, ("lbfgs", "adamw"))
-        check_int("max_iter", self.max_iter)
-        check_number("tol", self.tol)
-        check_number("lr", self.lr)
-        check_int("batch_size", self.batch_size)
-        check_int("epochs", self.epochs)
-        check_device(self.device)
-        check_memory(self.max_memory)
-        check_seed(self.random_state)
-        check_class_weight(self.class_weight)
-        check_patience(self.patience)
+    def _check_combination(self) -> None:
         if self.patience is not None and self.solver != "adamw":
             raise ConfigError(
                 f"The 'patience' option stops AdamW epochs; solver={self.solver!r} has none. "

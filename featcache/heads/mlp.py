@@ -11,18 +11,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..lazy import torch
 from ..training import cosine_lr, resolve_seed
-from ..validation import (
-    CLASS_WEIGHT_HELP,
-    PATIENCE_HELP,
-    check_adamw,
-    check_class_weight,
-    check_device,
-    check_int,
-    check_memory,
-    check_number,
-    check_patience,
-    check_seed,
-)
+from .params import CLASS_WEIGHT, DEVICE, LR, MAX_MEMORY, PATIENCE, Option, fraction, integer, non_negative, seed
 from .base import BaseHead, softmax, state_array
 from .monitor import EpochTracker
 from .solvers import DEFAULT_MAX_MEMORY, Rows, adam_step, class_weight_tensor, mlp_grid_proba, resolve_device
@@ -73,18 +62,18 @@ class MLPHead(BaseHead):
     param = "weight_decay"
     default_grid = MLP_GRID
     grid_bounds = (1e-6, 1e2)
-    options = {
-        "hidden": "hidden units",
-        "dropout": "dropout rate on the hidden layer",
-        "weight_decay": "AdamW decoupled weight decay; the swept parameter",
-        "lr": "AdamW peak learning rate (cosine schedule)",
-        "epochs": "passes over the data",
-        "batch_size": "mini-batch rows",
-        "device": "torch device: auto, cpu, cuda, cuda:N",
-        "max_memory": "bytes of features held at once; larger inputs are streamed in chunks",
-        "random_state": "seed of initialisation, shuffling and dropout",
-        "class_weight": CLASS_WEIGHT_HELP,
-        "patience": PATIENCE_HELP,
+    parameters = {
+        "hidden": Option("hidden units", integer),
+        "dropout": Option("dropout rate on the hidden layer", fraction),
+        "weight_decay": Option("AdamW decoupled weight decay; the swept parameter", non_negative),
+        "lr": LR,
+        "epochs": Option("passes over the data", integer),
+        "batch_size": Option("mini-batch rows", integer),
+        "device": DEVICE,
+        "max_memory": MAX_MEMORY,
+        "random_state": seed("seed of initialisation, shuffling and dropout"),
+        "class_weight": CLASS_WEIGHT,
+        "patience": PATIENCE,
     }
     streams = True
     thread_pool = "torch"
@@ -115,18 +104,6 @@ class MLPHead(BaseHead):
         self.random_state = random_state
         self.class_weight = class_weight
         self.patience = patience
-
-    def _check_params(self) -> None:
-        check_int("hidden", self.hidden)
-        dropout = check_number("dropout", self.dropout, strict=False)
-        if dropout >= 1.0:
-            raise ConfigError(f"The 'dropout' option must be in [0, 1). Got {self.dropout!r}.")
-        check_adamw(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size)
-        check_device(self.device)
-        check_memory(self.max_memory)
-        check_seed(self.random_state)
-        check_class_weight(self.class_weight)
-        check_patience(self.patience)
 
     def _train(self, X: Any, y_idx: np.ndarray, n_classes: int, decays: list[float]):
         device = resolve_device(self.device)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import HeadError
 from ..lazy import torch
-from ..validation import check_choice, check_device, check_int, check_number
+from .params import DEVICE, Option, choice, integer, optional, positive
 from .base import BaseHead, softmax, state_array
 from .inputs import iter_row_chunks
 from .solvers import resolve_device
@@ -77,11 +77,11 @@ class KNNHead(BaseHead):
 
     param = "k"
     default_grid = KNN_GRID
-    options = {
-        "k": "neighbours (clipped to the training rows); the swept parameter",
-        "temperature": "vote weight exp(similarity / temperature)",
-        "batch_size": "query rows per similarity block",
-        "device": "torch device: auto, cpu, cuda, cuda:N",
+    parameters = {
+        "k": Option("neighbours (clipped to the training rows); the swept parameter", integer),
+        "temperature": Option("vote weight exp(similarity / temperature)", positive),
+        "batch_size": Option("query rows per similarity block", integer),
+        "device": DEVICE,
     }
     thread_pool = "torch"
     grid_bounds = (1, None)
@@ -112,12 +112,6 @@ class KNNHead(BaseHead):
         self.temperature = temperature
         self.batch_size = batch_size
         self.device = device
-
-    def _check_params(self) -> None:
-        check_int("k", self.k)
-        check_number("temperature", self.temperature)
-        check_int("batch_size", self.batch_size)
-        check_device(self.device)
 
     def _fit(self, X, y_idx, n_classes) -> None:
         self.bank_ = _normalize(X)
@@ -238,9 +232,9 @@ class NCMHead(BaseHead):
 
     param = None
     default_grid = (None,)
-    options = {
-        "metric": "cosine or euclidean",
-        "temperature": "softmax temperature (default 0.05 cosine, 1.0 euclidean)",
+    parameters = {
+        "metric": Option("cosine or euclidean", choice("cosine", "euclidean")),
+        "temperature": Option("softmax temperature (default 0.05 cosine, 1.0 euclidean)", optional(positive)),
     }
     streams = True
     parallel_work = 1 << 16
@@ -248,11 +242,6 @@ class NCMHead(BaseHead):
     def __init__(self, *, metric: str = "cosine", temperature: float | None = None) -> None:
         self.metric = metric
         self.temperature = temperature
-
-    def _check_params(self) -> None:
-        check_choice("metric", self.metric, ("cosine", "euclidean"))
-        if self.temperature is not None:
-            check_number("temperature", self.temperature)
 
     def _temperature(self) -> float:
         if self.temperature is not None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
-from ..validation import CLASS_WEIGHT_HELP, check_class_weight, check_int, check_number
+from .params import CLASS_WEIGHT, Option, integer, positive
 from .base import BaseHead, LinearHeadMixin, scores_to_proba
 from .inputs import class_weights, iter_row_chunks
 
@@ -58,11 +59,11 @@ class LogRegHead(LinearHeadMixin, BaseHead):
     param = "C"
     default_grid = LOGREG_GRID
     grid_bounds = (1e-6, 1e6)
-    options = {
-        "C": "inverse L2 strength (scikit-learn meaning); the swept parameter",
-        "max_iter": "lbfgs iterations",
-        "tol": "lbfgs gradient tolerance",
-        "class_weight": CLASS_WEIGHT_HELP,
+    parameters = {
+        "C": Option("inverse L2 strength (scikit-learn meaning); the swept parameter", positive),
+        "max_iter": Option("lbfgs iterations", integer),
+        "tol": Option("lbfgs gradient tolerance", positive),
+        "class_weight": CLASS_WEIGHT,
     }
 
     def __init__(
@@ -77,12 +78,6 @@ class LogRegHead(LinearHeadMixin, BaseHead):
         self.max_iter = max_iter
         self.tol = tol
         self.class_weight = class_weight
-
-    def _check_params(self) -> None:
-        check_number("C", self.C)
-        check_int("max_iter", self.max_iter)
-        check_number("tol", self.tol)
-        check_class_weight(self.class_weight)
 
     def _estimator(self, **extra: Any) -> LogisticRegression:
         return LogisticRegression(
@@ -146,12 +141,12 @@ class SVMHead(LinearHeadMixin, BaseHead):
     param = "C"
     default_grid = SVM_GRID
     grid_bounds = (1e-6, 1e6)
-    options = {
-        "C": "inverse L2 strength on the summed squared hinge; the swept parameter",
-        "max_iter": "liblinear iterations",
-        "tol": "liblinear tolerance",
-        "random_state": "seed of the dual solver's shuffling",
-        "class_weight": CLASS_WEIGHT_HELP,
+    parameters = {
+        "C": Option("inverse L2 strength on the summed squared hinge; the swept parameter", positive),
+        "max_iter": Option("liblinear iterations", integer),
+        "tol": Option("liblinear tolerance", positive),
+        "random_state": Option("seed of the dual solver's shuffling", partial(integer, minimum=0)),
+        "class_weight": CLASS_WEIGHT,
     }
 
     def __init__(
@@ -168,13 +163,6 @@ class SVMHead(LinearHeadMixin, BaseHead):
         self.tol = tol
         self.random_state = random_state
         self.class_weight = class_weight
-
-    def _check_params(self) -> None:
-        check_number("C", self.C)
-        check_int("max_iter", self.max_iter)
-        check_number("tol", self.tol)
-        check_int("random_state", self.random_state, minimum=0)
-        check_class_weight(self.class_weight)
 
     def _fit(self, X, y_idx, n_classes) -> None:
         est = LinearSVC(
@@ -300,19 +288,15 @@ class RidgeHead(LinearHeadMixin, BaseHead):
     default_grid = RIDGE_GRID
     grid_bounds = (1e-6, 1e9)
     parallel_work = 1 << 16
-    options = {
-        "alpha": "L2 strength on the summed squared error; the swept parameter",
-        "class_weight": CLASS_WEIGHT_HELP,
+    parameters = {
+        "alpha": Option("L2 strength on the summed squared error; the swept parameter", positive),
+        "class_weight": CLASS_WEIGHT,
     }
     streams = True
 
     def __init__(self, *, alpha: float = 1.0, class_weight: str | None = None) -> None:
         self.alpha = alpha
         self.class_weight = class_weight
-
-    def _check_params(self) -> None:
-        check_number("alpha", self.alpha)
-        check_class_weight(self.class_weight)
 
     def _spectrum(self, X: Any, y_idx: np.ndarray, n_classes: int) -> _RidgeSpectrum:
         cw = class_weights(y_idx, n_classes, self.class_weight)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,23 +29,13 @@ from ..errors import ConfigError, HeadError
 from ..lazy import nn, torch
 from ..runtime import head_threads
 from ..training import adamw, cosine_lr, param_groups, resolve_seed
-from ..validation import (
-    CLASS_WEIGHT_HELP,
-    PATIENCE_HELP,
-    PRECISIONS,
-    check_adamw,
-    check_choice,
-    check_class_weight,
-    check_device,
-    check_int,
-    check_patience,
-    check_seed,
-)
 from .base import BaseHead, CacheSetup, softmax
 from .inputs import encode_labels
 from .maps import (NOT_FINITE, MapAugment, all_finite, check_activations, in_memory, minibatches, parse_augment,
                    read_batch, tail_logits)
 from .monitor import EpochTracker
+from .params import (CLASS_WEIGHT, DEVICE, LR, PATIENCE, PRECISION, Option, integer, non_negative, optional,
+                     seed)
 from .solvers import class_weight_tensor, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -85,6 +76,24 @@ class _Step:
 
 # ----------------------------------------------------------------------------------------------
 # The head
+
+
+def _spec(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"The '{name}' option must be a backbone spec string. Got {value!r}.")
+
+
+def _path_or_none(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"The '{name}' option must be a file path or None. Got {value!r}.")
+
+
+def _boundary(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"The '{name}' option must name the layer whose activations X holds, e.g. "
+            f"'layer3' (featcache extract --layer layer3 --pool none). Got {value!r}."
+        )
 
 
 class TailHead(BaseHead):
@@ -160,21 +169,23 @@ class TailHead(BaseHead):
 
     param = None
     default_grid = (None,)
-    options = {
-        "backbone": "spec of the backbone the activations come from (as extract --backbone)",
-        "weights": "local weights file of that backbone (as extract --weights)",
-        "input_size": "crop size the activations were extracted at (as extract --input-size)",
-        "boundary": "layer whose activations X holds (extract --layer L --pool none); required",
-        "epochs": "passes over the data",
-        "lr": "AdamW peak learning rate (cosine schedule)",
-        "weight_decay": "AdamW decoupled weight decay",
-        "batch_size": "mini-batch rows",
-        "random_state": "seed of the new classifier, shuffling, view sampling and dropout",
-        "device": "torch device: auto, cpu, cuda, cuda:N",
-        "class_weight": CLASS_WEIGHT_HELP,
-        "patience": PATIENCE_HELP,
-        "augment": "augmentation of the cached maps: none, or flip, shift, crop, mixup joined by '+'",
-        "precision": "autocast precision of training: fp32, auto, bf16, fp16",
+    parameters = {
+        "backbone": Option("spec of the backbone the activations come from (as extract --backbone)", _spec),
+        "weights": Option("local weights file of that backbone (as extract --weights)", _path_or_none),
+        "input_size": Option("crop size the activations were extracted at (as extract --input-size)",
+                             optional(partial(integer, minimum=8))),
+        "boundary": Option("layer whose activations X holds (extract --layer L --pool none); required", _boundary),
+        "epochs": Option("passes over the data", integer),
+        "lr": LR,
+        "weight_decay": Option("AdamW decoupled weight decay", non_negative),
+        "batch_size": Option("mini-batch rows", integer),
+        "random_state": seed("seed of the new classifier, shuffling, view sampling and dropout"),
+        "device": DEVICE,
+        "class_weight": CLASS_WEIGHT,
+        "patience": PATIENCE,
+        "augment": Option("augmentation of the cached maps: none, or flip, shift, crop, mixup joined by '+'",
+                          lambda _name, value: parse_augment(value)),
+        "precision": PRECISION,
     }
     inputs = "activations"
     streams = True
@@ -235,26 +246,6 @@ class TailHead(BaseHead):
         self.precision = precision
 
     # -- checks ---------------------------------------------------------------------------------
-
-    def _check_params(self) -> None:
-        if not isinstance(self.backbone, str) or not self.backbone:
-            raise ConfigError(f"The 'backbone' option must be a backbone spec string. Got {self.backbone!r}.")
-        if self.weights is not None and not isinstance(self.weights, str):
-            raise ConfigError(f"The 'weights' option must be a file path or None. Got {self.weights!r}.")
-        if self.input_size is not None:
-            check_int("input_size", self.input_size, minimum=8)
-        if not isinstance(self.boundary, str) or not self.boundary:
-            raise ConfigError(
-                f"The 'boundary' option must name the layer whose activations X holds, e.g. "
-                f"'layer3' (featcache extract --layer layer3 --pool none). Got {self.boundary!r}."
-            )
-        check_adamw(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size)
-        check_seed(self.random_state)
-        check_device(self.device)
-        check_class_weight(self.class_weight)
-        check_patience(self.patience)
-        parse_augment(self.augment)
-        check_choice("precision", self.precision, PRECISIONS)
 
     def _load_backbone(self) -> Backbone:
         return load_backbone(self.backbone, weights=self.weights, input_size=self.input_size)

@@ -1,0 +1,132 @@
+"""What every source kind shares: :class:`SampleRef`, the :class:`Source` contract with its
+capabilities as class attributes, content hashes, and the :data:`SOURCES` registry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..registry import Registry
+
+#: Source kinds by name: ``featcache sources`` lists them in this order, and :func:`open_source`
+#: asks their :meth:`Source.detect` in this order.
+SOURCES: Registry[type["Source"]] = Registry("source", "featcache sources")
+
+#: Splits featcache recognises as folder names, in the order they are written.
+SPLIT_NAMES = ("train", "val", "test")
+#: File extensions an image folder lists (case-insensitive). Other files are ignored, as in
+#: torchvision's ImageFolder; a listed file that does not decode is skipped and recorded.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm")
+
+#: :attr:`Source.access`: every sample listed up front and read by its key, in any order.
+RANDOM_ACCESS = "random"
+#: :attr:`Source.access`: samples come in one pass (tar shards, a remote data set).
+STREAMING = "stream"
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample of a source.
+
+    ``key`` is what the source needs to load it (a path for files, an index for arrays);
+    ``id`` is what the cache stores (a path relative to the source root, or ``split/index``).
+    """
+
+    id: str
+    label: int
+    key: Any
+
+
+@dataclass
+class Source:
+    """Samples per split, class names, and a loader.
+
+    Subclasses fill ``splits`` and ``classes`` and implement :meth:`read`.
+    """
+
+    spec: str
+    classes: list[str] = field(default_factory=list)
+    splits: dict[str, list[SampleRef]] = field(default_factory=dict)
+    #: How a val split was carved out of train (``{"val_fraction", "split_seed"}``), if it was.
+    split_policy: dict = field(default_factory=dict)
+
+    kind: ClassVar[str] = "source"
+    #: How samples are reached (:data:`RANDOM_ACCESS` or :data:`STREAMING`).
+    access: ClassVar[str] = RANDOM_ACCESS
+    #: True when :meth:`read` returns decoded uint8 arrays (little decoding work: extraction and
+    #: fine-tuning use no worker processes or threads), False for encoded image bytes.
+    pre_decoded: ClassVar[bool] = False
+    #: Where the splits come from, for ``featcache sources`` (``folders``, ``column``, ...).
+    splits_from: ClassVar[str] = ""
+    #: A built-in data set: the spec is the kind's name alone (``digits``).
+    builtin: ClassVar[bool] = False
+    #: File suffixes a spec without ``KIND:`` is recognised by (:meth:`detect`).
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def describe(self) -> dict:
+        """What identifies the source in a cache fingerprint (not its contents)."""
+        return {"kind": self.kind, "spec": self.spec, **self.split_policy}
+
+    def read(self, ref: SampleRef) -> tuple[bytes | np.ndarray, str]:
+        """Return the raw sample (encoded bytes or a uint8 array) and its content hash."""
+        raise NotImplementedError
+
+    def stat(self, ref: SampleRef) -> tuple[int, int]:
+        """(size, mtime_ns) used to skip re-hashing unchanged files; (0, 0) for arrays."""
+        return (0, 0)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+    @classmethod
+    def detect(cls, spec: str) -> bool:
+        """True when a spec without ``KIND:`` names a source of this kind (default: by suffix)."""
+        return bool(cls.suffixes) and spec.lower().endswith(cls.suffixes)
+
+    @classmethod
+    def describe_kind(cls) -> dict:
+        """The kind's capabilities (``featcache sources --json``)."""
+        return {"kind": cls.kind, "access": cls.access, "pre_decoded": cls.pre_decoded,
+                "splits_from": cls.splits_from, "builtin": cls.builtin, "suffixes": list(cls.suffixes)}
+
+
+#: Recorded in cache fingerprints: caches keyed by another algorithm are not mixed with these.
+CONTENT_HASH = "sha256-128"
+
+
+def content_hash(data: bytes | np.ndarray) -> str:
+    """SHA-256 of a sample's bytes (file bytes, or array bytes + shape), truncated to 128 bits, as
+    32 hex characters. SHA-256 has hardware instructions on current x86 and ARM CPUs: it hashed a
+    256 x 256 x 3 image in 0.13 ms against 0.25 ms for BLAKE2b, 3% of a CPU extraction step."""
+    h = hashlib.sha256()
+    if isinstance(data, np.ndarray):
+        h.update(str((data.shape, data.dtype.str)).encode())
+        h.update(memoryview(np.ascontiguousarray(data)).cast("B"))
+    else:
+        h.update(data)
+    return h.hexdigest()[:32]
+
+
+def display_path(path: str) -> str:
+    """A file name that is always valid UTF-8 (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+class FileSource(Source):
+    """A source of image files under a root folder."""
+
+    root: Path
+
+    def read(self, ref: SampleRef) -> tuple[bytes, str]:
+        with open(ref.key, "rb") as f:
+            data = f.read()
+        return data, content_hash(data)
+
+    def stat(self, ref: SampleRef) -> tuple[int, int]:
+        st = os.stat(ref.key)
+        return (st.st_size, st.st_mtime_ns)

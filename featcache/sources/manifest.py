@@ -1,0 +1,69 @@
+"""The ``csv`` kind: a manifest ``path,label[,split]`` with a header row."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from ..errors import SourceError
+from .base import SOURCES, SPLIT_NAMES, FileSource, SampleRef
+
+
+class CsvSource(FileSource):
+    """A CSV manifest ``path,label[,split]`` with a header row; paths relative to the CSV file."""
+
+    kind = "csv"
+    splits_from = "the split column (else all train)"
+    suffixes = (".csv",)
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"CSV manifest '{path}' does not exist.")
+        super().__init__(spec=str(path.resolve()))
+        self.root = path.resolve().parent
+        rows = _csv_rows(path)
+        if not rows or not {"path", "label"} <= set(rows[0]):
+            raise SourceError(
+                f"CSV manifest '{path}' needs a header row with columns path,label[,split]."
+            )
+        for n, r in enumerate(rows, start=2):
+            if not r.get("path") or r.get("label") in (None, ""):
+                raise SourceError(f"CSV manifest '{path}' line {n}: needs a path and a label.")
+        self.classes = sorted({r["label"] for r in rows})
+        index = {c: i for i, c in enumerate(self.classes)}
+        by_split: dict[str, list[SampleRef]] = {}
+        for n, r in enumerate(rows, start=2):
+            split = (r.get("split") or "train").strip()
+            if split not in SPLIT_NAMES:
+                raise SourceError(
+                    f"CSV manifest '{path}' line {n}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}."
+                )
+            p = (self.root / r["path"]).resolve()
+            by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], str(p)))
+        # Missing files stay in the plan: extraction records them as failed with their path.
+        self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
+
+
+SOURCES.register("csv", CsvSource, description="CSV manifest with columns path,label[,split]; paths relative to the CSV")
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """The rows of a UTF-8 CSV file with a header; bytes that are not UTF-8 or a malformed CSV are
+    a :class:`SourceError` naming the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SourceError(
+            f"CSV manifest '{path}' is not UTF-8: byte 0x{raw[e.start]:02x} on line {line} cannot be decoded. "
+            f"Save the file as UTF-8 (e.g. 'iconv -f latin1 -t utf-8 OLD > NEW')."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return list(reader)
+    except csv.Error as e:
+        raise SourceError(f"CSV manifest '{path}' line {reader.line_num}: {e}. Fix the file.") from None
