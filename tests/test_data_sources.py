@@ -284,3 +284,42 @@ def test_http_a_fetch_that_hangs_times_out_and_is_recorded(folder, tmp_path, tin
         res = extract(f"wds:{srv.url}/train/shard-{{000..001}}.tar", **tiny)
     (reason,) = [f["reason"] for f in res.failures]
     assert "could not be fetched after 2 tries: timed out after 0.5 s" in reason
+
+
+def test_shards_written_by_webdataset_read_as_webdataset_reads_them(folder, tmp_path, tiny):
+    import webdataset as wds
+
+    images = sorted((folder / "train").rglob("*.jpg"))
+    with wds.TarWriter(str(tmp_path / "w-000.tar")) as sink:
+        for i, p in enumerate(images):
+            sink.write({"__key__": f"dir/s{i:03d}", "jpg": p.read_bytes(), "cls": i % 2,
+                        "json": {"label": "dog" if i % 2 else "cat"}})
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    theirs = [(s["__key__"], int(s["cls"])) for s in wds.WebDataset(str(tmp_path / "w-000.tar"), shardshuffle=False)]
+    src = open_source(f"wds:{tmp_path}/w-{{000..000}}.tar")
+    assert [(r.id, r.label) for r in src.splits["train"]] == [(f"w-000/{k}", y) for k, y in theirs]
+    named = open_source(f"wds:{tmp_path}/w-000.tar#label=json:label&classes={tmp_path}/names.txt")
+    assert [r.label for r in named.splits["train"]] == [y for _, y in theirs] and named.classes == ["cat", "dog"]
+    assert extract(f"wds:{tmp_path}/w-*.tar#image=jpg", **tiny).splits == {"train": len(images)}
+
+
+def test_pipe_shards_are_read_from_a_command(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    shards = write_wds(folder, tmp_path / "s")
+    src = open_source(f"wds:pipe:cat {shards}/val/shard-{{000..001}}.tar")
+    assert len(src.splits["train"]) == 10 and src.splits["train"][0].id.startswith("shard-000/")
+    assert src.read(src.splits["train"][0])[0] == (folder / "val" / "cat" / "cat_000.jpg").read_bytes()
+    bad = open_source(f"wds:pipe:cat {shards}/val/nothere.tar")
+    (ref,) = bad.splits["train"]
+    assert ref.id == "nothere/" and "exited with status 1" in ref.key[1]
+
+
+def test_finetune_and_bench_accept_the_new_specs(folder, tmp_path):
+    from featcache.finetune import finetune
+
+    shards = write_wds(folder, tmp_path / "s")
+    res = finetune(f"wds:{shards}", backbone="resnet18.none", input_size=32, freeze_until="layer3", epochs=1,
+                   batch_size=4, device="cpu", output=str(tmp_path / "run"))
+    assert res.metrics["val"]["n"] == 10 and res.failures == []
+    check_source_spec(f"parquet:{write_parquet(folder, tmp_path / 'p')}")  # what bench checks before extracting
+    check_source_spec(f"hf:{write_hf(folder, tmp_path / 'h')}")

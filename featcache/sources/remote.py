@@ -63,8 +63,8 @@ def filesystem(url: str):
 
 def info(url: str) -> dict:
     """``{"size", "stamp"}`` of a remote file (etag, else mtime, else size), with retries."""
-    if url.startswith("pipe:"):
-        return {"size": -1, "stamp": stamp(url)}
+    if url.startswith("pipe:"):  # nothing to ask but the output: it is read each run and named by its hash
+        return {"size": -1, "stamp": None}
     fs, path = filesystem(url)
     found = _retrying(url, lambda: fs.info(path))
     tag = found.get("ETag") or found.get("etag") or found.get("mtime") or found.get("LastModified") or ""
@@ -130,16 +130,21 @@ def data_cache() -> Path:
     return Path(os.environ.get("FEATCACHE_DATA_CACHE") or Path.home() / ".cache" / "featcache" / "data")
 
 
-def local_copy(url: str, identity: int) -> Path:
-    """A local copy of the remote file ``url`` as it is now (``identity`` from :func:`info`),
-    fetched once; raises :class:`SampleFault` when it cannot be fetched."""
+def local_copy(url: str, identity: int | None) -> tuple[Path, int]:
+    """A local copy of the remote file ``url`` as it is now (``identity`` from :func:`info`; None:
+    fetched each time and named by its content), and that identity; raises :class:`SampleFault`
+    when it cannot be fetched."""
     from ..files import atomic_write
 
+    data = None
+    if identity is None:
+        data = fetch(url)
+        identity = stamp(hashlib.sha256(data).hexdigest())
     name = hashlib.sha256(f"{url}\x1f{identity}".encode()).hexdigest()[:32] + "-" + url.rstrip("/").split("/")[-1][-60:]
     path = data_cache() / name
     if path.is_file():
-        return path
-    data = fetch(url)
+        return path, identity
+    data = fetch(url) if data is None else data
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: str) -> None:
@@ -147,10 +152,10 @@ def local_copy(url: str, identity: int) -> Path:
             f.write(data)
 
     atomic_write(path, write)
-    return path
+    return path, identity
 
 
-def local_copies(items: list[tuple[str, int]]) -> list[Path | SampleFault]:
+def local_copies(items: list[tuple[str, int | None]]) -> list[tuple[Path, int] | SampleFault]:
     """:func:`local_copy` of each (url, identity), fetched :data:`POOL` at a time; a fault in place
     of a copy that could not be fetched."""
     def one(item):

@@ -146,7 +146,7 @@ class WdsSource(Source):
                 out[u] = (None, stamp(u, str(e)), str(e))
         todo = [u for u in urls if u in infos]
         for u, got in zip(todo, remote.local_copies([(u, infos[u]) for u in todo])):
-            out[u] = (None, stamp(u, str(got)), str(got)) if isinstance(got, SampleFault) else (str(got), infos[u], None)
+            out[u] = (None, stamp(u, str(got)), str(got)) if isinstance(got, SampleFault) else (str(got[0]), got[1], None)
         return out
 
     def _index(self, url: str, local: str | None, shard_stamp: int, fault: str | None,
