@@ -14,7 +14,7 @@ from pathlib import Path
 from .common import Row, machine
 
 #: Benchmark groups: each module's run() returns its rows.
-GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup", "precision", "tail")
+GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup", "precision", "tail", "sources")
 
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 MARK = "<!-- results: {} -->"

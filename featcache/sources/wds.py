@@ -178,8 +178,8 @@ class WdsSource(Source):
                 cut = None if str(e) == "unexpected end of data" else f"truncated or damaged tar shard: {e}"
             refs = [self._sample(f"{name}/{key}", members, k, size, shard_stamp, tf, labels)
                     for key, members in samples.items()]
-        if cut is not None or not refs:
-            refs.append(SampleRef(f"{name}/", -1, ("fault", cut or "no samples in this tar shard", shard_stamp)))
+        if cut is not None:  # an empty tar is no fault: it has no samples
+            refs.append(SampleRef(f"{name}/", -1, ("fault", cut, shard_stamp)))
         return refs
 
     def _sample(self, id_: str, members: dict, k: int, size: int, shard_stamp: int, tf, labels: list[int]) -> SampleRef:
