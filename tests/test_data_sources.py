@@ -323,3 +323,11 @@ def test_finetune_and_bench_accept_the_new_specs(folder, tmp_path):
     assert res.metrics["val"]["n"] == 10 and res.failures == []
     check_source_spec(f"parquet:{write_parquet(folder, tmp_path / 'p')}")  # what bench checks before extracting
     check_source_spec(f"hf:{write_hf(folder, tmp_path / 'h')}")
+
+
+def test_sources_travel_to_loader_worker_processes(folder, tmp_path, tiny):
+    specs = [f"wds:{write_wds(folder, tmp_path / 's')}", f"parquet:{write_parquet(folder, tmp_path / 'p')}",
+             f"hf:{write_hf(folder, tmp_path / 'h')}"]
+    for spec in specs:
+        main_process = _content(extract(spec, **{**tiny, "cache_dir": str(tmp_path / "c0")}))
+        _same(_content(extract(spec, **{**tiny, "num_workers": 1, "cache_dir": str(tmp_path / "c1")})), main_process)
