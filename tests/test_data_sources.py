@@ -331,3 +331,19 @@ def test_sources_travel_to_loader_worker_processes(folder, tmp_path, tiny):
     for spec in specs:
         main_process = _content(extract(spec, **{**tiny, "cache_dir": str(tmp_path / "c0")}))
         _same(_content(extract(spec, **{**tiny, "num_workers": 1, "cache_dir": str(tmp_path / "c1")})), main_process)
+
+
+def test_a_csv_manifest_of_urls_reads_through_fsspec_and_records_a_404(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder / "train"), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    paths = sorted(str(p.relative_to(folder)) for p in (folder / "train").rglob("*.*"))
+    with FlakyServer(folder, {f"/{paths[1]}": [503]}) as srv:
+        rows = [f"{srv.url}/{p},{p.split('/')[1]}" for p in paths]
+        (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows + [f"{srv.url}/gone.jpg,dog"]) + "\n")
+        res = extract(str(tmp_path / "m.csv"), **tiny)
+        again = extract(str(tmp_path / "m.csv"), **tiny)
+    assert [(f["id"], f["reason"]) for f in res.failures] == [
+        (f"{srv.url}/gone.jpg", f"'{srv.url}/gone.jpg' was not found (404)")]
+    assert again.cache_hit
+    got = _content(res)
+    assert got["train"][0] == ref["train"][0] and np.array_equal(got["train"][1], ref["train"][1])

@@ -160,10 +160,20 @@ class FileSource(Source):
     root: Path
 
     def read(self, ref: SampleRef) -> tuple[bytes, str]:
+        if "://" in ref.key:  # a URL in a manifest, fetched through fsspec
+            from .remote import fetch
+
+            data = fetch(ref.key)
+            return data, content_hash(data)
         with open(ref.key, "rb") as f:
             data = f.read()
         return data, content_hash(data)
 
     def stat(self, ref: SampleRef) -> tuple[int, int]:
+        if "://" in ref.key:  # (size, a stamp of the etag or mtime), asked of the server
+            from .remote import info
+
+            found = info(ref.key)
+            return (found["size"], found["stamp"])
         st = os.stat(ref.key)
         return (st.st_size, st.st_mtime_ns)

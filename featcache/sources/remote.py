@@ -67,7 +67,8 @@ def info(url: str) -> dict:
         return {"size": -1, "stamp": None}
     fs, path = filesystem(url)
     found = _retrying(url, lambda: fs.info(path))
-    tag = found.get("ETag") or found.get("etag") or found.get("mtime") or found.get("LastModified") or ""
+    tag = next((str(found[k]) for k in ("ETag", "etag", "Content-MD5", "Digest", "Last-Modified", "LastModified",
+                                         "mtime", "updated") if found.get(k)), "")
     return {"size": int(found.get("size") or 0), "stamp": stamp(url, tag, found.get("size"))}
 
 
