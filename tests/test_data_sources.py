@@ -347,3 +347,14 @@ def test_a_csv_manifest_of_urls_reads_through_fsspec_and_records_a_404(folder, t
     assert again.cache_hit
     got = _content(res)
     assert got["train"][0] == ref["train"][0] and np.array_equal(got["train"][1], ref["train"][1])
+
+
+def test_a_shard_run_reads_only_the_images_of_its_share(folder, tmp_path, tiny, monkeypatch):
+    shards = write_wds(folder, tmp_path / "s")
+    reads = _counting_reads(monkeypatch, WdsSource)
+    first = extract(f"wds:{shards}", **tiny, shard=(0, 2))
+    assert first.computed == len(reads) < 20  # each of its images read once, no other
+    reads.clear()
+    second = extract(f"wds:{shards}", **tiny, shard=(1, 2))
+    # its own images only: each hashed once (shard 0's file is a donor to check against) and read once
+    assert len(reads) == 2 * second.computed and first.computed + second.computed == 20 and second.merged
