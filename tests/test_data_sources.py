@@ -358,3 +358,23 @@ def test_a_shard_run_reads_only_the_images_of_its_share(folder, tmp_path, tiny, 
     second = extract(f"wds:{shards}", **tiny, shard=(1, 2))
     # its own images only: each hashed once (shard 0's file is a donor to check against) and read once
     assert len(reads) == 2 * second.computed and first.computed + second.computed == 20 and second.merged
+
+
+def test_http_identity_a_rerun_asks_for_headers_only_and_a_changed_shard_is_fetched_again(folder, tmp_path, tiny,
+                                                                                          monkeypatch):
+    import os
+
+    root = _served(folder, tmp_path, monkeypatch)
+    spec_tail = "/train/shard-{000..001}.tar"
+    with FlakyServer(root) as srv:
+        first = extract(f"wds:{srv.url}{spec_tail}", **tiny)
+        srv.requests.clear()
+        again = extract(f"wds:{srv.url}{spec_tail}", **tiny)
+        assert again.cache_hit and not [r for r in srv.requests if r.endswith(".tar") and not r.startswith("HEAD")]
+        shard = root / "train" / "shard-001.tar"
+        shard.write_bytes(shard.read_bytes())  # same bytes, new Last-Modified
+        os.utime(shard, (shard.stat().st_atime, shard.stat().st_mtime + 10))
+        srv.requests.clear()
+        changed = extract(f"wds:{srv.url}{spec_tail}", **tiny)
+        assert "/train/shard-001.tar" in srv.requests and "/train/shard-000.tar" not in srv.requests
+    assert not changed.cache_hit and changed.computed == 0 and changed.cache == first.cache  # same content: reused
