@@ -112,8 +112,10 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
     """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
 
     SOURCE is an image folder (class sub-folders, optionally under train/ val/ test/), a CSV
-    manifest path,label[,split], a MedMNIST-style .npz, or the built-in 'digits'.
-    An interrupted run resumes where it stopped.
+    manifest path,label[,split], a MedMNIST-style .npz, the built-in 'digits', webdataset shards
+    (wds:DIR, 'wds:shard-{000..127}.tar', wds:URL), parquet (parquet:PATH) or a saved Hugging Face
+    data set (hf:PATH[:CONFIG]); options after '#', e.g. 'wds:DIR#image=png&label=json:label'
+    ('featcache sources' lists the kinds). An interrupted run resumes where it stopped.
     """
     from ..distributed import extract_distributed, torchrun_env
     from ..extract import extract as run
