@@ -378,3 +378,22 @@ def test_http_identity_a_rerun_asks_for_headers_only_and_a_changed_shard_is_fetc
         changed = extract(f"wds:{srv.url}{spec_tail}", **tiny)
         assert "/train/shard-001.tar" in srv.requests and "/train/shard-000.tar" not in srv.requests
     assert not changed.cache_hit and changed.computed == 0 and changed.cache == first.cache  # same content: reused
+
+
+def test_cli_flags_are_the_spec_options(folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img = (folder / "train" / "cat" / "cat_000.jpg").read_bytes()
+    pq.write_table(pa.table({"a": [img, img], "b": [img, img], "k": [1, 0]}), tmp_path / "t.parquet")
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    flags = ["--backbone", "resnet18.none", "--input-size", "32", "--workers", "0", "--device", "cpu", "--json",
+             "--cache-dir", str(tmp_path / "c")]
+    out = CliRunner().invoke(main, ["extract", f"parquet:{tmp_path}/t.parquet", "--image-column", "b",
+                                    "--label-column", "k", "--classes", str(tmp_path / "names.txt"), *flags])
+    assert out.exit_code == 0, out.output
+    src = open_source(f"parquet:{tmp_path}/t.parquet#image=b&label=k&classes={tmp_path}/names.txt")
+    assert src.classes == ["cat", "dog"] and [r.label for r in src.splits["train"]] == [1, 0]
+    out = CliRunner().invoke(main, ["extract", f"parquet:{tmp_path}/t.parquet", "--label-key", "json:y", *flags])
+    assert out.exit_code == 1
+    assert "Source option 'label=json:y'" not in out.output and "no column 'json:y' (label)" in out.output

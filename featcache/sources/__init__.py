@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import ConfigError, SourceError
 from .base import (CONTENT_HASH, IMAGE_EXTENSIONS, RANDOM_ACCESS, SOURCES, SPLIT_NAMES, STREAMING, FileSource,
-                   SampleFault, SampleRef, Source, content_hash, display_path, split_options, stamp)
+                   SampleFault, SampleRef, Source, content_hash, display_path, split_options, stamp,
+                   with_options)
 
 # The kinds, in the order ``featcache sources`` lists them and :func:`open_source` detects them.
 from .folder import ImageFolderSource  # noqa: E402
@@ -30,7 +31,7 @@ from .hf import HfSource  # noqa: E402
 
 __all__ = ["CONTENT_HASH", "IMAGE_EXTENSIONS", "RANDOM_ACCESS", "SOURCES", "SPLIT_NAMES", "STREAMING", "CsvSource",
            "DigitsSource", "FileSource", "HfSource", "ImageFolderSource", "NpzSource", "ParquetSource", "WdsSource", "SampleFault", "SampleRef", "Source",
-           "check_source_spec", "content_hash", "display_path", "list_sources", "open_source", "source_kind"]
+           "check_source_spec", "content_hash", "display_path", "list_sources", "open_source", "source_kind", "with_options"]
 
 logger = logging.getLogger(__name__)
 

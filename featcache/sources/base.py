@@ -132,6 +132,16 @@ def split_options(spec: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, s
     return path, options
 
 
+def with_options(spec: str, **options: str | None) -> str:
+    """``spec`` with ``options`` added after ``#`` (``None`` values left out): the command-line flags
+    ``--image-key`` / ``--image-column`` (``image``), ``--label-key`` / ``--label-column``
+    (``label``) and ``--classes`` (``classes``) are these spec options."""
+    extra = "&".join(f"{k}={v}" for k, v in options.items() if v is not None)
+    if not extra:
+        return spec
+    return f"{spec}&{extra}" if "#" in spec else f"{spec}#{extra}"
+
+
 #: Recorded in cache fingerprints: caches keyed by another algorithm are not mixed with these.
 CONTENT_HASH = "sha256-128"
 
