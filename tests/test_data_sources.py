@@ -397,3 +397,13 @@ def test_cli_flags_are_the_spec_options(folder, tmp_path):
     out = CliRunner().invoke(main, ["extract", f"parquet:{tmp_path}/t.parquet", "--label-key", "json:y", *flags])
     assert out.exit_code == 1
     assert "Source option 'label=json:y'" not in out.output and "no column 'json:y' (label)" in out.output
+
+
+def test_http_a_served_folder_of_split_folders_and_an_unreachable_host(folder, tmp_path, monkeypatch):
+    root = _served(folder, tmp_path, monkeypatch, retries=1)
+    with FlakyServer(root) as srv:
+        src = open_source(f"wds:{srv.url}/")  # the server's folder listings, as fsspec reads them
+    assert {k: len(v) for k, v in src.splits.items()} == {"train": 10, "val": 10} and src.classes == ["cat", "dog"]
+    with pytest.raises(SourceError, match=r"Cannot list the shards of 'wds:http://127.0.0.1:1/x/\*.tar': "
+                                          r".* could not be fetched after 2 tries: .*Check the URL."):
+        open_source("wds:http://127.0.0.1:1/x/*.tar")

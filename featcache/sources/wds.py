@@ -63,7 +63,10 @@ class WdsSource(Source):
         if not self.remote:
             path = str(Path(path).expanduser().resolve()) if Path(path).exists() else path
         super().__init__(spec=path + (f"#{str(spec).partition('#')[2]}" if options else ""))
-        layout, base = self._layout(path)
+        try:
+            layout, base = self._layout(path)
+        except SampleFault as e:  # a listing that failed after its retries
+            raise SourceError(f"Cannot list the shards of 'wds:{path}': {e}. Check the URL.") from None
         if not any(layout.values()):
             raise SourceError(f"No tar shards found for 'wds:{path}'. Give a folder of *.tar (or of train/ val/ "
                               f"test/ folders of *.tar), a brace pattern or a glob.")
@@ -104,7 +107,7 @@ class WdsSource(Source):
             if any(c in path for c in "*?["):
                 return {"train": remote.glob(path)}, path.rsplit("/", 1)[0]
             root = path.rstrip("/")
-            by_split = {s: remote.glob(f"{root}/{s}/*.tar") for s in SPLIT_NAMES}
+            by_split = {s: _remote_glob(f"{root}/{s}/*.tar") for s in SPLIT_NAMES}
             by_split = {s: v for s, v in by_split.items() if v}
             return (by_split or {"train": remote.glob(f"{root}/*.tar")}), root
         if os.path.isdir(path):
@@ -228,6 +231,13 @@ class WdsSource(Source):
         if ref.key[0] == "fault":
             return (0, ref.key[2])
         return (ref.key[2], self.shards[ref.key[0]][1])
+
+
+def _remote_glob(pattern: str) -> list[str]:
+    try:
+        return remote.glob(pattern)
+    except SampleFault:  # no such folder
+        return []
 
 
 def _local_matches(pattern: str) -> list[str]:
