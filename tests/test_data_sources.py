@@ -407,3 +407,20 @@ def test_http_a_served_folder_of_split_folders_and_an_unreachable_host(folder, t
     with pytest.raises(SourceError, match=r"Cannot list the shards of 'wds:http://127.0.0.1:1/x/\*.tar': "
                                           r".* could not be fetched after 2 tries: .*Check the URL."):
         open_source("wds:http://127.0.0.1:1/x/*.tar")
+
+
+def test_hf_a_name_that_is_not_a_folder_goes_to_the_hub_with_its_config(folder, tmp_path, monkeypatch):
+    import datasets
+
+    saved = datasets.load_from_disk(str(write_hf(folder, tmp_path / "h")))
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config: asked.append((name, config)) or saved)
+    src = open_source("hf:someone/bees:small")
+    assert asked == [("someone/bees", "small")] and src.spec == "someone/bees:small" and len(src) == 20
+
+    def offline(name, config):
+        raise ConnectionError("Couldn't reach 'someone/bees' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SourceError, match=r"Cannot open Hugging Face data set 'someone/bees': Couldn't reach"):
+        open_source("hf:someone/bees")
