@@ -15,7 +15,7 @@ from .common import Row, machine
 
 #: Benchmark groups: each module's run() returns its rows.
 GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup", "precision", "tail", "intervals",
-          "export")
+          "export", "sources")
 
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 MARK = "<!-- results: {} -->"

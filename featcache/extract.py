@@ -48,7 +48,8 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     Parameters
     ----------
     source : str, path or Source
-        ``digits``, an image folder, a ``.csv`` manifest or a ``.npz`` file (see :func:`open_source`).
+        ``digits``, an image folder, a ``.csv`` manifest, a ``.npz`` file, ``wds:``, ``parquet:`` or
+        ``hf:`` data (see :func:`open_source`).
     config : ExtractConfig, optional
         Options; keyword ``options`` override its fields (``batch_size=64``).
     progress : callable(done, total), optional

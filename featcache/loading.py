@@ -19,7 +19,7 @@ import torch
 
 from .preprocess import (JPEG_MAGIC, Augment, DecodeError, Encoded, augmented_views, crop_array, decode,
                          decode_on_device, encoded_jpeg, resize_crop)
-from .sources import SampleRef, Source
+from .sources import SampleFault, SampleRef, Source
 
 #: The split whose images get augmented views (``views > 0``).
 VIEW_SPLIT = "train"
@@ -109,6 +109,8 @@ class DecodeDataset(torch.utils.data.Dataset):
         row = self.rows[i]
         try:
             data, h = self.src.read(row.ref)
+        except SampleFault as e:
+            return i, None, None, str(e)
         except OSError as e:
             return i, None, None, f"cannot read file: {e.strerror or e}"
         views = self.augment is not None and row.split == VIEW_SPLIT

@@ -502,3 +502,42 @@ def test_merge_assembles_a_self_contained_file(tmp_path):
         shard.unlink()
     with open_cache(final) as c:
         assert all(np.array_equal(c.load(s)[0], before[s]) for s in c.splits)
+
+
+# --- the source kinds of issue 22 (wds:, parquet:, hf:) ------------------------------------------------
+
+KIND_FAULTS = ["kill-9", "chunk-flip", "shards"]
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet", "hf"])
+@pytest.mark.parametrize("fault", KIND_FAULTS)
+def test_fault_matrix_of_the_data_kinds(kind, fault, tmp_path, zygote, caplog):  # noqa: F811 (zygote)
+    """kill -9 (single process), a flipped chunk after a stop, and --shard 0/2 + 1/2: each ends in
+    the cache of an uninterrupted extraction of the same shards / parquet files / saved data set."""
+    from data_kinds import write_hf, write_parquet, write_wds
+
+    caplog.set_level(logging.WARNING)
+    writer = {"wds": write_wds, "parquet": write_parquet, "hf": write_hf}[kind]
+    spec = f"{kind}:{writer(_folder(tmp_path / 'imgs'), tmp_path / 'data')}"
+    ref = extract(spec, **OPTS, cache_dir=str(tmp_path / "ref")).cache
+    cache_dir = tmp_path / "cache"
+    if fault == "kill-9":
+        child = zygote.spawn(source=spec, options={**OPTS, "cache_dir": str(cache_dir)}, sleep=0.05, block_rename=True)
+        deadline = time.monotonic() + 60
+        while len(list(cache_dir.glob("*.partial/c-*.npz"))) < 2:
+            assert not child.finished(), child.log
+            assert time.monotonic() < deadline, child.log
+            time.sleep(0.003)
+        assert child.kill9() == -signal.SIGKILL, child.log
+        extract(spec, **OPTS, cache_dir=str(cache_dir))
+    elif fault == "chunk-flip":
+        with pytest.raises(ExtractionInterrupted):
+            extract(spec, **OPTS, cache_dir=str(cache_dir), progress=_interrupt_after(2))
+        (partial,) = cache_dir.glob("*.partial")
+        chunk = damage_chunk("flip", partial, tmp_path / "other.partial")
+        extract(spec, **OPTS, cache_dir=str(cache_dir))
+        _assert_one_warning([r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], [chunk.name])
+    else:
+        for i in range(2):
+            extract(spec, **OPTS, cache_dir=str(cache_dir), shard=(i, 2))
+    _assert_same_cache(final_cache(cache_dir), ref)

@@ -50,7 +50,7 @@ def test_capabilities_are_class_attributes():
     assert (NpzSource.pre_decoded, DigitsSource.pre_decoded, ImageFolderSource.pre_decoded) == (True, True, False)
     assert DigitsSource.builtin and not NpzSource.builtin and NpzSource.access == RANDOM_ACCESS
     rows = {r["kind"]: r for r in list_sources()}
-    assert list(rows) == ["folder", "csv", "npz", "digits"]
+    assert list(rows) == ["folder", "csv", "npz", "digits", "wds", "parquet", "hf"]
     assert rows["npz"] == {"kind": "npz", "access": "random", "pre_decoded": True, "builtin": False,
                            "splits_from": "train_*/val_*/test_* keys", "suffixes": [".npz"],
                            "description": SOURCES.entry("npz").description}

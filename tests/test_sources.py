@@ -475,8 +475,8 @@ def test_digits_read_scales_to_uint8(digits):
 
 # --- open_source ---------------------------------------------------------------------------
 
-def test_registry_lists_the_four_kinds():
-    assert SOURCES.names() == ["folder", "csv", "npz", "digits"]
+def test_registry_lists_the_kinds():
+    assert SOURCES.names() == ["folder", "csv", "npz", "digits", "wds", "parquet", "hf"]
 
 
 def test_open_source_dispatch(tmp_path):
@@ -544,7 +544,8 @@ def test_cli_unknown_source_error(tmp_path):
 def test_cli_sources_lists_kinds():
     res = CliRunner().invoke(main, ["sources"])
     assert res.exit_code == 0
-    assert [line.split()[0] for line in res.output.splitlines()] == ["folder", "csv", "npz", "digits"]
+    assert [line.split()[0] for line in res.output.splitlines()] == ["folder", "csv", "npz", "digits", "wds", "parquet",
+                                                                        "hf"]
 
 
 # --- --val-fraction ------------------------------------------------------------------------

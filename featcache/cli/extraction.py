@@ -107,19 +107,33 @@ def extract_config(kw: dict):
 @click.option("--dry-run", is_flag=True, help="Print per layer the shape, bytes per image and total bytes; extract nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
+@click.option("--image-key", default=None, help="wds: the image member of a sample (default: first of jpg, jpeg, png, webp).")
+@click.option("--label-key", default=None, help="wds: cls (default) or json:FIELD.")
+@click.option("--classes", "classes_file", default=None, help="wds, parquet: class names file, one per line.")
+@click.option("--image-column", default=None, help="parquet, hf: the image column (default: found by type).")
+@click.option("--label-column", default=None, help="parquet, hf: the label column (default: found by type or name).")
 @fail_cleanly
-def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_json: bool, **kw) -> None:
+def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_json: bool, image_key, label_key,
+            classes_file, image_column, label_column, **kw) -> None:
     """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
 
     SOURCE is an image folder (class sub-folders, optionally under train/ val/ test/), a CSV
-    manifest path,label[,split], a MedMNIST-style .npz, or the built-in 'digits'.
-    An interrupted run resumes where it stopped.
+    manifest path,label[,split], a MedMNIST-style .npz, the built-in 'digits', webdataset shards
+    (wds:DIR, 'wds:shard-{000..127}.tar', wds:URL), parquet (parquet:PATH) or a saved Hugging Face
+    data set (hf:PATH[:CONFIG]); options after '#', e.g. 'wds:DIR#image=png&label=json:label'
+    ('featcache sources' lists the kinds). An interrupted run resumes where it stopped.
     """
     from ..distributed import extract_distributed, torchrun_env
     from ..extract import extract as run
     from ..plan import ExtractConfig
     from ..shards import parse_shard
+    from ..sources import with_options
 
+    if image_key and image_column or label_key and label_column:
+        raise click.UsageError("--image-key/--label-key are for wds:, --image-column/--label-column for parquet: "
+                               "and hf:; give one of each pair.")
+    source = with_options(source, image=image_key or image_column, label=label_key or label_column,
+                          classes=classes_file)
     config = extract_config(kw)
     config = ExtractConfig(**{**config.to_dict(), "output": output, "merge": merge,
                               "shard": parse_shard(shard) if shard else None})

@@ -2,7 +2,7 @@
 
 A source lists its samples per split, in a fixed (sorted) order, and loads one sample at a time.
 Each kind is a module of this package that registers its class in :data:`SOURCES` (``folder``,
-``csv``, ``npz``, ``digits``); what a kind can do is a class attribute of the kind
+``csv``, ``npz``, ``digits``, ``wds``, ``parquet``, ``hf``); what a kind can do is a class attribute of the kind
 (:class:`~featcache.sources.base.Source`: ``access``, ``pre_decoded``, ``splits_from``,
 ``builtin``, ``suffixes``). :func:`open_source` picks the kind from a spec string through the
 registry. Adding a kind: one module and one line below.
@@ -17,17 +17,22 @@ import numpy as np
 
 from ..errors import ConfigError, SourceError
 from .base import (CONTENT_HASH, IMAGE_EXTENSIONS, RANDOM_ACCESS, SOURCES, SPLIT_NAMES, STREAMING, FileSource,
-                   SampleRef, Source, content_hash, display_path)
+                   SampleFault, SampleRef, Source, content_hash, display_path, split_options, stamp,
+                   with_options)
 
 # The kinds, in the order ``featcache sources`` lists them and :func:`open_source` detects them.
 from .folder import ImageFolderSource, image_files  # noqa: E402
 from .manifest import CsvSource  # noqa: E402
 from .npz import NpzSource  # noqa: E402
 from .digits import DigitsSource  # noqa: E402
+from .wds import WdsSource  # noqa: E402
+from .parquet import ParquetSource  # noqa: E402
+from .hf import HfSource  # noqa: E402
 
 __all__ = ["CONTENT_HASH", "IMAGE_EXTENSIONS", "RANDOM_ACCESS", "SOURCES", "SPLIT_NAMES", "STREAMING", "CsvSource",
-           "DigitsSource", "FileSource", "ImageFolderSource", "NpzSource", "SampleRef", "Source",
-           "check_source_spec", "content_hash", "display_path", "image_files", "list_sources", "open_source", "source_kind"]
+           "DigitsSource", "FileSource", "HfSource", "ImageFolderSource", "NpzSource", "ParquetSource", "SampleFault",
+           "SampleRef", "Source", "WdsSource", "check_source_spec", "content_hash", "display_path", "image_files",
+           "list_sources", "open_source", "source_kind", "with_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +57,9 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
                 split_seed: int = 0) -> Source:
     """Open a source from a spec.
 
-    ``digits`` is the built-in data set; ``KIND:PATH`` names the kind; otherwise a ``.csv`` file is
-    a manifest, a ``.npz`` file holds arrays, and a folder is an image folder.
+    ``digits`` is the built-in data set; ``KIND:PATH`` names the kind (``wds:``, ``parquet:``,
+    ``hf:``, ...); otherwise a ``.csv`` file is a manifest, a ``.npz`` file holds arrays, a
+    ``.parquet`` file a parquet source, and a folder is an image folder.
 
     Parameters
     ----------
@@ -88,8 +94,8 @@ def check_source_spec(spec: str | os.PathLike) -> None:
     """Refuse a spec :func:`open_source` cannot resolve, or whose file or folder does not exist,
     without reading it (``bench`` checks every source before its first extraction)."""
     spec = str(spec)
-    _, path = source_kind(spec)
-    if path is not None and not os.path.exists(path):
+    cls, path = source_kind(spec)
+    if path is not None and not cls.exists(path):
         raise SourceError(f"Source '{spec}': '{path}' does not exist. Check the path.")
 
 
@@ -103,7 +109,7 @@ def _warn_about_classes(src: Source) -> None:
     head: say so before the forward passes rather than at fit time."""
     seen: set[int] = set()
     for split, refs in src.splits.items():
-        labels = {r.label for r in refs}
+        labels = {r.label for r in refs if r.label >= 0}  # -1: a sample without a label, recorded as failed
         seen |= labels
         if len(labels) == 1 and len(src.classes) > 1:
             logger.warning("Split '%s' of source '%s' holds only class '%s'; a head needs at least 2 classes to train "

@@ -89,10 +89,57 @@ class Source:
         return bool(cls.suffixes) and spec.lower().endswith(cls.suffixes)
 
     @classmethod
+    def exists(cls, path: str) -> bool:
+        """True when the path a spec names is there to open (``check_source_spec``, without reading)."""
+        return os.path.exists(path)
+
+    @classmethod
     def describe_kind(cls) -> dict:
         """The kind's capabilities (``featcache sources --json``)."""
         return {"kind": cls.kind, "access": cls.access, "pre_decoded": cls.pre_decoded,
                 "splits_from": cls.splits_from, "builtin": cls.builtin, "suffixes": list(cls.suffixes)}
+
+
+class SampleFault(OSError):
+    """A listed sample that cannot be used (no label, a member past the end of a truncated tar, a
+    shard that could not be fetched): :meth:`Source.read` raises it and extraction records the
+    sample as failed with this message as its reason."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unusable sample"
+
+
+def stamp(*parts) -> int:
+    """A non-negative int63 standing for identifying text (an etag, a data set fingerprint, a parquet
+    footer): what a sample's ``(size, mtime)`` pair holds where there is no mtime."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def split_options(spec: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """``PATH#key=value&key=value`` -> (PATH, options): a kind's options ride in its spec, so every
+    command that takes a source takes them and they are in the fingerprint with the spec."""
+    path, sep, tail = spec.partition("#")
+    options: dict[str, str] = {}
+    for item in tail.split("&") if sep else []:
+        key, eq, value = item.partition("=")
+        if not eq or key not in allowed:
+            from ..errors import SourceError
+
+            raise SourceError(f"Source option '{item}' in '{spec}' is not one of "
+                              f"{', '.join(k + '=...' for k in allowed)} (write PATH#key=value&key=value).")
+        options[key] = value
+    return path, options
+
+
+def with_options(spec: str, **options: str | None) -> str:
+    """``spec`` with ``options`` added after ``#`` (``None`` values left out): the command-line flags
+    ``--image-key`` / ``--image-column`` (``image``), ``--label-key`` / ``--label-column``
+    (``label``) and ``--classes`` (``classes``) are these spec options."""
+    extra = "&".join(f"{k}={v}" for k, v in options.items() if v is not None)
+    if not extra:
+        return spec
+    return f"{spec}&{extra}" if "#" in spec else f"{spec}#{extra}"
 
 
 #: Recorded in cache fingerprints: caches keyed by another algorithm are not mixed with these.
@@ -123,10 +170,20 @@ class FileSource(Source):
     root: Path
 
     def read(self, ref: SampleRef) -> tuple[bytes, str]:
+        if "://" in ref.key:  # a URL in a manifest, fetched through fsspec
+            from .remote import fetch
+
+            data = fetch(ref.key)
+            return data, content_hash(data)
         with open(ref.key, "rb") as f:
             data = f.read()
         return data, content_hash(data)
 
     def stat(self, ref: SampleRef) -> tuple[int, int]:
+        if "://" in ref.key:  # (size, a stamp of the etag or mtime), asked of the server
+            from .remote import info
+
+            found = info(ref.key)
+            return (found["size"], found["stamp"])
         st = os.stat(ref.key)
         return (st.st_size, st.st_mtime_ns)

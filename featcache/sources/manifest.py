@@ -41,8 +41,8 @@ class CsvSource(FileSource):
                 raise SourceError(
                     f"CSV manifest '{path}' line {n}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}."
                 )
-            p = (self.root / r["path"]).resolve()
-            by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], str(p)))
+            p = r["path"] if "://" in r["path"] else str((self.root / r["path"]).resolve())  # URLs: fsspec
+            by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], p))
         # Missing files stay in the plan: extraction records them as failed with their path.
         self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
 

@@ -1,0 +1,426 @@
+"""Data where it lives (issue 22): webdataset shards (local and over HTTP), parquet and saved Hugging
+Face data sets give the features, labels and class names of the same images in a folder; their
+identity, resume, faults and ids."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_image_folder
+from data_kinds import FlakyServer, add_member, fetch_env, write_hf, write_parquet, write_wds
+from featcache import extract, open_cache
+from featcache.cli import main
+from featcache.errors import ExtractionInterrupted, SourceError
+from featcache.sources import HfSource, ParquetSource, WdsSource, check_source_spec, open_source
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "imgs", per_class=5)
+
+
+def _content(result) -> dict:
+    with open_cache(result.cache) as c:
+        return {"classes": c.classes,
+                **{s: (c.labels(s).tolist(), c.features(s)[()], [h for h in c.hashes(s)]) for s in c.splits}}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["classes"] == b["classes"]
+    assert set(a) == set(b)
+    for split in set(a) - {"classes"}:
+        assert a[split][0] == b[split][0]  # labels, in the same order
+        assert a[split][2] == b[split][2]  # the same image bytes
+        assert np.array_equal(a[split][1], b[split][1])  # bit-identical features
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet", "hf", "http"])
+def test_each_kind_gives_the_features_labels_and_class_names_of_the_folder(kind, folder, tmp_path, tiny, monkeypatch):
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    if kind == "wds":
+        spec = f"wds:{write_wds(folder, tmp_path / 'shards')}"
+    elif kind == "parquet":
+        spec = f"parquet:{write_parquet(folder, tmp_path / 'pq')}"
+    elif kind == "hf":
+        spec = f"hf:{write_hf(folder, tmp_path / 'saved')}"
+    if kind != "http":
+        res = extract(spec, **tiny)
+        assert res.failed == 0
+        _same(_content(res), ref)
+        return
+    fetch_env(monkeypatch, tmp_path)
+    shards = write_wds(folder, tmp_path / "srv", shards=2)
+    with FlakyServer(shards) as srv:
+        res = extract(f"wds:{srv.url}/train/shard-{{000..001}}.tar#classes={srv.url}/classes.txt", **tiny)
+    assert res.failed == 0
+    got = _content(res)
+    assert got["classes"] == ref["classes"] and set(got) == {"classes", "train"}
+    assert got["train"][0] == ref["train"][0] and np.array_equal(got["train"][1], ref["train"][1])
+
+
+def test_ids_are_shard_key_for_shards_file_row_for_parquet_split_index_for_hf(folder, tmp_path):
+    w = WdsSource(str(write_wds(folder, tmp_path / "s")))
+    assert w.splits["train"][0].id == "shard-000/000000_cat_000" and set(w.splits) == {"train", "val"}
+    p = ParquetSource(str(write_parquet(folder, tmp_path / "p")))
+    assert [r.id for r in p.splits["val"][:2]] == ["part-0/0", "part-0/1"]
+    assert p.classes == ["cat", "dog"]
+    h = HfSource(str(write_hf(folder, tmp_path / "h")))
+    assert [r.id for r in h.splits["val"][:2]] == ["val/0", "val/1"] and h.classes == ["cat", "dog"]
+    # the same listing on every open: ids are stable across runs
+    assert [r.id for r in WdsSource(str(tmp_path / "s")).splits["train"]] == [r.id for r in w.splits["train"]]
+
+
+def test_a_shard_pattern_is_train_and_without_classes_txt_the_classes_are_the_integers(folder, tmp_path):
+    write_wds(folder, tmp_path / "s", classes_txt=False)
+    src = open_source(f"wds:{tmp_path}/s/val/shard-{{000..001}}.tar")
+    assert set(src.splits) == {"train"} and src.classes == ["0", "1"] and len(src.splits["train"]) == 10
+    assert len(open_source(f"wds:{tmp_path}/s/val/*.tar").splits["train"]) == 10
+
+
+def _counting_reads(monkeypatch, cls) -> list:
+    reads = []
+    original = cls.read
+
+    def read(self, ref):
+        reads.append(ref.id)
+        return original(self, ref)
+
+    monkeypatch.setattr(cls, "read", read)
+    return reads
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet", "hf"])
+def test_identity_an_unchanged_source_is_a_hit_without_reading_a_sample_and_a_changed_one_is_not(
+        kind, folder, tmp_path, tiny, monkeypatch):
+    writers = {"wds": write_wds, "parquet": write_parquet, "hf": write_hf}
+    cls = {"wds": WdsSource, "parquet": ParquetSource, "hf": HfSource}[kind]
+    data = writers[kind](folder, tmp_path / "data")
+    first = extract(f"{kind}:{data}", **tiny)
+    before = _content(first)
+    reads = _counting_reads(monkeypatch, cls)
+    again = extract(f"{kind}:{data}", **tiny)
+    assert again.cache_hit and reads == []
+    # change one image (new content): a new shard / parquet file / saved data set
+    from PIL import Image
+
+    Image.fromarray(np.full((30, 40, 3), 7, np.uint8)).save(folder / "train" / "cat" / "cat_000.jpg")
+    shutil.rmtree(data)
+    writers[kind](folder, data)
+    changed = extract(f"{kind}:{data}", **tiny)
+    assert not changed.cache_hit and changed.cache == first.cache
+    # only the batch (block) holding the changed image is computed; the rest is reused by content
+    assert 0 < changed.computed <= tiny["batch_size"]
+    with open_cache(changed.cache) as c:
+        assert c.hashes("train")[0] != before["train"][2][0]
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet", "hf"])
+def test_resume_after_an_interrupt_is_bit_identical_and_computes_only_what_is_missing(kind, folder, tmp_path, tiny):
+    writers = {"wds": write_wds, "parquet": write_parquet, "hf": write_hf}
+    spec = f"{kind}:{writers[kind](folder, tmp_path / 'data')}"
+    ref = extract(spec, **{**tiny, "cache_dir": str(tmp_path / "ref")})
+    seen = []
+
+    def stop(done, total):
+        seen.append(done)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ExtractionInterrupted):
+        extract(spec, **{**tiny, "checkpoint_every": 0}, progress=stop)
+    res = extract(spec, **tiny)
+    assert res.reused >= 2 * tiny["batch_size"] and 0 < res.computed == 20 - res.reused
+    _same(_content(res), _content(ref))
+
+
+def test_a_shard_added_later_computes_only_its_samples(folder, tmp_path, tiny):
+    shards = write_wds(folder, tmp_path / "s")
+    extra = tmp_path / "s" / "train" / "shard-002.tar"
+    shutil.move(str(extra.with_name("shard-001.tar")), tmp_path / "later.tar")
+    first = extract(f"wds:{shards}", **tiny)
+    assert first.splits["train"] == 5
+    shutil.move(str(tmp_path / "later.tar"), extra)  # the same samples, as a shard added later
+    res = extract(f"wds:{shards}", **tiny)
+    # the new samples, and the old ones that share a batch with them (batches stay those of a whole run)
+    assert res.splits["train"] == 10 and 5 <= res.computed < 5 + tiny["batch_size"]
+
+
+def test_faults_in_shards_are_recorded_with_their_reason_and_the_rest_is_extracted(folder, tmp_path, tiny):
+    shards = write_wds(folder, tmp_path / "s")
+    good = (folder / "train" / "cat" / "cat_000.jpg").read_bytes()
+    with tarfile.open(tmp_path / "s" / "train" / "shard-002.tar", "w") as tf:
+        add_member(tf, "corrupt.jpg", b"\xff\xd8\xff not a jpeg")
+        add_member(tf, "corrupt.cls", b"0")
+        add_member(tf, "nolabel.jpg", good)
+        add_member(tf, "badlabel.jpg", good)
+        add_member(tf, "badlabel.cls", b"cat?")
+        add_member(tf, "noimage.cls", b"1")
+    whole = (tmp_path / "s" / "train" / "shard-001.tar").read_bytes()
+    with tarfile.open(tmp_path / "s" / "train" / "shard-001.tar") as tf:
+        members = tf.getmembers()
+    image, header = members[-2], members[-1]
+    (tmp_path / "s" / "train" / "shard-003.tar").write_bytes(whole[:image.offset_data + image.size // 2])
+    (tmp_path / "s" / "train" / "shard-005.tar").write_bytes(whole[:header.offset + 100])  # inside a header
+    (tmp_path / "s" / "train" / "shard-004.tar").write_bytes(b"\x00" * 100)  # not a tar at all
+    res = extract(f"wds:{shards}", **tiny)
+    reasons = {f["id"]: f["reason"] for f in res.failures}
+    assert reasons["shard-002/corrupt"] == "not an image file PIL can read"
+    assert reasons["shard-002/nolabel"] == "no label (cls member)"
+    assert reasons["shard-002/badlabel"].startswith("label b'cat?' is not a class index")
+    assert reasons["shard-002/noimage"].startswith("no image member (jpg, jpeg, png, webp)")
+    assert any(r.startswith("truncated tar: member") for i, r in reasons.items() if i.startswith("shard-003/"))
+    assert reasons["shard-004/"].startswith("truncated or damaged tar shard")
+    assert reasons["shard-005/"].startswith("truncated tar: the shard ends inside a header")
+    n = len(WdsSource(str(shards)).splits["train"])
+    assert res.splits["train"] == n - res.failed and res.splits["train"] >= 10
+    again = extract(f"wds:{shards}", **tiny)  # recorded faults are kept, not retried
+    assert again.cache_hit and again.failed == res.failed
+
+
+def test_parquet_rows_without_a_label_or_image_are_recorded(folder, tmp_path, tiny):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img = (folder / "train" / "cat" / "cat_000.jpg").read_bytes()
+    pq.write_table(pa.table({"img": [img, img, None, img], "y": [0, None, 1, 1]}), tmp_path / "t.parquet")
+    res = extract(f"{tmp_path}/t.parquet", **tiny)  # detected by suffix
+    assert res.splits == {"train": 2}
+    assert sorted((f["id"], f["reason"]) for f in res.failures) == [
+        ("t/1", "no label (the label column is empty for this row)"),
+        ("t/2", "no image (the image column is empty for this row)")]
+
+
+def test_parquet_image_paths_relative_to_the_file(folder, tmp_path, tiny):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = sorted(str(p.relative_to(folder)) for p in (folder / "train").rglob("*.*"))
+    pq.write_table(pa.table({"path": paths, "label": [p.split("/")[1] for p in paths]}), folder / "m.parquet")
+    ref = _content(extract(str(folder / "train"), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    got = _content(extract(f"parquet:{folder}/m.parquet", **tiny))
+    _same(got, ref)
+
+
+def test_hf_rows_without_a_label_and_options_naming_columns(folder, tmp_path, tiny):
+    from datasets import Dataset, DatasetDict, Image
+
+    img = (folder / "train" / "cat" / "cat_000.jpg").read_bytes()
+    ds = Dataset.from_dict({"pic": [{"bytes": img, "path": None}] * 3, "y": [0, None, 1]}).cast_column("pic", Image())
+    DatasetDict(train=ds).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(SourceError, match="has no ClassLabel column among pic, y. Name it with #label=COL"):
+        open_source(f"hf:{tmp_path}/saved")
+    res = extract(f"hf:{tmp_path}/saved#label=y", **tiny)
+    assert res.splits == {"train": 2} and [(f["id"], f["reason"]) for f in res.failures] == [
+        ("train/1", "no label (the label column is empty for this row)")]
+
+
+def test_bad_specs_name_the_value_and_the_next_step(tmp_path):
+    with pytest.raises(SourceError, match=r"No tar shards found for 'wds:.*empty'"):
+        (tmp_path / "empty").mkdir()
+        open_source(f"wds:{tmp_path}/empty")
+    with pytest.raises(SourceError, match=r"Source option 'imgae=png' in .* is not one of image=..., label=..."):
+        open_source(f"wds:{tmp_path}/empty#imgae=png")
+    with pytest.raises(SourceError, match="'.*nothere' does not exist"):
+        check_source_spec(f"wds:{tmp_path}/nothere")
+    with pytest.raises(SourceError, match="Parquet source '.*nothere' does not exist"):
+        open_source(f"parquet:{tmp_path}/nothere")
+    check_source_spec(f"wds:http://127.0.0.1:1/x-{{0..3}}.tar")  # remote: known only once opened
+
+
+def test_cli_extract_reads_a_shard_folder(folder, tmp_path):
+    shards = write_wds(folder, tmp_path / "s")
+    out = CliRunner().invoke(main, ["extract", f"wds:{shards}", "--backbone", "resnet18.none", "--input-size", "32",
+                                    "--batch-size", "4", "--workers", "0", "--cache-dir", str(tmp_path / "c"),
+                                    "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, ["sources", "--json"])
+    assert {"wds", "parquet", "hf"} <= {k["kind"] for k in __import__("json").loads(out.output)}
+
+
+# --- over HTTP (a local server on 127.0.0.1) ------------------------------------------------------
+
+
+def _served(folder, tmp_path, monkeypatch, **env):
+    fetch_env(monkeypatch, tmp_path, **env)
+    return write_wds(folder, tmp_path / "srv", shards=2)
+
+
+def test_http_a_404_shard_is_recorded_and_the_rest_extracted(folder, tmp_path, tiny, monkeypatch):
+    root = _served(folder, tmp_path, monkeypatch)
+    with FlakyServer(root) as srv:
+        res = extract(f"wds:{srv.url}/train/shard-{{000..002}}.tar", **tiny)
+    assert res.splits == {"train": 10}
+    assert [(f["id"], f["reason"]) for f in res.failures] == [
+        ("shard-002/", f"'{srv.url}/train/shard-002.tar' was not found (404)")]
+
+
+def test_http_503_twice_and_a_dropped_connection_are_retried(folder, tmp_path, tiny, monkeypatch):
+    root = _served(folder, tmp_path, monkeypatch)
+    faults = {"/train/shard-000.tar": [503, 503], "/train/shard-001.tar": ["drop"]}
+    with FlakyServer(root, faults) as srv:
+        res = extract(f"wds:{srv.url}/train/shard-{{000..001}}.tar", **tiny)
+        assert srv.faults == {"/train/shard-000.tar": [], "/train/shard-001.tar": []}  # every fault was served
+    assert res.splits == {"train": 10} and res.failed == 0
+
+
+def test_http_a_shard_that_keeps_failing_is_recorded_after_the_retries(folder, tmp_path, tiny, monkeypatch):
+    root = _served(folder, tmp_path, monkeypatch, retries=2)
+    with FlakyServer(root, {"/train/shard-001.tar": ["drop"] * 3}) as srv:
+        res = extract(f"wds:{srv.url}/train/shard-{{000..001}}.tar", **tiny)
+    assert res.splits == {"train": 5}
+    (reason,) = [f["reason"] for f in res.failures]
+    assert reason.startswith(f"'{srv.url}/train/shard-001.tar' could not be fetched after 3 tries")
+
+
+def test_http_a_fetch_that_hangs_times_out_and_is_recorded(folder, tmp_path, tiny, monkeypatch):
+    root = _served(folder, tmp_path, monkeypatch, timeout=0.5, retries=1)
+    with FlakyServer(root, {"/train/shard-001.tar": ["hang", "hang"]}) as srv:
+        res = extract(f"wds:{srv.url}/train/shard-{{000..001}}.tar", **tiny)
+    (reason,) = [f["reason"] for f in res.failures]
+    assert "could not be fetched after 2 tries: timed out after 0.5 s" in reason
+
+
+def test_shards_written_by_webdataset_read_as_webdataset_reads_them(folder, tmp_path, tiny):
+    import webdataset as wds
+
+    images = sorted((folder / "train").rglob("*.jpg"))
+    with wds.TarWriter(str(tmp_path / "w-000.tar")) as sink:
+        for i, p in enumerate(images):
+            sink.write({"__key__": f"dir/s{i:03d}", "jpg": p.read_bytes(), "cls": i % 2,
+                        "json": {"label": "dog" if i % 2 else "cat"}})
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    theirs = [(s["__key__"], int(s["cls"])) for s in wds.WebDataset(str(tmp_path / "w-000.tar"), shardshuffle=False)]
+    src = open_source(f"wds:{tmp_path}/w-{{000..000}}.tar")
+    assert [(r.id, r.label) for r in src.splits["train"]] == [(f"w-000/{k}", y) for k, y in theirs]
+    named = open_source(f"wds:{tmp_path}/w-000.tar#label=json:label&classes={tmp_path}/names.txt")
+    assert [r.label for r in named.splits["train"]] == [y for _, y in theirs] and named.classes == ["cat", "dog"]
+    assert extract(f"wds:{tmp_path}/w-*.tar#image=jpg", **tiny).splits == {"train": len(images)}
+
+
+def test_pipe_shards_are_read_from_a_command(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    shards = write_wds(folder, tmp_path / "s")
+    src = open_source(f"wds:pipe:cat {shards}/val/shard-{{000..001}}.tar")
+    assert len(src.splits["train"]) == 10 and src.splits["train"][0].id.startswith("shard-000/")
+    assert src.read(src.splits["train"][0])[0] == (folder / "val" / "cat" / "cat_000.jpg").read_bytes()
+    bad = open_source(f"wds:pipe:cat {shards}/val/nothere.tar")
+    (ref,) = bad.splits["train"]
+    assert ref.id == "nothere/" and "exited with status 1" in ref.key[1]
+
+
+def test_finetune_and_bench_accept_the_new_specs(folder, tmp_path):
+    from featcache.finetune import finetune
+
+    shards = write_wds(folder, tmp_path / "s")
+    res = finetune(f"wds:{shards}", backbone="resnet18.none", input_size=32, freeze_until="layer3", epochs=1,
+                   batch_size=4, device="cpu", output=str(tmp_path / "run"))
+    assert res.metrics["val"]["n"] == 10 and res.failures == []
+    check_source_spec(f"parquet:{write_parquet(folder, tmp_path / 'p')}")  # what bench checks before extracting
+    check_source_spec(f"hf:{write_hf(folder, tmp_path / 'h')}")
+
+
+def test_sources_travel_to_loader_worker_processes(folder, tmp_path, tiny):
+    specs = [f"wds:{write_wds(folder, tmp_path / 's')}", f"parquet:{write_parquet(folder, tmp_path / 'p')}",
+             f"hf:{write_hf(folder, tmp_path / 'h')}"]
+    for spec in specs:
+        main_process = _content(extract(spec, **{**tiny, "cache_dir": str(tmp_path / "c0")}))
+        _same(_content(extract(spec, **{**tiny, "num_workers": 1, "cache_dir": str(tmp_path / "c1")})), main_process)
+
+
+def test_a_csv_manifest_of_urls_reads_through_fsspec_and_records_a_404(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder / "train"), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    paths = sorted(str(p.relative_to(folder)) for p in (folder / "train").rglob("*.*"))
+    with FlakyServer(folder, {f"/{paths[1]}": [503]}) as srv:
+        rows = [f"{srv.url}/{p},{p.split('/')[1]}" for p in paths]
+        (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows + [f"{srv.url}/gone.jpg,dog"]) + "\n")
+        res = extract(str(tmp_path / "m.csv"), **tiny)
+        again = extract(str(tmp_path / "m.csv"), **tiny)
+    assert [(f["id"], f["reason"]) for f in res.failures] == [
+        (f"{srv.url}/gone.jpg", f"'{srv.url}/gone.jpg' was not found (404)")]
+    assert again.cache_hit
+    got = _content(res)
+    assert got["train"][0] == ref["train"][0] and np.array_equal(got["train"][1], ref["train"][1])
+
+
+def test_a_shard_run_reads_only_the_images_of_its_share(folder, tmp_path, tiny, monkeypatch):
+    shards = write_wds(folder, tmp_path / "s")
+    reads = _counting_reads(monkeypatch, WdsSource)
+    first = extract(f"wds:{shards}", **tiny, shard=(0, 2))
+    assert first.computed == len(reads) < 20  # each of its images read once, no other
+    reads.clear()
+    second = extract(f"wds:{shards}", **tiny, shard=(1, 2))
+    # its own images only: each hashed once (shard 0's file is a donor to check against) and read once
+    assert len(reads) == 2 * second.computed and first.computed + second.computed == 20 and second.merged
+
+
+def test_http_identity_a_rerun_asks_for_headers_only_and_a_changed_shard_is_fetched_again(folder, tmp_path, tiny,
+                                                                                          monkeypatch):
+    import os
+
+    root = _served(folder, tmp_path, monkeypatch)
+    spec_tail = "/train/shard-{000..001}.tar"
+    with FlakyServer(root) as srv:
+        first = extract(f"wds:{srv.url}{spec_tail}", **tiny)
+        srv.requests.clear()
+        again = extract(f"wds:{srv.url}{spec_tail}", **tiny)
+        assert again.cache_hit and not [r for r in srv.requests if r.endswith(".tar") and not r.startswith("HEAD")]
+        shard = root / "train" / "shard-001.tar"
+        shard.write_bytes(shard.read_bytes())  # same bytes, new Last-Modified
+        os.utime(shard, (shard.stat().st_atime, shard.stat().st_mtime + 10))
+        srv.requests.clear()
+        changed = extract(f"wds:{srv.url}{spec_tail}", **tiny)
+        assert "/train/shard-001.tar" in srv.requests and "/train/shard-000.tar" not in srv.requests
+    assert not changed.cache_hit and changed.computed == 0 and changed.cache == first.cache  # same content: reused
+
+
+def test_cli_flags_are_the_spec_options(folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img = (folder / "train" / "cat" / "cat_000.jpg").read_bytes()
+    pq.write_table(pa.table({"a": [img, img], "b": [img, img], "k": [1, 0]}), tmp_path / "t.parquet")
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    flags = ["--backbone", "resnet18.none", "--input-size", "32", "--workers", "0", "--device", "cpu", "--json",
+             "--cache-dir", str(tmp_path / "c")]
+    out = CliRunner().invoke(main, ["extract", f"parquet:{tmp_path}/t.parquet", "--image-column", "b",
+                                    "--label-column", "k", "--classes", str(tmp_path / "names.txt"), *flags])
+    assert out.exit_code == 0, out.output
+    src = open_source(f"parquet:{tmp_path}/t.parquet#image=b&label=k&classes={tmp_path}/names.txt")
+    assert src.classes == ["cat", "dog"] and [r.label for r in src.splits["train"]] == [1, 0]
+    out = CliRunner().invoke(main, ["extract", f"parquet:{tmp_path}/t.parquet", "--label-key", "json:y", *flags])
+    assert out.exit_code == 1
+    assert "Source option 'label=json:y'" not in out.output and "no column 'json:y' (label)" in out.output
+
+
+def test_http_a_served_folder_of_split_folders_and_an_unreachable_host(folder, tmp_path, monkeypatch):
+    root = _served(folder, tmp_path, monkeypatch, retries=1)
+    with FlakyServer(root) as srv:
+        src = open_source(f"wds:{srv.url}/")  # the server's folder listings, as fsspec reads them
+    assert {k: len(v) for k, v in src.splits.items()} == {"train": 10, "val": 10} and src.classes == ["cat", "dog"]
+    with pytest.raises(SourceError, match=r"Cannot list the shards of 'wds:http://127.0.0.1:1/x/\*.tar': "
+                                          r".* could not be fetched after 2 tries: .*Check the URL."):
+        open_source("wds:http://127.0.0.1:1/x/*.tar")
+
+
+def test_hf_a_name_that_is_not_a_folder_goes_to_the_hub_with_its_config(folder, tmp_path, monkeypatch):
+    import datasets
+
+    saved = datasets.load_from_disk(str(write_hf(folder, tmp_path / "h")))
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config: asked.append((name, config)) or saved)
+    src = open_source("hf:someone/bees:small")
+    assert asked == [("someone/bees", "small")] and src.spec == "someone/bees:small" and len(src) == 20
+
+    def offline(name, config):
+        raise ConnectionError("Couldn't reach 'someone/bees' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SourceError, match=r"Cannot open Hugging Face data set 'someone/bees': Couldn't reach"):
+        open_source("hf:someone/bees")
