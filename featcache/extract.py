@@ -62,10 +62,9 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
     config.validate()
     src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
-    hit = find_hit(src, config, t0)
-    if hit is not None:
-        return hit
-    return run_prepared(prepare_source(src, config), progress=progress, t0=t0)
+    result = find_hit(src, config, t0) or run_prepared(prepare_source(src, config), progress=progress, t0=t0)
+    result.notes = list(src.notes)
+    return result
 
 
 def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None,
@@ -388,7 +387,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                                  "label": r.ref.label})
         per_split[split] = ok
     attrs = dict(fingerprint=fp.to_json(), fingerprint_hash=fp.hash, classes=_json(src.classes),
-                 layers=_json(layers), timings=_json(timings),
+                 layers=_json(layers), timings=_json(timings), notes=_json(src.notes),
                  extract_config=_json({**config.to_dict(),
                                        "weights": os.path.abspath(config.weights) if config.weights else None}))
     if config.shard is not None:

@@ -137,6 +137,8 @@ class ExtractResult:
     #: Seconds of decoding and forward passes: ``images_per_second`` is ``computed / compute_seconds``
     #: (``seconds`` adds opening the source and backbone and writing the cache).
     compute_seconds: float = 0.0
+    #: What the source listing skipped or found odd (:attr:`Source.notes`), also recorded in the cache.
+    notes: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = {"cache": self.cache, "splits": self.splits, "failed": self.failed,
@@ -146,6 +148,8 @@ class ExtractResult:
              "computed": self.computed, "reused": self.reused}
         if self.merged:
             d["merged"] = self.merged
+        if self.notes:
+            d["notes"] = self.notes
         return d
 
 

@@ -57,6 +57,10 @@ class Source:
     splits: dict[str, list[SampleRef]] = field(default_factory=dict)
     #: How a val split was carved out of train (``{"val_fraction", "split_seed"}``), if it was.
     split_policy: dict = field(default_factory=dict)
+    #: What the listing skipped or found odd, each ``{"split", "id", "note"}`` (a folder reached
+    #: again through a link, an image listed in two splits): logged when the source is opened,
+    #: recorded in the cache and listed by ``featcache info``.
+    notes: list[dict] = field(default_factory=list)
 
     kind = "source"
 
@@ -113,24 +117,63 @@ class FileSource(Source):
         return (st.st_size, st.st_mtime_ns)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted, following no symlinked folders twice."""
-    out: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: walk each real folder once
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
-            if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
-                p = Path(dirpath) / fn
-                if p.is_file():
-                    out.append(p)
-    out.sort(key=lambda p: os.fsencode(p))
-    return out
+class _Walk:
+    """Lists the images of a folder source so that each real folder is walked once, where it is.
+
+    Class folders that are not links are walked in place. A link to a folder inside one of them, or
+    to one of their ancestors (the root, a split folder), is not followed: those images belong to
+    the class folder they really live in (``ln -s .. train/bees/loop`` would add every other class
+    of the split to ``bees``). Links to folders elsewhere are followed, each real folder once. Every
+    folder left out is recorded in ``notes`` with the reason.
+    """
+
+    def __init__(self, root: Path, class_dirs: list[Path]) -> None:
+        self.root = root
+        self.homes = [os.path.realpath(d) for d in class_dirs if not d.is_symlink()]
+        self.seen: set[tuple[int, int]] = set()
+        self.notes: list[dict] = []
+
+    def _walked_in_place(self, real: str) -> bool:
+        return any(real == h or real.startswith(h + os.sep) or h.startswith(real + os.sep) for h in self.homes)
+
+    def _skip(self, split: str, path: Path, why: str) -> None:
+        self.notes.append({"split": split, "id": display_path(str(path.relative_to(self.root))),
+                           "note": f"folder skipped: {why} (each real folder is walked once)"})
+
+    def _target(self, real: str) -> str:
+        inside = real == str(self.root) or real.startswith(str(self.root) + os.sep)
+        return display_path(os.path.relpath(real, self.root) if inside else real)
+
+    def images(self, split: str, folder: Path) -> list[Path] | None:
+        """Image files under ``folder``, recursively, sorted (None: the folder itself is skipped)."""
+        out: list[Path] = []
+        real = os.path.realpath(folder)
+        if folder.is_symlink() and self._walked_in_place(real):
+            self._skip(split, folder, f"a link to '{self._target(real)}', walked where it is")
+            return None
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in self.seen:  # reached again through a link (a loop outside the classes)
+                self._skip(split, Path(dirpath), f"'{self._target(os.path.realpath(dirpath))}' was walked already")
+                dirnames[:] = []
+                continue
+            self.seen.add((st.st_dev, st.st_ino))
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                sub = Path(dirpath) / d
+                target = os.path.realpath(sub)
+                if sub.is_symlink() and self._walked_in_place(target):
+                    self._skip(split, sub, f"a link to '{self._target(target)}', walked where it is")
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            for fn in filenames:
+                if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
+                    p = Path(dirpath) / fn
+                    if p.is_file():
+                        out.append(p)
+        out.sort(key=lambda p: os.fsencode(p))
+        return out
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -156,19 +199,23 @@ class ImageFolderSource(FileSource):
         self.root = root
         split_dirs = [s for s in SPLIT_NAMES if (root / s).is_dir()]
         layout = {s: root / s for s in split_dirs} if split_dirs else {"train": root}
-        self.classes = sorted({_class_name(c) for d in layout.values() for c in _class_dirs(d)})
+        names = {split: _class_dirs(d) for split, d in layout.items()}
+        walk = _Walk(root, [d / c for split, d in layout.items() for c in names[split]])
+        # Class folders that are links are walked last: one pointing at a real class folder is skipped
+        # (None), and is no class of its own.
+        found = {split: {c: walk.images(split, d / c) for c in sorted(names[split], key=lambda c: (d / c).is_symlink())}
+                 for split, d in layout.items()}
+        self.notes = walk.notes
+        self.classes = sorted({_class_name(c) for split in found for c, files in found[split].items() if files is not None})
         if not self.classes:
             raise SourceError(
                 f"Image folder '{root}' has no class sub-folders. Expected ROOT/CLASS/IMAGE "
                 f"or ROOT/train/CLASS/IMAGE."
             )
         index = {c: i for i, c in enumerate(self.classes)}
-        for split, d in layout.items():
-            refs = []
-            for c in _class_dirs(d):
-                for p in _list_images(d / c):
-                    refs.append(SampleRef(display_path(str(p.relative_to(self.root))), index[_class_name(c)], str(p)))
-            self.splits[split] = refs
+        for split in layout:
+            self.splits[split] = [SampleRef(display_path(str(p.relative_to(self.root))), index[_class_name(c)], str(p))
+                                  for c in names[split] for p in found[split][c] or []]
         if not any(self.splits.values()):
             raise SourceError(f"Image folder '{root}' has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
 
@@ -197,6 +244,7 @@ class CsvSource(FileSource):
         self.classes = sorted({r["label"] for r in rows})
         index = {c: i for i, c in enumerate(self.classes)}
         by_split: dict[str, list[SampleRef]] = {}
+        first: dict[Path, tuple[int, str, str]] = {}  # image -> (line, split, label) where first listed
         for n, r in enumerate(rows, start=2):
             split = (r.get("split") or "train").strip()
             if split not in SPLIT_NAMES:
@@ -204,9 +252,26 @@ class CsvSource(FileSource):
                     f"CSV manifest '{path}' line {n}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}."
                 )
             p = (self.root / r["path"]).resolve()
+            if p in first:
+                self._repeated(path, r, n, split, first[p])
+            first.setdefault(p, (n, split, r["label"]))
             by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], str(p)))
         # Missing files stay in the plan: extraction records them as failed with their path.
         self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
+
+    def _repeated(self, path: Path, row: dict, line: int, split: str, first: tuple[int, str, str]) -> None:
+        """An image listed again at ``line``: under another label or twice in one split it is refused;
+        in another split it is kept in both and recorded (its scores there are not held out)."""
+        n0, split0, label0 = first
+        if row["label"] != label0:
+            raise SourceError(f"CSV manifest '{path}' lists '{row['path']}' under two labels: line {n0} '{label0}' "
+                              f"({split0}), line {line} '{row['label']}' ({split}). Keep one row per image.")
+        if split == split0:
+            raise SourceError(f"CSV manifest '{path}' lists '{row['path']}' twice in split '{split}' (lines {n0} and "
+                              f"{line}); it would count twice. Remove the repeated row.")
+        self.notes.append({"split": split, "id": row["path"],
+                           "note": f"also in split '{split0}' (lines {n0} and {line}): the same image in two splits, "
+                                   f"so scores on '{split}' are not on held-out images only"})
 
 
 @SOURCES.register("npz", description="NumPy .npz in the MedMNIST layout (train_images, train_labels, val_*, test_*)")
@@ -374,6 +439,7 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
         _split_val(src, val_fraction, split_seed)
     if opened:
         _warn_about_classes(src)
+        _warn_about_notes(src)
     return src
 
 
@@ -396,6 +462,15 @@ def check_source_spec(spec: str | os.PathLike) -> None:
         raise _unknown_source(spec)
     if not os.path.exists(path):
         raise SourceError(f"Source '{spec}': '{path}' does not exist. Check the path.")
+
+
+def _warn_about_notes(src: Source) -> None:
+    """One warning line for what the listing skipped or found odd (all of it is recorded in the cache)."""
+    if src.notes:
+        shown = "; ".join(f"{n['split']}/{n['id']}: {n['note']}" for n in src.notes[:3])
+        more = f"; and {len(src.notes) - 3} more" if len(src.notes) > 3 else ""
+        logger.warning("Source '%s': %d note(s), recorded in the cache ('featcache info' lists them): %s%s",
+                       src.spec, len(src.notes), shown, more)
 
 
 def _warn_about_classes(src: Source) -> None:

@@ -173,6 +173,10 @@ class FeatureCache:
         #: (I, N) for a shard file of a sharded extraction, else None.
         shard = self._attr_json("shard", list) if "shard" in self._h5.attrs else None
         self.shard: tuple[int, int] | None = tuple(shard) if shard else None
+        #: What the source listing skipped or found odd, each {"split", "id", "note"} (absent in older caches).
+        self.notes: list = self._attr_json("notes", list) if "notes" in self._h5.attrs else []
+        if not all(isinstance(n, dict) and all(isinstance(v, str) for v in n.values()) for n in self.notes):
+            raise CacheError(f"Cache file '{self.path}': its notes attribute must be a list of objects of strings.")
         #: The options of the extraction (provenance, e.g. a weights file path); not fingerprinted.
         self.extract_config: dict = self._attr_json("extract_config", dict) if "extract_config" in self._h5.attrs else {}
         if not self.layers or not all(isinstance(x, str) for x in self.layers):
@@ -405,6 +409,7 @@ class FeatureCache:
                 for s in self.splits
             },
             "failed": [{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in self.failed],
+            "notes": self.notes,
             "timings": self.timings,
             "bytes": self.path.stat().st_size,
         }

@@ -158,6 +158,10 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
         click.echo(f"  skipped {res.failed} unreadable file(s) (recorded in the cache; 'featcache info' lists them):")
         for f in res.failures[:10]:
             click.echo(f"    {f['split']}/{f['id']}: {f['reason']}")
+    if res.notes:
+        click.echo(f"  {len(res.notes)} note(s) on the source (recorded in the cache; 'featcache info' lists them):")
+        for n in res.notes[:10]:
+            click.echo(f"    {n['split']}/{n['id']}: {n['note']}")
 
 
 def _print_ranks(out: dict, as_json: bool) -> None:

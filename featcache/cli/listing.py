@@ -88,6 +88,10 @@ def info(cache: str, as_json: bool) -> None:
     click.echo(f"  failed:     {len(d['failed'])}")
     for f in d["failed"][:20]:
         click.echo(f"    {f['split']}/{f['id']}: {f['reason']}")
+    if d["notes"]:
+        click.echo(f"  notes:      {len(d['notes'])}")
+        for n in d["notes"][:20]:
+            click.echo(f"    {n.get('split')}/{n.get('id')}: {n.get('note')}")
     click.echo(f"  size:       {d['bytes'] / 1e6:.1f} MB, fingerprint {d['fingerprint_hash']}")
 
 
