@@ -79,6 +79,10 @@ class ExtractConfig:
     #: Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on CUDA) and
     #: resize there; loader workers only read files. Recorded in the fingerprint.
     decode_on_device: bool = False
+    #: Hash every file's content, not only that of files whose (size, mtime) changed since the cache
+    #: was made, and compute again the features of those whose content differs. Does not change
+    #: feature values.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "output", "weights"):

@@ -5,7 +5,9 @@
 Final file (readable with plain h5py; see the README for the schema)::
 
     /                      attrs: format, schema_version, fingerprint (JSON), fingerprint_hash,
-                                  classes (JSON), layers (JSON), timings (JSON), created
+                                  classes (JSON), layers (JSON), timings (JSON), created,
+                                  checksums ("fletcher32": every non-empty dataset has a checksum per
+                                  chunk; absent in caches made before), notes (JSON)
     /<split>/features/<layer>   (N, D) or (N, C, H, W), float16/float32, chunked along N
     /<split>/labels             (N,) int64
     /<split>/ids                (N,) UTF-8 strings (path relative to the source, or split/index)
@@ -37,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import CacheError
+from .errors import CacheDamagedError, CacheError
 from .sources import CONTENT_HASH
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,11 @@ SCHEMA_VERSION = 1
 HASH_DTYPE = "S32"
 #: Target bytes per HDF5 chunk along N (see BENCHMARKS.md for how it was chosen).
 CHUNK_BYTES = 1 << 20
+#: The checksum every dataset of a cache carries per chunk (HDF5's fletcher32 filter: reading a
+#: damaged chunk fails), recorded in the ``checksums`` attribute.
+CHECKSUMS = "fletcher32"
+#: Bytes read at a time when a whole cache is verified.
+VERIFY_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,7 @@ class FeatureCache:
             self._h5 = h5py.File(self.path, "r", locking=False)
         except OSError as e:
             raise CacheError(f"'{self.path}' is not a readable HDF5 file ({e}). Re-extract it.") from None
+        self._verified: dict | None = None
         try:
             self._validate()
         except CacheError:
@@ -142,7 +150,7 @@ class FeatureCache:
             raise
         except Exception as e:  # anything h5py or json raise on a damaged file
             self._h5.close()
-            raise CacheError(f"Cache file '{self.path}' is damaged ({type(e).__name__}: {e}). Re-extract it.") from None
+            raise damaged(self.path, e) from None
 
     def _attr_json(self, key: str, kind: type):
         raw = self._h5.attrs.get(key)
@@ -254,16 +262,15 @@ class FeatureCache:
         _check_kind(self.path, "failed/labels", g["labels"], "i")
 
     @contextlib.contextmanager
-    def _guard(self):
-        """Reading data the validation did not touch: damage surfaces as a CacheError."""
+    def _guard(self, what: str = ""):
+        """Reading data the validation did not touch: damage (a chunk failing its checksum
+        included) surfaces as a :class:`CacheDamagedError`."""
         try:
             yield
         except CacheError:
             raise
         except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
-            raise CacheError(
-                f"Cache file '{self.path}' is damaged ({type(e).__name__}: {e}). Re-extract it."
-            ) from None
+            raise damaged(self.path, e, what) from None
 
     def text_attr(self, key: str) -> str | None:
         """A string attribute of the file (None when absent)."""
@@ -328,9 +335,11 @@ class FeatureCache:
             )
         return self._h5[split]
 
-    def features(self, split: str, layer: str | None = None) -> h5py.Dataset:
-        """The on-disk dataset (N, ...) of one layer; slice it to read."""
-        return self._split(split)[f"features/{self.resolve_layer(layer)}"]
+    def features(self, split: str, layer: str | None = None) -> "CheckedDataset":
+        """The on-disk dataset (N, ...) of one layer; slice it to read (damage raises
+        :class:`CacheDamagedError`)."""
+        name = f"features/{self.resolve_layer(layer)}"
+        return CheckedDataset(self._split(split)[name], self, f"{split}/{name}")
 
     def labels(self, split: str) -> np.ndarray:
         with self._guard():
@@ -359,14 +368,14 @@ class FeatureCache:
     def has_views(self, split: str) -> bool:
         return f"views/{self.layers[0]}" in self._split(split)
 
-    def views(self, split: str, layer: str | None = None) -> h5py.Dataset:
+    def views(self, split: str, layer: str | None = None) -> "CheckedDataset":
         """Augmented-view features (N, views, ...) of one layer (``extract --views K``)."""
         g = self._split(split)
         name = f"views/{self.resolve_layer(layer)}"
         if name not in g:
             raise CacheError(f"Split '{split}' of cache '{self.path.name}' has no augmented views. "
                              f"Extract with views=K (featcache extract --views K).")
-        return g[name]
+        return CheckedDataset(g[name], self, f"{split}/{name}")
 
     def n(self, split: str) -> int:
         return int(self._split(split)["labels"].shape[0])
@@ -376,9 +385,52 @@ class FeatureCache:
         ds = self.features(split, layer)
         out = np.empty(ds.shape, dtype=ds.dtype)
         if ds.shape[0]:
-            with self._guard():
-                ds.read_direct(out)
+            ds.read_direct(out)
         return out.astype(dtype, copy=False), self.labels(split)
+
+    @property
+    def checksums(self) -> str | None:
+        """How the data is checksummed (``"fletcher32"`` per chunk), or None for a cache made before
+        featcache checksummed its data: damaged bytes there cannot be told from features."""
+        value = self.text_attr("checksums")
+        return value if value and value != "none" else None
+
+    def verify(self) -> dict:
+        """Read every dataset of the file whole, so that every chunk's checksum is checked.
+
+        Returns ``{"checksums", "datasets", "bytes"}``; raises :class:`CacheDamagedError` naming the
+        first dataset that fails. Reading is all it costs (see the store benchmark).
+        """
+        if self._verified is not None:
+            return self._verified
+        count = nbytes = 0
+        names: list[str] = []
+        self._h5.visit(lambda name: names.append(name) if isinstance(self._h5[name], h5py.Dataset) else None)
+        for name in names:
+            ds = self._h5[name]
+            rows = max(1, VERIFY_BYTES // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+            with self._guard(name):
+                for a in range(0, ds.shape[0] if ds.ndim else 1, rows):
+                    nbytes += ds[a:a + rows].nbytes if ds.ndim else np.asarray(ds[()]).nbytes
+            count += 1
+        self._verified = {"checksums": self.checksums or "none", "datasets": count, "bytes": nbytes}
+        return self._verified
+
+    @property
+    def verified(self) -> bool:
+        """Whether :meth:`verify` read the whole file intact."""
+        return self._verified is not None
+
+    def readable(self, split: str, start: int, stop: int) -> bool:
+        """True when the features (and views) of rows [start, stop) of ``split`` read intact."""
+        try:
+            for layer in self.layers:
+                self.features(split, layer)[start:stop]
+                if self.has_views(split):
+                    self.views(split, layer)[start:stop]
+        except CacheDamagedError:
+            return False
+        return True
 
     @functools.cached_property
     def failed(self) -> list[dict]:
@@ -399,6 +451,7 @@ class FeatureCache:
         return {
             "cache": str(self.path),
             "fingerprint_hash": _text(self._h5.attrs.get("fingerprint_hash", "")),
+            "checksums": self.checksums or "none",
             "fingerprint": self.fingerprint,
             "classes": self.classes,
             "layers": self.layers,
@@ -413,6 +466,44 @@ class FeatureCache:
             "timings": self.timings,
             "bytes": self.path.stat().st_size,
         }
+
+
+class CheckedDataset:
+    """A cache's on-disk dataset that reads like an ``h5py.Dataset`` (slicing, ``read_direct``,
+    ``shape``, ``dtype``, ``chunks``) and turns a failed read (a chunk failing its checksum, a
+    damaged file) into a :class:`CacheDamagedError` naming the cache and the fix."""
+
+    def __init__(self, ds: h5py.Dataset, cache: FeatureCache, name: str) -> None:
+        self._ds, self._cache, self.name = ds, cache, name
+
+    def __getattr__(self, key: str):
+        return getattr(self._ds, key)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, key):
+        with self._cache._guard(self.name):
+            return self._ds[key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[()]
+        return out if dtype is None else out.astype(dtype)
+
+    def read_direct(self, dest: np.ndarray, *args, **kwargs) -> None:
+        with self._cache._guard(self.name):
+            self._ds.read_direct(dest, *args, **kwargs)
+
+
+def damaged(path: Path, e: BaseException, what: str = "") -> CacheDamagedError:
+    """The error of a cache whose data cannot be read as written (a checksum mismatch included);
+    its ``detail`` says where and what failed, without the fix."""
+    where = f" in '{what}'" if what else ""
+    err = CacheDamagedError(f"Cache file '{path}' is damaged{where} ({type(e).__name__}: {e}): its data fails its "
+                            f"checksum or cannot be read, and is never used. Run the same 'featcache extract' command "
+                            f"again: it computes the damaged rows again and replaces the file.")
+    err.detail = f"'{path}' is damaged{where} ({type(e).__name__}: {e})"
+    return err
 
 
 def read_text_attr(path: Path, key: str) -> str | None:

@@ -102,16 +102,20 @@ def extract_config(kw: dict):
                    "shard to finish assembles the cache. Under torchrun the ranks are the shards.")
 @click.option("--merge", is_flag=True,
               help="With shards: assemble one self-contained file (copy) instead of virtual datasets over the shards.")
+@click.option("--verify", is_flag=True,
+              help="Read and hash every file, not only those whose size or mtime changed since the cache was made, "
+                   "and compute again the features of files whose content differs.")
 @click.option("--dry-run", is_flag=True, help="Print per layer the shape, bytes per image and total bytes; extract nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @fail_cleanly
-def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_json: bool, **kw) -> None:
+def extract(source: str, output, shard, merge, verify: bool, dry_run: bool, quiet: bool, as_json: bool, **kw) -> None:
     """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
 
     SOURCE is an image folder (class sub-folders, optionally under train/ val/ test/), a CSV
     manifest path,label[,split], a MedMNIST-style .npz, or the built-in 'digits'.
-    An interrupted run resumes where it stopped.
+    An interrupted run resumes where it stopped. A file whose size and mtime are those recorded in
+    the cache is taken as unchanged without reading it; --verify reads and hashes every file.
     """
     from ..distributed import extract_distributed, torchrun_env
     from ..extract import extract as run
@@ -119,7 +123,7 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
     from ..shards import parse_shard
 
     config = extract_config(kw)
-    config = ExtractConfig(**{**config.to_dict(), "output": output, "merge": merge,
+    config = ExtractConfig(**{**config.to_dict(), "output": output, "merge": merge, "verify": verify,
                               "shard": parse_shard(shard) if shard else None})
     env = torchrun_env()
     if env is not None and not dry_run:
