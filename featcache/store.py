@@ -241,7 +241,7 @@ class FeatureCache:
                                      f"match its features and fingerprint.")
                 _check_storage(self.path, f"{split}/views/{layer}", vs)
         if n:
-            with self._guard():
+            with self._guard(f"{split}/labels"):
                 lab = g["labels"][()]
             if lab.min() < 0 or lab.max() >= len(self.classes):
                 raise CacheError(f"Cache file '{self.path}': split '{split}' has labels outside its classes.")
@@ -262,14 +262,15 @@ class FeatureCache:
         _check_kind(self.path, "failed/labels", g["labels"], "i")
 
     @contextlib.contextmanager
-    def _guard(self, what: str = ""):
+    def _guard(self, what: str = "", errors: tuple = (OSError, ValueError, TypeError, KeyError, IndexError,
+                                                        RuntimeError)):
         """Reading data the validation did not touch: damage (a chunk failing its checksum
         included) surfaces as a :class:`CacheDamagedError`."""
         try:
             yield
         except CacheError:
             raise
-        except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        except errors as e:
             raise damaged(self.path, e, what) from None
 
     def text_attr(self, key: str) -> str | None:
@@ -342,19 +343,19 @@ class FeatureCache:
         return CheckedDataset(self._split(split)[name], self, f"{split}/{name}")
 
     def labels(self, split: str) -> np.ndarray:
-        with self._guard():
+        with self._guard(f"{split}/labels"):
             return self._split(split)["labels"][()].astype(np.int64)
 
     def ids(self, split: str) -> list[str]:
-        with self._guard():
+        with self._guard(f"{split}/ids"):
             return list(self._split(split)["ids"].asstr("utf-8")[()])
 
     def hashes(self, split: str) -> np.ndarray:
-        with self._guard():
+        with self._guard(f"{split}/hashes"):
             return self._split(split)["hashes"][()]
 
     def stat(self, split: str) -> np.ndarray:
-        with self._guard():
+        with self._guard(f"{split}/stat"):
             return self._split(split)["stat"][()]
 
     def batch_n(self, split: str) -> np.ndarray | None:
@@ -362,7 +363,7 @@ class FeatureCache:
         g = self._split(split)
         if "batch_n" not in g:
             return None
-        with self._guard():
+        with self._guard(f"{split}/batch_n"):
             return g["batch_n"][()]
 
     def has_views(self, split: str) -> bool:
@@ -439,7 +440,7 @@ class FeatureCache:
         if "failed" not in self._h5:
             return []
         g = self._h5["failed"]
-        with self._guard():
+        with self._guard("failed"):
             splits, ids, reasons = (g[k].asstr("utf-8")[()] for k in ("split", "ids", "reasons"))
             stat = g["stat"][()]
             labels = g["labels"][()]
@@ -476,14 +477,19 @@ class CheckedDataset:
     def __init__(self, ds: h5py.Dataset, cache: FeatureCache, name: str) -> None:
         self._ds, self._cache, self.name = ds, cache, name
 
+    #: What a failed read raises in h5py (a bad index is the caller's error, and stays one).
+    READ_ERRORS = (OSError, RuntimeError)
+
     def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
         return getattr(self._ds, key)
 
     def __len__(self) -> int:
         return len(self._ds)
 
     def __getitem__(self, key):
-        with self._cache._guard(self.name):
+        with self._cache._guard(self.name, self.READ_ERRORS):
             return self._ds[key]
 
     def __array__(self, dtype=None, copy=None):
@@ -491,7 +497,7 @@ class CheckedDataset:
         return out if dtype is None else out.astype(dtype)
 
     def read_direct(self, dest: np.ndarray, *args, **kwargs) -> None:
-        with self._cache._guard(self.name):
+        with self._cache._guard(self.name, self.READ_ERRORS):
             self._ds.read_direct(dest, *args, **kwargs)
 
 
