@@ -4,6 +4,9 @@
   compressions (none, lzf, gzip): the default is chosen from these numbers.
 - Growth: extraction time and peak memory for 1k, 10k and 100k samples (a small model at 16 px from
   an npz source, each size in its own process).
+- Checksums (issue 26 item 2): reading a cache's features whole with HDF5's per-chunk fletcher32
+  checksum (what featcache writes) vs the same chunks without it; a cache hit and ``info --verify``
+  read the whole file once this way.
 """
 
 from __future__ import annotations
@@ -21,16 +24,45 @@ from featcache.store import CHUNK_BYTES
 from .common import WORK, Row, median_time
 
 
-def _write(path, X, *, chunks, compression):
+def _write(path, X, *, chunks, compression, fletcher32=False):
     with h5py.File(path, "w") as h:
-        h.create_dataset("x", data=X, chunks=chunks, compression=compression)
+        h.create_dataset("x", data=X, chunks=chunks, compression=compression, fletcher32=fletcher32)
+
+
+def _read_whole(path):
+    with h5py.File(path, "r") as h:
+        ds = h["x"]
+        out = np.empty(ds.shape, ds.dtype)
+        ds.read_direct(out)
+
+
+def _features(n: int, d: int) -> np.ndarray:
+    # Real features are post-ReLU/SiLU activations: many small values, some zeros.
+    rng = np.random.default_rng(0)
+    return np.maximum(rng.normal(0.2, 1.0, (n, d)), 0).astype(np.float16)
+
+
+def checksum_read_cost(n: int = 40000, d: int = 1280) -> Row:
+    """Read time without checksums / with fletcher32, same ~1 MB chunks (1.0: checksums are free)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    X = _features(n, d)
+    chunks = (min(n, CHUNK_BYTES // (d * 2)), d)
+    times = {}
+    for f32 in (False, True):
+        path = WORK / f"checksum-{f32}.h5"
+        _write(path, X, chunks=chunks, compression=None, fletcher32=f32)
+        times[f32], _ = median_time(lambda p=path: _read_whole(p), repeat=7, warmup=1)
+        path.unlink()
+    ratio = times[False] / times[True]
+    return Row(f"read {n}x{d} float16 into memory: no checksum / fletcher32 per ~1 MB chunk", ratio,
+               ">= 0.8 (checksums cost at most a fifth of a read)", ratio >= 0.8,
+               f"{X.nbytes / times[True] / 1e9:.2f} GB/s with fletcher32 vs {X.nbytes / times[False] / 1e9:.2f} GB/s "
+               f"without (warm page cache); a cache hit and 'info --verify' read the whole file once")
 
 
 def read_vs_fromfile(n: int = 40000, d: int = 1280) -> list[Row]:
     WORK.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    # Real features are post-ReLU/SiLU activations: many small values, some zeros.
-    X = np.maximum(rng.normal(0.2, 1.0, (n, d)), 0).astype(np.float16)
+    X = _features(n, d)
     raw = WORK / "raw.bin"
     X.tofile(raw)
     t_raw, _ = median_time(lambda: np.fromfile(raw, dtype=np.float16), repeat=5, warmup=1)
@@ -46,14 +78,7 @@ def read_vs_fromfile(n: int = 40000, d: int = 1280) -> list[Row]:
         t = time.perf_counter()
         _write(path, X, chunks=chunks, compression=comp)
         t_write = time.perf_counter() - t
-
-        def read():
-            with h5py.File(path, "r") as h:
-                ds = h["x"]
-                out = np.empty(ds.shape, ds.dtype)
-                ds.read_direct(out)
-
-        t_read, _ = median_time(read, repeat=5, warmup=1)
+        t_read, _ = median_time(lambda: _read_whole(path), repeat=5, warmup=1)
         ratio = t_raw / t_read
         size = path.stat().st_size / X.nbytes
         rows.append(Row(f"read {n}x{d} float16 into memory, {name} / np.fromfile", ratio,
@@ -103,4 +128,4 @@ def growth() -> Row:
 
 
 def run() -> list[Row]:
-    return [*read_vs_fromfile(), growth()]
+    return [*read_vs_fromfile(), checksum_read_cost(), growth()]

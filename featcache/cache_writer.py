@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import CacheLockedError
 from .files import fsync_dir, reserve
-from .store import FORMAT, HASH_DTYPE, SCHEMA_VERSION, feature_chunks, shard_digest
+from .store import CHECKSUMS, FORMAT, HASH_DTYPE, SCHEMA_VERSION, feature_chunks, shard_digest
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class CacheWriter:
         if reserve_bytes:  # a full disk is an OSError here, not a crash of HDF5 half-way through
             reserve(self.tmp, reserve_bytes)
         self.h5 = create_h5(self.tmp)
-        set_text_attrs(self.h5, format=FORMAT, schema_version=SCHEMA_VERSION,
+        set_text_attrs(self.h5, format=FORMAT, schema_version=SCHEMA_VERSION, checksums=CHECKSUMS,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs)
 
     def __enter__(self) -> "CacheWriter":
@@ -117,23 +117,24 @@ class CacheWriter:
         """A split's per-sample arrays: labels, ids, content hashes, (size, mtime) and, where known,
         the size of the batch each sample's features were computed in."""
         g = self.h5.create_group(split)
-        g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), track_times=False)
+        write_array(g, "labels", np.asarray(labels, dtype=np.int64))
         write_strings(g, "ids", ids)
-        g.create_dataset("hashes", data=np.asarray(hashes, dtype=HASH_DTYPE), track_times=False)
-        g.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(-1, 2), track_times=False)
+        write_array(g, "hashes", np.asarray(hashes, dtype=HASH_DTYPE))
+        write_array(g, "stat", np.asarray(stat, dtype=np.int64).reshape(-1, 2))
         if batch_n is not None:
-            g.create_dataset("batch_n", data=np.asarray(batch_n, dtype=np.int32), track_times=False)
+            write_array(g, "batch_n", np.asarray(batch_n, dtype=np.int32))
 
     def add_features(self, split: str, layer: str, shape: tuple[int, ...], dtype, *, views: bool = False,
                      chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
         """An empty ``features/<layer>`` (or ``views/<layer>``) dataset of ``shape`` = (N, ...), chunked
-        along N (about :data:`CHUNK_BYTES` a chunk unless ``chunks`` is given); fill it by slices."""
+        along N (about :data:`CHUNK_BYTES` a chunk unless ``chunks`` is given), each chunk with its
+        checksum; fill it by slices."""
         dtype = np.dtype(dtype)
         n = shape[0]
         if chunks is None and n:
             chunks = feature_chunks(tuple(shape[1:]), dtype.itemsize, n)
         return self.h5[split].create_dataset(f"{'views' if views else 'features'}/{layer}", shape=shape, dtype=dtype,
-                                             chunks=chunks if n else None, track_times=False)
+                                             chunks=chunks if n else None, fletcher32=bool(n), track_times=False)
 
     def add_virtual_features(self, split: str, layer: str, layout: h5py.VirtualLayout, *,
                              views: bool = False) -> h5py.Dataset:
@@ -159,11 +160,17 @@ def set_text_attrs(h5: h5py.File, **attrs) -> None:
             h5.attrs[key] = value
 
 
+def write_array(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
+    """A dataset holding ``data``, chunked with a checksum per chunk (HDF5's fletcher32 filter: a
+    read of a damaged chunk fails) unless it is empty."""
+    return group.create_dataset(name, data=data, fletcher32=data.size > 0, track_times=False)
+
+
 def write_strings(group: h5py.Group, name: str, values) -> h5py.Dataset:
     """Fixed-length strings holding UTF-8 bytes (read back with ``.asstr("utf-8")``)."""
     encoded = [v.encode("utf-8") for v in values]
     width = max([1, *map(len, encoded)])
-    return group.create_dataset(name, data=np.asarray(encoded, dtype=f"S{width}"), track_times=False)
+    return write_array(group, name, np.asarray(encoded, dtype=f"S{width}"))
 
 
 def write_failed(h5: h5py.File, failures: list[dict]) -> None:
@@ -171,8 +178,8 @@ def write_failed(h5: h5py.File, failures: list[dict]) -> None:
     g = h5.create_group("failed")
     for key, name in (("split", "split"), ("id", "ids"), ("reason", "reasons")):
         write_strings(g, name, [f[key] for f in failures])
-    g.create_dataset("stat", data=np.asarray([f["stat"] for f in failures], dtype=np.int64).reshape(-1, 2))
-    g.create_dataset("labels", data=np.asarray([f.get("label", -1) for f in failures], dtype=np.int64))
+    write_array(g, "stat", np.asarray([f["stat"] for f in failures], dtype=np.int64).reshape(-1, 2))
+    write_array(g, "labels", np.asarray([f.get("label", -1) for f in failures], dtype=np.int64))
 
 
 def set_aside(path: Path) -> Path:

@@ -31,6 +31,13 @@ class CacheError(FeatcacheError):
     """A cache file is missing, malformed or does not match what was asked."""
 
 
+class CacheDamagedError(CacheError):
+    """A cache's data fails its checksum or cannot be read; the extraction that made it recomputes it."""
+
+    #: Where and what failed, without the advice (for log lines of the extraction that repairs it).
+    detail: str = ""
+
+
 class CacheLockedError(CacheError):
     """Another process is writing the same cache."""
 

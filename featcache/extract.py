@@ -25,13 +25,14 @@ from .backbones import Backbone
 from .cache_writer import CacheLock, CacheWriter, iter_runs, set_aside
 from .devices import (cudnn_autotuning, default_workers, main_process_decode_threads, prefetch_for_shm,
                       shm_free_bytes)
-from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
+from .errors import CacheDamagedError, CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from .files import DISK_FULL
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate, plan_rows,
                       worker_init)
 from .partial import ChunkWriter, PartialStore
 from .plan import ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
-from .reuse import Donors, blocks, find_hit, hit_result, reused, is_hit_rows, listing_matches, rows_to_compute, stat_key
+from .reuse import (Donors, blocks, find_hit, hit_result, intact, reused, is_hit_rows, listing_matches, rows_to_compute,
+                    stat_key)
 from .runtime import tune_allocator
 from .sources import Source, display_path, open_source
 from .store import HASH_DTYPE, CacheFingerprint, FeatureCache, open_cache
@@ -64,10 +65,9 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
     config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
     config.validate()
     src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
-    hit = find_hit(src, config, t0)
-    if hit is not None:
-        return hit
-    return run_prepared(prepare_source(src, config), progress=progress, t0=t0)
+    result = find_hit(src, config, t0) or run_prepared(prepare_source(src, config), progress=progress, t0=t0)
+    result.notes = list(src.notes)
+    return result
 
 
 def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None,
@@ -79,7 +79,7 @@ def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float |
     """
     t0 = time.perf_counter() if t0 is None else t0
     if p.config.shard is None:
-        return _extract_plan(p, p.path, plan_rows(p.source), progress, t0)
+        return _extract_plan(p, p.path, plan_rows(p.source, contents=p.config.verify), progress, t0)
     return _extract_shard(p, progress, t0, gather)
 
 
@@ -98,7 +98,7 @@ def _extract_shard(p: Prepared, progress: ProgressFn | None, t0: float,
     i, n = config.shard
     ranges = [{split: shard_range(len(refs), config.batch_size, j, n) for split, refs in p.source.splits.items()}
               for j in range(n)]
-    plan = plan_rows(p.source, ranges[i])
+    plan = plan_rows(p.source, ranges[i], contents=config.verify)
     if gather is not None:
         digests, known = gather(share_digest(plan)), plan
     else:
@@ -135,8 +135,11 @@ def _assembled_hit(final: Path, p: Prepared, plan: dict[str, list[Row]], t0: flo
         log.info("'%s' is not used as it is: %s", final, e)
         return None
     with c:
-        if c.fingerprint == fp.to_dict() and listing_matches(c, p.source) and is_hit_rows(c, plan):
-            return reused(c, final, p.config, t0)
+        try:
+            if c.fingerprint == fp.to_dict() and listing_matches(c, p.source) and is_hit_rows(c, plan) and intact(c):
+                return reused(c, final, p.config, t0)
+        except CacheDamagedError as e:
+            log.info("'%s' is not used as it is: %s", final, e.detail)
     return None
 
 
@@ -199,24 +202,19 @@ def _merge_if_complete(final: Path, config: ExtractConfig) -> str | None:
 def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress: ProgressFn | None,
                   t0: float, stamp: dict | None = None, more_donors: list[FeatureCache] = ()) -> ExtractResult:
     src, layers, shapes, fp, config = p.source, p.layers, p.shapes, p.fingerprint, p.config
-    if path.exists():
-        cache = open_cache(path)
-        if cache.fingerprint != fp.to_dict():
-            cache.close()
-            raise CacheError(
-                f"'{path}' holds features of another fingerprint (backbone, layers, preprocessing, "
-                f"versions or source differ). Choose another --output or delete that file."
-            )
+    cache = _open_previous(path, fp) if path.exists() else None
+    if cache is not None:
         try:
             res = hit_result(cache, path, plan, config, t0, stamp)
         except SourceError:
             cache.close()
             raise
+        except CacheDamagedError as e:  # its per-sample arrays: nothing in it can be placed
+            cache.close()
+            cache, res = _set_aside_damaged(path, e), None
         if res is not None:
             cache.close()
             return res
-    else:
-        cache = None
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
@@ -248,6 +246,26 @@ def _extract_plan(p: Prepared, path: Path, plan: dict[str, list[Row]], progress:
     result.compute_seconds = compute_seconds if todo else 0.0
     result.images_per_second = len(todo) / compute_seconds if compute_seconds > 0 and todo else 0.0
     return result
+
+
+def _open_previous(path: Path, fp: CacheFingerprint) -> FeatureCache | None:
+    """The cache already at ``path``, to reuse whole or in part. One of another fingerprint is an
+    error; a damaged one (unreadable data) is set aside as ``*.damaged`` and extracted again."""
+    try:
+        cache = open_cache(path)
+    except CacheDamagedError as e:
+        return _set_aside_damaged(path, e)
+    if cache.fingerprint != fp.to_dict():
+        cache.close()
+        raise CacheError(
+            f"'{path}' holds features of another fingerprint (backbone, layers, preprocessing, "
+            f"versions or source differ). Choose another --output or delete that file."
+        )
+    return cache
+
+
+def _set_aside_damaged(path: Path, e: CacheDamagedError) -> None:
+    log.warning("Set aside '%s' as '%s' (%s); it is extracted again.", path, set_aside(path).name, e.detail)
 
 
 def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, todo, partial: PartialStore,
@@ -376,7 +394,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
         ok = []
         for r in rows:
             key = stat_key(r.ref.id, r.stat)
-            h = r.hash or donors.hash_by_stat.get(key)
+            h = r.hash if r.checked else (r.hash or donors.hash_by_stat.get(key))
             found = donors.lookup(h, config.views > 0 and split == VIEW_SPLIT, size[block_key(r, config.batch_size)])
             if found is not None:
                 r.hash = h
@@ -390,7 +408,7 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                                  "label": r.ref.label})
         per_split[split] = ok
     attrs = dict(fingerprint=fp.to_json(), fingerprint_hash=fp.hash, classes=_json(src.classes),
-                 layers=_json(layers), timings=_json(timings),
+                 layers=_json(layers), timings=_json(timings), notes=_json(src.notes),
                  extract_config=_json({**config.to_dict(),
                                        "weights": os.path.abspath(config.weights) if config.weights else None}))
     if config.shard is not None:

@@ -46,6 +46,7 @@ class FitConfig:
     layer: str | None = None
     train_split: str = "train"
     #: Split the sweep is scored on; None: val when present; "none": k-fold on the training split.
+    #: Never test, nor the training split itself.
     eval_split: str | None = None
     normalize: str = "standard"
     pca: int | None = None
@@ -433,6 +434,10 @@ def _eval_split(cache: FeatureCache, config: FitConfig) -> str | None:
         raise ConfigError(f"Split '{split}' is not in the cache. It has: {', '.join(cache.splits)}.")
     if split == "test":
         raise ConfigError("The sweep never chooses on the test split. Pass eval_split=val or none.")
+    if split is not None and split == config.train_split:
+        raise ConfigError(f"The sweep would be scored on '{split}', the split it trains on: every value scores its "
+                          f"own training rows. Pass eval_split=val (or another held-out split), or eval_split=none "
+                          f"for k-fold cv on '{split}'.")
     if config.cv is not None and split is not None:
         raise ConfigError(f"The 'cv' option applies only without an eval split; this sweep is scored on '{split}'. "
                           f"Drop the 'cv' option, or pass eval_split=none to sweep by k-fold on {config.train_split}.")

@@ -27,17 +27,21 @@ VIEW_SPLIT = "train"
 
 @dataclass
 class Row:
-    """One planned sample: its split, position in the split, reference, (size, mtime) and content hash."""
+    """One planned sample: its split, position in the split, reference, (size, mtime) and content hash
+    (``checked``: hashed from the content now, not taken from an earlier run by its size and mtime)."""
 
     split: str
     index: int
     ref: SampleRef
     stat: tuple[int, int]
     hash: str | None = None
+    checked: bool = False
 
 
-def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, list[Row]]:
-    """Rows to extract, with each file's (size, mtime). ``ranges`` restricts each split to rows
+def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
+              contents: bool = False) -> dict[str, list[Row]]:
+    """Rows to extract, with each file's (size, mtime), and with ``contents`` the hash of its content
+    (``extract --verify``: None where it cannot be read). ``ranges`` restricts each split to rows
     [a, b) before any file is looked at (a shard stats only its own share)."""
     plan = {}
     for split, refs in src.splits.items():
@@ -49,7 +53,13 @@ def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None) -> 
                 st = src.stat(ref)
             except OSError:
                 st = (-1, -1)  # missing: recorded as failed when read
-            rows.append(Row(split, i, ref, st))
+            row = Row(split, i, ref, st, checked=contents)
+            if contents and st[0] >= 0:
+                try:
+                    row.hash = src.read(ref)[1]
+                except OSError:
+                    pass
+            rows.append(row)
         plan[split] = rows
     return plan
 

@@ -77,6 +77,10 @@ class ExtractConfig:
     #: Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on CUDA) and
     #: resize there; loader workers only read files. Recorded in the fingerprint.
     decode_on_device: bool = False
+    #: Hash every file's content, not only that of files whose (size, mtime) changed since the cache
+    #: was made, and compute again the features of those whose content differs. Does not change
+    #: feature values.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "output", "weights"):
@@ -135,6 +139,8 @@ class ExtractResult:
     #: Seconds of decoding and forward passes: ``images_per_second`` is ``computed / compute_seconds``
     #: (``seconds`` adds opening the source and backbone and writing the cache).
     compute_seconds: float = 0.0
+    #: What the source listing skipped or found odd (:attr:`Source.notes`), also recorded in the cache.
+    notes: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = {"cache": self.cache, "splits": self.splits, "failed": self.failed,
@@ -144,6 +150,8 @@ class ExtractResult:
              "computed": self.computed, "reused": self.reused}
         if self.merged:
             d["merged"] = self.merged
+        if self.notes:
+            d["notes"] = self.notes
         return d
 
 

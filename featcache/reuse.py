@@ -8,6 +8,7 @@ mtime); a cache is a hit when it holds exactly the planned rows unchanged.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,12 +17,14 @@ import numpy as np
 
 from .backbones import weights_sha256_without_building
 from .devices import resolve_device
-from .errors import CacheError, FeatcacheError, SourceError
+from .errors import CacheDamagedError, CacheError, FeatcacheError, SourceError
 from .loading import VIEW_SPLIT, Row, block_key, plan_rows
 from .partial import PartialStore
 from .plan import ExtractConfig, ExtractResult, fingerprint, resolved_config
 from .sources import Source
 from .store import FeatureCache, cache_file_name, open_cache, read_text_attr
+
+log = logging.getLogger(__name__)
 
 def stat_key(id_: str, stat) -> tuple[str, int, int]:
     return (id_, int(stat[0]), int(stat[1]))
@@ -83,22 +86,49 @@ class Donors:
         partial.warn_set_aside()
 
     def add_cache(self, cache: FeatureCache) -> None:
+        """Index a finished cache's rows. Unless the whole file verified, each block of rows is read
+        once first: rows whose chunks fail their checksum are not indexed, so they are computed
+        again (a damaged split's per-sample arrays leave out the whole split)."""
         for split in cache.splits:
-            hashes = [h.decode() for h in cache.hashes(split)]
-            for i, st, h in zip(cache.ids(split), cache.stat(split), hashes):
-                self.hash_by_stat[stat_key(i, st)] = h
-            has_views = cache.has_views(split)
-            batch_n = cache.batch_n(split)
-            for start in range(0, len(hashes), self.BLOCK):
-                end = min(start + self.BLOCK, len(hashes))
+            try:
+                hashes = [h.decode() for h in cache.hashes(split)]
+                ids, stat, batch_n = cache.ids(split), cache.stat(split), cache.batch_n(split)
+            except CacheDamagedError as e:
+                log.warning("%s: its split '%s' is computed again.", e.detail, split)
+                continue
+            damaged = 0
+            for start, end in self._intact_blocks(cache, split, len(hashes)):
+                if end < 0:
+                    damaged += -end - start
+                    continue
+                for i, st, h in zip(ids[start:end], stat[start:end], hashes[start:end]):
+                    self.hash_by_stat[stat_key(i, st)] = h
                 d = len(self.loaders)
-                self.loaders.append(lambda s=split, a=start, b=end, v=has_views: (
+                self.loaders.append(lambda s=split, a=start, b=end, v=cache.has_views(split): (
                     [cache.features(s, layer)[a:b] for layer in cache.layers],
                     [cache.views(s, layer)[a:b] for layer in cache.layers] if v else None))
                 self.batch_sizes.append(int(cache.extract_config.get("batch_size") or 0))
-                self._index(d, hashes[start:end], 0, has_views, None if batch_n is None else batch_n[start:end])
+                self._index(d, hashes[start:end], 0, cache.has_views(split),
+                            None if batch_n is None else batch_n[start:end])
+            if damaged:
+                log.warning("Cache file '%s': %d row(s) of split '%s' fail their checksum; they are computed again.",
+                            cache.path, damaged, split)
         for f in cache.failed:
             self.failed_by_stat[stat_key(f["id"], f["stat"])] = f["reason"]
+
+    def _intact_blocks(self, cache: FeatureCache, split: str, n: int):
+        """(start, end) of blocks of rows to index; (start, -end) of rows that fail their checksum,
+        found to the chunk when a block does not read."""
+        for start in range(0, n, self.BLOCK):
+            end = min(start + self.BLOCK, n)
+            if cache.verified or cache.readable(split, start, end):
+                yield start, end
+                continue
+            step = min(c.chunks[0] if c.chunks else end - start for c in
+                       [cache.features(split, layer) for layer in cache.layers])
+            for a in range(start, end, step):
+                b = min(a + step, end)
+                yield (a, b) if cache.readable(split, a, b) else (a, -b)
 
     def lookup(self, h: str | None, with_views: bool, batch_n: int) -> tuple[int, int, int] | None:
         """(donor, row, batch size to record) of features to reuse for a row that an uninterrupted
@@ -132,15 +162,20 @@ def listing_matches(cache: FeatureCache, src: Source) -> bool:
 
 def is_hit_rows(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
     """True when every planned row is in the cache (or its failed list) with the same label and
-    (size, mtime)."""
-    have = set()
+    (size, mtime), and, for rows whose content was hashed (``extract --verify``), the same content."""
+    have: dict[tuple, bytes] = {}
     for split in cache.splits:
-        for i, lab, st in zip(cache.ids(split), cache.labels(split), cache.stat(split)):
-            have.add((split, i, int(lab), int(st[0]), int(st[1])))
+        for i, lab, st, h in zip(cache.ids(split), cache.labels(split), cache.stat(split), cache.hashes(split)):
+            have[(split, i, int(lab), int(st[0]), int(st[1]))] = h
     failed = {(f["split"], f["id"], f["stat"]) for f in cache.failed}
-    return all((split, r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1])) in have
-               or (split, r.ref.id, tuple(int(v) for v in r.stat)) in failed
-               for split, rows in plan.items() for r in rows)
+
+    def unchanged(split: str, r: Row) -> bool:
+        h = have.get((split, r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1])))
+        if h is not None:
+            return not r.checked or (r.hash is not None and h.decode() == r.hash)
+        return (split, r.ref.id, tuple(int(v) for v in r.stat)) in failed
+
+    return all(unchanged(split, r) for split, rows in plan.items() for r in rows)
 
 
 def is_hit(cache: FeatureCache, plan: dict[str, list[Row]]) -> bool:
@@ -164,8 +199,9 @@ def rows_to_compute(src: Source, plan: dict[str, list[Row]], donors: Donors, *,
                 if retry_failed:  # --on-error fail: read it again so the run stops at it
                     retry.append(r)
                 continue
-            r.hash = donors.hash_by_stat.get(key)
-            if r.hash is None and donors and r.stat[0] >= 0:
+            if not r.checked:  # unchanged size and mtime: taken as unchanged content (no --verify)
+                r.hash = donors.hash_by_stat.get(key)
+            if r.hash is None and donors and r.stat[0] >= 0 and not r.checked:
                 # A new or changed file while features exist: its content may already be cached.
                 try:
                     r.hash = src.read(r.ref)[1]
@@ -244,7 +280,10 @@ def find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | N
             return None  # the full run sets it aside or says what is wrong
         with cache:
             if cache.fingerprint == recorded:
-                return hit_result(cache, path, plan_rows(src), run_config, t0)
+                try:
+                    return hit_result(cache, path, plan_rows(src, contents=config.verify), run_config, t0)
+                except CacheDamagedError:
+                    return None  # the full run sets it aside
     return None
 
 
@@ -265,10 +304,23 @@ def json_roundtrip(obj):
 def hit_result(cache: FeatureCache, path: Path, plan: dict[str, list[Row]], config: ExtractConfig,
                 t0: float, stamp: dict | None = None) -> ExtractResult | None:
     """The result of reusing ``cache`` whole, when it holds exactly the planned rows unchanged (and
-    the shard ``stamp``); else None. With ``on_error='fail'``, a failure it records is an error."""
-    if not (is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items())):
+    the shard ``stamp``) and every chunk of it passes its checksum; else None. With
+    ``on_error='fail'``, a failure it records is an error."""
+    if not (is_hit(cache, plan) and all(cache.text_attr(k) == v for k, v in (stamp or {}).items())
+            and intact(cache)):
         return None
     return reused(cache, path, config, t0)
+
+
+def intact(cache: FeatureCache) -> bool:
+    """True when every chunk of ``cache`` reads intact (:meth:`FeatureCache.verify`); else the damage
+    is logged, and the run computes the damaged rows again."""
+    try:
+        cache.verify()
+    except CacheDamagedError as e:
+        log.warning("%s: not a cache hit; the rows that fail their checksum are computed again.", e.detail)
+        return False
+    return True
 
 
 def reused(cache: FeatureCache, path: Path, config: ExtractConfig, t0: float) -> ExtractResult:

@@ -128,7 +128,9 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                     splits.append(s)
         src_attrs = caches[0]._h5.attrs
         with CacheWriter(final, **{k: src_attrs[k] for k in ("fingerprint", "fingerprint_hash", "classes", "layers",
-                                                             "extract_config") if k in src_attrs}) as w:
+                                                             "extract_config", "notes") if k in src_attrs}) as w:
+            if not copy and not all(c.checksums for c in caches):  # it presents their data as it is
+                w.set_attrs(checksums="none")
             w.set_attrs(timings=json.dumps({"shards": [c.timings for c in caches]}),
                         shards=json.dumps([] if copy else [p.name for p in paths]),
                         shard_digests=json.dumps([] if copy else [c.text_attr("digest") for c in caches]))

@@ -5,7 +5,9 @@
 Final file (readable with plain h5py; see the README for the schema)::
 
     /                      attrs: format, schema_version, fingerprint (JSON), fingerprint_hash,
-                                  classes (JSON), layers (JSON), timings (JSON), created
+                                  classes (JSON), layers (JSON), timings (JSON), created,
+                                  checksums ("fletcher32": every non-empty dataset has a checksum per
+                                  chunk; absent in caches made before), notes (JSON)
     /<split>/features/<layer>   (N, D) or (N, C, H, W), float16/float32, chunked along N
     /<split>/labels             (N,) int64
     /<split>/ids                (N,) UTF-8 strings (path relative to the source, or split/index)
@@ -37,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import CacheError
+from .errors import CacheDamagedError, CacheError
 from .sources import CONTENT_HASH
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,11 @@ SCHEMA_VERSION = 1
 HASH_DTYPE = "S32"
 #: Target bytes per HDF5 chunk along N (see BENCHMARKS.md for how it was chosen).
 CHUNK_BYTES = 1 << 20
+#: The checksum every dataset of a cache carries per chunk (HDF5's fletcher32 filter: reading a
+#: damaged chunk fails), recorded in the ``checksums`` attribute.
+CHECKSUMS = "fletcher32"
+#: Bytes read at a time when a whole cache is verified.
+VERIFY_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ class FeatureCache:
             self._h5 = h5py.File(self.path, "r", locking=False)
         except OSError as e:
             raise CacheError(f"'{self.path}' is not a readable HDF5 file ({e}). Re-extract it.") from None
+        self._verified: dict | None = None
         try:
             self._validate()
         except CacheError:
@@ -145,7 +153,7 @@ class FeatureCache:
             raise
         except Exception as e:  # anything h5py or json raise on a damaged file
             self._h5.close()
-            raise CacheError(f"Cache file '{self.path}' is damaged ({type(e).__name__}: {e}). Re-extract it.") from None
+            raise damaged(self.path, e) from None
 
     def _attr_json(self, key: str, kind: type):
         raw = self._h5.attrs.get(key)
@@ -176,6 +184,10 @@ class FeatureCache:
         #: (I, N) for a shard file of a sharded extraction, else None.
         shard = self._attr_json("shard", list) if "shard" in self._h5.attrs else None
         self.shard: tuple[int, int] | None = tuple(shard) if shard else None
+        #: What the source listing skipped or found odd, each {"split", "id", "note"} (absent in older caches).
+        self.notes: list = self._attr_json("notes", list) if "notes" in self._h5.attrs else []
+        if not all(isinstance(n, dict) and all(isinstance(v, str) for v in n.values()) for n in self.notes):
+            raise CacheError(f"Cache file '{self.path}': its notes attribute must be a list of objects of strings.")
         #: The options of the extraction (provenance, e.g. a weights file path); not fingerprinted.
         self.extract_config: dict = self._attr_json("extract_config", dict) if "extract_config" in self._h5.attrs else {}
         if not self.layers or not all(isinstance(x, str) for x in self.layers):
@@ -232,7 +244,7 @@ class FeatureCache:
                                      f"match its features and fingerprint.")
                 _check_storage(self.path, f"{split}/views/{layer}", vs)
         if n:
-            with self._guard():
+            with self._guard(f"{split}/labels"):
                 lab = g["labels"][()]
             if lab.min() < 0 or lab.max() >= len(self.classes):
                 raise CacheError(f"Cache file '{self.path}': split '{split}' has labels outside its classes.")
@@ -253,16 +265,16 @@ class FeatureCache:
         _check_kind(self.path, "failed/labels", g["labels"], "i")
 
     @contextlib.contextmanager
-    def _guard(self):
-        """Reading data the validation did not touch: damage surfaces as a CacheError."""
+    def _guard(self, what: str = "", errors: tuple = (OSError, ValueError, TypeError, KeyError, IndexError,
+                                                        RuntimeError)):
+        """Reading data the validation did not touch: damage (a chunk failing its checksum
+        included) surfaces as a :class:`CacheDamagedError`."""
         try:
             yield
         except CacheError:
             raise
-        except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
-            raise CacheError(
-                f"Cache file '{self.path}' is damaged ({type(e).__name__}: {e}). Re-extract it."
-            ) from None
+        except errors as e:
+            raise damaged(self.path, e, what) from None
 
     def text_attr(self, key: str) -> str | None:
         """A string attribute of the file (None when absent)."""
@@ -327,24 +339,26 @@ class FeatureCache:
             )
         return self._h5[split]
 
-    def features(self, split: str, layer: str | None = None) -> h5py.Dataset:
-        """The on-disk dataset (N, ...) of one layer; slice it to read."""
-        return self._split(split)[f"features/{self.resolve_layer(layer)}"]
+    def features(self, split: str, layer: str | None = None) -> "CheckedDataset":
+        """The on-disk dataset (N, ...) of one layer; slice it to read (damage raises
+        :class:`CacheDamagedError`)."""
+        name = f"features/{self.resolve_layer(layer)}"
+        return CheckedDataset(self._split(split)[name], self, f"{split}/{name}")
 
     def labels(self, split: str) -> np.ndarray:
-        with self._guard():
+        with self._guard(f"{split}/labels"):
             return self._split(split)["labels"][()].astype(np.int64)
 
     def ids(self, split: str) -> list[str]:
-        with self._guard():
+        with self._guard(f"{split}/ids"):
             return list(self._split(split)["ids"].asstr("utf-8")[()])
 
     def hashes(self, split: str) -> np.ndarray:
-        with self._guard():
+        with self._guard(f"{split}/hashes"):
             return self._split(split)["hashes"][()]
 
     def stat(self, split: str) -> np.ndarray:
-        with self._guard():
+        with self._guard(f"{split}/stat"):
             return self._split(split)["stat"][()]
 
     def batch_n(self, split: str) -> np.ndarray | None:
@@ -352,20 +366,20 @@ class FeatureCache:
         g = self._split(split)
         if "batch_n" not in g:
             return None
-        with self._guard():
+        with self._guard(f"{split}/batch_n"):
             return g["batch_n"][()]
 
     def has_views(self, split: str) -> bool:
         return f"views/{self.layers[0]}" in self._split(split)
 
-    def views(self, split: str, layer: str | None = None) -> h5py.Dataset:
+    def views(self, split: str, layer: str | None = None) -> "CheckedDataset":
         """Augmented-view features (N, views, ...) of one layer (``extract --views K``)."""
         g = self._split(split)
         name = f"views/{self.resolve_layer(layer)}"
         if name not in g:
             raise CacheError(f"Split '{split}' of cache '{self.path.name}' has no augmented views. "
                              f"Extract with views=K (featcache extract --views K).")
-        return g[name]
+        return CheckedDataset(g[name], self, f"{split}/{name}")
 
     def n(self, split: str) -> int:
         return int(self._split(split)["labels"].shape[0])
@@ -383,9 +397,52 @@ class FeatureCache:
         ds = self.features(split, layer)
         out = np.empty(ds.shape, dtype=ds.dtype)
         if ds.shape[0]:
-            with self._guard():
-                ds.read_direct(out)
+            ds.read_direct(out)
         return out.astype(dtype, copy=False), self.labels(split)
+
+    @property
+    def checksums(self) -> str | None:
+        """How the data is checksummed (``"fletcher32"`` per chunk), or None for a cache made before
+        featcache checksummed its data: damaged bytes there cannot be told from features."""
+        value = self.text_attr("checksums")
+        return value if value and value != "none" else None
+
+    def verify(self) -> dict:
+        """Read every dataset of the file whole, so that every chunk's checksum is checked.
+
+        Returns ``{"checksums", "datasets", "bytes"}``; raises :class:`CacheDamagedError` naming the
+        first dataset that fails. Reading is all it costs (see the store benchmark).
+        """
+        if self._verified is not None:
+            return self._verified
+        count = nbytes = 0
+        names: list[str] = []
+        self._h5.visit(lambda name: names.append(name) if isinstance(self._h5[name], h5py.Dataset) else None)
+        for name in names:
+            ds = self._h5[name]
+            rows = max(1, VERIFY_BYTES // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+            with self._guard(name):
+                for a in range(0, ds.shape[0] if ds.ndim else 1, rows):
+                    nbytes += ds[a:a + rows].nbytes if ds.ndim else np.asarray(ds[()]).nbytes
+            count += 1
+        self._verified = {"checksums": self.checksums or "none", "datasets": count, "bytes": nbytes}
+        return self._verified
+
+    @property
+    def verified(self) -> bool:
+        """Whether :meth:`verify` read the whole file intact."""
+        return self._verified is not None
+
+    def readable(self, split: str, start: int, stop: int) -> bool:
+        """True when the features (and views) of rows [start, stop) of ``split`` read intact."""
+        try:
+            for layer in self.layers:
+                self.features(split, layer)[start:stop]
+                if self.has_views(split):
+                    self.views(split, layer)[start:stop]
+        except CacheDamagedError:
+            return False
+        return True
 
     @functools.cached_property
     def failed(self) -> list[dict]:
@@ -394,7 +451,7 @@ class FeatureCache:
         if "failed" not in self._h5:
             return []
         g = self._h5["failed"]
-        with self._guard():
+        with self._guard("failed"):
             splits, ids, reasons = (g[k].asstr("utf-8")[()] for k in ("split", "ids", "reasons"))
             stat = g["stat"][()]
             labels = g["labels"][()]
@@ -406,6 +463,7 @@ class FeatureCache:
         return {
             "cache": str(self.path),
             "fingerprint_hash": _text(self._h5.attrs.get("fingerprint_hash", "")),
+            "checksums": self.checksums or "none",
             "fingerprint": self.fingerprint,
             "classes": self.classes,
             "layers": self.layers,
@@ -416,9 +474,53 @@ class FeatureCache:
                 for s in self.splits
             },
             "failed": [{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in self.failed],
+            "notes": self.notes,
             "timings": self.timings,
             "bytes": self.path.stat().st_size,
         }
+
+
+class CheckedDataset:
+    """A cache's on-disk dataset that reads like an ``h5py.Dataset`` (slicing, ``read_direct``,
+    ``shape``, ``dtype``, ``chunks``) and turns a failed read (a chunk failing its checksum, a
+    damaged file) into a :class:`CacheDamagedError` naming the cache and the fix."""
+
+    def __init__(self, ds: h5py.Dataset, cache: FeatureCache, name: str) -> None:
+        self._ds, self._cache, self.name = ds, cache, name
+
+    #: What a failed read raises in h5py (a bad index is the caller's error, and stays one).
+    READ_ERRORS = (OSError, RuntimeError)
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return getattr(self._ds, key)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, key):
+        with self._cache._guard(self.name, self.READ_ERRORS):
+            return self._ds[key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[()]
+        return out if dtype is None else out.astype(dtype)
+
+    def read_direct(self, dest: np.ndarray, *args, **kwargs) -> None:
+        with self._cache._guard(self.name, self.READ_ERRORS):
+            self._ds.read_direct(dest, *args, **kwargs)
+
+
+def damaged(path: Path, e: BaseException, what: str = "") -> CacheDamagedError:
+    """The error of a cache whose data cannot be read as written (a checksum mismatch included);
+    its ``detail`` says where and what failed, without the fix."""
+    where = f" in '{what}'" if what else ""
+    err = CacheDamagedError(f"Cache file '{path}' is damaged{where} ({type(e).__name__}: {e}): its data fails its "
+                            f"checksum or cannot be read, and is never used. Run the same 'featcache extract' command "
+                            f"again: it computes the damaged rows again and replaces the file.")
+    err.detail = f"'{path}' is damaged{where} ({type(e).__name__}: {e})"
+    return err
 
 
 def read_text_attr(path: Path, key: str) -> str | None:

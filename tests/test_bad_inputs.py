@@ -399,6 +399,33 @@ def test_symlink_loops_in_a_class_folder(tmp_path):
     assert [r.id for r in src.splits["train"]] == ["cls/a.png", "cls/sub/b.png"]
 
 
+def test_symlink_loop_into_the_split_is_skipped_recorded_in_the_cache_and_listed(tmp_path):
+    """``ln -s .. DATA/train/bees/loop``: train keeps its own images only; the skip is in the
+    extraction's result (and --json), in the cache, and in ``featcache info``, also on a cache hit."""
+    root = tmp_path / "data"
+    for split, n in (("train", 3), ("val", 1)):
+        for c, cls in enumerate(("ants", "bees")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                _write(root / split / cls / f"{i}.png", good_png(seed=10 * c + i))
+    (root / "train" / "bees" / "loop").symlink_to("..", target_is_directory=True)
+    note = {"split": "train", "id": "train/bees/loop",
+            "note": "folder skipped: a link to 'train', walked where it is (each real folder is walked once)"}
+    res = extract(root, cache_dir=str(tmp_path / "cache"), **FAST)
+    assert res.splits == {"train": 6, "val": 2} and res.notes == [note]
+    with open_cache(res.cache) as c:
+        assert c.notes == [note] and c.info()["notes"] == [note]
+        assert not any("loop" in i for i in c.ids("train"))
+    out = CliRunner().invoke(main, ["info", res.cache])
+    assert "  notes:      1\n    train/train/bees/loop: folder skipped: a link to 'train'" in out.output
+    again = CliRunner().invoke(main, ["extract", str(root), "--cache-dir", str(tmp_path / "cache"), "-b",
+                                      "resnet18.none", "--input-size", "32", "--batch-size", "4", "--workers", "0"])
+    assert again.exit_code == 0, again.output
+    assert "cache hit" in again.output
+    assert "1 note(s) on the source (recorded in the cache; 'featcache info' lists them):\n    train/train/bees/loop: " \
+           "folder skipped" in again.output
+
+
 # --- a split where every file fails -----------------------------------------------------------
 
 def test_split_where_every_file_fails(tmp_path):

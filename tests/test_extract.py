@@ -612,3 +612,45 @@ def test_layer_all_taps_every_stage_and_pre_logits_in_one_cache(tmp_path):
                                   "all", "--workers", "0", "--cache-dir", str(tmp_path / "c"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["cache"] == res.cache
+
+
+# --- a file changed behind an unchanged (size, mtime): the fast path and --verify --------------
+
+def _bmp_folder(root: Path) -> Path:
+    """ROOT/{train,val}/{cat,dog}/*.bmp: uncompressed, so new pixels keep the file size."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, cls in enumerate(("cat", "dog")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                arr = rng.integers(0, 60, (24, 24, 3), dtype=np.uint8)
+                arr[..., c] += 150
+                Image.fromarray(arr).save(root / split / cls / f"{i}.bmp")
+    return root
+
+
+def test_extract_verify_computes_again_a_file_changed_behind_its_size_and_mtime(tiny, tmp_path):
+    folder = _bmp_folder(tmp_path / "imgs")
+    first = extract(str(folder), **tiny)
+    target = folder / "val" / "cat" / "1.bmp"
+    st = target.stat()
+    Image.fromarray(np.full((24, 24, 3), 255, np.uint8)).save(target)  # other pixels, same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    # The documented fast path: unchanged (size, mtime) is taken as unchanged content.
+    assert extract(str(folder), **tiny).cache_hit
+    fresh = extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "fresh")})
+    assert _features(fresh.cache, "val")[0].tobytes() != _features(first.cache, "val")[0].tobytes()
+    out = CliRunner().invoke(main, ["extract", str(folder), "--verify", "--json", "-b", tiny["backbone"],
+                                    "--input-size", "32", "--batch-size", "4", "--workers", "0", "--dtype", "float32",
+                                    "--precision", "fp32", "--device", tiny["device"], "--cache-dir", tiny["cache_dir"]])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout)
+    assert res["cache"] == first.cache and not res["cache_hit"]
+    assert (res["computed"], res["reused"]) == (4, 12)  # the batch holding the changed file
+    for split in ("train", "val"):
+        assert _features(first.cache, split)[0].tobytes() == _features(fresh.cache, split)[0].tobytes()
+    with open_cache(first.cache) as c, open_cache(fresh.cache) as f:
+        assert (c.hashes("val") == f.hashes("val")).all()
+    again = extract(str(folder), **tiny, verify=True)
+    assert again.cache_hit and again.computed == 0

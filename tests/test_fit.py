@@ -72,6 +72,22 @@ def test_sweep_picks_the_best_eval_score_and_never_test(folder_cache, tmp_path):
         fit_head(cache, head="logreg", eval_split="test", output=str(tmp_path / "r2"))
 
 
+def test_sweep_refuses_to_tune_on_its_training_split(folder_cache, tmp_path):
+    """Scoring the sweep on the rows it trains on picks the least regularised value with a perfect
+    score: refused, in the library and on the command line (one line, no run folder)."""
+    _, cache = folder_cache
+    msg = ("The sweep would be scored on 'train', the split it trains on: every value scores its own training "
+           "rows. Pass eval_split=val (or another held-out split), or eval_split=none for k-fold cv on 'train'.")
+    with pytest.raises(ConfigError) as e:
+        fit_head(cache, head="logreg", eval_split="train", output=str(tmp_path / "r"))
+    assert str(e.value) == msg
+    r = CliRunner().invoke(main, ["fit-head", cache, "--head", "logreg", "--eval-split", "train",
+                                  "-o", str(tmp_path / "r2")])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == "Error: " + msg.replace("eval_split=", "--eval-split ")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+
+
 def test_kfold_when_there_is_no_eval_split(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", per_class=10, splits=("",))
     res = extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,

@@ -181,6 +181,59 @@ def test_folder_ignores_hidden_subfolders(tmp_path):
     assert _ids(ImageFolderSource(root)) == ["cat/0.png"]
 
 
+def _ants_and_bees(root: Path) -> Path:
+    """ROOT/train/{ants,bees} (3 and 2 images) and ROOT/val/{ants,bees} (1 each)."""
+    for split, counts in (("train", {"ants": 3, "bees": 2}), ("val", {"ants": 1, "bees": 1})):
+        _class_folder(root / split, counts)
+    return root
+
+
+def test_folder_symlink_loop_to_the_split_folder_does_not_duplicate_a_class(tmp_path, caplog):
+    """``ln -s .. DATA/train/bees/loop`` once added every ants image again as bees/loop/ants/*."""
+    root = _ants_and_bees(tmp_path / "data")
+    plain = ImageFolderSource(root)
+    (root / "train" / "bees" / "loop").symlink_to("..", target_is_directory=True)
+    src = open_source(str(root))
+    assert src.splits == plain.splits
+    assert Counter(_labels(src)) == {0: 3, 1: 2}
+    assert src.notes == [{"split": "train", "id": "train/bees/loop",
+                          "note": "folder skipped: a link to 'train', walked where it is (each real folder is walked "
+                                  "once)"}]
+    assert "1 note(s), recorded in the cache" in caplog.text and "train/train/bees/loop: folder skipped" in caplog.text
+
+
+def test_folder_links_into_other_class_folders_are_walked_where_they_are(tmp_path):
+    """Whatever the walking order, a folder reached through a link to (a folder inside) another class
+    folder, or to the root, keeps its real class: ants/x -> bees/sub is walked as bees, once."""
+    root = _ants_and_bees(tmp_path / "data")
+    _img(root / "train" / "bees" / "sub" / "s.png")
+    plain = ImageFolderSource(root)
+    (root / "train" / "ants" / "x").symlink_to("../bees/sub", target_is_directory=True)
+    (root / "train" / "ants" / "top").symlink_to(root, target_is_directory=True)
+    (root / "train" / "bees" / "val-bees").symlink_to("../../val/bees", target_is_directory=True)
+    (root / "train" / "aardvark").symlink_to("bees", target_is_directory=True)  # a class folder that is a link
+    src = ImageFolderSource(root)
+    assert src.splits == plain.splits
+    assert "train/bees/sub/s.png" in _ids(src)
+    assert [(n["split"], n["id"]) for n in src.notes] == [
+        ("train", "train/ants/top"), ("train", "train/ants/x"), ("train", "train/bees/val-bees"),
+        ("train", "train/aardvark")]
+    assert src.notes[-1]["note"].startswith("folder skipped: a link to 'train/bees', walked where it is")
+
+
+def test_folder_link_to_a_folder_outside_is_followed_once(tmp_path):
+    root = _ants_and_bees(tmp_path / "data")
+    _img(tmp_path / "elsewhere" / "e.png")
+    (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "train" / "ants" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "train" / "bees" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    src = ImageFolderSource(root)
+    assert [i for i in _ids(src) if "more" in i] == ["train/ants/more/e.png"]
+    assert [n["id"] for n in src.notes] == ["train/ants/more/back", "train/bees/more"]
+    assert src.notes[1]["note"] == (f"folder skipped: '{tmp_path / 'elsewhere'}' was walked already (each real "
+                                    f"folder is walked once)")
+
+
 # --- CsvSource -----------------------------------------------------------------------------
 
 def _manifest(tmp_path: Path, text: str, name: str = "manifest.csv") -> Path:
@@ -193,9 +246,10 @@ def _manifest(tmp_path: Path, text: str, name: str = "manifest.csv") -> Path:
 def test_csv_path_label_split(tmp_path):
     _img(tmp_path / "m" / "img" / "a.png")
     _img(tmp_path / "m" / "img" / "b.png")
+    _img(tmp_path / "m" / "img" / "d.png")
     _img(tmp_path / "other" / "c.png")
     m = _manifest(tmp_path, "path,label,split\n"
-                            "img/b.png,dog,test\n"
+                            "img/d.png,dog,test\n"
                             "img/a.png,cat,train\n"
                             "../other/c.png,bird, val \n"
                             "img/b.png,cat,\n")
@@ -209,7 +263,8 @@ def test_csv_path_label_split(tmp_path):
         SampleRef("img/b.png", 1, str(tmp_path / "m" / "img" / "b.png")),  # empty split -> train
     ]
     assert src.splits["val"] == [SampleRef("../other/c.png", 0, str(tmp_path / "other" / "c.png"))]
-    assert src.splits["test"] == [SampleRef("img/b.png", 2, str(tmp_path / "m" / "img" / "b.png"))]
+    assert src.splits["test"] == [SampleRef("img/d.png", 2, str(tmp_path / "m" / "img" / "d.png"))]
+    assert src.notes == []
     data, h = src.read(src.splits["val"][0])
     assert data == (tmp_path / "other" / "c.png").read_bytes()
     assert h == content_hash(data)
@@ -262,6 +317,31 @@ def test_csv_short_row(tmp_path):
     m = _manifest(tmp_path, "path,label\nimg/a.png,cat\nimg/b.png\n")
     with pytest.raises(SourceError, match="line 3"):
         CsvSource(m)
+
+
+@pytest.mark.parametrize("rows, error", [
+    ("a.png,cat,train\nb.png,dog,train\n./a.png,dog,val\n",
+     "lists './a.png' under two labels: line 2 'cat' (train), line 4 'dog' (val). Keep one row per image."),
+    ("a.png,cat,train\nb.png,dog,train\na.png,cat,train\n",
+     "lists 'a.png' twice in split 'train' (lines 2 and 4); it would count twice. Remove the repeated row."),
+], ids=["two-labels", "twice-in-a-split"])
+def test_csv_repeated_image_is_refused_naming_the_rows(tmp_path, rows, error):
+    m = _manifest(tmp_path, "path,label,split\n" + rows)
+    with pytest.raises(SourceError) as e:
+        CsvSource(m)
+    assert str(e.value) == f"CSV manifest '{m}' {error}"
+    r = CliRunner().invoke(main, ["extract", str(m), "--json"])
+    assert r.exit_code == 1 and error in r.output
+
+
+def test_csv_image_in_two_splits_is_kept_warned_and_recorded(tmp_path, caplog):
+    m = _manifest(tmp_path, "path,label,split\na.png,cat,train\nb.png,dog,train\na.png,cat,val\nc.png,dog,val\n")
+    src = open_source(str(m))
+    assert _ids(src, "train") == ["a.png", "b.png"] and _ids(src, "val") == ["a.png", "c.png"]
+    assert src.notes == [{"split": "val", "id": "a.png",
+                          "note": "also in split 'train' (lines 2 and 4): the same image in two splits, so scores on "
+                                  "'val' are not on held-out images only"}]
+    assert "Source '" in caplog.text and "1 note(s)" in caplog.text and "val/a.png: also in split 'train'" in caplog.text
 
 
 def test_csv_with_utf8_bom(tmp_path):

@@ -104,6 +104,9 @@ def extract_config(kw: dict):
                    "shard to finish assembles the cache. Under torchrun the ranks are the shards.")
 @click.option("--merge", is_flag=True,
               help="With shards: assemble one self-contained file (copy) instead of virtual datasets over the shards.")
+@click.option("--verify", is_flag=True,
+              help="Read and hash every file, not only those whose size or mtime changed since the cache was made, "
+                   "and compute again the features of files whose content differs.")
 @click.option("--dry-run", is_flag=True, help="Print per layer the shape, bytes per image and total bytes; extract nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
@@ -113,15 +116,17 @@ def extract_config(kw: dict):
 @click.option("--image-column", default=None, help="parquet, hf: the image column (default: found by type).")
 @click.option("--label-column", default=None, help="parquet, hf: the label column (default: found by type or name).")
 @fail_cleanly
-def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_json: bool, image_key, label_key,
-            classes_file, image_column, label_column, **kw) -> None:
+def extract(source: str, output, shard, merge, verify: bool, dry_run: bool, quiet: bool, as_json: bool, image_key,
+            label_key, classes_file, image_column, label_column, **kw) -> None:
     """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
 
     SOURCE is an image folder (class sub-folders, optionally under train/ val/ test/), a CSV
     manifest path,label[,split], a MedMNIST-style .npz, the built-in 'digits', webdataset shards
     (wds:DIR, 'wds:shard-{000..127}.tar', wds:URL), parquet (parquet:PATH) or a saved Hugging Face
     data set (hf:PATH[:CONFIG]); options after '#', e.g. 'wds:DIR#image=png&label=json:label'
-    ('featcache sources' lists the kinds). An interrupted run resumes where it stopped.
+    ('featcache sources' lists the kinds). An interrupted run resumes where it stopped. A file whose
+    size and mtime are those recorded in the cache is taken as unchanged without reading it;
+    --verify reads and hashes every file.
     """
     from ..distributed import extract_distributed, torchrun_env
     from ..extract import extract as run
@@ -135,7 +140,7 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
     source = with_options(source, image=image_key or image_column, label=label_key or label_column,
                           classes=classes_file)
     config = extract_config(kw)
-    config = ExtractConfig(**{**config.to_dict(), "output": output, "merge": merge,
+    config = ExtractConfig(**{**config.to_dict(), "output": output, "merge": merge, "verify": verify,
                               "shard": parse_shard(shard) if shard else None})
     env = torchrun_env()
     if env is not None and not dry_run:
@@ -174,6 +179,10 @@ def extract(source: str, output, shard, merge, dry_run: bool, quiet: bool, as_js
         click.echo(f"  skipped {res.failed} unreadable file(s) (recorded in the cache; 'featcache info' lists them):")
         for f in res.failures[:10]:
             click.echo(f"    {f['split']}/{f['id']}: {f['reason']}")
+    if res.notes:
+        click.echo(f"  {len(res.notes)} note(s) on the source (recorded in the cache; 'featcache info' lists them):")
+        for n in res.notes[:10]:
+            click.echo(f"    {n['split']}/{n['id']}: {n['note']}")
 
 
 def _print_ranks(out: dict, as_json: bool) -> None:

@@ -68,14 +68,18 @@ def sources(as_json: bool) -> None:
 
 @click.command()
 @click.argument("cache", type=click.Path())
+@click.option("--verify", is_flag=True,
+              help="Read every chunk and check its checksum (reads the whole file); a damaged cache is an error.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @fail_cleanly
-def info(cache: str, as_json: bool) -> None:
-    """Show a cache's fingerprint, splits, shapes and failures."""
+def info(cache: str, verify: bool, as_json: bool) -> None:
+    """Show a cache's fingerprint, splits, shapes, failures, notes and checksums."""
     from ..store import open_cache
 
     with open_cache(cache) as c:
         d = c.info()
+        if verify:
+            d["verified"] = c.verify()
     if as_json:
         echo_json(d)
         return
@@ -93,7 +97,19 @@ def info(cache: str, as_json: bool) -> None:
     click.echo(f"  failed:     {len(d['failed'])}")
     for f in d["failed"][:20]:
         click.echo(f"    {f['split']}/{f['id']}: {f['reason']}")
+    if d["notes"]:
+        click.echo(f"  notes:      {len(d['notes'])}")
+        for n in d["notes"][:20]:
+            click.echo(f"    {n.get('split')}/{n.get('id')}: {n.get('note')}")
     click.echo(f"  size:       {d['bytes'] / 1e6:.1f} MB, fingerprint {d['fingerprint_hash']}")
+    if d["checksums"] == "none":
+        state = ("none (made by a featcache before checksums: damaged bytes cannot be detected; delete it and "
+                 "extract again to add them)")
+    elif "verified" in d:
+        state = f"{d['checksums']} per chunk; verified: {d['verified']['datasets']} datasets read intact"
+    else:
+        state = f"{d['checksums']} per chunk (checked on every read; --verify reads every chunk now)"
+    click.echo(f"  checksums:  {state}")
 
 
 @click.command(name="ls")

@@ -33,7 +33,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default=None,
               help="Split the sweep is scored on (default: val when present, else k-fold on train); "
-                   "'none': k-fold on train even when val exists.")
+                   "'none': k-fold on train even when val exists. Never test, nor the training split.")
 @click.option("--normalize", type=click.Choice(["none", "l2", "standard"]), default="standard", show_default=True,
               help="Feature normalisation, fitted on the training split.")
 @click.option("--pca", type=int, default=None, help="Reduce to N principal components (fitted on train).")

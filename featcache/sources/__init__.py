@@ -80,6 +80,7 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
         _split_val(src, val_fraction, split_seed)
     if opened:
         _warn_about_classes(src)
+        _warn_about_notes(src)
     return src
 
 
@@ -102,6 +103,15 @@ def check_source_spec(spec: str | os.PathLike) -> None:
 def list_sources() -> list[dict]:
     """The source kinds with their capabilities and a description (``featcache sources --json``)."""
     return [{**e.obj.describe_kind(), "description": e.description} for e in SOURCES]
+
+
+def _warn_about_notes(src: Source) -> None:
+    """One warning line for what the listing skipped or found odd (all of it is recorded in the cache)."""
+    if src.notes:
+        shown = "; ".join(f"{n['split']}/{n['id']}: {n['note']}" for n in src.notes[:3])
+        more = f"; and {len(src.notes) - 3} more" if len(src.notes) > 3 else ""
+        logger.warning("Source '%s': %d note(s), recorded in the cache ('featcache info' lists them): %s%s",
+                       src.spec, len(src.notes), shown, more)
 
 
 def _warn_about_classes(src: Source) -> None:

@@ -54,6 +54,10 @@ class Source:
     splits: dict[str, list[SampleRef]] = field(default_factory=dict)
     #: How a val split was carved out of train (``{"val_fraction", "split_seed"}``), if it was.
     split_policy: dict = field(default_factory=dict)
+    #: What the listing skipped or found odd, each ``{"split", "id", "note"}`` (a folder reached
+    #: again through a link, an image listed in two splits): logged when the source is opened,
+    #: recorded in the cache and listed by ``featcache info``.
+    notes: list[dict] = field(default_factory=list)
 
     kind: ClassVar[str] = "source"
     #: How samples are reached (:data:`RANDOM_ACCESS` or :data:`STREAMING`).

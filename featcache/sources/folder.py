@@ -9,30 +9,70 @@ from ..errors import SourceError
 from .base import IMAGE_EXTENSIONS, SOURCES, SPLIT_NAMES, FileSource, SampleRef, display_path
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted, following no symlinked folders twice."""
-    out: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: walk each real folder once
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
-            if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
-                p = Path(dirpath) / fn
-                if p.is_file():
-                    out.append(p)
-    out.sort(key=lambda p: os.fsencode(p))
-    return out
+class _Walk:
+    """Lists the images of a folder source so that each real folder is walked once, where it is.
+
+    Class folders that are not links are walked in place. A link to a folder inside one of them, or
+    to one of their ancestors (the root, a split folder), is not followed: those images belong to
+    the class folder they really live in (``ln -s .. train/bees/loop`` would add every other class
+    of the split to ``bees``). Links to folders elsewhere are followed, each real folder once. Every
+    folder left out is recorded in ``notes`` with the reason.
+    """
+
+    def __init__(self, root: Path, class_dirs: list[Path]) -> None:
+        self.root = root
+        self.homes = [os.path.realpath(d) for d in class_dirs if not d.is_symlink()]
+        self.seen: set[tuple[int, int]] = set()
+        self.notes: list[dict] = []
+
+    def _walked_in_place(self, real: str) -> bool:
+        return any(real == h or real.startswith(h + os.sep) or h.startswith(real + os.sep) for h in self.homes)
+
+    def _skip(self, split: str, path: Path, why: str) -> None:
+        self.notes.append({"split": split, "id": display_path(str(path.relative_to(self.root))),
+                           "note": f"folder skipped: {why} (each real folder is walked once)"})
+
+    def _target(self, real: str) -> str:
+        inside = real == str(self.root) or real.startswith(str(self.root) + os.sep)
+        return display_path(os.path.relpath(real, self.root) if inside else real)
+
+    def images(self, split: str, folder: Path) -> list[Path] | None:
+        """Image files under ``folder``, recursively, sorted (None: the folder itself is skipped)."""
+        out: list[Path] = []
+        real = os.path.realpath(folder)
+        if folder.is_symlink() and self._walked_in_place(real):
+            self._skip(split, folder, f"a link to '{self._target(real)}', walked where it is")
+            return None
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in self.seen:  # reached again through a link (a loop outside the classes)
+                self._skip(split, Path(dirpath), f"'{self._target(os.path.realpath(dirpath))}' was walked already")
+                dirnames[:] = []
+                continue
+            self.seen.add((st.st_dev, st.st_ino))
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                sub = Path(dirpath) / d
+                target = os.path.realpath(sub)
+                if sub.is_symlink() and self._walked_in_place(target):
+                    self._skip(split, sub, f"a link to '{self._target(target)}', walked where it is")
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            for fn in filenames:
+                if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
+                    p = Path(dirpath) / fn
+                    if p.is_file():
+                        out.append(p)
+        out.sort(key=lambda p: os.fsencode(p))
+        return out
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files a folder source reads under ``folder`` (hidden files and folders skipped,
     each real folder once); ``predict`` expands a folder with the same rule."""
-    return _list_images(Path(folder))
+    folder = Path(folder).resolve()
+    return _Walk(folder, []).images("", folder) or []
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -62,19 +102,23 @@ class ImageFolderSource(FileSource):
         self.root = root
         split_dirs = [s for s in SPLIT_NAMES if (root / s).is_dir()]
         layout = {s: root / s for s in split_dirs} if split_dirs else {"train": root}
-        self.classes = sorted({_class_name(c) for d in layout.values() for c in _class_dirs(d)})
+        names = {split: _class_dirs(d) for split, d in layout.items()}
+        walk = _Walk(root, [d / c for split, d in layout.items() for c in names[split]])
+        # Class folders that are links are walked last: one pointing at a real class folder is skipped
+        # (None), and is no class of its own.
+        found = {split: {c: walk.images(split, d / c) for c in sorted(names[split], key=lambda c: (d / c).is_symlink())}
+                 for split, d in layout.items()}
+        self.notes = walk.notes
+        self.classes = sorted({_class_name(c) for split in found for c, files in found[split].items() if files is not None})
         if not self.classes:
             raise SourceError(
                 f"Image folder '{root}' has no class sub-folders. Expected ROOT/CLASS/IMAGE "
                 f"or ROOT/train/CLASS/IMAGE."
             )
         index = {c: i for i, c in enumerate(self.classes)}
-        for split, d in layout.items():
-            refs = []
-            for c in _class_dirs(d):
-                for p in _list_images(d / c):
-                    refs.append(SampleRef(display_path(str(p.relative_to(self.root))), index[_class_name(c)], str(p)))
-            self.splits[split] = refs
+        for split in layout:
+            self.splits[split] = [SampleRef(display_path(str(p.relative_to(self.root))), index[_class_name(c)], str(p))
+                                  for c in names[split] for p in found[split][c] or []]
         if not any(self.splits.values()):
             raise SourceError(f"Image folder '{root}' has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
 

@@ -35,6 +35,7 @@ class CsvSource(FileSource):
         self.classes = sorted({r["label"] for r in rows})
         index = {c: i for i, c in enumerate(self.classes)}
         by_split: dict[str, list[SampleRef]] = {}
+        first: dict[str, tuple[int, str, str]] = {}  # image -> (line, split, label) where first listed
         for n, r in enumerate(rows, start=2):
             split = (r.get("split") or "train").strip()
             if split not in SPLIT_NAMES:
@@ -42,9 +43,26 @@ class CsvSource(FileSource):
                     f"CSV manifest '{path}' line {n}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}."
                 )
             p = r["path"] if "://" in r["path"] else str((self.root / r["path"]).resolve())  # URLs: fsspec
+            if p in first:
+                self._repeated(path, r, n, split, first[p])
+            first.setdefault(p, (n, split, r["label"]))
             by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], p))
         # Missing files stay in the plan: extraction records them as failed with their path.
         self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
+
+    def _repeated(self, path: Path, row: dict, line: int, split: str, first: tuple[int, str, str]) -> None:
+        """An image listed again at ``line``: under another label or twice in one split it is refused;
+        in another split it is kept in both and recorded (its scores there are not held out)."""
+        n0, split0, label0 = first
+        if row["label"] != label0:
+            raise SourceError(f"CSV manifest '{path}' lists '{row['path']}' under two labels: line {n0} '{label0}' "
+                              f"({split0}), line {line} '{row['label']}' ({split}). Keep one row per image.")
+        if split == split0:
+            raise SourceError(f"CSV manifest '{path}' lists '{row['path']}' twice in split '{split}' (lines {n0} and "
+                              f"{line}); it would count twice. Remove the repeated row.")
+        self.notes.append({"split": split, "id": row["path"],
+                           "note": f"also in split '{split0}' (lines {n0} and {line}): the same image in two splits, "
+                                   f"so scores on '{split}' are not on held-out images only"})
 
 
 SOURCES.register("csv", CsvSource, description="CSV manifest with columns path,label[,split]; paths relative to the CSV")
