@@ -23,6 +23,7 @@ from .errors import ConfigError, HeadError
 from .heads import HEADS, make_head
 from .heads.base import BaseHead
 from .heads.monitor import training_monitor
+from . import layersets
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
 from .runs import RUN_JSON, save_run
 from .validation import check_choice, check_int
@@ -150,6 +151,13 @@ class _Data:
         self.head = HEADS.get(config.head)
 
     def raw(self, split: str):
+        if layersets.is_set(self.layer):
+            nbytes = layersets.nbytes(self.cache, split, self.layer)
+            if nbytes > self.config.max_memory:
+                raise ConfigError(f"Split '{split}' of layer set '{self.layer}' needs {nbytes / 2**30:.1f} GiB as "
+                                  f"float32, more than the 'max_memory' option allows; layer sets are read into "
+                                  f"memory. Raise the 'max_memory' option or join fewer layers.")
+            return layersets.load(self.cache, split, self.layer)[0]
         ds = self.cache.features(split, self.layer)
         nbytes = int(np.prod(ds.shape)) * 4
         if nbytes <= self.config.max_memory:
@@ -253,7 +261,7 @@ def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.n
         config = replace(config, normalize="none")
     if train_idx is not None:
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
-    transform = FeatureTransform(config.normalize, config.pca).fit(X_raw)
+    transform = FeatureTransform(config.normalize, config.pca, layersets.widths(cache, layer)).fit(X_raw)
     if config.pca is not None and transform.n_components_ < config.pca:
         warn(f"pca={config.pca}: the training split has {X_raw.shape[0]} rows of "
              f"{int(np.prod(X_raw.shape[1:]))} features, so PCA keeps {transform.n_components_} components "
@@ -363,7 +371,7 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
             if eval_split is None or not isinstance(p.X, np.ndarray):
                 raise ConfigError("The 'refit_on_trainval' option needs an eval split and features in memory.")
             X_both = np.concatenate([p.X_raw, p.data.raw(eval_split)])
-            transform = FeatureTransform(p.config.normalize, config.pca).fit(X_both)
+            transform = FeatureTransform(p.config.normalize, config.pca, transform.blocks).fit(X_both)
             final = p.fit_one(best["value"], transform.transform(X_both),
                               np.concatenate([p.y, cache.labels(eval_split)]))
             best["refit"] = f"{config.train_split}+{eval_split}"
@@ -383,7 +391,7 @@ def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...]) -> dict:
     for split in cache.splits:
         if split in skip or cache.n(split) == 0:
             continue
-        X, y = cache.load(split, fitted.layer)
+        X, y = layersets.load(cache, split, fitted.layer)
         proba = fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1)))
         metrics[split] = split_metrics(y, expand_proba(proba, fitted.head.classes_, len(cache.classes)), cache.classes)
     return metrics
@@ -487,12 +495,16 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             logger.warning(message)
 
     try:
-        layers = _layers(c, config.layer)
+        vectors = HEADS.get(config.head).inputs != "activations"
+        layers = _layers(c, config.layer, joins=vectors and not config.shots)
         eval_split = _eval_split(c, config)
         # After refit_on_trainval the eval split is training data: its scores are not held out.
         skip = (config.train_split, eval_split) if config.refit_on_trainval else (config.train_split,)
         _check_labels(c, config, c.labels(config.train_split), warn)
-        if len(layers) > 1 and (config.shots or HEADS.get(config.head).inputs == "activations"):
+        if not vectors and any(layersets.is_set(name) for name in layers):
+            raise ConfigError(f"Head '{config.head}' reads one layer's activations; layer sets ({config.layer}) "
+                              f"are for heads that take vectors. Pass one layer.")
+        if len(layers) > 1 and (config.shots or not vectors):
             raise ConfigError(f"layer={config.layer} sweeps layers for feature heads without shots; "
                               f"pass one layer ({', '.join(layers)}).")
         few_shot = None
@@ -514,13 +526,17 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             c.close()
 
 
-def _layers(cache: FeatureCache, spec: str | None) -> list[str]:
-    """``None`` -> the first layer; "all" -> every cached layer; "a,b" -> those, each checked."""
+def _layers(cache: FeatureCache, spec: str | None, *, joins: bool = True) -> list[str]:
+    """``None`` -> the first layer; "all" -> every cached layer and (``joins``) every run of 2-4
+    adjacent layers; "a,b" -> those, each checked; "a+b" -> that layer set."""
+    def one(name: str) -> str:
+        return layersets.resolve(cache, name) if layersets.is_set(name) else cache.resolve_layer(name)
+
     if spec == "all":
-        return list(cache.layers)
+        return list(cache.layers) + (layersets.adjacent_runs(cache.layers) if joins else [])
     if spec is not None and "," in spec:
-        return [cache.resolve_layer(name.strip()) for name in spec.split(",") if name.strip()]
-    return [cache.resolve_layer(spec)]
+        return [one(name.strip()) for name in spec.split(",") if name.strip()]
+    return [cache.resolve_layer(spec) if spec is None else one(spec)]
 
 
 def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eval_split: str | None, warn,

@@ -15,10 +15,11 @@ from torch import nn
 from .backbones import Backbone, load_backbone
 from .errors import BackboneError, ConfigError, SourceError
 from .devices import resolve_device, runnable_precision
+from . import layersets
 from .runs import Run, load_run
 from .preprocess import DecodeError, load_image
 from .sources import IMAGE_EXTENSIONS, display_path
-from .taps import HostCopy, TappedForward, truncated_model
+from .taps import HostCopy, TappedForward
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,21 @@ class _Pipeline:
     def __init__(self, run: Run, bb: Backbone, device: torch.device) -> None:
         fp = run.meta["fingerprint"]
         self.layer = run.meta["layer"]
+        self.members = layersets.members(self.layer)
         #: The cache's precision where this device runs it natively (bf16 recorded on a GPU runs
         #: in fp32 on a CPU without native bf16: 18-30x faster, features differ by rounding only).
         self.precision, why = runnable_precision(fp["precision"], device)
         if why:
             log.warning("features of this run were extracted at %s; on %s %s", fp["precision"], device, why)
-        self.forward = TappedForward(bb, [self.layer], fp["pool"], device=device, precision=self.precision,
+        self.forward = TappedForward(bb, self.members, fp["pool"], device=device, precision=self.precision,
                                      channels_last=fp["channels_last"])
         # Rounded to the cache's dtype, as the head saw its training features.
-        self.host = HostCopy([self.layer], fp["dtype"], device)
+        self.host = HostCopy(self.members, fp["dtype"], device)
 
     def features(self, batch_uint8: np.ndarray) -> np.ndarray:
         out = self.forward(torch.from_numpy(batch_uint8))
         feats, _ = self.host.finish(self.host.start(out, len(batch_uint8)))
-        return feats[0].astype(np.float32)
+        return layersets.join(feats) if len(feats) > 1 else feats[0].astype(np.float32)
 
 
 def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: int = 5, batch_size: int = 32,
@@ -129,7 +131,7 @@ class ExportedModel(nn.Module):
 
     def __init__(self, run: Run, bb: Backbone) -> None:
         super().__init__()
-        self.features = truncated_model(bb, run.meta["layer"], run.meta["fingerprint"]["pool"])
+        self.features = layersets.truncated_model(bb, run.meta["layer"], run.meta["fingerprint"]["pool"])
         # The tail head reads the spatial activations themselves: no flattening transform.
         self.transform = nn.Identity() if run.transform.identity else run.transform.to_torch()
         self.head = run.head.to_torch()

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
 from .files import atomic_write, write_json, write_text
+from . import layersets
 from .metrics import expand_proba, split_metrics
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
@@ -110,8 +111,7 @@ def check_compatible(run: Run, cache: FeatureCache) -> None:
                 f"({json.dumps(fp.get(key))} vs {json.dumps(run.meta['fingerprint'].get(key))}). Extract the "
                 f"data with the same backbone, weights and preprocessing."
             )
-    if run.meta["layer"] not in cache.layers:
-        raise CacheError(f"Cache '{cache.path.name}' has no layer '{run.meta['layer']}', which the run's head reads.")
+    layersets.check_cached(cache, run.meta["layer"])
     extra = [c for c in cache.classes if c not in run.classes]
     if extra:
         raise CacheError(
@@ -136,7 +136,7 @@ def evaluate(run_dir: str | os.PathLike, cache: str | os.PathLike) -> dict:
         for split in c.splits:
             if c.n(split) == 0:
                 continue
-            X, y = c.load(split, run.meta["layer"])
+            X, y = layersets.load(c, split, run.meta["layer"])
             y = to_run[y]
             out[split] = split_metrics(y, run.predict_proba(X), run.classes)
             present = set(y.tolist())

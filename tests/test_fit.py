@@ -15,6 +15,7 @@ from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError, HeadError
+from featcache import layersets
 from featcache.fit import fit_head, parse_grid
 from featcache.runs import evaluate, load_run
 from featcache.heads import HEADS
@@ -537,20 +538,20 @@ def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):
                     cache_dir=str(tmp_path / "c"), dtype="float32").cache
     res = fit_head(cache, head="ridge", layer="all", output=str(tmp_path / "r"))
     table = {r["layer"]: r for r in res.best["layers"]}
-    assert set(table) == {"layer2", "layer4"}
+    assert list(table) == ["layer2", "layer4", "layer2+layer4"]  # the two layers, then the adjacent run
     assert res.best["layer"] == max(table, key=lambda k: (table[k]["score"], -table[k]["log_loss"]))
     assert res.best["score"] == table[res.best["layer"]]["score"] == res.metrics["val"]["top1"]
-    assert {r["layer"] for r in res.sweep} == {"layer2", "layer4"}
+    assert {r["layer"] for r in res.sweep} == set(table)
     run = load_run(res.run)
     assert run.meta["layer"] == res.best["layer"]
     with open_cache(cache) as c:
-        X, y = c.load("val", res.best["layer"])
-        width = c.features("train", res.best["layer"]).shape[1]
+        X, y = layersets.load(c, "val", res.best["layer"])
+        width = layersets.load(c, "train", res.best["layer"])[0].shape[1]
     assert run.transform.mean_.shape == (width,)  # standardised on the chosen layer alone
     assert float(np.mean(run.predict_proba(X).argmax(1) == y)) == res.best["score"]
     csv = (Path(res.run) / "sweep.csv").read_text().splitlines()
     assert csv[0] == "layer,alpha,top1,log_loss" and len(csv) == len(res.sweep) + 1
-    same = fit_head(cache, head="ridge", layer="layer4,layer2", output=str(tmp_path / "r2"))
+    same = fit_head(cache, head="ridge", layer="layer4,layer2,layer2+layer4", output=str(tmp_path / "r2"))
     assert same.best["layer"] == res.best["layer"]
     r = CliRunner().invoke(main, ["fit-head", cache, "--head", "ridge", "--layer", "all", "-o", str(tmp_path / "cli")])
     assert r.exit_code == 0 and f"ridge: best alpha={res.best['value']:g} on layer {res.best['layer']}" in r.output
@@ -596,7 +597,8 @@ def test_extract_and_fit_every_layer_of_the_real_data(real_data, lite0_available
     assert r.exit_code == 0, r.output
     best = json.loads(r.stdout)["best"]
     table = {row["layer"]: row for row in best["layers"]}
-    assert list(table) == [f"stage{i}" for i in range(1, 8)] + ["pre_logits"]
+    singles = [f"stage{i}" for i in range(1, 8)] + ["pre_logits"]
+    assert list(table) == singles + layersets.adjacent_runs(singles)
     assert best["score"] == max(row["score"] for row in table.values()) == table[best["layer"]]["score"]
     assert best["value"] == table[best["layer"]]["value"] and "grid_extended" in best and "at_bound" in best
     assert best["score"] >= 0.93
