@@ -22,6 +22,8 @@ from sklearn.base import clone
 from .errors import ConfigError, HeadError
 from .heads import HEADS, make_head
 from .heads.base import BaseHead
+from .calibration import apply_temperature, calibrate
+from .adapt import IMBALANCE_RATIO, NO_WEIGHTS, adapt_defaults
 from .heads.monitor import training_monitor
 from . import layersets
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
@@ -33,8 +35,6 @@ from .transform import FeatureTransform
 
 logger = logging.getLogger(__name__)
 
-#: Largest over smallest training class above which fit-head suggests balanced class weights.
-IMBALANCE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class FitConfig:
     normalize: str = "standard"
     pca: int | None = None
     grid: tuple[float, ...] | None = None
+    #: "balanced", or "none" for equal weights; None: balanced on an imbalanced training split.
     class_weight: str | None = None
     seed: int = 0
     refit_on_trainval: bool = False
@@ -60,11 +61,14 @@ class FitConfig:
     head_options: dict = field(default_factory=dict)
     output: str | None = None
     runs_dir: str = "runs"
-    select_by: str = "top1"
+    #: None: balanced_accuracy on an imbalanced training split, else top1 (see :mod:`featcache.adapt`).
+    select_by: str | None = None
     extend_grid: bool = True
     threads: int | None = None
     #: Replace an existing run in ``output``; without it a run folder is never overwritten.
     overwrite: bool = False
+    #: Fill the options left unset (layer, class_weight, select_by) from the data; see :mod:`featcache.adapt`.
+    adapt: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -127,7 +131,7 @@ def check_options(config: FitConfig) -> None:
     for key in config.head_options:
         if key not in valid:
             raise ConfigError(f"Unknown option '{key}' for head '{config.head}'. Valid options: {', '.join(valid)}.")
-    if config.class_weight and "class_weight" not in valid:
+    if config.class_weight and config.class_weight != NO_WEIGHTS and "class_weight" not in valid:
         raise ConfigError(f"Head '{config.head}' has no class_weight option; drop the 'class_weight' option.")
     if config.seeds != 1 and config.shots is None:
         raise ConfigError(f"seeds={config.seeds} applies to few-shot fits only. Add the 'shots' option or drop the "
@@ -386,14 +390,24 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     return _Fitted(final, transform, best, sweep, layer)
 
 
-def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...]) -> dict:
+def _proba(cache, fitted: _Fitted, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The saved head's probabilities over all classes on ``split`` (uncalibrated), and the labels."""
+    X, y = layersets.load(cache, split, fitted.layer)
+    proba = fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1)))
+    return expand_proba(proba, fitted.head.classes_, len(cache.classes)), y
+
+
+def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...], eval_split: str | None = None) -> dict:
+    """Metrics of every split but ``skip``; with ``eval_split``, of the probabilities calibrated by a
+    temperature fitted on it (``fitted.best["calibration"]``)."""
+    splits = [s for s in cache.splits if s not in skip and cache.n(s) > 0]
+    if eval_split is not None and eval_split in splits:
+        fitted.best["calibration"] = calibrate(lambda s: _proba(cache, fitted, s), eval_split, splits)
+    temperature = fitted.best.get("calibration", {}).get("temperature", 1.0)
     metrics = {}
-    for split in cache.splits:
-        if split in skip or cache.n(split) == 0:
-            continue
-        X, y = layersets.load(cache, split, fitted.layer)
-        proba = fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1)))
-        metrics[split] = split_metrics(y, expand_proba(proba, fitted.head.classes_, len(cache.classes)), cache.classes)
+    for split in splits:
+        proba, y = _proba(cache, fitted, split)
+        metrics[split] = split_metrics(y, apply_temperature(proba, temperature), cache.classes)
     return metrics
 
 
@@ -405,7 +419,8 @@ def _checked(config: FitConfig | None, options: dict) -> FitConfig:
     check_int("seeds", config.seeds)
     if config.cv is not None:
         check_int("cv", config.cv, minimum=2)
-    check_choice("select_by", config.select_by, SELECT_BY)
+    if config.select_by is not None:
+        check_choice("select_by", config.select_by, SELECT_BY)
     if config.threads is not None:
         check_int("threads", config.threads)
     if config.shots is not None:
@@ -495,9 +510,12 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             logger.warning(message)
 
     try:
+        eval_split = _eval_split(c, config)
+        config, adapted = adapt_defaults(c, config, eval_split)
+        for line in adapted:
+            logger.info("adapted: %s", line)
         vectors = HEADS.get(config.head).inputs != "activations"
         layers = _layers(c, config.layer, joins=vectors and not config.shots)
-        eval_split = _eval_split(c, config)
         # After refit_on_trainval the eval split is training data: its scores are not held out.
         skip = (config.train_split, eval_split) if config.refit_on_trainval else (config.train_split,)
         _check_labels(c, config, c.labels(config.train_split), warn)
@@ -513,7 +531,9 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         else:
             fitted = (_sweep_layers(c, config, layers, eval_split, warn, progress) if len(layers) > 1 else
                       _fit_once(c, config, layers[0], None, eval_split, config.seed, warn, progress))
-            metrics = _score_splits(c, fitted, skip)
+            metrics = _score_splits(c, fitted, skip, eval_split)
+        if adapted:
+            fitted.best["adapted"] = adapted
         run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": fitted.layer, "classes": c.classes, "fingerprint": c.fingerprint,

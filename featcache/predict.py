@@ -139,9 +139,13 @@ class ExportedModel(nn.Module):
         index = torch.as_tensor(np.asarray(run.head.classes_, dtype=np.int64))
         self.register_buffer("index", index)
         self.n_classes = n
+        #: The run's calibration temperature: softmax(scores / T) is predict's calibrated probabilities.
+        self.temperature = float(run.temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.head(self.transform(self.features(x)))
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
         if scores.shape[1] == self.n_classes:
             return scores
         # Classes absent from training get -inf logits (probability 0, as in predict).

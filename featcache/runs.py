@@ -16,6 +16,7 @@ from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
 from .files import atomic_write, write_json, write_text
 from . import layersets
+from .calibration import apply_temperature, temperature_of
 from .metrics import expand_proba, split_metrics
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
@@ -60,9 +61,15 @@ class Run:
         return self.meta["classes"]
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities over all the run's classes, shape (n_samples, n_classes)."""
+        """Probabilities over all the run's classes, shape (n_samples, n_classes), calibrated by the
+        run's temperature (:mod:`featcache.calibration`)."""
         p = self.head.predict_proba(self.transform.transform(features.reshape(len(features), -1)))
-        return expand_proba(p, self.head.classes_, len(self.classes))
+        return apply_temperature(expand_proba(p, self.head.classes_, len(self.classes)), self.temperature)
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on the eval split (1.0: none)."""
+        return temperature_of(self.meta)
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:

@@ -77,6 +77,7 @@ def test_predict_export_and_evaluate_reproduce_the_cached_layer_set(multi, tmp_p
     folder, cache = multi
     res = fit_head(cache, head="logreg", layer="layer2+layer3+layer4", output=str(tmp_path / "r"))
     run = load_run(res.run)
+    assert run.temperature != 1.0  # predict and export apply the calibration too
     files = sorted((folder / "test").rglob("*.*"))
     with open_cache(cache) as c:
         X, y = layersets.load(c, "test", run.meta["layer"])
