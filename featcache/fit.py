@@ -25,6 +25,7 @@ from .heads.base import BaseHead
 from .calibration import apply_temperature, calibrate
 from .adapt import IMBALANCE_RATIO, NO_WEIGHTS, adapt_defaults
 from .heads.monitor import training_monitor
+from .view_rows import with_views
 from . import layersets
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
 from .runs import RUN_JSON, save_run
@@ -69,6 +70,9 @@ class FitConfig:
     overwrite: bool = False
     #: Fill the options left unset (layer, class_weight, select_by) from the data; see :mod:`featcache.adapt`.
     adapt: bool = True
+    #: Train vector heads on the cached augmented views too (``extract --views K``): K extra rows per
+    #: image, grouped with it so that k-fold never scores an image on a fold holding its views.
+    train_views: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -242,6 +246,8 @@ class _Problem:
     grid: list
     fit_kwargs: dict
     n_classes: int
+    #: With train_views: the image each training row comes from (views share their image's group).
+    groups: np.ndarray | None = None
 
     def fit(self, values: list) -> list[BaseHead]:
         """The heads of ``values``, as the sweep fits them."""
@@ -265,6 +271,9 @@ def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.n
         config = replace(config, normalize="none")
     if train_idx is not None:
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
+    groups = None
+    if config.train_views:
+        X_raw, y, groups = with_views(cache, config, layer, X_raw, y, train_idx)
     transform = FeatureTransform(config.normalize, config.pca, layersets.widths(cache, layer)).fit(X_raw)
     if config.pca is not None and transform.n_components_ < config.pca:
         warn(f"pca={config.pca}: the training split has {X_raw.shape[0]} rows of "
@@ -284,7 +293,8 @@ def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.n
     grid = head.grid_values(config.grid if config.grid is not None else head.default_grid, len(y))
     if len(np.unique(y)) < 2:
         raise HeadError(f"The training split has only {len(np.unique(y))} class(es); a head needs at least 2.")
-    return _Problem(config, data, X_raw, X, y, transform, head, grid, setup.fit_kwargs, len(cache.classes))
+    return _Problem(config, data, X_raw, X, y, transform, head, grid, setup.fit_kwargs, len(cache.classes), groups)
+
 
 
 def _split_scorer(p: _Problem, eval_split: str, progress) -> Callable[[list], list]:
@@ -307,18 +317,25 @@ def _split_scorer(p: _Problem, eval_split: str, progress) -> Callable[[list], li
 
 def _fold_scorer(p: _Problem, seed: int, progress) -> tuple[Callable[[list], list], str]:
     """Stratified k-fold on the training rows: mean scores per value (no model kept)."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     X, y = p.X, p.y
     if not isinstance(X, np.ndarray):
         raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise the "
                           "'max_memory' option.")
-    smallest = int(np.min(np.bincount(y)[np.unique(y)]))
+    y_images = y if p.groups is None else y[:int(p.groups.max()) + 1]  # a view is not one more sample
+    smallest = int(np.min(np.bincount(y_images)[np.unique(y_images)]))
     folds = min(p.config.cv or 5, smallest)
     if folds < 2:
         raise HeadError(f"Too few samples per class for a k-fold sweep (the smallest training class has "
                         f"{smallest}); add a val split or pass a grid of one value.")
-    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
+    if p.groups is None:
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
+    else:
+        # An image and its views fall in the same fold; each fold is scored on its images, not their views.
+        n_images = int(p.groups.max()) + 1
+        splits = [(tr, va[va < n_images]) for tr, va in
+                  StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, p.groups)]
 
     def evaluate(values: list) -> list[tuple[dict, Any]]:
         per_fold = []
@@ -599,7 +616,8 @@ def _check_labels(cache: FeatureCache, config: FitConfig, y_train: np.ndarray, w
     present = counts[counts > 0]
     if len(present) >= 2 and present.max() > IMBALANCE_RATIO * present.min():
         big, small = int(np.argmax(np.where(counts > 0, counts, -1))), int(np.argmin(np.where(counts > 0, counts, np.inf)))
-        if config.class_weight is None or config.select_by == "top1":
+        weighable = "class_weight" in HEADS.entry(config.head).extra["options"]
+        if (config.class_weight is None and weighable) or config.select_by == "top1":
             warn(f"The training split is imbalanced: class '{cache.classes[big]}' has {int(counts[big])} rows, "
                  f"'{cache.classes[small]}' {int(counts[small])} ({counts[big] / counts[small]:.1f}x). Top-1 "
                  f"favours the large classes; consider class_weight=balanced select_by=balanced_accuracy.")

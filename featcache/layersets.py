@@ -79,6 +79,15 @@ def load(cache: Any, split: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
     return join(parts), cache.labels(split)
 
 
+def load_views(cache: Any, split: str, layer: str) -> np.ndarray:
+    """Augmented-view features (n, views, width) of a layer or a layer set (``extract --views K``)."""
+    parts = []
+    for n in members(layer):
+        v = cache.views(split, n)[()]
+        parts.append(np.asarray(v, dtype=np.float32).reshape(v.shape[0], v.shape[1], -1))
+    return np.concatenate(parts, axis=2)
+
+
 def nbytes(cache: Any, split: str, layer: str) -> int:
     """Bytes of ``split`` of ``layer`` (all members) as float32."""
     return sum(int(np.prod(cache.features(split, n).shape)) * 4 for n in members(layer))

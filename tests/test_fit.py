@@ -402,17 +402,20 @@ def test_pca_records_the_components_it_kept(odd_cache, tmp_path):
 
 
 def test_imbalance_is_named_with_the_options_that_answer_it(odd_cache, tmp_path):
-    res = fit_head(odd_cache, head="ncm", output=str(tmp_path / "r"))
+    res = fit_head(odd_cache, head="ncm", select_by="top1", output=str(tmp_path / "r"))
     warning = ("The training split is imbalanced: class '0' has 30 rows, '2' 6 (5.0x). Top-1 favours the large "
                "classes; consider class_weight=balanced select_by=balanced_accuracy.")
     assert warning in res.warnings
-    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--json", "-o", str(tmp_path / "c")])
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--select-by", "top1", "--json",
+                                  "-o", str(tmp_path / "c")])
     assert "consider --class-weight balanced --select-by balanced_accuracy." in json.loads(r.stdout)["warnings"][-1]
     ok = fit_head(odd_cache, head="logreg", class_weight="balanced", select_by="balanced_accuracy",
                   output=str(tmp_path / "b"))
     assert not any("imbalanced" in w for w in ok.warnings)
     assert ok.best["select_by"] == "balanced_accuracy"
     assert ok.best["score"] == pytest.approx(ok.metrics["val"]["balanced_accuracy"])
+    adapted = fit_head(odd_cache, head="ncm", output=str(tmp_path / "d"))  # selects by balanced accuracy itself
+    assert not any("imbalanced" in w for w in adapted.warnings) and adapted.best["select_by"] == "balanced_accuracy"
     with pytest.raises(ConfigError, match="The 'select_by' option must be one of top1, balanced_accuracy"):
         fit_head(odd_cache, head="logreg", select_by="f1", output=str(tmp_path / "x"))
 

@@ -50,6 +50,9 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--adapt/--no-adapt", default=True, show_default=True,
               help="Choose the options not given (layer, class weights, selection metric) from the data; each "
                    "choice is printed and recorded in best.adapted.")
+@click.option("--train-views", is_flag=True,
+              help="Train on the cached augmented views too (extract --views K): K extra rows per image, grouped "
+                   "with it (heads of vectors).")
 @click.option("--extend-grid/--no-extend-grid", default=True, show_default=True,
               help="Extend the grid a decade at a time while the best value sits at an end.")
 @click.option("--threads", type=int, default=None,
@@ -73,7 +76,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds", "warnings"}.')
 @fail_cleanly
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by, adapt,
-             extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
+             train_views, extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
              patience, opts, output, overwrite, runs_dir, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, keep the model that scored best, score every other split.
 
@@ -97,7 +100,8 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
                        extend_grid=extend_grid, threads=threads, seed=seed,
                        refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
                        max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
-                       runs_dir=runs_dir, overwrite=overwrite, adapt=adapt)
+                       runs_dir=runs_dir, overwrite=overwrite, adapt=adapt,
+                       train_views=train_views)
     fit_log = logging.getLogger("featcache.fit")
     level = fit_log.level
     fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
