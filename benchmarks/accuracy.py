@@ -2,8 +2,9 @@
 
     python -m benchmarks accuracy        # EfficientNet-Lite0 (real weights) on three proxies, CPU
 
-Three proxies, built in a temporary folder at run time from what is on this machine (nothing is
-copied into the repository), each split 60/20/20 into train / val / test, stratified, seed 0:
+Three proxies, built at run time under ``$FEATCACHE_BENCH_DIR/accuracy`` (default
+``/tmp/featcache-bench``; nothing is copied into the repository) from what is on this machine, each
+split 60/20/20 into train / val / test, stratified, seed 0 (a rerun reuses their caches):
 
 - ``digits2``: scikit-learn digits (8x8 grey, upsampled by the backbone's resize to 224 px) 3 against
   8, with 8 subsampled to 1:3;
@@ -29,8 +30,6 @@ The wall time of each fit is printed; on a loaded machine it is not a valid timi
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from featcache import extract
 from featcache.fit import fit_head
 from featcache.store import open_cache
 
-from .common import Row, require_real_data
+from .common import WORK, Row, require_real_data
 
 BACKBONE = "efficientnet_lite0"
 PATHS = {
@@ -129,31 +128,29 @@ def _detail(r: dict) -> str:
     ece = cal.get("ece", {}).get("test")
     return (f"val {r['select_by']} {r['val']:.4f}; test acc {r['test_top1']:.4f} bal {r['test_bal']:.4f} "
             f"auc {r['test_auc']:.4f}; layer {r['layer']}"
-            + (f"; test ECE {ece['before']:.3f} -> {ece['after']:.3f}" if ece else "")
+            + (f"; T {cal['temperature']:.3f}, test ECE {ece['before']:.3f} -> {ece['after']:.3f}" if ece else "")
             + (f"; adapted: {' | '.join(r['adapted'])}" if r["adapted"] else "")
             + f"; {r['seconds']:.1f} s (loaded machine: not a timing)")
 
 
 def run() -> list[Row]:
     rows: list[Row] = []
-    root = Path(tempfile.mkdtemp(prefix="featcache-accuracy-"))
-    try:
-        for name, npz in build_proxies(root).items():
-            cache = extract(str(npz), backbone=BACKBONE, layers=("all",), cache_dir=str(root / "c"),
-                            num_workers=0).cache
-            results = {p: _fit(cache, root / f"{name}-{p}", o) for p, o in PATHS.items()}
-            with open_cache(cache) as c:
-                counts = {s: np.bincount(c.labels(s)).tolist() for s in c.splits}
-            print(f"{name}: class counts {counts}", flush=True)
-            for p, r in results.items():
-                print(f"  {p:11s} {_detail(r)}", flush=True)
-                rows.append(Row(f"accuracy {name} {p}", r["test_top1"], "-", True, _detail(r)))
-            best = max(results, key=lambda p: results[p]["val"] if results[p]["select_by"] == "balanced_accuracy"
-                       else -1)
-            gap = 100 * (results[best]["test_top1"] - results["default"]["test_top1"])
-            rows.append(Row(f"accuracy {name}: no-option fit-head vs best path ({best}), test points", gap,
-                            "<= 1 point", gap <= 1.0, f"default {results['default']['test_top1']:.4f} vs "
-                            f"{best} {results[best]['test_top1']:.4f}"))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    root = WORK / "accuracy"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, npz in build_proxies(root).items():
+        cache = extract(str(npz), backbone=BACKBONE, layers=("all",), cache_dir=str(root / "c"),
+                        num_workers=0).cache
+        results = {p: _fit(cache, root / f"{name}-{p}", o) for p, o in PATHS.items()}
+        with open_cache(cache) as c:
+            counts = {s: np.bincount(c.labels(s)).tolist() for s in c.splits}
+        print(f"{name}: class counts {counts}", flush=True)
+        for p, r in results.items():
+            print(f"  {p:11s} {_detail(r)}", flush=True)
+            rows.append(Row(f"accuracy {name} {p}", r["test_top1"], "-", True, _detail(r)))
+        best = max(results, key=lambda p: results[p]["val"] if results[p]["select_by"] == "balanced_accuracy"
+                   else -1)
+        gap = 100 * (results[best]["test_top1"] - results["default"]["test_top1"])
+        rows.append(Row(f"accuracy {name}: no-option fit-head vs best path ({best}), test points", gap,
+                        "<= 1 point", gap <= 1.0, f"default {results['default']['test_top1']:.4f} vs "
+                        f"{best} {results[best]['test_top1']:.4f}"))
     return rows

@@ -58,15 +58,15 @@ def test_imbalanced_small_cache_adapts_and_says_so(skewed, tmp_path):
     res = fit_head(skewed, output=str(tmp_path / "r"))
     lines = res.best["adapted"]
     assert [line.split(":")[0] for line in lines] == ["class_weight=balanced", "select_by=balanced_accuracy",
-                                                      "layer=all"]
+                                                      "layer sweep"]
     assert "(3.0x between its largest and smallest class)" in lines[0]
     assert res.best["select_by"] == "balanced_accuracy"
     assert res.best["score"] == pytest.approx(res.metrics["val"]["balanced_accuracy"])
-    assert [r["layer"] for r in res.best["layers"]] == ["layer3", "layer4", "layer3+layer4"]
+    assert [r["layer"] for r in res.best["layers"]] == ["layer3", "layer4"]  # single layers, not their joins
     saved = json.loads((tmp_path / "r" / "run.json").read_text())
     assert saved["config"]["class_weight"] == "balanced" and saved["best"]["adapted"] == lines
     # The fitted head is the class-weighted one: the same as asking for it.
-    asked = fit_head(skewed, class_weight="balanced", select_by="balanced_accuracy", layer="all",
+    asked = fit_head(skewed, class_weight="balanced", select_by="balanced_accuracy", layer="layer3,layer4",
                      output=str(tmp_path / "a"))
     assert asked.best["layer"] == res.best["layer"] and asked.best["value"] == res.best["value"]
     assert "adapted" not in asked.best
@@ -97,7 +97,7 @@ def test_balanced_data_keeps_the_defaults(even, tmp_path):
 
 def test_large_or_shot_fits_keep_the_first_layer(skewed, monkeypatch):
     with open_cache(skewed) as c:
-        assert adapt_defaults(c, FitConfig(), "val")[0].layer == "all"
+        assert adapt_defaults(c, FitConfig(), "val")[0].layer == "layer3,layer4"
         monkeypatch.setattr("featcache.adapt.SMALL_ROWS", 47)  # 48 training rows: a "large" split
         config, lines = adapt_defaults(c, FitConfig(), "val")
         assert config.layer is None and config.class_weight == "balanced"

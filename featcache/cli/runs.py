@@ -31,7 +31,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--layer", default=None,
               help="Cached layer to fit on, or layers joined with '+' (stage5+stage6); 'all' or a comma list "
                    "sweeps them too ('all': every layer and every run of 2-4 adjacent layers). Default: the "
-                   "first layer, or 'all' on a cache of several layers and a small training split.")
+                   "first layer, or each layer swept on a cache of several layers and a small training split.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default=None,
               help="Split the sweep is scored on (default: val when present, else k-fold on train); "
