@@ -33,6 +33,14 @@ def test_temperature_undoes_overconfidence():
     np.testing.assert_allclose(apply_temperature(q, 1.0), q)
 
 
+def test_a_separated_eval_split_keeps_the_probabilities():
+    # Every row right: the log-loss falls as T -> 0, so T would sit at its lower bound. Keep 1.
+    y = np.array([0, 1, 2] * 20)
+    p = np.full((60, 3), 0.2)
+    p[np.arange(60), y] = 0.6
+    assert fit_temperature(p, y) == 1.0
+
+
 def test_ece_of_a_confident_and_right_model_is_zero():
     y = np.array([0, 1, 1, 0])
     assert expected_calibration_error(np.eye(2)[y], y) == 0.0
