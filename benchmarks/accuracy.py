@@ -22,7 +22,9 @@ reported on test (accuracy, balanced accuracy, ROC-AUC):
 - ``default-1``: ``fit-head`` with no options on a one-layer (default ``extract``) cache: the same
   adaptations except the layer sweep, i.e. ``layer=pre_logits`` with the rest left unset;
 - ``default``: ``fit-head`` with no options on the ``--layer all`` cache (what the adaptive
-  defaults choose there).
+  defaults choose there: balanced class weights and selection, each single layer swept).
+
+The test splits hold 49-61 images: one image moves test accuracy by 1.6-2 points.
 
 The wall time of each fit is printed; on a loaded machine it is not a valid timing.
 """
@@ -149,8 +151,9 @@ def run() -> list[Row]:
             rows.append(Row(f"accuracy {name} {p}", r["test_top1"], "-", True, _detail(r)))
         best = max(results, key=lambda p: results[p]["val"] if results[p]["select_by"] == "balanced_accuracy"
                    else -1)
-        gap = 100 * (results[best]["test_top1"] - results["default"]["test_top1"])
-        rows.append(Row(f"accuracy {name}: no-option fit-head vs best path ({best}), test points", gap,
-                        "<= 1 point", gap <= 1.0, f"default {results['default']['test_top1']:.4f} vs "
-                        f"{best} {results[best]['test_top1']:.4f}"))
+        for path, cache_kind in (("default", "--layer all cache"), ("default-1", "one-layer cache")):
+            gap = 100 * (results[best]["test_top1"] - results[path]["test_top1"])
+            rows.append(Row(f"accuracy {name}: no-option fit-head ({cache_kind}) vs best path on val ({best}), "
+                            f"test points below", gap, "<= 1 point", gap <= 1.0,
+                            f"{path} {results[path]['test_top1']:.4f} vs {best} {results[best]['test_top1']:.4f}"))
     return rows
