@@ -17,8 +17,8 @@ from .errors import BackboneError, ConfigError, SourceError
 from .devices import resolve_device, runnable_precision
 from . import layersets
 from .runs import Run, load_run
-from .preprocess import DecodeError, load_image
-from .sources import IMAGE_EXTENSIONS, display_path
+from .preprocess import Augment, DecodeError, augmented_views, decode, resize_crop
+from .sources import IMAGE_EXTENSIONS, content_hash, display_path
 from .taps import HostCopy, TappedForward
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,24 @@ class _Pipeline:
         return layersets.join(feats) if len(feats) > 1 else feats[0].astype(np.float32)
 
 
+def _tta_augment(run: Run, tta: int) -> Augment | None:
+    """The augmentation of test-time views: the cache's own (``extract --views``) when it had one,
+    so that view k of an image is the very crop the head trained on, else the default crops."""
+    if isinstance(tta, bool) or not isinstance(tta, int) or tta < 0:
+        raise ConfigError(f"The 'tta' option must be an int >= 0 (views per image). Got {tta!r}.")
+    if tta == 0:
+        return None
+    cached = dict(run.meta["fingerprint"].get("augment") or {})
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cached.items() if k in ("scale", "ratio", "flip", "seed")}
+    return Augment(views=tta, **fields)
+
+
 def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: int = 5, batch_size: int = 32,
-            device: str = "auto", weights: str | None = None) -> list[dict]:
+            device: str = "auto", weights: str | None = None, tta: int = 0) -> list[dict]:
     """Classify image files with a saved run: the run's backbone, layer, transform and head.
+
+    With ``tta=K`` each image's probabilities are the mean over the image and K augmented views
+    (random-resized crops and flips, seeded by the image's content as ``extract --views`` does).
 
     Returns
     -------
@@ -96,17 +111,22 @@ def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: 
     if top < 1:
         raise ConfigError(f"The 'top' option must be an int >= 1. Got {top!r}.")
     run = load_run(run_dir)
+    aug = _tta_augment(run, tta)
     bb = _backbone_for(run, weights)
     pipe = _Pipeline(run, bb, resolve_device(device))
     files = expand_paths(paths)
     results: list[dict] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        arrays, ok = [], []
+        arrays, views, ok = [], [], []
         for f in chunk:
             try:
                 with open(f, "rb") as fh:
-                    arrays.append(load_image(fh.read(), bb.preprocess))
+                    data = fh.read()
+                img = decode(data, bb.preprocess)
+                arrays.append(resize_crop(img, bb.preprocess))
+                if aug is not None:
+                    views.append(augmented_views(img, bb.preprocess, aug, content_hash(data)))
                 ok.append(f)
             except (OSError, DecodeError) as e:
                 results.append({"path": display_path(f), "label": None, "probability": None, "top": [],
@@ -114,6 +134,10 @@ def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: 
         if not arrays:
             continue
         proba = run.predict_proba(pipe.features(np.stack(arrays)))
+        if aug is not None:
+            v = np.concatenate(views)  # image by image, K views each
+            pv = run.predict_proba(pipe.features(v)).reshape(len(arrays), aug.views, -1)
+            proba = (proba + pv.sum(1)) / (1 + aug.views)
         for f, p in zip(ok, proba):
             order = np.argsort(-p)[:top]
             tops = [{"label": run.classes[i], "probability": float(p[i])} for i in order]

@@ -3,6 +3,8 @@ grouped with their image so that k-fold never scores an image on a fold that tra
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,25 @@ def test_train_views_refused_with_a_reason(viewed, tmp_path):
                    cache_dir=str(tmp_path / "c"), dtype="float32").cache
     with pytest.raises(ConfigError, match="has no augmented views. Extract with views=K"):
         fit_head(none, train_views=True, output=str(tmp_path / "a"))
+
+
+def test_predict_tta_averages_the_image_and_the_very_views_extract_cached(viewed, tmp_path):
+    from featcache.predict import predict
+
+    res = fit_head(viewed, head="logreg", layer="layer3+layer4", train_views=True, output=str(tmp_path / "r"))
+    run = load_run(res.run)
+    with open_cache(viewed) as c:
+        X = layersets.load(c, "train", run.meta["layer"])[0]
+        V = layersets.load_views(c, "train", run.meta["layer"])
+        ids = c.ids("train")
+    folder = Path(viewed).parent.parent / "imgs"
+    files = sorted((folder / "train").rglob("*.*"))[:6]
+    preds = {p["path"]: p for p in predict(res.run, files, top=2, tta=2)}
+    for f in files:
+        i = next(j for j, rid in enumerate(ids) if str(f).endswith(rid))
+        expected = (run.predict_proba(X[i:i + 1]) + run.predict_proba(V[i]).sum(0, keepdims=True))[0] / 3
+        got = {t["label"]: t["probability"] for t in preds[str(f)]["top"]}
+        np.testing.assert_allclose([got[k] for k in ("a", "b")], expected, atol=1e-4)
+        assert not np.allclose(V[i], X[i])  # the views are other inputs than the image itself
+    with pytest.raises(ConfigError, match="The 'tta' option must be an int >= 0"):
+        predict(res.run, files, tta=-1)

@@ -204,15 +204,17 @@ def evaluate(run_dir, cache, as_json) -> None:
               help="Backbone weights file, if the run's original file moved.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write predictions to a .csv or .json file.")
+@click.option("--tta", type=int, default=0, show_default=True,
+              help="Test-time augmentation: average the probabilities of the image and K augmented views.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [{"path", "label", "probability", "top"}]}.')
 @fail_cleanly
-def predict(run_dir, images, top, batch_size, device, weights, output, as_json) -> None:
+def predict(run_dir, images, top, batch_size, device, weights, output, tta, as_json) -> None:
     """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
     from ..predict import predict as run
 
     if output and Path(output).suffix.lower() not in (".csv", ".json"):  # refused before any image is read
         raise click.BadParameter(f"must end in .csv or .json, got {output!r}.", param_hint="--output")
-    preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights)
+    preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights, tta=tta)
     if output:
         _write_predictions(preds, output)
     if as_json:
