@@ -14,7 +14,8 @@ from pathlib import Path
 from .common import Row, machine
 
 #: Benchmark groups: each module's run() returns its rows.
-GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup", "precision", "tail", "accuracy")
+GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup", "precision", "tail", "intervals",
+          "export", "accuracy")
 
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 MARK = "<!-- results: {} -->"

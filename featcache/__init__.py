@@ -7,6 +7,7 @@ The public API (what the CLI and the notebook use)::
     fit_head(cache, head=...)       -> FitResult         sweep, refit, metrics, saved run
     evaluate / predict / export_run                      use a saved run
     run_bench, probe_layers, write_report                benchmarking and reports
+    export_features, build_index, search, find_leaks     features out: files, FAISS, leaks
 """
 
 __version__ = "0.1.0"
@@ -35,6 +36,9 @@ _EXPORTS = {
     "open_cache": ("store", "open_cache"),
     "list_layers": ("taps", "list_layers"),
     "write_report": ("report", "write_report"),
+    "export_features": ("exports", "export_features"),
+    "build_index": ("retrieval", "build_index"), "load_index": ("retrieval", "load_index"),
+    "search": ("retrieval", "search"), "find_leaks": ("retrieval", "find_leaks"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -84,3 +84,28 @@ def adapt_defaults(cache: "FeatureCache", config: "FitConfig",
                          f"one).")
     changes.update(class_weight=weight, select_by=select_by or "top1")
     return replace(config, **changes), lines
+
+
+def check_labels(cache: "FeatureCache", config: "FitConfig", y_train: np.ndarray, warn) -> None:
+    """Warn about classes that no head can learn (absent from train) and about imbalance."""
+    counts = np.bincount(y_train, minlength=len(cache.classes))
+    unseen: dict[str, list[str]] = {}
+    for split in cache.splits:
+        if split == config.train_split or cache.n(split) == 0:
+            continue
+        n_split = np.bincount(cache.labels(split), minlength=len(cache.classes))
+        for i in np.flatnonzero((n_split > 0) & (counts == 0)):
+            unseen.setdefault(cache.classes[i], []).append(f"{split}: {int(n_split[i])}")
+    for name, where in unseen.items():
+        warn(f"Class '{name}' has no rows in the '{config.train_split}' split but has rows in "
+             f"{', '.join(where)}. No head can predict it, so those rows count as errors in every metric. "
+             f"Add training images of '{name}' or remove its rows from the other splits.")
+    present = counts[counts > 0]
+    if len(present) >= 2 and present.max() > IMBALANCE_RATIO * present.min():
+        big, small = int(np.argmax(np.where(counts > 0, counts, -1))), int(np.argmin(np.where(counts > 0, counts, np.inf)))
+        weighable = "class_weight" in HEADS.entry(config.head).extra["options"]
+        if (config.class_weight is None and weighable) or config.select_by == "top1":
+            warn(f"The training split is imbalanced: class '{cache.classes[big]}' has {int(counts[big])} rows, "
+                 f"'{cache.classes[small]}' {int(counts[small])} ({counts[big] / counts[small]:.1f}x). Top-1 "
+                 f"favours the large classes; consider class_weight=balanced select_by=balanced_accuracy.")
+

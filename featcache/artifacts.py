@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from .errors import ConfigError, HeadError
-from .files import atomic_write, write_text
+from .files import write_bytes, write_text
 from .heads import HEADS
 from .heads.base import BaseHead, to_jsonable
 
@@ -127,7 +127,7 @@ def save_head(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / HEAD_TENSORS, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
+    write_bytes(run_dir / HEAD_TENSORS, save(arrays, metadata={"format": FORMAT}))
     write_text(run_dir / HEAD_JSON, text + "\n")
 
 

@@ -24,6 +24,7 @@ from .extract import extract
 from .plan import ExtractConfig
 from .fit import FitConfig, check_options, fit_head, parse_grid
 from .heads import HEADS
+from .outputs import FolderLock, claim_numbered, reporting
 from .store import open_cache
 
 RECORDS = "records.jsonl"
@@ -132,20 +133,47 @@ def _key(rec: dict) -> tuple:
     return (rec["backbone"], rec["layer"], rec["source"], rec["head"], int(rec["shots"]), int(rec["seed"]))
 
 
-def read_records(out_dir: str | os.PathLike) -> list[dict]:
-    """Records of a benchmark folder; a line cut by a crash is ignored."""
-    path = Path(out_dir) / RECORDS
+def _stored_records(out: Path) -> list[dict]:
+    """Records as stored, one per grid cell: a cell fitted again (the same grid re-run into the
+    folder) is replaced by its latest record, so a re-run never counts a run twice. A line cut by a
+    crash is ignored."""
+    path = out / RECORDS
     if not path.is_file():
         return []
-    out = []
+    cells: dict[tuple, dict] = {}
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
         if isinstance(rec, dict) and all(k in rec for k in RECORD_KEYS):
-            out.append(rec)
-    return out
+            cells.pop(_key(rec), None)  # re-inserted: the order is that of the latest fits
+            cells[_key(rec)] = rec
+    return list(cells.values())
+
+
+def resolve_paths(rec: dict, out: Path) -> dict:
+    """A record with its ``run`` and ``cache`` paths, stored relative to the bench folder, joined
+    to where the folder is now (an absolute path, as older records hold, stays as it is)."""
+    rec = dict(rec)
+    for key in ("run", "cache"):
+        if isinstance(rec.get(key), str) and rec[key]:
+            rec[key] = os.path.join(out, rec[key])
+    return rec
+
+
+def _relative(path: str, out: Path) -> str:
+    """``path`` relative to the bench folder when it lies inside it (runs, a cache kept there); else absolute,
+    so that moving the bench folder breaks neither."""
+    p, base = Path(path).resolve(), out.resolve()
+    return p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p)
+
+
+def read_records(out_dir: str | os.PathLike) -> list[dict]:
+    """Records of a benchmark folder, one per grid cell (the latest fit of a cell replaces earlier
+    ones), with ``run`` and ``cache`` paths joined to ``out_dir``: a moved folder still finds its runs."""
+    out = Path(out_dir)
+    return [resolve_paths(r, out) for r in _stored_records(out)]
 
 
 ProgressFn = Callable[[int, int, dict, float], None]
@@ -188,81 +216,117 @@ def _next_run_number(out: Path, records: list[dict]) -> int:
 def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, skip_existing: bool = False,
               overwrite: bool = False, progress: ProgressFn | None = None, extract_progress=None) -> list[dict]:
     """Run the grid, appending one record per fit to ``out_dir/records.jsonl``; then write the
-    leaderboard (Markdown, CSV) and plots. Returns all records of the folder.
+    leaderboard (Markdown, CSV) and plots. Returns all records of the folder (see :func:`read_records`).
 
+    Every cache is extracted (or found) first, so the progress total is exact from the first fit.
     A fit on all training data (shots 0) whose head draws nothing from the seed is run for seed 0
     only: the other seeds would repeat it. Earlier records of the folder are kept (a second grid
-    adds to the leaderboard) unless ``overwrite``, which deletes them and their run folders first. ``skip_existing`` skips the
-    cells that already have a record. Run folders are numbered on from the highest number used.
+    adds to the leaderboard) unless ``overwrite``, which deletes them and their run folders first;
+    a cell fitted again replaces its earlier record and run folder, so a re-run grid counts each
+    run once. ``skip_existing`` skips the cells that already have a record. Run folders are
+    numbered on from the highest number used, each number claimed once. Records store the paths
+    of runs (and of a cache inside ``out_dir``) relative to ``out_dir``. The folder is locked
+    while the grid runs: a second process writing it gets an error.
     """
     config.validate()
     if overwrite and skip_existing:
         raise ConfigError("The 'overwrite' option deletes the records that the 'skip_existing' option would resume "
                           "from. Pass one of them.")
     out = Path(out_dir)
+    with reporting(out):
+        out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "bench folder")
+    try:
+        return _run_bench(config, out, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
+                          extract_progress=extract_progress)
+    finally:
+        lock.release()
+
+
+def _run_bench(config: BenchConfig, out_dir: Path, *, skip_existing: bool, overwrite: bool,
+               progress: ProgressFn | None, extract_progress) -> list[dict]:
+    """:func:`run_bench` under the folder's lock."""
+    out = Path(out_dir)
     if overwrite:
         (out / RECORDS).unlink(missing_ok=True)
         shutil.rmtree(out / RUNS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     _drop_torn_tail(out / RECORDS)
-    earlier = read_records(out)
+    earlier = _stored_records(out)
     done = {_key(r) for r in earlier} if skip_existing else set()
     number = _next_run_number(out, earlier)
-    total = config.runs()
-    i = 0
     t0 = time.perf_counter()
     ex = config.extract_config()
     fit_base = config.fit_config()
+    # Every cache first (a finished one is a cache hit: a fingerprint check, no forward pass): the
+    # cells, and so the progress total, are known before the first fit and never change.
+    plan = []
     for backbone, source in itertools.product(config.backbones, config.sources):
-        # A finished cache makes this a cache hit (a fingerprint check, no forward pass).
         res = extract(source, ex, backbone=backbone, layers=tuple(config.layers), progress=extract_progress)
         with open_cache(res.cache) as c:
             layers, weights = list(c.layers), c.fingerprint["backbone"]["weights"]
             # A cache hit costs no forward pass; the extraction it saved is the one recorded in the cache.
             extract_seconds = _extraction_seconds(c.timings) if res.cache_hit else res.seconds
             on_eval_split = fit_base.eval_split != "none" and (fit_base.eval_split is not None or "val" in c.splits)
-        cells = [(layer, head, shots, seed) for layer, head, shots, seed
-                 in itertools.product(layers, config.heads, config.shots, range(config.seeds))
+        plan += [(backbone, source, res, weights, extract_seconds, layer, head, shots, seed)
+                 for layer, head, shots, seed in itertools.product(layers, config.heads, config.shots,
+                                                                   range(config.seeds))
                  if not (seed and not shots and _seedless(head, on_eval_split))]  # else the same fit as seed 0's
-        # The planned count had max(1, len(config.layers)) layers per pair; "all" or the default
-        # layer expand to the cached ones, and seedless cells at all shots are fitted once.
-        total += len(cells) - max(1, len(config.layers)) * len(config.heads) * len(config.shots) * config.seeds
-        for layer, head, shots, seed in cells:
-            i += 1
-            key = (backbone, layer, source, head, shots, seed)
-            if key in done:
-                continue
-            fit = fit_head(res.cache, fit_base, head=head, layer=layer, seed=seed, shots=shots or None, seeds=1,
-                           output=str(out / RUNS / f"{number:05d}-{head}-{layer}-{shots}shot-seed{seed}"))
-            number += 1
-            rec = {"backbone": backbone, "weights": weights, "layer": layer, "source": source, "head": head,
-                   "shots": shots, "seed": seed, "metrics": fit.metrics, "extract_seconds": extract_seconds,
-                   "fit_seconds": fit.seconds, "cache": res.cache, "cache_hit": res.cache_hit,
-                   "featcache_version": __version__,
-                   "best": fit.best, "run": fit.run}
-            with open(out / RECORDS, "a") as f:
-                f.write(dumps(rec) + "\n")  # strict JSON: a NaN metric is written as null
-                f.flush()
-                os.fsync(f.fileno())
-            done.add(key)
-            if progress:
-                progress(i, total, rec, time.perf_counter() - t0)
-    records = read_records(out)
+    total = len(plan)
+    replaced = {_key(r): r.get("run") for r in earlier}
+    for i, (backbone, source, res, weights, extract_seconds, layer, head, shots, seed) in enumerate(plan, 1):
+        key = (backbone, layer, source, head, shots, seed)
+        if key in done:
+            continue
+        number, run_dir = claim_numbered(out / RUNS, f"{head}-{layer}-{shots}shot-seed{seed}", number)
+        fit = fit_head(res.cache, fit_base, head=head, layer=layer, seed=seed, shots=shots or None, seeds=1,
+                       output=str(run_dir))
+        number += 1
+        rec = {"backbone": backbone, "weights": weights, "layer": layer, "source": source, "head": head,
+               "shots": shots, "seed": seed, "metrics": fit.metrics, "extract_seconds": extract_seconds,
+               "fit_seconds": fit.seconds, "cache": _relative(res.cache, out), "cache_hit": res.cache_hit,
+               "featcache_version": __version__, "best": fit.best, "run": _relative(fit.run, out)}
+        with open(out / RECORDS, "a") as f:
+            f.write(dumps(rec) + "\n")  # strict JSON: a NaN metric is written as null
+            f.flush()
+            os.fsync(f.fileno())
+        _drop_replaced_run(out, replaced.pop(key, None))
+        done.add(key)
+        if progress:
+            progress(i, total, resolve_paths(rec, out), time.perf_counter() - t0)
+    stored = _stored_records(out)
+    # One line per cell: the lines of replaced fits go (the latest fit of a cell is the one kept).
+    write_text(out / RECORDS, "".join(dumps(r) + "\n" for r in stored))
+    records = [resolve_paths(r, out) for r in stored]
     write_outputs(records, out)
     return records
 
 
-def write_outputs(records: list[dict], out: Path) -> dict[str, Path]:
-    """Leaderboard (Markdown, CSV) and PNG plots of a benchmark folder."""
-    from . import plots
-    from .leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
+def _drop_replaced_run(out: Path, run: str | None) -> None:
+    """Delete the run folder of a record that a new fit of the same cell replaced (only inside
+    ``out/runs``: a folder elsewhere is not the benchmark's to delete)."""
+    if not run:
+        return
+    path = (out / run).resolve()
+    if path.parent == (out / RUNS).resolve() and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
-    rows = leaderboard(records)
+
+def write_outputs(records: list[dict], out: Path) -> dict[str, Path]:
+    """Leaderboard (Markdown, CSV) and PNG plots of a benchmark folder (``leaderboard.png``: top-1 with
+    its 95% intervals; ``shots.png``, ``layers.png``, ``time.png``)."""
+    from . import plots
+    from .leaderboard import board_split, leaderboard, leaderboard_csv, leaderboard_markdown
+
+    split, _ = board_split(records)
+    rows = leaderboard(records, split=split)
     write_text(out / "leaderboard.md", leaderboard_markdown(rows))
     leaderboard_csv(rows, out / "leaderboard.csv")
     paths = {"leaderboard.md": out / "leaderboard.md", "leaderboard.csv": out / "leaderboard.csv"}
     if records:
-        paths["shots.png"] = plots.shots_curve(records, out / "shots.png")
-        paths["layers.png"] = plots.accuracy_by_layer(records, out / "layers.png")
+        if any(r["top1_mean"] is not None for r in rows):
+            paths["leaderboard.png"] = plots.leaderboard_intervals(rows, out / "leaderboard.png")
+        paths["shots.png"] = plots.shots_curve(records, out / "shots.png", split=split, rows=rows)
+        paths["layers.png"] = plots.accuracy_by_layer(records, out / "layers.png", split=split, rows=rows)
         paths["time.png"] = plots.time_breakdown(records, out / "time.png")
     return paths

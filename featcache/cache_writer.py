@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheLockedError
-from .files import fsync_dir
+from .files import fsync_dir, reserve
 from .store import FORMAT, HASH_DTYPE, SCHEMA_VERSION, feature_chunks, shard_digest
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,16 @@ class CacheWriter:
 
     The file is written at ``<final>.tmp`` (a left-over one from a killed writer is cleared first);
     leaving the ``with`` block commits it (fsync, rename, folder fsync), an exception removes it.
-    Call it only while holding the final file's :class:`CacheLock`.
+    Call it only while holding the final file's :class:`CacheLock`. ``reserve_bytes``: the room the
+    file needs, checked first (:func:`featcache.files.reserve`).
     """
 
-    def __init__(self, final: Path, **attrs) -> None:
+    def __init__(self, final: Path, *, reserve_bytes: int = 0, **attrs) -> None:
         self.final = Path(final)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         clear_stale_tmp(self.tmp)
+        if reserve_bytes:  # a full disk is an OSError here, not a crash of HDF5 half-way through
+            reserve(self.tmp, reserve_bytes)
         self.h5 = create_h5(self.tmp)
         set_text_attrs(self.h5, format=FORMAT, schema_version=SCHEMA_VERSION,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs)

@@ -41,3 +41,12 @@ class ExtractionInterrupted(FeatcacheError):
 
 class HeadError(FeatcacheError):
     """A head cannot be fitted, loaded or used."""
+
+
+class OutputError(FeatcacheError):
+    """A run folder, bench folder or exported file cannot be written (it exists, its folder is
+    missing or read-only, the disk is full)."""
+
+
+class FolderLockedError(OutputError):
+    """Another process is writing the same run or bench folder."""

@@ -26,6 +26,7 @@ from .cache_writer import CacheLock, CacheWriter, iter_runs, set_aside
 from .devices import (cudnn_autotuning, default_workers, main_process_decode_threads, prefetch_for_shm,
                       shm_free_bytes)
 from .errors import CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
+from .files import DISK_FULL
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate, plan_rows,
                       worker_init)
 from .partial import ChunkWriter, PartialStore
@@ -393,7 +394,14 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
                                        "weights": os.path.abspath(config.weights) if config.weights else None}))
     if config.shard is not None:
         attrs.update(shard=_json(list(config.shard)), **(stamp or {}))
-    with CacheWriter(path, **attrs) as w:
+    try:
+        w = CacheWriter(path, reserve_bytes=_file_bytes(per_split, shapes, config, failures), **attrs)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise CacheError(f"Disk full while assembling '{path}' ({e.strerror}). What was computed is kept in "
+                         f"'{path}.partial': free some space and run the same command again to finish.") from None
+    with w:
         dsets: dict[tuple, h5py.Dataset] = {}
         for split, ok in per_split.items():
             n = splits_out[split] = len(ok)
@@ -411,6 +419,17 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
             w.set_attrs(digest=w.digest())
     return ExtractResult(str(path), splits_out, len(failures), False, 0.0, 0.0,
                          failures=[{k: v for k, v in f.items() if k in ("split", "id", "reason")} for f in failures])
+
+
+def _file_bytes(per_split: dict[str, list[Row]], shapes, config: ExtractConfig, failures: list) -> int:
+    """About the size of the assembled cache file (features, views and per-row arrays), a little over."""
+    item = np.dtype(config.dtype).itemsize
+    total = 1 << 20
+    for split, rows in per_split.items():
+        views = 1 + (config.views if split == VIEW_SPLIT else 0)
+        total += len(rows) * (views * item * sum(int(np.prod(s)) for s in shapes) + 64
+                              + max([0, *(len(r.ref.id.encode()) for r in rows)]))
+    return total + 256 * len(failures)
 
 
 def _copy_donor(load, targets: list[tuple[str, int, int]], dsets: dict, n_layers: int) -> None:

@@ -37,7 +37,8 @@ from .backbones import Backbone, load_backbone, seeded_init
 from .devices import (PRECISIONS, autocast, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
                       shm_free_bytes)
 from .errors import ConfigError
-from .files import atomic_write, write_json
+from .files import write_bytes, write_json
+from .outputs import RunFolder, claim_folder
 from .loading import collate, worker_init
 from .metrics import split_metrics
 
@@ -81,6 +82,8 @@ class FinetuneConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     output: str | None = None
     runs_dir: str = "runs"
+    #: Replace an existing run in ``output`` (as a whole); without it a run folder is never overwritten.
+    overwrite: bool = False
     #: Carve a stratified, seeded val split out of train when the source has none.
     val_fraction: float | None = None
     split_seed: int = 0
@@ -346,6 +349,16 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
     tune_allocator()
     config = FinetuneConfig(**{**(config.to_dict() if config else {}), **options})
     config.validate()
+    # An existing run is refused (and the folder locked) before any image is read.
+    folder = RunFolder(config.output, overwrite=config.overwrite) if config.output else None
+    try:
+        return _run(source, config, folder, progress, t0)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _run(source, config: FinetuneConfig, folder: "RunFolder | None", progress, t0: float) -> FinetuneResult:
     src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
     if not src.splits.get("train"):
         raise ConfigError(
@@ -356,6 +369,16 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
         logger.warning("Source '%s' has no split besides train: the fine-tuned network will not be scored. Pass "
                        "--val-fraction 0.2 to hold out a val split.", src.spec)
     job = _Job(src, config)
+    if folder is not None:
+        return _train(job, src, config, folder, progress, t0)
+    folder = RunFolder(claim_folder(config.runs_dir, _run_name(job.bb)), claimed=True)
+    try:
+        return _train(job, src, config, folder, progress, t0)
+    finally:
+        folder.release()
+
+
+def _train(job: "_Job", src: Source, config: FinetuneConfig, folder: RunFolder, progress, t0: float) -> FinetuneResult:
     per_epoch: list[dict] = []
     metrics: dict[str, dict] = {}
     devices = [job.device.index or 0] if job.device.type == "cuda" else []
@@ -382,10 +405,10 @@ def finetune(source: str | os.PathLike | Source, config: FinetuneConfig | None =
                          + (f", val_top1 {top1:.4f}" if top1 is not None else ""))
     job.model.eval()
     seconds = time.perf_counter() - t0
-    run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(job.bb)
     fails = [{"split": s, "id": i, "reason": r} for (s, i), r in job.failures.items()]
-    _save(run, job.model, job.meta(fails), {"metrics": metrics, "per_epoch": per_epoch, "seconds": seconds})
-    return FinetuneResult(str(run), metrics, per_epoch, seconds, fails)
+    with folder as tmp:
+        _save(tmp, job.model, job.meta(fails), {"metrics": metrics, "per_epoch": per_epoch, "seconds": seconds})
+    return FinetuneResult(str(folder.target), metrics, per_epoch, seconds, fails)
 
 
 class _Job:
@@ -502,11 +525,10 @@ def _run_name(bb: Backbone) -> str:
 
 
 def _save(run: Path, model: nn.Module, meta: dict, metrics: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    run.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(run / MODEL_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "featcache-finetune"}))
+    write_bytes(run / MODEL_FILE, save(state, metadata={"format": "featcache-finetune"}))
     write_json(run / RUN_JSON, meta)
     write_json(run / METRICS_JSON, metrics)
 

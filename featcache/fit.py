@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -23,13 +22,16 @@ from .errors import ConfigError, HeadError
 from .heads import HEADS, make_head
 from .heads.base import BaseHead
 from .calibration import apply_temperature, calibrate
-from .adapt import IMBALANCE_RATIO, NO_WEIGHTS, adapt_defaults
+from .adapt import NO_WEIGHTS, adapt_defaults, check_labels
 from .heads.monitor import training_monitor
 from .view_rows import with_views
 from . import layersets
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
-from .runs import RUN_JSON, save_run
-from .validation import check_choice, check_int
+from .intervals import bootstrap_intervals
+from .outputs import RunFolder, claim_folder
+from .retrieval.leaks import note_eval_leaks
+from .runs import rows_digest, save_run
+from .validation import check_choice, check_int, check_memory
 from .runtime import head_threads
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
@@ -414,18 +416,21 @@ def _proba(cache, fitted: _Fitted, split: str) -> tuple[np.ndarray, np.ndarray]:
     return expand_proba(proba, fitted.head.classes_, len(cache.classes)), y
 
 
-def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...], eval_split: str | None = None) -> dict:
-    """Metrics of every split but ``skip``; with ``eval_split``, of the probabilities calibrated by a
-    temperature fitted on it (``fitted.best["calibration"]``)."""
+def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...], eval_split: str | None = None) -> tuple[dict, dict]:
+    """Metrics (with intervals) per scored split, and each split's labels and probabilities; with
+    ``eval_split``, of the probabilities calibrated by a temperature fitted on it
+    (``fitted.best["calibration"]``)."""
     splits = [s for s in cache.splits if s not in skip and cache.n(s) > 0]
     if eval_split is not None and eval_split in splits:
         fitted.best["calibration"] = calibrate(lambda s: _proba(cache, fitted, s), eval_split, splits)
     temperature = fitted.best.get("calibration", {}).get("temperature", 1.0)
-    metrics = {}
+    metrics, scored = {}, {}
     for split in splits:
         proba, y = _proba(cache, fitted, split)
-        metrics[split] = split_metrics(y, apply_temperature(proba, temperature), cache.classes)
-    return metrics
+        proba = apply_temperature(proba, temperature)
+        metrics[split] = split_metrics(y, proba, cache.classes)
+        scored[split] = (y, proba)
+    return metrics, scored
 
 
 def _checked(config: FitConfig | None, options: dict) -> FitConfig:
@@ -438,14 +443,12 @@ def _checked(config: FitConfig | None, options: dict) -> FitConfig:
         check_int("cv", config.cv, minimum=2)
     if config.select_by is not None:
         check_choice("select_by", config.select_by, SELECT_BY)
+    check_memory(config.max_memory)
     if config.threads is not None:
         check_int("threads", config.threads)
     if config.shots is not None:
         check_int("shots", config.shots)
     check_options(config)
-    if config.output and not config.overwrite and (Path(config.output) / RUN_JSON).exists():
-        raise ConfigError(f"'{config.output}' already holds a run. Pass overwrite=True to replace it, or choose "
-                          f"another output folder.")
     if config.head_options.get("patience") is not None and config.refit_on_trainval:
         raise ConfigError("The 'patience' option picks an epoch on the eval split, which the 'refit_on_trainval' "
                           "option then trains on. Drop one of them.")
@@ -456,6 +459,11 @@ def _eval_split(cache: FeatureCache, config: FitConfig) -> str | None:
     """The split the sweep is scored on (None: k-fold on the training split)."""
     if config.train_split not in cache.splits:
         raise ConfigError(f"Split '{config.train_split}' is not in the cache. It has: {', '.join(cache.splits)}.")
+    if cache.n(config.train_split) == 0:
+        raise ConfigError(
+            f"Split '{config.train_split}' of cache '{cache.path.name}' holds no images: nothing to fit on "
+            f"({len(cache.failed)} unreadable file(s) were skipped; 'featcache info {cache.path}' lists them). "
+            f"Extract a source with readable training images.")
     split = config.eval_split
     if split == "none":  # asked for k-fold on the training split, even when val exists
         split = None
@@ -483,16 +491,23 @@ def _few_shot(cache: FeatureCache, config: FitConfig, layer: str, eval_split: st
         warn(f"shots={config.shots}: " + ", ".join(f"class '{c}' has only {n}" for c, n in short.items())
              + f" training rows; those classes use all of them, so the run is not {config.shots}-shot for them. "
              f"Pass shots={k} for a true {k}-shot run.")
-    per_seed, first = [], None
+    per_seed, first, probas = [], None, {}
     for s in range(config.seeds):
         idx = _few_shot_indices(y_all, config.shots, config.seed + s)
         fitted = _fit_once(cache, config, layer, idx, eval_split, config.seed + s, warn, progress)
-        m = _score_splits(cache, fitted, skip)
+        m, scored = _score_splits(cache, fitted, skip)
         per_seed.append({"seed": config.seed + s, "best": fitted.best, "metrics": m})
-        first = first or (fitted, m)
+        for split, (y, proba) in scored.items():
+            probas.setdefault(split, (y, []))[1].append(proba)
+        first = first or (fitted, m, scored)
+    summary = _summarize(per_seed)
+    for split, (y, sets) in probas.items():  # the interval of the mean over seeds, each resample shared
+        for key, ci in bootstrap_intervals(y, sets).items():
+            if key[:-3] in summary.get(split, {}):
+                summary[split][key[:-3]]["ci"] = ci
     few_shot = {"shots": config.shots, "seeds": config.seeds, "short_classes": short,
-                "summary": _summarize(per_seed), "per_seed": per_seed}
-    return first[0], first[1], few_shot
+                "summary": summary, "per_seed": per_seed}
+    return first[0], (first[1], first[2]), few_shot
 
 
 def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None = None, *,
@@ -519,6 +534,14 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
     config = _checked(config, options)
     own = not isinstance(cache, FeatureCache)
     c = open_cache(cache) if own else cache
+    try:
+        # Locked (and an existing run refused) before the fit, written whole after it.
+        folder = (RunFolder(config.output, overwrite=config.overwrite) if config.output else
+                  RunFolder(claim_folder(config.runs_dir, _run_name(config, c)), claimed=True))
+    except BaseException:
+        if own:
+            c.close()
+        raise
     notes: list[str] = []
 
     def warn(message: str) -> None:
@@ -535,7 +558,7 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         layers = _layers(c, config.layer, joins=vectors and not config.shots)
         # After refit_on_trainval the eval split is training data: its scores are not held out.
         skip = (config.train_split, eval_split) if config.refit_on_trainval else (config.train_split,)
-        _check_labels(c, config, c.labels(config.train_split), warn)
+        check_labels(c, config, c.labels(config.train_split), warn)
         if not vectors and any(layersets.is_set(name) for name in layers):
             raise ConfigError(f"Head '{config.head}' reads one layer's activations; layer sets ({config.layer}) "
                               f"are for heads that take vectors. Pass one layer.")
@@ -544,21 +567,27 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
                               f"pass one layer ({', '.join(layers)}).")
         few_shot = None
         if config.shots:
-            fitted, metrics, few_shot = _few_shot(c, config, layers[0], eval_split, skip, warn, progress)
+            fitted, (metrics, scored), few_shot = _few_shot(c, config, layers[0], eval_split, skip, warn, progress)
         else:
             fitted = (_sweep_layers(c, config, layers, eval_split, warn, progress) if len(layers) > 1 else
                       _fit_once(c, config, layers[0], None, eval_split, config.seed, warn, progress))
-            metrics = _score_splits(c, fitted, skip, eval_split)
+            metrics, scored = _score_splits(c, fitted, skip, eval_split)
         if adapted:
             fitted.best["adapted"] = adapted
-        run = Path(config.output) if config.output else Path(config.runs_dir) / _run_name(config, c)
+        rows = {split: {"y": y, "pred": proba.argmax(axis=1), "digest": rows_digest(c.ids(split))}
+                for split, (y, proba) in scored.items()}
+        # A layer set is checked on its deepest layer.
+        note_eval_leaks(c, layersets.members(fitted.layer)[-1], config.train_split, metrics, warn)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": fitted.layer, "classes": c.classes, "fingerprint": c.fingerprint,
                 "extract_config": c.extract_config, "config": config.to_dict(), "best": fitted.best}
-        save_run(run, fitted.head, fitted.transform, meta, metrics, fitted.sweep, few_shot, seconds, notes,
-                 getattr(fitted.head, "history_", None))
+        with folder as tmp:
+            save_run(tmp, fitted.head, fitted.transform, meta, metrics, fitted.sweep, few_shot, seconds, notes,
+                     getattr(fitted.head, "history_", None), rows)
+        run = folder.target
         return FitResult(str(run), config.head, fitted.best, metrics, fitted.sweep, seconds, few_shot, list(notes))
     finally:
+        folder.release()
         if own:
             c.close()
 
@@ -597,30 +626,6 @@ def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eva
     logger.info("best layer %s (%s %.4f)", fitted.layer, config.select_by, fitted.best["score"])
     return _Fitted(fitted.head, fitted.transform, {**fitted.best, "layer": fitted.layer, "layers": table}, rows,
                    fitted.layer)
-
-
-def _check_labels(cache: FeatureCache, config: FitConfig, y_train: np.ndarray, warn) -> None:
-    """Warn about classes that no head can learn (absent from train) and about imbalance."""
-    counts = np.bincount(y_train, minlength=len(cache.classes))
-    unseen: dict[str, list[str]] = {}
-    for split in cache.splits:
-        if split == config.train_split or cache.n(split) == 0:
-            continue
-        n_split = np.bincount(cache.labels(split), minlength=len(cache.classes))
-        for i in np.flatnonzero((n_split > 0) & (counts == 0)):
-            unseen.setdefault(cache.classes[i], []).append(f"{split}: {int(n_split[i])}")
-    for name, where in unseen.items():
-        warn(f"Class '{name}' has no rows in the '{config.train_split}' split but has rows in "
-             f"{', '.join(where)}. No head can predict it, so those rows count as errors in every metric. "
-             f"Add training images of '{name}' or remove its rows from the other splits.")
-    present = counts[counts > 0]
-    if len(present) >= 2 and present.max() > IMBALANCE_RATIO * present.min():
-        big, small = int(np.argmax(np.where(counts > 0, counts, -1))), int(np.argmin(np.where(counts > 0, counts, np.inf)))
-        weighable = "class_weight" in HEADS.entry(config.head).extra["options"]
-        if (config.class_weight is None and weighable) or config.select_by == "top1":
-            warn(f"The training split is imbalanced: class '{cache.classes[big]}' has {int(counts[big])} rows, "
-                 f"'{cache.classes[small]}' {int(counts[small])} ({counts[big] / counts[small]:.1f}x). Top-1 "
-                 f"favours the large classes; consider class_weight=balanced select_by=balanced_accuracy.")
 
 
 def _summarize(per_seed: list[dict]) -> dict:

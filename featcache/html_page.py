@@ -129,6 +129,8 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 td.wrap { overflow-wrap: anywhere; max-width: 320px; }
 td.text { white-space: nowrap; }
 tr.top td { background: #fff8e1; font-weight: 600; }
+tr.tied td { background: #eef4ff; }
+.ci { color: #7b8794; font-size: 12px; font-weight: 400; }
 tr.freeze td { background: #fdecea; }
 tr.tune td { background: #fff4e5; }
 .bar { display: inline-block; min-width: 64px; padding: 0 6px; border-radius: 3px; }

@@ -15,6 +15,7 @@ from sklearn.metrics import (
 )
 
 from .errors import ConfigError
+from .intervals import CI_METRICS, LEVEL, RESAMPLES, bootstrap_intervals
 
 #: Columns of :func:`format_metrics_table`: (metric key, header).
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -71,7 +72,8 @@ def _check_inputs(
     return y_idx, proba / sums, classes
 
 
-def classification_metrics(y_true: Any, proba: Any, classes: Any) -> dict[str, Any]:
+def classification_metrics(y_true: Any, proba: Any, classes: Any, *, resamples: int = RESAMPLES,
+                           seed: int = 0) -> dict[str, Any]:
     """Metrics of predicted probabilities against true labels.
 
     Parameters
@@ -82,6 +84,10 @@ def classification_metrics(y_true: Any, proba: Any, classes: Any) -> dict[str, A
         Predicted probabilities, columns in ``classes`` order (rows are renormalised to 1).
     classes : array-like of shape (n_classes,)
         The labels of the columns (``head.classes_``).
+    resamples : int, default 1000
+        Resamples of the bootstrap intervals (0: no intervals).
+    seed : int, default 0
+        Seed of the bootstrap.
 
     Returns
     -------
@@ -95,7 +101,11 @@ def classification_metrics(y_true: Any, proba: Any, classes: Any) -> dict[str, A
         - ``roc_auc``: binary, on the ``classes[1]`` column; more classes, one-vs-rest macro
           average; None when a class is absent from ``y_true``;
         - ``log_loss`` over all ``classes`` (probabilities clipped away from 0);
-        - ``per_class_recall`` {str(class): recall, or None when the class is absent};
+        - ``top1_ci``, ``balanced_accuracy_ci``, ``macro_f1_ci``, ``roc_auc_ci``, ``log_loss_ci``:
+          ``[low, high]``, the 95% stratified bootstrap interval (:mod:`featcache.intervals`; None
+          where the metric is None), and ``ci`` {"level", "resamples", "seed", "method"};
+        - ``per_class_recall`` {str(class): recall, or None when the class is absent}, with the
+          counts behind it: ``per_class_n`` (rows of the class) and ``per_class_correct``;
         - ``confusion_matrix`` (list of lists, rows = true class, columns = predicted, both in
           ``classes`` order) and ``classes`` (list of str).
     """
@@ -128,9 +138,15 @@ def classification_metrics(y_true: Any, proba: Any, classes: Any) -> dict[str, A
     out["log_loss"] = float(
         log_loss(y_idx, clipped / clipped.sum(axis=1, keepdims=True), labels=labels)
     )
+    if resamples:
+        out.update(bootstrap_intervals(y_idx, proba, resamples=resamples, seed=seed))
+        out["ci"] = {"level": LEVEL, "resamples": int(resamples), "seed": int(seed),
+                     "method": "percentile bootstrap, stratified by class"}
     out["per_class_recall"] = {
         str(c): (float(r) if p else None) for c, r, p in zip(classes.tolist(), recall, present)
     }
+    out["per_class_n"] = {str(c): int(n) for c, n in zip(classes.tolist(), support)}
+    out["per_class_correct"] = {str(c): int(n) for c, n in zip(classes.tolist(), np.diag(cm))}
     out["confusion_matrix"] = cm.astype(int).tolist()
     out["classes"] = [str(c) for c in classes.tolist()]
     return out
@@ -175,7 +191,7 @@ def selection_scores(y_idx: np.ndarray, proba: np.ndarray, select_by: str = "top
     elif select_by == "macro_f1":
         out[select_by] = float(f1_score(y_idx, pred, average="macro", zero_division=0.0))
     elif select_by == "roc_auc":
-        auc = classification_metrics(y_idx, proba, np.arange(K))["roc_auc"]
+        auc = classification_metrics(y_idx, proba, np.arange(K), resamples=0)["roc_auc"]
         if auc is None:
             raise ConfigError(
                 "select_by=roc_auc needs every class in the eval split; some have no rows there. "
@@ -194,8 +210,16 @@ def format_value(value: Any, digits: int = 4, missing: str = "-") -> str:
     return str(value)
 
 
+def format_interval(ci: Any, digits: int = 3) -> str:
+    """An interval ``[low, high]`` as ``low-high`` (empty when there is none)."""
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(v is None for v in ci):
+        return ""
+    return f"{ci[0]:.{digits}f}-{ci[1]:.{digits}f}"
+
+
 def format_metrics_table(metrics_by_split: Mapping[str, Mapping[str, Any]]) -> str:
-    """A short aligned text table of the scalar metrics, one row per split.
+    """A short aligned text table of the scalar metrics, one row per split, each followed by a row
+    of its 95% intervals when it has them.
 
     Parameters
     ----------
@@ -206,7 +230,8 @@ def format_metrics_table(metrics_by_split: Mapping[str, Mapping[str, Any]]) -> s
     -------
     str
         Lines without a trailing newline; the ``top5`` column only appears when some split has
-        it; missing or None values print as ``-``.
+        it; missing or None values print as ``-``; the interval row reads ``  95% CI`` with
+        ``low-high`` cells.
     """
     columns = [
         (key, head)
@@ -216,6 +241,9 @@ def format_metrics_table(metrics_by_split: Mapping[str, Mapping[str, Any]]) -> s
     rows: list[Sequence[str]] = [["split", *[head for _, head in columns]]]
     for split, metrics in metrics_by_split.items():
         rows.append([str(split), *[format_value(metrics.get(key)) for key, _ in columns]])
+        if any(f"{key}_ci" in metrics for key in CI_METRICS):
+            level = (metrics.get("ci") or {}).get("level", LEVEL)
+            rows.append([f"  {level:.0%} CI", *[format_interval(metrics.get(f"{key}_ci")) for key, _ in columns]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for r in rows:
@@ -224,7 +252,7 @@ def format_metrics_table(metrics_by_split: Mapping[str, Mapping[str, Any]]) -> s
     return "\n".join(lines)
 
 
-__all__ = ["SELECT_BY", "classification_metrics", "format_metrics_table", "selection_scores"]
+__all__ = ["SELECT_BY", "classification_metrics", "format_interval", "format_metrics_table", "selection_scores"]
 
 
 def expand_proba(proba: np.ndarray, head_classes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -238,6 +266,7 @@ def expand_proba(proba: np.ndarray, head_classes: np.ndarray, n_classes: int) ->
 def split_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
     """Metrics of label indices ``y`` against probabilities over all classes, keyed by class name."""
     m = classification_metrics(y, proba, np.arange(len(class_names)))
-    m["per_class_recall"] = {class_names[int(k)]: v for k, v in m["per_class_recall"].items()}
+    for key in ("per_class_recall", "per_class_n", "per_class_correct"):
+        m[key] = {class_names[int(k)]: v for k, v in m[key].items()}
     m["classes"] = list(class_names)
     return m

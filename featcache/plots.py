@@ -175,8 +175,14 @@ def _grid_shape(n: int, max_cols: int = 3) -> tuple[int, int]:
 # --- benchmark plots -------------------------------------------------------------------------
 
 
+def _cell_ci(rows: list[dict] | None) -> dict:
+    """Leaderboard rows -> {(backbone, layer, source, head, shots): (low, high)} of those with an interval."""
+    return {(r.get("backbone"), r.get("layer"), r.get("source"), r.get("head"), int(r.get("shots") or 0)):
+            tuple(r["top1_ci"]) for r in rows or [] if r.get("top1_ci")}
+
+
 def shots_curve(records: list[dict], path: str | os.PathLike, *, metric: str = "top1",
-                split: str = "val") -> Path:
+                split: str = "val", rows: list[dict] | None = None) -> Path:
     """Accuracy against shots per class, one line per backbone (and head, when several).
 
     Parameters
@@ -198,6 +204,7 @@ def shots_curve(records: list[dict], path: str | os.PathLike, *, metric: str = "
         over all shots), named in the legend. One subplot per source when there are several.
     """
     recs = [r for r in _require(records, "shots_curve") if _value(r, split, metric) is not None]
+    cis = _cell_ci(rows)
     sources = _unique(r.get("source") for r in recs) or [None]
     several_heads = len(_unique(r.get("head") for r in recs)) > 1
     shots = sorted({_shots(r) for r in recs}, key=lambda s: (s == 0, s))
@@ -234,6 +241,12 @@ def shots_curve(records: list[dict], path: str | os.PathLike, *, metric: str = "
                 c = colours[key]
                 ax.plot(x, mean, "o-", color=c, lw=2, ms=5, label=label)
                 ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.18, lw=0)
+                ci = [cis.get((key[0], layer, source, key[1], s)) for s in xs] if metric == "top1" else []
+                at = [i for i, v in enumerate(ci) if v is not None]
+                if at:
+                    lo, hi = np.array([ci[i] for i in at]).T
+                    ax.errorbar(x[at], mean[at], yerr=[np.maximum(mean[at] - lo, 0), np.maximum(hi - mean[at], 0)],
+                                fmt="none", ecolor=c, elinewidth=1.2, capsize=3)
             ax.set_xticks(range(len(shots)), [_shots_label(s) for s in shots])
             ax.set_xlim(-0.3, len(shots) - 0.7)
             ax.set_xlabel("training images per class (shots)")
@@ -245,11 +258,13 @@ def shots_curve(records: list[dict], path: str | os.PathLike, *, metric: str = "
         title = f"{_METRIC_LABELS.get(metric, metric).capitalize()} vs shots"
         if len(sources) == 1 and sources[0] is not None:
             title += f" on {_t(_short(sources[0], 40))}"
-        fig.suptitle(title + "  (mean ± 1 std over seeds)", fontweight="bold", fontsize=12)
+        fig.suptitle(title + "  (mean ± 1 std over seeds" + ("; bars: 95% CI)" if cis else ")"),
+                     fontweight="bold", fontsize=12)
         return _save(fig, path)
 
 
-def accuracy_by_layer(records: list[dict], path: str | os.PathLike, *, split: str = "val") -> Path:
+def accuracy_by_layer(records: list[dict], path: str | os.PathLike, *, split: str = "val",
+                      rows: list[dict] | None = None) -> Path:
     """Bars of mean top-1 accuracy by layer, grouped by backbone.
 
     Parameters
@@ -257,10 +272,13 @@ def accuracy_by_layer(records: list[dict], path: str | os.PathLike, *, split: st
     records : list of dict
         Benchmark records. Only the runs with the most training data are drawn (shots 0 when
         present, else the largest shots), so bars compare layers, not amounts of data; the
-        title says which. Error bars are +-1 standard deviation over seeds.
+        title says which. Error bars are the 95% intervals of ``rows`` where they have one, else
+        +-1 standard deviation over seeds.
     path : path-like
         PNG file to write.
     split : str, default "val"
+    rows : list of dict, optional
+        Leaderboard rows on ``split``, for their intervals.
 
     Returns
     -------
@@ -279,6 +297,12 @@ def accuracy_by_layer(records: list[dict], path: str | os.PathLike, *, split: st
     for r in recs:
         g = (r.get("backbone"), r.get("head") if several_heads else None, r.get("source") if several_sources else None)
         groups[g][r.get("layer")].append(_value(r, split, "top1"))
+    cis = _cell_ci(rows)
+    ci_of: dict = {}  # (group, layer) -> interval, when the cell is one leaderboard row with one
+    for r in recs:
+        g = (r.get("backbone"), r.get("head") if several_heads else None, r.get("source") if several_sources else None)
+        ci_of.setdefault((g, r.get("layer")), cis.get((r.get("backbone"), r.get("layer"), r.get("source"),
+                                                       r.get("head"), _shots(r))))
     n_bars = sum(len(v) for v in groups.values())
     with _style():
         fig = _figure(max(6.4, 0.62 * n_bars + 0.5 * len(groups) + 2.5), 4.8)
@@ -291,8 +315,10 @@ def accuracy_by_layer(records: list[dict], path: str | os.PathLike, *, split: st
             xs = x + np.arange(len(by_layer))
             means = np.array([np.mean(v) for v in by_layer.values()])
             stds = np.array([np.std(v) for v in by_layer.values()])
+            ci = [ci_of.get((g, layer)) for layer in by_layer]
+            yerr = np.array([[m - c[0], c[1] - m] if c else [s, s] for m, s, c in zip(means, stds, ci)]).T
             label = " · ".join(_t(_short(p, 32)) for p in g if p is not None)
-            bars = ax.bar(xs, means, 0.8, yerr=stds, capsize=3, color=f"C{i % 10}", label=label,
+            bars = ax.bar(xs, means, 0.8, yerr=np.maximum(yerr, 0), capsize=3, color=f"C{i % 10}", label=label,
                           error_kw={"elinewidth": 1, "ecolor": "#333"})
             if n_bars <= 24:
                 ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], padding=2, fontsize=8)
@@ -301,12 +327,58 @@ def accuracy_by_layer(records: list[dict], path: str | os.PathLike, *, split: st
             x = xs[-1] + 1.8
         ax.set_xticks(ticks, labels, rotation=35, ha="right", rotation_mode="anchor")
         ax.grid(axis="x", visible=False)
-        top = max(np.mean(v) + np.std(v) for by_layer in groups.values() for v in by_layer.values())
+        top = max([np.mean(v) + np.std(v) for by_layer in groups.values() for v in by_layer.values()]
+                  + [c[1] for c in ci_of.values() if c])
         ax.set_ylim(0, min(1.12, top * 1.12) if top <= 1 else top * 1.12)
         ax.set_xlabel("layer")
         ax.set_ylabel(f"mean {_metric_label('top1', split)}")
-        ax.set_title(f"Top-1 accuracy by layer ({setting})")
+        ax.set_title(f"Top-1 accuracy by layer ({setting}; bars: "
+                     + ("95% CI)" if any(ci_of.values()) else "±1 std over seeds)"))
         _legend_below(fig, [ax])
+        return _save(fig, path)
+
+
+def leaderboard_intervals(rows: list[dict], path: str | os.PathLike, *, top: int = 25) -> Path:
+    """The leaderboard's top-1 with 95% intervals, best at the top, rows tied with #1 marked.
+
+    Parameters
+    ----------
+    rows : list of dict
+        :func:`featcache.leaderboard.leaderboard` output (``top1_mean``, ``top1_ci``,
+        ``tied_with_best``, ``split``).
+    path : path-like
+        PNG file to write.
+    top : int, default 25
+        Rows drawn (the best ones).
+
+    Returns
+    -------
+    Path
+    """
+    scored = [r for r in rows if r.get("top1_mean") is not None][:top]
+    if not scored:
+        raise ConfigError("leaderboard_intervals() needs at least one row with a top-1 score. Run 'featcache bench'.")
+    split = scored[0].get("split")
+    with _style():
+        fig = _figure(8.0, 1.4 + 0.36 * len(scored))
+        ax = fig.subplots()
+        y = np.arange(len(scored))
+        for yi, r in zip(y, scored):
+            colour = "#d4a017" if yi == 0 else "#2563eb" if r.get("tied_with_best") else "#7b8794"
+            m = r["top1_mean"]
+            if r.get("top1_ci"):
+                lo, hi = r["top1_ci"]
+                ax.errorbar([m], [yi], xerr=[[max(m - lo, 0)], [max(hi - m, 0)]], fmt="o", color=colour, capsize=3,
+                            elinewidth=1.6, ms=6)
+            else:
+                ax.plot([m], [yi], "o", color=colour, ms=6)
+        labels = [_t(_short(" · ".join(str(r.get(k)) for k in ("backbone", "layer", "head"))
+                            + f" · {_shots_label(int(r.get('shots') or 0))} shots", 60)) for r in scored]
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel(_metric_label("top1", split) + " (95% CI)")
+        ax.set_title("Leaderboard: #1 gold, tied with #1 blue, distinguishably worse grey")
         return _save(fig, path)
 
 
@@ -371,7 +443,8 @@ def layer_curve(layers: list[dict], path: str | os.PathLike, *, recommendation: 
     Parameters
     ----------
     layers : list of dict
-        In forward order, each with ``name`` and ``top1`` (optionally ``split``).
+        In forward order, each with ``name`` and ``top1`` (optionally ``split``, and ``top1_ci``:
+        drawn as an error bar).
     path : path-like
         PNG file to write.
     recommendation : dict, optional
@@ -394,6 +467,11 @@ def layer_curve(layers: list[dict], path: str | os.PathLike, *, recommendation: 
         fig = _figure(max(6.4, 0.62 * len(names) + 2.6), 4.6)
         ax = fig.subplots()
         ax.plot(x, ys, "o-", color="C0", lw=2, ms=6, label="top-1", zorder=3)
+        ci = np.array([r["top1_ci"] if isinstance(r.get("top1_ci"), (list, tuple)) else [np.nan, np.nan]
+                       for r in layers], dtype=float)
+        if np.isfinite(ci).any():
+            ax.errorbar(x, ys, yerr=[np.maximum(ys - ci[:, 0], 0), np.maximum(ci[:, 1] - ys, 0)], fmt="none",
+                        ecolor="C0", elinewidth=1.2, capsize=3, label="95% CI", zorder=3)
         rec = recommendation or {}
         if rec.get("freeze_until") in names:
             k = names.index(rec["freeze_until"])
@@ -414,7 +492,7 @@ def layer_curve(layers: list[dict], path: str | os.PathLike, *, recommendation: 
                 if np.isfinite(yi):
                     ax.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(0, 13 if i == best_i else 8),
                                 ha="center", fontsize=8)
-            lo, hi = np.nanmin(ys), np.nanmax(ys)
+            lo, hi = np.nanmin(np.fmin(ys, ci[:, 0])), np.nanmax(np.fmax(ys, ci[:, 1]))
             pad = max(0.05, (hi - lo) * 0.2)
             ax.set_ylim(max(0.0, lo - pad), min(1.05, hi + pad) if hi <= 1 else hi + pad)
         ax.set_xticks(x, [_t(_short(n, 24)) for n in names], rotation=35, ha="right", rotation_mode="anchor")
@@ -534,4 +612,5 @@ def sweep_curve(sweep: list[dict], param: str, path: str | os.PathLike, *, best:
         return _save(fig, path)
 
 
-__all__ = ["accuracy_by_layer", "confusion_matrix", "layer_curve", "shots_curve", "sweep_curve", "time_breakdown"]
+__all__ = ["accuracy_by_layer", "confusion_matrix", "layer_curve", "leaderboard_intervals", "shots_curve", "sweep_curve",
+           "time_breakdown"]

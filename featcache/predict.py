@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,12 @@ from .backbones import Backbone, load_backbone
 from .errors import BackboneError, ConfigError, SourceError
 from .devices import resolve_device, runnable_precision
 from . import layersets
+from .files import write_bytes
+from .outputs import check_output_file, reporting
 from .runs import Run, load_run
 from .preprocess import Augment, DecodeError, augmented_views, decode, resize_crop
-from .sources import IMAGE_EXTENSIONS, content_hash, display_path
+from .sources import content_hash, display_path, image_files
+from .validation import check_int
 from .taps import HostCopy, TappedForward
 
 log = logging.getLogger(__name__)
@@ -47,12 +50,13 @@ def _backbone_for(run: Run, weights: str | None = None) -> Backbone:
 
 
 def expand_paths(paths: list[str | os.PathLike]) -> list[str]:
-    """Files as given; folders expanded to their image files, recursively and sorted."""
+    """Files as given; folders expanded to the image files a folder source reads (hidden files and
+    folders skipped, as ``extract`` skips them), recursively and sorted."""
     out = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            out.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            out.extend(str(f) for f in image_files(p))
         elif p.exists():
             out.append(str(p))
         else:
@@ -110,6 +114,7 @@ def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: 
     """
     if top < 1:
         raise ConfigError(f"The 'top' option must be an int >= 1. Got {top!r}.")
+    check_int("batch_size", batch_size)
     run = load_run(run_dir)
     aug = _tta_augment(run, tta)
     bb = _backbone_for(run, weights)
@@ -181,11 +186,35 @@ class ExportedModel(nn.Module):
 EXPORT_META = "featcache.json"
 
 
+def decode_steps(pp) -> list[str]:
+    """How ``predict`` (and extraction) turns an image file into the program's input, step by step
+    in plain PIL terms: without the JPEG draft-mode step a plain PIL pipeline gives other pixels,
+    and probabilities far from ``predict``'s."""
+    steps = []
+    if pp.draft:
+        steps.append(f"JPEG files only: before decoding, img.draft('RGB', (int(w * s), int(h * s))) with "
+                     f"s = 2 * {pp.resize} / min(w, h), only when s < 1 (PIL Image.draft: DCT-domain downscaling "
+                     f"to 1/2, 1/4 or 1/8, part of the preprocessing)")
+    steps.append("img.load()")
+    if pp.exif_transpose:
+        steps.append("PIL.ImageOps.exif_transpose(img)")
+    steps += ["convert to RGB (16-bit images scaled to 8 bits)",
+              f"resize the shorter side to {pp.resize} with {pp.interpolation} (the longer side int(resize * "
+              f"long / short), as torchvision's Resize)",
+              f"centre crop {pp.crop} x {pp.crop} (left = round((w - {pp.crop}) / 2), top likewise)",
+              f"to float, / 255, minus mean {list(pp.mean)}, divided by std {list(pp.std)}, as (3, H, W)",
+              "or in Python: featcache.preprocess.load_image(file_bytes, featcache.preprocess.Preprocess("
+              "**meta['preprocess'])) gives the uint8 crop before the normalisation"]
+    return steps
+
+
 def export_meta(run: Run, bb: Backbone) -> dict:
     """What a user of an exported program needs besides the program: class names, in logit order,
-    and the preprocessing (resize, crop, interpolation, mean, std) its inputs must have had."""
+    the preprocessing (resize, crop, interpolation, mean, std, JPEG draft mode) its inputs must
+    have had, and the decoding steps (:func:`decode_steps`) that reproduce it."""
     return {"format": "featcache-export", "version": 1, "classes": list(run.classes),
-            "preprocess": bb.preprocess.to_dict(), "input_shape": ["batch", 3, bb.preprocess.crop, bb.preprocess.crop],
+            "preprocess": bb.preprocess.to_dict(), "decode": decode_steps(bb.preprocess),
+            "input_shape": ["batch", 3, bb.preprocess.crop, bb.preprocess.crop],
             "backbone": bb.name, "layer": run.meta["layer"], "head": run.meta.get("config", {}).get("head"),
             "output": "logits over classes; softmax gives predict's probabilities"}
 
@@ -221,13 +250,17 @@ def load_export(path: str | os.PathLike) -> ExportedClassifier:
     return ExportedClassifier(program.module(), meta)
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None) -> Path:
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None,
+           overwrite: bool = False) -> Path:
     """Write one self-contained ``torch.export`` program (``.pt2``): normalised images -> logits.
 
     The archive carries ``extra/featcache.json`` (:func:`export_meta`: class names and
     preprocessing). Load both with :func:`load_export`, or the program alone with
-    ``torch.export.load(path).module()``.
+    ``torch.export.load(path).module()``. ``out`` must end in ``.pt2``, lie in an existing folder
+    and, unless ``overwrite``, not exist yet (checked before anything is computed); it is written
+    atomically.
     """
+    out = check_output_file(out, overwrite=overwrite, suffixes=(".pt2",))
     run = load_run(run_dir)
     bb = _backbone_for(run, weights)
     model = ExportedModel(run, bb).eval()
@@ -238,16 +271,11 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str |
         program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}, strict=False)
     except Exception as e:
         raise BackboneError(f"torch.export cannot export this backbone + head ({type(e).__name__}: {e}).") from None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # torch.export names the archive's inner folder after the file: write it under its own name in a
-    # private folder, then move it into place.
-    tmp_dir = out.parent / f".tmp-export-{os.getpid()}"
-    tmp_dir.mkdir(exist_ok=True)
-    try:
-        torch.export.save(program, str(tmp_dir / out.name),
-                          extra_files={EXPORT_META: json.dumps(export_meta(run, bb), indent=2)})
-        os.replace(tmp_dir / out.name, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    # Serialised in memory, then written by Python: torch's own file writer aborts the process on a
+    # full disk, where Python's write raises an error that names the file.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={EXPORT_META: json.dumps(export_meta(run, bb), indent=2)})
+    kept = "the file there is unchanged" if out.exists() else "nothing was written there"
+    with reporting(out, kept=kept):
+        write_bytes(out, buffer.getvalue())
     return out

@@ -15,6 +15,8 @@ from .files import write_json
 from .extract import extract
 from .plan import ExtractConfig
 from .fit import FitConfig, check_options, fit_head
+from .intervals import paired_difference
+from .runs import load_predictions
 from .sources import open_source
 from .store import open_cache
 
@@ -24,7 +26,7 @@ LAYERS_JSON = "layers.json"
 TOLERANCE = 0.005
 
 
-def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
+def recommend(layers: list[dict], *, tolerance: float = TOLERANCE, rows: dict | None = None) -> dict:
     """Freeze boundary from an accuracy-by-depth curve.
 
     Parameters
@@ -34,6 +36,10 @@ def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
         network's final features (``pre_logits``).
     tolerance : float
         A fraction of accuracy, like ``top1`` (0.005 = 0.5 points).
+    rows : dict, optional
+        ``{layer name: (y, pred)}``, each layer's labels and predicted classes on the same rows of
+        the split it was scored on: the recommended layer is then compared, paired, with the next
+        layer (:func:`featcache.intervals.paired_difference`).
 
     Returns
     -------
@@ -44,7 +50,10 @@ def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
         ``partial-fine-tune``), ``probe_layer`` (the layer a linear probe should read: the final
         features when they are within ``tolerance`` of the best, else ``freeze_until``),
         ``best_layer``, ``best_top1``, ``last_top1``, ``gap_points`` (best minus final, in points),
-        ``tolerance`` and a ``reason`` whose every number is one of these.
+        ``tolerance`` and a ``reason`` whose every number is one of these. With ``rows``, also
+        ``vs_next`` (None for the last layer): ``layer``, ``diff`` (recommended minus next, a
+        fraction), ``diff_ci``, ``p_value``, ``distinguishable``; when the two are not
+        distinguishable at 95%, the reason says so.
     """
     if not layers:
         raise ConfigError("recommend() needs at least one layer with a 'top1' score.")
@@ -74,9 +83,22 @@ def recommend(layers: list[dict], *, tolerance: float = TOLERANCE) -> dict:
                   f"{last['top1']:.3f}) by {(freeze['top1'] - last['top1']) * 100:.1f} points, more than the "
                   f"tolerance of {tolerance * 100:.1f}: the layers after it are specific to the pretraining task. "
                   f"Freeze up to {freeze['name']} and fine-tune {', '.join(fine_tune)} with a new classifier.")
-    return {"freeze_until": freeze["name"], "fine_tune": fine_tune, "strategy": strategy, "probe_layer": probe,
-            "best_layer": best["name"], "best_top1": best["top1"], "last_top1": last["top1"],
-            "gap_points": gap, "tolerance": tolerance, "reason": reason}
+    out = {"freeze_until": freeze["name"], "fine_tune": fine_tune, "strategy": strategy, "probe_layer": probe,
+           "best_layer": best["name"], "best_top1": best["top1"], "last_top1": last["top1"],
+           "gap_points": gap, "tolerance": tolerance, "reason": reason}
+    if rows is not None:
+        out["vs_next"] = None
+        nxt = layers[k + 1] if k + 1 < len(layers) else None
+        if nxt is not None and freeze["name"] in rows and nxt["name"] in rows:
+            (y, pred), (_, pred_next) = rows[freeze["name"]], rows[nxt["name"]]
+            c = paired_difference(y, pred == y, pred_next == y)
+            out["vs_next"] = {"layer": nxt["name"], "diff": c["diff"], "diff_ci": c["diff_ci"], "p_value": c["p_value"],
+                              "distinguishable": c["distinguishable"]}
+            if not c["distinguishable"]:
+                out["reason"] += (f" On these {len(y)} images, {freeze['name']} is not distinguishably better than the "
+                                  f"next layer, {nxt['name']} (top-1 {nxt['top1']:.3f}; McNemar p {c['p_value']:.2f}): "
+                                  f"the split cannot tell them apart, so a larger split may move the boundary.")
+    return out
 
 
 @dataclass
@@ -124,17 +146,21 @@ def probe_layers(backbone: str, source: str, *, out_dir: str | os.PathLike = "la
     out.mkdir(parents=True, exist_ok=True)
     with open_cache(res.cache) as c:
         dims = {layer: int(c.features(c.splits[0], layer).shape[1]) for layer in taps}
-    rows = []
+    rows, predictions = [], {}
     for i, layer in enumerate(taps):
         # The folder belongs to this probe: a re-run replaces its per-layer runs with layers.json.
         fit = fit_head(res.cache, fit_config, head=head, layer=layer, output=str(out / "runs" / f"{i:02d}-{layer}"),
                        overwrite=True)
         split = "val" if "val" in fit.metrics else next(iter(fit.metrics))
         m = fit.metrics[split]
-        rows.append({"name": layer, "depth": i, "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"],
-                     "macro_f1": m["macro_f1"], "log_loss": m["log_loss"], "split": split, "best": fit.best,
-                     "fit_seconds": fit.seconds, "dim": dims[layer]})
-    rec = recommend(rows, tolerance=tolerance)
+        rows.append({"name": layer, "depth": i, "top1": m["top1"], "top1_ci": m.get("top1_ci"), "n": m["n"],
+                     "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
+                     "log_loss": m["log_loss"], "split": split, "best": fit.best, "fit_seconds": fit.seconds,
+                     "dim": dims[layer]})
+        saved = load_predictions(fit.run).get(split)
+        if saved is not None:
+            predictions[layer] = (saved["y"], saved["pred"])
+    rec = recommend(rows, tolerance=tolerance, rows=predictions)
     from . import plots
 
     plot = plots.layer_curve(rows, out / "layers.png", recommendation=rec)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,7 +18,9 @@ from .errors import ConfigError
 from .files import write_text
 from .html_page import (Page, bar_cell, esc, facts, fmt, fmt_value, note, plot, render, seconds, section,
                         shots_label, table)
-from .leaderboard import leaderboard, score
+from .intervals import detectable_difference_line
+from .leaderboard import board_split, leaderboard, vs_best
+from .metrics import format_interval
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +145,12 @@ def _run_page(src: Path, tmp: Path) -> Page:
     if isinstance(few, dict) and isinstance(few.get("summary"), dict):
         srows = []
         for split, m in few["summary"].items():
-            srows.append([esc(split), *[esc(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}") if isinstance(m.get(k), dict)
+            srows.append([esc(split), *[esc(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}")
+                                        + (f'<br><span class="ci">{esc(format_interval(m[k].get("ci")))}</span>'
+                                           if m[k].get("ci") else "") if isinstance(m.get(k), dict)
                                        else "–" for k, _ in cols if k != "n"]])
         parts.append(section(
-            f"Few-shot: mean ± std over {few.get('seeds')} seeds",
+            f"Few-shot: mean ± std over {few.get('seeds')} seeds (under it, the pooled 95% interval)",
             table([("split", "text"), *[(h, "num") for k, h in cols if k != "n"]], srows, table_id="few-shot"),
             "<p>The tables above and below describe the first seed's head, the one saved in this run.</p>"))
 
@@ -192,10 +195,19 @@ def _metrics_section(metrics: dict, eval_split: str | None) -> tuple[list, str]:
     rows = []
     for split, m in metrics.items():
         name = esc(split) + ('<span class="tag">eval</span>' if split == eval_split else "")
-        rows.append([name, *[esc(fmt((m or {}).get(k))) for k, _ in cols]])
+        rows.append([name, *[_with_ci(m or {}, k) for k, _ in cols]])
     html_table = (table([("split", "text"), *[(h, "num") for _, h in cols]], rows, table_id="metrics") if rows
                   else note("No split besides the training split was scored."))
-    return cols, section("Metrics per split", html_table, sid="metrics-section")
+    explain = ("<p>Under each score, its 95% interval: a stratified bootstrap over the split's rows. Two scores "
+               "whose intervals overlap widely are not told apart by this split.</p>"
+               if any(f"{k}_ci" in (m or {}) for m in metrics.values() for k, _ in cols) else "")
+    return cols, section("Metrics per split", html_table, explain, sid="metrics-section")
+
+
+def _with_ci(m: dict, key: str) -> str:
+    """A metric cell: the value, and its 95% interval underneath when there is one."""
+    ci = format_interval(m.get(f"{key}_ci"))
+    return esc(fmt(m.get(key))) + (f'<br><span class="ci">{esc(ci)}</span>' if ci else "")
 
 
 
@@ -205,7 +217,8 @@ def _class_sections(run: dict, metrics: dict, eval_split: str | None, tmp: Path)
     splits = [s for s, m in metrics.items() if isinstance((m or {}).get("per_class_recall"), dict)]
     if splits:
         names = _class_order(run, metrics, splits)
-        rrows = [[esc(c), *[bar_cell(metrics[s]["per_class_recall"].get(c)) for s in splits]] for c in names]
+        rrows = [[esc(c), *[bar_cell(metrics[s]["per_class_recall"].get(c)) + _counts(metrics[s], c) for s in splits]]
+                 for c in names]
         parts.append(section(
             "Recall per class",
             table([("class", "wrap"), *[(s, "num") for s in splits]], rrows, table_id="recall",
@@ -228,6 +241,12 @@ def _class_sections(run: dict, metrics: dict, eval_split: str | None, tmp: Path)
     parts.append(section(f"Confusion matrix ({eval_split or 'no eval split'})", *cm_parts, sid="confusion"))
 
     return parts
+
+
+def _counts(m: dict, name: str) -> str:
+    """" (5/6)": right and rows of a class, so a reader sees when a recall rests on a handful of images."""
+    n, right = (m.get("per_class_n") or {}).get(name), (m.get("per_class_correct") or {}).get(name)
+    return f' <span class="ci">({right}/{n})</span>' if isinstance(n, int) and isinstance(right, int) else ""
 
 
 def _finetune_page(src: Path, tmp: Path) -> Page:
@@ -286,11 +305,14 @@ def _class_order(run: dict, metrics: dict, splits: list[str]) -> list[str]:
 # --- bench page ------------------------------------------------------------------------------
 
 
-def _bench_split(records: list[dict]) -> str:
-    if any(score(r, "val") is not None for r in records):
-        return "val"
-    counts = Counter(s for r in records for s in (r.get("metrics") or {}) if score(r, s) is not None)
-    return counts.most_common(1)[0][0] if counts else "val"
+def _latest_per_cell(records: list[dict]) -> list[dict]:
+    """One record per grid cell, the latest (a re-run grid replaces its cells, as the bench runner reads them)."""
+    cells: dict = {}
+    for r in records:
+        key = json.dumps([r.get(k) for k in ("backbone", "layer", "source", "head", "shots", "seed")], default=str)
+        cells.pop(key, None)
+        cells[key] = r
+    return list(cells.values())
 
 
 def _join(values: Iterable) -> str:
@@ -302,12 +324,14 @@ def _join(values: Iterable) -> str:
 
 
 def _bench_page(src: Path, tmp: Path) -> Page:
-    records = _read_records(src / RECORDS)
+    from .bench import resolve_paths
+
+    records = [resolve_paths(r, src) for r in _latest_per_cell(_read_records(src / RECORDS))]
     title = f"Benchmark {src.resolve().name}"
     if not records:
         body = section("Leaderboard", note(f"{RECORDS} holds no records yet. Run 'featcache bench'."))
         return Page("featcache benchmark", title, "A linear-probe benchmark with no runs yet.", body)
-    split = _bench_split(records)
+    split, held_out = board_split(records)
     rows = leaderboard(records, split=split)
     shots = sorted({int(r.get("shots") or 0) for r in records}, key=lambda s: (s == 0, s))
     caches: dict = {}
@@ -323,26 +347,40 @@ def _bench_page(src: Path, tmp: Path) -> Page:
         ("heads", _join(r.get("head") for r in records)),
         ("shots per class", ", ".join(shots_label(s) for s in shots)),
         ("seeds", _join(sorted({r.get("seed") for r in records}, key=str))),
-        ("scored on", split),
+        ("scored on", split if held_out else f"{split} (the split the sweeps selected on: not held out)"),
         ("time", f"{seconds(sum(caches.values()))} extracting ({len(caches)} cache{'s' if len(caches) != 1 else ''}), {seconds(fit_s)} fitting"),
         ("featcache", _join(r.get("featcache_version") for r in records)),
     ])
     lrows = [[esc(i), esc(r["backbone"]), esc(r["layer"]), esc(r["source"]), esc(r["head"]), esc(shots_label(r["shots"])),
-              bar_cell(r["top1_mean"]), esc(fmt(r["top1_std"])), esc(r["runs"])] for i, r in enumerate(rows, 1)]
+              bar_cell(r["top1_mean"]), esc(format_interval(r.get("top1_ci"), 4) or "–"), esc(fmt(r["top1_std"])),
+              esc(r["runs"]), esc(vs_best(i, r))] for i, r in enumerate(rows, 1)]
     html_table = table([("#", "num"), ("backbone", "wrap"), ("layer", "wrap"), ("source", "wrap"), ("head", "text"),
-                    ("shots", "num"), (f"top-1 {split} (mean)", "num"), ("std", "num"), ("runs", "num")],
-                   lrows, table_id="leaderboard", row_classes=["top"] + [""] * (len(rows) - 1),
+                    ("shots", "num"), (f"top-1 on {split} (mean)", "num"), ("95% CI", "num"), ("std", "num"),
+                    ("runs", "num"), ("vs #1", "text")],
+                   lrows, table_id="leaderboard",
+                   row_classes=["top"] + ["tied" if r.get("tied_with_best") else "" for r in rows[1:]],
                    scroll=len(rows) > 20)
+    resolves = (note(f"On {split}: {detectable_difference_line(rows[0]['n'], rows[0]['top1_mean'], split)}. "
+                     f"Rows marked 'tied with #1' are not distinguishable from the best at 95% (McNemar's exact "
+                     f"test for one run each, else a paired bootstrap over the same rows).")
+                if rows[0].get("n") and rows[0]["top1_mean"] is not None else "")
     parts = [
         section("Benchmark", run_facts, sid="facts"),
         section("Leaderboard", f"<p>Mean and standard deviation over seeds of top-1 accuracy on {esc(split)}, "
-                                f"per backbone, layer, source, head and shots; best first.</p>", html_table,
+                                f"per backbone, layer, source, head and shots; best first.</p>"
+                                + ("" if held_out else note(f"No test split: {split} is the split each sweep selected "
+                                                            f"its value on, so these scores are optimistic, not held "
+                                                            f"out. Add a test split to rank on held-out data.")),
+                 html_table, resolves,
+                 plot(lambda p: plots.leaderboard_intervals(rows, p), tmp, "leaderboard.png", "leaderboard intervals",
+                       "Top-1 with its 95% interval; blue rows are tied with #1."),
                  sid="leaderboard-section"),
         section("Accuracy vs shots",
-                 plot(lambda p: plots.shots_curve(records, p, split=split), tmp, "shots.png", "accuracy vs shots",
-                       "Mean over seeds, band ±1 std; a backbone run on several layers shows its best layer.")),
+                 plot(lambda p: plots.shots_curve(records, p, split=split, rows=rows), tmp, "shots.png", "accuracy vs shots",
+                       "Mean over seeds, band ±1 std, bars the 95% interval; a backbone run on several layers "
+                       "shows its best layer.")),
         section("Accuracy by layer",
-                 plot(lambda p: plots.accuracy_by_layer(records, p, split=split), tmp, "layers.png",
+                 plot(lambda p: plots.accuracy_by_layer(records, p, split=split, rows=rows), tmp, "layers.png",
                        "accuracy by layer")),
         section("Where the time goes",
                  plot(lambda p: plots.time_breakdown(records, p), tmp, "time.png", "time breakdown",
@@ -382,6 +420,10 @@ def _recommendation_html(rec: dict) -> str:
         details.append(d)
     if isinstance(rec.get("tolerance"), (int, float)):
         details.append(f"tolerance {rec['tolerance'] * 100:.1f} points")
+    nxt = rec.get("vs_next")
+    if isinstance(nxt, dict):
+        details.append(f"{'distinguishably' if nxt.get('distinguishable') else 'not distinguishably'} better than the "
+                       f"next layer, {nxt.get('layer')} (McNemar p {nxt.get('p_value') or 1.0:.2f})")
     return ('<div class="callout" id="recommendation">'
             f'<p class="big">{esc(headline)}</p>'
             f"<p>Strategy: <strong>{esc(strategy)}</strong>. {esc('; '.join(details))}.</p>"
@@ -410,7 +452,9 @@ def _layers_page(src: Path, tmp: Path) -> Page:
         best = r.get("best") if isinstance(r.get("best"), dict) else {}
         cells = [esc(name) + tags]
         for k, _ in cols:
-            cells.append(bar_cell(r.get(k)) if k == "top1" else esc(fmt(r.get(k))))
+            ci = format_interval(r.get("top1_ci")) if k == "top1" else ""
+            cells.append((bar_cell(r.get(k)) + (f'<br><span class="ci">{esc(ci)}</span>' if ci else "")) if k == "top1"
+                         else esc(fmt(r.get(k))))
         cells.append(esc(f"{best['param']} = {fmt_value(best.get('value'))}") if best.get("param") else "–")
         cells.append(esc(seconds(r.get("fit_seconds"))))
         rows.append(cells)
@@ -426,7 +470,8 @@ def _layers_page(src: Path, tmp: Path) -> Page:
                  plot(lambda p: plots.layer_curve(layers, p, recommendation=rec,
                                                    title=f"{backbone} on {source}: {head} head per layer"),
                        tmp, "layers.png", "accuracy by depth",
-                       "The dashed line is the freeze boundary; shaded layers are the ones to fine-tune.")
+                       "The dashed line is the freeze boundary; shaded layers are the ones to fine-tune; bars are "
+                       "95% intervals.")
                  if layers else note("No layers were probed.")),
         section("Layers", html_table, sid="layers-section"),
         section("Probe", run_facts, sid="facts"),

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
-from .files import atomic_write, write_json, write_text
+from .files import write_bytes, write_json, write_text
 from . import layersets
 from .calibration import apply_temperature, temperature_of
 from .metrics import expand_proba, split_metrics
@@ -25,15 +25,52 @@ RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
 SWEEP_CSV = "sweep.csv"
 TRANSFORM = "transform.safetensors"
+#: Per scored split, each row's true and predicted class index: what paired comparisons of two runs read.
+PREDICTIONS = "predictions.safetensors"
+
+
+def rows_digest(ids: list[str]) -> str:
+    """Names a split's rows, in order: two runs compare row by row only when their digests agree."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def save_predictions(run: Path, rows: dict[str, dict]) -> None:
+    """``rows`` {split: {"y", "pred", "digest"}} to ``run/predictions.safetensors`` (atomically)."""
+    tensors = {f"{split}/{k}": np.ascontiguousarray(r[k], dtype=np.int32) for split, r in rows.items()
+               for k in ("y", "pred")}
+    meta = {split: r["digest"] for split, r in rows.items()}
+    if tensors:
+        write_bytes(run / PREDICTIONS, save(tensors, metadata=meta))
+
+
+def load_predictions(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """{split: {"y", "pred", "digest"}} of a run folder; {} when it has none (an older run) or it is unreadable."""
+    path = Path(run_dir) / PREDICTIONS
+    if not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        arrays = load_file(str(path))
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a damaged file costs the comparison, not the leaderboard
+        return {}
+    return {split: {"y": arrays[f"{split}/y"], "pred": arrays[f"{split}/pred"], "digest": digest}
+            for split, digest in meta.items() if f"{split}/y" in arrays and f"{split}/pred" in arrays}
 
 
 def save_run(run: Path, head, transform: FeatureTransform, meta: dict, metrics: dict, sweep: list[dict],
-              few_shot, seconds: float, warnings: list[str], history: list[dict] | None = None) -> None:
+              few_shot, seconds: float, warnings: list[str], history: list[dict] | None = None,
+              rows: dict[str, dict] | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
+    save_predictions(run, rows or {})
     save_head(run, head, head_name=meta["config"]["head"], meta={})
     arrays, tmeta = transform.get_state()
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()} or {"_empty": np.zeros(0, np.float32)}
-    atomic_write(run / TRANSFORM, lambda tmp: save_file(tensors, tmp))
+    write_bytes(run / TRANSFORM, save(tensors))
     write_json(run / RUN_JSON, {**meta, "transform": tmeta, "format": "featcache-run", "version": 1})
     write_json(run / METRICS_JSON, {"metrics": metrics, "sweep": sweep, "best": meta["best"], "few_shot": few_shot,
                                     "seconds": seconds, "warnings": warnings, "history": history})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -133,6 +134,12 @@ def _list_images(folder: Path) -> list[Path]:
     return out
 
 
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files a folder source reads under ``folder`` (hidden files and folders skipped,
+    each real folder once); ``predict`` expands a folder with the same rule."""
+    return _list_images(Path(folder))
+
+
 def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
@@ -185,8 +192,7 @@ class CsvSource(FileSource):
             raise SourceError(f"CSV manifest '{path}' does not exist.")
         super().__init__(spec=str(path.resolve()))
         self.root = path.resolve().parent
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        rows = _csv_rows(path)
         if not rows or not {"path", "label"} <= set(rows[0]):
             raise SourceError(
                 f"CSV manifest '{path}' needs a header row with columns path,label[,split]."
@@ -207,6 +213,25 @@ class CsvSource(FileSource):
             by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], str(p)))
         # Missing files stay in the plan: extraction records them as failed with their path.
         self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """The rows of a UTF-8 CSV file with a header; bytes that are not UTF-8 or a malformed CSV are
+    a :class:`SourceError` naming the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SourceError(
+            f"CSV manifest '{path}' is not UTF-8: byte 0x{raw[e.start]:02x} on line {line} cannot be decoded. "
+            f"Save the file as UTF-8 (e.g. 'iconv -f latin1 -t utf-8 OLD > NEW')."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return list(reader)
+    except csv.Error as e:
+        raise SourceError(f"CSV manifest '{path}' line {reader.line_num}: {e}. Fix the file.") from None
 
 
 @SOURCES.register("npz", description="NumPy .npz in the MedMNIST layout (train_images, train_labels, val_*, test_*)")
@@ -431,10 +456,16 @@ def _split_val(src: Source, fraction: float, seed: int) -> None:
     train = src.splits["train"]
     labels = np.array([r.label for r in train])
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    idx = np.arange(len(train))
+    # A class's only image stays in train: in val it would be a class no head can learn.
+    single = np.isin(labels, np.flatnonzero(counts == 1))
+    if single.any():
+        logger.warning("val_fraction=%s: %s ha%s a single training image, kept in train (val has none of it)",
+                       fraction, ", ".join(f"'{src.classes[c]}'" for c in np.flatnonzero(counts == 1)),
+                       "s" if (counts == 1).sum() == 1 else "ve")
+    idx = np.flatnonzero(~single)
     try:
-        tr, va = train_test_split(idx, test_size=fraction, stratify=stratify, random_state=seed)
+        tr, va = train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
+        tr = np.concatenate([tr, np.flatnonzero(single)])
     except ValueError as e:
         raise ConfigError(
             f"val_fraction={fraction} cannot split {len(train)} training samples of {len(counts)} classes "

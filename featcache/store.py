@@ -129,6 +129,9 @@ class FeatureCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CacheError(f"'{self.path}' is a folder, not a cache file. Run 'featcache ls --cache-dir "
+                             f"{self.path}' to list the caches in it.")
         if not self.path.is_file():
             raise CacheError(f"Cache file '{self.path}' does not exist. Run 'featcache ls' to list caches.")
         try:
@@ -366,6 +369,14 @@ class FeatureCache:
 
     def n(self, split: str) -> int:
         return int(self._split(split)["labels"].shape[0])
+
+    def rows(self, split: str, start: int, stop: int, layer: str | None = None) -> SplitData:
+        """Rows ``[start, stop)`` of one split, features as stored: readers that stream a split in
+        bounded blocks (exports, indexes) hold one block, never the whole split."""
+        g, name = self._split(split), self.resolve_layer(layer)
+        with self._guard():
+            return SplitData({name: g[f"features/{name}"][start:stop]}, g["labels"][start:stop].astype(np.int64),
+                             list(g["ids"].asstr("utf-8")[start:stop]))
 
     def load(self, split: str, layer: str | None = None, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Read one split into memory: features (N, ...) as ``dtype`` and labels (N,)."""

@@ -341,7 +341,9 @@ def test_export_carries_classes_and_preprocessing_with_clean_inner_names(tmp_pat
     assert lines[1] == "  classes:    2 (cat, dog)"
     assert lines[2].startswith("  preprocess: resize 37 (bilinear), centre crop 32, mean [0.485, 0.456, 0.406]")
     names = zipfile.ZipFile(tmp_path / "model.pt2").namelist()
-    assert all(n.startswith("model/") for n in names) and "model/extra/featcache.json" in names
+    # Serialised in memory (a full disk is then Python's error, not torch's abort): torch names the
+    # inner folder of a buffer 'archive'.
+    assert all(n.startswith("archive/") for n in names) and "archive/extra/featcache.json" in names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     model = load_export(tmp_path / "model.pt2")
     assert model.classes == ["cat", "dog"] and model.meta["preprocess"]["crop"] == 32
@@ -355,3 +357,85 @@ def test_export_carries_classes_and_preprocessing_with_clean_inner_names(tmp_pat
     out = json.loads(r.output)
     assert out["program"] == str(tmp_path / "m2.pt2") and out["classes"] == ["cat", "dog"]
     assert {"resize", "crop", "interpolation", "mean", "std"} <= set(out["preprocess"])
+
+
+def test_export_refuses_other_suffixes_existing_files_and_unwritable_paths_before_any_work(tmp_path, monkeypatch):
+    import importlib
+
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    run = _tiny_run(tmp_path)
+    (cache,) = (tmp_path / "c").glob("*.h5")
+    before = cache.read_bytes()
+    predict = importlib.import_module("featcache.predict")
+    real_load_run = predict.load_run
+    monkeypatch.setattr(predict, "load_run", lambda *a: pytest.fail("work started before the output was checked"))
+
+    def refused(out, *extra):
+        r = CliRunner().invoke(main, ["export", str(run), str(out), *extra, "--json"])
+        assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.output, r.output
+        return json.loads(r.stdout)
+
+    assert refused(cache) == {"error": f"The output file must end in .pt2. Got '{cache}'.", "type": "ConfigError"}
+    assert refused(tmp_path / "model") == {"error": f"The output file must end in .pt2. Got '{tmp_path / 'model'}'.",
+                                           "type": "ConfigError"}
+    assert cache.read_bytes() == before
+    (tmp_path / "m.pt2").write_bytes(b"an earlier export")
+    assert refused(tmp_path / "m.pt2") == {"error": f"'{tmp_path / 'm.pt2'}' already exists. Pass --overwrite to "
+                                                    f"replace it, or choose another file name.", "type": "OutputError"}
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert refused(blocker / "m.pt2") == {"error": f"'{blocker}' is not a folder, so nothing can be written in "
+                                                   f"'{blocker}'. Choose another output path.", "type": "OutputError"}
+    assert refused(tmp_path / "no" / "m.pt2")["error"].startswith(f"Folder '{tmp_path / 'no'}' does not exist.")
+    assert (tmp_path / "m.pt2").read_bytes() == b"an earlier export"
+    monkeypatch.setattr(predict, "load_run", real_load_run)
+    r = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "m.pt2"), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert predict.load_export(tmp_path / "m.pt2").classes == ["cat", "dog"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c", "imgs", "m.pt2", "run"]
+
+
+def test_the_exported_decoding_steps_reproduce_the_preprocessing_where_plain_pil_does_not(tmp_path):
+    """A JPEG twice the resize size or more is decoded in draft mode (DCT scaling): following the
+    metadata's steps with PIL gives the pixels predict and extraction use; plain PIL decoding
+    (no draft) gives other pixels, and other probabilities."""
+    from PIL import Image
+
+    from featcache import load_export
+    from featcache.predict import export
+    from featcache.preprocess import Preprocess, load_image
+
+    run = _tiny_run(tmp_path)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 300, 3), dtype=np.uint8)).save(big, quality=90)
+    model = load_export(export(run, tmp_path / "m.pt2"))
+    meta, pp = model.meta, model.meta["preprocess"]
+    assert pp["draft"] is True and "img.draft('RGB'" in meta["decode"][0] and "Image.draft" in meta["decode"][0]
+
+    def by_the_steps(draft: bool) -> np.ndarray:
+        img = Image.open(big)
+        w, h = img.size
+        s = 2 * pp["resize"] / min(w, h)
+        if draft and s < 1:
+            img.draft("RGB", (int(w * s), int(h * s)))
+        img = img.convert("RGB")
+        w, h = img.size
+        nw, nh = (pp["resize"], int(pp["resize"] * h / w)) if w <= h else (int(pp["resize"] * w / h), pp["resize"])
+        img = img.resize((nw, nh), Image.BILINEAR)
+        left, top = int(round((nw - pp["crop"]) / 2.0)), int(round((nh - pp["crop"]) / 2.0))
+        return np.asarray(img.crop((left, top, left + pp["crop"], top + pp["crop"])), dtype=np.uint8).transpose(2, 0, 1)
+
+    def proba(crop: np.ndarray) -> np.ndarray:
+        x = (crop.astype(np.float32) / 255 - np.asarray(pp["mean"], np.float32)[:, None, None]) \
+            / np.asarray(pp["std"], np.float32)[:, None, None]
+        with torch.no_grad():
+            return torch.softmax(model(torch.from_numpy(x[None].copy())), 1)[0].numpy()
+
+    used = load_image(big.read_bytes(), Preprocess(**{**pp, "mean": tuple(pp["mean"]), "std": tuple(pp["std"])}))
+    np.testing.assert_array_equal(by_the_steps(draft=True), used)
+    plain = by_the_steps(draft=False)
+    assert (plain != used).mean() > 0.5
+    assert not np.array_equal(proba(plain), proba(used))

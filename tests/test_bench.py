@@ -128,6 +128,8 @@ def test_probe_layers_taps_every_stage_in_one_pass(tmp_path):
     assert [r["dim"] for r in res.layers] == [64, 128, 256, 512, 512]
     doc = json.loads((tmp_path / "layers" / "layers.json").read_text())
     assert doc["recommendation"]["freeze_until"] in [r["name"] for r in res.layers]
+    assert all(r["top1_ci"][0] <= r["top1"] <= r["top1_ci"][1] for r in doc["layers"])
+    assert "vs_next" in doc["recommendation"]
     assert (tmp_path / "layers" / "layers.png").is_file()
     r = CliRunner().invoke(main, ["probe-layers", "resnet18.none", str(folder), "-o", str(tmp_path / "l2"),
                                   "--head", "ncm", "--input-size", "32", "--workers", "0",
@@ -290,3 +292,91 @@ def test_layers_all_benchmarks_every_stage_from_one_extraction(tmp_path):
     assert [r["layer"] for r in records] == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
     assert len({r["cache"] for r in records}) == 1
     assert calls[-1] == (5, 5)  # the count follows the expanded layers
+
+
+def test_the_leaderboard_ranks_on_the_held_out_test_split_and_names_it(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=6, splits=("train", "val", "test"))
+    grid = BenchConfig(backbones=("resnet18.none",), sources=(str(folder),), heads=("logreg", "knn"), shots=(0,),
+                       seeds=1, extract={**EXTRACT, "cache_dir": str(tmp_path / "cache")})
+    out = tmp_path / "out"
+    records = run_bench(grid, out)
+    from featcache.leaderboard import leaderboard
+
+    rows = leaderboard(records)
+    by_head = {r["head"]: r for r in records}
+    for row in rows:
+        assert row["split"] == "test" and row["held_out"] is True
+        assert row["top1_mean"] == pytest.approx(by_head[row["head"]]["metrics"]["test"]["top1"])
+    md = (out / "leaderboard.md").read_text()
+    assert "top-1 on test" in md.splitlines()[0]
+    csv_text = (out / "leaderboard.csv").read_text().splitlines()
+    assert "split" in csv_text[0].split(",") and all(",test," in line for line in csv_text[1:])
+
+
+def test_without_a_test_split_the_table_says_it_shows_the_selection_split(tmp_path):
+    out = tmp_path / "out"
+    records = run_bench(_small_grid(tmp_path, heads=("logreg",)), out)
+    md = (out / "leaderboard.md").read_text()
+    assert "top-1 on val" in md.splitlines()[0]
+    assert "No test split" in md and "selected" in md
+    from featcache.leaderboard import leaderboard
+
+    assert leaderboard(records)[0]["held_out"] is False
+
+
+def test_re_running_a_grid_replaces_its_records_instead_of_counting_them_twice(tmp_path):
+    grid = _small_grid(tmp_path, heads=("svm",), seeds=3, fit={"eval_split": "none"})
+    out = tmp_path / "out"
+    run_bench(grid, out)
+    again = run_bench(grid, out)
+    assert len(again) == 3 and len(read_records(out)) == 3
+    from featcache.leaderboard import leaderboard
+
+    assert [r["runs"] for r in leaderboard(again)] == [3]
+    assert len((out / "records.jsonl").read_text().splitlines()) == 3
+    assert len(list((out / "runs").iterdir())) == 3  # the replaced runs' folders are gone
+    assert sorted(p.name[:5] for p in (out / "runs").iterdir()) == ["00004", "00005", "00006"]
+
+
+def test_a_moved_bench_folder_still_finds_its_runs(tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    run_bench(_small_grid(tmp_path, heads=("ncm",)), out)
+    stored = json.loads((out / "records.jsonl").read_text().splitlines()[0])
+    assert stored["run"].startswith("runs/")
+    shutil.move(str(out), str(tmp_path / "moved"))
+    rec = read_records(tmp_path / "moved")[0]
+    from pathlib import Path
+
+    assert Path(rec["run"]).is_dir() and (Path(rec["run"]) / "run.json").is_file()
+    assert Path(rec["cache"]).is_file()
+
+
+def test_the_progress_total_is_known_before_the_first_fit_and_never_changes(tmp_path):
+    a = make_image_folder(tmp_path / "a", per_class=4)
+    b = make_image_folder(tmp_path / "b", per_class=4, seed=1)
+    grid = BenchConfig(backbones=("resnet18.none",), sources=(str(a), str(b)), heads=("ncm",), shots=(0,), seeds=2,
+                       extract={**EXTRACT, "cache_dir": str(tmp_path / "cache")})
+    calls = []
+    run_bench(grid, tmp_path / "out", progress=lambda i, n, rec, t: calls.append((i, n)))
+    assert calls == [(1, 2), (2, 2)]
+
+
+def test_recommend_says_when_the_next_layer_is_not_distinguishably_worse():
+    import numpy as np
+
+    curve = _curve(0.60, 0.88, 0.80, 0.78)
+    y = np.repeat([0, 1], 25)
+    base = np.random.default_rng(0).random(50)
+    rows = {r["name"]: (y, np.where(base < r["top1"], y, 1 - y)) for r in curve}
+    rec = recommend(curve, rows=rows)
+    assert rec["freeze_until"] == "stage2" and rec["vs_next"]["layer"] == "stage3"
+    assert rec["vs_next"]["distinguishable"] is False
+    assert "On these 50 images, stage2 is not distinguishably better than the next layer, stage3" in rec["reason"]
+    y = np.repeat([0, 1], 500)
+    base = np.random.default_rng(0).random(1000)
+    rows = {r["name"]: (y, np.where(base < r["top1"], y, 1 - y)) for r in curve}
+    rec = recommend(curve, rows=rows)
+    assert rec["vs_next"]["distinguishable"] is True and "not distinguishably" not in rec["reason"]
+    assert recommend(_curve(0.60, 0.75, 0.85, 0.93), rows=rows)["vs_next"] is None  # the last layer: no next

@@ -281,3 +281,224 @@ def test_library_errors_name_the_flags_the_user_typed():
     assert "freeze_until" not in res.output
     res = CliRunner().invoke(main, ["finetune", "digits"])
     assert "'stage6' of efficientnet_lite0" in res.output and "freeze_until" not in res.output
+
+
+# --- nothing lost, one line per failure (issue 26) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A small cache and an ncm run on it, shared by the tests below (which never change them)."""
+    from conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("fitted")
+    folder = make_image_folder(root / "images")
+    cache = json.loads(run("extract", folder, *TINY, "--cache-dir", root / "cache", "--json").output)["cache"]
+    r = run("fit-head", cache, "--head", "ncm", "-o", root / "run")
+    assert r.exit_code == 0, r.output
+    return {"folder": folder, "cache": cache, "run": root / "run"}
+
+
+def json_error(*args) -> dict:
+    """Run a command with --json that must fail: exit 1, one ``Error:`` line on stderr and the same
+    message as one JSON object on stdout, no traceback."""
+    r = CliRunner().invoke(main, [str(a) for a in args] + ["--json"])
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    out = json.loads(r.stdout)
+    assert r.stderr == f"Error: {out['error']}\n", r.stderr
+    return out
+
+
+class HeldLock:
+    """Another process holding the ``flock`` of a folder, as a running fit-head or bench does."""
+
+    def __init__(self, folder: Path) -> None:
+        import subprocess
+        import sys
+
+        code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+                "print('locked', flush=True); sys.stdin.read()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "locked\n"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+
+
+def test_a_run_folder_another_process_writes_is_refused(fitted, tmp_path):
+    target = tmp_path / "run"
+    target.mkdir()
+    with HeldLock(target):
+        out = json_error("fit-head", fitted["cache"], "--head", "ncm", "-o", target)
+    assert out == {"error": f"Another process is writing the run folder '{target}'. Wait for it to finish, or "
+                            f"choose another output folder.", "type": "FolderLockedError"}
+    assert list(target.iterdir()) == []
+    r = run("fit-head", fitted["cache"], "--head", "ncm", "-o", target)  # the lock is gone: it runs
+    assert r.exit_code == 0 and (target / "run.json").is_file(), r.output
+
+
+def test_a_bench_folder_another_process_writes_is_refused(fitted, tmp_path):
+    out_dir = tmp_path / "bench"
+    out_dir.mkdir()
+    with HeldLock(out_dir):
+        out = json_error("bench", "--backbones", "resnet18.none", "--sources", fitted["folder"], "--input-size", "32",
+                         "--workers", "0", "--cache-dir", tmp_path / "c", "--heads", "ncm", "-o", out_dir)
+    assert out == {"error": f"Another process is writing the bench folder '{out_dir}'. Wait for it to finish, or "
+                            f"choose another output folder.", "type": "FolderLockedError"}
+    assert list(out_dir.iterdir()) == []
+
+
+def test_runs_named_in_the_same_second_get_folders_of_their_own(fitted, tmp_path, monkeypatch):
+    import time
+
+    from featcache.fit import fit_head
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # both names are the same
+    runs = [fit_head(fitted["cache"], head=head, runs_dir=str(tmp_path / "runs")).run for head in ("ncm", "ncm")]
+    assert runs[1] == runs[0] + "-2"
+    assert all(json.loads((Path(r) / "run.json").read_text())["config"]["head"] == "ncm" for r in runs)
+
+
+def test_run_numbers_are_claimed_once_under_concurrency(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featcache.outputs import claim_numbered
+
+    def claim(k: int) -> list[int]:
+        return [claim_numbered(tmp_path, f"w{k}-{i}", 1)[0] for i in range(5)]
+
+    with ThreadPoolExecutor(8) as pool:
+        numbers = [n for got in pool.map(claim, range(8)) for n in got]
+    assert sorted(numbers) == list(range(1, 41))
+    assert sorted(int(p.name[:5]) for p in tmp_path.iterdir()) == list(range(1, 41))
+
+
+@pytest.mark.parametrize("command", ["fit-head", "bench", "predict", "finetune"])
+def test_ctrl_c_with_json_prints_one_json_object(fitted, tmp_path, monkeypatch, command):
+    import importlib
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    module, name, args = {
+        "fit-head": ("fit", "fit_head", [fitted["cache"], "-o", tmp_path / "run"]),
+        "bench": ("bench", "run_bench", ["--backbones", "resnet18.none", "--sources", fitted["folder"], "-o",
+                                         tmp_path / "b"]),
+        "predict": ("predict", "predict", [fitted["run"], fitted["folder"]]),
+        "finetune": ("finetune", "finetune", [fitted["folder"], "--freeze-until", "layer3", "-o", tmp_path / "run"]),
+    }[command]
+    monkeypatch.setattr(importlib.import_module(f"featcache.{module}"), name, interrupted)
+    out = json_error(command, *args)
+    assert out["type"] == "Interrupted" and out["error"].startswith("Stopped (Ctrl-C)")
+    if command == "bench":
+        assert "--skip-existing" in out["error"]
+    else:
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_csv_manifest_that_is_not_utf8_is_one_error_line(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"path,label\na.png,caf\xe9\n")
+    out = json_error("extract", tmp_path / "m.csv", *TINY, "--cache-dir", tmp_path / "c")
+    assert out == {"error": f"CSV manifest '{tmp_path / 'm.csv'}' is not UTF-8: byte 0xe9 on line 2 cannot be "
+                            f"decoded. Save the file as UTF-8 (e.g. 'iconv -f latin1 -t utf-8 OLD > NEW').",
+                   "type": "SourceError"}
+
+
+def test_fit_head_on_a_cache_without_images_is_one_error_line(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / "train" / c).mkdir(parents=True)
+        (tmp_path / "imgs" / "train" / c / "x.jpg").write_bytes(b"not a jpeg")
+    cache = json.loads(run("extract", tmp_path / "imgs", *TINY, "--cache-dir", tmp_path / "c", "--json").output)["cache"]
+    out = json_error("fit-head", cache, "-o", tmp_path / "run")
+    assert out == {"error": f"Split 'train' of cache '{Path(cache).name}' holds no images: nothing to fit on (2 "
+                            f"unreadable file(s) were skipped; 'featcache info {cache}' lists them). Extract a source "
+                            f"with readable training images.", "type": "ConfigError"}
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_checks_its_options_and_output_before_any_image_is_read(fitted, tmp_path, monkeypatch):
+    import importlib
+
+    out = json_error("predict", fitted["run"], fitted["folder"], "--batch-size", "0")
+    assert out == {"error": "The --batch-size option must be an int >= 1. Got 0.", "type": "ConfigError"}
+    monkeypatch.setattr(importlib.import_module("featcache.predict"), "predict", lambda *a, **k: pytest.fail("predicted before checking -o"))
+    missing = tmp_path / "missing" / "dir" / "out.json"
+    out = json_error("predict", fitted["run"], fitted["folder"], "-o", missing)
+    assert out == {"error": f"Folder '{missing.parent}' does not exist. Create it first, or choose another output "
+                            f"path.", "type": "OutputError"}
+
+
+def test_predict_skips_hidden_files_in_folders_as_extract_does(fitted, tmp_path):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(fitted["folder"] / "val" / "cat", folder)
+    shown = sorted(p.name for p in folder.iterdir())
+    shutil.copy(folder / shown[0], folder / ".hidden.jpg")
+    (folder / ".thumbs").mkdir()
+    shutil.copy(folder / shown[0], folder / ".thumbs" / "a.jpg")
+    preds = json.loads(run("predict", fitted["run"], folder, "--json").output)["predictions"]
+    assert sorted(Path(p["path"]).name for p in preds) == shown
+
+
+def test_info_on_a_folder_says_it_is_a_folder(tmp_path):
+    out = json_error("info", tmp_path)
+    assert out == {"error": f"'{tmp_path}' is a folder, not a cache file. Run 'featcache ls --cache-dir {tmp_path}' "
+                            f"to list the caches in it.", "type": "CacheError"}
+
+
+def test_max_memory_must_be_positive(fitted):
+    r = CliRunner().invoke(main, ["fit-head", fitted["cache"], "--max-memory", "-1", "--json"])
+    error = "Invalid value for '--max-memory': -1.0 is not in the range x>0."
+    assert r.exit_code == 1 and json.loads(r.stdout) == {"error": error, "type": "BadParameter"}
+    assert r.stderr.endswith(f"\nError: {error}\n"), r.stderr
+
+
+def test_fit_head_quiet_shows_no_progress_bar(fitted, tmp_path):
+    args = ["fit-head", fitted["cache"], "--head", "linear", "--opt", "solver=adamw", "--epochs", "2"]
+    r = CliRunner().invoke(main, [str(a) for a in args] + ["-o", str(tmp_path / "a")])
+    assert r.exit_code == 0 and "train:" in r.stderr, r.output
+    r = CliRunner().invoke(main, [str(a) for a in args] + ["-o", str(tmp_path / "b"), "-q"])
+    assert r.exit_code == 0 and "train:" not in r.stderr and "run saved to" in r.stdout, r.output
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_get_the_permissions_of_the_umask_like_caches(fitted, tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        r = run("fit-head", fitted["cache"], "--head", "ncm", "-o", tmp_path / "run")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o777 & ~umask
+
+
+def test_an_overwrite_killed_between_its_two_renames_loses_no_run(tmp_path, caplog):
+    """Replacing a run moves the old folder aside, then the new one into place: a kill between the
+    two leaves the old run aside with nothing in its place; the next writer moves it back."""
+    from featcache.errors import OutputError
+    from featcache.outputs import RunFolder
+
+    aside = tmp_path / ".run.old-x1" / "run"
+    aside.mkdir(parents=True)
+    (aside / "run.json").write_text("{}")
+    (tmp_path / ".run.tmp-x2").mkdir()  # the new run, unfinished
+    with pytest.raises(OutputError, match="already holds a run"):
+        RunFolder(tmp_path / "run")
+    assert (tmp_path / "run" / "run.json").read_text() == "{}"
+    assert "moved back the run" in caplog.text
+    folder = RunFolder(tmp_path / "run", overwrite=True)
+    with folder as tmp:
+        (tmp / "run.json").write_text('{"new": 1}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the private folders are cleared
+    assert (tmp_path / "run" / "run.json").read_text() == '{"new": 1}'

@@ -1,6 +1,6 @@
 """The fault matrix: {kill -9, damaged chunk, damaged meta, stale temporary files, source changed
-between runs, source changed between shards} x {single process, --shard I/N, torchrun with 2 gloo
-ranks}.
+between runs, source changed between shards, disk full at the final assembly, a concurrent writer}
+x {single process, --shard I/N, torchrun with 2 gloo ranks}.
 
 Each cell puts a cache folder into a faulty state, then runs the same command(s) again. The run
 must complete without a traceback, and what it writes must equal an uninterrupted extraction of
@@ -15,6 +15,7 @@ torchrun once (twice for the kill).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -36,7 +37,8 @@ from PIL import Image
 from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
-from featcache.errors import CacheError, ExtractionInterrupted
+from featcache.cache_writer import CacheLock
+from featcache.errors import CacheError, CacheLockedError, ExtractionInterrupted
 from featcache.shards import merge_dir
 from featcache.partial import PartialStore
 from test_extract import _interrupt_after
@@ -248,10 +250,15 @@ def _kill_9(mode: str, folder: Path, cache_dir: Path, zygote: Zygote, moment: st
     assert child.kill9() == -signal.SIGKILL, child.log
 
 
+def _no_room(fd, offset, length):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 # --- the matrix -----------------------------------------------------------------------------------------
 
 FAULTS = ["kill-9", "chunk-truncate", "chunk-zero", "chunk-flip", "chunk-foreign", "meta-damaged", "stale-tmp",
-          "run-added", "run-removed", "run-modified", "run-renamed", "shards-added", "shards-modified"]
+          "run-added", "run-removed", "run-modified", "run-renamed", "shards-added", "shards-modified",
+          "disk-full-assembly", "concurrent-writer"]
 TORCHRUN_FAULTS = {"kill-9", "chunk-flip", "run-added", "shards-added"}
 MODES = ["single", "shard", "torchrun"]
 CELLS = [pytest.param(fault, mode, id=f"{fault}-{mode}",
@@ -261,7 +268,7 @@ CELLS = [pytest.param(fault, mode, id=f"{fault}-{mode}",
 
 
 @pytest.mark.parametrize("fault, mode", CELLS)
-def test_fault_matrix(fault, mode, tmp_path, reference, zygote, caplog):  # noqa: F811 (zygote)
+def test_fault_matrix(fault, mode, tmp_path, reference, zygote, caplog, monkeypatch):  # noqa: F811 (zygote)
     caplog.set_level(logging.WARNING)
     folder = _folder(tmp_path / "imgs")
     cache_dir = tmp_path / "cache"
@@ -291,6 +298,24 @@ def test_fault_matrix(fault, mode, tmp_path, reference, zygote, caplog):  # noqa
             _cli(["extract", str(folder), *FLAGS, "--cache-dir", str(cache_dir), "--shard", "0/2"])
             with pytest.raises(CacheError, match="presents shard files that changed after it was assembled"):
                 open_cache(final_cache(cache_dir))
+    elif fault == "disk-full-assembly":  # the chunks fit, the assembled file does not: one error, chunks kept
+        with monkeypatch.context() as m:
+            m.setattr(os, "posix_fallocate", _no_room)
+            with pytest.raises(CacheError, match=r"^Disk full while assembling '.*' \(No space left on device\)\. "
+                                                 r"What was computed is kept in '.*\.partial'"):
+                finished(mode, folder, cache_dir)
+        assert list(cache_dir.glob("*.partial/c-*.npz"))
+        assert {p.suffix for p in cache_dir.iterdir()} == {".lock", ".partial"}  # no .h5, no .tmp
+    elif fault == "concurrent-writer":  # another process holds the lock: refused, nothing touched
+        partial = interrupted(mode, folder, cache_dir)
+        chunks = sorted(p.name for p in partial.iterdir())
+        lock = CacheLock(partial.with_name(partial.name[: -len(".partial")] + ".lock"))
+        try:
+            with pytest.raises(CacheLockedError, match=r"^Another process is writing '"):
+                extract(str(folder), **OPTS, cache_dir=str(cache_dir), shard=None if mode == "single" else (1, 2))
+        finally:
+            lock.release()
+        assert sorted(p.name for p in partial.iterdir()) == chunks
     else:  # shards-*: the source changes between the shards of one run (single: between a stop and its resume)
         change = fault.split("-")[1]
         if mode == "single":

@@ -148,7 +148,7 @@ def test_format_metrics_table():
     test = classification_metrics(y[:5], proba[:5], list(range(6)))  # roc_auc is None
     table = format_metrics_table({"val": val, "test": test})
     lines = table.split("\n")
-    assert len(lines) == 3
+    assert len(lines) == 5  # each split's row, then its 95% intervals
     assert lines[0].split() == [
         "split",
         "n",
@@ -160,7 +160,11 @@ def test_format_metrics_table():
         "log_loss",
     ]
     assert lines[1].split()[:3] == ["val", "50", f"{val['top1']:.4f}"]
-    assert lines[2].split()[6] == "-"
+    lo, hi = val["top1_ci"]
+    assert lines[2].split()[:3] == ["95%", "CI", f"{lo:.3f}-{hi:.3f}"] and lo < val["top1"] < hi
+    assert lines[3].split()[6] == "-"
+    assert lines[4].split()[2:] == [f"{test[k][0]:.3f}-{test[k][1]:.3f}" for k in
+                                    ("top1_ci", "balanced_accuracy_ci", "macro_f1_ci", "log_loss_ci")]
     assert len({len(line) for line in lines}) == 1, "columns must be aligned"
     # Without any >= 5-class split there is no top5 column.
     small = classification_metrics([0, 1], _random_proba(2, 2, 0), [0, 1])

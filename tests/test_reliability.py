@@ -429,6 +429,65 @@ def test_disk_full_is_a_clear_error_keeps_the_chunks_and_a_rerun_completes(zygot
     _assert_same_cache(final["cache"], ref["cache"])
 
 
+def _cli_fails_with_one_json_error(zygote: Zygote, args: list, fsize: int) -> dict:
+    """Run ``featcache ARGS --json`` in a child whose files may not grow past ``fsize`` bytes (a
+    full disk): exit 1, no traceback, one ``Error:`` line and one JSON object carrying it."""
+    child = zygote.spawn(cli=[str(a) for a in args] + ["--json"], fsize=fsize)
+    code = child.wait()
+    log = child.log
+    assert code == 1 and "Traceback" not in log, f"exit {code}:\n{log}"
+    errors = [line for line in log.splitlines() if line.startswith("Error: ")]
+    objects = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert len(errors) == 1 and len(objects) == 1 and errors[0] == f"Error: {objects[0]['error']}", log
+    return objects[0]
+
+
+def test_disk_full_at_the_final_assembly_is_one_error_keeps_the_chunks_and_a_rerun_finishes(zygote, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=3)
+    ref = _run_to_end(zygote, folder, tmp_path / "ref")
+    cache_dir = tmp_path / "cache"
+    cli = ["extract", folder, "-b", "resnet18.none", "--input-size", "32", "--batch-size", "2", "--workers", "0",
+           "--dtype", "float32", "--precision", "fp32", "--device", "cpu", "--cache-dir", cache_dir,
+           "--checkpoint-every", "0", "-q"]
+    out = _cli_fails_with_one_json_error(zygote, cli, fsize=200_000)  # each chunk fits, the cache does not
+    final = Path(ref["cache"]).name
+    assert out == {"error": f"Disk full while assembling '{cache_dir / final}' (File too large). What was computed "
+                            f"is kept in '{cache_dir / final}.partial': free some space and run the same command "
+                            f"again to finish.", "type": "CacheError"}
+    assert len(_chunks(cache_dir)) == 6  # 12 images in batches of 2
+    assert sorted(p.name for p in cache_dir.iterdir()) == [f"{final}.lock", f"{final}.partial"]
+    again = _run_to_end(zygote, folder, cache_dir)
+    assert (again["computed"], again["reused"]) == (0, 12)
+    _assert_same_cache(again["cache"], ref["cache"])
+
+
+def _tiny_cache_and_run(tmp_path: Path) -> tuple[str, Path]:
+    folder = make_image_folder(tmp_path / "imgs", per_class=3)
+    cache = extract(str(folder), **TINY, cache_dir=str(tmp_path / "cache")).cache
+    run = Path(fit_head(cache, head="ncm", output=str(tmp_path / "run")).run)
+    return cache, run
+
+
+def test_disk_full_in_fit_head_and_export_is_one_error_and_leaves_no_half_written_output(zygote, tmp_path):
+    cache, run = _tiny_cache_and_run(tmp_path)
+    target = tmp_path / "runs" / "full"
+    out = _cli_fails_with_one_json_error(zygote, ["fit-head", cache, "--head", "ncm", "-o", target], fsize=2000)
+    assert out == {"error": f"Disk full while writing '{target}' (File too large): no run was written. Free some "
+                            f"space and run the same command again.", "type": "OutputError"}
+    assert list((tmp_path / "runs").iterdir()) == []  # no run folder, empty or half-written, and no private one
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    out = _cli_fails_with_one_json_error(zygote, ["fit-head", cache, "--head", "knn", "-o", run, "--overwrite"],
+                                         fsize=2000)
+    assert out["error"] == (f"Disk full while writing '{run}' (File too large): the run there is unchanged. Free some "
+                            f"space and run the same command again.")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    program = tmp_path / "model.pt2"
+    out = _cli_fails_with_one_json_error(zygote, ["export", run, program], fsize=100_000)
+    assert out == {"error": f"Disk full while writing '{program}' (File too large): nothing was written there. Free "
+                            f"some space and run the same command again.", "type": "OutputError"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "imgs", "run", "runs"]
+
+
 # --- 3. Ctrl-C in the command line ----------------------------------------------------------------
 
 def test_ctrl_c_in_the_cli_says_how_to_resume_without_traceback(zygote, tmp_path):
@@ -590,8 +649,8 @@ def test_not_hdf5_bytes_are_refused(tmp_path, content):
 def test_other_files_are_refused(valid_cache, tmp_path):
     with pytest.raises(CacheError, match="does not exist"):
         open_cache(tmp_path / "missing.h5")
-    with pytest.raises(CacheError, match="does not exist"):
-        open_cache(tmp_path)  # a folder
+    with pytest.raises(CacheError, match="is a folder, not a cache file. Run 'featcache ls --cache-dir"):
+        open_cache(tmp_path)
     np.savez(tmp_path / "a.npz", x=np.zeros(3))
     with pytest.raises(CacheError, match="not a readable HDF5 file"):
         open_cache(tmp_path / "a.npz")

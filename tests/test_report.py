@@ -214,7 +214,8 @@ def test_leaderboard_groups_over_seeds_best_first(tmp_path):
     recs = make_records()
     rows = leaderboard(recs)
     assert len(rows) == 2 * 2 * 3 and all(r["runs"] == 2 for r in rows)
-    assert list(rows[0]) == ["backbone", "layer", "source", "head", "shots", "top1_mean", "top1_std", "runs"]
+    assert list(rows[0]) == ["backbone", "layer", "source", "head", "shots", "split", "held_out", "n", "top1_mean",
+                             "top1_ci", "top1_std", "runs", "diff_vs_best", "diff_ci", "p_vs_best", "tied_with_best"]
     means = [r["top1_mean"] for r in rows]
     assert means == sorted(means, reverse=True)
     cell = [r["metrics"]["val"]["top1"] for r in recs
@@ -225,7 +226,8 @@ def test_leaderboard_groups_over_seeds_best_first(tmp_path):
 
     md = leaderboard_markdown(rows)
     lines = md.strip().splitlines()
-    assert len(lines) == 2 + len(rows)
+    assert len(lines) == 2 + len(rows) + 2  # and what the split resolves, under a blank line
+    assert lines[-1].startswith("_On val: with 360 val images, differences under 1.7 points are not resolved")
     assert lines[2].startswith("| 1 | efficientnet_lite0 | pre_logits | digits | logreg | all | ")
     assert f"{rows[0]['top1_mean']:.4f}" in lines[2]
 
@@ -274,7 +276,7 @@ def test_run_report(reports):
 
 def test_bench_report(reports):
     _, html = reports["bench"]
-    assert_self_contained(html, n_images=3)  # shots curve, accuracy by layer, time breakdown
+    assert_self_contained(html, n_images=4)  # leaderboard intervals, shots curve, accuracy by layer, time breakdown
     table = re.search(r'<table id="leaderboard">.*?</table>', html, re.S).group(0)
     rows = leaderboard(make_records())
     assert table.count("<tr") == 1 + len(rows)

@@ -447,3 +447,42 @@ def test_finetune_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^The 'epochs' option must be an int >= 1. Got 0."):
         finetune(str(root), freeze_until="layer3", epochs=0, **base)
     assert not (tmp_path / "run").exists()
+
+
+def test_finetune_refuses_an_existing_run_and_replaces_it_whole_with_overwrite(tmp_path, monkeypatch):
+    import errno
+
+    import featcache.finetune as ft
+    from featcache.errors import OutputError
+
+    root = make_image_folder(tmp_path / "images", per_class=2, size=(36, 36))
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {"run.json": '{"format": "featcache-run"}', "head.json": "{}", "head.safetensors": "x",
+           "transform.safetensors": "x"}  # a fit-head run
+    for name, text in old.items():
+        (run / name).write_text(text)
+    opts = dict(backbone="resnet18.none", input_size=SIZE, freeze_until="layer3", epochs=1, batch_size=4,
+                device="cpu", output=str(run))
+    with pytest.raises(OutputError) as e:
+        finetune(str(root), **opts)
+    assert str(e.value) == (f"'{run}' already holds a run. Pass overwrite=True to replace it, or choose another "
+                            f"output folder.")
+    real_save = ft._save
+
+    def disk_full(folder, *a):  # the disk fills up half-way through writing the new run
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ft, "_save", disk_full)
+    with pytest.raises(OutputError) as e:
+        finetune(str(root), **opts, overwrite=True)
+    assert str(e.value) == (f"Disk full while writing '{run}' (No space left on device): the run there is unchanged. "
+                            f"Free some space and run the same command again.")
+    assert {p.name: p.read_text() for p in run.iterdir()} == old
+    monkeypatch.setattr(ft, "_save", real_save)
+    res = finetune(str(root), **opts, overwrite=True)
+    assert res.run == str(run)
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model.safetensors", "run.json"]
+    assert json.loads((run / "run.json").read_text())["format"] == "featcache-finetune"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "run"]  # no private folder left beside it

@@ -1,6 +1,6 @@
 """The ``featcache`` command line: parse options, call one library function, print the result.
 
-One module per family of commands (``extraction``, ``runs``, ``reports``, ``listing``); ``common``
+One module per family of commands (``extraction``, ``runs``, ``reports``, ``listing``, ``retrieval``); ``common``
 holds what they share. Importing this package imports neither torch nor torchvision: each command
 imports the library it calls.
 """
@@ -11,7 +11,7 @@ import logging
 
 import click
 
-from . import extraction, listing, reports, runs
+from . import extraction, listing, reports, retrieval, runs
 from .common import Group, LibraryError, echo_json, fail_cleanly, flag_names
 from .extraction import extract_config, extraction_options
 
@@ -30,7 +30,7 @@ def main(verbose: bool) -> None:
     tune_allocator()  # freed activation buffers are reused instead of page-faulted in again
 
 
-for _module in (extraction, listing, runs, reports):
+for _module in (extraction, listing, runs, reports, retrieval):
     for _command in vars(_module).values():
         if isinstance(_command, click.Command):
             main.add_command(_command)

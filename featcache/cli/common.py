@@ -41,8 +41,18 @@ def flag_names(message: str) -> str:
                   message)
 
 
-def fail_cleanly(fn):
-    """Turn library errors into ``Error: ...`` (exit 1, no traceback)."""
+class Interrupted(click.ClickException):
+    """Ctrl-C: one ``Error:`` line saying what was kept (and one JSON object with ``--json``), as
+    an interrupted extraction reports it, instead of click's bare "Aborted!"."""
+
+    kind = "Interrupted"
+
+
+def fail_cleanly(fn=None, *, interrupted: str = "Stopped (Ctrl-C) before the command finished."):
+    """Turn library errors into ``Error: ...`` (exit 1, no traceback), and Ctrl-C into
+    ``Error: <interrupted>``; ``interrupted`` says what the command keeps when stopped."""
+    if fn is None:
+        return lambda f: fail_cleanly(f, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,6 +60,8 @@ def fail_cleanly(fn):
             return fn(*args, **kwargs)
         except FeatcacheError as e:
             raise LibraryError(e) from None
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted) from None
 
     return wrapper
 
@@ -130,7 +142,9 @@ class Progress:
 
 
 def print_metrics(metrics: dict, fmt) -> None:
-    slim = {s: {k: v for k, v in m.items() if not isinstance(v, (list, dict))} for s, m in metrics.items()}
+    # Scalars, their intervals ([low, high]) and the bootstrap's settings; not the tables.
+    slim = {s: {k: v for k, v in m.items() if not isinstance(v, (list, dict)) or k.endswith("_ci") or k == "ci"}
+            for s, m in metrics.items()}
     if slim:
         click.echo(fmt(slim))
 

@@ -22,9 +22,11 @@ def demo(out_dir, cache_dir, quiet) -> None:
     from ..demo import run_demo
 
     def progress(i, total, rec, elapsed):
-        m = rec["metrics"]["val"]
-        click.echo(f"[{i}/{total}] {rec['head']}: best {rec['best']['param']}={rec['best']['value']:g}, val top-1 "
-                   f"{m['top1']:.4f}, fitted in {rec['fit_seconds']:.1f} s")
+        from ..leaderboard import board_split
+
+        split, _ = board_split([rec])
+        click.echo(f"[{i}/{total}] {rec['head']}: best {rec['best']['param']}={rec['best']['value']:g}, {split} top-1 "
+                   f"{rec['metrics'][split]['top1']:.4f}, fitted in {rec['fit_seconds']:.1f} s")
 
     bar = Progress("extract digits", quiet)
     try:
@@ -54,7 +56,8 @@ def demo(out_dir, cache_dir, quiet) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or per-run lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
 @click.pass_context
-@fail_cleanly
+@fail_cleanly(interrupted="Stopped (Ctrl-C); the fits finished so far are kept in the folder's records.jsonl. Run "
+                          "the same command with --skip-existing to resume.")
 def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out_dir, skip_existing, overwrite,
           quiet, as_json, **kw):
     """Benchmark a grid of backbones x layers x sources x heads x shots x seeds.
@@ -67,7 +70,7 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
     from dataclasses import replace
 
     from ..bench import BenchConfig, run_bench
-    from ..leaderboard import leaderboard
+    from ..leaderboard import board_split, leaderboard
 
     cfg = BenchConfig.from_toml(config_file) if config_file else BenchConfig()
     grid = {"backbones": csv_values(backbones), "sources": csv_values(sources), "layers": csv_values(layers), "heads": csv_values(heads),
@@ -85,9 +88,11 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
         if quiet:
             return
         eta = elapsed / len(fitted) * (total - i)  # cells skipped by --skip-existing took no time
-        top1 = next(iter(rec["metrics"].values()), {}).get("top1")
+        split, _ = board_split([rec])
+        top1 = (rec["metrics"].get(split) or {}).get("top1")
         click.echo(f"[{i}/{total}] {rec['backbone']} {rec['layer']} {rec['source']} {rec['head']} "
-                   f"shots={rec['shots'] or 'all'} seed={rec['seed']}: top-1 {top1 if top1 is None else f'{top1:.4f}'}"
+                   f"shots={rec['shots'] or 'all'} seed={rec['seed']}: top-1 on {split} "
+                   f"{top1 if top1 is None else f'{top1:.4f}'}"
                    f"  elapsed {elapsed:.0f} s, ETA {eta:.0f} s", err=True)
 
     bar = Progress("extract", quiet)
@@ -102,7 +107,7 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
         return
     click.echo((Path(out_dir) / "leaderboard.md").read_text())
     click.echo(f"{len(records)} runs in {out_dir}/ ({len(fitted)} new, {time.perf_counter() - start:.0f} s): "
-               f"records.jsonl, leaderboard.md/.csv, shots.png, layers.png, time.png")
+               f"records.jsonl, leaderboard.md/.csv/.png, shots.png, layers.png, time.png")
 
 
 @click.command(name="probe-layers")
@@ -125,10 +130,13 @@ def probe_layers(backbone, source, out_dir, head, as_json, **kw):
     if as_json:
         echo_json({"layers": res.layers, "recommendation": res.recommendation, "out_dir": res.out_dir})
         return
-    click.echo(f"{'layer':<16} {'dim':>6} {'top-1':>7} {'bal.acc':>8}")
+    from ..metrics import format_interval
+
+    click.echo(f"{'layer':<16} {'dim':>6} {'top-1':>7} {'95% CI':>11} {'bal.acc':>8}")
     for r in res.layers:
         mark = "  <- freeze until here" if r["name"] == res.recommendation["freeze_until"] else ""
-        click.echo(f"{r['name']:<16} {r['dim']:>6} {r['top1']:>7.4f} {r['balanced_accuracy']:>8.4f}{mark}")
+        click.echo(f"{r['name']:<16} {r['dim']:>6} {r['top1']:>7.4f} {format_interval(r.get('top1_ci')):>11} "
+                   f"{r['balanced_accuracy']:>8.4f}{mark}")
     click.echo("")
     click.echo(res.recommendation["reason"])
     click.echo(f"\nwrote {res.out_dir}/layers.json and {res.plot}")

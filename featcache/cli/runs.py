@@ -62,7 +62,7 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--shots", type=int, default=None, help="Few-shot: K training examples per class.")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Few-shot: number of random draws.")
 @click.option("--cv", type=int, default=None, help="Folds of the sweep when there is no eval split (default 5).")
-@click.option("--max-memory", type=float, default=2.0, show_default=True,
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="GiB of features to load into memory; larger caches are streamed (linear, mlp).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (tail, mlp, linear with adamw).")
 @click.option("--lr", type=float, default=None, help="Learning rate (tail, mlp, linear with adamw).")
@@ -71,13 +71,17 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
               help="Stop after N epochs without a better eval score; keep the best epoch (tail, mlp, linear with adamw).")
 @click.option("--opt", "opts", multiple=True, help="Head option KEY=VALUE (repeatable), e.g. --opt solver=adamw.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in -o (refused without it).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o, as a whole (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help='Print {"run", "head", "best", "metrics", "seconds", "warnings"}.')
-@fail_cleanly
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"run", "head", "best", "metrics" (each score with its 95% interval, e.g. top1_ci), '
+                   '"seconds", "warnings"}.')
+@fail_cleanly(interrupted="Stopped (Ctrl-C) before the fit finished; no run was written (an existing one is "
+                          "unchanged).")
 def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by, adapt,
-             train_views, extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
-             patience, opts, output, overwrite, runs_dir, as_json) -> None:
+             train_views, extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr,
+             batch_size, patience, opts, output, overwrite, runs_dir, quiet, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, keep the model that scored best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
@@ -105,7 +109,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     fit_log = logging.getLogger("featcache.fit")
     level = fit_log.level
     fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
-    bar = _EpochBar(as_json)
+    bar = _EpochBar(quiet or as_json)
     try:
         res = run(cache, config, progress=bar)
     finally:
@@ -123,7 +127,8 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
 
 
 def _print_fit(res, shots: int | None, seeds: int) -> None:
-    from ..metrics import format_metrics_table
+    from ..intervals import detectable_difference_line
+    from ..metrics import format_interval, format_metrics_table
 
     b = res.best
     if b.get("score") is not None:
@@ -142,7 +147,14 @@ def _print_fit(res, shots: int | None, seeds: int) -> None:
         for split, m in res.few_shot["summary"].items():
             t = m.get("top1")
             if t:
-                click.echo(f"{shots}-shot over {seeds} seed(s), {split} top-1: {t['mean']:.4f} +- {t['std']:.4f}")
+                pooled = f" (pooled 95% CI {format_interval(t['ci'])})" if t.get("ci") else ""
+                click.echo(f"{shots}-shot over {seeds} seed(s), {split} top-1: {t['mean']:.4f} +- {t['std']:.4f}"
+                           + pooled)
+    held_out = [s for s in res.metrics if s != b.get("scored_on")]
+    split = "test" if "test" in held_out else (held_out or list(res.metrics) or [None])[0]
+    if split is not None:
+        m = res.metrics[split]
+        click.echo(f"{split}: {detectable_difference_line(m['n'], m.get('top1'), split)}")
     click.echo(f"run saved to {res.run} ({res.seconds:.1f} s)")
 
 
@@ -207,13 +219,17 @@ def evaluate(run_dir, cache, as_json) -> None:
 @click.option("--tta", type=int, default=0, show_default=True,
               help="Test-time augmentation: average the probabilities of the image and K augmented views.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [{"path", "label", "probability", "top"}]}.')
-@fail_cleanly
+@fail_cleanly(interrupted="Stopped (Ctrl-C) before every image was classified; nothing was written.")
 def predict(run_dir, images, top, batch_size, device, weights, output, tta, as_json) -> None:
     """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
     from ..predict import predict as run
 
     if output and Path(output).suffix.lower() not in (".csv", ".json"):  # refused before any image is read
         raise click.BadParameter(f"must end in .csv or .json, got {output!r}.", param_hint="--output")
+    if output:  # its folder too
+        from ..outputs import check_output_file
+
+        check_output_file(output, overwrite=True, suffixes=(".csv", ".json"))
     preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights, tta=tta)
     if output:
         _write_predictions(preds, output)
@@ -251,14 +267,16 @@ def _write_predictions(preds: list[dict], output: str) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Backbone weights file.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (refused without it).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"program", "classes", "preprocess", ...}.')
 @fail_cleanly
-def export(run_dir, out, weights, as_json) -> None:
+def export(run_dir, out, weights, overwrite, as_json) -> None:
     """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits.
-    The classes and preprocessing travel inside it (featcache.load_export reads both)."""
+    The classes and preprocessing travel inside it (featcache.load_export reads both). OUT must end in
+    .pt2; an existing file is replaced only with --overwrite."""
     from ..predict import EXPORT_META, export as run, load_export
 
-    path = run(run_dir, out, weights=weights)
+    path = run(run_dir, out, weights=weights, overwrite=overwrite)
     meta = load_export(path).meta
     if as_json:
         echo_json({"program": str(path), **meta})
@@ -293,11 +311,13 @@ def export(run_dir, out, weights, as_json) -> None:
               help="Carve a stratified, seeded val split out of train when the source has none.")
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --val-fraction.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Run folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o, as a whole (refused without it).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"run", "metrics", "per_epoch", "seconds"}.')
-@fail_cleanly
+@fail_cleanly(interrupted="Stopped (Ctrl-C) before training finished; no run was written (an existing one is "
+                          "unchanged).")
 def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_size, seed, device, num_workers,
-             precision, input_size, val_fraction, split_seed, output, runs_dir, as_json):
+             precision, input_size, val_fraction, split_seed, output, overwrite, runs_dir, as_json):
     """Fine-tune the layers after a freeze boundary on raw images, the classic way (the reference
     that 'fit-head --head tail' on cached boundary activations is measured against)."""
     from ..finetune import FinetuneConfig, finetune as run
@@ -305,7 +325,8 @@ def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_s
     config = FinetuneConfig(backbone=backbone, weights=weights, freeze_until=freeze_until, train=tuple(train),
                             epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                             num_workers=num_workers, precision=precision, input_size=input_size, output=output,
-                            runs_dir=runs_dir, val_fraction=val_fraction, split_seed=split_seed)
+                            runs_dir=runs_dir, overwrite=overwrite, val_fraction=val_fraction,
+                            split_seed=split_seed)
     res = run(source, config, progress=None if as_json else (lambda msg: click.echo(msg, err=True)))
     if as_json:
         echo_json(res.to_dict())

@@ -15,12 +15,27 @@ from .solvers import resolve_device
 
 #: k values of the ``knn`` head; values above the number of training rows are clipped to it.
 KNN_GRID: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+#: From this many training rows, on a CPU with faiss installed, the ``knn`` head searches a FAISS
+#: index (:func:`featcache.retrieval.index.memory_index`: exact up to 1M rows, the size rule's
+#: approximate index above) instead of a (batch_size x n_train) similarity block per query block,
+#: whose memory grows with the rows (4 GB per 1,024 queries at 1M rows). The crossover is measured by
+#: ``python -m benchmarks export`` (BENCHMARKS.md).
+KNN_INDEX_ROWS = 100_000
 
 
 def _normalize(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (``torch.nn.functional.normalize``'s eps of 1e-12)."""
     X = np.asarray(X, dtype=np.float32)
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def _has_faiss() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("faiss") is not None
+    except (ImportError, ValueError):  # a broken or blocked install: the torch search
+        return False
 
 
 def _as_proba(p: torch.Tensor) -> np.ndarray:
@@ -111,6 +126,9 @@ class KNNHead(BaseHead):
     def _topk_blocks(self, bank: np.ndarray, X: Any, k: int):
         """Yield (sims, neighbour indices) of shape (B, k) per block of query rows."""
         device = resolve_device(self.device)
+        if device.type == "cpu" and bank.shape[0] >= KNN_INDEX_ROWS and _has_faiss():
+            yield from self._faiss_topk(bank, X, k)
+            return
         bank_t = torch.from_numpy(bank).to(device)
         with torch.no_grad():
             for _, _, chunk in iter_row_chunks(X, int(self.batch_size)):
@@ -119,6 +137,17 @@ class KNNHead(BaseHead):
                     dim=1,
                 )
                 yield (q @ bank_t.T).topk(k, dim=1)
+
+    def _faiss_topk(self, bank: np.ndarray, X: Any, k: int):
+        """The same blocks from a FAISS index of ``bank``, built once per bank (a sweep's heads share it)."""
+        from ..retrieval.index import memory_index
+
+        cache = self.__dict__.setdefault("_index_cache", [])  # [bank, index], shared by a sweep's heads
+        if not cache or cache[0] is not bank:
+            cache[:] = [bank, memory_index(bank, metric="cosine")]
+        for _, _, chunk in iter_row_chunks(X, int(self.batch_size)):
+            sims, idx = cache[1].search(_normalize(np.ascontiguousarray(chunk, dtype=np.float32)), k)
+            yield torch.from_numpy(sims), torch.from_numpy(idx.astype(np.int64))
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
         from .modules import knn_vote_proba
@@ -149,10 +178,11 @@ class KNNHead(BaseHead):
     def _sweep_fit(self, X, y_idx, n_classes, grid) -> list[BaseHead]:
         # The k values share one normalised bank (not copied).
         bank, labels = _normalize(X), y_idx.astype(np.int64)
-        heads = []
+        heads, index_cache = [], []
         for k in grid:
             head = self.with_value(k)
             head.bank_, head.bank_labels_ = bank, labels
+            head._index_cache = index_cache
             head.n_features_in_ = int(X.shape[1])
             heads.append(head)
         return heads
