@@ -1,7 +1,7 @@
 """Run the benchmarks side by side and write the table to BENCHMARKS.md.
 
     python -m benchmarks                 # all of them
-    python -m benchmarks extraction      # a group: extraction, heads, store, ..., tail
+    python -m benchmarks extraction      # a group: extraction, heads, store, ..., tail, accuracy
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .common import Row, machine
 
 #: Benchmark groups: each module's run() returns its rows.
 GROUPS = ("extraction", "heads", "store", "finetune", "distributed", "startup", "precision", "tail", "intervals",
-          "export", "sources")
+          "export", "sources", "accuracy")
 
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 MARK = "<!-- results: {} -->"

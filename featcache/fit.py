@@ -21,7 +21,11 @@ from sklearn.base import clone
 from .errors import ConfigError, HeadError
 from .heads import HEADS, make_head
 from .heads.base import BaseHead
+from .calibration import apply_temperature, calibrate
+from .adapt import NO_WEIGHTS, adapt_defaults, check_labels
 from .heads.monitor import training_monitor
+from .view_rows import with_views
+from . import layersets
 from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
 from .intervals import bootstrap_intervals
 from .outputs import RunFolder, claim_folder
@@ -34,8 +38,6 @@ from .transform import FeatureTransform
 
 logger = logging.getLogger(__name__)
 
-#: Largest over smallest training class above which fit-head suggests balanced class weights.
-IMBALANCE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class FitConfig:
     normalize: str = "standard"
     pca: int | None = None
     grid: tuple[float, ...] | None = None
+    #: "balanced", or "none" for equal weights; None: balanced on an imbalanced training split.
     class_weight: str | None = None
     seed: int = 0
     refit_on_trainval: bool = False
@@ -62,11 +65,17 @@ class FitConfig:
     head_options: dict = field(default_factory=dict)
     output: str | None = None
     runs_dir: str = "runs"
-    select_by: str = "top1"
+    #: None: balanced_accuracy on an imbalanced training split, else top1 (see :mod:`featcache.adapt`).
+    select_by: str | None = None
     extend_grid: bool = True
     threads: int | None = None
     #: Replace an existing run in ``output``; without it a run folder is never overwritten.
     overwrite: bool = False
+    #: Fill the options left unset (layer, class_weight, select_by) from the data; see :mod:`featcache.adapt`.
+    adapt: bool = True
+    #: Train vector heads on the cached augmented views too (``extract --views K``): K extra rows per
+    #: image, grouped with it so that k-fold never scores an image on a fold holding its views.
+    train_views: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -129,7 +138,7 @@ def check_options(config: FitConfig) -> None:
     for key in config.head_options:
         if key not in valid:
             raise ConfigError(f"Unknown option '{key}' for head '{config.head}'. Valid options: {', '.join(valid)}.")
-    if config.class_weight and "class_weight" not in valid:
+    if config.class_weight and config.class_weight != NO_WEIGHTS and "class_weight" not in valid:
         raise ConfigError(f"Head '{config.head}' has no class_weight option; drop the 'class_weight' option.")
     if config.seeds != 1 and config.shots is None:
         raise ConfigError(f"seeds={config.seeds} applies to few-shot fits only. Add the 'shots' option or drop the "
@@ -153,6 +162,13 @@ class _Data:
         self.head = HEADS.get(config.head)
 
     def raw(self, split: str):
+        if layersets.is_set(self.layer):
+            nbytes = layersets.nbytes(self.cache, split, self.layer)
+            if nbytes > self.config.max_memory:
+                raise ConfigError(f"Split '{split}' of layer set '{self.layer}' needs {nbytes / 2**30:.1f} GiB as "
+                                  f"float32, more than the 'max_memory' option allows; layer sets are read into "
+                                  f"memory. Raise the 'max_memory' option or join fewer layers.")
+            return layersets.load(self.cache, split, self.layer)[0]
         ds = self.cache.features(split, self.layer)
         nbytes = int(np.prod(ds.shape)) * 4
         if nbytes <= self.config.max_memory:
@@ -233,6 +249,8 @@ class _Problem:
     grid: list
     fit_kwargs: dict
     n_classes: int
+    #: With train_views: the image each training row comes from (views share their image's group).
+    groups: np.ndarray | None = None
 
     def fit(self, values: list) -> list[BaseHead]:
         """The heads of ``values``, as the sweep fits them."""
@@ -256,7 +274,10 @@ def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.n
         config = replace(config, normalize="none")
     if train_idx is not None:
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
-    transform = FeatureTransform(config.normalize, config.pca).fit(X_raw)
+    groups = None
+    if config.train_views:
+        X_raw, y, groups = with_views(cache, config, layer, X_raw, y, train_idx)
+    transform = FeatureTransform(config.normalize, config.pca, layersets.widths(cache, layer)).fit(X_raw)
     if config.pca is not None and transform.n_components_ < config.pca:
         warn(f"pca={config.pca}: the training split has {X_raw.shape[0]} rows of "
              f"{int(np.prod(X_raw.shape[1:]))} features, so PCA keeps {transform.n_components_} components "
@@ -275,7 +296,8 @@ def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.n
     grid = head.grid_values(config.grid if config.grid is not None else head.default_grid, len(y))
     if len(np.unique(y)) < 2:
         raise HeadError(f"The training split has only {len(np.unique(y))} class(es); a head needs at least 2.")
-    return _Problem(config, data, X_raw, X, y, transform, head, grid, setup.fit_kwargs, len(cache.classes))
+    return _Problem(config, data, X_raw, X, y, transform, head, grid, setup.fit_kwargs, len(cache.classes), groups)
+
 
 
 def _split_scorer(p: _Problem, eval_split: str, progress) -> Callable[[list], list]:
@@ -298,18 +320,25 @@ def _split_scorer(p: _Problem, eval_split: str, progress) -> Callable[[list], li
 
 def _fold_scorer(p: _Problem, seed: int, progress) -> tuple[Callable[[list], list], str]:
     """Stratified k-fold on the training rows: mean scores per value (no model kept)."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     X, y = p.X, p.y
     if not isinstance(X, np.ndarray):
         raise ConfigError("k-fold sweeps need the features in memory; give an eval split or raise the "
                           "'max_memory' option.")
-    smallest = int(np.min(np.bincount(y)[np.unique(y)]))
+    y_images = y if p.groups is None else y[:int(p.groups.max()) + 1]  # a view is not one more sample
+    smallest = int(np.min(np.bincount(y_images)[np.unique(y_images)]))
     folds = min(p.config.cv or 5, smallest)
     if folds < 2:
         raise HeadError(f"Too few samples per class for a k-fold sweep (the smallest training class has "
                         f"{smallest}); add a val split or pass a grid of one value.")
-    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
+    if p.groups is None:
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
+    else:
+        # An image and its views fall in the same fold; each fold is scored on its images, not their views.
+        n_images = int(p.groups.max()) + 1
+        splits = [(tr, va[va < n_images]) for tr, va in
+                  StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, p.groups)]
 
     def evaluate(values: list) -> list[tuple[dict, Any]]:
         per_fold = []
@@ -366,7 +395,7 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
             if eval_split is None or not isinstance(p.X, np.ndarray):
                 raise ConfigError("The 'refit_on_trainval' option needs an eval split and features in memory.")
             X_both = np.concatenate([p.X_raw, p.data.raw(eval_split)])
-            transform = FeatureTransform(p.config.normalize, config.pca).fit(X_both)
+            transform = FeatureTransform(p.config.normalize, config.pca, transform.blocks).fit(X_both)
             final = p.fit_one(best["value"], transform.transform(X_both),
                               np.concatenate([p.y, cache.labels(eval_split)]))
             best["refit"] = f"{config.train_split}+{eval_split}"
@@ -381,15 +410,25 @@ def _fit_once(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.
     return _Fitted(final, transform, best, sweep, layer)
 
 
-def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...]) -> tuple[dict, dict]:
-    """Metrics (with intervals) per scored split, and each split's labels and probabilities."""
+def _proba(cache, fitted: _Fitted, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The saved head's probabilities over all classes on ``split`` (uncalibrated), and the labels."""
+    X, y = layersets.load(cache, split, fitted.layer)
+    proba = fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1)))
+    return expand_proba(proba, fitted.head.classes_, len(cache.classes)), y
+
+
+def _score_splits(cache, fitted: _Fitted, skip: tuple[str, ...], eval_split: str | None = None) -> tuple[dict, dict]:
+    """Metrics (with intervals) per scored split, and each split's labels and probabilities; with
+    ``eval_split``, of the probabilities calibrated by a temperature fitted on it
+    (``fitted.best["calibration"]``)."""
+    splits = [s for s in cache.splits if s not in skip and cache.n(s) > 0]
+    if eval_split is not None and eval_split in splits:
+        fitted.best["calibration"] = calibrate(lambda s: _proba(cache, fitted, s), eval_split, splits)
+    temperature = fitted.best.get("calibration", {}).get("temperature", 1.0)
     metrics, scored = {}, {}
-    for split in cache.splits:
-        if split in skip or cache.n(split) == 0:
-            continue
-        X, y = cache.load(split, fitted.layer)
-        proba = expand_proba(fitted.head.predict_proba(fitted.transform.transform(X.reshape(len(X), -1))),
-                             fitted.head.classes_, len(cache.classes))
+    for split in splits:
+        proba, y = _proba(cache, fitted, split)
+        proba = apply_temperature(proba, temperature)
         metrics[split] = split_metrics(y, proba, cache.classes)
         scored[split] = (y, proba)
     return metrics, scored
@@ -403,7 +442,8 @@ def _checked(config: FitConfig | None, options: dict) -> FitConfig:
     check_int("seeds", config.seeds)
     if config.cv is not None:
         check_int("cv", config.cv, minimum=2)
-    check_choice("select_by", config.select_by, SELECT_BY)
+    if config.select_by is not None:
+        check_choice("select_by", config.select_by, SELECT_BY)
     check_memory(config.max_memory)
     if config.threads is not None:
         check_int("threads", config.threads)
@@ -515,12 +555,19 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             logger.warning(message)
 
     try:
-        layers = _layers(c, config.layer)
         eval_split = _eval_split(c, config)
+        config, adapted = adapt_defaults(c, config, eval_split)
+        for line in adapted:
+            logger.info("adapted: %s", line)
+        vectors = HEADS.get(config.head).inputs != "activations"
+        layers = _layers(c, config.layer, joins=vectors and not config.shots)
         # After refit_on_trainval the eval split is training data: its scores are not held out.
         skip = (config.train_split, eval_split) if config.refit_on_trainval else (config.train_split,)
-        _check_labels(c, config, c.labels(config.train_split), warn)
-        if len(layers) > 1 and (config.shots or HEADS.get(config.head).inputs == "activations"):
+        check_labels(c, config, c.labels(config.train_split), warn)
+        if not vectors and any(layersets.is_set(name) for name in layers):
+            raise ConfigError(f"Head '{config.head}' reads one layer's activations; layer sets ({config.layer}) "
+                              f"are for heads that take vectors. Pass one layer.")
+        if len(layers) > 1 and (config.shots or not vectors):
             raise ConfigError(f"layer={config.layer} sweeps layers for feature heads without shots; "
                               f"pass one layer ({', '.join(layers)}).")
         few_shot = None
@@ -529,10 +576,13 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
         else:
             fitted = (_sweep_layers(c, config, layers, eval_split, warn, progress) if len(layers) > 1 else
                       _fit_once(c, config, layers[0], None, eval_split, config.seed, warn, progress))
-            metrics, scored = _score_splits(c, fitted, skip)
+            metrics, scored = _score_splits(c, fitted, skip, eval_split)
+        if adapted:
+            fitted.best["adapted"] = adapted
         rows = {split: {"y": y, "pred": proba.argmax(axis=1), "digest": rows_digest(c.ids(split))}
                 for split, (y, proba) in scored.items()}
-        note_eval_leaks(c, fitted.layer, config.train_split, metrics, warn)
+        # A layer set is checked on its deepest layer.
+        note_eval_leaks(c, layersets.members(fitted.layer)[-1], config.train_split, metrics, warn)
         seconds = time.perf_counter() - t0
         meta = {"cache": str(c.path), "layer": fitted.layer, "classes": c.classes, "fingerprint": c.fingerprint,
                 "extract_config": c.extract_config, "config": config.to_dict(), "best": fitted.best}
@@ -547,13 +597,17 @@ def fit_head(cache: str | os.PathLike | FeatureCache, config: FitConfig | None =
             c.close()
 
 
-def _layers(cache: FeatureCache, spec: str | None) -> list[str]:
-    """``None`` -> the first layer; "all" -> every cached layer; "a,b" -> those, each checked."""
+def _layers(cache: FeatureCache, spec: str | None, *, joins: bool = True) -> list[str]:
+    """``None`` -> the first layer; "all" -> every cached layer and (``joins``) every run of 2-4
+    adjacent layers; "a,b" -> those, each checked; "a+b" -> that layer set."""
+    def one(name: str) -> str:
+        return layersets.resolve(cache, name) if layersets.is_set(name) else cache.resolve_layer(name)
+
     if spec == "all":
-        return list(cache.layers)
+        return list(cache.layers) + (layersets.adjacent_runs(cache.layers) if joins else [])
     if spec is not None and "," in spec:
-        return [cache.resolve_layer(name.strip()) for name in spec.split(",") if name.strip()]
-    return [cache.resolve_layer(spec)]
+        return [one(name.strip()) for name in spec.split(",") if name.strip()]
+    return [cache.resolve_layer(spec) if spec is None else one(spec)]
 
 
 def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eval_split: str | None, warn,
@@ -577,29 +631,6 @@ def _sweep_layers(cache: FeatureCache, config: FitConfig, layers: list[str], eva
     logger.info("best layer %s (%s %.4f)", fitted.layer, config.select_by, fitted.best["score"])
     return _Fitted(fitted.head, fitted.transform, {**fitted.best, "layer": fitted.layer, "layers": table}, rows,
                    fitted.layer)
-
-
-def _check_labels(cache: FeatureCache, config: FitConfig, y_train: np.ndarray, warn) -> None:
-    """Warn about classes that no head can learn (absent from train) and about imbalance."""
-    counts = np.bincount(y_train, minlength=len(cache.classes))
-    unseen: dict[str, list[str]] = {}
-    for split in cache.splits:
-        if split == config.train_split or cache.n(split) == 0:
-            continue
-        n_split = np.bincount(cache.labels(split), minlength=len(cache.classes))
-        for i in np.flatnonzero((n_split > 0) & (counts == 0)):
-            unseen.setdefault(cache.classes[i], []).append(f"{split}: {int(n_split[i])}")
-    for name, where in unseen.items():
-        warn(f"Class '{name}' has no rows in the '{config.train_split}' split but has rows in "
-             f"{', '.join(where)}. No head can predict it, so those rows count as errors in every metric. "
-             f"Add training images of '{name}' or remove its rows from the other splits.")
-    present = counts[counts > 0]
-    if len(present) >= 2 and present.max() > IMBALANCE_RATIO * present.min():
-        big, small = int(np.argmax(np.where(counts > 0, counts, -1))), int(np.argmin(np.where(counts > 0, counts, np.inf)))
-        if config.class_weight is None or config.select_by == "top1":
-            warn(f"The training split is imbalanced: class '{cache.classes[big]}' has {int(counts[big])} rows, "
-                 f"'{cache.classes[small]}' {int(counts[small])} ({counts[big] / counts[small]:.1f}x). Top-1 "
-                 f"favours the large classes; consider class_weight=balanced select_by=balanced_accuracy.")
 
 
 def _summarize(per_seed: list[dict]) -> dict:

@@ -15,13 +15,14 @@ from torch import nn
 from .backbones import Backbone, load_backbone
 from .errors import BackboneError, ConfigError, SourceError
 from .devices import resolve_device, runnable_precision
+from . import layersets
 from .files import write_bytes
 from .outputs import check_output_file, reporting
 from .runs import Run, load_run
-from .preprocess import DecodeError, load_image
-from .sources import display_path, image_files
+from .preprocess import Augment, DecodeError, augmented_views, decode, resize_crop
+from .sources import content_hash, display_path, image_files
 from .validation import check_int
-from .taps import HostCopy, TappedForward, truncated_model
+from .taps import HostCopy, TappedForward
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +70,41 @@ class _Pipeline:
     def __init__(self, run: Run, bb: Backbone, device: torch.device) -> None:
         fp = run.meta["fingerprint"]
         self.layer = run.meta["layer"]
+        self.members = layersets.members(self.layer)
         #: The cache's precision where this device runs it natively (bf16 recorded on a GPU runs
         #: in fp32 on a CPU without native bf16: 18-30x faster, features differ by rounding only).
         self.precision, why = runnable_precision(fp["precision"], device)
         if why:
             log.warning("features of this run were extracted at %s; on %s %s", fp["precision"], device, why)
-        self.forward = TappedForward(bb, [self.layer], fp["pool"], device=device, precision=self.precision,
+        self.forward = TappedForward(bb, self.members, fp["pool"], device=device, precision=self.precision,
                                      channels_last=fp["channels_last"])
         # Rounded to the cache's dtype, as the head saw its training features.
-        self.host = HostCopy([self.layer], fp["dtype"], device)
+        self.host = HostCopy(self.members, fp["dtype"], device)
 
     def features(self, batch_uint8: np.ndarray) -> np.ndarray:
         out = self.forward(torch.from_numpy(batch_uint8))
         feats, _ = self.host.finish(self.host.start(out, len(batch_uint8)))
-        return feats[0].astype(np.float32)
+        return layersets.join(feats) if len(feats) > 1 else feats[0].astype(np.float32)
+
+
+def _tta_augment(run: Run, tta: int) -> Augment | None:
+    """The augmentation of test-time views: the cache's own (``extract --views``) when it had one,
+    so that view k of an image is the very crop the head trained on, else the default crops."""
+    if isinstance(tta, bool) or not isinstance(tta, int) or tta < 0:
+        raise ConfigError(f"The 'tta' option must be an int >= 0 (views per image). Got {tta!r}.")
+    if tta == 0:
+        return None
+    cached = dict(run.meta["fingerprint"].get("augment") or {})
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cached.items() if k in ("scale", "ratio", "flip", "seed")}
+    return Augment(views=tta, **fields)
 
 
 def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: int = 5, batch_size: int = 32,
-            device: str = "auto", weights: str | None = None) -> list[dict]:
+            device: str = "auto", weights: str | None = None, tta: int = 0) -> list[dict]:
     """Classify image files with a saved run: the run's backbone, layer, transform and head.
+
+    With ``tta=K`` each image's probabilities are the mean over the image and K augmented views
+    (random-resized crops and flips, seeded by the image's content as ``extract --views`` does).
 
     Returns
     -------
@@ -99,17 +116,22 @@ def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: 
         raise ConfigError(f"The 'top' option must be an int >= 1. Got {top!r}.")
     check_int("batch_size", batch_size)
     run = load_run(run_dir)
+    aug = _tta_augment(run, tta)
     bb = _backbone_for(run, weights)
     pipe = _Pipeline(run, bb, resolve_device(device))
     files = expand_paths(paths)
     results: list[dict] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        arrays, ok = [], []
+        arrays, views, ok = [], [], []
         for f in chunk:
             try:
                 with open(f, "rb") as fh:
-                    arrays.append(load_image(fh.read(), bb.preprocess))
+                    data = fh.read()
+                img = decode(data, bb.preprocess)
+                arrays.append(resize_crop(img, bb.preprocess))
+                if aug is not None:
+                    views.append(augmented_views(img, bb.preprocess, aug, content_hash(data)))
                 ok.append(f)
             except (OSError, DecodeError) as e:
                 results.append({"path": display_path(f), "label": None, "probability": None, "top": [],
@@ -117,6 +139,10 @@ def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: 
         if not arrays:
             continue
         proba = run.predict_proba(pipe.features(np.stack(arrays)))
+        if aug is not None:
+            v = np.concatenate(views)  # image by image, K views each
+            pv = run.predict_proba(pipe.features(v)).reshape(len(arrays), aug.views, -1)
+            proba = (proba + pv.sum(1)) / (1 + aug.views)
         for f, p in zip(ok, proba):
             order = np.argsort(-p)[:top]
             tops = [{"label": run.classes[i], "probability": float(p[i])} for i in order]
@@ -134,7 +160,7 @@ class ExportedModel(nn.Module):
 
     def __init__(self, run: Run, bb: Backbone) -> None:
         super().__init__()
-        self.features = truncated_model(bb, run.meta["layer"], run.meta["fingerprint"]["pool"])
+        self.features = layersets.truncated_model(bb, run.meta["layer"], run.meta["fingerprint"]["pool"])
         # The tail head reads the spatial activations themselves: no flattening transform.
         self.transform = nn.Identity() if run.transform.identity else run.transform.to_torch()
         self.head = run.head.to_torch()
@@ -142,9 +168,13 @@ class ExportedModel(nn.Module):
         index = torch.as_tensor(np.asarray(run.head.classes_, dtype=np.int64))
         self.register_buffer("index", index)
         self.n_classes = n
+        #: The run's calibration temperature: softmax(scores / T) is predict's calibrated probabilities.
+        self.temperature = float(run.temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.head(self.transform(self.features(x)))
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
         if scores.shape[1] == self.n_classes:
             return scores
         # Classes absent from training get -inf logits (probability 0, as in predict).

@@ -15,6 +15,8 @@ from safetensors.numpy import load_file, save
 from .artifacts import load_head, save_head
 from .errors import CacheError, ConfigError, HeadError
 from .files import write_bytes, write_json, write_text
+from . import layersets
+from .calibration import apply_temperature, temperature_of
 from .metrics import expand_proba, split_metrics
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
@@ -96,9 +98,15 @@ class Run:
         return self.meta["classes"]
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities over all the run's classes, shape (n_samples, n_classes)."""
+        """Probabilities over all the run's classes, shape (n_samples, n_classes), calibrated by the
+        run's temperature (:mod:`featcache.calibration`)."""
         p = self.head.predict_proba(self.transform.transform(features.reshape(len(features), -1)))
-        return expand_proba(p, self.head.classes_, len(self.classes))
+        return apply_temperature(expand_proba(p, self.head.classes_, len(self.classes)), self.temperature)
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on the eval split (1.0: none)."""
+        return temperature_of(self.meta)
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -147,8 +155,7 @@ def check_compatible(run: Run, cache: FeatureCache) -> None:
                 f"({json.dumps(fp.get(key))} vs {json.dumps(run.meta['fingerprint'].get(key))}). Extract the "
                 f"data with the same backbone, weights and preprocessing."
             )
-    if run.meta["layer"] not in cache.layers:
-        raise CacheError(f"Cache '{cache.path.name}' has no layer '{run.meta['layer']}', which the run's head reads.")
+    layersets.check_cached(cache, run.meta["layer"])
     extra = [c for c in cache.classes if c not in run.classes]
     if extra:
         raise CacheError(
@@ -173,7 +180,7 @@ def evaluate(run_dir: str | os.PathLike, cache: str | os.PathLike) -> dict:
         for split in c.splits:
             if c.n(split) == 0:
                 continue
-            X, y = c.load(split, run.meta["layer"])
+            X, y = layersets.load(c, split, run.meta["layer"])
             y = to_run[y]
             out[split] = split_metrics(y, run.predict_proba(X), run.classes)
             present = set(y.tolist())

@@ -25,13 +25,20 @@ class FeatureTransform:
     (statistics accumulated in chunks; PCA needs the data in memory).
     """
 
-    def __init__(self, normalize: str = "none", pca: int | None = None) -> None:
+    def __init__(self, normalize: str = "none", pca: int | None = None,
+                 blocks: tuple[int, ...] | None = None) -> None:
         if normalize not in NORMALIZE:
             raise ConfigError(f"The 'normalize' option must be one of {', '.join(NORMALIZE)}. Got {normalize!r}.")
+        if blocks is not None and normalize != "standard":
+            raise ConfigError(f"A layer set is standardised layer by layer; normalize={normalize!r} does not apply. "
+                              f"Drop the 'normalize' option (or pass normalize=standard).")
         if pca is not None and (isinstance(pca, bool) or not isinstance(pca, int) or pca < 1):
             raise ConfigError(f"The 'pca' option must be an int >= 1. Got {pca!r}.")
         self.normalize = normalize
         self.pca = pca
+        #: Widths of the joined layers of a layer set (each block weighted by
+        #: :func:`featcache.layersets.block_scales`); None for one layer.
+        self.blocks = tuple(int(b) for b in blocks) if blocks is not None else None
         self.mean_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
         self.components_: np.ndarray | None = None
@@ -66,6 +73,14 @@ class FeatureTransform:
             var = np.maximum(s2 / n - mean * mean, 0)
             self.mean_ = mean.astype(np.float32)
             self.scale_ = np.where(var > 1e-12, np.sqrt(var), 1.0).astype(np.float32)
+            if self.blocks is not None:
+                from .layersets import block_scales
+
+                if sum(self.blocks) != len(self.scale_):
+                    raise ConfigError(f"The layer set's widths {self.blocks} do not add up to its {len(self.scale_)} "
+                                      f"features.")
+                # Folded into scale_: the saved transform, predict and export apply it unchanged.
+                self.scale_ = (self.scale_ / block_scales(self.blocks)).astype(np.float32)
         if self.pca is not None:
             if not isinstance(X, np.ndarray):
                 raise ConfigError("The 'pca' option needs the training features in memory; raise the 'max_memory' option.")
@@ -92,11 +107,14 @@ class FeatureTransform:
     def get_state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {k: getattr(self, k) for k in ("mean_", "scale_", "components_", "pca_mean_")
                   if getattr(self, k) is not None}
-        return arrays, {"normalize": self.normalize, "pca": self.pca, "pca_components": self.n_components_}
+        meta = {"normalize": self.normalize, "pca": self.pca, "pca_components": self.n_components_}
+        if self.blocks is not None:
+            meta["blocks"] = list(self.blocks)
+        return arrays, meta
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> "FeatureTransform":
-        t = cls(meta.get("normalize", "none"), meta.get("pca"))
+        t = cls(meta.get("normalize", "none"), meta.get("pca"), meta.get("blocks"))
         for k, v in arrays.items():
             if k not in ("mean_", "scale_", "components_", "pca_mean_"):
                 raise ConfigError(f"Unknown transform array '{k}'.")

@@ -15,6 +15,7 @@ from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError, HeadError
+from featcache import layersets
 from featcache.fit import fit_head, parse_grid
 from featcache.runs import evaluate, load_run
 from featcache.heads import HEADS
@@ -417,11 +418,12 @@ def test_pca_records_the_components_it_kept(odd_cache, tmp_path):
 
 
 def test_imbalance_is_named_with_the_options_that_answer_it(odd_cache, tmp_path):
-    res = fit_head(odd_cache, head="ncm", output=str(tmp_path / "r"))
+    res = fit_head(odd_cache, head="ncm", select_by="top1", output=str(tmp_path / "r"))
     warning = ("The training split is imbalanced: class '0' has 30 rows, '2' 6 (5.0x). Top-1 favours the large "
                "classes; consider class_weight=balanced select_by=balanced_accuracy.")
     assert warning in res.warnings
-    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--json", "-o", str(tmp_path / "c")])
+    r = CliRunner().invoke(main, ["fit-head", odd_cache, "--head", "ncm", "--select-by", "top1", "--json",
+                                  "-o", str(tmp_path / "c")])
     assert any("consider --class-weight balanced --select-by balanced_accuracy." in w
                for w in json.loads(r.stdout)["warnings"])
     ok = fit_head(odd_cache, head="logreg", class_weight="balanced", select_by="balanced_accuracy",
@@ -429,6 +431,8 @@ def test_imbalance_is_named_with_the_options_that_answer_it(odd_cache, tmp_path)
     assert not any("imbalanced" in w for w in ok.warnings)
     assert ok.best["select_by"] == "balanced_accuracy"
     assert ok.best["score"] == pytest.approx(ok.metrics["val"]["balanced_accuracy"])
+    adapted = fit_head(odd_cache, head="ncm", output=str(tmp_path / "d"))  # selects by balanced accuracy itself
+    assert not any("imbalanced" in w for w in adapted.warnings) and adapted.best["select_by"] == "balanced_accuracy"
     with pytest.raises(ConfigError, match="The 'select_by' option must be one of top1, balanced_accuracy"):
         fit_head(odd_cache, head="logreg", select_by="f1", output=str(tmp_path / "x"))
 
@@ -554,20 +558,20 @@ def test_layers_swept_with_the_regularisation(digits_cache, tmp_path):
                     cache_dir=str(tmp_path / "c"), dtype="float32").cache
     res = fit_head(cache, head="ridge", layer="all", output=str(tmp_path / "r"))
     table = {r["layer"]: r for r in res.best["layers"]}
-    assert set(table) == {"layer2", "layer4"}
+    assert list(table) == ["layer2", "layer4", "layer2+layer4"]  # the two layers, then the adjacent run
     assert res.best["layer"] == max(table, key=lambda k: (table[k]["score"], -table[k]["log_loss"]))
     assert res.best["score"] == table[res.best["layer"]]["score"] == res.metrics["val"]["top1"]
-    assert {r["layer"] for r in res.sweep} == {"layer2", "layer4"}
+    assert {r["layer"] for r in res.sweep} == set(table)
     run = load_run(res.run)
     assert run.meta["layer"] == res.best["layer"]
     with open_cache(cache) as c:
-        X, y = c.load("val", res.best["layer"])
-        width = c.features("train", res.best["layer"]).shape[1]
+        X, y = layersets.load(c, "val", res.best["layer"])
+        width = layersets.load(c, "train", res.best["layer"])[0].shape[1]
     assert run.transform.mean_.shape == (width,)  # standardised on the chosen layer alone
     assert float(np.mean(run.predict_proba(X).argmax(1) == y)) == res.best["score"]
     csv = (Path(res.run) / "sweep.csv").read_text().splitlines()
     assert csv[0] == "layer,alpha,top1,log_loss" and len(csv) == len(res.sweep) + 1
-    same = fit_head(cache, head="ridge", layer="layer4,layer2", output=str(tmp_path / "r2"))
+    same = fit_head(cache, head="ridge", layer="layer4,layer2,layer2+layer4", output=str(tmp_path / "r2"))
     assert same.best["layer"] == res.best["layer"]
     r = CliRunner().invoke(main, ["fit-head", cache, "--head", "ridge", "--layer", "all", "-o", str(tmp_path / "cli")])
     assert r.exit_code == 0 and f"ridge: best alpha={res.best['value']:g} on layer {res.best['layer']}" in r.output
@@ -613,7 +617,8 @@ def test_extract_and_fit_every_layer_of_the_real_data(real_data, lite0_available
     assert r.exit_code == 0, r.output
     best = json.loads(r.stdout)["best"]
     table = {row["layer"]: row for row in best["layers"]}
-    assert list(table) == [f"stage{i}" for i in range(1, 8)] + ["pre_logits"]
+    singles = [f"stage{i}" for i in range(1, 8)] + ["pre_logits"]
+    assert list(table) == singles + layersets.adjacent_runs(singles)
     assert best["score"] == max(row["score"] for row in table.values()) == table[best["layer"]]["score"]
     assert best["value"] == table[best["layer"]]["value"] and "grid_extended" in best and "at_bound" in best
     assert best["score"] >= 0.93

@@ -29,7 +29,9 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.argument("cache", type=click.Path())
 @click.option("--head", default="logreg", show_default=True, help="Head name (see 'featcache heads').")
 @click.option("--layer", default=None,
-              help="Cached layer to fit on (default: the first); 'all' or a comma list sweeps the layers too.")
+              help="Cached layer to fit on, or layers joined with '+' (stage5+stage6); 'all' or a comma list "
+                   "sweeps them too ('all': every layer and every run of 2-4 adjacent layers). Default: the "
+                   "first layer, or each layer swept on a cache of several layers and a small training split.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default=None,
               help="Split the sweep is scored on (default: val when present, else k-fold on train); "
@@ -39,9 +41,18 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--pca", type=int, default=None, help="Reduce to N principal components (fitted on train).")
 @click.option("--C", "--grid", "grid", default=None,
               help="Regularisation grid: 0.01,0.1,1 or logspace:-4:4:13 (default: the head's own).")
-@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weigh classes by inverse frequency.")
+@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
+              help="Weigh classes by inverse frequency, or 'none' for equal weights (default: balanced on an "
+                   "imbalanced training split).")
 @click.option("--select-by", type=click.Choice(["top1", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss"]),
-              default="top1", show_default=True, help="Metric the sweep selects on.")
+              default=None, help="Metric the sweep selects on (default: balanced_accuracy on an imbalanced training "
+                                 "split, else top1).")
+@click.option("--adapt/--no-adapt", default=True, show_default=True,
+              help="Choose the options not given (layer, class weights, selection metric) from the data; each "
+                   "choice is printed and recorded in best.adapted.")
+@click.option("--train-views", is_flag=True,
+              help="Train on the cached augmented views too (extract --views K): K extra rows per image, grouped "
+                   "with it (heads of vectors).")
 @click.option("--extend-grid/--no-extend-grid", default=True, show_default=True,
               help="Extend the grid a decade at a time while the best value sits at an end.")
 @click.option("--threads", type=int, default=None,
@@ -68,9 +79,9 @@ def _head_options(pairs: tuple[str, ...]) -> dict:
                    '"seconds", "warnings"}.')
 @fail_cleanly(interrupted="Stopped (Ctrl-C) before the fit finished; no run was written (an existing one is "
                           "unchanged).")
-def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by,
-             extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr, batch_size,
-             patience, opts, output, overwrite, runs_dir, quiet, as_json) -> None:
+def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, class_weight, select_by, adapt,
+             train_views, extend_grid, threads, seed, refit_on_trainval, shots, seeds, cv, max_memory, epochs, lr,
+             batch_size, patience, opts, output, overwrite, runs_dir, quiet, as_json) -> None:
     """Fit a head on CACHE: sweep its regularisation, keep the model that scored best, score every other split.
 
     With --head tail, CACHE holds the activations at a freeze boundary (extract --layer B --pool none):
@@ -93,7 +104,8 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
                        extend_grid=extend_grid, threads=threads, seed=seed,
                        refit_on_trainval=refit_on_trainval, shots=shots, seeds=seeds, cv=cv,
                        max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
-                       runs_dir=runs_dir, overwrite=overwrite)
+                       runs_dir=runs_dir, overwrite=overwrite, adapt=adapt,
+                       train_views=train_views)
     fit_log = logging.getLogger("featcache.fit")
     level = fit_log.level
     fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
@@ -109,6 +121,8 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
         return
     for w in res.warnings:
         click.echo(f"Warning: {w}", err=True)
+    for line in res.best.get("adapted", []):
+        click.echo(f"Adapted: {flag_names(line)}")
     _print_fit(res, shots, seeds)
 
 
@@ -202,9 +216,11 @@ def evaluate(run_dir, cache, as_json) -> None:
               help="Backbone weights file, if the run's original file moved.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write predictions to a .csv or .json file.")
+@click.option("--tta", type=int, default=0, show_default=True,
+              help="Test-time augmentation: average the probabilities of the image and K augmented views.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [{"path", "label", "probability", "top"}]}.')
 @fail_cleanly(interrupted="Stopped (Ctrl-C) before every image was classified; nothing was written.")
-def predict(run_dir, images, top, batch_size, device, weights, output, as_json) -> None:
+def predict(run_dir, images, top, batch_size, device, weights, output, tta, as_json) -> None:
     """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
     from ..predict import predict as run
 
@@ -214,7 +230,7 @@ def predict(run_dir, images, top, batch_size, device, weights, output, as_json) 
         from ..outputs import check_output_file
 
         check_output_file(output, overwrite=True, suffixes=(".csv", ".json"))
-    preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights)
+    preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights, tta=tta)
     if output:
         _write_predictions(preds, output)
     if as_json:

@@ -1,0 +1,81 @@
+"""Temperature calibration fitted on the eval split: ECE before / after in ``best.calibration``, and
+the calibrated probabilities in the metrics, ``Run.predict_proba``, predict and export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss
+
+from conftest import make_image_folder
+from featcache import extract, open_cache
+from featcache.calibration import apply_temperature, expected_calibration_error, fit_temperature
+from featcache.fit import fit_head
+from featcache.metrics import expand_proba
+from featcache.runs import evaluate, load_run
+
+
+def _overconfident(n=600, seed=0):
+    """Labels drawn from p, reported as p sharpened (p ** 3): an overconfident model."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 3))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    return apply_temperature(p, 1 / 3), y
+
+
+def test_temperature_undoes_overconfidence():
+    q, y = _overconfident()
+    t = fit_temperature(q, y)
+    assert t == pytest.approx(3.0, rel=0.25)
+    assert expected_calibration_error(apply_temperature(q, t), y) < expected_calibration_error(q, y) / 2
+    assert np.array_equal(apply_temperature(q, t).argmax(1), q.argmax(1))  # accuracy unchanged
+    np.testing.assert_allclose(apply_temperature(q, 1.0), q)
+
+
+def test_a_separated_eval_split_keeps_the_probabilities():
+    # Every row right: the log-loss falls as T -> 0, so T would sit at its lower bound. Keep 1.
+    y = np.array([0, 1, 2] * 20)
+    p = np.full((60, 3), 0.2)
+    p[np.arange(60), y] = 0.6
+    assert fit_temperature(p, y) == 1.0
+
+
+def test_ece_of_a_confident_and_right_model_is_zero():
+    y = np.array([0, 1, 1, 0])
+    assert expected_calibration_error(np.eye(2)[y], y) == 0.0
+    assert expected_calibration_error(np.full((4, 2), 0.5), y) == pytest.approx(0.0)
+    assert expected_calibration_error(np.eye(2)[1 - y], y) == 1.0
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal")
+    folder = make_image_folder(root / "imgs", classes=("a", "b", "c"), per_class=8, splits=("train", "val", "test"))
+    return extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+                   cache_dir=str(root / "cache"), dtype="float32").cache
+
+
+def test_fit_head_calibrates_on_val_and_saves_the_temperature(cache, tmp_path):
+    res = fit_head(cache, head="logreg", grid=(1e4,), output=str(tmp_path / "r"))  # weak regularisation
+    cal = res.best["calibration"]
+    assert cal["fitted_on"] == "val" and set(cal["ece"]) == {"val", "test"}
+    assert cal["temperature"] != 1.0
+    assert cal["ece"]["val"]["after"] <= cal["ece"]["val"]["before"] + 1e-9
+    run = load_run(res.run)
+    assert run.temperature == cal["temperature"]
+    with open_cache(cache) as c:
+        X, y = c.load("val")
+    raw = expand_proba(run.head.predict_proba(run.transform.transform(X)), run.head.classes_, 3)
+    calibrated = run.predict_proba(X)
+    np.testing.assert_allclose(calibrated, apply_temperature(raw, cal["temperature"]), atol=1e-9)
+    assert res.metrics["val"]["log_loss"] == pytest.approx(log_loss(y, calibrated, labels=[0, 1, 2]), rel=1e-6)
+    assert res.metrics["val"]["log_loss"] <= log_loss(y, np.clip(raw, 1e-15, 1), labels=[0, 1, 2]) + 1e-9
+    assert evaluate(res.run, cache)["test"]["log_loss"] == pytest.approx(res.metrics["test"]["log_loss"])
+
+
+def test_no_calibration_without_an_eval_split_or_after_a_refit(cache, tmp_path):
+    kfold = fit_head(cache, head="ridge", eval_split="none", output=str(tmp_path / "k"))
+    assert "calibration" not in kfold.best and load_run(kfold.run).temperature == 1.0
+    refit = fit_head(cache, head="logreg", refit_on_trainval=True, output=str(tmp_path / "t"))
+    assert "calibration" not in refit.best
