@@ -18,26 +18,25 @@ from typing import Any, Callable
 import numpy as np
 from sklearn.base import clone
 
+from . import layersets
+from .adapt import NO_WEIGHTS, adapt_defaults, check_labels
+from .calibration import apply_temperature, calibrate
 from .errors import ConfigError, HeadError
 from .heads import HEADS, make_head
 from .heads.base import BaseHead
-from .calibration import apply_temperature, calibrate
-from .adapt import NO_WEIGHTS, adapt_defaults, check_labels
 from .heads.monitor import training_monitor
-from .view_rows import with_views
-from . import layersets
-from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
 from .intervals import bootstrap_intervals
+from .metrics import SELECT_BY, expand_proba, selection_scores, split_metrics
 from .outputs import RunFolder, claim_folder
 from .retrieval.leaks import note_eval_leaks
 from .runs import rows_digest, save_run
-from .validation import check_choice, check_int, check_memory
 from .runtime import head_threads
 from .store import FeatureCache, open_cache
 from .transform import FeatureTransform
+from .validation import check_choice, check_int, check_memory
+from .view_rows import with_views
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,7 @@ class FitConfig:
     head: str = "logreg"
     layer: str | None = None
     train_split: str = "train"
-    #: Split the sweep is scored on; None: val when present; "none": k-fold on the training split.
-    #: Never test, nor the training split itself.
+    #: Sweep scored on: None = val when present; "none" = k-fold on train. Never test nor train itself.
     eval_split: str | None = None
     normalize: str = "standard"
     pca: int | None = None

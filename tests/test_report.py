@@ -414,7 +414,7 @@ def real_reports(tmp_path_factory) -> dict[str, Path]:
     return {kind: write_report(root / kind, root / "html" / f"{kind}.html") for kind in ("run", "bench", "layers")}
 
 
-@pytest.mark.parametrize("kind, plots_drawn", [("run", 2), ("bench", 3), ("layers", 1)])
+@pytest.mark.parametrize("kind, plots_drawn", [("run", 2), ("bench", 4), ("layers", 1)])
 def test_report_renders_in_chromium(kind, plots_drawn, real_reports, tmp_path):
     """What a person sees: a page with text, tables and every plot drawn, and no '?' for a value."""
     need_chromium()
