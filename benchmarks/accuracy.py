@@ -132,7 +132,7 @@ def _detail(r: dict) -> str:
             f"auc {r['test_auc']:.4f}; layer {r['layer']}"
             + (f"; T {cal['temperature']:.3f}, test ECE {ece['before']:.3f} -> {ece['after']:.3f}" if ece else "")
             + (f"; adapted: {' | '.join(r['adapted'])}" if r["adapted"] else "")
-            + f"; {r['seconds']:.1f} s (loaded machine: not a timing)")
+            + f"; {r['seconds']:.1f} s fit")
 
 
 def run() -> list[Row]:

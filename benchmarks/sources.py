@@ -47,7 +47,7 @@ def reencoded_folder(out: Path) -> Path:
         (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
         for q in QUALITIES:
             buf = io.BytesIO()
-            img.save(buf, quality=q)
+            img.save(buf, format="JPEG", quality=q)
             (tmp / rel.parent / f"{p.stem}_q{q}.jpg").write_bytes(buf.getvalue())
     tmp.rename(out)
     return out
