@@ -32,6 +32,16 @@ def make_image_folder(root: Path, *, classes=("cat", "dog"), per_class=6, splits
     return root
 
 
+def make_three_class_cache(root: Path, *, per_class: int) -> str:
+    """A float32 cache of random resnet18 at 32 px over three classes in train/val/test."""
+    from featcache import extract
+
+    folder = make_image_folder(root / "imgs", classes=("a", "b", "c"), per_class=per_class,
+                               splits=("train", "val", "test"))
+    return extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
+                   cache_dir=str(root / "cache"), dtype="float32").cache
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")

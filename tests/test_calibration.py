@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from conftest import make_image_folder
-from featcache import extract, open_cache
+from conftest import make_three_class_cache
+from featcache import open_cache
 from featcache.calibration import apply_temperature, expected_calibration_error, fit_temperature
 from featcache.fit import fit_head
 from featcache.metrics import expand_proba
@@ -50,10 +50,7 @@ def test_ece_of_a_confident_and_right_model_is_zero():
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cal")
-    folder = make_image_folder(root / "imgs", classes=("a", "b", "c"), per_class=8, splits=("train", "val", "test"))
-    return extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
-                   cache_dir=str(root / "cache"), dtype="float32").cache
+    return make_three_class_cache(tmp_path_factory.mktemp("cal"), per_class=8)
 
 
 def test_fit_head_calibrates_on_val_and_saves_the_temperature(cache, tmp_path):

@@ -109,13 +109,9 @@ def test_the_detectable_difference_line():
 
 @pytest.fixture(scope="module")
 def cache3(tmp_path_factory):
-    from conftest import make_image_folder
-    from featcache import extract
+    from conftest import make_three_class_cache
 
-    root = tmp_path_factory.mktemp("ci")
-    folder = make_image_folder(root / "imgs", classes=("a", "b", "c"), per_class=6, splits=("train", "val", "test"))
-    return extract(str(folder), backbone="resnet18.none", input_size=32, num_workers=0,
-                   cache_dir=str(root / "cache"), dtype="float32").cache
+    return make_three_class_cache(tmp_path_factory.mktemp("ci"), per_class=6)
 
 
 def test_fit_head_reports_intervals_in_json_table_and_metrics_json_and_saves_its_predictions(cache3, tmp_path):
