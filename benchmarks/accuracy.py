@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache import extract
-from featcache.fit import fit_head
-from featcache.store import open_cache
+from featcache.runs.fit import fit_head
+from featcache.store.cache import open_cache
 
 from .common import WORK, Row, require_real_data
 

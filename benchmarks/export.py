@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache_writer import CacheWriter
-from featcache.store import CacheFingerprint
+from featcache.store.writer import CacheWriter
+from featcache.store.cache import CacheFingerprint
 
 from .common import WORK, Row, require_real_data
 
@@ -100,7 +100,7 @@ def index_recall(n: int = 1_000_000, dim: int = 768, queries: int = 1000) -> lis
     build_index(cache, WORK / "index" / "approx", index_factory=factory)
     t_build = time.perf_counter() - t
     build_index(cache, WORK / "index" / "exact", index_factory="Flat")
-    from featcache.store import open_cache
+    from featcache.store.cache import open_cache
 
     with open_cache(cache) as c:
         q = c.load("val", "x")[0]

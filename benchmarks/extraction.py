@@ -19,18 +19,18 @@ import numpy as np
 import torch
 
 from featcache import extract, load_backbone, open_cache
-from featcache.loading import DecodeDataset, collate, plan_rows
+from featcache.extraction.loading import DecodeDataset, collate, plan_rows
 from featcache.sources import open_source
 
 from .common import WORK, Row, require_real_data
 
 BACKBONE = "efficientnet_lite0"
 #: featcache's default batch size on this device (8 on a CPU); the bare loop uses the same.
-BATCH = __import__("featcache.plan", fromlist=["x"]).default_batch_size(torch.device("cpu"))
+BATCH = __import__("featcache.extraction.plan", fromlist=["x"]).default_batch_size(torch.device("cpu"))
 
 
 def _bare_model():
-    from featcache.taps import fold_batchnorm_checked
+    from featcache.backbones.taps import fold_batchnorm_checked
 
     bb = load_backbone(BACKBONE)
     model, _ = fold_batchnorm_checked(bb.model, bb.preprocess.crop)  # the same model featcache runs
@@ -191,7 +191,7 @@ def bf16_vs_fp32() -> Row:
         with open_cache(cache) as c:
             accs.append(_best_probe(*c.load("train"), *c.load("val")))
             n_val = c.n("val")
-    from featcache.devices import cpu_has_fast_bf16
+    from featcache.common.devices import cpu_has_fast_bf16
 
     native = "native bf16" if cpu_has_fast_bf16() else "no native bf16 (AVX512-BF16/AMX): emulated"
     return Row("extract --precision bf16 / fp32 (compute phase), hymenoptera", r16 / r32, "report (auto picks the faster)",
@@ -257,7 +257,7 @@ def tutorial_loop_vs_defaults() -> list[Row]:
 
 
 def run() -> list[Row]:
-    from featcache.runtime import tune_allocator
+    from featcache.common.runtime import tune_allocator
 
     tune_allocator()  # the bare loops get the same malloc settings as featcache's extraction
     return [npz_vs_bare_forward(), *jpeg_vs_combined_ceiling(), *tutorial_loop_vs_defaults(), compile_vs_eager(),

@@ -12,8 +12,8 @@ import shutil
 import time
 
 from featcache import extract
-from featcache.finetune import finetune
-from featcache.fit import fit_head
+from featcache.runs.finetuning import finetune
+from featcache.runs.fit import fit_head
 
 from .common import WORK, Row, require_real_data
 

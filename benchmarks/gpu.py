@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from featcache import extract
-from featcache.devices import default_workers
-from featcache.plan import ExtractConfig, default_batch_size, prepare
-from featcache.loading import DecodeDataset, batches, collate, plan_rows
+from featcache.common.devices import default_workers
+from featcache.extraction.plan import ExtractConfig, default_batch_size, prepare
+from featcache.extraction.loading import DecodeDataset, batches, collate, plan_rows
 from featcache.sources import open_source
-from featcache.taps import TappedForward
+from featcache.backbones.taps import TappedForward
 
 SMOKE = os.environ.get("FEATCACHE_GPU_SMOKE") == "1"
 OUT = Path(os.environ.get("OUT") or "/tmp/featcache-gpu")

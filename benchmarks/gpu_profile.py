@@ -24,8 +24,8 @@ import torch
 
 from benchmarks import gpu
 from featcache import extract
-from featcache.loading import DecodeDataset, DeviceDecoded, batches, collate, plan_rows
-from featcache.plan import ExtractConfig, default_batch_size, prepare
+from featcache.extraction.loading import DecodeDataset, DeviceDecoded, batches, collate, plan_rows
+from featcache.extraction.plan import ExtractConfig, default_batch_size, prepare
 from featcache.sources import content_hash, open_source
 
 N = int(os.environ.get("FEATCACHE_PROFILE_IMAGES", 64 if gpu.SMOKE else 3000))
@@ -102,7 +102,7 @@ def device_decode_only(src, rows, pp, batch: int) -> None:
     """nvJPEG alone: encoded batches already in memory, decoded (and resized) on the device."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from featcache.preprocess import decode_on_device, encoded_jpeg
+    from featcache.backbones.preprocess import decode_on_device, encoded_jpeg
 
     items = [encoded_jpeg(src.read(r.ref)[0], pp) for r in rows[: 10 * batch]]
     groups = [items[i:i + batch] for i in range(0, len(items), batch)]
@@ -124,10 +124,10 @@ def device_decode_only(src, rows, pp, batch: int) -> None:
 
 def profiled_extract(data, label: str, one_thread: bool = False, **extra) -> None:
     """One extraction under cProfile; ``one_thread``: samples read in one main-process thread, as
-    before the first GPU run set :func:`featcache.devices.main_process_decode_threads`."""
+    before the first GPU run set :func:`featcache.common.devices.main_process_decode_threads`."""
     import importlib
 
-    extract_module = importlib.import_module("featcache.extract")  # featcache.extract is the function
+    extract_module = importlib.import_module("featcache.extraction.pipeline")  # featcache.extraction.pipeline is the function
 
     cache = gpu.SCRATCH / "profile-cache"
     shutil.rmtree(cache, ignore_errors=True)

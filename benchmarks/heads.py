@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from featcache import extract, load_backbone, open_cache
-from featcache.fit import fit_head
+from featcache.runs.fit import fit_head
 from featcache.heads import make_head
 
 from .common import WORK, Row, median_time, require_real_data

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.intervals import CI_METRICS, bootstrap_intervals
-from featcache.metrics import classification_metrics
+from featcache.metrics.intervals import CI_METRICS, bootstrap_intervals
+from featcache.metrics.scores import classification_metrics
 
 from .common import Row, median_time
 

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from featcache.devices import cpu_has_fast_bf16
-from featcache.plan import ExtractConfig, prepare
-from featcache.runtime import tune_allocator
-from featcache.taps import TappedForward
+from featcache.common.devices import cpu_has_fast_bf16
+from featcache.extraction.plan import ExtractConfig, prepare
+from featcache.common.runtime import tune_allocator
+from featcache.backbones.taps import TappedForward
 
 from .common import Row
 

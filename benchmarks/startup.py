@@ -29,8 +29,8 @@ RUNS = 5
 #: before the cache is looked for.
 _BUILD_THEN_HIT = """
 import torchvision
-from featcache.extract import run_prepared
-from featcache.plan import ExtractConfig, prepare
+from featcache.extraction.pipeline import run_prepared
+from featcache.extraction.plan import ExtractConfig, prepare
 res = run_prepared(prepare({source!r}, ExtractConfig(**{options!r})))
 assert res.cache_hit, res
 """

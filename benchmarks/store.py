@@ -19,7 +19,7 @@ import time
 import h5py
 import numpy as np
 
-from featcache.store import CHUNK_BYTES
+from featcache.store.cache import CHUNK_BYTES
 
 from .common import WORK, Row, median_time
 

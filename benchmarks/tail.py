@@ -26,14 +26,14 @@ import torch
 
 from featcache import extract
 from featcache.backbones import load_backbone
-from featcache.cutting import assemble_tail, cut_at
-from featcache.devices import autocast, resolve_precision
-from featcache.finetune import finetune
-from featcache.fit import fit_head
+from featcache.backbones.cutting import assemble_tail, cut_at
+from featcache.common.devices import autocast, resolve_precision
+from featcache.runs.finetuning import finetune
+from featcache.runs.fit import fit_head
 from featcache.heads.tail import TailHead
-from featcache.runtime import head_threads
-from featcache.store import open_cache
-from featcache.training import adamw, param_groups
+from featcache.common.runtime import head_threads
+from featcache.store.cache import open_cache
+from featcache.heads.training import adamw, param_groups
 
 from .common import WORK, Row, require_real_data
 

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from featcache import extract
-from featcache.adapt import adapt_defaults, imbalance
+from featcache.runs.adapt import adapt_defaults, imbalance
 from featcache.cli import main
-from featcache.fit import FitConfig, fit_head
-from featcache.store import open_cache
+from featcache.runs.fit import FitConfig, fit_head
+from featcache.store.cache import open_cache
 
 
 def _npz(path, counts: dict[int, int], n_eval: int = 6):
@@ -98,7 +98,7 @@ def test_balanced_data_keeps_the_defaults(even, tmp_path):
 def test_large_or_shot_fits_keep_the_first_layer(skewed, monkeypatch):
     with open_cache(skewed) as c:
         assert adapt_defaults(c, FitConfig(), "val")[0].layer == "layer3,layer4"
-        monkeypatch.setattr("featcache.adapt.SMALL_ROWS", 47)  # 48 training rows: a "large" split
+        monkeypatch.setattr("featcache.runs.adapt.SMALL_ROWS", 47)  # 48 training rows: a "large" split
         config, lines = adapt_defaults(c, FitConfig(), "val")
         assert config.layer is None and config.class_weight == "balanced"
         config, lines = adapt_defaults(c, FitConfig(shots=2), "val")

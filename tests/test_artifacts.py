@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from sklearn.datasets import make_classification
 
-from featcache.artifacts import load_head, save_head
+from featcache.runs.artifacts import load_head, save_head
 from featcache.errors import ConfigError, HeadError
 from featcache.heads import HEADS, make_head
 
@@ -369,7 +369,7 @@ def test_export_refuses_other_suffixes_existing_files_and_unwritable_paths_befor
     run = _tiny_run(tmp_path)
     (cache,) = (tmp_path / "c").glob("*.h5")
     before = cache.read_bytes()
-    predict = importlib.import_module("featcache.predict")
+    predict = importlib.import_module("featcache.runs.inference")
     real_load_run = predict.load_run
     monkeypatch.setattr(predict, "load_run", lambda *a: pytest.fail("work started before the output was checked"))
 
@@ -405,8 +405,8 @@ def test_the_exported_decoding_steps_reproduce_the_preprocessing_where_plain_pil
     from PIL import Image
 
     from featcache import load_export
-    from featcache.predict import export
-    from featcache.preprocess import Preprocess, load_image
+    from featcache.runs.inference import export
+    from featcache.backbones.preprocess import Preprocess, load_image
 
     run = _tiny_run(tmp_path)
     big = tmp_path / "big.jpg"

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import featcache.plan as plan_mod
+import featcache.extraction.plan as plan_mod
 from featcache import extract, open_cache
 from featcache.backbones import (FAMILIES, list_families, load_backbone, parse_backbone_spec,
                                  weights_sha256_without_building)
 from featcache.errors import ConfigError
-from featcache.fit import fit_head
-from featcache.predict import export, load_export, predict
-from featcache.preprocess import load_image
-from featcache.taps import list_layers
+from featcache.runs.fit import fit_head
+from featcache.runs.inference import export, load_export, predict
+from featcache.backbones.preprocess import load_image
+from featcache.backbones.taps import list_layers
 
 HF_KINDS = ("vit", "dinov2", "clip", "siglip", "convnext")
 SPECS = ["resnet18.none", "efficientnet_lite0.none", "timm:resnet18.none", *(f"hf:{k}" for k in HF_KINDS)]

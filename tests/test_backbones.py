@@ -8,8 +8,8 @@ import torch
 from featcache import extract, load_backbone, open_cache
 from featcache.backbones import BACKBONES, PRE_LOGITS, list_backbones
 from featcache.errors import BackboneError, ConfigError, WeightsUnavailableError
-from featcache.registry import Registry
-from featcache.taps import list_layers
+from featcache.common.registry import Registry
+from featcache.backbones.taps import list_layers
 
 
 def test_registry_rejects_duplicates_and_names_the_list_command():

@@ -29,10 +29,10 @@ from PIL import Image
 
 from featcache.cli import main
 from featcache.errors import SourceError
-from featcache.extract import extract
-from featcache.preprocess import DecodeError, Preprocess, decode, load_image
+from featcache.extraction.pipeline import extract
+from featcache.backbones.preprocess import DecodeError, Preprocess, decode, load_image
 from featcache.sources import ImageFolderSource
-from featcache.store import open_cache
+from featcache.store.cache import open_cache
 
 #: Tiny and fast: random weights, 32 px crops, no worker processes.
 FAST = dict(backbone="resnet18.none", input_size=32, batch_size=4, num_workers=0)

@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_image_folder
-from featcache.bench import RECORD_KEYS, BenchConfig, read_records, run_bench
+from featcache.runs.bench import RECORD_KEYS, BenchConfig, read_records, run_bench
 from featcache.cli import main
 from featcache.errors import ConfigError
-from featcache.probe_layers import probe_layers, recommend
+from featcache.runs.probe import probe_layers, recommend
 
 EXTRACT = {"input_size": 32, "num_workers": 0, "dtype": "float32"}
 
@@ -119,7 +119,7 @@ def test_recommend_prefers_the_deeper_layer_within_tolerance():
 
 
 def test_probe_layers_taps_every_stage_in_one_pass(tmp_path):
-    from featcache.plan import ExtractConfig
+    from featcache.extraction.plan import ExtractConfig
 
     folder = make_image_folder(tmp_path / "imgs", per_class=6)
     res = probe_layers("resnet18.none", str(folder), out_dir=tmp_path / "layers", head="ncm",
@@ -243,7 +243,7 @@ def test_probe_layers_checks_splits_head_and_pool_before_extracting(tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert len(out["layers"]) == 5 and {row["split"] for row in out["layers"]} == {"val"}
-    from featcache.store import open_cache
+    from featcache.store.cache import open_cache
 
     with open_cache(next(cache.glob("*.h5"))) as c:
         assert c.fingerprint["pool"] == "max" and c.fingerprint["source"]["val_fraction"] == 0.5
@@ -274,7 +274,7 @@ def test_seeded_heads_and_k_fold_sweeps_keep_every_seed_at_shots_0(tmp_path):
 
 
 def test_a_cache_hit_records_the_original_extraction_time(tmp_path):
-    from featcache.store import open_cache
+    from featcache.store.cache import open_cache
 
     grid = _small_grid(tmp_path)
     first = run_bench(grid, tmp_path / "a")
@@ -300,7 +300,7 @@ def test_the_leaderboard_ranks_on_the_held_out_test_split_and_names_it(tmp_path)
                        seeds=1, extract={**EXTRACT, "cache_dir": str(tmp_path / "cache")})
     out = tmp_path / "out"
     records = run_bench(grid, out)
-    from featcache.leaderboard import leaderboard
+    from featcache.reports.leaderboard import leaderboard
 
     rows = leaderboard(records)
     by_head = {r["head"]: r for r in records}
@@ -319,7 +319,7 @@ def test_without_a_test_split_the_table_says_it_shows_the_selection_split(tmp_pa
     md = (out / "leaderboard.md").read_text()
     assert "top-1 on val" in md.splitlines()[0]
     assert "No test split" in md and "selected" in md
-    from featcache.leaderboard import leaderboard
+    from featcache.reports.leaderboard import leaderboard
 
     assert leaderboard(records)[0]["held_out"] is False
 
@@ -330,7 +330,7 @@ def test_re_running_a_grid_replaces_its_records_instead_of_counting_them_twice(t
     run_bench(grid, out)
     again = run_bench(grid, out)
     assert len(again) == 3 and len(read_records(out)) == 3
-    from featcache.leaderboard import leaderboard
+    from featcache.reports.leaderboard import leaderboard
 
     assert [r["runs"] for r in leaderboard(again)] == [3]
     assert len((out / "records.jsonl").read_text().splitlines()) == 3

@@ -9,10 +9,10 @@ from sklearn.metrics import log_loss
 
 from conftest import make_three_class_cache
 from featcache import open_cache
-from featcache.calibration import apply_temperature, expected_calibration_error, fit_temperature
-from featcache.fit import fit_head
-from featcache.metrics import expand_proba
-from featcache.runs import evaluate, load_run
+from featcache.metrics.calibration import apply_temperature, expected_calibration_error, fit_temperature
+from featcache.runs.fit import fit_head
+from featcache.metrics.scores import expand_proba
+from featcache.runs.saved import evaluate, load_run
 
 
 def _overconfident(n=600, seed=0):

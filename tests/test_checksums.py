@@ -23,9 +23,9 @@ from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheDamagedError, CacheError
-from featcache.fit import fit_head
-from featcache.runs import evaluate
-from featcache.shards import shard_path
+from featcache.runs.fit import fit_head
+from featcache.runs.saved import evaluate
+from featcache.extraction.shards import shard_path
 
 TINY = dict(backbone="resnet18.none", input_size=32, batch_size=4, num_workers=0, dtype="float16",
             precision="fp32", device="cpu")
@@ -121,9 +121,9 @@ def test_extract_computes_damaged_rows_again_instead_of_a_cache_hit(extracted, c
 
 def test_only_the_batches_of_a_damaged_chunk_are_computed_again(tmp_path, monkeypatch):
     """With chunks of 2 rows, damage to rows 2-3 of val costs one batch of 4 (rows 0-3), not the split."""
-    import featcache.cache_writer
+    import featcache.store.writer
 
-    monkeypatch.setattr(featcache.cache_writer, "feature_chunks", lambda shape, itemsize, n: (2, *shape))
+    monkeypatch.setattr(featcache.store.writer, "feature_chunks", lambda shape, itemsize, n: (2, *shape))
     folder = make_image_folder(tmp_path / "imgs", per_class=4)
     first = extract(str(folder), **TINY, cache_dir=str(tmp_path / "cache"))
     with open_cache(first.cache) as c:

@@ -201,7 +201,7 @@ def test_finetune_runs_hold_out_val_report_and_are_refused_by_head_commands(tmp_
     folder = make_image_folder(tmp_path / "imgs", per_class=4, splits=("train",))
     ft = ["finetune", folder, "-b", "resnet18.none", "--freeze-until", "layer3", "--epochs", "1", "--batch-size", "4",
           "--input-size", "32"]
-    with caplog.at_level("WARNING", logger="featcache.finetune"):
+    with caplog.at_level("WARNING", logger="featcache.runs.finetuning"):
         r = run(*ft, "-o", tmp_path / "plain", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["metrics"] == {}
     assert (f"Source '{folder}' has no split besides train: the fine-tuned network will not be scored. Pass "
@@ -356,7 +356,7 @@ def test_a_bench_folder_another_process_writes_is_refused(fitted, tmp_path):
 def test_runs_named_in_the_same_second_get_folders_of_their_own(fitted, tmp_path, monkeypatch):
     import time
 
-    from featcache.fit import fit_head
+    from featcache.runs.fit import fit_head
 
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # both names are the same
     runs = [fit_head(fitted["cache"], head=head, runs_dir=str(tmp_path / "runs")).run for head in ("ncm", "ncm")]
@@ -367,7 +367,7 @@ def test_runs_named_in_the_same_second_get_folders_of_their_own(fitted, tmp_path
 def test_run_numbers_are_claimed_once_under_concurrency(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from featcache.outputs import claim_numbered
+    from featcache.runs.outputs import claim_numbered
 
     def claim(k: int) -> list[int]:
         return [claim_numbered(tmp_path, f"w{k}-{i}", 1)[0] for i in range(5)]
@@ -386,11 +386,11 @@ def test_ctrl_c_with_json_prints_one_json_object(fitted, tmp_path, monkeypatch, 
         raise KeyboardInterrupt
 
     module, name, args = {
-        "fit-head": ("fit", "fit_head", [fitted["cache"], "-o", tmp_path / "run"]),
-        "bench": ("bench", "run_bench", ["--backbones", "resnet18.none", "--sources", fitted["folder"], "-o",
+        "fit-head": ("runs.fit", "fit_head", [fitted["cache"], "-o", tmp_path / "run"]),
+        "bench": ("runs.bench", "run_bench", ["--backbones", "resnet18.none", "--sources", fitted["folder"], "-o",
                                          tmp_path / "b"]),
-        "predict": ("predict", "predict", [fitted["run"], fitted["folder"]]),
-        "finetune": ("finetune", "finetune", [fitted["folder"], "--freeze-until", "layer3", "-o", tmp_path / "run"]),
+        "predict": ("runs.inference", "predict", [fitted["run"], fitted["folder"]]),
+        "finetune": ("runs.finetuning", "finetune", [fitted["folder"], "--freeze-until", "layer3", "-o", tmp_path / "run"]),
     }[command]
     monkeypatch.setattr(importlib.import_module(f"featcache.{module}"), name, interrupted)
     out = json_error(command, *args)
@@ -426,7 +426,7 @@ def test_predict_checks_its_options_and_output_before_any_image_is_read(fitted, 
 
     out = json_error("predict", fitted["run"], fitted["folder"], "--batch-size", "0")
     assert out == {"error": "The --batch-size option must be an int >= 1. Got 0.", "type": "ConfigError"}
-    monkeypatch.setattr(importlib.import_module("featcache.predict"), "predict", lambda *a, **k: pytest.fail("predicted before checking -o"))
+    monkeypatch.setattr(importlib.import_module("featcache.runs.inference"), "predict", lambda *a, **k: pytest.fail("predicted before checking -o"))
     missing = tmp_path / "missing" / "dir" / "out.json"
     out = json_error("predict", fitted["run"], fitted["folder"], "-o", missing)
     assert out == {"error": f"Folder '{missing.parent}' does not exist. Create it first, or choose another output "
@@ -487,7 +487,7 @@ def test_an_overwrite_killed_between_its_two_renames_loses_no_run(tmp_path, capl
     """Replacing a run moves the old folder aside, then the new one into place: a kill between the
     two leaves the old run aside with nothing in its place; the next writer moves it back."""
     from featcache.errors import OutputError
-    from featcache.outputs import RunFolder
+    from featcache.runs.outputs import RunFolder
 
     aside = tmp_path / ".run.old-x1" / "run"
     aside.mkdir(parents=True)

@@ -315,7 +315,7 @@ def test_pipe_shards_are_read_from_a_command(folder, tmp_path, tiny, monkeypatch
 
 
 def test_finetune_and_bench_accept_the_new_specs(folder, tmp_path):
-    from featcache.finetune import finetune
+    from featcache.runs.finetuning import finetune
 
     shards = write_wds(folder, tmp_path / "s")
     res = finetune(f"wds:{shards}", backbone="resnet18.none", input_size=32, freeze_until="layer3", epochs=1,

@@ -21,16 +21,16 @@ import torch
 
 from conftest import make_image_folder
 from devices import DeviceMixError, StrictDevices
-from featcache import devices as devmod
+from featcache.common import devices as devmod
 from featcache import extract
 from featcache.backbones import load_backbone
 from featcache.errors import ConfigError
-from featcache.plan import ExtractConfig
-from featcache.loading import Batch, DeviceDecoded
-from featcache.taps import HostCopy, TappedForward, list_layers
+from featcache.extraction.plan import ExtractConfig
+from featcache.extraction.loading import Batch, DeviceDecoded
+from featcache.backbones.taps import HostCopy, TappedForward, list_layers
 
 META = torch.device("meta")
-plan_mod = importlib.import_module("featcache.plan")
+plan_mod = importlib.import_module("featcache.extraction.plan")
 
 
 def _fake_cuda(monkeypatch, count: int = 2, capability=(9, 0)):
@@ -66,9 +66,9 @@ def test_list_layers_probes_a_moved_model_on_its_device():
 
 
 def test_predict_pipeline_on_another_device(tmp_path, tiny, image_folder):
-    from featcache.fit import fit_head
-    from featcache.runs import load_run
-    from featcache.predict import _Pipeline, _backbone_for
+    from featcache.runs.fit import fit_head
+    from featcache.runs.saved import load_run
+    from featcache.runs.inference import _Pipeline, _backbone_for
 
     cache = extract(str(image_folder), **tiny).cache
     run = load_run(fit_head(cache, head="ncm", output=str(tmp_path / "run")).run)
@@ -87,7 +87,7 @@ def test_predict_pipeline_on_another_device(tmp_path, tiny, image_folder):
     ("auto", 5, 4, "cuda:1"),
 ])
 def test_rank_device_maps_local_rank_to_a_visible_gpu(monkeypatch, option, local_rank, count, expected):
-    from featcache.distributed import rank_device
+    from featcache.extraction.distributed import rank_device
 
     _fake_cuda(monkeypatch, count)
     device = rank_device(option, local_rank)
@@ -95,7 +95,7 @@ def test_rank_device_maps_local_rank_to_a_visible_gpu(monkeypatch, option, local
 
 
 def test_rank_device_cpu_is_gloo():
-    from featcache.distributed import rank_device
+    from featcache.extraction.distributed import rank_device
 
     device = rank_device("cpu", 1)
     assert device.type == "cpu" and devmod.distributed_backend(device) == "gloo"
@@ -112,7 +112,7 @@ def _torchrun_env(monkeypatch, rank=1, local=1, world=2, local_world=2):
 
 def test_torchrun_with_cuda_n_uses_nccl_and_the_rank_gpu(monkeypatch):
     import torch.distributed as dist
-    from featcache import distributed
+    from featcache.extraction import distributed
 
     _fake_cuda(monkeypatch, count=2)
     _torchrun_env(monkeypatch, rank=1, local=1)
@@ -132,7 +132,7 @@ def test_torchrun_with_cuda_n_uses_nccl_and_the_rank_gpu(monkeypatch):
 
 def test_torchrun_rank_builds_the_backbone_once_and_stats_only_its_share(monkeypatch, tmp_path, tiny):
     import torch.distributed as dist
-    from featcache import distributed
+    from featcache.extraction import distributed
     from featcache.sources import FileSource
 
     folder = make_image_folder(tmp_path / "imgs", per_class=8)  # 32 files
@@ -218,7 +218,7 @@ def test_host_copy_splits_augmented_views():
 # --- 5. decoding on the device overlaps the forward pass ----------------------------------------
 
 def test_device_decoding_runs_one_batch_ahead_of_the_forward_pass(monkeypatch):
-    from featcache.preprocess import Encoded
+    from featcache.backbones.preprocess import Encoded
 
     started = [threading.Event() for _ in range(4)]
     calls = []
@@ -229,7 +229,7 @@ def test_device_decoding_runs_one_batch_ahead_of_the_forward_pass(monkeypatch):
         started[k].set()
         return [torch.zeros(3, 4, 4, dtype=torch.uint8) for _ in items], []
 
-    monkeypatch.setattr(importlib.import_module("featcache.loading"), "decode_on_device", fake_decode)
+    monkeypatch.setattr(importlib.import_module("featcache.extraction.loading"), "decode_on_device", fake_decode)
     enc = Encoded(np.zeros(4, np.uint8), 1)
     loader = [Batch([2 * k, 2 * k + 1], ["h", "h"], [enc, enc], []) for k in range(4)]
     overlapped = []
@@ -316,9 +316,9 @@ def test_auto_precision_on_a_cpu_follows_its_native_bf16(monkeypatch):
 
 
 def test_predict_runs_a_gpu_cache_in_fp32_on_a_cpu_without_bf16(monkeypatch, tmp_path, tiny, image_folder, caplog):
-    from featcache.fit import fit_head
-    from featcache.runs import load_run
-    from featcache.predict import _Pipeline, _backbone_for, predict
+    from featcache.runs.fit import fit_head
+    from featcache.runs.saved import load_run
+    from featcache.runs.inference import _Pipeline, _backbone_for, predict
 
     cache = extract(str(image_folder), **{**tiny, "precision": "bf16"}).cache
     run_dir = fit_head(cache, head="ncm", output=str(tmp_path / "run")).run
@@ -343,7 +343,7 @@ def test_runnable_precision_on_a_gpu_without_bf16(monkeypatch):
 # --- 9. fine-tuning with the extraction's loader defaults, autocast, no per-step sync --------
 
 def test_finetune_loader_on_a_gpu_pins_memory_and_decodes_in_processes(monkeypatch, tmp_path):
-    from featcache.finetune import FinetuneConfig, _Images, _loader
+    from featcache.runs.finetuning import FinetuneConfig, _Images, _loader
     from featcache.sources import open_source
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
@@ -356,7 +356,7 @@ def test_finetune_loader_on_a_gpu_pins_memory_and_decodes_in_processes(monkeypat
     cpu = _loader(ds, [0, 1], config, torch.device("cpu"))
     assert (cpu.num_workers, cpu.pin_memory) == (0, False)
     # Prefetch sized to /dev/shm as in extraction: half of 3.5 MB holds 2 batches of 32 x 3 x 32 x 32 per worker.
-    monkeypatch.setattr(importlib.import_module("featcache.finetune"), "shm_free_bytes", lambda: 7 << 19)
+    monkeypatch.setattr(importlib.import_module("featcache.runs.finetuning"), "shm_free_bytes", lambda: 7 << 19)
     assert _loader(ds, [0, 1], config, torch.device("cuda", 0)).prefetch_factor == 2
 
 
@@ -374,7 +374,7 @@ class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_finetune_reads_the_loss_once_per_epoch_not_once_per_step(tmp_path):
-    from featcache.finetune import finetune
+    from featcache.runs.finetuning import finetune
 
     folder = make_image_folder(tmp_path / "imgs", per_class=8, splits=("train",))
     with _Syncs() as syncs:
@@ -399,7 +399,7 @@ def test_extraction_without_working_file_locks_warns_and_completes(monkeypatch, 
 
 
 def test_cache_files_are_written_without_hdf5_file_locking(monkeypatch, tmp_path):
-    from featcache.cache_writer import create_h5
+    from featcache.store.writer import create_h5
 
     with create_h5(tmp_path / "x.h5") as h:
         assert not h.id.get_access_plist().get_file_locking()[0]
@@ -431,7 +431,7 @@ def test_an_explicit_slow_precision_is_kept_with_a_warning(monkeypatch, tiny, im
 def test_ranks_sharing_a_gpu_use_gloo_since_nccl_refuses_them(monkeypatch, gpus, local_world, expected):
     # On one H200, torchrun --nproc-per-node 2 failed in NCCL: "Duplicate GPU detected: rank 1 and rank 0
     # both on CUDA device".
-    from featcache.devices import distributed_backend
+    from featcache.common.devices import distributed_backend
 
     _fake_cuda(monkeypatch, count=gpus)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
@@ -441,7 +441,7 @@ def test_ranks_sharing_a_gpu_use_gloo_since_nccl_refuses_them(monkeypatch, gpus,
 
 def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
     # On an H200 fp32 features differed from the CPU's by 2e-3: cuDNN used TF32 for convolutions.
-    from featcache.devices import autocast, cudnn_autotuning
+    from featcache.common.devices import autocast, cudnn_autotuning
 
     flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
     before = flags()
@@ -461,7 +461,7 @@ def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
 
 
 def test_main_process_decoding_uses_the_free_cores_on_a_gpu(monkeypatch):
-    from featcache import devices
+    from featcache.common import devices
 
     monkeypatch.setattr(devices, "usable_cpus", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

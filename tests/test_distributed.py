@@ -17,7 +17,7 @@ from conftest import TEST_DEVICE, make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError, ExtractionInterrupted
-from featcache.shards import merge_dir, merge_shards, parse_shard, shard_path, shard_range
+from featcache.extraction.shards import merge_dir, merge_shards, parse_shard, shard_path, shard_range
 
 OPTS = dict(backbone="resnet18.none", input_size=32, batch_size=4, num_workers=0, dtype="float32", device=TEST_DEVICE)
 

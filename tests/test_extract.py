@@ -89,7 +89,7 @@ def test_several_layers_one_pass_and_pooling(tiny, image_folder):
 
 
 def test_network_is_cut_after_deepest_tap(tiny, image_folder):
-    from featcache.taps import FeatureTap, list_layers
+    from featcache.backbones.taps import FeatureTap, list_layers
 
     bb = load_backbone("resnet18.none", input_size=32)
     calls = []
@@ -261,7 +261,7 @@ def test_renamed_file_is_matched_by_content(tiny, tmp_path):
 def test_second_writer_gets_clear_error_and_readers_are_not_blocked(tiny, image_folder):
     done = extract(str(image_folder), **tiny)
     other = {**tiny, "pool": "max"}
-    from featcache.plan import ExtractConfig, prepare
+    from featcache.extraction.plan import ExtractConfig, prepare
 
     path = prepare(str(image_folder), ExtractConfig(**other)).path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,7 @@ def test_val_fraction_makes_a_val_split(tiny, tmp_path):
 @pytest.mark.real
 def test_real_hymenoptera_with_efficientnet_lite0(real_cache, real_data):
     """398 samples (245 train incl. one palette GIF, 153 val), width 1280, logits reproduced."""
-    from featcache.preprocess import Preprocess, load_image
+    from featcache.backbones.preprocess import Preprocess, load_image
 
     assert real_cache.splits == {"train": 245, "val": 153}
     assert real_cache.failed == 0
@@ -365,7 +365,7 @@ def test_views_survive_interrupt_and_resume(tiny, tmp_path):
 
 
 def test_dry_run_plans_bytes_without_extracting(tmp_path, image_folder):
-    from featcache.plan import plan_cache
+    from featcache.extraction.plan import plan_cache
 
     plan = plan_cache(str(image_folder), backbone="resnet50.none", layers=("layer3",), pool="none",
                       cache_dir=str(tmp_path / "c"))
@@ -410,7 +410,7 @@ class _BnBeforeConv(torch.nn.Module):
 
 
 def test_batchnorm_folding_in_place_is_undone_when_the_check_fails():
-    from featcache.taps import fold_batchnorm_checked
+    from featcache.backbones.taps import fold_batchnorm_checked
 
     model = _BnBeforeConv().eval()
     weight = model.conv.weight.detach().clone()
@@ -431,7 +431,7 @@ def test_batchnorm_folding_in_place_is_undone_when_the_check_fails():
 
 
 def test_batchnorm_folding_is_checked_recorded_and_close(tiny, image_folder):
-    from featcache.taps import fold_batchnorm_checked
+    from featcache.backbones.taps import fold_batchnorm_checked
 
     bb = load_backbone("resnet18.none", input_size=32)
     folded, ok = fold_batchnorm_checked(bb.model, 32)
@@ -449,7 +449,7 @@ def test_batchnorm_folding_is_checked_recorded_and_close(tiny, image_folder):
 @pytest.mark.parametrize("layers", [["layer2", "pre_logits"], ["layer1", "output"], ["output"]])
 def test_graph_tap_equals_the_hooked_tap(layers):
     """The torch.fx tap (for torch.compile and export) reads the same values as the hooks."""
-    from featcache.taps import FeatureTap, GraphTap, list_layers
+    from featcache.backbones.taps import FeatureTap, GraphTap, list_layers
 
     bb = load_backbone("resnet18.none", input_size=32)
     x = torch.randn(3, 3, 32, 32)
@@ -480,7 +480,7 @@ def test_compile_extracts_close_to_eager_and_is_in_the_fingerprint(tmp_path, ima
 def test_a_tapped_map_is_not_changed_by_a_later_in_place_op():
     """resnet's bn1 output goes through ReLU(inplace=True): with pool none and a deeper tap, the
     captured bn1 map must keep its negative values."""
-    from featcache.taps import FeatureTap, list_layers
+    from featcache.backbones.taps import FeatureTap, list_layers
 
     bb = load_backbone("resnet18.none", input_size=32)
     x = torch.randn(2, 3, 32, 32)
@@ -498,7 +498,7 @@ def test_decode_on_device_matches_pil_crops_and_records_failures(tmp_path):
     JPEGs of several sizes, an EXIF-rotated one, a PNG (PIL in the loader) and a truncated JPEG."""
     import io
 
-    from featcache.preprocess import Preprocess, decode, decode_on_device, encoded_jpeg, resize_crop
+    from featcache.backbones.preprocess import Preprocess, decode, decode_on_device, encoded_jpeg, resize_crop
 
     pp = Preprocess(resize=40, crop=32, interpolation="bilinear")
     rng = np.random.default_rng(0)
@@ -531,7 +531,7 @@ def test_decode_on_device_applies_every_exif_orientation_like_pil(orientation):
     """The device path reads the orientation itself (torchvision's CUDA decoder ignores it)."""
     import io
 
-    from featcache.preprocess import Preprocess, decode, decode_on_device, encoded_jpeg, resize_crop
+    from featcache.backbones.preprocess import Preprocess, decode, decode_on_device, encoded_jpeg, resize_crop
 
     pp = Preprocess(resize=24, crop=24, interpolation="bilinear")
     img = np.zeros((24, 40, 3), np.uint8)
@@ -564,7 +564,7 @@ def test_extract_with_decode_on_device_is_close_and_fingerprinted(tiny, image_fo
 def test_tune_allocator_sets_glibc_thresholds_once(monkeypatch):
     import platform
 
-    from featcache import runtime
+    from featcache.common import runtime
 
     monkeypatch.setattr(runtime, "_tuned", None)
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -576,7 +576,7 @@ def test_tune_allocator_sets_glibc_thresholds_once(monkeypatch):
 
 
 def test_writer_never_mixes_view_and_plain_batches_across_an_all_failed_batch(tmp_path):
-    from featcache.partial import ChunkWriter, PartialStore
+    from featcache.extraction.partial import ChunkWriter, PartialStore
 
     def item(n, views, failed=0):
         feats = [np.ones((n, 3), np.float32)] if n else []

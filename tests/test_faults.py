@@ -37,10 +37,10 @@ from PIL import Image
 from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
-from featcache.cache_writer import CacheLock
+from featcache.store.writer import CacheLock
 from featcache.errors import CacheError, CacheLockedError, ExtractionInterrupted
-from featcache.shards import merge_dir
-from featcache.partial import PartialStore
+from featcache.extraction.shards import merge_dir
+from featcache.extraction.partial import PartialStore
 from test_extract import _interrupt_after
 from test_reliability import Zygote, _assert_same_cache, zygote  # noqa: F401 (a fixture)
 
@@ -349,7 +349,7 @@ def test_flipped_chunk_after_kill_9_gives_one_warning_line_and_a_bit_identical_c
     assert child.wait() == 0, child.log
     assert "Traceback" not in child.log
     (line,) = [x for x in child.log.splitlines() if x.startswith("WARNING")]
-    assert line.startswith(f"WARNING featcache.partial: {WARNING} in '{chunk.parent}' as *.damaged: ")
+    assert line.startswith(f"WARNING featcache.extraction.partial: {WARNING} in '{chunk.parent}' as *.damaged: ")
     assert line.endswith(f"{chunk.name} (checksum mismatch); its batches are computed again.")
     assert chunk.with_name(chunk.name + ".damaged").is_file()
     _assert_same_cache(final_cache(cache_dir), reference("none"))
@@ -436,8 +436,8 @@ def test_partial_state_of_another_fingerprint_or_format_is_set_aside(tmp_path, c
 def test_renames_of_chunks_and_of_the_final_file_are_followed_by_a_folder_fsync(tmp_path, monkeypatch):
     """What a test can see of crash safety: each rename into place is followed by an fsync of its
     folder before anything else is renamed (that the disk honours fsync is not testable here)."""
-    import featcache.cache_writer as store
-    import featcache.partial as partial
+    import featcache.store.writer as store
+    import featcache.extraction.partial as partial
 
     events = []
     real_replace, real_fsync_dir = os.replace, store.fsync_dir

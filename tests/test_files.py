@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from featcache import files
+from featcache.common import files
 
 
 def test_atomic_write_replaces_whole_and_syncs_the_folder(tmp_path, monkeypatch):

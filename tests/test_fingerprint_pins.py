@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from featcache.plan import ExtractConfig, prepare
-from featcache.store import CacheFingerprint
+from featcache.extraction.plan import ExtractConfig, prepare
+from featcache.store.cache import CacheFingerprint
 
 FIXED = {"source": {"kind": "folder", "spec": "/data/images"},
          "versions": {"featcache": "0", "torch": "0", "torchvision": "0"}}

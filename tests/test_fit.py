@@ -15,11 +15,11 @@ from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError, HeadError
-from featcache import layersets
-from featcache.fit import fit_head, parse_grid
-from featcache.runs import evaluate, load_run
+from featcache.heads import layersets
+from featcache.runs.fit import fit_head, parse_grid
+from featcache.runs.saved import evaluate, load_run
 from featcache.heads import HEADS
-from featcache.predict import export, predict
+from featcache.runs.inference import export, predict
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_predict_and_export_agree(folder_cache, tmp_path):
     out = export(res.run, tmp_path / "model.pt2")
     module = torch.export.load(str(out)).module()
     from featcache.backbones import load_backbone
-    from featcache.preprocess import load_image
+    from featcache.backbones.preprocess import load_image
 
     bb = load_backbone("resnet18.none", input_size=32)
     files = sorted((folder / "test").rglob("*.*"))[:5]
@@ -223,7 +223,7 @@ def test_run_with_tampered_json_is_refused(folder_cache, tmp_path):
 
 def test_large_float16_cache_streams_through_linear(tmp_path):
     """An on-disk cache is read in chunks by the linear head when it exceeds --max-memory."""
-    from featcache.store import CacheFingerprint, FORMAT, SCHEMA_VERSION
+    from featcache.store.cache import CacheFingerprint, FORMAT, SCHEMA_VERSION
 
     rng = np.random.default_rng(0)
     n, d = 6000, 64
@@ -280,7 +280,7 @@ def test_tail_head_from_boundary_activations_predicts_and_exports(tmp_path):
     np.testing.assert_allclose([p["probability"] for p in preds], run.predict_proba(X).max(1), atol=1e-5)
     module = torch.export.load(str(export(fit.run, tmp_path / "tail.pt2"))).module()
     from featcache.backbones import load_backbone
-    from featcache.preprocess import load_image
+    from featcache.backbones.preprocess import load_image
 
     bb = load_backbone("resnet18.none", input_size=32)
     files = sorted((folder / "val").rglob("*.*"))[:4]
@@ -490,7 +490,7 @@ def test_grid_extension_stops_at_its_bounds():
 def test_one_thread_pool_at_a_time_and_restored():
     from threadpoolctl import threadpool_info
 
-    from featcache.runtime import SMALL_WORK, head_threads
+    from featcache.common.runtime import SMALL_WORK, head_threads
 
     before = torch.get_num_threads()
     blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
@@ -596,7 +596,7 @@ def test_heads_without_class_weights_select_by_balanced_accuracy_and_refuse_weig
 
 def test_heads_of_dense_products_take_every_core_from_a_smaller_problem():
     from featcache.heads import NCMHead, RidgeHead
-    from featcache.runtime import head_threads
+    from featcache.common.runtime import head_threads
 
     work, cores = 1 << 20, torch.get_num_threads()  # under the numpy pool's default threshold, over ridge's
     with head_threads("numpy", work) as default:

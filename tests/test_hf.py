@@ -15,7 +15,7 @@ from featcache import extract, open_cache
 from featcache.backbones import OUTPUT, load_backbone, weights_sha256_without_building
 from featcache.cli import main
 from featcache.errors import ConfigError, WeightsUnavailableError
-from featcache.taps import FeatureTap, list_layers
+from featcache.backbones.taps import FeatureTap, list_layers
 
 transformers = pytest.importorskip("transformers")  # in the [test] extra: present in CI
 
@@ -129,8 +129,8 @@ def test_cli_extract_every_block_and_fit_every_layer(folders, image_folder, tmp_
 
 
 def test_probe_layers_scores_every_block_of_a_transformer(folders, image_folder, tmp_path):
-    from featcache.plan import ExtractConfig
-    from featcache.probe_layers import probe_layers
+    from featcache.extraction.plan import ExtractConfig
+    from featcache.runs.probe import probe_layers
 
     res = probe_layers(f"hf:{folders['vit']}", str(image_folder), out_dir=tmp_path / "probe", head="ncm",
                        extract_config=ExtractConfig(num_workers=0, pool="cls", cache_dir=str(tmp_path / "c")))

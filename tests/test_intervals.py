@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
-from featcache.intervals import (
+from featcache.metrics.intervals import (
     _auc_placements,
     bootstrap_intervals,
     detectable_difference,
@@ -17,7 +17,7 @@ from featcache.intervals import (
     mcnemar_exact,
     paired_difference,
 )
-from featcache.metrics import classification_metrics, split_metrics
+from featcache.metrics.scores import classification_metrics, split_metrics
 
 
 def _predictions(n, k, acc, rng):
@@ -116,7 +116,7 @@ def cache3(tmp_path_factory):
 
 def test_fit_head_reports_intervals_in_json_table_and_metrics_json_and_saves_its_predictions(cache3, tmp_path):
     from featcache.cli import main
-    from featcache.runs import load_predictions
+    from featcache.runs.saved import load_predictions
 
     r = CliRunner().invoke(main, ["fit-head", cache3, "--head", "ncm", "-o", str(tmp_path / "run"), "--json"])
     assert r.exit_code == 0, r.output
@@ -171,7 +171,7 @@ def _bench_records(accuracies, n=150, seeds=1, digest="rows-1"):
 def test_the_leaderboard_pairs_every_row_with_the_best_and_marks_ties(tmp_path):
     import csv
 
-    from featcache.leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
+    from featcache.reports.leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
 
     records, saved = _bench_records([0.90, 0.87, 0.60])
     rows = leaderboard(records, predictions=saved)
@@ -202,7 +202,7 @@ def test_the_leaderboard_pairs_every_row_with_the_best_and_marks_ties(tmp_path):
 
 def test_bench_writes_intervals_ties_and_the_detectable_difference(tmp_path):
     from conftest import make_image_folder
-    from featcache.bench import BenchConfig, run_bench
+    from featcache.runs.bench import BenchConfig, run_bench
     from featcache.cli import main
 
     folder = make_image_folder(tmp_path / "imgs", per_class=6, splits=("train", "val", "test"))

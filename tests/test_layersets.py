@@ -13,13 +13,13 @@ from click.testing import CliRunner
 
 from conftest import make_image_folder
 from featcache import extract, open_cache
-from featcache import layersets
+from featcache.heads import layersets
 from featcache.cli import main
 from featcache.errors import CacheError, ConfigError
-from featcache.fit import fit_head
+from featcache.runs.fit import fit_head
 from featcache.heads import HEADS
-from featcache.predict import export, predict
-from featcache.runs import evaluate, load_run
+from featcache.runs.inference import export, predict
+from featcache.runs.saved import evaluate, load_run
 
 LAYERS = ("layer2", "layer3", "layer4")
 VECTOR_HEADS = [n for n in HEADS.names() if HEADS.entry(n).extra["inputs"] != "activations"]
@@ -93,7 +93,7 @@ def test_predict_export_and_evaluate_reproduce_the_cached_layer_set(multi, tmp_p
     out = export(res.run, tmp_path / "model.pt2")
     module = torch.export.load(str(out)).module()
     from featcache.backbones import load_backbone
-    from featcache.preprocess import load_image
+    from featcache.backbones.preprocess import load_image
 
     bb = load_backbone("resnet18.none", input_size=32)
     x = torch.stack([torch.from_numpy(load_image(f.read_bytes(), bb.preprocess)) for f in files[:4]]).float() / 255

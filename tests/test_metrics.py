@@ -19,7 +19,7 @@ from sklearn.metrics import (
 )
 
 from featcache.errors import ConfigError
-from featcache.metrics import classification_metrics, format_metrics_table
+from featcache.metrics.scores import classification_metrics, format_metrics_table
 
 
 def _random_proba(n, k, seed):

@@ -13,13 +13,13 @@ import torch
 from sklearn.datasets import make_classification
 from sklearn.preprocessing import StandardScaler
 
-from featcache.extract import extract
-from featcache.finetune import finetune
-from featcache.fit import fit_head
+from featcache.extraction.pipeline import extract
+from featcache.runs.finetuning import finetune
+from featcache.runs.fit import fit_head
 from featcache.heads import make_head
 from featcache.heads.tail import TailHead
-from featcache.predict import predict
-from featcache.store import open_cache
+from featcache.runs.inference import predict
+from featcache.store.cache import open_cache
 
 from conftest import make_image_folder
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from featcache.probe_layers import recommend
+from featcache.runs.probe import recommend
 
 
 def _curve(*tops):

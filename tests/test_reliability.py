@@ -36,9 +36,9 @@ from conftest import make_image_folder
 from featcache import extract, open_cache
 from featcache.backbones import load_state_dict_file
 from featcache.errors import CacheError, CacheLockedError, HeadError, WeightsUnavailableError
-from featcache.fit import fit_head
-from featcache.runs import load_run
-from featcache.partial import PartialStore
+from featcache.runs.fit import fit_head
+from featcache.runs.saved import load_run
+from featcache.extraction.partial import PartialStore
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featcache"
 #: The options of every extraction in this file (except the CLI flags, which spell the same).
@@ -53,8 +53,8 @@ import importlib, json, os, resource, runpy, signal, sys, time, traceback
 import h5py
 
 fcli = importlib.import_module("featcache.cli")
-# Not 'import featcache.extract': the package re-exports a function of that name.
-fx = importlib.import_module("featcache.extract")
+# Not 'import featcache.extraction.pipeline': the package re-exports a function of that name.
+fx = importlib.import_module("featcache.extraction.pipeline")
 from featcache.errors import CacheError
 
 WATCHDOG_S = 120  # a blocked child never outlives a crashed test by long
@@ -142,7 +142,7 @@ def child(job):
 def read(path):
     """open_cache, then load() every split: what happened at each step."""
     try:
-        cache = importlib.import_module("featcache.store").open_cache(path)
+        cache = importlib.import_module("featcache.store.cache").open_cache(path)
     except CacheError:
         return {"open": "CacheError"}
     except BaseException as e:

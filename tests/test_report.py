@@ -15,12 +15,12 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from featcache import plots
+from featcache.reports import plots
 from featcache.errors import ConfigError, FeatcacheError
-from featcache.fit import FitConfig
-from featcache.metrics import split_metrics
-from featcache.leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
-from featcache.report import write_report
+from featcache.runs.fit import FitConfig
+from featcache.metrics.scores import split_metrics
+from featcache.reports.leaderboard import leaderboard, leaderboard_csv, leaderboard_markdown
+from featcache.reports.pages import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<b>x</b>"

@@ -21,7 +21,7 @@ from featcache.exports import MANIFEST, export_features, read_manifest
 from featcache.exports import writer as export_writer
 from featcache.retrieval import build_index, choose_index_factory, find_leaks, load_index, search
 from featcache.retrieval.leaks import DEFAULT_THRESHOLD, near_pairs, normalised
-from featcache.store import FeatureCache
+from featcache.store.cache import FeatureCache
 
 from conftest import make_image_folder
 

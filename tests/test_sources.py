@@ -732,7 +732,7 @@ def test_val_fraction_too_small_for_the_data(tmp_path, per_class, fraction):
 
 @pytest.mark.parametrize("shape", [(256, 256, 3), (256, 300, 3), (301, 256, 3), (224, 224, 3)])
 def test_array_fast_path_crops_exactly_like_decode_resize_crop(shape):
-    from featcache.preprocess import Preprocess, crop_array, decode, resize_crop
+    from featcache.backbones.preprocess import Preprocess, crop_array, decode, resize_crop
 
     pp = Preprocess(resize=256, crop=224)
     arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)

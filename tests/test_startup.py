@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from featcache import extract
-from featcache.plan import ExtractConfig
+from featcache.extraction.plan import ExtractConfig
 
 HEAVY = ("torch", "torchvision", "sklearn", "PIL")
-plan_mod = importlib.import_module("featcache.plan")
+plan_mod = importlib.import_module("featcache.extraction.plan")
 
 
 def _imported_after(code: str, cwd) -> list[str]:
@@ -98,8 +98,8 @@ def test_backbones_import_no_torch_and_list_every_torchvision_model(tmp_path):
 
 
 def test_public_names_are_the_functions_whatever_the_import_order(tmp_path):
-    code = ("import featcache.extract, featcache.predict\n"
-            "from featcache.extract import ExtractConfig\n"
+    code = ("import featcache.extraction.pipeline, featcache.runs.inference\n"
+            "from featcache.extraction.pipeline import ExtractConfig\n"
             "from featcache import extract, predict, probe_layers\n"
             "import types\n"
             "assert all(isinstance(f, types.FunctionType) for f in (extract, predict, probe_layers)), (extract, predict)\n"

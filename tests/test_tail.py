@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from sklearn.base import clone
 
 from featcache.backbones import load_backbone
-from featcache.devices import resolve_precision
+from featcache.common.devices import resolve_precision
 from featcache.errors import BackboneError, ConfigError, HeadError
-from featcache.finetune import FinetuneConfig, finetune
-from featcache.cutting import boundary_shape, build_tail, prefix_model, working_boundaries
+from featcache.runs.finetuning import FinetuneConfig, finetune
+from featcache.backbones.cutting import boundary_shape, build_tail, prefix_model, working_boundaries
 from featcache.heads import maps as maps_module
 from featcache.heads.maps import MapAugment, parse_augment
 from featcache.heads.tail import TailHead
@@ -452,7 +452,7 @@ def test_finetune_config_errors(tmp_path):
 def test_finetune_refuses_an_existing_run_and_replaces_it_whole_with_overwrite(tmp_path, monkeypatch):
     import errno
 
-    import featcache.finetune as ft
+    import featcache.runs.finetuning as ft
     from featcache.errors import OutputError
 
     root = make_image_folder(tmp_path / "images", per_class=2, size=(36, 36))

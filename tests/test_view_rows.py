@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder
-from featcache import extract, layersets, open_cache
+from featcache import extract, open_cache
+from featcache.heads import layersets
 from featcache.errors import ConfigError
-from featcache.fit import fit_head
+from featcache.runs.fit import fit_head
 from featcache.heads import HEADS
-from featcache.runs import load_run
+from featcache.runs.saved import load_run
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_train_views_refused_with_a_reason(viewed, tmp_path):
 
 
 def test_predict_tta_averages_the_image_and_the_very_views_extract_cached(viewed, tmp_path):
-    from featcache.predict import predict
+    from featcache.runs.inference import predict
 
     res = fit_head(viewed, head="logreg", layer="layer3+layer4", train_views=True, output=str(tmp_path / "r"))
     run = load_run(res.run)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from ..errors import BackboneError, WeightsUnavailableError
-from ..registry import Registry
+from ..common.registry import Registry
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..preprocess import Preprocess
+    from .preprocess import Preprocess
 
 #: Pseudo-layer: the input of the final classifier (pooled pre-logit features).
 PRE_LOGITS = "pre_logits"
@@ -283,7 +283,7 @@ def module_stages(model: nn.Module) -> tuple[str, ...]:
 
 def custom_preprocess(input_size: int | None = None, mean=None, std=None) -> Preprocess:
     """ImageNet preprocessing at ``input_size`` (224): for models that carry none of their own."""
-    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
     crop = input_size or 224
     return Preprocess(resize=round(crop / 0.875), crop=crop, mean=tuple(mean or IMAGENET_MEAN),

@@ -33,7 +33,7 @@ class EfficientNetLite0Family(BackboneFamily):
         return packaged_weights_path()
 
     def build(self, spec: BackboneSpec, *, download: bool = True) -> Backbone:
-        from ..preprocess import Preprocess
+        from .preprocess import Preprocess
         from .efficientnet_lite import PREPROCESS, STAGES, efficientnet_lite0
 
         self.check(spec)

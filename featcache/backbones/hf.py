@@ -114,9 +114,9 @@ def folder_identity(folder: Path) -> dict:
 
 
 def processor_preprocess(folder: Path, image_size: int | None):
-    """The :class:`~featcache.preprocess.Preprocess` a folder's image processor config declares
+    """The :class:`~featcache.backbones.preprocess.Preprocess` a folder's image processor config declares
     (ImageNet's at the model's image size, with a warning, where it has none)."""
-    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
     path = folder / PROCESSOR
     if not path.is_file():

@@ -14,7 +14,7 @@ class TimmFamily(BackboneFamily):
     description = "any timm model (pip install 'featcache[timm]')"
 
     def build(self, spec: BackboneSpec, *, download: bool = True) -> Backbone:
-        from ..preprocess import Preprocess
+        from .preprocess import Preprocess
 
         try:
             import timm

@@ -51,7 +51,7 @@ def _weights_member(arch: str, tag: str | None):
 
 def weights_preprocess(w):
     """The preprocessing a torchvision weights member declares (ImageNet's for random weights)."""
-    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
     if w is None:
         return Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")

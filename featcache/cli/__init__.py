@@ -25,7 +25,7 @@ def main(verbose: bool) -> None:
     """Run a frozen pretrained backbone once, cache its features in HDF5, fit heads in seconds."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from ..runtime import tune_allocator
+    from ..common.runtime import tune_allocator
 
     tune_allocator()  # freed activation buffers are reused instead of page-faulted in again
 

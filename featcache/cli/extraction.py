@@ -84,7 +84,7 @@ EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", 
 
 def extract_config(kw: dict):
     """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw)."""
-    from ..plan import ExtractConfig
+    from ..extraction.plan import ExtractConfig
 
     vals = {n: kw.pop(n) for n in EXTRACT_NAMES if n in kw}
     if "layers" in vals:
@@ -128,10 +128,10 @@ def extract(source: str, output, shard, merge, verify: bool, dry_run: bool, quie
     size and mtime are those recorded in the cache is taken as unchanged without reading it;
     --verify reads and hashes every file.
     """
-    from ..distributed import extract_distributed, torchrun_env
-    from ..extract import extract as run
-    from ..plan import ExtractConfig
-    from ..shards import parse_shard
+    from ..extraction.distributed import extract_distributed, torchrun_env
+    from ..extraction.pipeline import extract as run
+    from ..extraction.plan import ExtractConfig
+    from ..extraction.shards import parse_shard
     from ..sources import with_options
 
     if image_key and image_column or label_key and label_column:
@@ -155,7 +155,7 @@ def extract(source: str, output, shard, merge, verify: bool, dry_run: bool, quie
             _print_ranks(out, as_json)
         return
     if dry_run:
-        from ..plan import plan_cache
+        from ..extraction.plan import plan_cache
 
         _print_plan(plan_cache(source, config), as_json)
         return
@@ -218,7 +218,7 @@ def _print_plan(plan: dict, as_json: bool) -> None:
 @fail_cleanly
 def merge(cache_dir, copy, as_json):
     """Assemble caches from finished shard files (extract --shard I/N) in CACHE_DIR."""
-    from ..shards import merge_dir
+    from ..extraction.shards import merge_dir
 
     rows = merge_dir(cache_dir, copy=copy)
     if as_json:

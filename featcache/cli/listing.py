@@ -39,7 +39,7 @@ def backbones(as_json: bool) -> None:
 def layers(backbone: str, weights, depth: int, input_size, as_json: bool) -> None:
     """List BACKBONE's tap points in forward order, with output shapes; '*' marks stages."""
     from ..backbones import load_backbone
-    from ..taps import list_layers
+    from ..backbones.taps import list_layers
 
     # Names and shapes do not depend on the parameters: list them without fetching weights.
     bb = load_backbone(backbone, weights=weights, input_size=input_size, download=False)
@@ -74,7 +74,7 @@ def sources(as_json: bool) -> None:
 @fail_cleanly
 def info(cache: str, verify: bool, as_json: bool) -> None:
     """Show a cache's fingerprint, splits, shapes, failures, notes and checksums."""
-    from ..store import open_cache
+    from ..store.cache import open_cache
 
     with open_cache(cache) as c:
         d = c.info()
@@ -117,7 +117,7 @@ def info(cache: str, verify: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def ls_(cache_dir: str, as_json: bool) -> None:
     """List caches in the cache folder with size and date."""
-    from ..store import list_caches
+    from ..store.cache import list_caches
 
     rows = list_caches(cache_dir)
     if as_json:

@@ -19,10 +19,10 @@ from .extraction import EXTRACT_NAMES, extract_config, extraction_options
 def demo(out_dir, cache_dir, quiet) -> None:
     """Extract the built-in digits with efficientnet_lite0, fit two heads with sweeps, print the
     leaderboard and write an HTML report."""
-    from ..demo import run_demo
+    from ..runs.demo import run_demo
 
     def progress(i, total, rec, elapsed):
-        from ..leaderboard import board_split
+        from ..reports.leaderboard import board_split
 
         split, _ = board_split([rec])
         click.echo(f"[{i}/{total}] {rec['head']}: best {rec['best']['param']}={rec['best']['value']:g}, {split} top-1 "
@@ -69,8 +69,8 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
     """
     from dataclasses import replace
 
-    from ..bench import BenchConfig, run_bench
-    from ..leaderboard import board_split, leaderboard
+    from ..runs.bench import BenchConfig, run_bench
+    from ..reports.leaderboard import board_split, leaderboard
 
     cfg = BenchConfig.from_toml(config_file) if config_file else BenchConfig()
     grid = {"backbones": csv_values(backbones), "sources": csv_values(sources), "layers": csv_values(layers), "heads": csv_values(heads),
@@ -120,7 +120,7 @@ def bench(ctx, config_file, backbones, sources, layers, heads, shots, seeds, out
 @fail_cleanly
 def probe_layers(backbone, source, out_dir, head, as_json, **kw):
     """Which layers to freeze? Fit HEAD on every stage of BACKBONE over SOURCE and recommend a boundary."""
-    from ..probe_layers import probe_layers as run
+    from ..runs.probe import probe_layers as run
 
     bar = Progress("extract", as_json)
     try:
@@ -130,7 +130,7 @@ def probe_layers(backbone, source, out_dir, head, as_json, **kw):
     if as_json:
         echo_json({"layers": res.layers, "recommendation": res.recommendation, "out_dir": res.out_dir})
         return
-    from ..metrics import format_interval
+    from ..metrics.scores import format_interval
 
     click.echo(f"{'layer':<16} {'dim':>6} {'top-1':>7} {'95% CI':>11} {'bal.acc':>8}")
     for r in res.layers:
@@ -149,7 +149,7 @@ def probe_layers(backbone, source, out_dir, head, as_json, **kw):
 @fail_cleanly
 def report(src, output, as_json):
     """Write one self-contained HTML page for a RUN_DIR, BENCH_DIR or LAYERS_DIR."""
-    from ..report import write_report
+    from ..reports.pages import write_report
 
     path = write_report(src, output)
     if as_json:

@@ -88,7 +88,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
     the pretrained layers after B get a new classifier and are trained on them, sampling the cached
     augmented views (extract --views K) when there are any.
     """
-    from ..fit import FitConfig, fit_head as run, parse_grid
+    from ..runs.fit import FitConfig, fit_head as run, parse_grid
     from ..heads import HEADS
 
     head_opts = _head_options(opts)
@@ -106,7 +106,7 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
                        max_memory=int(max_memory * 2**30), head_options=head_opts, output=output,
                        runs_dir=runs_dir, overwrite=overwrite, adapt=adapt,
                        train_views=train_views)
-    fit_log = logging.getLogger("featcache.fit")
+    fit_log = logging.getLogger("featcache.runs.fit")
     level = fit_log.level
     fit_log.setLevel(logging.ERROR)  # its warnings are printed below, once, with the result
     bar = _EpochBar(quiet or as_json)
@@ -127,8 +127,8 @@ def fit_head(cache, head, layer, train_split, eval_split, normalize, pca, grid, 
 
 
 def _print_fit(res, shots: int | None, seeds: int) -> None:
-    from ..intervals import detectable_difference_line
-    from ..metrics import format_interval, format_metrics_table
+    from ..metrics.intervals import detectable_difference_line
+    from ..metrics.scores import format_interval, format_metrics_table
 
     b = res.best
     if b.get("score") is not None:
@@ -191,8 +191,8 @@ class _EpochBar:
 @fail_cleanly
 def evaluate(run_dir, cache, as_json) -> None:
     """Score a saved head (RUN_DIR) on every split of another CACHE of the same backbone and layer."""
-    from ..runs import evaluate as run
-    from ..metrics import format_metrics_table
+    from ..runs.saved import evaluate as run
+    from ..metrics.scores import format_metrics_table
 
     metrics = run(run_dir, cache)
     if as_json:
@@ -222,12 +222,12 @@ def evaluate(run_dir, cache, as_json) -> None:
 @fail_cleanly(interrupted="Stopped (Ctrl-C) before every image was classified; nothing was written.")
 def predict(run_dir, images, top, batch_size, device, weights, output, tta, as_json) -> None:
     """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
-    from ..predict import predict as run
+    from ..runs.inference import predict as run
 
     if output and Path(output).suffix.lower() not in (".csv", ".json"):  # refused before any image is read
         raise click.BadParameter(f"must end in .csv or .json, got {output!r}.", param_hint="--output")
     if output:  # its folder too
-        from ..outputs import check_output_file
+        from ..runs.outputs import check_output_file
 
         check_output_file(output, overwrite=True, suffixes=(".csv", ".json"))
     preds = run(run_dir, list(images), top=top, batch_size=batch_size, device=device, weights=weights, tta=tta)
@@ -249,7 +249,7 @@ def _write_predictions(preds: list[dict], output: str) -> None:
     import csv
     import io
 
-    from ..files import write_json, write_text
+    from ..common.files import write_json, write_text
 
     if Path(output).suffix.lower() == ".json":
         write_json(output, {"predictions": preds})
@@ -274,7 +274,7 @@ def export(run_dir, out, weights, overwrite, as_json) -> None:
     """Export backbone + head of RUN_DIR as one torch.export program OUT (.pt2): normalised images -> logits.
     The classes and preprocessing travel inside it (featcache.load_export reads both). OUT must end in
     .pt2; an existing file is replaced only with --overwrite."""
-    from ..predict import EXPORT_META, export as run, load_export
+    from ..runs.inference import EXPORT_META, export as run, load_export
 
     path = run(run_dir, out, weights=weights, overwrite=overwrite)
     meta = load_export(path).meta
@@ -320,7 +320,7 @@ def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_s
              precision, input_size, val_fraction, split_seed, output, overwrite, runs_dir, as_json):
     """Fine-tune the layers after a freeze boundary on raw images, the classic way (the reference
     that 'fit-head --head tail' on cached boundary activations is measured against)."""
-    from ..finetune import FinetuneConfig, finetune as run
+    from ..runs.finetuning import FinetuneConfig, finetune as run
 
     config = FinetuneConfig(backbone=backbone, weights=weights, freeze_until=freeze_until, train=tuple(train),
                             epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
@@ -331,7 +331,7 @@ def finetune(source, backbone, weights, freeze_until, train, epochs, lr, batch_s
     if as_json:
         echo_json(res.to_dict())
         return
-    from ..metrics import format_metrics_table
+    from ..metrics.scores import format_metrics_table
 
     print_metrics(res.metrics, format_metrics_table)
     click.echo(f"run saved to {res.run} ({res.seconds:.1f} s)")

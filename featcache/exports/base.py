@@ -3,7 +3,7 @@ and the part a format writes.
 
 A format is one module with one class registered in :data:`FORMATS`; the class says which files
 a part is made of (:meth:`ExportFormat.files`) and writes them (:meth:`ExportFormat.write_part`),
-each through :func:`featcache.files.atomic_write`.
+each through :func:`featcache.common.files.atomic_write`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import ConfigError
-from ..registry import Registry
+from ..common.registry import Registry
 
 FORMATS: Registry[type["ExportFormat"]] = Registry("export format", "featcache export-features --help")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write
+from ..common.files import atomic_write
 from .base import FORMATS, ExportFormat, Part, require
 
 #: The column holding the vectors (embedding-reader's default ``embedding_column``).

@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import CacheError
-from ..files import write_json
-from ..store import FeatureCache, open_cache
-from ..validation import check_choice, check_int
+from ..common.files import write_json
+from ..store.cache import FeatureCache, open_cache
+from ..common.validation import check_choice, check_int
 from .base import FORMATS, META_COLUMNS, Block, Part, require
 from .parquet import EMBEDDING_COLUMN
 

@@ -6,7 +6,7 @@
 
 Every head is a scikit-learn classifier with, in addition, ``sweep_proba`` (fit a whole grid of
 its ``param`` quickly), ``sweep_fit`` (the same run, returning the fitted heads), ``get_state`` / ``from_state`` (pickle-free saving, see
-:mod:`featcache.artifacts`) and ``to_torch`` (a module whose softmax output is
+:mod:`featcache.runs.artifacts`) and ``to_torch`` (a module whose softmax output is
 ``predict_proba``). ``featcache heads`` lists them.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import Registry
+from ..common.registry import Registry
 from .base import BaseHead, HeadNotFittedError
 from .neighbors import KNNHead, NCMHead
 from .sklearn_heads import LogRegHead, RidgeHead, SVMHead

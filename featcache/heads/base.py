@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import NotFittedError
 
 from ..errors import ConfigError, HeadError
-from ..runtime import head_threads
+from ..common.runtime import head_threads
 from .inputs import CHUNK_ROWS, as_float, check_features, encode_labels, iter_row_chunks
 from .params import Option
 
@@ -155,7 +155,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     def from_cache(cls, cache: Any, layer: str, *, options: Mapping[str, Any], train_split: str,
                    rows: np.ndarray | None, pca: int | None) -> "CacheSetup":
         """The head's options and ``fit`` arguments for ``layer`` of ``cache`` (a
-        :class:`~featcache.store.FeatureCache`), training on ``rows`` of ``train_split`` (None:
+        :class:`~featcache.store.cache.FeatureCache`), training on ``rows`` of ``train_split`` (None:
         all). Heads that need more than the features override this (the tail head rebuilds its
         network from the cache's backbone and samples its augmented views)."""
         return CacheSetup(dict(options))
@@ -236,7 +236,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "classes_"):
             raise HeadNotFittedError(
                 f"This {type(self).__name__} is not fitted yet. Call 'fit(X, y)' first, or load "
-                "a fitted head with featcache.artifacts.load_head(run_dir)."
+                "a fitted head with featcache.runs.artifacts.load_head(run_dir)."
             )
 
     def fit(self, X: Any, y: Any) -> "BaseHead":

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import HeadError
-from ..validation import check_class_weight
+from ..common.validation import check_class_weight
 
 #: Rows read at a time when a head walks over an ``h5py.Dataset``-like input.
 CHUNK_ROWS = 65536

@@ -13,8 +13,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from ..errors import ConfigError
-from ..lazy import torch
-from ..training import cosine_lr, resolve_seed
+from ..common.lazy import torch
+from .training import cosine_lr, resolve_seed
 from .params import CLASS_WEIGHT, DEVICE, LR, MAX_MEMORY, PATIENCE, Option, choice, integer, positive, seed
 from .base import BaseHead, LinearHeadMixin, scores_to_proba
 from .monitor import EpochTracker

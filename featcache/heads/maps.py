@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, HeadError
-from ..lazy import nn, torch
+from ..common.lazy import nn, torch
 from .inputs import from_tensor, is_dataset_like
 
 

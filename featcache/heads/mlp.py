@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..lazy import torch
-from ..training import cosine_lr, resolve_seed
+from ..common.lazy import torch
+from .training import cosine_lr, resolve_seed
 from .params import CLASS_WEIGHT, DEVICE, LR, MAX_MEMORY, PATIENCE, Option, fraction, integer, non_negative, seed
 from .base import BaseHead, softmax, state_array
 from .monitor import EpochTracker

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from ..transform import FeatureTransform
+    from .transform import FeatureTransform
 
 
 def knn_vote_proba(

@@ -48,7 +48,7 @@ def training_monitor(*, X_eval: Any = None, y_eval: Any = None, classes: Any = N
     classes : array-like, optional
         The training labels' classes (``np.unique(y_train)``), to index ``y_eval``.
     select_by : str
-        The metric scored (:data:`featcache.metrics.SELECT_BY`).
+        The metric scored (:data:`featcache.metrics.scores.SELECT_BY`).
     callback : callable, optional
         Called with ``{"epoch", "epochs", "loss", "score"}`` after every epoch (loss: mean
         training loss over the grid points; score: best eval score over them, None without eval
@@ -92,7 +92,7 @@ class EpochTracker:
     def end_epoch(self, epoch: int, losses: Sequence[float], proba: Callable[[], Sequence[np.ndarray]],
                   snapshot: Callable[[int], Any]) -> bool:
         """Record epoch ``epoch`` (0-based); True when every grid point ran out of patience."""
-        from ..metrics import selection_scores
+        from ..metrics.scores import selection_scores
 
         metric = self.monitor.select_by
         values: list[float | None] = [None] * self.G

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import HeadError
-from ..lazy import torch
+from ..common.lazy import torch
 from .params import DEVICE, Option, choice, integer, optional, positive
 from .base import BaseHead, softmax, state_array
 from .inputs import iter_row_chunks

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..validation import (CLASS_WEIGHT_HELP, PATIENCE_HELP, PRECISIONS, check_choice, check_class_weight,
+from ..common.validation import (CLASS_WEIGHT_HELP, PATIENCE_HELP, PRECISIONS, check_choice, check_class_weight,
                           check_device, check_int, check_memory, check_number, check_patience, check_seed)
 
 

@@ -4,7 +4,7 @@ batched L-BFGS and AdamW steps, the stacked linear problem, and grid scoring.
 The heads train a whole grid of their swept parameter at once (the DINOv2 linear-eval trick):
 the weights of the G grid points are stacked in one tensor of shape (G, ...), every step makes one
 pass over the data for all of them with a single matrix product, and the grid points never
-interact. torch is imported on first use (:mod:`featcache.lazy`).
+interact. torch is imported on first use (:mod:`featcache.common.lazy`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import HeadError
-from ..lazy import torch
-from ..validation import check_device
+from ..common.lazy import torch
+from ..common.validation import check_device
 from .inputs import class_weights
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ BLOCK_ELEMENTS = 1 << 24
 def resolve_device(device: str) -> torch.device:
     """The torch device of a head: "auto" picks CUDA when available, else the CPU (never MPS: the
     heads' L-BFGS runs in float64, which MPS lacks); other spellings as
-    :func:`featcache.devices.resolve_device`, which checks CUDA and the GPU index."""
+    :func:`featcache.common.devices.resolve_device`, which checks CUDA and the GPU index."""
     check_device(device)
-    from .. import devices
+    from ..common import devices
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,9 +5,9 @@ all of its time running the frozen part, whose output never changes. featcache c
 output once (``featcache extract SOURCE --layer layer3 --pool none`` stores (N, C, H, W)
 activations) and trains only what comes after it:
 
-- :func:`~featcache.cutting.build_tail` (in :mod:`featcache.cutting`) cuts a
+- :func:`~featcache.backbones.cutting.build_tail` (in :mod:`featcache.backbones.cutting`) cuts a
   backbone after a *boundary* module and returns the rest as an ``nn.Sequential`` with a new
-  classifier; :func:`~featcache.cutting.prefix_model` is the frozen part, so that
+  classifier; :func:`~featcache.backbones.cutting.prefix_model` is the frozen part, so that
   ``tail(prefix(x)) == model(x)``;
 - :class:`TailHead` is a head (scikit-learn contract, like :mod:`featcache.heads`) whose ``fit``
   trains the tail on cached activations, optionally sampling cached augmented views.
@@ -24,11 +24,11 @@ import numpy as np
 from sklearn.base import clone
 
 from ..backbones import Backbone, load_backbone
-from ..cutting import assemble_tail, build_tail, cut_at
+from ..backbones.cutting import assemble_tail, build_tail, cut_at
 from ..errors import ConfigError, HeadError
-from ..lazy import nn, torch
-from ..runtime import head_threads
-from ..training import adamw, cosine_lr, param_groups, resolve_seed
+from ..common.lazy import nn, torch
+from ..common.runtime import head_threads
+from .training import adamw, cosine_lr, param_groups, resolve_seed
 from .base import BaseHead, CacheSetup, softmax
 from .inputs import encode_labels
 from .maps import (NOT_FINITE, MapAugment, all_finite, check_activations, in_memory, minibatches, parse_augment,
@@ -46,7 +46,7 @@ class _Step:
 
     def __init__(self, tail: nn.Module, lr: float, weight_decay: float, device: torch.device, precision: str,
                  augment: MapAugment | None, class_weight: torch.Tensor | None, *, total: int) -> None:
-        from ..devices import autocast
+        from ..common.devices import autocast
 
         self.tail, self.lr, self.device, self.precision, self.augment = tail, lr, device, precision, augment
         self.cw, self.total, self.n, self.autocast = class_weight, total, 0, autocast
@@ -324,7 +324,7 @@ class TailHead(BaseHead):
         k_views = int(views.shape[1]) if views is not None else 0
         y_all = torch.as_tensor(y_idx, dtype=torch.long).to(device)
         cw = class_weight_tensor(y_idx, n_classes, self.class_weight, device)
-        from ..devices import resolve_precision  # torch, imported when training
+        from ..common.devices import resolve_precision  # torch, imported when training
 
         precision = resolve_precision(self.precision, device)
         rng = np.random.default_rng(seed)

@@ -29,9 +29,9 @@ import numpy as np
 
 from ..errors import CacheError, ConfigError
 from ..exports.base import require
-from ..files import atomic_write, write_json
-from ..store import FeatureCache, open_cache
-from ..validation import check_choice, check_int
+from ..common.files import atomic_write, write_json
+from ..store.cache import FeatureCache, open_cache
+from ..common.validation import check_choice, check_int
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..files import clean_json
-from ..store import FeatureCache, open_cache
+from ..common.files import clean_json
+from ..store.cache import FeatureCache, open_cache
 from ..errors import ConfigError
-from ..validation import check_int
+from ..common.validation import check_int
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from ..errors import BackboneError, CacheError, ConfigError, SourceError
 from ..sources import IMAGE_EXTENSIONS, FileSource, SampleRef, Source, display_path, open_source
-from ..store import open_cache
-from ..validation import check_int
+from ..store.cache import open_cache
+from ..common.validation import check_int
 from .index import FeatureIndex, load_index
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def embed_query(ix: FeatureIndex, query, *, device: str = "auto", weights: str |
                 batch_size: int | None = None) -> tuple[list[str], np.ndarray]:
     """Names and features (n, ...) of query images, extracted with the index's backbone, weights,
     preprocessing, layer, pooling and dtype; refused when the rebuilt backbone differs."""
-    from ..devices import resolve_device, runnable_precision
-    from ..extract import extract
+    from ..common.devices import resolve_device, runnable_precision
+    from ..extraction.pipeline import extract
 
     fp, cfg = ix.meta["fingerprint"], ix.meta.get("extract_config") or {}
     precision, why = runnable_precision(fp["precision"], resolve_device(device))

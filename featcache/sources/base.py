@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..registry import Registry
+from ..common.registry import Registry
 
 #: Source kinds by name: ``featcache sources`` lists them in this order, and :func:`open_source`
 #: asks their :meth:`Source.detect` in this order.

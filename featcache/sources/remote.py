@@ -135,7 +135,7 @@ def local_copy(url: str, identity: int | None) -> tuple[Path, int]:
     """A local copy of the remote file ``url`` as it is now (``identity`` from :func:`info`; None:
     fetched each time and named by its content), and that identity; raises :class:`SampleFault`
     when it cannot be fetched."""
-    from ..files import atomic_write
+    from ..common.files import atomic_write
 
     data = None
     if identity is None:

@@ -1,0 +1,215 @@
+"""Sharded extraction: share I of N of every split, one crash-safe shard file each, and the cache
+file that presents the shards as one data set per split (HDF5 virtual datasets) or a merged copy.
+
+A shard file is an ordinary featcache cache of its share of the samples, named
+``<cache>.shard-00001-of-00004.h5`` beside the final cache, with the same fingerprint. Shares are
+contiguous and aligned to whole batches, so each shard computes exactly the batches a single
+process would, and the assembled cache equals a single-process run's: same order, same values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CacheError, ConfigError
+from ..store.writer import CacheWriter
+from ..store.cache import FeatureCache, open_cache, read_text_attr
+
+SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"The 'shard' option must be I/N with 0 <= I < N, e.g. 0/4. Got {text!r}.")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_path(final: Path, i: int, n: int) -> Path:
+    return final.with_name(f"{final.name}.shard-{i:05d}-of-{n:05d}.h5")
+
+
+def shard_range(n_rows: int, batch_size: int, i: int, n: int) -> tuple[int, int]:
+    """Rows [start, end) of share ``i`` of ``n``: contiguous, aligned to whole batches."""
+    blocks = -(-n_rows // batch_size)
+    a, b = i * blocks // n, (i + 1) * blocks // n
+    return min(a * batch_size, n_rows), min(b * batch_size, n_rows)
+
+
+def shards_complete(final: Path, n: int) -> bool:
+    return all(shard_path(final, i, n).is_file() for i in range(n))
+
+
+def share_digest(plan: dict) -> str:
+    """The digest of one share of a plan: every planned sample of it in order (split, id, label,
+    size, mtime)."""
+    d = hashlib.sha256()
+    for split, rows in plan.items():
+        d.update(json.dumps(split).encode())
+        for r in rows:
+            d.update(json.dumps([r.ref.id, r.ref.label, int(r.stat[0]), int(r.stat[1])]).encode())
+    return d.hexdigest()[:32]
+
+
+def plan_hash(share_digests: list[str], fingerprint_hash: str, batch_size: int, n: int) -> str:
+    """What a set of shards is cut from: the fingerprint, the batch size and shard count (they place
+    the cuts), and the digests of all ``n`` shares of the plan (:func:`share_digest`). Shards of one
+    set must share it, or their union is not one version of the source."""
+    return hashlib.sha256(json.dumps([fingerprint_hash, batch_size, n, list(share_digests)]).encode()).hexdigest()[:32]
+
+
+def shards_need_merge(final: Path, n: int) -> bool:
+    """True when ``final`` is missing, or was assembled from other shard files than those there now
+    (a copy whose shards were extracted again included)."""
+    if not final.exists():
+        return True
+    if not shards_complete(final, n):
+        return False
+    recorded = read_text_attr(final, "shard_digests")
+    digests = [read_text_attr(shard_path(final, i, n), "digest") for i in range(n)]
+    return recorded is None or json.loads(recorded) != digests
+
+
+def shards_ready(final: Path, n: int) -> bool:
+    """All ``n`` shards are finished, cut from one plan, and ``final`` does not present them yet."""
+    if not shards_complete(final, n):
+        return False
+    plans = {read_text_attr(shard_path(final, i, n), "plan_hash") for i in range(n)}
+    return len(plans) == 1 and None not in plans and shards_need_merge(final, n)
+
+
+def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
+    """Write ``final`` from its ``n`` finished shard files.
+
+    Small per-sample arrays (labels, ids, hashes, stat) are copied; features and views are HDF5
+    virtual datasets pointing into the shard files (relative names: keep the files together), or
+    copied into one self-contained file with ``copy=True``. Shards of different fingerprints are
+    refused.
+    """
+    paths = [shard_path(final, i, n) for i in range(n)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CacheError(f"Cannot assemble '{final.name}': shard(s) {', '.join(missing)} are not finished. "
+                         f"Run the extraction of those shards (same command with --shard I/{n}).")
+    caches = [open_cache(p) for p in paths]
+    try:
+        fp = caches[0].fingerprint
+        for p, c in zip(paths, caches):
+            if c.fingerprint != fp:
+                raise CacheError(f"Shard '{p.name}' has another fingerprint than '{paths[0].name}'; it was made "
+                                 f"with other options or versions. Re-extract it with the same command.")
+            if c.shard != (paths.index(p), n):
+                raise CacheError(f"'{p.name}' is not shard {paths.index(p)} of {n} (its shard attribute disagrees).")
+            if c.text_attr("plan_hash") is None or c.text_attr("digest") is None:
+                raise CacheError(f"Shard '{p.name}' does not record what it covers (made by an older featcache). "
+                                 f"Re-run its extraction with the same command.")
+            if c.digest() != c.text_attr("digest"):
+                raise CacheError(f"Shard '{p.name}' does not hold what it recorded (damaged or edited). Delete it "
+                                 f"and re-run its extraction with the same command.")
+        plans = [c.text_attr("plan_hash") for c in caches]
+        if len(set(plans)) > 1:
+            raise CacheError(
+                f"The shards of '{final.name}' were cut from different versions of the source or options ("
+                + ", ".join(f"shard {i}: plan {h[:8]}" for i, h in enumerate(plans))
+                + "). Re-run the same extraction for every shard on the current source."
+            )
+        splits = [s for s in caches[0].splits]
+        for c in caches[1:]:
+            for s in c.splits:
+                if s not in splits:
+                    splits.append(s)
+        src_attrs = caches[0]._h5.attrs
+        with CacheWriter(final, **{k: src_attrs[k] for k in ("fingerprint", "fingerprint_hash", "classes", "layers",
+                                                             "extract_config", "notes") if k in src_attrs}) as w:
+            if not copy and not all(c.checksums for c in caches):  # it presents their data as it is
+                w.set_attrs(checksums="none")
+            w.set_attrs(timings=json.dumps({"shards": [c.timings for c in caches]}),
+                        shards=json.dumps([] if copy else [p.name for p in paths]),
+                        shard_digests=json.dumps([] if copy else [c.text_attr("digest") for c in caches]))
+            for split in splits:
+                parts = [(p, c) for p, c in zip(paths, caches) if split in c.splits]
+                _merge_split(w, split, parts, caches[0].layers, copy=copy)
+            w.add_failed([x for c in caches for x in c.failed])
+    finally:
+        for c in caches:
+            c.close()
+    if copy:
+        for p in paths:
+            p.unlink()
+    return final
+
+
+def _merge_split(w: CacheWriter, split: str, parts: list[tuple[Path, FeatureCache]], layers: list[str], *,
+                 copy: bool) -> None:
+    """One split of the assembled cache: per-sample arrays concatenated, features (and views) as
+    virtual datasets over the shard files, or copied with ``copy``."""
+    caches = [c for _, c in parts]
+    batch_ns = [c.batch_n(split) for c in caches]
+    w.add_split(split, labels=np.concatenate([c.labels(split) for c in caches]),
+                ids=[i for c in caches for i in c.ids(split)],
+                hashes=np.concatenate([c.hashes(split) for c in caches]),
+                stat=np.concatenate([c.stat(split) for c in caches]).reshape(-1, 2),
+                batch_n=np.concatenate(batch_ns) if all(b is not None for b in batch_ns) else None)
+    total = sum(c.n(split) for c in caches)
+    for views in ([False, True] if caches[0].has_views(split) else [False]):
+        for layer in layers:
+            dsets = [(c.views(split, layer) if views else c.features(split, layer)) for c in caches]
+            shape = (total, *dsets[0].shape[1:])
+            if copy or total == 0:
+                out = w.add_features(split, layer, shape, dsets[0].dtype, views=views, chunks=dsets[0].chunks)
+                start = 0
+                for d in dsets:
+                    for a in range(0, d.shape[0], 4096):
+                        block = d[a:a + 4096]
+                        out[start + a:start + a + len(block)] = block
+                    start += d.shape[0]
+                continue
+            layout = h5py.VirtualLayout(shape=shape, dtype=dsets[0].dtype)
+            start = 0
+            for (p, _), d in zip(parts, dsets):
+                if d.shape[0]:
+                    name = f"{'views' if views else 'features'}/{layer}"
+                    layout[start:start + d.shape[0]] = h5py.VirtualSource(p.name, f"/{split}/{name}", shape=d.shape)
+                start += d.shape[0]
+            w.add_virtual_features(split, layer, layout, views=views)
+
+
+def find_shard_sets(cache_dir: str | os.PathLike) -> dict[Path, int]:
+    """Shard sets in a folder: final cache path -> number of shards."""
+    out: dict[Path, int] = {}
+    for p in Path(cache_dir).glob("*.shard-*-of-*.h5"):
+        m = SHARD_RE.match(p.name)
+        if m:
+            final = p.with_name(m.group("base"))
+            n = int(m.group("n"))
+            if out.get(final, n) != n:
+                raise CacheError(f"'{final.name}' has shards of different counts in {cache_dir}; delete the stale ones.")
+            out[final] = n
+    return out
+
+
+def merge_dir(cache_dir: str | os.PathLike, *, copy: bool = False) -> list[dict]:
+    """Assemble every complete shard set in a folder whose cache is missing or presents other shard
+    files than those there now."""
+    results = []
+    for final, n in sorted(find_shard_sets(cache_dir).items()):
+        if not copy and not shards_need_merge(final, n):
+            results.append({"cache": str(final), "shards": n, "status": "exists"})
+            continue
+        merge_shards(final, n, copy=copy)
+        results.append({"cache": str(final), "shards": n, "status": "merged" if copy else "assembled"})
+    if not results:
+        raise CacheError(f"No shard files (*.shard-I-of-N.h5) in '{cache_dir}'. Extract with --shard I/N first.")
+    return results
+
+
+__all__ = ["merge_dir", "merge_shards", "parse_shard", "shard_path",
+           "shard_range", "shards_complete", "shards_need_merge", "shards_ready", "plan_hash", "share_digest"]

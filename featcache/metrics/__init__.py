@@ -1,0 +1,2 @@
+"""Scores of predicted probabilities (``scores``), their confidence intervals (``intervals``) and
+calibration (``calibration``)."""

@@ -1,0 +1,1 @@
+"""Reports: self-contained HTML pages (``pages``, ``html``), PNG plots and the benchmark leaderboard."""
