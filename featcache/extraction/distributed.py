@@ -22,7 +22,8 @@ import torch.distributed as dist
 from ..common.devices import cpus_per_local_rank, distributed_backend, is_cuda, local_cuda_device
 from ..errors import CacheError, FeatcacheError
 from .pipeline import run_prepared
-from .plan import ExtractConfig, ExtractResult, prepare
+from .options import ExtractConfig, ExtractResult
+from .plan import prepare
 from .shards import merge_shards, shard_path, shards_need_merge
 
 

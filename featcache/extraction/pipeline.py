@@ -23,18 +23,18 @@ import torch
 
 from ..backbones import Backbone
 from ..store.writer import CacheLock, CacheWriter, iter_runs, set_aside
-from ..common.devices import (cudnn_autotuning, default_workers, main_process_decode_threads, prefetch_for_shm,
-                      shm_free_bytes)
+from ..common.devices import cudnn_autotuning, decode_settings
 from ..errors import CacheDamagedError, CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from ..common.files import DISK_FULL
 from .loading import (VIEW_SPLIT, DecodeDataset, DeviceDecoded, Row, batches, block_key, close_batches, collate, plan_rows,
                       worker_init)
 from .partial import ChunkWriter, PartialStore
-from .plan import ExtractConfig, ExtractResult, Prepared, ProgressFn, prepare_source
+from .options import ExtractConfig, ExtractResult, ProgressFn
+from .plan import Prepared, build, open_job
 from .reuse import (Donors, blocks, find_hit, hit_result, intact, reused, is_hit_rows, listing_matches, rows_to_compute,
                     stat_key)
 from ..common.runtime import tune_allocator
-from ..sources import Source, display_path, open_source
+from ..sources import Source, display_path
 from ..store.cache import HASH_DTYPE, CacheFingerprint, FeatureCache, open_cache
 from ..backbones.taps import HostCopy, TappedForward
 
@@ -62,11 +62,9 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
         Path of the cache, sample counts, failures, whether it was a cache hit, timings.
     """
     t0 = time.perf_counter()
-    config = ExtractConfig(**{**(config.to_dict() if config else {}), **options})
-    config.validate()
-    src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
-    result = find_hit(src, config, t0) or run_prepared(prepare_source(src, config), progress=progress, t0=t0)
-    result.notes = list(src.notes)
+    job = open_job(source, ExtractConfig(**{**(config.to_dict() if config else {}), **options}))
+    result = find_hit(job, t0) or run_prepared(build(job), progress=progress, t0=t0)
+    result.notes = list(job.source.notes)
     return result
 
 
@@ -275,26 +273,23 @@ def _compute(src, bb: Backbone, layers, config: ExtractConfig, device, order, to
     tune_allocator()
     if config.threads:
         torch.set_num_threads(config.threads)
+    pp = bb.preprocess
+    decoding = decode_settings(device, config.num_workers, pre_decoded=src.pre_decoded,
+                               batch_bytes=config.batch_size * (1 + config.views) * 3 * pp.crop * pp.crop)
     # Input shapes are fixed for a whole run (one crop size, one batch size but the last), so cuDNN
     # may time its algorithms once and keep the fastest; the caller's setting is restored after.
     with cudnn_autotuning(device):
-        _compute_batches(src, bb, layers, config, device, order, todo, partial, progress)
+        _compute_batches(src, bb, layers, config, device, order, todo, partial, progress, decoding)
 
 
 def _compute_batches(src, bb: Backbone, layers, config: ExtractConfig, device, order, todo, partial: PartialStore,
-                     progress: ProgressFn | None) -> None:
+                     progress: ProgressFn | None, decoding: tuple[int, int, int | None]) -> None:
     forward = TappedForward(bb, layers, config.pool, device=device, precision=config.precision,
                             channels_last=config.channels_last, order=order, compile=config.compile)
     pp = bb.preprocess
-    pre_decoded = src.pre_decoded
-    workers = config.num_workers if config.num_workers is not None else default_workers(device)
-    decode_threads = main_process_decode_threads(device, workers, pre_decoded=pre_decoded)
+    workers, decode_threads, prefetch = decoding
     dataset = DecodeDataset(src, todo, pp, config.augment, threads=decode_threads,
                              encoded_jpegs=config.decode_on_device)
-    prefetch = None
-    if workers:
-        batch_bytes = config.batch_size * (1 + config.views) * 3 * pp.crop * pp.crop
-        prefetch = prefetch_for_shm(workers, batch_bytes, free=shm_free_bytes())
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches(todo, config.batch_size), num_workers=workers,
         collate_fn=collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers else None,

@@ -6,160 +6,25 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..backbones import ALL_LAYERS, POOLS, Backbone, library_versions, load_backbone
-from ..common.devices import PRECISIONS, resolve_device, resolve_precision, runnable_precision
+from ..backbones import ALL_LAYERS, Backbone, BackboneSpec, library_versions, load_backbone, parse_backbone_spec
+from ..backbones.taps import fold_batchnorm_checked, list_layers
+from ..common.devices import default_batch_size, resolve_compute, runnable_precision  # noqa: F401  (default_batch_size: re-exported)
 from ..errors import ConfigError
-from .loading import VIEW_SPLIT
-from ..backbones.preprocess import Augment
 from ..sources import Source, open_source
 from ..store.cache import CacheFingerprint, cache_file_name
-from ..backbones.taps import fold_batchnorm_checked, list_layers
-from ..common.validation import check_choice, check_int
+from .loading import VIEW_SPLIT
+from .options import ExtractConfig, ExtractResult, ProgressFn  # noqa: F401  (ExtractResult, ProgressFn: re-exported)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-DTYPES = ("float16", "float32")
-ON_ERROR = ("skip", "fail")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Options of one extraction. Fields that change feature values go in the fingerprint."""
-
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    layers: tuple[str, ...] = ()
-    pool: str = "avg"
-    dtype: str = "float16"
-    precision: str = "auto"
-    channels_last: bool = True
-    #: None: 8 on a CPU (small batches stay in cache: EfficientNet-Lite0 ran 115, 122, 123 and 90
-    #: img/s at 4, 8, 16 and 32 on the 2-core test machine; resnet50 and resnet18 peaked at 8,
-    #: BENCHMARKS.md), 64 on a GPU.
-    batch_size: int | None = None
-    num_workers: int | None = None
-    threads: int | None = None
-    device: str = "auto"
-    cache_dir: str = "cache"
-    output: str | None = None
-    val_fraction: float | None = None
-    split_seed: int = 0
-    on_error: str = "skip"
-    input_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    views: int = 0
-    view_seed: int = 0
-    #: Fold eval-mode BatchNorm into the preceding convolutions (checked against the unfolded
-    #: model; 25% of EfficientNet-Lite0's CPU time was BatchNorm). Recorded in the fingerprint.
-    fold_bn: bool = True
-    #: Extract share I of N of every split (``(I, N)``) into a shard file beside the cache.
-    shard: tuple[int, int] | None = None
-    #: With shards: assemble a self-contained copy instead of virtual datasets over the shard files.
-    merge: bool = False
-    #: With shards: leave assembling to the caller (torchrun's rank 0 after a barrier).
-    defer_merge: bool = False
-    #: Seconds between chunk files of finished batches: a kill -9 loses at most this much work
-    #: (0: a chunk per batch). Does not change feature values.
-    checkpoint_every: float = 10.0
-    #: Run the tapped network through torch.compile (1.23x steady state on the 2-core CPU for
-    #: EfficientNet-Lite0 after a 19 s compilation, BENCHMARKS.md). Recorded in the fingerprint.
-    compile: bool = False
-    #: Decode JPEGs with torchvision.io.decode_jpeg on the extraction device (nvJPEG on CUDA) and
-    #: resize there; loader workers only read files. Recorded in the fingerprint.
-    decode_on_device: bool = False
-    #: Hash every file's content, not only that of files whose (size, mtime) changed since the cache
-    #: was made, and compute again the features of those whose content differs. Does not change
-    #: feature values.
-    verify: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("cache_dir", "output", "weights"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, os.fspath(value))
-
-    def validate(self) -> None:
-        if self.batch_size is not None:
-            check_int("batch_size", self.batch_size)
-        if self.num_workers is not None:
-            check_int("num_workers", self.num_workers, minimum=0)
-        if self.threads is not None:
-            check_int("threads", self.threads)
-        check_choice("pool", self.pool, POOLS)
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("on_error", self.on_error, ON_ERROR)
-        if self.input_size is not None:
-            check_int("input_size", self.input_size, minimum=8)
-        check_int("views", self.views, minimum=0)
-        if self.decode_on_device and self.views:
-            raise ConfigError("Augmented views (--views) are made with PIL; they cannot be combined with "
-                              "--decode-on-device. Drop one of the two.")
-        if not isinstance(self.checkpoint_every, (int, float)) or not 0 <= self.checkpoint_every < float("inf"):
-            raise ConfigError(f"The 'checkpoint_every' option must be a number of seconds >= 0. "
-                              f"Got {self.checkpoint_every!r}.")
-        if self.shard is not None:
-            i, n = self.shard
-            if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
-                raise ConfigError(f"The 'shard' option must be I/N with 0 <= I < N. Got {self.shard!r}.")
-
-    @property
-    def augment(self) -> Augment:
-        return Augment(views=self.views, seed=self.view_seed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class ExtractResult:
-    """What an extraction did (``featcache extract --json`` prints :meth:`to_dict`)."""
-
-    cache: str
-    splits: dict[str, int]
-    failed: int
-    cache_hit: bool
-    seconds: float
-    images_per_second: float
-    computed: int = 0
-    reused: int = 0
-    failures: list[dict] = field(default_factory=list)
-    #: With shards: the cache this run assembled from all finished shards, if it did.
-    merged: str | None = None
-    #: Seconds of decoding and forward passes: ``images_per_second`` is ``computed / compute_seconds``
-    #: (``seconds`` adds opening the source and backbone and writing the cache).
-    compute_seconds: float = 0.0
-    #: What the source listing skipped or found odd (:attr:`Source.notes`), also recorded in the cache.
-    notes: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        d = {"cache": self.cache, "splits": self.splits, "failed": self.failed,
-             "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
-             "compute_seconds": round(self.compute_seconds, 3),
-             "images_per_second": round(self.images_per_second, 2),
-             "computed": self.computed, "reused": self.reused}
-        if self.merged:
-            d["merged"] = self.merged
-        if self.notes:
-            d["notes"] = self.notes
-        return d
-
-
-ProgressFn = Callable[[int, int], None]
-
-
-def default_batch_size(device: torch.device) -> int:
-    return 8 if device.type == "cpu" else 64
 
 
 def pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
@@ -188,36 +53,47 @@ class Prepared:
     config: ExtractConfig
 
 
-def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepared:
-    """Open the source and backbone and work out layers, shapes, fingerprint and file name."""
+@dataclass(frozen=True)
+class Job:
+    """An extraction as its options decide it, before any network is built: the opened source,
+    the backbone spec parsed once, the device, and the options with this machine's choices made
+    (precision, batch size). The cache-hit test (:func:`featcache.extraction.reuse.find_hit`) and
+    :func:`build` both start from it."""
+
+    source: Source
+    spec: BackboneSpec
+    device: torch.device
+    config: ExtractConfig
+
+
+def open_job(source: str | os.PathLike | Source, config: ExtractConfig) -> Job:
+    """Check the options, open the source, parse the backbone spec and make the machine's choices."""
     config.validate()
-    return prepare_source(open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed), config)
+    src = open_source(source, val_fraction=config.val_fraction, split_seed=config.split_seed)
+    spec = parse_backbone_spec(config.backbone, config.weights)
+    device, precision, batch_size = resolve_compute(config.device, config.precision, config.batch_size)
+    return Job(src, spec, device, replace(config, precision=precision, batch_size=batch_size))
 
 
-def resolved_config(config: ExtractConfig, device: torch.device) -> ExtractConfig:
-    """``config`` with its automatic choices for ``device`` made (precision, batch size)."""
-    return ExtractConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device),
-                            "batch_size": config.batch_size or default_batch_size(device)})
-
-
-def fingerprint(backbone: dict, layers: list[str], preprocess: dict, fold_bn: bool, src: Source,
-                 config: ExtractConfig, device: torch.device) -> CacheFingerprint:
-    """The fingerprint of an extraction: the backbone's own facts (identity, preprocessing, layers,
-    whether BatchNorm folded), then what the options, the source and this machine decide."""
+def fingerprint(backbone: dict, layers: list[str], preprocess: dict, fold_bn: bool, job: Job) -> CacheFingerprint:
+    """The fingerprint of an extraction, derived here only: the backbone's own facts (identity,
+    preprocessing, layers, whether BatchNorm folded), then what the options, the source and this
+    machine decide."""
+    config = job.config
     return CacheFingerprint(
         backbone=backbone, layers=tuple(layers), pool=config.pool, preprocess=preprocess,
         precision=config.precision, dtype=config.dtype, channels_last=config.channels_last,
-        device_type=device.type, source=src.describe(),
+        device_type=job.device.type, source=job.source.describe(),
         augment=config.augment.to_dict() if config.views else None,
         fold_bn=fold_bn, compile=config.compile, decode="torchvision" if config.decode_on_device else "pil",
         versions=library_versions(),
     )
 
 
-def prepare_source(src: Source, config: ExtractConfig) -> Prepared:
-    bb = load_backbone(config.backbone, weights=config.weights, input_size=config.input_size,
-                       mean=config.mean, std=config.std)
-    device = resolve_device(config.device)
+def build(job: Job) -> Prepared:
+    """Build the backbone of ``job`` and work out its layers, shapes, fingerprint and file name."""
+    config, device = job.config, job.device
+    bb = load_backbone(job.spec, input_size=config.input_size, mean=config.mean, std=config.std)
     fold_bn = False
     if config.fold_bn:
         bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
@@ -225,7 +101,6 @@ def prepare_source(src: Source, config: ExtractConfig) -> Prepared:
     if slow:  # asked for explicitly: kept (it is in the fingerprint), but the user should know
         log.warning("precision=%s on %s is slow: %s. precision='auto' picks the fast one.", config.precision,
                     device, slow.split(";")[0])
-    config = resolved_config(config, device)
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
     layers = list(config.layers) or [bb.default_layer]
@@ -244,9 +119,14 @@ def prepare_source(src: Source, config: ExtractConfig) -> Prepared:
                 f"Layer '{name}' is not in {bb.name}. Run 'featcache layers {config.backbone}' to list the layers."
             )
     shapes = [pooled_shape(known[n].shape, config.pool) for n in layers]
-    fp = fingerprint(bb.describe(), layers, bb.preprocess.to_dict(), fold_bn, src, config, device)
+    fp = fingerprint(bb.describe(), layers, bb.preprocess.to_dict(), fold_bn, job)
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
-    return Prepared(src, bb, layers, shapes, fp, path, device, [i.name for i in infos], config)
+    return Prepared(job.source, bb, layers, shapes, fp, path, device, [i.name for i in infos], config)
+
+
+def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepared:
+    """Open the source and backbone and work out layers, shapes, fingerprint and file name."""
+    return build(open_job(source, config))
 
 
 def plan_cache(source: str | os.PathLike | Source, config: ExtractConfig | None = None, **options) -> dict:

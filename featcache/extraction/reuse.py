@@ -16,11 +16,11 @@ from typing import Callable
 import numpy as np
 
 from ..backbones import weights_sha256_without_building
-from ..common.devices import resolve_device
 from ..errors import CacheDamagedError, CacheError, FeatcacheError, SourceError
 from .loading import VIEW_SPLIT, Row, block_key, plan_rows
 from .partial import PartialStore
-from .plan import ExtractConfig, ExtractResult, fingerprint, resolved_config
+from .options import BACKBONE_FACTS, ExtractConfig, ExtractResult
+from .plan import Job, fingerprint
 from ..sources import Source
 from ..store.cache import FeatureCache, cache_file_name, open_cache, read_text_attr
 
@@ -225,36 +225,33 @@ def blocks(plan: dict[str, list[Row]], batch_size: int) -> dict[tuple[str, int],
 # --- reusing a whole cache --------------------------------------------------------------------
 
 
-#: The options that, with the library versions, settle the backbone's own facts in a fingerprint
-#: (identity, preprocessing, layers, whether BatchNorm folded); every cache records them.
-BACKBONE_OPTIONS = ("backbone", "layers", "input_size", "mean", "std", "fold_bn")
-
-
-def find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | None:
+def find_hit(job: Job, t0: float) -> ExtractResult | None:
     """The cache this extraction would reuse, found without building the backbone; None when
-    there is none or it cannot be told without the network (then :func:`prepare` builds it and
-    decides, as it always did).
+    there is none or it cannot be told without the network (then :func:`~.plan.build` builds it
+    and decides, as it always did).
 
     A fingerprint is the backbone's own facts plus what the options, the source and this machine
-    decide. The facts follow from the backbone options and the library versions, and a cache
-    records both (``extract_config``, the fingerprint's versions and weights hash): a cache made
-    with equal backbone options lends its facts, the fingerprint is rebuilt from them and
-    everything else as :func:`prepare` would work it out, and the cache is a hit only if its
-    fingerprint and file name are exactly those and it holds every planned file unchanged.
+    decide. The facts follow from the backbone options (:data:`~.options.BACKBONE_FACTS`) and the
+    library versions, and a cache records both (``extract_config``, the fingerprint's versions and
+    weights hash): a cache made with equal backbone options lends its facts, the fingerprint is
+    derived from them by :func:`~.plan.fingerprint` as for a built backbone, and the cache is a
+    hit only if its fingerprint and file name are exactly those and it holds every planned file
+    unchanged.
     """
+    config = job.config
     if config.shard is not None:  # shard files and their assembly keep their own checks
         return None
-    wanted = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k in BACKBONE_OPTIONS}
+    wanted = config.backbone_facts()
     paths = [Path(config.output)] if config.output else sorted(Path(config.cache_dir).glob("*.h5"))
-    weights, resolved = None, None
+    weights = None
     for path in paths:
         made_by = json_attr(path, "extract_config")
-        if (made_by is None or {k: made_by.get(k) for k in BACKBONE_OPTIONS} != wanted
+        if (made_by is None or {k: made_by.get(k) for k in BACKBONE_FACTS} != wanted
                 or (made_by.get("weights") is None) != (config.weights is None)):
             continue
         if weights is None:  # hashed only once a cache made with these options exists (a first run never)
             try:
-                weights = weights_sha256_without_building(config.backbone, config.weights)
+                weights = weights_sha256_without_building(job.spec)
             except FeatcacheError:
                 return None  # the builder will say what is wrong
         known, weights_sha = weights
@@ -263,13 +260,9 @@ def find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | N
         recorded = json_attr(path, "fingerprint")
         if recorded is None or recorded.get("backbone", {}).get("weights_sha256") != weights_sha:
             continue
-        if resolved is None:
-            device = resolve_device(config.device)
-            resolved = device, resolved_config(config, device)
-        device, run_config = resolved
         try:
             fp = fingerprint(recorded["backbone"], recorded["layers"], recorded["preprocess"],
-                              recorded.get("fold_bn", False), src, run_config, device)
+                              recorded.get("fold_bn", False), job)
         except (KeyError, TypeError):
             continue
         if fp.to_dict() != recorded or (config.output is None and path.name != cache_file_name(fp)):
@@ -281,7 +274,7 @@ def find_hit(src: Source, config: ExtractConfig, t0: float) -> ExtractResult | N
         with cache:
             if cache.fingerprint == recorded:
                 try:
-                    return hit_result(cache, path, plan_rows(src, contents=config.verify), run_config, t0)
+                    return hit_result(cache, path, plan_rows(job.source, contents=config.verify), config, t0)
                 except CacheDamagedError:
                     return None  # the full run sets it aside
     return None

@@ -21,8 +21,9 @@ from .. import __version__
 from ..errors import ConfigError
 from ..common.files import dumps, write_text
 from ..extraction.pipeline import extract
-from ..extraction.plan import ExtractConfig
+from ..extraction.options import ExtractConfig
 from .fit import FitConfig, check_options, fit_head, parse_grid
+from ..backbones.base import DEFAULT_BACKBONE
 from ..heads import HEADS
 from .outputs import FolderLock, claim_numbered, reporting
 from ..store.cache import open_cache
@@ -42,7 +43,7 @@ class BenchConfig:
     """A benchmark grid. ``shots`` 0 means all training data; ``layers`` empty means each
     backbone's default layer."""
 
-    backbones: tuple[str, ...] = ("efficientnet_lite0",)
+    backbones: tuple[str, ...] = (DEFAULT_BACKBONE,)
     sources: tuple[str, ...] = ("digits",)
     layers: tuple[str, ...] = ()
     heads: tuple[str, ...] = ("logreg",)

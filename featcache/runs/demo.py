@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..backbones.base import DEFAULT_BACKBONE
 from .bench import BenchConfig, run_bench
 from ..reports.leaderboard import leaderboard
 from ..reports.pages import write_report
@@ -13,7 +14,7 @@ from ..reports.pages import write_report
 DEMO_HEADS = ("linear", "knn")
 
 
-def run_demo(*, out_dir: str = "demo-out", cache_dir: str = "cache", backbone: str = "efficientnet_lite0",
+def run_demo(*, out_dir: str = "demo-out", cache_dir: str = "cache", backbone: str = DEFAULT_BACKBONE,
              heads: tuple[str, ...] = DEMO_HEADS, progress=None, extract_progress=None) -> dict:
     """Run the demo grid; returns ``{"records", "leaderboard", "report", "bench_dir"}``."""
     out = Path(out_dir)

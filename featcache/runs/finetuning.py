@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones import Backbone, load_backbone, seeded_init
+from ..backbones import DEFAULT_BACKBONE, Backbone, load_backbone, seeded_init
 from ..common.devices import (PRECISIONS, autocast, default_workers, prefetch_for_shm, resolve_device, resolve_precision,
                       shm_free_bytes)
 from ..errors import ConfigError
@@ -63,7 +63,7 @@ class FinetuneConfig:
     names) must be given; see :mod:`featcache.runs.finetuning`.
     """
 
-    backbone: str = "efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     freeze_until: str | None = None
     train: tuple[str, ...] = ()

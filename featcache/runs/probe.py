@@ -13,7 +13,7 @@ from ..backbones import PRE_LOGITS, load_backbone
 from ..errors import ConfigError
 from ..common.files import write_json
 from ..extraction.pipeline import extract
-from ..extraction.plan import ExtractConfig
+from ..extraction.options import ExtractConfig
 from .fit import FitConfig, check_options, fit_head
 from ..metrics.intervals import paired_difference
 from .saved import load_predictions
