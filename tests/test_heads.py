@@ -750,3 +750,19 @@ def test_balanced_linear_agrees_with_balanced_logreg(n_classes):
     # logreg with balanced weights is scikit-learn's LogisticRegression(class_weight="balanced").
     sk = LogisticRegression(C=1.0, max_iter=1000, tol=1e-6, class_weight="balanced").fit(Xtr, ytr)
     np.testing.assert_allclose(ref.predict_proba(Xte), sk.predict_proba(Xte), atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize,pca", [("standard", 3), ("l2", None), ("none", 2)])
+def test_transform_module_is_built_from_the_transform_state_without_an_import_circle(normalize, pca):
+    import ast
+    import inspect
+
+    from featcache.heads import modules, transform
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(modules))) if isinstance(n, ast.ImportFrom)}
+    assert "transform" not in imported and not any("heads.transform" in (m or "") for m in imported)
+    X = np.random.default_rng(0).standard_normal((20, 5)).astype(np.float32)
+    t = transform.FeatureTransform(normalize, pca).fit(X)
+    with torch.no_grad():
+        out = t.to_torch()(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(out, t.transform(X), rtol=1e-5, atol=1e-5)
