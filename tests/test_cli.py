@@ -75,6 +75,32 @@ def test_layers_json_and_backbones():
     assert "digits" in r.output and "npz" in r.output
 
 
+def test_heads_json_lists_each_option_with_its_default_and_allowed_values():
+    from featcache.heads import HEADS
+
+    r = run("heads", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {h["name"]: h for h in json.loads(r.output)}
+    assert list(rows) == HEADS.names()
+    for name, row in rows.items():  # every option of the signature, in its order, from the registry
+        assert list(row["options"]) == list(HEADS.get(name).options), name
+    assert rows["linear"]["options"]["C"] == {
+        "default": 1.0, "constraint": "a finite number > 0", "help": "Inverse L2 strength (scikit-learn's meaning)"}
+    assert rows["linear"]["options"]["solver"]["constraint"] == "one of 'lbfgs', 'adamw'"
+    assert rows["linear"]["options"]["max_memory"]["default"] == 2 << 30
+    assert rows["ncm"]["options"]["temperature"] == {
+        "default": None, "constraint": "None or a finite number > 0",
+        "help": "Softmax temperature of predict_proba = softmax(scores); None means 0.05 for cosine and 1.0 for "
+                "euclidean"}
+    assert rows["tail"]["options"]["boundary"]["required"] is True
+    assert rows["tail"]["options"]["augment"]["default"] == "flip+crop"
+    r = run("heads")
+    assert "--opt C=1.0  a finite number > 0; Inverse L2 strength" in r.output
+    assert "--opt solver=lbfgs  one of 'lbfgs', 'adamw';" in r.output
+    assert "--opt boundary=(required)  the name of the layer" in r.output
+    assert "--opt class_weight=null  one of None, 'balanced';" in r.output
+
+
 def test_help_lists_every_command():
     r = run("--help")
     for cmd in ("extract", "layers", "backbones", "info", "ls"):

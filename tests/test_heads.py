@@ -79,7 +79,7 @@ def test_registry_lists_every_head_with_its_options():
     for name, info in heads.items():
         cls = HEADS.get(name)
         assert set(info["options"]) == set(cls._get_param_names()), name
-        assert all(isinstance(v, str) and v for v in info["options"].values())
+        assert all(set(v) >= {"default", "constraint", "help"} and v["constraint"] for v in info["options"].values())
         assert info["description"]
         assert info["param"] == cls.param
         if info["param"] is not None:
@@ -109,24 +109,25 @@ def test_make_head_rejects_unknown_names_and_options():
 @pytest.mark.parametrize(
     "name, option, value, message",
     [
-        ("logreg", "C", -1.0, "The 'C' option must be a finite number > 0. Got -1.0."),
-        ("ridge", "alpha", 0, "The 'alpha' option must be a finite number > 0. Got 0."),
-        ("linear", "solver", "sgd", "The 'solver' option must be one of lbfgs, adamw. Got 'sgd'."),
+        ("logreg", "C", -1.0, "The 'C' option of the 'logreg' head must be a finite number > 0. Got -1.0."),
+        ("ridge", "alpha", 0, "The 'alpha' option of the 'ridge' head must be a finite number > 0. Got 0."),
+        ("linear", "solver", "sgd",
+         "The 'solver' option of the 'linear' head must be one of 'lbfgs', 'adamw'. Got 'sgd'."),
         (
             "linear",
             "device",
             "gpu7",
-            "The 'device' option must be 'auto', 'cpu', 'cuda' or 'cuda:N'. Got 'gpu7'.",
+            "The 'device' option of the 'linear' head must be 'auto', 'cpu', 'cuda' or 'cuda:N'. Got 'gpu7'.",
         ),
-        ("mlp", "dropout", 1.0, "The 'dropout' option must be in [0, 1). Got 1.0."),
-        ("knn", "k", 0, "The 'k' option must be an int >= 1. Got 0."),
+        ("mlp", "dropout", 1.0, "The 'dropout' option of the 'mlp' head must be a finite number in [0, 1). Got 1.0."),
+        ("knn", "k", 0, "The 'k' option of the 'knn' head must be an int >= 1. Got 0."),
         (
             "ncm",
             "metric",
             "manhattan",
-            "The 'metric' option must be one of cosine, euclidean. Got 'manhattan'.",
+            "The 'metric' option of the 'ncm' head must be one of 'cosine', 'euclidean'. Got 'manhattan'.",
         ),
-        ("svm", "max_iter", 2.5, "The 'max_iter' option must be an int >= 1. Got 2.5."),
+        ("svm", "max_iter", 2.5, "The 'max_iter' option of the 'svm' head must be an int >= 1. Got 2.5."),
     ],
 )
 def test_bad_option_values_raise_config_error(name, option, value, message, multi):
@@ -272,7 +273,7 @@ def test_logreg_warm_started_sweep_differs_from_a_cold_fit():
 
 def test_sweep_rejects_bad_grids(multi):
     Xtr, ytr, Xte, _ = multi
-    with pytest.raises(ConfigError, match="The 'C' option must be a finite number > 0. Got -2."):
+    with pytest.raises(ConfigError, match="The 'C' option of the 'logreg' head must be a finite number > 0. Got -2."):
         make_head("logreg").sweep_proba(Xtr, ytr, [1.0, -2], Xte)
     with pytest.raises(ConfigError, match="non-empty sequence"):
         make_head("ridge").sweep_proba(Xtr, ytr, [], Xte)
@@ -626,7 +627,7 @@ def test_class_weight_is_an_option_of_the_linear_and_torch_heads():
     heads = {h["name"]: h for h in list_heads()}
     for name in WEIGHTED:
         assert "class_weight" in heads[name]["options"], name
-        assert "balanced" in heads[name]["options"]["class_weight"]
+        assert heads[name]["options"]["class_weight"]["constraint"] == "one of None, 'balanced'"
         assert make_head(name).get_params()["class_weight"] is None
         assert make_head(name, class_weight="balanced").get_params()["class_weight"] == "balanced"
     for name in ("knn", "ncm"):
@@ -637,7 +638,7 @@ def test_class_weight_is_an_option_of_the_linear_and_torch_heads():
 @pytest.mark.parametrize("name", WEIGHTED)
 @pytest.mark.parametrize("value", ["auto", "Balanced", {0: 1.0, 1: 9.0}, 1.0])
 def test_bad_class_weight_raises_config_error(name, value, multi):
-    message = f"The 'class_weight' option must be one of None, 'balanced'. Got {value!r}."
+    message = f"The 'class_weight' option of the '{name}' head must be one of None, 'balanced'. Got {value!r}."
     with pytest.raises(ConfigError) as err:
         make_head(name, class_weight=value)
     assert str(err.value) == message
@@ -749,3 +750,19 @@ def test_balanced_linear_agrees_with_balanced_logreg(n_classes):
     # logreg with balanced weights is scikit-learn's LogisticRegression(class_weight="balanced").
     sk = LogisticRegression(C=1.0, max_iter=1000, tol=1e-6, class_weight="balanced").fit(Xtr, ytr)
     np.testing.assert_allclose(ref.predict_proba(Xte), sk.predict_proba(Xte), atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize,pca", [("standard", 3), ("l2", None), ("none", 2)])
+def test_transform_module_is_built_from_the_transform_state_without_an_import_circle(normalize, pca):
+    import ast
+    import inspect
+
+    from featcache.heads import modules, transform
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(modules))) if isinstance(n, ast.ImportFrom)}
+    assert "transform" not in imported and not any("heads.transform" in (m or "") for m in imported)
+    X = np.random.default_rng(0).standard_normal((20, 5)).astype(np.float32)
+    t = transform.FeatureTransform(normalize, pca).fit(X)
+    with torch.no_grad():
+        out = t.to_torch()(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(out, t.transform(X), rtol=1e-5, atol=1e-5)

@@ -236,7 +236,7 @@ def test_tail_head_sweep_and_errors(toy):
     assert set(TailHead.options) == set(TailHead().get_params())
     with pytest.raises(ConfigError, match="has no parameter to sweep"):
         head.sweep_proba(toy["X"], toy["y"], (0.1,), toy["X_test"])
-    with pytest.raises(ConfigError, match="The 'boundary' option must name the layer"):
+    with pytest.raises(ConfigError, match="The 'boundary' option of the 'tail' head must be the name of the layer"):
         TailHead(backbone="resnet18.none").fit(toy["X"], toy["y"])
     with pytest.raises(HeadError, match=r"X has rows of shape \(96, 2, 2\) but layer 'layer3'"):
         TailHead(backbone="resnet18.none", input_size=SIZE, boundary="layer3", device="cpu").fit(toy["X"], toy["y"])
@@ -323,7 +323,8 @@ def test_tail_head_refuses_bad_augment(toy, bad):
     with pytest.raises(ConfigError) as e:
         _head(augment=bad).fit(toy["X"], toy["y"])
     assert str(e.value) == (
-        "The 'augment' option must be 'none' or parts of flip, shift, crop, mixup joined by '+' (e.g. "
+        "The 'augment' option of the 'tail' head must be 'none' or parts of flip, shift, crop, mixup joined by "
+        "'+' (e.g. "
         f"'flip+crop'), each at most once. Got {bad!r}."
     )
 
@@ -338,7 +339,8 @@ def test_tail_head_precision_option(toy):
     assert a.get_state()[0]["tail.classifier.3.weight"].dtype == np.float32
     with pytest.raises(ConfigError) as e:
         _head(precision="half").fit(toy["X"], toy["y"])
-    assert str(e.value) == "The 'precision' option must be one of auto, fp32, bf16, fp16. Got 'half'."
+    assert str(e.value) == ("The 'precision' option of the 'tail' head must be one of 'auto', 'fp32', 'bf16', "
+                            "'fp16'. Got 'half'.")
 
 
 def test_tail_head_augment_without_maps_keeps_mixup_only(caplog):

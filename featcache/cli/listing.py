@@ -3,6 +3,7 @@ Those that read no network (all but ``layers``) import neither torch nor torchvi
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -150,5 +151,8 @@ def heads(as_json: bool) -> None:
         if r["param"]:
             g = r["default_grid"]
             click.echo(f"         sweeps {r['param']} over {len(g)} values, {g[0]:g} .. {g[-1]:g}")
-        for opt, text in r["options"].items():
-            click.echo(f"         --opt {opt}=...  {text}")
+        for opt, o in r["options"].items():
+            # The default as --opt KEY=VALUE reads it (JSON, or the bare string).
+            d = o["default"]
+            given = "(required)" if o.get("required") else d if isinstance(d, str) else json.dumps(d)
+            click.echo(f"         --opt {opt}={given}  {o['constraint']}" + (f"; {o['help']}" if o["help"] else ""))

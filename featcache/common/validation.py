@@ -46,21 +46,6 @@ def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = True
 
 #: Values of the ``class_weight`` option of the heads that have one.
 CLASS_WEIGHT_CHOICES: tuple[str | None, ...] = (None, "balanced")
-#: One-line help of the ``class_weight`` option.
-CLASS_WEIGHT_HELP = "None or 'balanced' (class c weighs n_samples / (n_classes * n_c))"
-
-
-#: One-line help of the ``patience`` option of the heads trained by epochs.
-PATIENCE_HELP = "stop after this many epochs without a better eval score; keep the best epoch (None: all epochs)"
-
-
-def check_patience(value: Any) -> int | None:
-    """Validate a ``patience`` option: None or an int >= 1."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"The 'patience' option must be None or an int >= 1. Got {value!r}.")
-    return int(value)
 
 
 def check_class_weight(value: Any) -> str | None:
@@ -87,11 +72,6 @@ def check_device(device: Any) -> None:
         raise ConfigError(
             f"The 'device' option must be 'auto', 'cpu', 'cuda' or 'cuda:N'. Got {device!r}."
         )
-
-
-def check_seed(value: Any) -> None:
-    if value is not None:
-        check_int("random_state", value, minimum=0)
 
 
 def check_memory(value: Any) -> None:

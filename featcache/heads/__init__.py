@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..common.registry import Registry
-from .base import BaseHead, HeadNotFittedError
+from .base import BaseHead, HeadNotFittedError, to_jsonable
 from .neighbors import KNNHead, NCMHead
 from .sklearn_heads import LogRegHead, RidgeHead, SVMHead
 from .tail import TailHead
@@ -26,41 +26,27 @@ from .mlp import MLPHead
 HEADS: Registry[type[BaseHead]] = Registry("head", "featcache heads")
 
 
-def _register(name: str, cls: type[BaseHead], description: str) -> None:
+def _register(cls: type[BaseHead], description: str) -> None:
     HEADS.register(
-        name,
+        cls.head_name,
         cls,
         description=description,
-        options=dict(cls.options),
+        options=cls.options,
         param=cls.param,
         default_grid=tuple(cls.default_grid),
         inputs=cls.inputs,
     )
 
 
-_register("logreg", LogRegHead, "multinomial logistic regression (scikit-learn, lbfgs)")
-_register(
-    "ridge",
-    RidgeHead,
-    "closed-form ridge classifier; the whole alpha grid from one eigendecomposition",
-)
-_register(
-    "linear",
-    LinearHead,
-    "logistic regression in torch; the whole C grid trained at once, streams HDF5",
-)
-_register(
-    "mlp",
-    MLPHead,
-    "one hidden layer, dropout, AdamW in torch; the weight-decay grid trained at once",
-)
-_register("knn", KNNHead, "cosine k-NN with temperature-weighted votes (DINO's k-NN eval)")
-_register("ncm", NCMHead, "nearest class mean (cosine or euclidean)")
-_register("svm", SVMHead, "linear SVM, squared hinge (scikit-learn LinearSVC)")
-
-
-_register("tail", TailHead, "the pretrained network after the cached boundary layer (extract --layer B "
-          "--pool none) with a new classifier, fine-tuned on the cached activations")
+_register(LogRegHead, "multinomial logistic regression (scikit-learn, lbfgs)")
+_register(RidgeHead, "closed-form ridge classifier; the whole alpha grid from one eigendecomposition")
+_register(LinearHead, "logistic regression in torch; the whole C grid trained at once, streams HDF5")
+_register(MLPHead, "one hidden layer, dropout, AdamW in torch; the weight-decay grid trained at once")
+_register(KNNHead, "cosine k-NN with temperature-weighted votes (DINO's k-NN eval)")
+_register(NCMHead, "nearest class mean (cosine or euclidean)")
+_register(SVMHead, "linear SVM, squared hinge (scikit-learn LinearSVC)")
+_register(TailHead, "the pretrained network after the cached boundary layer (extract --layer B --pool none) "
+          "with a new classifier, fine-tuned on the cached activations")
 
 
 def make_head(name: str, **params: Any) -> BaseHead:
@@ -71,7 +57,7 @@ def make_head(name: str, **params: Any) -> BaseHead:
     name : str
         A registered head name (``featcache heads`` lists them).
     **params
-        Options of that head (see ``list_heads()[i]["options"]``).
+        Options of that head (``list_heads()[i]["options"]`` lists them).
 
     Returns
     -------
@@ -101,8 +87,10 @@ def list_heads() -> list[dict[str, Any]]:
     Returns
     -------
     list of dict
-        One ``{"name", "description", "param", "default_grid", "options"}`` per head;
-        ``default_grid`` is a list, ``options`` maps each option to a one-line help.
+        One ``{"name", "description", "param", "default_grid", "options", "inputs"}`` per head,
+        JSON-able; ``options`` maps each option, in ``__init__`` order, to ``{"default",
+        "constraint", "help"}`` (the allowed values in words; ``"required": true`` where the default
+        is none of them), all read from the head's one declaration (:mod:`featcache.heads.params`).
     """
     return [
         {
@@ -110,7 +98,7 @@ def list_heads() -> list[dict[str, Any]]:
             "description": e.description,
             "param": e.extra["param"],
             "default_grid": list(e.extra["default_grid"]),
-            "options": dict(e.extra["options"]),
+            "options": to_jsonable(e.extra["options"]),
             "inputs": e.extra["inputs"],
         }
         for e in HEADS

@@ -26,7 +26,7 @@ from sklearn.exceptions import NotFittedError
 from ..errors import ConfigError, HeadError
 from ..common.runtime import head_threads
 from .inputs import CHUNK_ROWS, as_float, check_features, encode_labels, iter_row_chunks
-from .params import Option
+from .params import describe_options, validate_options
 
 if TYPE_CHECKING:
     import torch
@@ -120,20 +120,28 @@ class CacheSetup:
 class BaseHead(ClassifierMixin, BaseEstimator):
     """Base class of featcache heads (scikit-learn classifier contract plus sweep and state).
 
-    Subclasses set the class attributes below (``parameters`` declares the options) and implement ``_fit``,
-    ``_proba``, ``_state_arrays``, ``_load_state`` and ``to_torch``; they may override
-    ``_sweep`` with a faster path than one fit per grid value.
+    Subclasses set the class attributes below and implement ``_fit``, ``_proba``, ``_state_arrays``,
+    ``_load_state`` and ``to_torch``; they may override ``_sweep`` with a faster path than one fit per
+    grid value. Options are declared once, as scikit-learn declares parameters: the ``__init__``
+    signature names them and gives their defaults (its body is ``self._store_options(locals())``),
+    ``_parameter_constraints`` gives their allowed values (:mod:`featcache.heads.params`), the numpydoc
+    ``Parameters`` section of the class docstring their help; ``options`` and ``_check_params``
+    follow from these.
     """
+
+    #: The name the head is registered under (``featcache heads``), used in errors.
+    head_name: ClassVar[str] = ""
 
     #: Name of the parameter swept by ``sweep_proba`` (None: nothing to sweep).
     param: ClassVar[str | None] = None
     #: Grid swept when the user gives none.
     default_grid: ClassVar[tuple[Any, ...]] = (None,)
-    #: Every ``__init__`` option with its check and help line (:mod:`featcache.heads.params`):
-    #: the one declaration ``_check_params`` and ``options`` follow from.
-    parameters: ClassVar[dict[str, Option]] = {}
-    #: One-line help per ``__init__`` option, shown by ``featcache heads`` (from ``parameters``).
-    options: ClassVar[dict[str, str]] = {}
+    #: The allowed values of each ``__init__`` option: a list of constraints, any one satisfied
+    #: (scikit-learn's ``_parameter_constraints``; shared ones in :mod:`featcache.heads.params`).
+    _parameter_constraints: ClassVar[dict[str, list]] = {}
+    #: Per ``__init__`` option, in signature order: ``{"default", "constraint", "help"}`` (and
+    #: ``"required"``), derived when the class is made; what ``featcache heads`` lists.
+    options: ClassVar[dict[str, dict[str, Any]]] = {}
     #: What ``fit`` reads: "features" (vectors, (n, d)) or "activations" (the spatial maps at a
     #: freeze boundary as cached by ``extract --pool none``, (n, C, H, W)).
     inputs: ClassVar[str] = "features"
@@ -183,17 +191,20 @@ class BaseHead(ClassifierMixin, BaseEstimator):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "parameters" in cls.__dict__:
-            declared, signature = sorted(cls.parameters), cls._get_param_names()
-            if declared != signature:
-                raise TypeError(f"{cls.__name__}.parameters declares {declared} but __init__ takes {signature}.")
-            cls.options = {name: option.help for name, option in cls.parameters.items()}
+        if "_parameter_constraints" in cls.__dict__ or "__init__" in cls.__dict__:
+            cls.options = describe_options(cls, cls._parameter_constraints)
+
+    def _store_options(self, values: Mapping[str, Any]) -> None:
+        """``__init__``'s body: keep each option as given (``values``: ``__init__``'s ``locals()``),
+        as scikit-learn's contract wants (no check, no copy)."""
+        for name in self.options:
+            setattr(self, name, values[name])
 
     def _check_params(self) -> None:
-        """Raise ``ConfigError`` for a bad option value: each option's own check from
-        ``parameters``, then :meth:`_check_combination`."""
-        for name, option in self.parameters.items():
-            option.validate(name, getattr(self, name))
+        """Raise ``ConfigError`` for a bad option value (checked against
+        ``_parameter_constraints``), then :meth:`_check_combination`."""
+        owner = f"the '{self.head_name}' head" if self.head_name else type(self).__name__
+        validate_options(owner, self._parameter_constraints, self.get_params(deep=False))
         self._check_combination()
 
     def _check_combination(self) -> None:

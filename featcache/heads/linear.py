@@ -15,7 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 from ..errors import ConfigError
 from ..common.lazy import torch
 from .training import cosine_lr, resolve_seed
-from .params import CLASS_WEIGHT, DEVICE, LR, MAX_MEMORY, PATIENCE, Option, choice, integer, positive, seed
+from .params import CLASS_WEIGHT, COUNT, DEVICE, PATIENCE, POSITIVE, SEED_OR_NONE, OneOf
 from .base import BaseHead, LinearHeadMixin, scores_to_proba
 from .monitor import EpochTracker
 from .sklearn_heads import LOGREG_GRID
@@ -69,10 +69,7 @@ class LinearHead(LinearHeadMixin, BaseHead):
 
     Attributes
     ----------
-    classes_ : ndarray of shape (n_classes,)
-    coef_ : ndarray of shape (1, n_features) for two classes, else (n_classes, n_features)
-    intercept_ : ndarray of shape (1,) or (n_classes,)
-    n_features_in_ : int
+    classes_, coef_, intercept_, n_features_in_ : as for :class:`~featcache.heads.sklearn_heads.LogRegHead`
     n_iter_ : int
         L-BFGS iterations, or AdamW steps (up to the kept epoch).
     history_ : list of dict
@@ -89,54 +86,23 @@ class LinearHead(LinearHeadMixin, BaseHead):
     ``logreg`` fit to about 1e-3, the coefficients less closely.
     """
 
+    head_name = "linear"
     param = "C"
     default_grid = LINEAR_GRID
     grid_bounds = (1e-6, 1e6)
-    parameters = {
-        "C": Option("inverse L2 strength (scikit-learn meaning); the swept parameter", positive),
-        "solver": Option("lbfgs (full batch) or adamw (mini-batch)", choice("lbfgs", "adamw")),
-        "max_iter": Option("L-BFGS iterations", integer),
-        "tol": Option("L-BFGS gradient tolerance", positive),
-        "lr": LR,
-        "batch_size": Option("AdamW mini-batch rows", integer),
-        "epochs": Option("AdamW passes over the data", integer),
-        "device": DEVICE,
-        "max_memory": MAX_MEMORY,
-        "random_state": seed("seed of the AdamW shuffling"),
-        "class_weight": CLASS_WEIGHT,
-        "patience": PATIENCE,
+    _parameter_constraints = {
+        "C": POSITIVE, "solver": [OneOf("lbfgs", "adamw")], "max_iter": COUNT, "tol": POSITIVE, "lr": POSITIVE,
+        "batch_size": COUNT, "epochs": COUNT, "device": DEVICE, "max_memory": COUNT, "random_state": SEED_OR_NONE,
+        "class_weight": CLASS_WEIGHT, "patience": PATIENCE,
     }
     streams = True
     thread_pool = "torch"
 
-    def __init__(
-        self,
-        *,
-        C: float = 1.0,
-        solver: str = "lbfgs",
-        max_iter: int = 1000,
-        tol: float = 1e-6,
-        lr: float = 1e-3,
-        batch_size: int = 1024,
-        epochs: int = 30,
-        device: str = "auto",
-        max_memory: int = DEFAULT_MAX_MEMORY,
-        random_state: int | None = 0,
-        class_weight: str | None = None,
-        patience: int | None = None,
-    ) -> None:
-        self.C = C
-        self.solver = solver
-        self.max_iter = max_iter
-        self.tol = tol
-        self.lr = lr
-        self.batch_size = batch_size
-        self.epochs = epochs
-        self.device = device
-        self.max_memory = max_memory
-        self.random_state = random_state
-        self.class_weight = class_weight
-        self.patience = patience
+    def __init__(self, *, C: float = 1.0, solver: str = "lbfgs", max_iter: int = 1000, tol: float = 1e-6,
+                 lr: float = 1e-3, batch_size: int = 1024, epochs: int = 30, device: str = "auto",
+                 max_memory: int = DEFAULT_MAX_MEMORY, random_state: int | None = 0,
+                 class_weight: str | None = None, patience: int | None = None) -> None:
+        self._store_options(locals())
 
     def _check_combination(self) -> None:
         if self.patience is not None and self.solver != "adamw":

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, HeadError
+from ..errors import HeadError
 from ..common.lazy import nn, torch
 from .inputs import from_tensor, is_dataset_like
+from .params import Satisfies, validate_options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +128,21 @@ CROP_LOG_RATIO = (float(np.log(3 / 4)), float(np.log(4 / 3)))
 MIXUP_ALPHA = 0.2
 
 
+def _augment_parts(value: Any) -> tuple[str, ...] | None:
+    """The parts of an ``augment`` value in :data:`AUGMENTS` order; None when it is no recipe."""
+    if value is None or value == "none":
+        return ()
+    parts = value.split("+") if isinstance(value, str) else None
+    if not parts or any(p not in AUGMENTS for p in parts) or len(set(parts)) != len(parts):
+        return None
+    return tuple(p for p in AUGMENTS if p in parts)
+
+
+#: The values of an ``augment`` option, as a constraint of :mod:`featcache.heads.params`.
+AUGMENT = [Satisfies(lambda v: _augment_parts(v) is not None,
+                     f"'none' or parts of {', '.join(AUGMENTS)} joined by '+' (e.g. 'flip+crop'), each at most once")]
+
+
 def parse_augment(value: Any) -> tuple[str, ...]:
     """The parts of an ``augment`` option (``None`` and ``"none"``: none), in :data:`AUGMENTS` order.
 
@@ -135,15 +151,8 @@ def parse_augment(value: Any) -> tuple[str, ...]:
     ConfigError
         Naming the 'augment' option, for anything but "none" or a "+"-joined set of the parts.
     """
-    if value is None or value == "none":
-        return ()
-    parts = value.split("+") if isinstance(value, str) else None
-    if not parts or any(p not in AUGMENTS for p in parts) or len(set(parts)) != len(parts):
-        raise ConfigError(
-            f"The 'augment' option must be 'none' or parts of {', '.join(AUGMENTS)} joined by '+' "
-            f"(e.g. 'flip+crop'), each at most once. Got {value!r}."
-        )
-    return tuple(p for p in AUGMENTS if p in parts)
+    validate_options("the 'tail' head", {"augment": AUGMENT}, {"augment": value})
+    return _augment_parts(value)
 
 
 class MapAugment:

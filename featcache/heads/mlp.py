@@ -4,14 +4,14 @@ grid at once. Reads ``X`` in memory or in row chunks, like the ``linear`` head."
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
 from ..common.lazy import torch
 from .training import cosine_lr, resolve_seed
-from .params import CLASS_WEIGHT, DEVICE, LR, MAX_MEMORY, PATIENCE, Option, fraction, integer, non_negative, seed
+from .params import CLASS_WEIGHT, COUNT, DEVICE, NON_NEGATIVE, PATIENCE, POSITIVE, SEED_OR_NONE, Interval
 from .base import BaseHead, softmax, state_array
 from .monitor import EpochTracker
 from .solvers import DEFAULT_MAX_MEMORY, Rows, adam_step, class_weight_tensor, mlp_grid_proba, resolve_device
@@ -34,16 +34,23 @@ class MLPHead(BaseHead):
     lr : float, default=1e-3
         AdamW peak learning rate (cosine schedule to 0).
     epochs : int, default=30
+        AdamW passes over the data.
     batch_size : int, default=256
+        Mini-batch rows.
     device : str, default="auto"
+        Torch device; "auto" uses CUDA when available.
     max_memory : int, default=2 GiB
-        As for :class:`LinearHead`.
+        Bytes of float32 features held at once; larger inputs are streamed in row chunks, as for
+        :class:`LinearHead`.
     random_state : int or None, default=0
         Seed of the initialisation, shuffling and dropout masks; CPU results are deterministic.
     class_weight : {None, "balanced"}, default=None
         "balanced" weighs the cross-entropy of a row of class c by
         ``n_samples / (n_classes * n_c)`` (scikit-learn's meaning); the batch loss stays the
         weighted sum divided by the batch size.
+    patience : int or None, default=None
+        Stop after this many epochs without a better eval score and keep the best epoch's
+        weights (needs eval data, see :func:`~featcache.heads.monitor.training_monitor`).
 
     Attributes
     ----------
@@ -59,51 +66,22 @@ class MLPHead(BaseHead):
     single fit with that weight decay.
     """
 
+    head_name = "mlp"
     param = "weight_decay"
     default_grid = MLP_GRID
     grid_bounds = (1e-6, 1e2)
-    parameters = {
-        "hidden": Option("hidden units", integer),
-        "dropout": Option("dropout rate on the hidden layer", fraction),
-        "weight_decay": Option("AdamW decoupled weight decay; the swept parameter", non_negative),
-        "lr": LR,
-        "epochs": Option("passes over the data", integer),
-        "batch_size": Option("mini-batch rows", integer),
-        "device": DEVICE,
-        "max_memory": MAX_MEMORY,
-        "random_state": seed("seed of initialisation, shuffling and dropout"),
-        "class_weight": CLASS_WEIGHT,
-        "patience": PATIENCE,
+    _parameter_constraints = {
+        "hidden": COUNT, "dropout": [Interval(Real, 0, 1, closed="left")], "weight_decay": NON_NEGATIVE,
+        "lr": POSITIVE, "epochs": COUNT, "batch_size": COUNT, "device": DEVICE, "max_memory": COUNT,
+        "random_state": SEED_OR_NONE, "class_weight": CLASS_WEIGHT, "patience": PATIENCE,
     }
     streams = True
     thread_pool = "torch"
 
-    def __init__(
-        self,
-        *,
-        hidden: int = 512,
-        dropout: float = 0.5,
-        weight_decay: float = 1e-4,
-        lr: float = 1e-3,
-        epochs: int = 30,
-        batch_size: int = 256,
-        device: str = "auto",
-        max_memory: int = DEFAULT_MAX_MEMORY,
-        random_state: int | None = 0,
-        class_weight: str | None = None,
-        patience: int | None = None,
-    ) -> None:
-        self.hidden = hidden
-        self.dropout = dropout
-        self.weight_decay = weight_decay
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.device = device
-        self.max_memory = max_memory
-        self.random_state = random_state
-        self.class_weight = class_weight
-        self.patience = patience
+    def __init__(self, *, hidden: int = 512, dropout: float = 0.5, weight_decay: float = 1e-4, lr: float = 1e-3,
+                 epochs: int = 30, batch_size: int = 256, device: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
+                 random_state: int | None = 0, class_weight: str | None = None, patience: int | None = None) -> None:
+        self._store_options(locals())
 
     def _train(self, X: Any, y_idx: np.ndarray, n_classes: int, decays: list[float]):
         device = resolve_device(self.device)

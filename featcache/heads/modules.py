@@ -7,13 +7,10 @@ Imported where torch runs only, so that importing the heads does not import torc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Mapping
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from .transform import FeatureTransform
 
 
 def knn_vote_proba(
@@ -118,13 +115,15 @@ class KNNModule(torch.nn.Module):
 
 
 class TransformModule(torch.nn.Module):
-    """A run's feature transform (normalisation, then PCA) as a module."""
+    """A run's feature transform (normalisation, then PCA) as a module, from the saved state of a
+    :class:`~featcache.heads.transform.FeatureTransform`: its ``normalize`` and its fitted arrays
+    (``mean_``, ``scale_``, ``components_``, ``pca_mean_``; those absent are None)."""
 
-    def __init__(self, t: "FeatureTransform") -> None:
+    def __init__(self, normalize: str, arrays: Mapping[str, np.ndarray]) -> None:
         super().__init__()
-        self.normalize = t.normalize
+        self.normalize = normalize
         for name in ("mean_", "scale_", "components_", "pca_mean_"):
-            v = getattr(t, name)
+            v = arrays.get(name)
             self.register_buffer(name.rstrip("_"), torch.from_numpy(v) if v is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

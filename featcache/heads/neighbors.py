@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import HeadError
 from ..common.lazy import torch
-from .params import DEVICE, Option, choice, integer, optional, positive
+from .params import COUNT, DEVICE, POSITIVE, OneOf
 from .base import BaseHead, softmax, state_array
 from .inputs import iter_row_chunks
 from .solvers import resolve_device
@@ -55,6 +55,7 @@ class KNNHead(BaseHead):
     k : int, default=20
         Neighbours; clipped to the number of training rows.
     temperature : float, default=0.07
+        Each neighbour votes ``exp(similarity / temperature)``.
     batch_size : int, default=1024
         Query rows per similarity block.
     device : str, default="auto"
@@ -75,14 +76,10 @@ class KNNHead(BaseHead):
     ``to_torch`` holds the whole bank, so the module is as big as the training features.
     """
 
+    head_name = "knn"
     param = "k"
     default_grid = KNN_GRID
-    parameters = {
-        "k": Option("neighbours (clipped to the training rows); the swept parameter", integer),
-        "temperature": Option("vote weight exp(similarity / temperature)", positive),
-        "batch_size": Option("query rows per similarity block", integer),
-        "device": DEVICE,
-    }
+    _parameter_constraints = {"k": COUNT, "temperature": POSITIVE, "batch_size": COUNT, "device": DEVICE}
     thread_pool = "torch"
     grid_bounds = (1, None)
 
@@ -100,18 +97,9 @@ class KNNHead(BaseHead):
             return min(best * 10, n_train)
         return None
 
-    def __init__(
-        self,
-        *,
-        k: int = 20,
-        temperature: float = 0.07,
-        batch_size: int = 1024,
-        device: str = "auto",
-    ) -> None:
-        self.k = k
-        self.temperature = temperature
-        self.batch_size = batch_size
-        self.device = device
+    def __init__(self, *, k: int = 20, temperature: float = 0.07, batch_size: int = 1024,
+                 device: str = "auto") -> None:
+        self._store_options(locals())
 
     def _fit(self, X, y_idx, n_classes) -> None:
         self.bank_ = _normalize(X)
@@ -230,18 +218,15 @@ class NCMHead(BaseHead):
     ``fit`` streams an ``h5py.Dataset``-like ``X`` in row chunks.
     """
 
+    head_name = "ncm"
     param = None
     default_grid = (None,)
-    parameters = {
-        "metric": Option("cosine or euclidean", choice("cosine", "euclidean")),
-        "temperature": Option("softmax temperature (default 0.05 cosine, 1.0 euclidean)", optional(positive)),
-    }
+    _parameter_constraints = {"metric": [OneOf("cosine", "euclidean")], "temperature": [None, *POSITIVE]}
     streams = True
     parallel_work = 1 << 16
 
     def __init__(self, *, metric: str = "cosine", temperature: float | None = None) -> None:
-        self.metric = metric
-        self.temperature = temperature
+        self._store_options(locals())
 
     def _temperature(self) -> float:
         if self.temperature is not None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
-from .params import CLASS_WEIGHT, Option, integer, positive
+from .params import CLASS_WEIGHT, COUNT, POSITIVE, SEED
 from .base import BaseHead, LinearHeadMixin, scores_to_proba
 from .inputs import class_weights, iter_row_chunks
 
@@ -56,28 +55,15 @@ class LogRegHead(LinearHeadMixin, BaseHead):
     saves the swept model it selected, never a cold refit.
     """
 
+    head_name = "logreg"
     param = "C"
     default_grid = LOGREG_GRID
     grid_bounds = (1e-6, 1e6)
-    parameters = {
-        "C": Option("inverse L2 strength (scikit-learn meaning); the swept parameter", positive),
-        "max_iter": Option("lbfgs iterations", integer),
-        "tol": Option("lbfgs gradient tolerance", positive),
-        "class_weight": CLASS_WEIGHT,
-    }
+    _parameter_constraints = {"C": POSITIVE, "max_iter": COUNT, "tol": POSITIVE, "class_weight": CLASS_WEIGHT}
 
-    def __init__(
-        self,
-        *,
-        C: float = 1.0,
-        max_iter: int = 1000,
-        tol: float = 1e-6,
-        class_weight: str | None = None,
-    ) -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.class_weight = class_weight
+    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-6,
+                 class_weight: str | None = None) -> None:
+        self._store_options(locals())
 
     def _estimator(self, **extra: Any) -> LogisticRegression:
         return LogisticRegression(
@@ -122,6 +108,7 @@ class SVMHead(LinearHeadMixin, BaseHead):
     max_iter : int, default=1000
         liblinear iterations.
     tol : float, default=1e-4
+        liblinear stopping tolerance.
     random_state : int, default=0
         Seed of liblinear's coordinate shuffling (dual solver only).
     class_weight : {None, "balanced"}, default=None
@@ -138,31 +125,16 @@ class SVMHead(LinearHeadMixin, BaseHead):
     start, so ``sweep_proba`` fits the grid values one after the other.
     """
 
+    head_name = "svm"
     param = "C"
     default_grid = SVM_GRID
     grid_bounds = (1e-6, 1e6)
-    parameters = {
-        "C": Option("inverse L2 strength on the summed squared hinge; the swept parameter", positive),
-        "max_iter": Option("liblinear iterations", integer),
-        "tol": Option("liblinear tolerance", positive),
-        "random_state": Option("seed of the dual solver's shuffling", partial(integer, minimum=0)),
-        "class_weight": CLASS_WEIGHT,
-    }
+    _parameter_constraints = {"C": POSITIVE, "max_iter": COUNT, "tol": POSITIVE, "random_state": SEED,
+                              "class_weight": CLASS_WEIGHT}
 
-    def __init__(
-        self,
-        *,
-        C: float = 1.0,
-        max_iter: int = 1000,
-        tol: float = 1e-4,
-        random_state: int = 0,
-        class_weight: str | None = None,
-    ) -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.random_state = random_state
-        self.class_weight = class_weight
+    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4, random_state: int = 0,
+                 class_weight: str | None = None) -> None:
+        self._store_options(locals())
 
     def _fit(self, X, y_idx, n_classes) -> None:
         est = LinearSVC(
@@ -284,19 +256,16 @@ class RidgeHead(LinearHeadMixin, BaseHead):
     ``n_features <= n_samples``.
     """
 
+    head_name = "ridge"
     param = "alpha"
     default_grid = RIDGE_GRID
     grid_bounds = (1e-6, 1e9)
     parallel_work = 1 << 16
-    parameters = {
-        "alpha": Option("L2 strength on the summed squared error; the swept parameter", positive),
-        "class_weight": CLASS_WEIGHT,
-    }
+    _parameter_constraints = {"alpha": POSITIVE, "class_weight": CLASS_WEIGHT}
     streams = True
 
     def __init__(self, *, alpha: float = 1.0, class_weight: str | None = None) -> None:
-        self.alpha = alpha
-        self.class_weight = class_weight
+        self._store_options(locals())
 
     def _spectrum(self, X: Any, y_idx: np.ndarray, n_classes: int) -> _RidgeSpectrum:
         cw = class_weights(y_idx, n_classes, self.class_weight)

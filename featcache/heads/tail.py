@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from functools import partial
+from numbers import Integral
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,11 +31,11 @@ from ..common.runtime import head_threads
 from .training import adamw, cosine_lr, param_groups, resolve_seed
 from .base import BaseHead, CacheSetup, softmax
 from .inputs import encode_labels
-from .maps import (NOT_FINITE, MapAugment, all_finite, check_activations, in_memory, minibatches, parse_augment,
-                   read_batch, tail_logits)
+from .maps import (AUGMENT, NOT_FINITE, MapAugment, all_finite, check_activations, in_memory, minibatches,
+                   parse_augment, read_batch, tail_logits)
 from .monitor import EpochTracker
-from .params import (CLASS_WEIGHT, DEVICE, LR, PATIENCE, PRECISION, Option, integer, non_negative, optional,
-                     seed)
+from .params import (CLASS_WEIGHT, COUNT, DEVICE, NON_NEGATIVE, PATIENCE, POSITIVE, PRECISION, SEED_OR_NONE,
+                     Interval, Satisfies)
 from .solvers import class_weight_tensor, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -78,22 +78,8 @@ class _Step:
 # The head
 
 
-def _spec(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"The '{name}' option must be a backbone spec string. Got {value!r}.")
-
-
-def _path_or_none(name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"The '{name}' option must be a file path or None. Got {value!r}.")
-
-
-def _boundary(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(
-            f"The '{name}' option must name the layer whose activations X holds, e.g. "
-            f"'layer3' (featcache extract --layer layer3 --pool none). Got {value!r}."
-        )
+def _named(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
 
 
 class TailHead(BaseHead):
@@ -118,15 +104,18 @@ class TailHead(BaseHead):
         The layer whose activations ``X`` holds (``featcache extract --layer L --pool none``).
         Required.
     epochs : int, default=10
+        Passes over the data.
     lr : float, default=1e-3
         AdamW peak learning rate (cosine schedule to 0).
     weight_decay : float, default=1e-4
         AdamW decoupled weight decay of weight matrices and convolution kernels.
     batch_size : int, default=32
+        Mini-batch rows.
     random_state : int or None, default=0
         Seed of the new classifier, shuffling, view sampling and dropout; results on the CPU are
         deterministic.
     device : str, default="auto"
+        Torch device; "auto" uses CUDA when available.
     class_weight : {None, "balanced"}, default=None
         "balanced" weighs the cross-entropy of a row of class c by ``n_samples / (n_classes *
         n_c)`` (scikit-learn's meaning); the batch loss is torch's weighted mean.
@@ -167,25 +156,17 @@ class TailHead(BaseHead):
         Per epoch ``{"epoch", "loss"}`` plus the eval score when watched.
     """
 
+    head_name = "tail"
     param = None
     default_grid = (None,)
-    parameters = {
-        "backbone": Option("spec of the backbone the activations come from (as extract --backbone)", _spec),
-        "weights": Option("local weights file of that backbone (as extract --weights)", _path_or_none),
-        "input_size": Option("crop size the activations were extracted at (as extract --input-size)",
-                             optional(partial(integer, minimum=8))),
-        "boundary": Option("layer whose activations X holds (extract --layer L --pool none); required", _boundary),
-        "epochs": Option("passes over the data", integer),
-        "lr": LR,
-        "weight_decay": Option("AdamW decoupled weight decay", non_negative),
-        "batch_size": Option("mini-batch rows", integer),
-        "random_state": seed("seed of the new classifier, shuffling, view sampling and dropout"),
-        "device": DEVICE,
-        "class_weight": CLASS_WEIGHT,
-        "patience": PATIENCE,
-        "augment": Option("augmentation of the cached maps: none, or flip, shift, crop, mixup joined by '+'",
-                          lambda _name, value: parse_augment(value)),
-        "precision": PRECISION,
+    _parameter_constraints = {
+        "backbone": [Satisfies(_named, "a backbone spec (as extract --backbone)")], "weights": [None, str],
+        "input_size": [None, Interval(Integral, 8, None, closed="left")],
+        "boundary": [Satisfies(_named, "the name of the layer whose activations X holds, e.g. 'layer3' (featcache "
+                                       "extract --layer layer3 --pool none)")],
+        "epochs": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": COUNT,
+        "random_state": SEED_OR_NONE, "device": DEVICE, "class_weight": CLASS_WEIGHT, "patience": PATIENCE,
+        "augment": AUGMENT, "precision": PRECISION,
     }
     inputs = "activations"
     streams = True
@@ -212,38 +193,12 @@ class TailHead(BaseHead):
             fit_kwargs["views"] = views if rows is None else views[np.sort(rows)]
         return CacheSetup(options, fit_kwargs, raw_features=True)
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet_lite0",
-        weights: str | None = None,
-        input_size: int | None = None,
-        boundary: str | None = None,
-        epochs: int = 10,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 32,
-        random_state: int | None = 0,
-        device: str = "auto",
-        class_weight: str | None = None,
-        patience: int | None = None,
-        augment: str | None = "flip+crop",
-        precision: str = "auto",
-    ) -> None:
-        self.backbone = backbone
-        self.weights = weights
-        self.input_size = input_size
-        self.boundary = boundary
-        self.epochs = epochs
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.random_state = random_state
-        self.device = device
-        self.class_weight = class_weight
-        self.patience = patience
-        self.augment = augment
-        self.precision = precision
+    def __init__(self, *, backbone: str = "efficientnet_lite0", weights: str | None = None,
+                 input_size: int | None = None, boundary: str | None = None, epochs: int = 10, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, batch_size: int = 32, random_state: int | None = 0, device: str = "auto",
+                 class_weight: str | None = None, patience: int | None = None, augment: str | None = "flip+crop",
+                 precision: str = "auto") -> None:
+        self._store_options(locals())
 
     # -- checks ---------------------------------------------------------------------------------
 

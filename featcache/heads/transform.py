@@ -129,7 +129,7 @@ class FeatureTransform:
         """The transform as a module (:class:`~featcache.heads.modules.TransformModule`)."""
         from .modules import TransformModule
 
-        return TransformModule(self)
+        return TransformModule(self.normalize, self.get_state()[0])
 
 
 class _LazyTransformed:
