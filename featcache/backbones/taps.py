@@ -108,6 +108,14 @@ def _depth(name: str) -> int:
     return name.count(".") + 1
 
 
+def pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
+    """The shape of one sample's features at a layer of ``shape`` after the ``how`` pooling."""
+    if how == "none" or len(shape) <= 1:
+        return tuple(shape)
+    c = shape[0] if len(shape) == 3 else shape[-1]
+    return (2 * c,) if how in ("avgmax", "cls+mean") else (c,)
+
+
 def list_layers(backbone: Backbone, *, depth: int | None = 2) -> list[LayerInfo]:
     """Tap points of a backbone in forward order, with output shapes at its input size.
 

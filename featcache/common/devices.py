@@ -132,6 +132,10 @@ def resolve_compute(device: str | torch.device, precision: str,
     """The machine's choices for an extraction, made once: the device, the autocast precision on
     it and the batch size (each kept where it was given)."""
     resolved = resolve_device(device)
+    _, slow = runnable_precision(precision, resolved)
+    if slow:  # asked for explicitly: kept (it is in the fingerprint), but say so
+        log.warning("precision=%s on %s is slow: %s. precision='auto' picks the fast one.", precision, resolved,
+                    slow.split(";")[0])
     return resolved, resolve_precision(precision, resolved), batch_size or default_batch_size(resolved)
 
 

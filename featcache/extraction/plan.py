@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..backbones import ALL_LAYERS, Backbone, BackboneSpec, library_versions, load_backbone, parse_backbone_spec
-from ..backbones.taps import fold_batchnorm_checked, list_layers
-from ..common.devices import default_batch_size, resolve_compute, runnable_precision  # noqa: F401  (default_batch_size: re-exported)
+from ..backbones.taps import fold_batchnorm_checked, list_layers, pooled_shape
+from ..common.devices import default_batch_size, resolve_compute  # noqa: F401  (default_batch_size: re-exported)
 from ..errors import ConfigError
 from ..sources import Source, open_source
 from ..store.cache import CacheFingerprint, cache_file_name
@@ -25,13 +25,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-
-def pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
-    if how == "none" or len(shape) <= 1:
-        return tuple(shape)
-    c = shape[0] if len(shape) == 3 else shape[-1]
-    return (2 * c,) if how in ("avgmax", "cls+mean") else (c,)
 
 
 @dataclass
@@ -92,15 +85,11 @@ def fingerprint(backbone: dict, layers: list[str], preprocess: dict, fold_bn: bo
 
 def build(job: Job) -> Prepared:
     """Build the backbone of ``job`` and work out its layers, shapes, fingerprint and file name."""
-    config, device = job.config, job.device
+    config = job.config
     bb = load_backbone(job.spec, input_size=config.input_size, mean=config.mean, std=config.std)
     fold_bn = False
     if config.fold_bn:
         bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
-    _, slow = runnable_precision(config.precision, device)
-    if slow:  # asked for explicitly: kept (it is in the fingerprint), but the user should know
-        log.warning("precision=%s on %s is slow: %s. precision='auto' picks the fast one.", config.precision,
-                    device, slow.split(";")[0])
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
     layers = list(config.layers) or [bb.default_layer]
@@ -121,7 +110,7 @@ def build(job: Job) -> Prepared:
     shapes = [pooled_shape(known[n].shape, config.pool) for n in layers]
     fp = fingerprint(bb.describe(), layers, bb.preprocess.to_dict(), fold_bn, job)
     path = Path(config.output) if config.output else Path(config.cache_dir) / cache_file_name(fp)
-    return Prepared(job.source, bb, layers, shapes, fp, path, device, [i.name for i in infos], config)
+    return Prepared(job.source, bb, layers, shapes, fp, path, job.device, [i.name for i in infos], config)
 
 
 def prepare(source: str | os.PathLike | Source, config: ExtractConfig) -> Prepared:

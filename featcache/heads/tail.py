@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.base import clone
 
-from ..backbones import Backbone, load_backbone
+from ..backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from ..backbones.cutting import assemble_tail, build_tail, cut_at
 from ..errors import ConfigError, HeadError
 from ..common.lazy import nn, torch
@@ -193,7 +193,7 @@ class TailHead(BaseHead):
             fit_kwargs["views"] = views if rows is None else views[np.sort(rows)]
         return CacheSetup(options, fit_kwargs, raw_features=True)
 
-    def __init__(self, *, backbone: str = "efficientnet_lite0", weights: str | None = None,
+    def __init__(self, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
                  input_size: int | None = None, boundary: str | None = None, epochs: int = 10, lr: float = 1e-3,
                  weight_decay: float = 1e-4, batch_size: int = 32, random_state: int | None = 0, device: str = "auto",
                  class_weight: str | None = None, patience: int | None = None, augment: str | None = "flip+crop",
