@@ -83,6 +83,9 @@ def _concat_split(w: CacheWriter, split: str, caches: list[FeatureCache], layers
                 stat=np.concatenate([c.stat(split) for c in caches]).reshape(-1, 2),
                 batch_n=np.concatenate(batch_ns) if all(b is not None for b in batch_ns) else None)
     total = sum(c.n(split) for c in caches)
+    # A copied dataset is closed (its chunks written) once the next one is made: the order in which
+    # featcache has always laid out a merged file's blocks.
+    filled: tuple[str, bool] | None = None
     for views in ([False, True] if caches[0].has_views(split) else [False]):
         for layer in layers:
             dsets = [(c.views(split, layer) if views else c.features(split, layer)) for c in caches]
@@ -92,11 +95,16 @@ def _concat_split(w: CacheWriter, split: str, caches: list[FeatureCache], layers
                                        shape, dsets[0].dtype, views=views)
                 continue
             w.add_features(split, layer, shape, dsets[0].dtype, views=views, chunks=dsets[0].chunks)
+            if filled is not None:
+                w.finish_features(split, filled[0], views=filled[1])
+            filled = (layer, views)
             start = 0
             for d in dsets:
                 for a in range(0, d.shape[0], COPY_ROWS):
                     w.write_rows(split, layer, start + a, d[a:a + COPY_ROWS], views=views)
                 start += d.shape[0]
+    if filled is not None:
+        w.finish_features(split, filled[0], views=filled[1])
 
 
 __all__ = ["concat_caches"]

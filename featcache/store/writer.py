@@ -96,6 +96,8 @@ class CacheWriter:
         if reserve_bytes:  # a full disk is an OSError here, not a crash of HDF5 half-way through
             reserve(self.tmp, reserve_bytes)
         self.h5 = create_h5(self.tmp)
+        #: Feature datasets being filled, held open (their chunks reach the file when closed).
+        self._filling: dict[tuple[str, str], h5py.Dataset] = {}
         set_text_attrs(self.h5, format=FORMAT, schema_version=SCHEMA_VERSION, checksums=CHECKSUMS,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs)
 
@@ -104,6 +106,7 @@ class CacheWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.h5.close()
+        self._filling.clear()
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
             return
@@ -128,24 +131,36 @@ class CacheWriter:
                      chunks: tuple[int, ...] | None = None) -> None:
         """An empty ``features/<layer>`` (or ``views/<layer>``) dataset of ``shape`` = (N, ...), chunked
         along N (about :data:`CHUNK_BYTES` a chunk unless ``chunks`` is given), each chunk with its
-        checksum; fill it with :meth:`write_rows` or :meth:`place_rows`."""
+        checksum; fill it with :meth:`write_rows` or :meth:`place_rows`. It stays open until
+        :meth:`finish_features` or the end of the file."""
         dtype = np.dtype(dtype)
         n = shape[0]
         if chunks is None and n:
             chunks = feature_chunks(tuple(shape[1:]), dtype.itemsize, n)
-        self.h5[split].create_dataset(_feature_name(layer, views), shape=shape, dtype=dtype,
-                                      chunks=chunks if n else None, fletcher32=bool(n), track_times=False)
+        name = _feature_name(layer, views)
+        self._filling[(split, name)] = self.h5[split].create_dataset(
+            name, shape=shape, dtype=dtype, chunks=chunks if n else None, fletcher32=bool(n), track_times=False)
+
+    def finish_features(self, split: str, layer: str, *, views: bool = False) -> None:
+        """Close a filled dataset now: its chunks are written to the file and its chunk cache freed
+        (a writer of many datasets one after another holds one at a time)."""
+        self._filling.pop((split, _feature_name(layer, views)), None)
+
+    def _dataset(self, split: str, layer: str, views: bool) -> h5py.Dataset:
+        name = _feature_name(layer, views)
+        ds = self._filling.get((split, name))
+        return self.h5[split][name] if ds is None else ds
 
     def write_rows(self, split: str, layer: str, start: int, block: np.ndarray, *, views: bool = False) -> None:
         """Rows ``[start, start + len(block))`` of a dataset made by :meth:`add_features`."""
-        self.h5[split][_feature_name(layer, views)][start:start + len(block)] = block
+        self._dataset(split, layer, views)[start:start + len(block)] = block
 
     def place_rows(self, split: str, layer: str, rows: np.ndarray, features: np.ndarray, *,
                    views: np.ndarray | None = None) -> None:
         """``features[k]`` (and ``views[k]``, where given) into row ``rows[k]`` of ``split``'s ``layer``,
         for sorted unique ``rows``: each contiguous run of rows is written as one slice."""
-        fs = self.h5[split][_feature_name(layer, False)]
-        vs = self.h5[split][_feature_name(layer, True)] if views is not None else None
+        fs = self._dataset(split, layer, False)
+        vs = self._dataset(split, layer, True) if views is not None else None
         for a, b, da, db in iter_runs(np.asarray(rows)):
             fs[da:db] = features[a:b]
             if vs is not None:
