@@ -46,13 +46,13 @@ def synthetic_cache(path: Path, n: int, dim: int, *, dtype: str = "float16", see
                 continue
             w.add_split(split, labels=np.arange(rows) % 2, ids=[f"{split}/{i}" for i in range(rows)],
                         hashes=[f"{split}{i:030d}"[:32].encode() for i in range(rows)], stat=np.zeros((rows, 2)))
-            ds = w.add_features(split, "x", (rows, dim), dtype)
+            w.add_features(split, "x", (rows, dim), dtype)
             for s in range(0, rows, block):
                 m = min(block, rows - s)
                 x = rng.normal(0, 1, (m, dim)).astype(np.float32)
                 if centres is not None:
                     x = centres[rng.integers(0, clusters, m)] + 0.5 * x
-                ds[s:s + m] = x.astype(dtype)
+                w.write_rows(split, "x", s, x.astype(dtype))
     return path
 
 

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 import torch
 
 from ..backbones import Backbone
-from ..store.writer import CacheLock, CacheWriter, iter_runs, set_aside
+from ..store.writer import CacheLock, CacheWriter, cache_bytes, set_aside
 from ..common.devices import cudnn_autotuning, decode_settings
 from ..errors import CacheDamagedError, CacheError, CacheLockedError, ConfigError, ExtractionInterrupted, SourceError
 from ..common.files import DISK_FULL
@@ -416,18 +415,17 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
         raise CacheError(f"Disk full while assembling '{path}' ({e.strerror}). What was computed is kept in "
                          f"'{path}.partial': free some space and run the same command again to finish.") from None
     with w:
-        dsets: dict[tuple, h5py.Dataset] = {}
         for split, ok in per_split.items():
             n = splits_out[split] = len(ok)
             w.add_split(split, labels=[r.ref.label for r in ok], ids=[r.ref.id for r in ok],
                         hashes=[r.hash for r in ok], stat=[r.stat for r in ok], batch_n=batch_ns.get(split, []))
-            for li, (name, shape) in enumerate(zip(layers, shapes)):
-                dsets[(split, li)] = w.add_features(split, name, (n, *shape), config.dtype)
+            for name, shape in zip(layers, shapes):
+                w.add_features(split, name, (n, *shape), config.dtype)
                 if config.views and split == VIEW_SPLIT:
-                    dsets[(split, li, "views")] = w.add_features(split, name, (n, config.views, *shape),
-                                                                 config.dtype, views=True)
+                    w.add_features(split, name, (n, config.views, *shape), config.dtype, views=True)
+        view_splits = {VIEW_SPLIT} if config.views else set()
         for d, targets in sources.items():
-            _copy_donor(donors.loaders[d], targets, dsets, len(layers))
+            _copy_donor(w, donors.loaders[d], targets, layers, view_splits)
         w.add_failed(failures)
         if stamp:  # what the assembled cache checks this shard file by
             w.set_attrs(digest=w.digest())
@@ -438,17 +436,16 @@ def _assemble(path: Path, fp: CacheFingerprint, src: Source, plan, layers, shape
 def _file_bytes(per_split: dict[str, list[Row]], shapes, config: ExtractConfig, failures: list) -> int:
     """About the size of the assembled cache file (features, views and per-row arrays), a little over."""
     item = np.dtype(config.dtype).itemsize
-    total = 1 << 20
-    for split, rows in per_split.items():
-        views = 1 + (config.views if split == VIEW_SPLIT else 0)
-        total += len(rows) * (views * item * sum(int(np.prod(s)) for s in shapes) + 64
-                              + max([0, *(len(r.ref.id.encode()) for r in rows)]))
-    return total + 256 * len(failures)
+    row = item * sum(int(np.prod(s)) for s in shapes)
+    return cache_bytes({split: (len(rows), row * (1 + (config.views if split == VIEW_SPLIT else 0)),
+                                max([0, *(len(r.ref.id.encode()) for r in rows)]))
+                        for split, rows in per_split.items()}, len(failures))
 
 
-def _copy_donor(load, targets: list[tuple[str, int, int]], dsets: dict, n_layers: int) -> None:
-    """Copy one donor's features (and views) into the new file: ``targets`` are (split, row there,
-    row in the donor); contiguous runs are written as slices."""
+def _copy_donor(w: CacheWriter, load, targets: list[tuple[str, int, int]], layers: list[str],
+                view_splits: set[str]) -> None:
+    """Copy one donor's features (and, in ``view_splits``, views) into the new file: ``targets`` are
+    (split, row there, row in the donor)."""
     arrays, view_arrays = load()
     by_split: dict[str, list[tuple[int, int]]] = {}
     for split, dst, j in targets:
@@ -457,13 +454,9 @@ def _copy_donor(load, targets: list[tuple[str, int, int]], dsets: dict, n_layers
         pairs.sort()
         dst = np.array([p[0] for p in pairs])
         src_idx = np.array([p[1] for p in pairs])
-        for li in range(n_layers):
-            block = arrays[li][src_idx]
-            vblock = view_arrays[li][src_idx] if (split, li, "views") in dsets else None
-            for a, b, da, db in iter_runs(dst):
-                dsets[(split, li)][da:db] = block[a:b]
-                if vblock is not None:
-                    dsets[(split, li, "views")][da:db] = vblock[a:b]
+        for li, name in enumerate(layers):
+            w.place_rows(split, name, dst, arrays[li][src_idx],
+                         views=view_arrays[li][src_idx] if split in view_splits else None)
 
 
 def _json(obj) -> str:

@@ -22,7 +22,7 @@ from .partial import PartialStore
 from .options import BACKBONE_FACTS, ExtractConfig, ExtractResult
 from .plan import Job, fingerprint
 from ..sources import Source
-from ..store.cache import FeatureCache, cache_file_name, open_cache, read_text_attr
+from ..store.cache import FeatureCache, cache_file_name, cache_files, open_cache, read_text_attr
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def find_hit(job: Job, t0: float) -> ExtractResult | None:
     if config.shard is not None:  # shard files and their assembly keep their own checks
         return None
     wanted = config.backbone_facts()
-    paths = [Path(config.output)] if config.output else sorted(Path(config.cache_dir).glob("*.h5"))
+    paths = [Path(config.output)] if config.output else cache_files(config.cache_dir)
     weights = None
     for path in paths:
         made_by = json_attr(path, "extract_config")

@@ -1,5 +1,6 @@
 """Sharded extraction: share I of N of every split, one crash-safe shard file each, and the cache
-file that presents the shards as one data set per split (HDF5 virtual datasets) or a merged copy.
+file that presents the shards as one data set per split (in place, or as a merged copy: the store
+writes it, :func:`featcache.store.merge.concat_caches`).
 
 A shard file is an ordinary featcache cache of its share of the samples, named
 ``<cache>.shard-00001-of-00004.h5`` beside the final cache, with the same fingerprint. Shares are
@@ -15,14 +16,12 @@ import os
 import re
 from pathlib import Path
 
-import h5py
-import numpy as np
-
 from ..errors import CacheError, ConfigError
-from ..store.writer import CacheWriter
-from ..store.cache import FeatureCache, open_cache, read_text_attr
+from ..store.cache import SUFFIX, cache_files, open_cache, read_text_attr
+from ..store.merge import concat_caches
 
-SHARD_RE = re.compile(r"^(?P<base>.+\.h5)\.shard-(?P<i>\d{5})-of-(?P<n>\d{5})\.h5$")
+_SUFFIX_RE = re.escape(SUFFIX)
+SHARD_RE = re.compile(rf"^(?P<base>.+{_SUFFIX_RE})\.shard-(?P<i>\d{{5}})-of-(?P<n>\d{{5}}){_SUFFIX_RE}$")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -34,7 +33,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard_path(final: Path, i: int, n: int) -> Path:
-    return final.with_name(f"{final.name}.shard-{i:05d}-of-{n:05d}.h5")
+    return final.with_name(f"{final.name}.shard-{i:05d}-of-{n:05d}{SUFFIX}")
 
 
 def shard_range(n_rows: int, batch_size: int, i: int, n: int) -> tuple[int, int]:
@@ -89,10 +88,10 @@ def shards_ready(final: Path, n: int) -> bool:
 def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
     """Write ``final`` from its ``n`` finished shard files.
 
-    Small per-sample arrays (labels, ids, hashes, stat) are copied; features and views are HDF5
-    virtual datasets pointing into the shard files (relative names: keep the files together), or
-    copied into one self-contained file with ``copy=True``. Shards of different fingerprints are
-    refused.
+    Small per-sample arrays (labels, ids, hashes, stat) are copied; features and views are
+    presented in place from the shard files (relative names: keep the files together), or copied
+    into one self-contained file with ``copy=True`` (:func:`~featcache.store.merge.concat_caches`).
+    Shards of different fingerprints, shares or plans, and damaged ones, are refused.
     """
     paths = [shard_path(final, i, n) for i in range(n)]
     missing = [p.name for p in paths if not p.is_file()]
@@ -121,23 +120,10 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
                 + ", ".join(f"shard {i}: plan {h[:8]}" for i, h in enumerate(plans))
                 + "). Re-run the same extraction for every shard on the current source."
             )
-        splits = [s for s in caches[0].splits]
-        for c in caches[1:]:
-            for s in c.splits:
-                if s not in splits:
-                    splits.append(s)
-        src_attrs = caches[0]._h5.attrs
-        with CacheWriter(final, **{k: src_attrs[k] for k in ("fingerprint", "fingerprint_hash", "classes", "layers",
-                                                             "extract_config", "notes") if k in src_attrs}) as w:
-            if not copy and not all(c.checksums for c in caches):  # it presents their data as it is
-                w.set_attrs(checksums="none")
-            w.set_attrs(timings=json.dumps({"shards": [c.timings for c in caches]}),
-                        shards=json.dumps([] if copy else [p.name for p in paths]),
-                        shard_digests=json.dumps([] if copy else [c.text_attr("digest") for c in caches]))
-            for split in splits:
-                parts = [(p, c) for p, c in zip(paths, caches) if split in c.splits]
-                _merge_split(w, split, parts, caches[0].layers, copy=copy)
-            w.add_failed([x for c in caches for x in c.failed])
+        concat_caches(final, caches, virtual=not copy,
+                      attrs=dict(timings=json.dumps({"shards": [c.timings for c in caches]}),
+                                 shards=json.dumps([] if copy else [p.name for p in paths]),
+                                 shard_digests=json.dumps([] if copy else [c.text_attr("digest") for c in caches])))
     finally:
         for c in caches:
             c.close()
@@ -147,45 +133,10 @@ def merge_shards(final: Path, n: int, *, copy: bool = False) -> Path:
     return final
 
 
-def _merge_split(w: CacheWriter, split: str, parts: list[tuple[Path, FeatureCache]], layers: list[str], *,
-                 copy: bool) -> None:
-    """One split of the assembled cache: per-sample arrays concatenated, features (and views) as
-    virtual datasets over the shard files, or copied with ``copy``."""
-    caches = [c for _, c in parts]
-    batch_ns = [c.batch_n(split) for c in caches]
-    w.add_split(split, labels=np.concatenate([c.labels(split) for c in caches]),
-                ids=[i for c in caches for i in c.ids(split)],
-                hashes=np.concatenate([c.hashes(split) for c in caches]),
-                stat=np.concatenate([c.stat(split) for c in caches]).reshape(-1, 2),
-                batch_n=np.concatenate(batch_ns) if all(b is not None for b in batch_ns) else None)
-    total = sum(c.n(split) for c in caches)
-    for views in ([False, True] if caches[0].has_views(split) else [False]):
-        for layer in layers:
-            dsets = [(c.views(split, layer) if views else c.features(split, layer)) for c in caches]
-            shape = (total, *dsets[0].shape[1:])
-            if copy or total == 0:
-                out = w.add_features(split, layer, shape, dsets[0].dtype, views=views, chunks=dsets[0].chunks)
-                start = 0
-                for d in dsets:
-                    for a in range(0, d.shape[0], 4096):
-                        block = d[a:a + 4096]
-                        out[start + a:start + a + len(block)] = block
-                    start += d.shape[0]
-                continue
-            layout = h5py.VirtualLayout(shape=shape, dtype=dsets[0].dtype)
-            start = 0
-            for (p, _), d in zip(parts, dsets):
-                if d.shape[0]:
-                    name = f"{'views' if views else 'features'}/{layer}"
-                    layout[start:start + d.shape[0]] = h5py.VirtualSource(p.name, f"/{split}/{name}", shape=d.shape)
-                start += d.shape[0]
-            w.add_virtual_features(split, layer, layout, views=views)
-
-
 def find_shard_sets(cache_dir: str | os.PathLike) -> dict[Path, int]:
     """Shard sets in a folder: final cache path -> number of shards."""
     out: dict[Path, int] = {}
-    for p in Path(cache_dir).glob("*.shard-*-of-*.h5"):
+    for p in cache_files(cache_dir, "*.shard-*-of-*"):
         m = SHARD_RE.match(p.name)
         if m:
             final = p.with_name(m.group("base"))
@@ -207,7 +158,7 @@ def merge_dir(cache_dir: str | os.PathLike, *, copy: bool = False) -> list[dict]
         merge_shards(final, n, copy=copy)
         results.append({"cache": str(final), "shards": n, "status": "merged" if copy else "assembled"})
     if not results:
-        raise CacheError(f"No shard files (*.shard-I-of-N.h5) in '{cache_dir}'. Extract with --shard I/N first.")
+        raise CacheError(f"No shard files (*.shard-I-of-N{SUFFIX}) in '{cache_dir}'. Extract with --shard I/N first.")
     return results
 
 

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "featcache"
 SCHEMA_VERSION = 1
+#: The file name suffix of every cache file (shard files included).
+SUFFIX = ".h5"
 HASH_DTYPE = "S32"
 #: Target bytes per HDF5 chunk along N (see BENCHMARKS.md for how it was chosen).
 CHUNK_BYTES = 1 << 20
@@ -106,7 +108,7 @@ def _slug(text: str) -> str:
 
 def cache_file_name(fp: CacheFingerprint) -> str:
     src = fp.source.get("spec", "source")
-    return f"{_slug(fp.backbone['name'])}__{_slug(Path(src).name)}__{fp.hash}.h5"
+    return f"{_slug(fp.backbone['name'])}__{_slug(Path(src).name)}__{fp.hash}{SUFFIX}"
 
 
 def feature_chunks(shape: tuple[int, ...], itemsize: int, n: int) -> tuple[int, ...]:
@@ -575,6 +577,12 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
     return FeatureCache(path)
 
 
+def cache_files(cache_dir: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The cache files in a folder (shard files included), sorted; ``pattern`` narrows the part of
+    the name before the suffix."""
+    return sorted(Path(cache_dir).glob(pattern + SUFFIX))
+
+
 def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
     """Caches in a folder: path, size, modification date, backbone, source, splits.
 
@@ -582,7 +590,7 @@ def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
     their bytes as its own; those shard files are not listed again as caches of their own.
     """
     out, presented = [], set()
-    for p in sorted(Path(cache_dir).glob("*.h5")):
+    for p in cache_files(cache_dir):
         st = p.stat()
         row = {"cache": str(p), "bytes": st.st_size, "modified": st.st_mtime}
         try:

@@ -96,6 +96,8 @@ class CacheWriter:
         if reserve_bytes:  # a full disk is an OSError here, not a crash of HDF5 half-way through
             reserve(self.tmp, reserve_bytes)
         self.h5 = create_h5(self.tmp)
+        #: Feature datasets being filled, held open (their chunks reach the file when closed).
+        self._filling: dict[tuple[str, str], h5py.Dataset] = {}
         set_text_attrs(self.h5, format=FORMAT, schema_version=SCHEMA_VERSION, checksums=CHECKSUMS,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs)
 
@@ -104,6 +106,7 @@ class CacheWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.h5.close()
+        self._filling.clear()
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
             return
@@ -125,22 +128,57 @@ class CacheWriter:
             write_array(g, "batch_n", np.asarray(batch_n, dtype=np.int32))
 
     def add_features(self, split: str, layer: str, shape: tuple[int, ...], dtype, *, views: bool = False,
-                     chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
+                     chunks: tuple[int, ...] | None = None) -> None:
         """An empty ``features/<layer>`` (or ``views/<layer>``) dataset of ``shape`` = (N, ...), chunked
         along N (about :data:`CHUNK_BYTES` a chunk unless ``chunks`` is given), each chunk with its
-        checksum; fill it by slices."""
+        checksum; fill it with :meth:`write_rows` or :meth:`place_rows`. It stays open until
+        :meth:`finish_features` or the end of the file."""
         dtype = np.dtype(dtype)
         n = shape[0]
         if chunks is None and n:
             chunks = feature_chunks(tuple(shape[1:]), dtype.itemsize, n)
-        return self.h5[split].create_dataset(f"{'views' if views else 'features'}/{layer}", shape=shape, dtype=dtype,
-                                             chunks=chunks if n else None, fletcher32=bool(n), track_times=False)
+        name = _feature_name(layer, views)
+        self._filling[(split, name)] = self.h5[split].create_dataset(
+            name, shape=shape, dtype=dtype, chunks=chunks if n else None, fletcher32=bool(n), track_times=False)
 
-    def add_virtual_features(self, split: str, layer: str, layout: h5py.VirtualLayout, *,
-                             views: bool = False) -> h5py.Dataset:
-        """``features/<layer>`` as a virtual dataset over other files (missing data reads as NaN)."""
-        return self.h5[split].create_virtual_dataset(f"{'views' if views else 'features'}/{layer}", layout,
-                                                     fillvalue=np.nan)
+    def finish_features(self, split: str, layer: str, *, views: bool = False) -> None:
+        """Close a filled dataset now: its chunks are written to the file and its chunk cache freed
+        (a writer of many datasets one after another holds one at a time)."""
+        self._filling.pop((split, _feature_name(layer, views)), None)
+
+    def _dataset(self, split: str, layer: str, views: bool) -> h5py.Dataset:
+        name = _feature_name(layer, views)
+        ds = self._filling.get((split, name))
+        return self.h5[split][name] if ds is None else ds
+
+    def write_rows(self, split: str, layer: str, start: int, block: np.ndarray, *, views: bool = False) -> None:
+        """Rows ``[start, start + len(block))`` of a dataset made by :meth:`add_features`."""
+        self._dataset(split, layer, views)[start:start + len(block)] = block
+
+    def place_rows(self, split: str, layer: str, rows: np.ndarray, features: np.ndarray, *,
+                   views: np.ndarray | None = None) -> None:
+        """``features[k]`` (and ``views[k]``, where given) into row ``rows[k]`` of ``split``'s ``layer``,
+        for sorted unique ``rows``: each contiguous run of rows is written as one slice."""
+        fs = self._dataset(split, layer, False)
+        vs = self._dataset(split, layer, True) if views is not None else None
+        for a, b, da, db in iter_runs(np.asarray(rows)):
+            fs[da:db] = features[a:b]
+            if vs is not None:
+                vs[da:db] = views[a:b]
+
+    def add_virtual_features(self, split: str, layer: str, parts: list[tuple[str, int]], shape: tuple[int, ...],
+                             dtype, *, views: bool = False) -> None:
+        """``features/<layer>`` (or ``views/<layer>``) of ``shape`` = (N, ...) as a virtual dataset over
+        the same dataset of other cache files, one after another: ``parts`` are (file name relative to
+        this cache's folder, rows it holds). Data that cannot be read (a missing file) reads as NaN."""
+        name = _feature_name(layer, views)
+        layout = h5py.VirtualLayout(shape=tuple(shape), dtype=np.dtype(dtype))
+        start = 0
+        for file_name, n in parts:
+            if n:
+                layout[start:start + n] = h5py.VirtualSource(file_name, f"/{split}/{name}", shape=(n, *shape[1:]))
+            start += n
+        self.h5[split].create_virtual_dataset(name, layout, fillvalue=np.nan)
 
     def add_failed(self, failures: list[dict]) -> None:
         write_failed(self.h5, failures)
@@ -148,6 +186,20 @@ class CacheWriter:
     def digest(self) -> str:
         """:func:`shard_digest` of what is written so far."""
         return shard_digest(self.h5)
+
+
+def _feature_name(layer: str, views: bool) -> str:
+    return f"{'views' if views else 'features'}/{layer}"
+
+
+def cache_bytes(splits: dict[str, tuple[int, int, int]], n_failed: int) -> int:
+    """About the size of a cache file, a little over: ``splits`` maps each split to (rows, bytes of
+    one row's features and views over all layers, bytes of its longest id); ``n_failed`` samples are
+    recorded as failed."""
+    total = 1 << 20
+    for rows, row_bytes, id_bytes in splits.values():
+        total += rows * (row_bytes + 64 + id_bytes)
+    return total + 256 * n_failed
 
 
 def set_text_attrs(h5: h5py.File, **attrs) -> None:
