@@ -76,6 +76,29 @@ def test_ids_are_shard_key_for_shards_file_row_for_parquet_split_index_for_hf(fo
     assert [r.id for r in WdsSource(str(tmp_path / "s")).splits["train"]] == [r.id for r in w.splits["train"]]
 
 
+def test_a_file_name_with_dots_is_one_sample_whose_image_and_label_are_found_by_their_last_extension(folder,
+                                                                                                      tmp_path, tiny):
+    # The benchmark's 'F.pergan.28(f)_q95.jpg' became key '000201_F' with members 'pergan.28(f)_q95.jpg' and
+    # 'pergan.28(f)_q95.cls' (webdataset's key ends at the first dot): it was skipped as "no image member".
+    for p in sorted((folder / "val" / "dog").iterdir())[:2]:
+        p.rename(p.with_name(f"F.pergan.{p.stem}(f){p.suffix}"))
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    shards = write_wds(folder, tmp_path / "s")
+    src = WdsSource(str(shards))
+    dotted = [r for r in src.splits["val"] if r.id.endswith("_F")]
+    assert len(dotted) == 2 and all(r.label == 1 for r in dotted)
+    res = extract(f"wds:{shards}", **tiny)
+    assert res.failures == []
+    _same(_content(res), ref)
+    with tarfile.open(tmp_path / "two.tar", "w") as tf:  # two images of one key: a recorded reason
+        for name in ("k.left.jpg", "k.right.jpg", "k.cls"):
+            add_member(tf, name, (folder / "train" / "cat" / "cat_000.jpg").read_bytes() if "jpg" in name else b"0")
+    (ref2,) = WdsSource(str(tmp_path / "two.tar")).splits["train"]
+    assert ref2.label == -1 and "several image members (left.jpg, right.jpg)" in ref2.key[1]
+    (one,) = WdsSource(f"{tmp_path / 'two.tar'}#image=left.jpg").splits["train"]
+    assert one.label == 0
+
+
 def test_a_shard_pattern_is_train_and_without_classes_txt_the_classes_are_the_integers(folder, tmp_path):
     write_wds(folder, tmp_path / "s", classes_txt=False)
     src = open_source(f"wds:{tmp_path}/s/val/shard-{{000..001}}.tar")

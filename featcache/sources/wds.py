@@ -4,7 +4,9 @@
 exist, else ``DIR/*.tar`` as train; ``wds:PATTERN`` (a brace pattern ``shard-{000..127}.tar`` or a
 glob) is one split, train. A sample is the members sharing a key (webdataset's convention: the
 member name up to the first dot of its base name); its image is the first of ``jpg, jpeg, png,
-webp`` present, its label the integer in ``cls``. Options ride in the spec after ``#``:
+webp`` present, its label the integer in ``cls``. A file name with dots of its own leaves an extension of
+several parts (``KEY.a.b.jpg``): as webdataset's decoders do, its last part names it (``jpg``), and the
+label is ``cls`` or the ``a.b.cls`` beside it. Options ride in the spec after ``#``:
 ``image=png`` (the image member), ``label=json:FIELD`` (the label from the ``json`` member),
 ``classes=FILE`` (class names one per line; default ``classes.txt`` beside the shards, else the
 integers).
@@ -186,16 +188,21 @@ class WdsSource(Source):
         return refs
 
     def _sample(self, id_: str, members: dict, k: int, size: int, shard_stamp: int, tf, labels: list[int]) -> SampleRef:
-        image = next((members[e] for e in self.image_keys if e in members), None)
-
         def fault(reason: str) -> SampleRef:
             return SampleRef(id_, -1, ("fault", reason, shard_stamp))
 
-        if image is None:
+        found = _field(members, self.image_keys)
+        if isinstance(found, str):
+            return fault(found)
+        if found is None:
             return fault(f"no image member ({', '.join(self.image_keys)}) in this sample")
+        image_ext, image = found
         if image.offset_data + image.size > size:
             return fault(f"truncated tar: member '{image.name}' ends past the end of the shard")
-        member = members.get("json" if self.label_field else "cls")
+        # The label beside the image: 'cls', else 'X.cls' where the image is 'X.jpg'.
+        wanted = "json" if self.label_field else "cls"
+        prefix = image_ext.rsplit(".", 1)[0] if "." in image_ext else None
+        member = members.get(wanted) or (members.get(f"{prefix}.{wanted}") if prefix else None)
         if member is None or member.offset_data + member.size > size:
             return fault("no label (" + (f"json field '{self.label_field}'" if self.label_field else "cls member") + ")")
         raw = tf.extractfile(member).read()
@@ -231,6 +238,26 @@ class WdsSource(Source):
         if ref.key[0] == "fault":
             return (0, ref.key[2])
         return (ref.key[2], self.shards[ref.key[0]][1])
+
+
+def _field(members: dict, names: tuple[str, ...]):
+    """(extension, member) of the first of ``names`` in a sample's ``members`` (extension -> member).
+
+    webdataset's key is the member name up to the first dot of its base name, so a file name with
+    dots of its own (``F.pergan.28(f).jpg`` under key ``000201_F``) leaves an extension of several
+    parts (``pergan.28(f).jpg``); webdataset's decoders go by its last part, and so does this: an
+    exact extension first, else the one extension ending in ``.NAME``. Several such: a reason.
+    """
+    for name in names:
+        if name in members:
+            return name, members[name]
+        dotted = [e for e in members if e.endswith("." + name)]
+        if len(dotted) == 1:
+            return dotted[0], members[dotted[0]]
+        if dotted:
+            return (f"several image members ({', '.join(sorted(dotted))}); name one with --image-key "
+                    f"(image=EXT in the spec)")
+    return None
 
 
 def _remote_glob(pattern: str) -> list[str]:
