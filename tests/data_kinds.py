@@ -23,13 +23,17 @@ def folder_samples(folder: Path) -> tuple[list[str], dict[str, list[tuple[str, b
     return src.classes, out
 
 
-def write_wds(folder: Path, out: Path, *, shards: int = 2, classes_txt: bool = True) -> Path:
-    """``out/SPLIT/shard-K.tar`` with ``KEY.jpg|png`` and ``KEY.cls`` members, and ``out/classes.txt``."""
+def write_wds(folder: Path, out: Path, *, shards: int = 2, classes_txt: bool = True, multiple: int = 1) -> Path:
+    """``out/SPLIT/shard-K.tar`` with ``KEY.jpg|png`` and ``KEY.cls`` members, and ``out/classes.txt``:
+    ``shards`` shards per split, of a number of samples rounded up to a ``multiple`` (fewer shards
+    where that leaves nothing for the last: a batch starts anew at each shard, so shards of a
+    multiple of the batch size batch as the folder does)."""
     classes, splits = folder_samples(folder)
     for split, samples in splits.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         per = -(-len(samples) // shards)
-        for k in range(shards):
+        per = -(-per // multiple) * multiple
+        for k in range(-(-len(samples) // per) if samples else shards):
             with tarfile.open(out / split / f"shard-{k:03d}.tar", "w") as tf:
                 for j, (name, data, label) in enumerate(samples[k * per:(k + 1) * per]):
                     stem, ext = name.rsplit(".", 1)

@@ -42,6 +42,9 @@ def _same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("kind", ["wds", "parquet", "hf", "http"])
 def test_each_kind_gives_the_features_labels_and_class_names_of_the_folder(kind, folder, tmp_path, tiny, monkeypatch):
+    # A batch never spans two tar shards (a share of whole shards computes a whole run's batches): with
+    # shards of 5 and batches of 5 the batches are the folder's, and so are the features, bit for bit.
+    tiny = {**tiny, "batch_size": 5}
     ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
     if kind == "wds":
         spec = f"wds:{write_wds(folder, tmp_path / 'shards')}"
@@ -82,6 +85,7 @@ def test_a_file_name_with_dots_is_one_sample_whose_image_and_label_are_found_by_
     # 'pergan.28(f)_q95.cls' (webdataset's key ends at the first dot): it was skipped as "no image member".
     for p in sorted((folder / "val" / "dog").iterdir())[:2]:
         p.rename(p.with_name(f"F.pergan.{p.stem}(f){p.suffix}"))
+    tiny = {**tiny, "batch_size": 5}  # the batches of 5-sample shards are the folder's
     ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
     shards = write_wds(folder, tmp_path / "s")
     src = WdsSource(str(shards))
@@ -383,6 +387,33 @@ def test_a_shard_run_reads_only_the_images_of_its_share(folder, tmp_path, tiny, 
     assert len(reads) == 2 * second.computed and first.computed + second.computed == 20 and second.merged
 
 
+def test_a_shard_run_lists_and_reads_only_its_own_tar_shards_and_assembles_the_unsharded_cache(folder, tmp_path,
+                                                                                                tiny, monkeypatch):
+    shards = write_wds(folder, tmp_path / "s", shards=4)  # 10 samples per split: shards of 3, 3, 3 and 1
+    ref = extract(f"wds:{shards}", **{**tiny, "cache_dir": str(tmp_path / "ref")})
+    listed, real = [], WdsSource._index
+    monkeypatch.setattr(WdsSource, "_index",
+                        lambda self, url, *a: listed.append(Path(url).relative_to(shards).as_posix()) or real(self, url, *a))
+    reads = _counting_reads(monkeypatch, WdsSource)
+    for i, own in enumerate([(0, 1), (2, 3)]):
+        listed.clear(), reads.clear()
+        res = extract(f"wds:{shards}", **tiny, shard=(i, 2))
+        assert listed == [f"{s}/shard-{k:03d}.tar" for s in ("train", "val") for k in own]  # its shards, no other
+        assert {r.split("/")[0] for r in reads} == {f"shard-{k:03d}" for k in own}
+    assert res.merged and WdsSource.share_unit == "tar shard"
+    with open_cache(res.merged) as got, open_cache(ref.cache) as want:
+        assert got.splits == want.splits and got.classes == want.classes
+        for split in want.splits:
+            assert list(got.ids(split)) == list(want.ids(split))
+            assert np.array_equal(got.labels(split), want.labels(split))
+            assert np.array_equal(got.batch_n(split), want.batch_n(split))  # the batches of the unsharded run
+            assert np.array_equal(got.features(split)[()], want.features(split)[()])  # bit for bit
+    listed.clear()
+    again = extract(f"wds:{shards}", **tiny, shard=(1, 2))
+    assert again.cache_hit and listed == ["train/shard-002.tar", "train/shard-003.tar", "val/shard-002.tar",
+                                          "val/shard-003.tar"]
+
+
 def test_http_identity_a_rerun_asks_for_headers_only_and_a_changed_shard_is_fetched_again(folder, tmp_path, tiny,
                                                                                           monkeypatch):
     import os
@@ -426,7 +457,8 @@ def test_http_a_served_folder_of_split_folders_and_an_unreachable_host(folder, t
     root = _served(folder, tmp_path, monkeypatch, retries=1)
     with FlakyServer(root) as srv:
         src = open_source(f"wds:{srv.url}/")  # the server's folder listings, as fsspec reads them
-    assert {k: len(v) for k, v in src.splits.items()} == {"train": 10, "val": 10} and src.classes == ["cat", "dog"]
+        counts = {k: len(v) for k, v in src.splits.items()}  # listed when first asked for
+    assert counts == {"train": 10, "val": 10} and src.classes == ["cat", "dog"]
     with pytest.raises(SourceError, match=r"Cannot list the shards of 'wds:http://127.0.0.1:1/x/\*.tar': "
                                           r".* could not be fetched after 2 tries: .*Check the URL."):
         open_source("wds:http://127.0.0.1:1/x/*.tar")

@@ -9,6 +9,7 @@ the forward pass. Extraction, fine-tuning and the benchmarks share them.
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from ..sources import SampleFault, SampleRef, Source
 VIEW_SPLIT = "train"
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """One planned sample: its split, position in the split, reference, (size, mtime) and content hash
-    (``checked``: hashed from the content now, not taken from an earlier run by its size and mtime)."""
+    (``checked``: hashed from the content now, not taken from an earlier run by its size and mtime),
+    and ``start``, the position where its unit of the source begins (a tar shard, a row group:
+    :meth:`Source.unit_starts`; 0 for a source without units), where batches start anew."""
 
     split: str
     index: int
@@ -36,6 +39,7 @@ class Row:
     stat: tuple[int, int]
     hash: str | None = None
     checked: bool = False
+    start: int = 0
 
 
 def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
@@ -46,14 +50,16 @@ def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
     plan = {}
     for split, refs in src.splits.items():
         a, b = ranges[split] if ranges is not None else (0, len(refs))
+        starts = src.unit_starts(split)
         rows = []
         for i in range(a, b):
             ref = refs[i]
+            start = starts[bisect.bisect_right(starts, i) - 1] if len(starts) > 1 else 0
             try:
                 st = src.stat(ref)
             except OSError:
                 st = (-1, -1)  # missing: recorded as failed when read
-            row = Row(split, i, ref, st, checked=contents)
+            row = Row(split, i, ref, st, checked=contents, start=start)
             if contents and st[0] >= 0:
                 try:
                     row.hash = src.read(ref)[1]
@@ -64,9 +70,11 @@ def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
     return plan
 
 
-def block_key(row: Row, batch_size: int) -> tuple[str, int]:
-    """The batch of an uninterrupted run that computes ``row``: blocks of ``batch_size`` rows of its split."""
-    return (row.split, row.index // batch_size)
+def block_key(row: Row, batch_size: int) -> tuple[str, int, int]:
+    """The batch of an uninterrupted run that computes ``row``: blocks of ``batch_size`` rows of its
+    split, started anew at each unit of the source (so a share of whole units, listed alone,
+    computes the batches a whole run does)."""
+    return (row.split, row.start, (row.index - row.start) // batch_size)
 
 
 def batches(todo: list[Row], batch_size: int) -> list[list[int]]:

@@ -29,7 +29,7 @@ RANDOM_ACCESS = "random"
 #: :attr:`Source.access`: samples come in one pass (tar shards, a remote data set).
 STREAMING = "stream"
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SampleRef:
     """One sample of a source.
 
@@ -72,6 +72,33 @@ class Source:
     #: File suffixes a spec without ``KIND:`` is recognised by (:meth:`detect`).
     suffixes: ClassVar[tuple[str, ...]] = ()
 
+    #: What a sharded run (``--shard I/N``, torchrun) splits the source by: "" for samples (each run
+    #: lists every sample and takes batch-aligned rows of each split), or the units it is made of
+    #: ("tar shard", "row group"): each run takes whole units (:meth:`units`, :meth:`restrict`)
+    #: and lists and reads only its own. A batch never spans two units (:meth:`unit_starts`), so a
+    #: share computes exactly the batches of an unsharded run.
+    share_unit: ClassVar[str] = ""
+
+    @property
+    def listed(self) -> bool:
+        """False while the samples are not listed yet (a kind that lists them when first asked)."""
+        return True
+
+    def units(self) -> dict[str, list[str]] | None:
+        """Per split, what names each unit (its name, and size and mtime where cheap), in order, known
+        without listing a sample; None where the source cannot be split by units (:attr:`share_unit`
+        empty, or a val split carved out of train)."""
+        return None
+
+    def restrict(self, keep: dict[str, list[int]]) -> None:
+        """Keep only units ``keep[split]`` (positions in :meth:`units`) of each split, listing none of
+        the others: the same spec, classes and fingerprint, fewer samples."""
+        raise NotImplementedError(f"{type(self).__name__} is not made of units (share_unit is empty).")
+
+    def unit_starts(self, split: str) -> list[int]:
+        """Positions in ``splits[split]`` where each unit's samples begin (a batch starts there)."""
+        return [0]
+
     def describe(self) -> dict:
         """What identifies the source in a cache fingerprint (not its contents)."""
         return {"kind": self.kind, "spec": self.spec, **self.split_policy}
@@ -101,7 +128,8 @@ class Source:
     def describe_kind(cls) -> dict:
         """The kind's capabilities (``featcache sources --json``)."""
         return {"kind": cls.kind, "access": cls.access, "pre_decoded": cls.pre_decoded,
-                "splits_from": cls.splits_from, "builtin": cls.builtin, "suffixes": list(cls.suffixes)}
+                "splits_from": cls.splits_from, "builtin": cls.builtin, "suffixes": list(cls.suffixes),
+                "share_unit": cls.share_unit}
 
 
 class SampleFault(OSError):

@@ -27,11 +27,13 @@ import json
 import os
 import re
 import tarfile
+from array import array
 from pathlib import Path
 
 from ..errors import SourceError
 from . import remote
 from .base import SOURCES, SPLIT_NAMES, SampleFault, SampleRef, Source, content_hash, split_options, stamp
+from .checks import warn_about_listing
 
 #: The image member of a sample: the first of these present (``#image=EXT`` to change).
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -52,6 +54,7 @@ class WdsSource(Source):
     """webdataset tar shards: ``SHARD/KEY`` samples, the image and ``cls`` members of each key."""
 
     kind = "wds"
+    share_unit = "tar shard"
     splits_from = "train/ val/ test/ sub-folders of shards (else all train; a pattern is train)"
 
     def __init__(self, spec: str) -> None:
@@ -73,23 +76,80 @@ class WdsSource(Source):
             raise SourceError(f"No tar shards found for 'wds:{path}'. Give a folder of *.tar (or of train/ val/ "
                               f"test/ folders of *.tar), a brace pattern or a glob.")
         self.classes_given = self._class_names(options.get("classes"), base)
-        #: Per shard: (local path, stamp); index in the key of each sample.
+        self.classes = list(self.classes_given or [])
+        #: Shard URLs or paths per split; :meth:`restrict` keeps some of them before any is read.
+        self.layout = layout
+        #: Per shard read: (local path, stamp); index in the key of each sample.
         self.shards: list[tuple[str, int]] = []
-        fetched = self._localise([u for urls in layout.values() for u in urls])
+        #: (shard, offset, size) of each listed sample's image member, flat: a sample's key is its position.
+        self._where = array("q")
+        self._splits: dict[str, list[SampleRef]] | None = None
+        self._starts: dict[str, list[int]] = {}
+        self._restricted = False
+        if self.classes_given is None:  # the class names are the integers up to the largest label: read them all
+            self._list(warn=False)
+
+    # Samples are listed when first asked for: a sharded run restricts the source to its own shards first.
+    @property
+    def splits(self) -> dict[str, list[SampleRef]]:
+        if self._splits is None:
+            self._list()
+        return self._splits
+
+    @splits.setter
+    def splits(self, value: dict[str, list[SampleRef]]) -> None:
+        self._splits = value
+        self._starts = {}  # carved anew (val_fraction): no longer whole shards
+
+    @property
+    def listed(self) -> bool:
+        return self._splits is not None
+
+    def units(self) -> dict[str, list[str]] | None:
+        if self.split_policy:  # a val split carved out of train is made of no shards
+            return None
+        return {split: [_identity(u, self.remote) for u in urls] for split, urls in self.layout.items()}
+
+    def restrict(self, keep: dict[str, list[int]]) -> None:
+        self._restricted = True
+        if self._splits is None:
+            self.layout = {s: [urls[j] for j in keep.get(s, [])] for s, urls in self.layout.items()}
+            return
+        for split, refs in list(self._splits.items()):  # listed already (no class names given): keep whole shards
+            starts = self._starts[split] + [len(refs)]
+            kept, new_starts = [], []
+            for j in keep.get(split, []):
+                new_starts.append(len(kept))
+                kept.extend(refs[starts[j]:starts[j + 1]])
+            self._splits[split], self._starts[split] = kept, new_starts
+        self.layout = {s: [urls[j] for j in keep.get(s, [])] for s, urls in self.layout.items()}
+
+    def unit_starts(self, split: str) -> list[int]:
+        if self._splits is None:
+            self._list()
+        return self._starts.get(split, [0])
+
+    def _list(self, warn: bool = True) -> None:
+        fetched = self._localise([u for urls in self.layout.values() for u in urls])
         labels: list[int] = []
-        for split, urls in layout.items():
+        splits: dict[str, list[SampleRef]] = {}
+        for split, urls in self.layout.items():
             refs: list[SampleRef] = []
+            self._starts[split] = []
             for url in urls:
+                self._starts[split].append(len(refs))
                 refs.extend(self._index(url, *fetched[url], labels))
-            self.splits[split] = refs
+            splits[split] = refs
+        self._splits = splits
         top = max(labels, default=-1)
         if self.classes_given is not None:
             if top >= len(self.classes_given):
-                raise SourceError(f"'wds:{path}' has label {top} but only {len(self.classes_given)} class names. "
+                raise SourceError(f"'wds:{self.spec}' has label {top} but only {len(self.classes_given)} class names. "
                                   f"Fix classes.txt (one name per line, line index = cls).")
-            self.classes = list(self.classes_given)
         else:
             self.classes = [str(i) for i in range(top + 1)]
+        if warn and not self._restricted:  # open_source warned of nothing: the samples were not listed then
+            warn_about_listing(self)
 
     @classmethod
     def exists(cls, path: str) -> bool:
@@ -217,14 +277,16 @@ class WdsSource(Source):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return fault(f"label {raw[:40]!r} is not a class index")
         labels.append(label)
-        return SampleRef(id_, label, (k, image.offset_data, image.size))
+        # One int per sample: its (shard, offset, size) live in a flat array (a tuple each took 120 bytes).
+        self._where.extend((k, image.offset_data, image.size))
+        return SampleRef(id_, label, len(self._where) // 3 - 1)
 
     # --- reading ---------------------------------------------------------------------------
 
     def read(self, ref: SampleRef) -> tuple[bytes, str]:
-        if ref.key[0] == "fault":
+        if isinstance(ref.key, tuple):  # ("fault", reason, shard stamp)
             raise SampleFault(ref.key[1])
-        k, offset, size = ref.key
+        k, offset, size = self._where[3 * ref.key:3 * ref.key + 3]
         fd = os.open(self.shards[k][0], os.O_RDONLY)
         try:
             data = os.pread(fd, size, offset)
@@ -235,9 +297,9 @@ class WdsSource(Source):
         return data, content_hash(data)
 
     def stat(self, ref: SampleRef) -> tuple[int, int]:
-        if ref.key[0] == "fault":
+        if isinstance(ref.key, tuple):
             return (0, ref.key[2])
-        return (ref.key[2], self.shards[ref.key[0]][1])
+        return (self._where[3 * ref.key + 2], self.shards[self._where[3 * ref.key]][1])
 
 
 def _field(members: dict, names: tuple[str, ...]):
@@ -258,6 +320,18 @@ def _field(members: dict, names: tuple[str, ...]):
             return (f"several image members ({', '.join(sorted(dotted))}); name one with --image-key "
                     f"(image=EXT in the spec)")
     return None
+
+
+def _identity(url: str, is_remote: bool) -> str:
+    """What names a shard in a sharded run's plan: its URL, and for a local file its size and mtime
+    (a remote one is not asked: every rank would ask for every shard)."""
+    if is_remote:
+        return url
+    try:
+        st = os.stat(url)
+    except OSError:
+        return f"{url}\x1fmissing"
+    return f"{url}\x1f{st.st_size}\x1f{st.st_mtime_ns}"
 
 
 def _remote_glob(pattern: str) -> list[str]:
