@@ -479,3 +479,53 @@ def test_hf_a_name_that_is_not_a_folder_goes_to_the_hub_with_its_config(folder, 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SourceError, match=r"Cannot open Hugging Face data set 'someone/bees': Couldn't reach"):
         open_source("hf:someone/bees")
+
+
+def _memory_copy(folder: Path, url: str) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in sorted(folder.rglob("*.*")):
+        fs.pipe(f"{url.split('://', 1)[1]}/{p.relative_to(folder).as_posix()}", p.read_bytes())
+
+
+def test_a_folder_and_a_csv_manifest_on_remote_storage_read_through_fsspec(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    _memory_copy(folder, "memory://bucket/imgs")
+    src = open_source("memory://bucket/imgs/")  # a folder URL ends with '/', as s3://bucket/prefix/ would
+    local = open_source(str(folder))
+    assert src.remote_reads and not local.remote_reads
+    assert {s: [(r.id, r.label) for r in refs] for s, refs in src.splits.items()} == \
+        {s: [(r.id, r.label) for r in refs] for s, refs in local.splits.items()}
+    _same(_content(extract("memory://bucket/imgs/", **tiny)), ref)
+    # a manifest at a URL, its paths relative to it
+    rows = [f"{r.id},{local.classes[r.label]},{split}" for split, refs in local.splits.items() for r in refs]
+    _memory_copy(folder, "memory://bucket/m")
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/bucket/m/list.csv", ("path,label,split\n" + "\n".join(rows) + "\n").encode())
+    manifest = open_source("memory://bucket/m/list.csv")
+    assert manifest.splits["train"][0].key == f"memory://bucket/m/{local.splits['train'][0].id}"
+    _same(_content(extract("memory://bucket/m/list.csv", **{**tiny, "cache_dir": str(tmp_path / "m")})), ref)
+    check_source_spec("memory://bucket/imgs/")  # bench checks specs before extracting: a URL is checked when opened
+    with pytest.raises(SourceError, match=r"Image folder 'memory://bucket/none/' has no class sub-folders"):
+        open_source("memory://bucket/none/")
+
+
+def test_a_folder_served_over_http_reads_as_the_local_folder(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    with FlakyServer(folder) as srv:
+        got = _content(extract(f"{srv.url}/", **tiny))
+    _same(got, ref)
+
+
+def test_sources_base_does_not_import_remote():
+    import ast
+
+    import featcache.sources.base as base
+
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "remote" not in imported and not any(m and m.endswith("remote") for m in imported)

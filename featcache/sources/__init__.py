@@ -16,10 +16,10 @@ import os
 import numpy as np
 
 from ..errors import ConfigError, SourceError
-from .base import (CONTENT_HASH, IMAGE_EXTENSIONS, RANDOM_ACCESS, SOURCES, SPLIT_NAMES, STREAMING, FileSource,
-                   SampleFault, SampleRef, Source, content_hash, display_path, split_options, stamp,
-                   with_options)
+from .base import (CONTENT_HASH, IMAGE_EXTENSIONS, RANDOM_ACCESS, SOURCES, SPLIT_NAMES, STREAMING, SampleFault,
+                   SampleRef, Source, content_hash, display_path, split_options, stamp, with_options)
 from .checks import warn_about_listing
+from .files import FileSource
 
 # The kinds, in the order ``featcache sources`` lists them and :func:`open_source` detects them.
 from .folder import ImageFolderSource, image_files  # noqa: E402

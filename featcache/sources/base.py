@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -65,6 +64,9 @@ class Source:
     #: True when :meth:`read` returns decoded uint8 arrays (little decoding work: extraction and
     #: fine-tuning use no worker processes or threads), False for encoded image bytes.
     pre_decoded: ClassVar[bool] = False
+    #: True where :meth:`read` goes over the network (URLs): extraction keeps a bounded number of
+    #: reads in flight ahead of the forward pass (a kind may make it a property of the instance).
+    remote_reads: ClassVar[bool] = False
     #: Where the splits come from, for ``featcache sources`` (``folders``, ``column``, ...).
     splits_from: ClassVar[str] = ""
     #: A built-in data set: the spec is the kind's name alone (``digits``).
@@ -194,28 +196,3 @@ def content_hash(data: bytes | np.ndarray) -> str:
 def display_path(path: str) -> str:
     """A file name that is always valid UTF-8 (undecodable bytes shown as \\xNN)."""
     return os.fsencode(path).decode("utf-8", errors="backslashreplace")
-
-
-class FileSource(Source):
-    """A source of image files under a root folder."""
-
-    root: Path
-
-    def read(self, ref: SampleRef) -> tuple[bytes, str]:
-        if "://" in ref.key:  # a URL in a manifest, fetched through fsspec
-            from .remote import fetch
-
-            data = fetch(ref.key)
-            return data, content_hash(data)
-        with open(ref.key, "rb") as f:
-            data = f.read()
-        return data, content_hash(data)
-
-    def stat(self, ref: SampleRef) -> tuple[int, int]:
-        if "://" in ref.key:  # (size, a stamp of the etag or mtime), asked of the server
-            from .remote import info
-
-            found = info(ref.key)
-            return (found["size"], found["stamp"])
-        st = os.stat(ref.key)
-        return (st.st_size, st.st_mtime_ns)
