@@ -83,11 +83,16 @@ def write_hf(folder: Path, out: Path) -> Path:
 class FlakyServer:
     """A bounded ``http.server`` on 127.0.0.1 serving ``root`` in a thread. ``faults`` maps a URL
     path to a list of what its next requests get: ``503`` or ``"drop"`` (half the body, then the
-    connection closed); ``"hang"`` sleeps past any timeout. Use as a context manager."""
+    connection closed); ``"hang"`` sleeps past any timeout. ``gate=K`` holds each GET of a file until
+    K are in flight together (or 5 s passed: then no longer), so ``most`` (the most GETs in flight at once)
+    shows whether a client reads concurrently. Use as a context manager."""
 
-    def __init__(self, root: Path, faults: dict[str, list] | None = None) -> None:
+    def __init__(self, root: Path, faults: dict[str, list] | None = None, gate: int = 0) -> None:
         self.root, self.faults = Path(root), {k: list(v) for k, v in (faults or {}).items()}
         self.requests: list[str] = []
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+        self.gate = threading.Barrier(gate, timeout=5) if gate else None
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -98,6 +103,21 @@ class FlakyServer:
                 pass
 
             def do_GET(self):
+                with server.lock:
+                    server.active += 1
+                    server.most = max(server.most, server.active)
+                try:
+                    if server.gate is not None and Path(self.path).suffix:  # files, not folder listings
+                        try:
+                            server.gate.wait()
+                        except threading.BrokenBarrierError:
+                            pass
+                    self._get()
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+            def _get(self):
                 server.requests.append(self.path)
                 todo = server.faults.get(self.path)
                 fault = todo.pop(0) if todo else None

@@ -529,3 +529,17 @@ def test_sources_base_does_not_import_remote():
     tree = ast.parse(Path(base.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "remote" not in imported and not any(m and m.endswith("remote") for m in imported)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_remote_reads_run_ahead_of_the_forward_pass_a_bounded_number_at_a_time(folder, tmp_path, tiny, monkeypatch,
+                                                                               workers):
+    from featcache.extraction.loading import READ_AHEAD
+
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    with FlakyServer(folder, gate=3) as srv:  # each GET waits until 3 are in flight together
+        res = extract(f"{srv.url}/", **{**tiny, "num_workers": workers, "threads": 1})
+    # Read one at a time, no GET would ever have company (the gate gives up after 5 s each time).
+    assert 3 <= srv.most <= READ_AHEAD
+    _same(_content(res), ref)

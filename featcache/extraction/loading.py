@@ -24,6 +24,8 @@ from ..sources import SampleFault, SampleRef, Source
 
 #: The split whose images get augmented views (``views > 0``).
 VIEW_SPLIT = "train"
+#: Reads of a remote source in flight ahead of the forward pass (:class:`ReadAhead`).
+READ_AHEAD = 8
 
 
 @dataclass(slots=True)
@@ -86,6 +88,36 @@ def batches(todo: list[Row], batch_size: int) -> list[list[int]]:
     return list(groups.values())
 
 
+class ReadAhead:
+    """Reads ``refs`` ahead of the loader, at most ``depth`` at a time in a thread pool: while the
+    backbone runs on one batch, the reads of the next ones are in flight (remote sources, whose reads
+    wait on the network). :meth:`get` returns what ``read`` returns or raises what it raises; reads
+    are started in order from the last position asked for, and at most ``depth`` are started and not
+    yet collected (so at most ``depth`` samples are held)."""
+
+    def __init__(self, read, refs: list[SampleRef], depth: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.read, self.refs, self.depth = read, refs, depth
+        self.pool = ThreadPoolExecutor(depth, thread_name_prefix="featcache-read")
+        self.futures: dict[int, Any] = {}
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def get(self, i: int):
+        with self.lock:
+            future = self.futures.pop(i, None)
+            if future is None:
+                self.next = max(self.next, i + 1)
+            while self.next < len(self.refs) and len(self.futures) < self.depth:
+                self.futures[self.next] = self.pool.submit(self.read, self.refs[self.next])
+                self.next += 1
+        return self.read(self.refs[i]) if future is None else future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class DecodeDataset(torch.utils.data.Dataset):
     """Reads and preprocesses one sample: (index, hash, uint8 crops (1 + views, 3, H, W), error).
 
@@ -102,11 +134,22 @@ class DecodeDataset(torch.utils.data.Dataset):
         #: Hand JPEGs over undecoded (:class:`Encoded`) for :func:`decode_on_device`.
         self.encoded_jpegs = encoded_jpegs
         self._pool = None
+        self._ahead: ReadAhead | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitems__(self, indices: list[int]) -> list:
+        if self.src.remote_reads and self._ahead is None:
+            if torch.utils.data.get_worker_info() is None:  # the main process reads every row: ahead of all
+                self._ahead = ReadAhead(self.src.read, [r.ref for r in self.rows], READ_AHEAD)
+            else:  # a worker process, which knows only this batch of its rows: they are read at once
+                ahead = self._ahead = ReadAhead(self.src.read, [self.rows[i].ref for i in indices], READ_AHEAD)
+                try:
+                    return [self._load(i, lambda k=k: ahead.get(k)) for k, i in enumerate(indices)]
+                finally:
+                    ahead.close()
+                    self._ahead = None
         if self.threads <= 1 or len(indices) <= 1:
             return [self[i] for i in indices]
         if self._pool is None:
@@ -119,14 +162,21 @@ class DecodeDataset(torch.utils.data.Dataset):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def __getstate__(self) -> dict:  # worker processes decode one sample at a time
-        return {**self.__dict__, "_pool": None, "threads": 1}
+        return {**self.__dict__, "_pool": None, "_ahead": None, "threads": 1}
 
     def __getitem__(self, i: int):
+        return self._load(i, lambda: self._ahead.get(i) if self._ahead is not None else self.src.read(self.rows[i].ref))
+
+    def _load(self, i: int, read):
+        """Item ``i``, its sample read by calling ``read``."""
         row = self.rows[i]
         try:
-            data, h = self.src.read(row.ref)
+            data, h = read()
         except SampleFault as e:
             return i, None, None, str(e)
         except OSError as e:

@@ -33,7 +33,7 @@ class FileSource(Source):
 
     @property
     def remote_reads(self) -> bool:
-        return isinstance(self.root, str) and remote.is_remote(self.root)
+        return getattr(self, "urls", False) or remote.is_remote(str(getattr(self, "root", "")))
 
 
 def remote_images(root: str) -> list[tuple[list[str], str]]:

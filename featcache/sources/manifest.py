@@ -65,6 +65,8 @@ class CsvSource(FileSource):
                 self._repeated(path, r, n, split, first[p])
             first.setdefault(p, (n, split, r["label"]))
             by_split.setdefault(split, []).append(SampleRef(r["path"], index[r["label"]], p))
+        #: Some paths are URLs: reads go over the network (read ahead of the forward pass).
+        self.urls = any("://" in r["path"] for r in rows)
         # Missing files stay in the plan: extraction records them as failed with their path.
         self.splits = {s: by_split[s] for s in SPLIT_NAMES if s in by_split}
 
