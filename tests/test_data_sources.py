@@ -543,3 +543,42 @@ def test_remote_reads_run_ahead_of_the_forward_pass_a_bounded_number_at_a_time(f
     # Read one at a time, no GET would ever have company (the gate gives up after 5 s each time).
     assert 3 <= srv.most <= READ_AHEAD
     _same(_content(res), ref)
+
+
+def test_predict_classifies_the_samples_of_a_source_spec(folder, tmp_path, tiny):
+    from featcache.runs.fit import fit_head
+    from featcache.runs.inference import predict
+
+    shards = write_wds(folder, tmp_path / "s")
+    res = extract(f"wds:{shards}", **tiny)
+    run = fit_head(res.cache, head="ncm", runs_dir=str(tmp_path / "runs")).run
+    got = predict(run, [f"wds:{shards}", f"parquet:{write_parquet(folder, tmp_path / 'p')}"], device=tiny["device"])
+    assert len(got) == 40 and all(p["label"] in ("cat", "dog") for p in got)
+    assert got[0]["path"] == "train/shard-000/000000_cat_000" and got[20]["path"] == "train/part-0/0"
+    assert [p["label"] for p in got[:20]] == [p["label"] for p in got[20:]]  # the same images, the same answers
+    out = CliRunner().invoke(main, ["predict", str(run), f"hf:{write_hf(folder, tmp_path / 'h')}", "--json",
+                                    "--device", tiny["device"]])
+    assert out.exit_code == 0, out.output
+    assert [p["label"] for p in __import__("json").loads(out.output)["predictions"]] == [p["label"] for p in got[:20]]
+
+
+def test_bench_runs_its_grid_on_a_shard_source(folder, tmp_path):
+    from featcache.runs.bench import BenchConfig, run_bench
+
+    shards = write_wds(folder, tmp_path / "s")
+    grid = BenchConfig(backbones=("resnet18.none",), sources=(f"wds:{shards}",), layers=("pre_logits",),
+                       heads=("ncm",), shots=(0,), seeds=1,
+                       extract={"input_size": 32, "num_workers": 0, "dtype": "float32",
+                                "cache_dir": str(tmp_path / "cache")})
+    (record,) = run_bench(grid, tmp_path / "out")
+    assert record["source"] == f"wds:{shards}" and 0 <= record["metrics"]["val"]["top1"] <= 1
+
+
+def test_probe_layers_reads_a_parquet_source(folder, tmp_path):
+    from featcache.extraction.plan import ExtractConfig
+    from featcache.runs.probe import probe_layers
+
+    res = probe_layers("resnet18.none", f"parquet:{write_parquet(folder, tmp_path / 'p')}", out_dir=tmp_path / "l",
+                       head="ncm", extract_config=ExtractConfig(cache_dir=str(tmp_path / "c"), input_size=32,
+                                                                num_workers=0, dtype="float32"))
+    assert [r["name"] for r in res.layers] == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
