@@ -42,14 +42,14 @@ def _same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("kind", ["wds", "parquet", "hf", "http"])
 def test_each_kind_gives_the_features_labels_and_class_names_of_the_folder(kind, folder, tmp_path, tiny, monkeypatch):
-    # A batch never spans two tar shards (a share of whole shards computes a whole run's batches): with
-    # shards of 5 and batches of 5 the batches are the folder's, and so are the features, bit for bit.
+    # A batch never spans two tar shards or row groups (a share of whole units computes a whole run's batches):
+    # with units of 5 and batches of 5 the batches are the folder's, and so are the features, bit for bit.
     tiny = {**tiny, "batch_size": 5}
     ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
     if kind == "wds":
         spec = f"wds:{write_wds(folder, tmp_path / 'shards')}"
     elif kind == "parquet":
-        spec = f"parquet:{write_parquet(folder, tmp_path / 'pq')}"
+        spec = f"parquet:{write_parquet(folder, tmp_path / 'pq', row_group_size=5)}"
     elif kind == "hf":
         spec = f"hf:{write_hf(folder, tmp_path / 'saved')}"
     if kind != "http":
@@ -392,8 +392,8 @@ def test_a_shard_run_lists_and_reads_only_its_own_tar_shards_and_assembles_the_u
     shards = write_wds(folder, tmp_path / "s", shards=4)  # 10 samples per split: shards of 3, 3, 3 and 1
     ref = extract(f"wds:{shards}", **{**tiny, "cache_dir": str(tmp_path / "ref")})
     listed, real = [], WdsSource._index
-    monkeypatch.setattr(WdsSource, "_index",
-                        lambda self, url, *a: listed.append(Path(url).relative_to(shards).as_posix()) or real(self, url, *a))
+    monkeypatch.setattr(WdsSource, "_index", lambda self, url, *a: listed.append(Path(url).relative_to(shards)
+                                                                             .as_posix()) or real(self, url, *a))
     reads = _counting_reads(monkeypatch, WdsSource)
     for i, own in enumerate([(0, 1), (2, 3)]):
         listed.clear(), reads.clear()
@@ -412,6 +412,28 @@ def test_a_shard_run_lists_and_reads_only_its_own_tar_shards_and_assembles_the_u
     again = extract(f"wds:{shards}", **tiny, shard=(1, 2))
     assert again.cache_hit and listed == ["train/shard-002.tar", "train/shard-003.tar", "val/shard-002.tar",
                                           "val/shard-003.tar"]
+
+
+def test_a_shard_run_of_parquet_reads_only_its_own_row_groups_and_assembles_the_unsharded_cache(folder, tmp_path,
+                                                                                                tiny, monkeypatch):
+    import pyarrow.parquet as pq
+
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    spec = f"parquet:{write_parquet(folder, tmp_path / 'p', row_group_size=3)}#classes={tmp_path}/names.txt"
+    ref = extract(spec, **{**tiny, "cache_dir": str(tmp_path / "ref")})  # 10 rows per split: groups of 3, 3, 3, 1
+    touched, real = [], pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, g, *a, **k: touched.append(g) or real(self, g, *a, **k))
+    for i, own in enumerate([{0, 1}, {2, 3}]):
+        touched.clear()
+        res = extract(spec, **tiny, shard=(i, 2))
+        assert set(touched) == own  # labels and images of its own row groups, no other
+    assert ParquetSource.share_unit == "row group"
+    with open_cache(res.merged) as got, open_cache(ref.cache) as want:
+        for split in want.splits:
+            assert list(got.ids(split)) == list(want.ids(split)) and got.classes == want.classes
+            assert np.array_equal(got.batch_n(split), want.batch_n(split))
+            assert np.array_equal(got.features(split)[()], want.features(split)[()])
 
 
 def test_http_identity_a_rerun_asks_for_headers_only_and_a_changed_shard_is_fetched_again(folder, tmp_path, tiny,

@@ -11,6 +11,13 @@ label is ``cls`` or the ``a.b.cls`` beside it. Options ride in the spec after ``
 ``classes=FILE`` (class names one per line; default ``classes.txt`` beside the shards, else the
 integers).
 
+A tar shard is a unit (:attr:`share_unit`): a sharded run (``--shard I/N``, torchrun) takes whole
+shards and lists and reads only its own (every label is read where no ``classes.txt`` names the
+classes), and a batch starts anew at each shard, so the share computes exactly the batches of an
+unsharded run. (Features therefore equal a folder's bit for bit where shard sizes are multiples of
+the batch size; elsewhere the last batch of a shard is smaller and its features may differ from a
+folder's in the last bits.) Samples are listed when first asked for, not when the source is opened.
+
 Why not webdataset's own pipeline: it streams samples in one pass, while featcache plans every
 sample up front so a rerun computes exactly the missing batches, bit-identical to an uninterrupted
 run. So each shard is indexed from its tar headers (member offsets and sizes, a 512-byte read per
@@ -32,8 +39,8 @@ from pathlib import Path
 
 from ..errors import SourceError
 from . import remote
-from .base import SOURCES, SPLIT_NAMES, SampleFault, SampleRef, Source, content_hash, split_options, stamp
-from .checks import warn_about_listing
+from .base import SOURCES, SPLIT_NAMES, SampleFault, SampleRef, content_hash, split_options, stamp
+from .units import UnitSource
 
 #: The image member of a sample: the first of these present (``#image=EXT`` to change).
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -50,7 +57,7 @@ def _expand(pattern: str) -> list[str]:
     return list(braceexpand(pattern))
 
 
-class WdsSource(Source):
+class WdsSource(UnitSource):
     """webdataset tar shards: ``SHARD/KEY`` samples, the image and ``cls`` members of each key."""
 
     kind = "wds"
@@ -83,64 +90,28 @@ class WdsSource(Source):
         self.shards: list[tuple[str, int]] = []
         #: (shard, offset, size) of each listed sample's image member, flat: a sample's key is its position.
         self._where = array("q")
-        self._splits: dict[str, list[SampleRef]] | None = None
-        self._starts: dict[str, list[int]] = {}
-        self._restricted = False
-        if self.classes_given is None:  # the class names are the integers up to the largest label: read them all
-            self._list(warn=False)
-
-    # Samples are listed when first asked for: a sharded run restricts the source to its own shards first.
-    @property
-    def splits(self) -> dict[str, list[SampleRef]]:
-        if self._splits is None:
-            self._list()
-        return self._splits
-
-    @splits.setter
-    def splits(self, value: dict[str, list[SampleRef]]) -> None:
-        self._splits = value
-        self._starts = {}  # carved anew (val_fraction): no longer whole shards
-
-    @property
-    def listed(self) -> bool:
-        return self._splits is not None
+        self._start_units(list_now=self.classes_given is None)  # no class names: the integers up to the top label
 
     def units(self) -> dict[str, list[str]] | None:
         if self.split_policy:  # a val split carved out of train is made of no shards
             return None
         return {split: [_identity(u, self.remote) for u in urls] for split, urls in self.layout.items()}
 
-    def restrict(self, keep: dict[str, list[int]]) -> None:
-        self._restricted = True
-        if self._splits is None:
-            self.layout = {s: [urls[j] for j in keep.get(s, [])] for s, urls in self.layout.items()}
-            return
-        for split, refs in list(self._splits.items()):  # listed already (no class names given): keep whole shards
-            starts = self._starts[split] + [len(refs)]
-            kept, new_starts = [], []
-            for j in keep.get(split, []):
-                new_starts.append(len(kept))
-                kept.extend(refs[starts[j]:starts[j + 1]])
-            self._splits[split], self._starts[split] = kept, new_starts
+    def _keep(self, keep: dict[str, list[int]]) -> None:
         self.layout = {s: [urls[j] for j in keep.get(s, [])] for s, urls in self.layout.items()}
 
-    def unit_starts(self, split: str) -> list[int]:
-        if self._splits is None:
-            self._list()
-        return self._starts.get(split, [0])
-
-    def _list(self, warn: bool = True) -> None:
+    def _list_units(self) -> tuple[dict[str, list[SampleRef]], dict[str, list[int]]]:
         fetched = self._localise([u for urls in self.layout.values() for u in urls])
         labels: list[int] = []
         splits: dict[str, list[SampleRef]] = {}
+        starts: dict[str, list[int]] = {}
         for split, urls in self.layout.items():
             refs: list[SampleRef] = []
-            self._starts[split] = []
+            starts[split] = []
             for url in urls:
-                self._starts[split].append(len(refs))
+                starts[split].append(len(refs))
                 refs.extend(self._index(url, *fetched[url], labels))
             splits[split] = refs
-        self._splits = splits
         top = max(labels, default=-1)
         if self.classes_given is not None:
             if top >= len(self.classes_given):
@@ -148,8 +119,7 @@ class WdsSource(Source):
                                   f"Fix classes.txt (one name per line, line index = cls).")
         else:
             self.classes = [str(i) for i in range(top + 1)]
-        if warn and not self._restricted:  # open_source warned of nothing: the samples were not listed then
-            warn_about_listing(self)
+        return splits, starts
 
     @classmethod
     def exists(cls, path: str) -> bool:
