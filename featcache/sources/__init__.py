@@ -4,7 +4,7 @@ A source lists its samples per split, in a fixed (sorted) order, and loads one s
 Each kind is a module of this package that registers its class in :data:`SOURCES` (``folder``,
 ``csv``, ``npz``, ``digits``, ``wds``, ``parquet``, ``hf``); what a kind can do is a class attribute of the kind
 (:class:`~featcache.sources.base.Source`: ``access``, ``pre_decoded``, ``splits_from``,
-``builtin``, ``suffixes``). :func:`open_source` picks the kind from a spec string through the
+``builtin``, ``suffixes``, ``share_unit``, ``remote_reads``). :func:`open_source` picks the kind from a spec string through the
 registry. Adding a kind: one module and one line below.
 """
 
@@ -77,9 +77,10 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
         opened = True
         cls, path = source_kind(spec)
         src = cls() if path is None else cls(path)
+    listed = src.listed  # a kind that lists its samples when first asked for warns then (units.UnitSource)
     if val_fraction is not None:
         _split_val(src, val_fraction, split_seed)
-    if opened and src.listed:  # a kind that lists its samples later warns then (WdsSource)
+    if opened and listed:
         warn_about_listing(src)
     return src
 
