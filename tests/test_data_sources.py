@@ -604,3 +604,37 @@ def test_probe_layers_reads_a_parquet_source(folder, tmp_path):
                        head="ncm", extract_config=ExtractConfig(cache_dir=str(tmp_path / "c"), input_size=32,
                                                                 num_workers=0, dtype="float32"))
     assert [r["name"] for r in res.layers] == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+
+
+def test_what_is_held_per_sample_stays_small(tmp_path):
+    """Memory flat in the number of samples (issue 22): the listing of a shard, the plan and the index
+    of computed features hold a few hundred bytes per sample (ids included): 183, 166 and 232 bytes where
+    they held 259, 224 and 690."""
+    import tracemalloc
+
+    from featcache.extraction.loading import plan_rows
+    from featcache.extraction.reuse import Donors, stat_key
+
+    n = 4000
+    with tarfile.open(tmp_path / "s-000.tar", "w") as tf:
+        for i in range(n):
+            add_member(tf, f"{i:07d}.png", b"x" * 300)
+            add_member(tf, f"{i:07d}.cls", str(i % 2).encode())
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    hashes = [f"{i:032x}" for i in range(n)]
+    tracemalloc.start()
+    try:
+        src = WdsSource(str(tmp_path))
+        assert len(src.splits["train"]) == n
+        listed = tracemalloc.get_traced_memory()[0]
+        plan = plan_rows(src)
+        planned = tracemalloc.get_traced_memory()[0]
+        donors = Donors(1, 8)
+        for r, h in zip(plan["train"], hashes):
+            donors.hash_by_stat[stat_key(r.ref.id, r.stat)] = h
+        donors._index(0, hashes, 0, False, np.full(n, 8))
+        indexed = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert listed / n < 200 and (planned - listed) / n < 190 and (indexed - planned) / n < 300
+    assert donors.lookup(hashes[5], False, 8) == (0, 5, 8)

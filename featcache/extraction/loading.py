@@ -28,20 +28,29 @@ VIEW_SPLIT = "train"
 READ_AHEAD = 8
 
 
-@dataclass(slots=True)
 class Row:
     """One planned sample: its split, position in the split, reference, (size, mtime) and content hash
     (``checked``: hashed from the content now, not taken from an earlier run by its size and mtime),
     and ``start``, the position where its unit of the source begins (a tar shard, a row group:
-    :meth:`Source.unit_starts`; 0 for a source without units), where batches start anew."""
+    :meth:`Source.unit_starts`; 0 for a source without units), where batches start anew.
 
-    split: str
-    index: int
-    ref: SampleRef
-    stat: tuple[int, int]
-    hash: str | None = None
-    checked: bool = False
-    start: int = 0
+    Slotted, with size and mtime held apart (``stat`` makes the pair when asked): a plan holds one
+    per sample, and a tuple each cost 56 bytes more."""
+
+    __slots__ = ("split", "index", "ref", "size", "mtime", "hash", "checked", "start")
+
+    def __init__(self, split: str, index: int, ref: SampleRef, stat: tuple[int, int], hash: str | None = None,
+                 checked: bool = False, start: int = 0) -> None:
+        self.split, self.index, self.ref = split, index, ref
+        self.size, self.mtime = stat
+        self.hash, self.checked, self.start = hash, checked, start
+
+    @property
+    def stat(self) -> tuple[int, int]:
+        return (self.size, self.mtime)
+
+    def __repr__(self) -> str:
+        return f"Row({self.split!r}, {self.index}, {self.ref!r}, {self.stat}, hash={self.hash!r})"
 
 
 def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
