@@ -153,12 +153,11 @@ class DecodeDataset(torch.utils.data.Dataset):
             if torch.utils.data.get_worker_info() is None:  # the main process reads every row: ahead of all
                 self._ahead = ReadAhead(self.src.read, [r.ref for r in self.rows], READ_AHEAD)
             else:  # a worker process, which knows only this batch of its rows: they are read at once
-                ahead = self._ahead = ReadAhead(self.src.read, [self.rows[i].ref for i in indices], READ_AHEAD)
+                ahead = ReadAhead(self.src.read, [self.rows[i].ref for i in indices], READ_AHEAD)
                 try:
                     return [self._load(i, lambda k=k: ahead.get(k)) for k, i in enumerate(indices)]
                 finally:
                     ahead.close()
-                    self._ahead = None
         if self.threads <= 1 or len(indices) <= 1:
             return [self[i] for i in indices]
         if self._pool is None:
