@@ -23,13 +23,17 @@ def folder_samples(folder: Path) -> tuple[list[str], dict[str, list[tuple[str, b
     return src.classes, out
 
 
-def write_wds(folder: Path, out: Path, *, shards: int = 2, classes_txt: bool = True) -> Path:
-    """``out/SPLIT/shard-K.tar`` with ``KEY.jpg|png`` and ``KEY.cls`` members, and ``out/classes.txt``."""
+def write_wds(folder: Path, out: Path, *, shards: int = 2, classes_txt: bool = True, multiple: int = 1) -> Path:
+    """``out/SPLIT/shard-K.tar`` with ``KEY.jpg|png`` and ``KEY.cls`` members, and ``out/classes.txt``:
+    ``shards`` shards per split, of a number of samples rounded up to a ``multiple`` (fewer shards
+    where that leaves nothing for the last: a batch starts anew at each shard, so shards of a
+    multiple of the batch size batch as the folder does)."""
     classes, splits = folder_samples(folder)
     for split, samples in splits.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         per = -(-len(samples) // shards)
-        for k in range(shards):
+        per = -(-per // multiple) * multiple
+        for k in range(-(-len(samples) // per) if samples else shards):
             with tarfile.open(out / split / f"shard-{k:03d}.tar", "w") as tf:
                 for j, (name, data, label) in enumerate(samples[k * per:(k + 1) * per]):
                     stem, ext = name.rsplit(".", 1)
@@ -79,11 +83,16 @@ def write_hf(folder: Path, out: Path) -> Path:
 class FlakyServer:
     """A bounded ``http.server`` on 127.0.0.1 serving ``root`` in a thread. ``faults`` maps a URL
     path to a list of what its next requests get: ``503`` or ``"drop"`` (half the body, then the
-    connection closed); ``"hang"`` sleeps past any timeout. Use as a context manager."""
+    connection closed); ``"hang"`` sleeps past any timeout. ``gate=K`` holds each GET of a file until
+    K are in flight together (or 5 s passed: then no longer), so ``most`` (the most GETs in flight at once)
+    shows whether a client reads concurrently. Use as a context manager."""
 
-    def __init__(self, root: Path, faults: dict[str, list] | None = None) -> None:
+    def __init__(self, root: Path, faults: dict[str, list] | None = None, gate: int = 0) -> None:
         self.root, self.faults = Path(root), {k: list(v) for k, v in (faults or {}).items()}
         self.requests: list[str] = []
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+        self.gate = threading.Barrier(gate, timeout=5) if gate else None
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -94,6 +103,21 @@ class FlakyServer:
                 pass
 
             def do_GET(self):
+                with server.lock:
+                    server.active += 1
+                    server.most = max(server.most, server.active)
+                try:
+                    if server.gate is not None and Path(self.path).suffix:  # files, not folder listings
+                        try:
+                            server.gate.wait()
+                        except threading.BrokenBarrierError:
+                            pass
+                    self._get()
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+            def _get(self):
                 server.requests.append(self.path)
                 todo = server.faults.get(self.path)
                 fault = todo.pop(0) if todo else None

@@ -42,11 +42,14 @@ def _same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("kind", ["wds", "parquet", "hf", "http"])
 def test_each_kind_gives_the_features_labels_and_class_names_of_the_folder(kind, folder, tmp_path, tiny, monkeypatch):
+    # A batch never spans two tar shards or row groups (a share of whole units computes a whole run's batches):
+    # with units of 5 and batches of 5 the batches are the folder's, and so are the features, bit for bit.
+    tiny = {**tiny, "batch_size": 5}
     ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
     if kind == "wds":
         spec = f"wds:{write_wds(folder, tmp_path / 'shards')}"
     elif kind == "parquet":
-        spec = f"parquet:{write_parquet(folder, tmp_path / 'pq')}"
+        spec = f"parquet:{write_parquet(folder, tmp_path / 'pq', row_group_size=5)}"
     elif kind == "hf":
         spec = f"hf:{write_hf(folder, tmp_path / 'saved')}"
     if kind != "http":
@@ -74,6 +77,30 @@ def test_ids_are_shard_key_for_shards_file_row_for_parquet_split_index_for_hf(fo
     assert [r.id for r in h.splits["val"][:2]] == ["val/0", "val/1"] and h.classes == ["cat", "dog"]
     # the same listing on every open: ids are stable across runs
     assert [r.id for r in WdsSource(str(tmp_path / "s")).splits["train"]] == [r.id for r in w.splits["train"]]
+
+
+def test_a_file_name_with_dots_is_one_sample_whose_image_and_label_are_found_by_their_last_extension(folder,
+                                                                                                      tmp_path, tiny):
+    # The benchmark's 'F.pergan.28(f)_q95.jpg' became key '000201_F' with members 'pergan.28(f)_q95.jpg' and
+    # 'pergan.28(f)_q95.cls' (webdataset's key ends at the first dot): it was skipped as "no image member".
+    for p in sorted((folder / "val" / "dog").iterdir())[:2]:
+        p.rename(p.with_name(f"F.pergan.{p.stem}(f){p.suffix}"))
+    tiny = {**tiny, "batch_size": 5}  # the batches of 5-sample shards are the folder's
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    shards = write_wds(folder, tmp_path / "s")
+    src = WdsSource(str(shards))
+    dotted = [r for r in src.splits["val"] if r.id.endswith("_F")]
+    assert len(dotted) == 2 and all(r.label == 1 for r in dotted)
+    res = extract(f"wds:{shards}", **tiny)
+    assert res.failures == []
+    _same(_content(res), ref)
+    with tarfile.open(tmp_path / "two.tar", "w") as tf:  # two images of one key: a recorded reason
+        for name in ("k.left.jpg", "k.right.jpg", "k.cls"):
+            add_member(tf, name, (folder / "train" / "cat" / "cat_000.jpg").read_bytes() if "jpg" in name else b"0")
+    (ref2,) = WdsSource(str(tmp_path / "two.tar")).splits["train"]
+    assert ref2.label == -1 and "several image members (left.jpg, right.jpg)" in ref2.key[1]
+    (one,) = WdsSource(f"{tmp_path / 'two.tar'}#image=left.jpg").splits["train"]
+    assert one.label == 0
 
 
 def test_a_shard_pattern_is_train_and_without_classes_txt_the_classes_are_the_integers(folder, tmp_path):
@@ -360,6 +387,55 @@ def test_a_shard_run_reads_only_the_images_of_its_share(folder, tmp_path, tiny, 
     assert len(reads) == 2 * second.computed and first.computed + second.computed == 20 and second.merged
 
 
+def test_a_shard_run_lists_and_reads_only_its_own_tar_shards_and_assembles_the_unsharded_cache(folder, tmp_path,
+                                                                                                tiny, monkeypatch):
+    shards = write_wds(folder, tmp_path / "s", shards=4)  # 10 samples per split: shards of 3, 3, 3 and 1
+    ref = extract(f"wds:{shards}", **{**tiny, "cache_dir": str(tmp_path / "ref")})
+    listed, real = [], WdsSource._index
+    monkeypatch.setattr(WdsSource, "_index", lambda self, url, *a: listed.append(Path(url).relative_to(shards)
+                                                                             .as_posix()) or real(self, url, *a))
+    reads = _counting_reads(monkeypatch, WdsSource)
+    for i, own in enumerate([(0, 1), (2, 3)]):
+        listed.clear(), reads.clear()
+        res = extract(f"wds:{shards}", **tiny, shard=(i, 2))
+        assert listed == [f"{s}/shard-{k:03d}.tar" for s in ("train", "val") for k in own]  # its shards, no other
+        assert {r.split("/")[0] for r in reads} == {f"shard-{k:03d}" for k in own}
+    assert res.merged and WdsSource.share_unit == "tar shard"
+    with open_cache(res.merged) as got, open_cache(ref.cache) as want:
+        assert got.splits == want.splits and got.classes == want.classes
+        for split in want.splits:
+            assert list(got.ids(split)) == list(want.ids(split))
+            assert np.array_equal(got.labels(split), want.labels(split))
+            assert np.array_equal(got.batch_n(split), want.batch_n(split))  # the batches of the unsharded run
+            assert np.array_equal(got.features(split)[()], want.features(split)[()])  # bit for bit
+    listed.clear()
+    again = extract(f"wds:{shards}", **tiny, shard=(1, 2))
+    assert again.cache_hit and listed == ["train/shard-002.tar", "train/shard-003.tar", "val/shard-002.tar",
+                                          "val/shard-003.tar"]
+
+
+def test_a_shard_run_of_parquet_reads_only_its_own_row_groups_and_assembles_the_unsharded_cache(folder, tmp_path,
+                                                                                                tiny, monkeypatch):
+    import pyarrow.parquet as pq
+
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    spec = f"parquet:{write_parquet(folder, tmp_path / 'p', row_group_size=3)}#classes={tmp_path}/names.txt"
+    ref = extract(spec, **{**tiny, "cache_dir": str(tmp_path / "ref")})  # 10 rows per split: groups of 3, 3, 3, 1
+    touched, real = [], pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, g, *a, **k: touched.append(g) or real(self, g, *a, **k))
+    for i, own in enumerate([{0, 1}, {2, 3}]):
+        touched.clear()
+        res = extract(spec, **tiny, shard=(i, 2))
+        assert set(touched) == own  # labels and images of its own row groups, no other
+    assert ParquetSource.share_unit == "row group"
+    with open_cache(res.merged) as got, open_cache(ref.cache) as want:
+        for split in want.splits:
+            assert list(got.ids(split)) == list(want.ids(split)) and got.classes == want.classes
+            assert np.array_equal(got.batch_n(split), want.batch_n(split))
+            assert np.array_equal(got.features(split)[()], want.features(split)[()])
+
+
 def test_http_identity_a_rerun_asks_for_headers_only_and_a_changed_shard_is_fetched_again(folder, tmp_path, tiny,
                                                                                           monkeypatch):
     import os
@@ -403,7 +479,8 @@ def test_http_a_served_folder_of_split_folders_and_an_unreachable_host(folder, t
     root = _served(folder, tmp_path, monkeypatch, retries=1)
     with FlakyServer(root) as srv:
         src = open_source(f"wds:{srv.url}/")  # the server's folder listings, as fsspec reads them
-    assert {k: len(v) for k, v in src.splits.items()} == {"train": 10, "val": 10} and src.classes == ["cat", "dog"]
+        counts = {k: len(v) for k, v in src.splits.items()}  # listed when first asked for
+    assert counts == {"train": 10, "val": 10} and src.classes == ["cat", "dog"]
     with pytest.raises(SourceError, match=r"Cannot list the shards of 'wds:http://127.0.0.1:1/x/\*.tar': "
                                           r".* could not be fetched after 2 tries: .*Check the URL."):
         open_source("wds:http://127.0.0.1:1/x/*.tar")
@@ -424,3 +501,140 @@ def test_hf_a_name_that_is_not_a_folder_goes_to_the_hub_with_its_config(folder, 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SourceError, match=r"Cannot open Hugging Face data set 'someone/bees': Couldn't reach"):
         open_source("hf:someone/bees")
+
+
+def _memory_copy(folder: Path, url: str) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in sorted(folder.rglob("*.*")):
+        fs.pipe(f"{url.split('://', 1)[1]}/{p.relative_to(folder).as_posix()}", p.read_bytes())
+
+
+def test_a_folder_and_a_csv_manifest_on_remote_storage_read_through_fsspec(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    _memory_copy(folder, "memory://bucket/imgs")
+    src = open_source("memory://bucket/imgs/")  # a folder URL ends with '/', as s3://bucket/prefix/ would
+    local = open_source(str(folder))
+    assert src.remote_reads and not local.remote_reads
+    assert {s: [(r.id, r.label) for r in refs] for s, refs in src.splits.items()} == \
+        {s: [(r.id, r.label) for r in refs] for s, refs in local.splits.items()}
+    _same(_content(extract("memory://bucket/imgs/", **tiny)), ref)
+    # a manifest at a URL, its paths relative to it
+    rows = [f"{r.id},{local.classes[r.label]},{split}" for split, refs in local.splits.items() for r in refs]
+    _memory_copy(folder, "memory://bucket/m")
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/bucket/m/list.csv", ("path,label,split\n" + "\n".join(rows) + "\n").encode())
+    manifest = open_source("memory://bucket/m/list.csv")
+    assert manifest.splits["train"][0].key == f"memory://bucket/m/{local.splits['train'][0].id}"
+    _same(_content(extract("memory://bucket/m/list.csv", **{**tiny, "cache_dir": str(tmp_path / "m")})), ref)
+    check_source_spec("memory://bucket/imgs/")  # bench checks specs before extracting: a URL is checked when opened
+    with pytest.raises(SourceError, match=r"Image folder 'memory://bucket/none/' has no class sub-folders"):
+        open_source("memory://bucket/none/")
+
+
+def test_a_folder_served_over_http_reads_as_the_local_folder(folder, tmp_path, tiny, monkeypatch):
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    with FlakyServer(folder) as srv:
+        got = _content(extract(f"{srv.url}/", **tiny))
+    _same(got, ref)
+
+
+def test_sources_base_does_not_import_remote():
+    import ast
+
+    import featcache.sources.base as base
+
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "remote" not in imported and not any(m and m.endswith("remote") for m in imported)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_remote_reads_run_ahead_of_the_forward_pass_a_bounded_number_at_a_time(folder, tmp_path, tiny, monkeypatch,
+                                                                               workers):
+    from featcache.extraction.loading import READ_AHEAD
+
+    fetch_env(monkeypatch, tmp_path)
+    ref = _content(extract(str(folder), **{**tiny, "cache_dir": str(tmp_path / "ref")}))
+    with FlakyServer(folder, gate=3) as srv:  # each GET waits until 3 are in flight together
+        res = extract(f"{srv.url}/", **{**tiny, "num_workers": workers, "threads": 1})
+    # Read one at a time, no GET would ever have company (the gate gives up after 5 s each time).
+    assert 3 <= srv.most <= READ_AHEAD
+    _same(_content(res), ref)
+
+
+def test_predict_classifies_the_samples_of_a_source_spec(folder, tmp_path, tiny):
+    from featcache.runs.fit import fit_head
+    from featcache.runs.inference import predict
+
+    shards = write_wds(folder, tmp_path / "s")
+    res = extract(f"wds:{shards}", **tiny)
+    run = fit_head(res.cache, head="ncm", runs_dir=str(tmp_path / "runs")).run
+    got = predict(run, [f"wds:{shards}", f"parquet:{write_parquet(folder, tmp_path / 'p')}"], device=tiny["device"])
+    assert len(got) == 40 and all(p["label"] in ("cat", "dog") for p in got)
+    assert got[0]["path"] == "train/shard-000/000000_cat_000" and got[20]["path"] == "train/part-0/0"
+    assert [p["label"] for p in got[:20]] == [p["label"] for p in got[20:]]  # the same images, the same answers
+    out = CliRunner().invoke(main, ["predict", str(run), f"hf:{write_hf(folder, tmp_path / 'h')}", "--json",
+                                    "--device", tiny["device"]])
+    assert out.exit_code == 0, out.output
+    assert [p["label"] for p in __import__("json").loads(out.output)["predictions"]] == [p["label"] for p in got[:20]]
+
+
+def test_bench_runs_its_grid_on_a_shard_source(folder, tmp_path):
+    from featcache.runs.bench import BenchConfig, run_bench
+
+    shards = write_wds(folder, tmp_path / "s")
+    grid = BenchConfig(backbones=("resnet18.none",), sources=(f"wds:{shards}",), layers=("pre_logits",),
+                       heads=("ncm",), shots=(0,), seeds=1,
+                       extract={"input_size": 32, "num_workers": 0, "dtype": "float32",
+                                "cache_dir": str(tmp_path / "cache")})
+    (record,) = run_bench(grid, tmp_path / "out")
+    assert record["source"] == f"wds:{shards}" and 0 <= record["metrics"]["val"]["top1"] <= 1
+
+
+def test_probe_layers_reads_a_parquet_source(folder, tmp_path):
+    from featcache.extraction.plan import ExtractConfig
+    from featcache.runs.probe import probe_layers
+
+    res = probe_layers("resnet18.none", f"parquet:{write_parquet(folder, tmp_path / 'p')}", out_dir=tmp_path / "l",
+                       head="ncm", extract_config=ExtractConfig(cache_dir=str(tmp_path / "c"), input_size=32,
+                                                                num_workers=0, dtype="float32"))
+    assert [r["name"] for r in res.layers] == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+
+
+def test_what_is_held_per_sample_stays_small(tmp_path):
+    """Memory flat in the number of samples (issue 22): the listing of a shard, the plan and the index
+    of computed features hold a few hundred bytes per sample (ids included): 183, 166 and 232 bytes where
+    they held 259, 224 and 690."""
+    import tracemalloc
+
+    from featcache.extraction.loading import plan_rows
+    from featcache.extraction.reuse import Donors, stat_key
+
+    n = 4000
+    with tarfile.open(tmp_path / "s-000.tar", "w") as tf:
+        for i in range(n):
+            add_member(tf, f"{i:07d}.png", b"x" * 300)
+            add_member(tf, f"{i:07d}.cls", str(i % 2).encode())
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    hashes = [f"{i:032x}" for i in range(n)]
+    tracemalloc.start()
+    try:
+        src = WdsSource(str(tmp_path))
+        assert len(src.splits["train"]) == n
+        listed = tracemalloc.get_traced_memory()[0]
+        plan = plan_rows(src)
+        planned = tracemalloc.get_traced_memory()[0]
+        donors = Donors(1, 8)
+        for r, h in zip(plan["train"], hashes):
+            donors.hash_by_stat[stat_key(r.ref.id, r.stat)] = h
+        donors._index(0, hashes, 0, False, np.full(n, 8))
+        indexed = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert listed / n < 200 and (planned - listed) / n < 190 and (indexed - planned) / n < 300
+    assert donors.lookup(hashes[5], False, 8) == (0, 5, 8)

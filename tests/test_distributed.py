@@ -129,3 +129,23 @@ def test_torchrun_two_gloo_ranks_equal_single(folder, single, tmp_path):
     assert res["world_size"] == 2 and len(res["ranks"]) == 2
     assert sum(r["computed"] for r in res["ranks"]) == 36
     _same(res["cache"], single)
+
+
+def test_torchrun_ranks_of_a_shard_source_take_whole_tar_shards_and_equal_single(folder, tmp_path):
+    from data_kinds import write_wds
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this Python")
+    spec = f"wds:{write_wds(folder, tmp_path / 'shards', shards=3)}"  # 18 samples per split: shards of 6
+    single_wds = extract(spec, **OPTS, cache_dir=str(tmp_path / "single")).cache
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29519", "-m", "featcache", "extract", spec,
+           "-b", "resnet18.none", "--input-size", "32", "--batch-size", "4", "--workers", "0", "--dtype", "float32",
+           "--device", TEST_DEVICE, "--cache-dir", str(tmp_path / "c"), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    # rank 0 takes shard 0 of each split (6 + 6 samples), rank 1 shards 1 and 2 (12 + 12)
+    assert sorted(r["computed"] for r in res["ranks"]) == [12, 24]
+    _same(res["cache"], single_wds)

@@ -52,7 +52,7 @@ def test_capabilities_are_class_attributes():
     rows = {r["kind"]: r for r in list_sources()}
     assert list(rows) == ["folder", "csv", "npz", "digits", "wds", "parquet", "hf"]
     assert rows["npz"] == {"kind": "npz", "access": "random", "pre_decoded": True, "builtin": False,
-                           "splits_from": "train_*/val_*/test_* keys", "suffixes": [".npz"],
+                           "splits_from": "train_*/val_*/test_* keys", "suffixes": [".npz"], "share_unit": "",
                            "description": SOURCES.entry("npz").description}
 
 

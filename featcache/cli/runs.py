@@ -222,7 +222,8 @@ def evaluate(run_dir, cache, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [{"path", "label", "probability", "top"}]}.')
 @fail_cleanly(interrupted="Stopped (Ctrl-C) before every image was classified; nothing was written.")
 def predict(run_dir, images, top, batch_size, device, weights, output, tta, as_json) -> None:
-    """Classify IMAGES (files or folders) end to end with the backbone and head of RUN_DIR."""
+    """Classify IMAGES (files, folders, or sources: wds:DIR, parquet:PATH, hf:NAME, a URL) end to end with the
+    backbone and head of RUN_DIR."""
     from ..runs.inference import predict as run
 
     if output and Path(output).suffix.lower() not in (".csv", ".json"):  # refused before any image is read

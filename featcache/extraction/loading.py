@@ -9,6 +9,7 @@ the forward pass. Extraction, fine-tuning and the benchmarks share them.
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 from dataclasses import dataclass
@@ -23,19 +24,33 @@ from ..sources import SampleFault, SampleRef, Source
 
 #: The split whose images get augmented views (``views > 0``).
 VIEW_SPLIT = "train"
+#: Reads of a remote source in flight ahead of the forward pass (:class:`ReadAhead`).
+READ_AHEAD = 8
 
 
-@dataclass
 class Row:
     """One planned sample: its split, position in the split, reference, (size, mtime) and content hash
-    (``checked``: hashed from the content now, not taken from an earlier run by its size and mtime)."""
+    (``checked``: hashed from the content now, not taken from an earlier run by its size and mtime),
+    and ``start``, the position where its unit of the source begins (a tar shard, a row group:
+    :meth:`Source.unit_starts`; 0 for a source without units), where batches start anew.
 
-    split: str
-    index: int
-    ref: SampleRef
-    stat: tuple[int, int]
-    hash: str | None = None
-    checked: bool = False
+    Slotted, with size and mtime held apart (``stat`` makes the pair when asked): a plan holds one
+    per sample, and a tuple each cost 56 bytes more."""
+
+    __slots__ = ("split", "index", "ref", "size", "mtime", "hash", "checked", "start")
+
+    def __init__(self, split: str, index: int, ref: SampleRef, stat: tuple[int, int], hash: str | None = None,
+                 checked: bool = False, start: int = 0) -> None:
+        self.split, self.index, self.ref = split, index, ref
+        self.size, self.mtime = stat
+        self.hash, self.checked, self.start = hash, checked, start
+
+    @property
+    def stat(self) -> tuple[int, int]:
+        return (self.size, self.mtime)
+
+    def __repr__(self) -> str:
+        return f"Row({self.split!r}, {self.index}, {self.ref!r}, {self.stat}, hash={self.hash!r})"
 
 
 def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
@@ -46,14 +61,16 @@ def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
     plan = {}
     for split, refs in src.splits.items():
         a, b = ranges[split] if ranges is not None else (0, len(refs))
+        starts = src.unit_starts(split)
         rows = []
         for i in range(a, b):
             ref = refs[i]
+            start = starts[bisect.bisect_right(starts, i) - 1] if len(starts) > 1 else 0
             try:
                 st = src.stat(ref)
             except OSError:
                 st = (-1, -1)  # missing: recorded as failed when read
-            row = Row(split, i, ref, st, checked=contents)
+            row = Row(split, i, ref, st, checked=contents, start=start)
             if contents and st[0] >= 0:
                 try:
                     row.hash = src.read(ref)[1]
@@ -64,9 +81,11 @@ def plan_rows(src: Source, ranges: dict[str, tuple[int, int]] | None = None, *,
     return plan
 
 
-def block_key(row: Row, batch_size: int) -> tuple[str, int]:
-    """The batch of an uninterrupted run that computes ``row``: blocks of ``batch_size`` rows of its split."""
-    return (row.split, row.index // batch_size)
+def block_key(row: Row, batch_size: int) -> tuple[str, int, int]:
+    """The batch of an uninterrupted run that computes ``row``: blocks of ``batch_size`` rows of its
+    split, started anew at each unit of the source (so a share of whole units, listed alone,
+    computes the batches a whole run does)."""
+    return (row.split, row.start, (row.index - row.start) // batch_size)
 
 
 def batches(todo: list[Row], batch_size: int) -> list[list[int]]:
@@ -76,6 +95,36 @@ def batches(todo: list[Row], batch_size: int) -> list[list[int]]:
     for i, r in enumerate(todo):
         groups.setdefault(block_key(r, batch_size), []).append(i)
     return list(groups.values())
+
+
+class ReadAhead:
+    """Reads ``refs`` ahead of the loader, at most ``depth`` at a time in a thread pool: while the
+    backbone runs on one batch, the reads of the next ones are in flight (remote sources, whose reads
+    wait on the network). :meth:`get` returns what ``read`` returns or raises what it raises; reads
+    are started in order from the last position asked for, and at most ``depth`` are started and not
+    yet collected (so at most ``depth`` samples are held)."""
+
+    def __init__(self, read, refs: list[SampleRef], depth: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.read, self.refs, self.depth = read, refs, depth
+        self.pool = ThreadPoolExecutor(depth, thread_name_prefix="featcache-read")
+        self.futures: dict[int, Any] = {}
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def get(self, i: int):
+        with self.lock:
+            future = self.futures.pop(i, None)
+            if future is None:
+                self.next = max(self.next, i + 1)
+            while self.next < len(self.refs) and len(self.futures) < self.depth:
+                self.futures[self.next] = self.pool.submit(self.read, self.refs[self.next])
+                self.next += 1
+        return self.read(self.refs[i]) if future is None else future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DecodeDataset(torch.utils.data.Dataset):
@@ -94,11 +143,21 @@ class DecodeDataset(torch.utils.data.Dataset):
         #: Hand JPEGs over undecoded (:class:`Encoded`) for :func:`decode_on_device`.
         self.encoded_jpegs = encoded_jpegs
         self._pool = None
+        self._ahead: ReadAhead | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitems__(self, indices: list[int]) -> list:
+        if self.src.remote_reads and self._ahead is None:
+            if torch.utils.data.get_worker_info() is None:  # the main process reads every row: ahead of all
+                self._ahead = ReadAhead(self.src.read, [r.ref for r in self.rows], READ_AHEAD)
+            else:  # a worker process, which knows only this batch of its rows: they are read at once
+                ahead = ReadAhead(self.src.read, [self.rows[i].ref for i in indices], READ_AHEAD)
+                try:
+                    return [self._load(i, lambda k=k: ahead.get(k)) for k, i in enumerate(indices)]
+                finally:
+                    ahead.close()
         if self.threads <= 1 or len(indices) <= 1:
             return [self[i] for i in indices]
         if self._pool is None:
@@ -111,14 +170,21 @@ class DecodeDataset(torch.utils.data.Dataset):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def __getstate__(self) -> dict:  # worker processes decode one sample at a time
-        return {**self.__dict__, "_pool": None, "threads": 1}
+        return {**self.__dict__, "_pool": None, "_ahead": None, "threads": 1}
 
     def __getitem__(self, i: int):
+        return self._load(i, lambda: self._ahead.get(i) if self._ahead is not None else self.src.read(self.rows[i].ref))
+
+    def _load(self, i: int, read):
+        """Item ``i``, its sample read by calling ``read``."""
         row = self.rows[i]
         try:
-            data, h = self.src.read(row.ref)
+            data, h = read()
         except SampleFault as e:
             return i, None, None, str(e)
         except OSError as e:

@@ -87,21 +87,27 @@ def _extract_shard(p: Prepared, progress: ProgressFn | None, t0: float,
     Every shard records the plan's hash, made of the digests of all N shares of the plan (ids,
     labels, sizes and mtimes in order), so shards cut from different versions of the source are
     never assembled together. An independent ``--shard`` job looks at every file to know them;
-    torchrun's ranks each look at their own share and exchange the digests.
+    torchrun's ranks each look at their own share and exchange the digests. A source made of units
+    (tar shards, row groups) is cut by whole units, known by name without listing a sample: each
+    run lists and reads only its own (:func:`~featcache.extraction.shards.take_unit_share`).
     """
-    from .shards import plan_hash, shard_path, shard_range, share_digest
+    from .shards import plan_hash, shard_path, shard_range, share_digest, take_unit_share
 
     config, final, fp = p.config, p.path, p.fingerprint
     i, n = config.shard
-    ranges = [{split: shard_range(len(refs), config.batch_size, j, n) for split, refs in p.source.splits.items()}
-              for j in range(n)]
-    plan = plan_rows(p.source, ranges[i], contents=config.verify)
-    if gather is not None:
-        digests, known = gather(share_digest(plan)), plan
+    digests = take_unit_share(p.source, i, n)
+    if digests is not None:  # whole tar shards / row groups: this share alone is listed and read
+        plan = known = plan_rows(p.source, contents=config.verify)
     else:
-        shares = [plan if j == i else plan_rows(p.source, ranges[j]) for j in range(n)]
-        digests = [share_digest(share) for share in shares]
-        known = {split: [r for share in shares for r in share[split]] for split in plan}
+        ranges = [{split: shard_range(len(refs), config.batch_size, j, n) for split, refs in p.source.splits.items()}
+                  for j in range(n)]
+        plan = plan_rows(p.source, ranges[i], contents=config.verify)
+        if gather is not None:
+            digests, known = gather(share_digest(plan)), plan
+        else:
+            shares = [plan if j == i else plan_rows(p.source, ranges[j]) for j in range(n)]
+            digests = [share_digest(share) for share in shares]
+            known = {split: [r for share in shares for r in share[split]] for split in plan}
     hit = _assembled_hit(final, p, known, t0)
     if hit is not None:  # already assembled from shards of this plan: a cache hit for every shard
         return hit

@@ -26,8 +26,27 @@ from ..store.cache import FeatureCache, cache_file_name, cache_files, open_cache
 
 log = logging.getLogger(__name__)
 
-def stat_key(id_: str, stat) -> tuple[str, int, int]:
-    return (id_, int(stat[0]), int(stat[1]))
+def stat_key(id_: str, stat) -> str:
+    """What finds a sample's hash without reading it: its id, size and mtime, as one string (a tuple
+    of a string and two ints took twice the memory per sample)."""
+    return f"{id_}\x1f{int(stat[0])}\x1f{int(stat[1])}"
+
+
+def _put(index: dict, h: str, n: int, where: tuple[int, int]) -> None:
+    """``index[h]``: ``(n, donor, row)`` while one batch size is known for ``h``, else ``{n: (donor,
+    row)}`` (a dict per sample took 180 bytes more); the first place found for each size is kept."""
+    found = index.get(h)
+    if found is None:
+        index[h] = (n, *where)
+    elif isinstance(found, tuple):
+        if found[0] != n:
+            index[h] = {found[0]: found[1:], n: where}
+    else:
+        found.setdefault(n, where)
+
+
+def _places(found) -> dict[int, tuple[int, int]]:
+    return {found[0]: found[1:]} if isinstance(found, tuple) else found
 
 
 class Donors:
@@ -49,18 +68,19 @@ class Donors:
         self.batch_size = batch_size
         #: Per donor: the --batch-size of the run that computed it (0: not recorded).
         self.batch_sizes: list[int] = []
-        self.by_hash: dict[str, dict[int, tuple[int, int]]] = {}
-        self.by_hash_views: dict[str, dict[int, tuple[int, int]]] = {}
-        self.hash_by_stat: dict[tuple[str, int, int], str] = {}
-        self.failed_by_stat: dict[tuple[str, int, int], str] = {}
+        #: Per content hash, where its features are by batch size (see :func:`_put`).
+        self.by_hash: dict[str, tuple | dict[int, tuple[int, int]]] = {}
+        self.by_hash_views: dict[str, tuple | dict[int, tuple[int, int]]] = {}
+        self.hash_by_stat: dict[str, str] = {}
+        self.failed_by_stat: dict[str, str] = {}
         self.loaders: list[Callable[[], tuple[list[np.ndarray], list[np.ndarray] | None]]] = []
 
     def _index(self, d: int, hashes: list[str], offset: int, has_views: bool, batch_n) -> None:
         for j, h in enumerate(hashes):
             n = int(batch_n[j]) if batch_n is not None else 0
-            self.by_hash.setdefault(h, {}).setdefault(n, (d, j + offset))
+            _put(self.by_hash, h, n, (d, j + offset))
             if has_views:
-                self.by_hash_views.setdefault(h, {}).setdefault(n, (d, j + offset))
+                _put(self.by_hash_views, h, n, (d, j + offset))
 
     def add_partial(self, partial: PartialStore, seen: set[Path]) -> None:
         for path in partial.chunks():
@@ -136,6 +156,7 @@ class Donors:
         found = (self.by_hash_views if with_views else self.by_hash).get(h) if h is not None else None
         if not found:
             return None
+        found = _places(found)
         if batch_n in found:
             return (*found[batch_n], batch_n)
         for n, (d, j) in found.items():

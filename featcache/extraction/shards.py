@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 from ..errors import CacheError, ConfigError
-from ..store.cache import SUFFIX, cache_files, open_cache, read_text_attr
+from ..sources import Source
+from ..store.cache import SUFFIX, FeatureCache, cache_files, open_cache, read_text_attr
 from ..store.merge import concat_caches
 
 _SUFFIX_RE = re.escape(SUFFIX)
@@ -41,6 +42,24 @@ def shard_range(n_rows: int, batch_size: int, i: int, n: int) -> tuple[int, int]
     blocks = -(-n_rows // batch_size)
     a, b = i * blocks // n, (i + 1) * blocks // n
     return min(a * batch_size, n_rows), min(b * batch_size, n_rows)
+
+
+def take_unit_share(src: Source, i: int, n: int) -> list[str] | None:
+    """Restrict ``src`` to share ``i`` of ``n`` of its units (whole tar shards, row groups:
+    :attr:`Source.share_unit`), before any of its samples is listed, and return the digests of all
+    ``n`` shares (what :func:`plan_hash` is made of: the units of each, by name and, where cheap, size
+    and mtime). Each split's units are cut into ``n`` contiguous runs of about equal counts. None,
+    and ``src`` untouched, for a source that is not made of units: its shares are row ranges.
+    """
+    units = src.units() if src.share_unit else None
+    if units is None:
+        return None
+    shares = [{split: list(range(j * len(names) // n, (j + 1) * len(names) // n)) for split, names in units.items()}
+              for j in range(n)]
+    digests = [hashlib.sha256(json.dumps([[split, [units[split][k] for k in keep]] for split, keep in share.items()])
+                              .encode()).hexdigest()[:32] for share in shares]
+    src.restrict(shares[i])
+    return digests
 
 
 def shards_complete(final: Path, n: int) -> bool:
@@ -163,4 +182,5 @@ def merge_dir(cache_dir: str | os.PathLike, *, copy: bool = False) -> list[dict]
 
 
 __all__ = ["merge_dir", "merge_shards", "parse_shard", "shard_path",
-           "shard_range", "shards_complete", "shards_need_merge", "shards_ready", "plan_hash", "share_digest"]
+           "shard_range", "shards_complete", "shards_need_merge", "shards_ready", "plan_hash", "share_digest",
+           "take_unit_share"]

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from ..common.files import write_bytes
 from .outputs import check_output_file, reporting
 from .saved import Run, load_run
 from ..backbones.preprocess import Augment, DecodeError, augmented_views, decode, resize_crop
-from ..sources import content_hash, display_path, image_files
+from ..sources import SOURCES, content_hash, display_path, image_files, open_source
+from ..sources.remote import is_remote
 from ..common.validation import check_int
 from ..backbones.taps import HostCopy, TappedForward
 
@@ -49,18 +51,26 @@ def _backbone_for(run: Run, weights: str | None = None) -> Backbone:
     return bb
 
 
-def expand_paths(paths: list[str | os.PathLike]) -> list[str]:
-    """Files as given; folders expanded to the image files a folder source reads (hidden files and
-    folders skipped, as ``extract`` skips them), recursively and sorted."""
-    out = []
+def expand_paths(paths: list[str | os.PathLike]) -> list[tuple[str, Callable[[], bytes | np.ndarray]]]:
+    """(name, read) of each image: files as given; folders expanded to the image files a folder
+    source reads (hidden files and folders skipped, as ``extract`` skips them), recursively and
+    sorted; a source spec (``wds:DIR``, ``parquet:PATH``, ``hf:NAME``, a URL) to its samples, split
+    by split, named ``SPLIT/ID``."""
+    out: list[tuple[str, Callable]] = []
     for p in paths:
+        kind, _, rest = str(p).partition(":")
+        if (rest and len(kind) > 1 and kind in SOURCES) or is_remote(str(p)):
+            src = open_source(str(p))
+            out.extend((f"{split}/{r.id}", lambda r=r, src=src: src.read(r)[0])
+                       for split, refs in src.splits.items() for r in refs)
+            continue
         p = Path(p)
         if p.is_dir():
-            out.extend(str(f) for f in image_files(p))
+            out.extend((str(f), lambda f=f: f.read_bytes()) for f in image_files(p))
         elif p.exists():
-            out.append(str(p))
+            out.append((str(p), p.read_bytes))
         else:
-            raise SourceError(f"'{p}' does not exist. Pass image files or folders.")
+            raise SourceError(f"'{p}' does not exist. Pass image files, folders or a source (wds:DIR, ...).")
     return out
 
 
@@ -124,10 +134,9 @@ def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: 
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         arrays, views, ok = [], [], []
-        for f in chunk:
+        for f, read in chunk:
             try:
-                with open(f, "rb") as fh:
-                    data = fh.read()
+                data = read()
                 img = decode(data, bb.preprocess)
                 arrays.append(resize_crop(img, bb.preprocess))
                 if aug is not None:
@@ -148,7 +157,7 @@ def predict(run_dir: str | os.PathLike, paths: list[str | os.PathLike], *, top: 
             tops = [{"label": run.classes[i], "probability": float(p[i])} for i in order]
             results.append({"path": display_path(f), "label": tops[0]["label"],
                             "probability": tops[0]["probability"], "top": tops})
-    order = {display_path(f): i for i, f in enumerate(files)}
+    order = {display_path(f): i for i, (f, _) in enumerate(files)}
     results.sort(key=lambda r: order[r["path"]])
     return results
 

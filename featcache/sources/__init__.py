@@ -4,7 +4,7 @@ A source lists its samples per split, in a fixed (sorted) order, and loads one s
 Each kind is a module of this package that registers its class in :data:`SOURCES` (``folder``,
 ``csv``, ``npz``, ``digits``, ``wds``, ``parquet``, ``hf``); what a kind can do is a class attribute of the kind
 (:class:`~featcache.sources.base.Source`: ``access``, ``pre_decoded``, ``splits_from``,
-``builtin``, ``suffixes``). :func:`open_source` picks the kind from a spec string through the
+``builtin``, ``suffixes``, ``share_unit``, ``remote_reads``). :func:`open_source` picks the kind from a spec string through the
 registry. Adding a kind: one module and one line below.
 """
 
@@ -16,9 +16,10 @@ import os
 import numpy as np
 
 from ..errors import ConfigError, SourceError
-from .base import (CONTENT_HASH, IMAGE_EXTENSIONS, RANDOM_ACCESS, SOURCES, SPLIT_NAMES, STREAMING, FileSource,
-                   SampleFault, SampleRef, Source, content_hash, display_path, split_options, stamp,
-                   with_options)
+from .base import (CONTENT_HASH, IMAGE_EXTENSIONS, RANDOM_ACCESS, SOURCES, SPLIT_NAMES, STREAMING, SampleFault,
+                   SampleRef, Source, content_hash, display_path, split_options, stamp, with_options)
+from .checks import warn_about_listing
+from .files import FileSource
 
 # The kinds, in the order ``featcache sources`` lists them and :func:`open_source` detects them.
 from .folder import ImageFolderSource, image_files  # noqa: E402
@@ -76,11 +77,11 @@ def open_source(spec: str | os.PathLike | Source, *, val_fraction: float | None 
         opened = True
         cls, path = source_kind(spec)
         src = cls() if path is None else cls(path)
+    listed = src.listed  # a kind that lists its samples when first asked for warns then (units.UnitSource)
     if val_fraction is not None:
         _split_val(src, val_fraction, split_seed)
-    if opened:
-        _warn_about_classes(src)
-        _warn_about_notes(src)
+    if opened and listed:
+        warn_about_listing(src)
     return src
 
 
@@ -103,34 +104,6 @@ def check_source_spec(spec: str | os.PathLike) -> None:
 def list_sources() -> list[dict]:
     """The source kinds with their capabilities and a description (``featcache sources --json``)."""
     return [{**e.obj.describe_kind(), "description": e.description} for e in SOURCES]
-
-
-def _warn_about_notes(src: Source) -> None:
-    """One warning line for what the listing skipped or found odd (all of it is recorded in the cache)."""
-    if src.notes:
-        shown = "; ".join(f"{n['split']}/{n['id']}: {n['note']}" for n in src.notes[:3])
-        more = f"; and {len(src.notes) - 3} more" if len(src.notes) > 3 else ""
-        logger.warning("Source '%s': %d note(s), recorded in the cache ('featcache info' lists them): %s%s",
-                       src.spec, len(src.notes), shown, more)
-
-
-def _warn_about_classes(src: Source) -> None:
-    """A class without samples, or a split of one class, extracts fine but cannot train or score a
-    head: say so before the forward passes rather than at fit time."""
-    seen: set[int] = set()
-    for split, refs in src.splits.items():
-        labels = {r.label for r in refs if r.label >= 0}  # -1: a sample without a label, recorded as failed
-        seen |= labels
-        if len(labels) == 1 and len(src.classes) > 1:
-            logger.warning("Split '%s' of source '%s' holds only class '%s'; a head needs at least 2 classes to train "
-                           "and scores on one class say little.", split, src.spec, src.classes[next(iter(labels))])
-    empty = [c for i, c in enumerate(src.classes) if i not in seen]
-    if empty:
-        logger.warning("Source '%s' has no samples of class(es) %s. Add images for them or remove their folders.",
-                       src.spec, ", ".join(f"'{c}'" for c in empty))
-    if len(src.classes) == 1:
-        logger.warning("Source '%s' has a single class ('%s'); a head needs at least 2 classes to train.",
-                       src.spec, src.classes[0])
 
 
 def _split_val(src: Source, fraction: float, seed: int) -> None:

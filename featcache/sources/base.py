@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,7 +28,7 @@ RANDOM_ACCESS = "random"
 #: :attr:`Source.access`: samples come in one pass (tar shards, a remote data set).
 STREAMING = "stream"
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SampleRef:
     """One sample of a source.
 
@@ -65,12 +64,42 @@ class Source:
     #: True when :meth:`read` returns decoded uint8 arrays (little decoding work: extraction and
     #: fine-tuning use no worker processes or threads), False for encoded image bytes.
     pre_decoded: ClassVar[bool] = False
+    #: True where :meth:`read` goes over the network (URLs): extraction keeps a bounded number of
+    #: reads in flight ahead of the forward pass (a kind may make it a property of the instance).
+    remote_reads: ClassVar[bool] = False
     #: Where the splits come from, for ``featcache sources`` (``folders``, ``column``, ...).
     splits_from: ClassVar[str] = ""
     #: A built-in data set: the spec is the kind's name alone (``digits``).
     builtin: ClassVar[bool] = False
     #: File suffixes a spec without ``KIND:`` is recognised by (:meth:`detect`).
     suffixes: ClassVar[tuple[str, ...]] = ()
+
+    #: What a sharded run (``--shard I/N``, torchrun) splits the source by: "" for samples (each run
+    #: lists every sample and takes batch-aligned rows of each split), or the units it is made of
+    #: ("tar shard", "row group"): each run takes whole units (:meth:`units`, :meth:`restrict`)
+    #: and lists and reads only its own. A batch never spans two units (:meth:`unit_starts`), so a
+    #: share computes exactly the batches of an unsharded run.
+    share_unit: ClassVar[str] = ""
+
+    @property
+    def listed(self) -> bool:
+        """False while the samples are not listed yet (a kind that lists them when first asked)."""
+        return True
+
+    def units(self) -> dict[str, list[str]] | None:
+        """Per split, what names each unit (its name, and size and mtime where cheap), in order, known
+        without listing a sample; None where the source cannot be split by units (:attr:`share_unit`
+        empty, or a val split carved out of train)."""
+        return None
+
+    def restrict(self, keep: dict[str, list[int]]) -> None:
+        """Keep only units ``keep[split]`` (positions in :meth:`units`) of each split, listing none of
+        the others: the same spec, classes and fingerprint, fewer samples."""
+        raise NotImplementedError(f"{type(self).__name__} is not made of units (share_unit is empty).")
+
+    def unit_starts(self, split: str) -> list[int]:
+        """Positions in ``splits[split]`` where each unit's samples begin (a batch starts there)."""
+        return [0]
 
     def describe(self) -> dict:
         """What identifies the source in a cache fingerprint (not its contents)."""
@@ -101,7 +130,8 @@ class Source:
     def describe_kind(cls) -> dict:
         """The kind's capabilities (``featcache sources --json``)."""
         return {"kind": cls.kind, "access": cls.access, "pre_decoded": cls.pre_decoded,
-                "splits_from": cls.splits_from, "builtin": cls.builtin, "suffixes": list(cls.suffixes)}
+                "splits_from": cls.splits_from, "builtin": cls.builtin, "suffixes": list(cls.suffixes),
+                "share_unit": cls.share_unit}
 
 
 class SampleFault(OSError):
@@ -166,28 +196,3 @@ def content_hash(data: bytes | np.ndarray) -> str:
 def display_path(path: str) -> str:
     """A file name that is always valid UTF-8 (undecodable bytes shown as \\xNN)."""
     return os.fsencode(path).decode("utf-8", errors="backslashreplace")
-
-
-class FileSource(Source):
-    """A source of image files under a root folder."""
-
-    root: Path
-
-    def read(self, ref: SampleRef) -> tuple[bytes, str]:
-        if "://" in ref.key:  # a URL in a manifest, fetched through fsspec
-            from .remote import fetch
-
-            data = fetch(ref.key)
-            return data, content_hash(data)
-        with open(ref.key, "rb") as f:
-            data = f.read()
-        return data, content_hash(data)
-
-    def stat(self, ref: SampleRef) -> tuple[int, int]:
-        if "://" in ref.key:  # (size, a stamp of the etag or mtime), asked of the server
-            from .remote import info
-
-            found = info(ref.key)
-            return (found["size"], found["stamp"])
-        st = os.stat(ref.key)
-        return (st.st_size, st.st_mtime_ns)

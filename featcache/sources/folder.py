@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 from ..errors import SourceError
-from .base import IMAGE_EXTENSIONS, SOURCES, SPLIT_NAMES, FileSource, SampleRef, display_path
+from . import remote
+from .base import IMAGE_EXTENSIONS, SOURCES, SPLIT_NAMES, SampleFault, SampleRef, display_path
+from .files import FileSource, remote_images
 
 
 class _Walk:
@@ -92,9 +94,16 @@ class ImageFolderSource(FileSource):
 
     @classmethod
     def detect(cls, spec: str) -> bool:
-        return os.path.isdir(spec)
+        return os.path.isdir(spec) or (remote.is_remote(spec) and spec.endswith("/"))
+
+    @classmethod
+    def exists(cls, path: str) -> bool:
+        return remote.is_remote(path) or os.path.exists(path)
 
     def __init__(self, root: str | os.PathLike) -> None:
+        if remote.is_remote(str(root)):
+            self._open_remote(str(root))
+            return
         if not Path(root).is_dir():
             raise SourceError(f"Image folder '{root}' does not exist. Pass a folder of class sub-folders.")
         root = Path(root).resolve()
@@ -121,6 +130,29 @@ class ImageFolderSource(FileSource):
                                   for c in names[split] for p in found[split][c] or []]
         if not any(self.splits.values()):
             raise SourceError(f"Image folder '{root}' has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+
+    def _open_remote(self, root: str) -> None:
+        """A folder on remote storage (``s3://bucket/prefix/``), listed through fsspec: the same layout,
+        ids (paths relative to the folder) and order as a local one; keys are URLs."""
+        root = root.rstrip("/") + "/"
+        super().__init__(spec=root)
+        self.root = root
+        try:
+            files = remote_images(root)
+        except SampleFault as e:
+            raise SourceError(f"Cannot list image folder '{root}': {e}. Check the URL.") from None
+        in_splits = [f for f in files if f[0][0] in SPLIT_NAMES and len(f[0]) >= 3]
+        by_split: dict[str, list[tuple[str, str, str]]] = {}
+        for parts, url in in_splits or [f for f in files if len(f[0]) >= 2]:
+            split, rest = (parts[0], parts[1:]) if in_splits else ("train", parts)
+            by_split.setdefault(split, []).append((rest[0], "/".join(parts), url))
+        self.classes = sorted({c for found in by_split.values() for c, _, _ in found})
+        if not self.classes:
+            raise SourceError(f"Image folder '{root}' has no class sub-folders of images "
+                              f"({', '.join(IMAGE_EXTENSIONS)}). Expected ROOT/CLASS/IMAGE or ROOT/train/CLASS/IMAGE.")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.splits = {s: [SampleRef(rel, index[c], url) for c, rel, url in sorted(by_split[s])]
+                       for s in SPLIT_NAMES if s in by_split}
 
 
 SOURCES.register("folder", ImageFolderSource, description="folder of class sub-folders, optionally under train/ val/ test/")

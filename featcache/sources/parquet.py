@@ -6,8 +6,11 @@ Hugging Face's ``{bytes, path}`` struct) or a path (relative to the parquet file
 column integers (class indices; names from ``#classes=FILE`` or the integers) or strings (sorted, they
 are the class names). Columns are found by type and name, or given: ``#image=COL&label=COL``.
 
-Ids are ``FILE/ROW`` (the file name without ``.parquet``, the row in that file). Only the label
-column is read up front; an image is read with its row group (the last few row groups read are kept
+Ids are ``FILE/ROW`` (the file name without ``.parquet``, the row in that file). A row group is a
+unit (:attr:`share_unit`): a sharded run takes whole row groups, and a batch starts anew at each one.
+Only the footers are read when the source is opened, and the label column when its samples are
+first listed (of every row group, unless ``#classes=FILE`` names the classes: then of the row groups
+kept); an image is read with its row group (the last few row groups read are kept
 per process), so memory is flat in the number of rows. A sample's ``(size, mtime)`` is its row
 group's byte size and a stamp of the file's footer, size and mtime: a rewritten file is re-read.
 """
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from ..errors import SourceError
 from . import remote
-from .base import SOURCES, SPLIT_NAMES, SampleFault, SampleRef, Source, content_hash, split_options, stamp
+from .base import SOURCES, SPLIT_NAMES, SampleFault, SampleRef, content_hash, split_options, stamp
+from .units import UnitSource
 
 IMAGE_NAMES = ("image", "img", "jpg", "png", "image_bytes", "path", "image_path", "file", "filename", "url")
 LABEL_NAMES = ("label", "labels", "cls", "class", "target", "y")
@@ -50,10 +54,11 @@ def footer_stamp(path: str) -> int:
     return stamp(footer.hex(), st.st_size, st.st_mtime_ns)
 
 
-class ParquetSource(Source):
+class ParquetSource(UnitSource):
     """Parquet files with an image column and a label column: ``FILE/ROW`` samples."""
 
     kind = "parquet"
+    share_unit = "row group"
     splits_from = "train/ val/ test/ sub-folders of *.parquet (else all train)"
     suffixes = (".parquet",)
 
@@ -73,54 +78,86 @@ class ParquetSource(Source):
             layout = by_split or {"train": sorted(str(p) for p in Path(path).glob("*.parquet"))}
         if not any(layout.values()):
             raise SourceError(f"Parquet folder '{path}' has no *.parquet files (nor train/ val/ test/ folders of them).")
-        #: Per file: (path, stamp, image column, row group starts).
-        self.files: list[tuple[str, int, str, list[int]]] = []
-        found: dict[str, list[tuple[int, object, list]]] = {}
+        #: Per file: (path, stamp, image column, row group starts, label column, row group byte sizes).
+        self.files: list[tuple[str, int, str, list[int], str, list[int]]] = []
+        #: Per split, its units: (file, row group) in order; :meth:`restrict` keeps some before any is read.
+        self.groups: dict[str, list[tuple[int, int]]] = {}
         for split, paths in layout.items():
-            found[split] = []
+            self.groups[split] = []
             for p in paths:
                 k = len(self.files)
                 try:
-                    pf = pa.parquet.ParquetFile(p)
-                    image, label = self._columns(pf.schema_arrow, p)
-                    values = pf.read(columns=[label]).column(0).to_pylist()
+                    meta = pa.parquet.ParquetFile(p).metadata  # the footer only
+                    image, label = self._columns(meta.schema.to_arrow_schema(), p)
                 except (OSError, pa.ArrowException) as e:
                     raise SourceError(f"Parquet file '{p}' cannot be read ({e}).") from None
                 starts, total = [], 0
-                for g in range(pf.metadata.num_row_groups):
+                for g in range(meta.num_row_groups):
                     starts.append(total)
-                    total += pf.metadata.row_group(g).num_rows
-                sizes = [pf.metadata.row_group(g).total_byte_size for g in range(pf.metadata.num_row_groups)]
-                self.files.append((p, footer_stamp(p), image, starts))
-                found[split].append((k, sizes, values))
-        strings = {type(v) for refs in found.values() for _, _, vals in refs for v in vals if v is not None}
-        if strings == {str}:
-            self.classes = sorted({v for refs in found.values() for _, _, vals in refs for v in vals if v is not None})
-        elif strings <= {int, bool}:
-            given = options.get("classes")
-            top = max((int(v) for refs in found.values() for _, _, vals in refs for v in vals if v is not None),
-                      default=-1)
-            self.classes = [ln.strip() for ln in Path(given).read_text(encoding="utf-8").splitlines() if ln.strip()] \
-                if given else [str(i) for i in range(top + 1)]
-            if top >= len(self.classes):
-                raise SourceError(f"Parquet source '{path}' has label {top} but only {len(self.classes)} class names.")
-        else:
-            raise SourceError(f"The label column of '{path}' must hold integers or strings. Got "
-                              f"{', '.join(sorted(t.__name__ for t in strings))}. Name it with #label=COL.")
-        index = {c: i for i, c in enumerate(self.classes)}
-        for split, files in found.items():
-            refs = []
-            for k, sizes, values in files:
-                name, starts = Path(self.files[k][0]).stem, self.files[k][3]
-                g = 0
-                for row, v in enumerate(values):
-                    while g + 1 < len(starts) and row >= starts[g + 1]:
-                        g += 1
-                    label = -1 if v is None else index[v] if isinstance(v, str) else int(v)
-                    refs.append(SampleRef(f"{name}/{row}", label, (k, g, row - starts[g], sizes[g])))
-            self.splits[split] = refs
+                    total += meta.row_group(g).num_rows
+                sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+                self.files.append((p, footer_stamp(p), image, starts, label, sizes))
+                self.groups[split].extend((k, g) for g in range(meta.num_row_groups))
+        given = options.get("classes")
+        self.classes_given = [ln.strip() for ln in Path(given).read_text(encoding="utf-8").splitlines()
+                              if ln.strip()] if given else None
+        self.classes = list(self.classes_given or [])
         self._lock = threading.Lock()
         self._groups: OrderedDict = OrderedDict()
+        self._start_units(list_now=given is None)  # class names from the labels: every label is read
+
+    def units(self) -> dict[str, list[str]] | None:
+        if self.split_policy:  # a val split carved out of train is made of no row groups
+            return None
+        return {split: [f"{Path(self.files[k][0]).name}#{g}\x1f{self.files[k][1]}" for k, g in groups]
+                for split, groups in self.groups.items()}
+
+    def _keep(self, keep: dict[str, list[int]]) -> None:
+        self.groups = {s: [groups[j] for j in keep.get(s, [])] for s, groups in self.groups.items()}
+
+    def _list_units(self) -> tuple[dict[str, list[SampleRef]], dict[str, list[int]]]:
+        pa = _pyarrow()
+        found: dict[str, list[tuple[int, int, list]]] = {}
+        opened: dict[int, object] = {}
+        for split, groups in self.groups.items():
+            found[split] = []
+            for k, g in groups:
+                path, _, _, _, label, _ = self.files[k]
+                try:
+                    pf = opened.get(k) or opened.setdefault(k, pa.parquet.ParquetFile(path))
+                    values = pf.read_row_group(g, columns=[label]).column(0).to_pylist()
+                except (OSError, pa.ArrowException) as e:
+                    raise SourceError(f"Parquet file '{path}' cannot be read ({e}).") from None
+                found[split].append((k, g, values))
+        every = [v for units in found.values() for _, _, vals in units for v in vals if v is not None]
+        kinds = {type(v) for v in every}
+        if not kinds <= {int, bool} and kinds != {str}:
+            raise SourceError(f"The label column of '{self.spec}' must hold integers or strings. Got "
+                              f"{', '.join(sorted(t.__name__ for t in kinds))}. Name it with #label=COL.")
+        if self.classes_given is not None:
+            self.classes = list(self.classes_given)
+        elif kinds == {str}:
+            self.classes = sorted(set(every))
+        else:
+            self.classes = [str(i) for i in range(max(every, default=-1) + 1)]
+        index = {c: i for i, c in enumerate(self.classes)}
+        top = max((v for v in every if not isinstance(v, str)), default=-1)
+        unknown = sorted({v for v in every if isinstance(v, str) and v not in index})
+        if top >= len(self.classes) or unknown:
+            raise SourceError(f"Parquet source '{self.spec}' has label {unknown[0] if unknown else top!r} but only "
+                              f"{len(self.classes)} class names {self.classes[:5]}. Fix the class names file.")
+        splits: dict[str, list[SampleRef]] = {}
+        starts: dict[str, list[int]] = {}
+        for split, units in found.items():
+            refs: list[SampleRef] = []
+            starts[split] = []
+            for k, g, values in units:
+                starts[split].append(len(refs))
+                name, first, size = Path(self.files[k][0]).stem, self.files[k][3][g], self.files[k][5][g]
+                refs.extend(SampleRef(f"{name}/{first + i}", -1 if v is None else index[v] if isinstance(v, str)
+                                      else int(v), (k, g, i, size)) for i, v in enumerate(values))
+            splits[split] = refs
+        return splits, starts
 
     def _columns(self, schema, path: str) -> tuple[str, str]:
         pa = _pyarrow()
@@ -158,7 +195,7 @@ class ParquetSource(Source):
                 self._groups.move_to_end((k, g))
                 return hit
             pa = _pyarrow()
-            path, _, image, _ = self.files[k]
+            path, _, image = self.files[k][:3]
             column = pa.parquet.ParquetFile(path).read_row_group(g, columns=[image]).column(0)
             self._groups[(k, g)] = column
             while len(self._groups) > KEEP:

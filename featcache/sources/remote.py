@@ -80,6 +80,16 @@ def glob(pattern: str) -> list[str]:
     return sorted(u if "://" in u else f"{protocol}://{u}" for u in found)
 
 
+def find(url: str) -> list[tuple[str, str]]:
+    """Every file under the folder URL ``url``, sorted: (its path relative to ``url``, its URL)."""
+    fs, path = filesystem(url)
+    base = path.rstrip("/")
+    found = _retrying(url, lambda: fs.find(base))
+    root = url.rstrip("/")
+    return sorted((p[len(base):].lstrip("/"), f"{root}/{p[len(base):].lstrip('/')}") for p in found
+                  if p.startswith(base) and p[len(base):].lstrip("/"))
+
+
 def fetch(url: str) -> bytes:
     """The whole file at ``url`` (or a ``pipe:`` command's output); a missing file, or a fetch
     that still fails after the retries, raises :class:`SampleFault` with the reason."""

@@ -4,10 +4,19 @@
 exist, else ``DIR/*.tar`` as train; ``wds:PATTERN`` (a brace pattern ``shard-{000..127}.tar`` or a
 glob) is one split, train. A sample is the members sharing a key (webdataset's convention: the
 member name up to the first dot of its base name); its image is the first of ``jpg, jpeg, png,
-webp`` present, its label the integer in ``cls``. Options ride in the spec after ``#``:
+webp`` present, its label the integer in ``cls``. A file name with dots of its own leaves an extension of
+several parts (``KEY.a.b.jpg``): as webdataset's decoders do, its last part names it (``jpg``), and the
+label is ``cls`` or the ``a.b.cls`` beside it. Options ride in the spec after ``#``:
 ``image=png`` (the image member), ``label=json:FIELD`` (the label from the ``json`` member),
 ``classes=FILE`` (class names one per line; default ``classes.txt`` beside the shards, else the
 integers).
+
+A tar shard is a unit (:attr:`share_unit`): a sharded run (``--shard I/N``, torchrun) takes whole
+shards and lists and reads only its own (every label is read where no ``classes.txt`` names the
+classes), and a batch starts anew at each shard, so the share computes exactly the batches of an
+unsharded run. (Features therefore equal a folder's bit for bit where shard sizes are multiples of
+the batch size; elsewhere the last batch of a shard is smaller and its features may differ from a
+folder's in the last bits.) Samples are listed when first asked for, not when the source is opened.
 
 Why not webdataset's own pipeline: it streams samples in one pass, while featcache plans every
 sample up front so a rerun computes exactly the missing batches, bit-identical to an uninterrupted
@@ -25,11 +34,13 @@ import json
 import os
 import re
 import tarfile
+from array import array
 from pathlib import Path
 
 from ..errors import SourceError
 from . import remote
-from .base import SOURCES, SPLIT_NAMES, SampleFault, SampleRef, Source, content_hash, split_options, stamp
+from .base import SOURCES, SPLIT_NAMES, SampleFault, SampleRef, content_hash, split_options, stamp
+from .units import UnitSource
 
 #: The image member of a sample: the first of these present (``#image=EXT`` to change).
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -46,10 +57,11 @@ def _expand(pattern: str) -> list[str]:
     return list(braceexpand(pattern))
 
 
-class WdsSource(Source):
+class WdsSource(UnitSource):
     """webdataset tar shards: ``SHARD/KEY`` samples, the image and ``cls`` members of each key."""
 
     kind = "wds"
+    share_unit = "tar shard"
     splits_from = "train/ val/ test/ sub-folders of shards (else all train; a pattern is train)"
 
     def __init__(self, spec: str) -> None:
@@ -71,23 +83,43 @@ class WdsSource(Source):
             raise SourceError(f"No tar shards found for 'wds:{path}'. Give a folder of *.tar (or of train/ val/ "
                               f"test/ folders of *.tar), a brace pattern or a glob.")
         self.classes_given = self._class_names(options.get("classes"), base)
-        #: Per shard: (local path, stamp); index in the key of each sample.
+        self.classes = list(self.classes_given or [])
+        #: Shard URLs or paths per split; :meth:`restrict` keeps some of them before any is read.
+        self.layout = layout
+        #: Per shard read: (local path, stamp); index in the key of each sample.
         self.shards: list[tuple[str, int]] = []
-        fetched = self._localise([u for urls in layout.values() for u in urls])
+        #: (shard, offset, size) of each listed sample's image member, flat: a sample's key is its position.
+        self._where = array("q")
+        self._start_units(list_now=self.classes_given is None)  # no class names: the integers up to the top label
+
+    def units(self) -> dict[str, list[str]] | None:
+        if self.split_policy:  # a val split carved out of train is made of no shards
+            return None
+        return {split: [_identity(u, self.remote) for u in urls] for split, urls in self.layout.items()}
+
+    def _keep(self, keep: dict[str, list[int]]) -> None:
+        self.layout = {s: [urls[j] for j in keep.get(s, [])] for s, urls in self.layout.items()}
+
+    def _list_units(self) -> tuple[dict[str, list[SampleRef]], dict[str, list[int]]]:
+        fetched = self._localise([u for urls in self.layout.values() for u in urls])
         labels: list[int] = []
-        for split, urls in layout.items():
+        splits: dict[str, list[SampleRef]] = {}
+        starts: dict[str, list[int]] = {}
+        for split, urls in self.layout.items():
             refs: list[SampleRef] = []
+            starts[split] = []
             for url in urls:
+                starts[split].append(len(refs))
                 refs.extend(self._index(url, *fetched[url], labels))
-            self.splits[split] = refs
+            splits[split] = refs
         top = max(labels, default=-1)
         if self.classes_given is not None:
             if top >= len(self.classes_given):
-                raise SourceError(f"'wds:{path}' has label {top} but only {len(self.classes_given)} class names. "
+                raise SourceError(f"'wds:{self.spec}' has label {top} but only {len(self.classes_given)} class names. "
                                   f"Fix classes.txt (one name per line, line index = cls).")
-            self.classes = list(self.classes_given)
         else:
             self.classes = [str(i) for i in range(top + 1)]
+        return splits, starts
 
     @classmethod
     def exists(cls, path: str) -> bool:
@@ -186,16 +218,21 @@ class WdsSource(Source):
         return refs
 
     def _sample(self, id_: str, members: dict, k: int, size: int, shard_stamp: int, tf, labels: list[int]) -> SampleRef:
-        image = next((members[e] for e in self.image_keys if e in members), None)
-
         def fault(reason: str) -> SampleRef:
             return SampleRef(id_, -1, ("fault", reason, shard_stamp))
 
-        if image is None:
+        found = _field(members, self.image_keys)
+        if isinstance(found, str):
+            return fault(found)
+        if found is None:
             return fault(f"no image member ({', '.join(self.image_keys)}) in this sample")
+        image_ext, image = found
         if image.offset_data + image.size > size:
             return fault(f"truncated tar: member '{image.name}' ends past the end of the shard")
-        member = members.get("json" if self.label_field else "cls")
+        # The label beside the image: 'cls', else 'X.cls' where the image is 'X.jpg'.
+        wanted = "json" if self.label_field else "cls"
+        prefix = image_ext.rsplit(".", 1)[0] if "." in image_ext else None
+        member = members.get(wanted) or (members.get(f"{prefix}.{wanted}") if prefix else None)
         if member is None or member.offset_data + member.size > size:
             return fault("no label (" + (f"json field '{self.label_field}'" if self.label_field else "cls member") + ")")
         raw = tf.extractfile(member).read()
@@ -210,14 +247,16 @@ class WdsSource(Source):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return fault(f"label {raw[:40]!r} is not a class index")
         labels.append(label)
-        return SampleRef(id_, label, (k, image.offset_data, image.size))
+        # One int per sample: its (shard, offset, size) live in a flat array (a tuple each took 120 bytes).
+        self._where.extend((k, image.offset_data, image.size))
+        return SampleRef(id_, label, len(self._where) // 3 - 1)
 
     # --- reading ---------------------------------------------------------------------------
 
     def read(self, ref: SampleRef) -> tuple[bytes, str]:
-        if ref.key[0] == "fault":
+        if isinstance(ref.key, tuple):  # ("fault", reason, shard stamp)
             raise SampleFault(ref.key[1])
-        k, offset, size = ref.key
+        k, offset, size = self._where[3 * ref.key:3 * ref.key + 3]
         fd = os.open(self.shards[k][0], os.O_RDONLY)
         try:
             data = os.pread(fd, size, offset)
@@ -228,9 +267,41 @@ class WdsSource(Source):
         return data, content_hash(data)
 
     def stat(self, ref: SampleRef) -> tuple[int, int]:
-        if ref.key[0] == "fault":
+        if isinstance(ref.key, tuple):
             return (0, ref.key[2])
-        return (ref.key[2], self.shards[ref.key[0]][1])
+        return (self._where[3 * ref.key + 2], self.shards[self._where[3 * ref.key]][1])
+
+
+def _field(members: dict, names: tuple[str, ...]):
+    """(extension, member) of the first of ``names`` in a sample's ``members`` (extension -> member).
+
+    webdataset's key is the member name up to the first dot of its base name, so a file name with
+    dots of its own (``F.pergan.28(f).jpg`` under key ``000201_F``) leaves an extension of several
+    parts (``pergan.28(f).jpg``); webdataset's decoders go by its last part, and so does this: an
+    exact extension first, else the one extension ending in ``.NAME``. Several such: a reason.
+    """
+    for name in names:
+        if name in members:
+            return name, members[name]
+        dotted = [e for e in members if e.endswith("." + name)]
+        if len(dotted) == 1:
+            return dotted[0], members[dotted[0]]
+        if dotted:
+            return (f"several image members ({', '.join(sorted(dotted))}); name one with --image-key "
+                    f"(image=EXT in the spec)")
+    return None
+
+
+def _identity(url: str, is_remote: bool) -> str:
+    """What names a shard in a sharded run's plan: its URL, and for a local file its size and mtime
+    (a remote one is not asked: every rank would ask for every shard)."""
+    if is_remote:
+        return url
+    try:
+        st = os.stat(url)
+    except OSError:
+        return f"{url}\x1fmissing"
+    return f"{url}\x1f{st.st_size}\x1f{st.st_mtime_ns}"
 
 
 def _remote_glob(pattern: str) -> list[str]:
