@@ -9,7 +9,8 @@ from sklearn.metrics import log_loss
 
 from conftest import make_three_class_cache
 from featcache import open_cache
-from featcache.metrics.calibration import apply_temperature, expected_calibration_error, fit_temperature
+from featcache.metrics.calibration import (apply_temperature, calibrate, expected_calibration_error, fit_temperature,
+                                           held_out_check)
 from featcache.runs.fit import fit_head
 from featcache.metrics.scores import expand_proba
 from featcache.runs.saved import evaluate, load_run
@@ -34,11 +35,40 @@ def test_temperature_undoes_overconfidence():
 
 
 def test_a_separated_eval_split_keeps_the_probabilities():
-    # Every row right: the log-loss falls as T -> 0, so T would sit at its lower bound. Keep 1.
+    # Every row right: the log-loss falls as T -> 0, so T would sit at its lower bound, or short of it
+    # where the log-loss flattens (T ~ 0.07 at confidence 0.9). Keep 1.
     y = np.array([0, 1, 2] * 20)
-    p = np.full((60, 3), 0.2)
-    p[np.arange(60), y] = 0.6
-    assert fit_temperature(p, y) == 1.0
+    for right in (0.6, 0.9):
+        p = np.full((60, 3), (1 - right) / 2)
+        p[np.arange(60), y] = right
+        assert fit_temperature(p, y) == 1.0
+
+
+def test_a_temperature_that_helps_held_out_is_kept():
+    q, y = _overconfident()
+    check = held_out_check(q, y)
+    assert check["folds"] == 5 and check["log_loss"]["after"] < check["log_loss"]["before"]
+    cal = calibrate(lambda s: (q, y), "val", ["val"])
+    assert "skipped" not in cal and cal["temperature"] == pytest.approx(3.0, rel=0.25)
+
+
+def test_a_temperature_fitted_on_a_few_confident_errors_is_skipped():
+    # 30 val rows right at confidence 0.95 but two confident errors: on the whole split T = 1.26
+    # lowers the log-loss, but held out it raises it (a fold without the errors fits T = 1, a fold
+    # with them softens every right row of the others). The default must do no harm: T stays 1.
+    y = np.array([0, 1, 2] * 10)
+    p = np.full((30, 3), 0.025)
+    p[np.arange(30), y] = 0.95
+    p[:2] = 0.005
+    p[[0, 1], [1, 2]] = 0.99
+    assert fit_temperature(p, y) > 1.2
+    cal = calibrate(lambda s: (p, y), "val", ["val", "test"])
+    assert cal["temperature"] == 1.0 and cal["fitted"] > 1.0
+    assert cal["skipped"].startswith("calibration skipped: T=")
+    assert "did not help the held-out fold" in cal["skipped"]
+    assert cal["ece"]["test"]["after"] == cal["ece"]["test"]["before"]
+    assert calibrate(lambda s: (p[:4], y[:4]), "val", ["val"])["skipped"].startswith(
+        "calibration skipped: a class of val has a single row")
 
 
 def test_ece_of_a_confident_and_right_model_is_zero():

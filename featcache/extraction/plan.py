@@ -19,7 +19,7 @@ from .loading import VIEW_SPLIT
 from ..backbones.preprocess import Augment
 from ..sources import Source, open_source
 from ..store.cache import CacheFingerprint, cache_file_name
-from ..backbones.taps import fold_batchnorm_checked, list_layers
+from ..backbones.taps import default_layers, fold_batchnorm_checked, list_layers
 from ..common.validation import check_choice, check_int
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ def prepare_source(src: Source, config: ExtractConfig) -> Prepared:
     config = resolved_config(config, device)
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
-    layers = list(config.layers) or [bb.default_layer]
+    layers = default_layers(bb, config.layers, len(src), config.pool)
     if ALL_LAYERS in layers:
         if layers != [ALL_LAYERS]:
             raise ConfigError(f"'{ALL_LAYERS}' taps every stage and the pooled layer; give it alone, not with {layers}.")
