@@ -9,11 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.backbones import taps
-
-#: The library's threshold of a small data set, read before the session fixture sets it to 0.
-SMALL_IMAGES = taps.SMALL_IMAGES
-
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"
 #: The device every test that can run on a GPU uses: ``FEATCACHE_TEST_DEVICE=cuda pytest -m "not slow"``
 #: runs the same suite on CUDA (default: the CPU).
@@ -25,16 +20,17 @@ def one_layer_caches():
     """Every data set of a test is small, and a plain extract of a small data set taps every stage
     (:func:`featcache.backbones.taps.default_layers`), after which fit-head sweeps them: the tests
     written for the one-layer cache of a plain extract keep it (session-wide, so that module fixtures
-    get it too). Tests of that default ask for it with the ``small_data_default`` fixture."""
+    get it too, and through the environment, so that the processes a test starts do). Tests of that
+    default ask for it with the ``small_data_default`` fixture."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(taps, "SMALL_IMAGES", 0)
+        mp.setenv("FEATCACHE_SMALL_IMAGES", "0")
         yield
 
 
 @pytest.fixture
 def small_data_default(monkeypatch):
     """A plain extract of the test's data set taps every stage, as it does for a user's small set."""
-    monkeypatch.setattr(taps, "SMALL_IMAGES", SMALL_IMAGES)
+    monkeypatch.delenv("FEATCACHE_SMALL_IMAGES")
 
 
 def make_image_folder(root: Path, *, classes=("cat", "dog"), per_class=6, splits=("train", "val"),

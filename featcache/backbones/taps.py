@@ -12,6 +12,7 @@ dtype without stalling the device.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +26,8 @@ from ..errors import BackboneError, CacheError, ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Images up to which an extraction without ``layers`` taps every stage and the pooled layer.
+#: Images up to which an extraction without ``layers`` taps every stage and the pooled layer
+#: (``FEATCACHE_SMALL_IMAGES`` overrides it; 0 turns it off).
 SMALL_IMAGES = 20_000
 
 
@@ -128,9 +130,10 @@ def default_layers(backbone: Backbone, layers: Sequence[str], n_images: int, poo
     """
     if layers:
         return list(layers)
-    if n_images <= SMALL_IMAGES and backbone.stages and backbone.pooled and pool != "none":
+    small = int(os.environ.get("FEATCACHE_SMALL_IMAGES", SMALL_IMAGES))
+    if n_images <= small and backbone.stages and backbone.pooled and pool != "none":
         log.info("layers: every stage and %s tapped (%d images <= %d; fit-head sweeps them); pass "
-                 "layers=%s for the pooled layer alone.", backbone.pooled, n_images, SMALL_IMAGES, backbone.pooled)
+                 "layers=%s for the pooled layer alone.", backbone.pooled, n_images, small, backbone.pooled)
         return list(backbone.stage_layers)
     return [backbone.default_layer]
 
