@@ -15,6 +15,24 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hy
 TEST_DEVICE = os.environ.get("FEATCACHE_TEST_DEVICE", "cpu")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_layer_caches():
+    """Every data set of a test is small, and a plain extract of a small data set taps every stage
+    (:func:`featcache.backbones.taps.default_layers`), after which fit-head sweeps them: the tests
+    written for the one-layer cache of a plain extract keep it (session-wide, so that module fixtures
+    get it too, and through the environment, so that the processes a test starts do). Tests of that
+    default ask for it with the ``small_data_default`` fixture."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEATCACHE_SMALL_IMAGES", "0")
+        yield
+
+
+@pytest.fixture
+def small_data_default(monkeypatch):
+    """A plain extract of the test's data set taps every stage, as it does for a user's small set."""
+    monkeypatch.delenv("FEATCACHE_SMALL_IMAGES")
+
+
 def make_image_folder(root: Path, *, classes=("cat", "dog"), per_class=6, splits=("train", "val"),
                       size=(40, 30), seed=0) -> Path:
     """Write small JPEG and PNG images: ROOT/SPLIT/CLASS/NAME, colours differ by class."""

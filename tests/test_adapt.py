@@ -1,6 +1,7 @@
 """fit-head's adaptive defaults: class weights and selection on imbalanced data, the layer sweep on a
 small cache of several layers; each said in one line and recorded in ``best.adapted``; explicit
-options and balanced or large data keep the plain defaults."""
+options and balanced or large data keep the plain defaults. And extraction's: a plain ``extract`` of
+a small data set taps every stage, so that the plain ``fit-head`` can sweep them."""
 
 from __future__ import annotations
 
@@ -105,3 +106,35 @@ def test_large_or_shot_fits_keep_the_first_layer(skewed, monkeypatch):
         assert config.layer is None and not any(line.startswith("layer") for line in lines)
         config, lines = adapt_defaults(c, FitConfig(head="tail"), "val")
         assert config.layer is None
+
+
+def test_extraction_taps_every_stage_of_a_small_data_set_only_without_layers(small_data_default):
+    from featcache.backbones import load_backbone
+    from featcache.backbones.taps import SMALL_IMAGES, default_layers
+
+    bb = load_backbone("resnet18.none", input_size=32)
+    stages = ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert default_layers(bb, (), 100, "avg") == stages
+    assert default_layers(bb, (), SMALL_IMAGES + 1, "avg") == ["pre_logits"]  # large: the pooled layer
+    assert default_layers(bb, (), 100, "none") == ["pre_logits"]  # maps of every stage would be large
+    assert default_layers(bb, ("layer3",), 100, "avg") == ["layer3"]  # given: as given
+    assert default_layers(bb, ("all",), SMALL_IMAGES + 1, "avg") == ["all"]
+
+
+def test_plain_extract_and_fit_head_of_a_small_set_sweep_every_stage(small_data_default, tmp_path):
+    npz = _npz(tmp_path / "d.npz", {1: 12, 7: 12})
+    options = dict(backbone="resnet18.none", input_size=32, num_workers=0, cache_dir=str(tmp_path / "c"),
+                   dtype="float32")
+    plain = extract(str(npz), **options)
+    with open_cache(plain.cache) as c:
+        assert c.layers == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+        assert c.resolve_layer(None) == "pre_logits"  # what a plain extract read before, still the default
+    every = extract(str(npz), layers=("all",), **options)
+    assert every.cache == plain.cache and every.cache_hit  # one fingerprint: the same file
+    one = extract(str(npz), layers=("pre_logits",), **options)
+    assert one.cache != plain.cache
+    res = fit_head(plain.cache, output=str(tmp_path / "r"))
+    assert [r["layer"] for r in res.best["layers"]] == ["layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert res.best["adapted"][-1].startswith("layer sweep: 24 training rows and 5 cached layers")
+    assert "adapted" not in fit_head(plain.cache, adapt=False, output=str(tmp_path / "n")).best
+    assert json.loads((tmp_path / "n" / "run.json").read_text())["layer"] == "pre_logits"

@@ -73,11 +73,16 @@ def test_all_sweeps_adjacent_runs_and_names_the_set(multi, tmp_path):
     assert [r["layer"] for r in only.best["layers"]] == ["layer2", "layer3+layer4"]
 
 
-def test_predict_export_and_evaluate_reproduce_the_cached_layer_set(multi, tmp_path):
+def test_predict_export_and_evaluate_reproduce_the_cached_layer_set(multi, tmp_path, monkeypatch):
     folder, cache = multi
+    # A temperature is kept where it helps held out (test_calibration); here it is, so that predict and
+    # export are seen to apply it too.
+    helps = {"folds": 5, "log_loss": {"before": 1.0, "after": 0.5}, "ece": {"before": 0.2, "after": 0.1}}
+    monkeypatch.setattr("featcache.metrics.calibration.fit_temperature", lambda p, y: 2.0)
+    monkeypatch.setattr("featcache.metrics.calibration.held_out_check", lambda p, y: helps)
     res = fit_head(cache, head="logreg", layer="layer2+layer3+layer4", output=str(tmp_path / "r"))
     run = load_run(res.run)
-    assert run.temperature != 1.0  # predict and export apply the calibration too
+    assert run.temperature == 2.0  # predict and export apply the calibration too
     files = sorted((folder / "test").rglob("*.*"))
     with open_cache(cache) as c:
         X, y = layersets.load(c, "test", run.meta["layer"])

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..backbones import ALL_LAYERS, Backbone, BackboneSpec, library_versions, load_backbone, parse_backbone_spec
-from ..backbones.taps import fold_batchnorm_checked, list_layers, pooled_shape
+from ..backbones.taps import default_layers, fold_batchnorm_checked, list_layers, pooled_shape
 from ..common.devices import default_batch_size, resolve_compute  # noqa: F401  (default_batch_size: re-exported)
 from ..errors import ConfigError
 from ..sources import Source, open_source
@@ -92,7 +92,7 @@ def build(job: Job) -> Prepared:
         bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
-    layers = list(config.layers) or [bb.default_layer]
+    layers = default_layers(bb, config.layers, len(job.source), config.pool)
     if ALL_LAYERS in layers:
         if layers != [ALL_LAYERS]:
             raise ConfigError(f"'{ALL_LAYERS}' taps every stage and the pooled layer; give it alone, not with {layers}.")

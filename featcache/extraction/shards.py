@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import CacheError, ConfigError
 from ..sources import Source
-from ..store.cache import SUFFIX, FeatureCache, cache_files, open_cache, read_text_attr
+from ..store.cache import SUFFIX, cache_files, open_cache, read_text_attr
 from ..store.merge import concat_caches
 
 _SUFFIX_RE = re.escape(SUFFIX)

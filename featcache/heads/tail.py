@@ -40,6 +40,10 @@ from .solvers import class_weight_tensor, resolve_device
 
 logger = logging.getLogger(__name__)
 
+#: Label smoothing of the tail's cross-entropy (0: none, as ``finetune``).
+LABEL_SMOOTHING = 0.0
+
+
 class _Step:
     """One optimisation step of a tail on a batch: the cosine learning rate, the augmentation of
     the maps (and mixup's blended loss), autocast and, for fp16, loss scaling (AdamW)."""
@@ -63,9 +67,10 @@ class _Step:
             xb, partner, lam = self.augment(xb)
         with self.autocast(self.device, self.precision):
             out = self.tail(xb).float()
-        loss = nn.functional.cross_entropy(out, yb, weight=self.cw)
+        loss = nn.functional.cross_entropy(out, yb, weight=self.cw, label_smoothing=LABEL_SMOOTHING)
         if partner is not None:
-            other = nn.functional.cross_entropy(out, yb[torch.from_numpy(partner).to(self.device)], weight=self.cw)
+            other = nn.functional.cross_entropy(out, yb[torch.from_numpy(partner).to(self.device)], weight=self.cw,
+                                                label_smoothing=LABEL_SMOOTHING)
             loss = lam * loss + (1.0 - lam) * other
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

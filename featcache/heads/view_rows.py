@@ -17,23 +17,23 @@ from ..errors import ConfigError
 from . import HEADS
 
 if TYPE_CHECKING:
-    from ..runs.fit import FitConfig
     from ..store.cache import FeatureCache
 
 
-def with_views(cache: "FeatureCache", config: "FitConfig", layer: str, X: Any, y: np.ndarray,
+def with_views(cache: "FeatureCache", head: str, train_split: str, layer: str, X: Any, y: np.ndarray,
                rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training rows followed by their cached augmented views (K per image), their labels, and
-    each row's image index (its group)."""
-    if HEADS.get(config.head).inputs == "activations":
-        raise ConfigError(f"Head '{config.head}' samples the cached views itself; drop the 'train_views' option.")
-    if not cache.has_views(config.train_split):
-        raise ConfigError(f"Split '{config.train_split}' of cache '{cache.path.name}' has no augmented views. "
+    """The training rows ``X`` (of ``train_split``, ``rows`` of it when not None) followed by their
+    cached augmented views (K per image), their labels, and each row's image index (its group), for
+    head ``head``."""
+    if HEADS.get(head).inputs == "activations":
+        raise ConfigError(f"Head '{head}' samples the cached views itself; drop the 'train_views' option.")
+    if not cache.has_views(train_split):
+        raise ConfigError(f"Split '{train_split}' of cache '{cache.path.name}' has no augmented views. "
                           f"Extract with views=K (featcache extract --views K), or drop the 'train_views' option.")
     if not isinstance(X, np.ndarray):
         raise ConfigError("The 'train_views' option needs the training features in memory; raise the "
                           "'max_memory' option.")
-    V = layersets.load_views(cache, config.train_split, layer)
+    V = layersets.load_views(cache, train_split, layer)
     if rows is not None:
         V = V[rows]
     n, k = V.shape[:2]

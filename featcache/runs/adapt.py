@@ -8,7 +8,9 @@ cache and the training labels, each change said in one line that ``best["adapted
 - an imbalanced training split (largest class over smallest > :data:`IMBALANCE_RATIO`):
   ``class_weight=balanced`` for the heads that take it, and selection by balanced accuracy;
 - a cache with several layers and at most :data:`SMALL_ROWS` training rows, for a head of vectors
-  without ``shots``: every cached layer swept on the eval split (a comma list of them all). Joined
+  without ``shots``: every cached layer swept on the eval split (a comma list of them all). A plain
+  ``extract`` of a small data set caches every stage for this
+  (:func:`featcache.backbones.taps.default_layers`). Joined
   runs of adjacent layers (``layer=all``) are not a default: on the benchmark's three proxies they
   tied or won on val but not on test.
 
@@ -27,7 +29,7 @@ import numpy as np
 from ..heads import HEADS
 
 if TYPE_CHECKING:
-    from .fit import FitConfig
+    from .config import FitConfig
     from ..store.cache import FeatureCache
 
 #: Largest over smallest training class above which the data counts as imbalanced.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +20,7 @@ from sklearn.base import clone
 
 from ..heads import layersets
 from .adapt import NO_WEIGHTS, adapt_defaults, check_labels
+from .config import FitConfig
 from ..metrics.calibration import apply_temperature, calibrate
 from ..errors import ConfigError, HeadError
 from ..heads import HEADS, make_head
@@ -37,48 +38,6 @@ from ..common.validation import check_choice, check_int, check_memory
 from ..heads.view_rows import with_views
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Options of ``featcache fit-head``."""
-
-    head: str = "logreg"
-    layer: str | None = None
-    train_split: str = "train"
-    #: Sweep scored on: None = val when present; "none" = k-fold on train. Never test nor train itself.
-    eval_split: str | None = None
-    normalize: str = "standard"
-    pca: int | None = None
-    grid: tuple[float, ...] | None = None
-    #: "balanced", or "none" for equal weights; None: balanced on an imbalanced training split.
-    class_weight: str | None = None
-    seed: int = 0
-    refit_on_trainval: bool = False
-    shots: int | None = None
-    seeds: int = 1
-    #: Folds of the k-fold sweep when there is no eval split; None: 5. Refused when an eval split exists.
-    cv: int | None = None
-    max_memory: int = 2 << 30
-    head_options: dict = field(default_factory=dict)
-    output: str | None = None
-    runs_dir: str = "runs"
-    #: None: balanced_accuracy on an imbalanced training split, else top1 (see :mod:`featcache.runs.adapt`).
-    select_by: str | None = None
-    extend_grid: bool = True
-    threads: int | None = None
-    #: Replace an existing run in ``output``; without it a run folder is never overwritten.
-    overwrite: bool = False
-    #: Fill the options left unset (layer, class_weight, select_by) from the data; see :mod:`featcache.runs.adapt`.
-    adapt: bool = True
-    #: Train vector heads on the cached augmented views too (``extract --views K``): K extra rows per
-    #: image, grouped with it so that k-fold never scores an image on a fold holding its views.
-    train_views: bool = False
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["grid"] = list(self.grid) if self.grid is not None else None
-        return d
 
 
 @dataclass
@@ -274,7 +233,7 @@ def _problem(cache: FeatureCache, config: FitConfig, layer: str, train_idx: np.n
         X_raw, y = _subset(X_raw, train_idx), y[train_idx]
     groups = None
     if config.train_views:
-        X_raw, y, groups = with_views(cache, config, layer, X_raw, y, train_idx)
+        X_raw, y, groups = with_views(cache, config.head, config.train_split, layer, X_raw, y, train_idx)
     transform = FeatureTransform(config.normalize, config.pca, layersets.widths(cache, layer)).fit(X_raw)
     if config.pca is not None and transform.n_components_ < config.pca:
         warn(f"pca={config.pca}: the training split has {X_raw.shape[0]} rows of "

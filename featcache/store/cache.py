@@ -45,6 +45,9 @@ from ..sources import CONTENT_HASH
 log = logging.getLogger(__name__)
 
 FORMAT = "featcache"
+#: Names of the backbones' pooled layers (``featcache.backbones`` PRE_LOGITS and OUTPUT, not imported:
+#: the store does not import torch): the default layer of a cache whose last layer is one of them.
+POOLED_LAYERS = ("pre_logits", "output")
 SCHEMA_VERSION = 1
 #: The file name suffix of every cache file (shard files included).
 SUFFIX = ".h5"
@@ -325,9 +328,10 @@ class FeatureCache:
         self.close()
 
     def resolve_layer(self, layer: str | None) -> str:
-        """``layer`` checked against the cached layers (None: the first)."""
+        """``layer`` checked against the cached layers (None: the pooled layer of a cache of several
+        layers that ends with it, as a default extraction of a small data set does; else the first)."""
         if layer is None:
-            return self.layers[0]
+            return self.layers[-1] if self.layers[-1] in POOLED_LAYERS else self.layers[0]
         if layer not in self.layers:
             raise CacheError(
                 f"Layer '{layer}' is not in cache '{self.path.name}'. It has: {', '.join(self.layers)}."
