@@ -125,7 +125,7 @@ def pooled_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
     return (2 * c,) if how in ("avgmax", "cls+mean") else (c,)
 
 
-def default_layers(backbone: Backbone, layers: Sequence[str], n_images: int, pool: str) -> list[str]:
+def default_layers(backbone: Backbone, layers: Sequence[str], n_images: int | None, pool: str) -> list[str]:
     """The layers an extraction taps: ``layers`` when given, else what the data set calls for.
 
     Without ``layers``, a data set of at most :data:`SMALL_IMAGES` images on a backbone with stages
@@ -134,12 +134,13 @@ def default_layers(backbone: Backbone, layers: Sequence[str], n_images: int, poo
     layer alone for EfficientNet-Lite0), so that ``fit-head`` can sweep the layers and their
     joins: on the small imbalanced proxies of ``python -m benchmarks accuracy`` the plain path on
     ``pre_logits`` alone was 0, 1.9 and 4.9 points of test accuracy below the best layer. Larger data sets, unpooled maps
-    (``pool="none"``) and backbones without stages get the backbone's default (pooled) layer.
+    (``pool="none"``), backbones without stages and ``n_images=None`` (a sharded run, which does not
+    count the samples) get the backbone's default (pooled) layer.
     """
     if layers:
         return list(layers)
     small = int(os.environ.get("FEATCACHE_SMALL_IMAGES", SMALL_IMAGES))
-    if n_images <= small and backbone.stages and backbone.pooled and pool != "none":
+    if n_images is not None and n_images <= small and backbone.stages and backbone.pooled and pool != "none":
         log.info("layers: every stage and %s tapped (%d images <= %d; fit-head sweeps them); pass "
                  "layers=%s for the pooled layer alone.", backbone.pooled, n_images, small, backbone.pooled)
         return list(backbone.stage_layers)

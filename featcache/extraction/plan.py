@@ -92,7 +92,10 @@ def build(job: Job) -> Prepared:
         bb.model, fold_bn = fold_batchnorm_checked(bb.model, bb.preprocess.crop, copy=False)
     infos = list_layers(bb, depth=None)
     known = {i.name: i for i in infos}
-    layers = default_layers(bb, config.layers, len(job.source), config.pool)
+    # A sharded run taps the pooled layer unless told otherwise: counting the samples would list every
+    # shard of a streaming source on every rank, and all ranks must choose alike.
+    n_images = None if config.shard is not None or config.layers else len(job.source)
+    layers = default_layers(bb, config.layers, n_images, config.pool)
     if ALL_LAYERS in layers:
         if layers != [ALL_LAYERS]:
             raise ConfigError(f"'{ALL_LAYERS}' taps every stage and the pooled layer; give it alone, not with {layers}.")
