@@ -44,24 +44,15 @@ def _click_option(f):
 EXTRACT_NAMES = tuple(f.name for f in cli_fields(EXTRACT_ONLY))
 
 
-def extract_config(kw: dict, base=None):
-    """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw),
-    over ``base`` (an ExtractConfig) when given."""
+def extract_config(kw: dict):
+    """Build an ExtractConfig from the options added by :func:`extraction_options` (popped from kw)."""
     from ..extraction.options import ExtractConfig
 
-    vals = {}
+    vals = {f.name: kw.pop(f.name) for f in cli_fields(EXTRACT_ONLY) if f.name in kw}
     for f in cli_fields(EXTRACT_ONLY):
-        if f.name not in kw:
-            continue
-        value = kw.pop(f.name)
-        if f.metadata["kind"] == "multiple":
-            value = tuple(value)
-        elif f.metadata["kind"] == "floats":
-            value = floats(value, f.metadata["flags"][-1])
-        elif f.metadata["parse"] is not None and value is not None:
-            value = f.metadata["parse"](value)
-        vals[f.name] = value
-    return ExtractConfig(**{**(base.to_dict() if base is not None else {}), **vals})
+        if f.metadata["kind"] == "floats" and f.name in vals:
+            vals[f.name] = floats(vals[f.name], f.metadata["flags"][-1])
+    return ExtractConfig(**vals)
 
 
 @click.command()

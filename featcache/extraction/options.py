@@ -28,23 +28,15 @@ SHARED, EXTRACT_ONLY = "shared", "extract"
 
 def option(default: Any, *flags: str, help: str = "", kind: str = "value", type: Any = None,
            choices: tuple[str, ...] | None = None, minimum: int | None = None, show_default: bool = False,
-           metavar: str | None = None, scope: str | None = SHARED, facts: bool = False,
-           parse: Callable[[Any], Any] | None = None):
+           metavar: str | None = None, scope: str | None = SHARED, facts: bool = False):
     """A field of :class:`ExtractConfig` with its command-line form and its check.
 
     ``kind``: ``value`` (``--flag VALUE``), ``switch`` (``--flag/--no-flag``), ``flag`` (present
     or not), ``multiple`` (repeatable, a tuple) or ``floats`` (``0.5,0.5,0.5``). ``facts``: the
     option, with the library versions, settles the backbone's own facts in a fingerprint."""
     meta = {"flags": flags, "help": help, "kind": kind, "type": type, "choices": choices, "minimum": minimum,
-            "show_default": show_default, "metavar": metavar, "scope": scope if flags else None, "facts": facts,
-            "parse": parse}
+            "show_default": show_default, "metavar": metavar, "scope": scope if flags else None, "facts": facts}
     return field(default=default, metadata=meta)
-
-
-def _shard(text):
-    from .shards import parse_shard
-
-    return parse_shard(text) if isinstance(text, str) else text
 
 
 @dataclass(frozen=True)
@@ -111,7 +103,7 @@ class ExtractConfig:
                            help="Fold BatchNorm into the preceding convolutions (checked against the unfolded model).")
     #: Extract share I of N of every split (``(I, N)``) into a shard file beside the cache.
     shard: tuple[int, int] | None = option(
-        None, "--shard", metavar="I/N", scope=EXTRACT_ONLY, parse=_shard,
+        None, "--shard", metavar="I/N", scope=EXTRACT_ONLY,
         help="Extract share I of N of every split into a shard file (SLURM arrays, shell loops); the last shard "
              "to finish assembles the cache. Under torchrun the ranks are the shards.")
     #: With shards: assemble a self-contained copy instead of virtual datasets over the shard files.
@@ -153,8 +145,10 @@ class ExtractConfig:
                 object.__setattr__(self, name, os.fspath(value))
         if isinstance(self.layers, (list, str)):
             object.__setattr__(self, "layers", (self.layers,) if isinstance(self.layers, str) else tuple(self.layers))
-        if isinstance(self.shard, str):
-            object.__setattr__(self, "shard", _shard(self.shard))
+        if isinstance(self.shard, str):  # "I/N", as the command line gives it
+            from .shards import parse_shard
+
+            object.__setattr__(self, "shard", parse_shard(self.shard))
 
     def validate(self) -> None:
         """Check every option against its declaration, and the combinations."""

@@ -69,7 +69,7 @@ def extract(source: str | os.PathLike | Source, config: ExtractConfig | None = N
 
 def run_prepared(p: Prepared, *, progress: ProgressFn | None = None, t0: float | None = None,
                  gather: Callable[[str], list[str]] | None = None) -> ExtractResult:
-    """Run an extraction :func:`prepare` worked out (torchrun's ranks build the backbone once).
+    """Run an extraction :func:`~.plan.build` worked out (torchrun's ranks build the backbone once).
 
     ``gather``, for a sharded run under torchrun, exchanges the digests of every rank's share of
     the plan (its argument is this rank's), so each rank looks only at its own share of the files.

@@ -76,9 +76,7 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
     lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
     res = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
     # Keep T = 1 unless the fit is really better (a flat log-loss must not move the probabilities), and
-    # when the optimum sits at a bound: an eval split the head separates without an error has its
-    # log-loss fall all the way to T -> 0, which says nothing about new data (on the accuracy
-    # benchmark such a T multiplied the test log-loss by 10).
+    # when the optimum sits at a bound (on the accuracy benchmark such a T multiplied the test log-loss by 10).
     at_bound = min(res.x - lo, hi - res.x) < 0.01
     return float(np.exp(res.x)) if res.fun < nll(0.0) - 1e-9 and not at_bound else 1.0
 
